@@ -1,0 +1,1 @@
+"""qwenvl: an open implementation of the Qwen-VL system."""
