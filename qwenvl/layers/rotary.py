@@ -1,0 +1,81 @@
+"""Rotary position embeddings: 3-row M-RoPE for the LM and axial 2D rotary for the ViT.
+
+Nothing here holds a buffer: the few inverse frequencies are recomputed per call on the positions'
+device, so a model built on the meta device needs no re-materialisation after loading.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def inverse_frequencies(dim: int, theta: float, device: torch.device | None = None) -> torch.Tensor:
+    """[dim/2] float32 inverse frequencies of a standard RoPE over `dim` channels."""
+    return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x[N, H, Dh], cos/sin[N, Dh] -> x rotated; the product is taken in float32."""
+    xf = x.float()
+    out = xf * cos[:, None, :] + rotate_half(xf) * sin[:, None, :]
+    return out.to(x.dtype)
+
+
+def mrope_frequency_axis(mrope_section: tuple[int, ...], interleaved: bool,
+                         device: torch.device | None = None) -> torch.Tensor:
+    """[Dh/2] long: which position row (0 t, 1 h, 2 w) drives each rotary frequency.
+
+    Qwen2/2.5-VL give t, h, w contiguous chunks of sizes `mrope_section`; Qwen3-VL interleaves them
+    (t h w t h w ...), h and w taking slots 1 and 2 of each triple for their first `section` triples,
+    t keeping every other slot.
+    """
+    half = sum(mrope_section)
+    if not interleaved:
+        return torch.repeat_interleave(
+            torch.arange(3, device=device), torch.tensor(mrope_section, device=device))
+    axis = torch.zeros(half, dtype=torch.long, device=device)
+    for row in (1, 2):
+        axis[row: 3 * mrope_section[row]: 3] = row
+    return axis
+
+
+def mrope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float,
+                  mrope_section: tuple[int, ...], interleaved: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """positions[3, N] -> (cos, sin) each [N, Dh] float32, for the LM's multimodal RoPE."""
+    inv = inverse_frequencies(head_dim, theta, positions.device)              # [Dh/2]
+    freqs = positions[..., None].float() * inv                                 # [3, N, Dh/2]
+    axis = mrope_frequency_axis(mrope_section, interleaved, positions.device)  # [Dh/2]
+    # Pick, for each frequency, the angle from the position row that drives it.
+    freqs = freqs.gather(0, axis.view(1, 1, -1).expand(1, freqs.shape[1], -1))[0]  # [N, Dh/2]
+    emb = torch.cat((freqs, freqs), dim=-1)                                    # [N, Dh]
+    return emb.cos(), emb.sin()
+
+
+def vision_patch_coords(grid_thw: torch.Tensor, merge: int) -> torch.Tensor:
+    """[P, 2] long (row, col) of every patch, in merge-block order, frames repeated.
+
+    Patches arrive grouped by `merge x merge` blocks (row-major over blocks, then within a block),
+    which is the order the processor writes pixel_values in and the merger consumes.
+    """
+    coords = []
+    for t, h, w in grid_thw.tolist():
+        rows = torch.arange(h).view(h // merge, merge, 1, 1).expand(-1, -1, w // merge, merge)
+        cols = torch.arange(w).view(1, 1, w // merge, merge).expand(h // merge, merge, -1, -1)
+        # [h/m, m, w/m, m] -> [h/m, w/m, m, m]: block-major order
+        rows = rows.permute(0, 2, 1, 3).reshape(-1)
+        cols = cols.permute(0, 2, 1, 3).reshape(-1)
+        coords.append(torch.stack((rows, cols), dim=-1).repeat(t, 1))          # [t*h*w, 2]
+    return torch.cat(coords).to(grid_thw.device)
+
+
+def vision_cos_sin(coords: torch.Tensor, head_dim: int, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """coords[P, 2] -> (cos, sin) each [P, Dh] float32: half the frequencies follow the row, half the column."""
+    inv = inverse_frequencies(head_dim // 2, theta, coords.device)            # [Dh/4]
+    freqs = (coords[..., None].float() * inv).flatten(1)                       # [P, 2, Dh/4] -> [P, Dh/2]
+    emb = torch.cat((freqs, freqs), dim=-1)                                    # [P, Dh]
+    return emb.cos(), emb.sin()

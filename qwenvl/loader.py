@@ -1,0 +1,108 @@
+"""Load a Hugging Face checkpoint folder into our modules: strict, sharded-aware, two key namings.
+
+The model is built on the meta device (no memory, no init), then every parameter is assigned straight
+from the safetensors files. Loading is strict: each parameter must be filled from the files, each tensor
+in the files must be used (or be on the short ignore list), and shapes must agree; anything else raises
+`LoadError` naming the file and the key.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .config import ModelConfig
+from .models import build_model
+
+# Older checkpoints (transformers < 4.52, and the original Hub uploads) name the towers differently.
+_LEGACY_PREFIXES = (("visual.", "model.visual."), ("model.", "model.language_model."))
+_CURRENT_PREFIXES = ("model.visual.", "model.language_model.", "lm_head.")
+
+
+class LoadError(ValueError):
+    """A checkpoint folder whose weights do not fit the model; the message names the file and key."""
+
+
+def canonical_key(key: str) -> str:
+    """Map either key naming onto ours (transformers 5.x: model.visual.*, model.language_model.*, lm_head.*)."""
+    if key.startswith(_CURRENT_PREFIXES):
+        return key
+    for old, new in _LEGACY_PREFIXES:
+        if key.startswith(old):
+            return new + key[len(old):]
+    return key
+
+
+def weight_files(model_dir: Path) -> list[Path]:
+    """The safetensors files of a checkpoint: the shards an index names, or the single model.safetensors."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise LoadError(f"{index}: not a valid safetensors index ({e!r})") from None
+        files = [model_dir / name for name in dict.fromkeys(weight_map.values())]
+    else:
+        files = [model_dir / "model.safetensors"]
+        if not files[0].is_file():
+            found = sorted(p.name for p in model_dir.glob("*.safetensors"))
+            raise LoadError(f"{files[0]}: not found (and no model.safetensors.index.json)"
+                            + (f"; the folder has {found}" if found else ""))
+    for f in files:
+        if not f.is_file():
+            raise LoadError(f"{f}: weight file named by {index.name} not found")
+    return files
+
+
+def read_state_dict(model_dir: Path, expected: dict[str, torch.Tensor], ignore: set[str],
+                    dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
+    """Read every tensor, check it against the expected names and shapes, cast floats to `dtype`."""
+    state: dict[str, torch.Tensor] = {}
+    for f in weight_files(model_dir):
+        with safe_open(str(f), framework="pt", device="cpu") as sf:
+            for raw_key in sf.keys():
+                key = canonical_key(raw_key)
+                if key in ignore:
+                    continue
+                if key not in expected:
+                    raise LoadError(f"{f.name}: unexpected tensor {raw_key!r} (no such parameter in "
+                                    f"{model_dir.name}'s model); is config.json the right one for these weights?")
+                if key in state:
+                    raise LoadError(f"{f.name}: tensor {raw_key!r} appears twice in the checkpoint")
+                t = sf.get_tensor(raw_key)
+                want = tuple(expected[key].shape)
+                if tuple(t.shape) != want:
+                    raise LoadError(f"{f.name}: tensor {raw_key!r} has shape {tuple(t.shape)}, "
+                                    f"the model expects {want} (from config.json)")
+                if t.is_floating_point():
+                    t = t.to(dtype)
+                state[key] = t.to(device)
+    missing = [k for k in expected if k not in state]
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise LoadError(f"{model_dir}: missing tensor(s) {', '.join(missing[:5])}{more}")
+    return state
+
+
+def load_model(model_dir: str | Path, dtype: torch.dtype | str = torch.float32,
+               device: torch.device | str = "cpu") -> tuple[torch.nn.Module, ModelConfig]:
+    """Build the checkpoint's model on `device` in `dtype` and fill it from its safetensors; -> (model, cfg)."""
+    model_dir = Path(model_dir)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    device = torch.device(device)
+    cfg = ModelConfig.from_dir(model_dir)
+    with torch.device("meta"):
+        model = build_model(cfg)
+    expected = model.state_dict()
+    # A tied checkpoint may still carry a copy of the embedding as lm_head; the model does not use it.
+    ignore = {"lm_head.weight"} if cfg.text.tie_word_embeddings else set()
+    state = read_state_dict(model_dir, expected, ignore, dtype, device)
+    model.load_state_dict(state, strict=True, assign=True)
+    leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if leftover:
+        raise LoadError(f"{model_dir}: tensors left unloaded: {leftover[:5]}")
+    return model.eval(), cfg

@@ -1,0 +1,94 @@
+"""The Qwen2 language model as Qwen2-VL and Qwen2.5-VL use it: M-RoPE, GQA, qkv bias, RMSNorm, SwiGLU.
+
+Module names equal the checkpoint keys under `model.language_model.`. Optional q/k RMSNorm and
+DeepStack injection let Qwen3-VL reuse the same decoder.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...config import TextConfig
+from ...layers.attention import AttentionBackend
+from ...layers.norms import RMSNorm
+from ...layers.rotary import apply_rotary, mrope_cos_sin
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: TextConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        d = cfg.hidden_size
+        self.q_proj = nn.Linear(d, self.num_heads * self.head_dim, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=False)
+        if cfg.qk_norm:  # Qwen3: RMSNorm over each head's channels, before rotary
+            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        self.qk_norm = cfg.qk_norm
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
+        n = x.shape[0]
+        q = self.q_proj(x).view(n, self.num_heads, self.head_dim)             # [N, Hq, Dh]
+        k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)          # [N, Hkv, Dh]
+        v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = attn.attend(self.layer_idx, q, k, v)                             # [N, Hq, Dh]
+        return self.o_proj(out.reshape(n, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int, bias: bool = False) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=bias)
+        self.up_proj = nn.Linear(dim, hidden, bias=bias)
+        self.down_proj = nn.Linear(hidden, dim, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.self_attn = SelfAttention(cfg, layer_idx)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class TextModel(nn.Module):
+    """Decoder stack over token embeddings; `forward` takes embeddings so vision rows can be spliced in first."""
+
+    def __init__(self, cfg: TextConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        if cfg.hidden_act != "silu":
+            raise ValueError(f"text hidden_act {cfg.hidden_act!r} is not supported (only 'silu')")
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend,
+                visual_mask: torch.Tensor | None = None, deepstack: list[torch.Tensor] = ()) -> torch.Tensor:
+        """x[N, D] embeddings, positions[3, N] -> final-normed hidden[N, D].
+
+        DeepStack (Qwen3-VL): after layer i, deepstack[i][K, D] is added to the K rows under visual_mask.
+        """
+        c = self.cfg
+        cos, sin = mrope_cos_sin(positions, c.head_dim, c.rope_theta, c.mrope_section, c.mrope_interleaved)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, attn)
+            if i < len(deepstack):
+                x = x.index_put((visual_mask,), x[visual_mask] + deepstack[i].to(x.dtype))
+        return self.norm(x)
