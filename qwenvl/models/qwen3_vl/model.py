@@ -8,6 +8,7 @@ Module names equal the transformers 5.x checkpoint keys: `model.visual.*`,
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from qwenvl.config import ModelConfig
@@ -36,10 +37,9 @@ class Qwen3VLModel(nn.Module):
                              f"{cfg.text.num_hidden_layers} LM layers to add them to")
         self.cfg = cfg
         self.model = _Body(cfg)
-        self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
-        if cfg.text.tie_word_embeddings:
-            # One tensor: checkpoints with tied embeddings carry no lm_head.weight.
-            self.lm_head.weight = self.model.language_model.embed_tokens.weight
+        if not cfg.text.tie_word_embeddings:
+            # Tied checkpoints reuse embed_tokens and hold no lm_head (the loader's convention).
+            self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
 
     def encode_vision(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor
                       ) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -71,4 +71,6 @@ class Qwen3VLModel(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden[N, D] -> logits[N, V] float32."""
-        return self.lm_head(hidden).float()
+        lm = self.model.language_model
+        w = lm.embed_tokens.weight if self.cfg.text.tie_word_embeddings else self.lm_head.weight
+        return F.linear(hidden, w).float()

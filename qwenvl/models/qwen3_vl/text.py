@@ -13,59 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwenvl.config import TextConfig
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32, cast back, then scale: the order the checkpoints were trained with.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
-
-
-def mrope_axes(head_dim: int, section: tuple[int, int, int], interleaved: bool) -> torch.Tensor:
-    """Which position row (0 = t, 1 = h, 2 = w) drives each of the head_dim/2 rotary frequencies.
-
-    Chunked (Qwen2/2.5): [t]*s0 + [h]*s1 + [w]*s2. Interleaved (Qwen3): t h w t h w ... for the
-    first 3*s1 / 3*s2 slots, then t for the rest, so every axis gets both high and low frequencies."""
-    half = head_dim // 2
-    if sum(section) != half:
-        raise ValueError(f"mrope_section {section} must sum to head_dim/2 = {half}")
-    if not interleaved:
-        return torch.repeat_interleave(torch.arange(3), torch.tensor(section))
-    axes = torch.zeros(half, dtype=torch.long)
-    axes[1:3 * section[1]:3] = 1
-    axes[2:3 * section[2]:3] = 2
-    return axes
-
-
-class MRope(nn.Module):
-    def __init__(self, cfg: TextConfig):
-        super().__init__()
-        hd = cfg.head_dim
-        inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)                  # [hd/2]
-        self.register_buffer("axes", mrope_axes(hd, cfg.mrope_section, cfg.mrope_interleaved),
-                             persistent=False)                                         # [hd/2]
-
-    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions[3, N] -> cos, sin [N, head_dim] float32."""
-        freqs = positions[..., None].float() * self.inv_freq                   # [3, N, hd/2]
-        idx = self.axes.view(1, 1, -1).expand(1, positions.shape[1], -1)
-        freqs = freqs.gather(0, idx).squeeze(0)                                 # [N, hd/2]
-        emb = torch.cat([freqs, freqs], dim=-1)                                 # [N, hd]
-        return emb.cos(), emb.sin()
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x[N, H, hd]; cos/sin[N, hd] already in x's dtype (the reference rotates in model dtype)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos[:, None] + torch.cat([-x2, x1], dim=-1) * sin[:, None]
+from qwenvl.layers.norms import RMSNorm
+from qwenvl.layers.rotary import apply_rotary, mrope_cos_sin
 
 
 class Attention(nn.Module):
@@ -123,17 +72,21 @@ class Qwen3VLTextModel(nn.Module):
 
     def __init__(self, cfg: TextConfig):
         super().__init__()
+        if cfg.head_dim // 2 != sum(cfg.mrope_section):
+            raise ValueError(f"mrope_section {cfg.mrope_section} must sum to head_dim/2 = {cfg.head_dim // 2}")
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.rotary_emb = MRope(cfg)
+        self.cfg = cfg
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, attn,
                 visual_mask: torch.Tensor | None, deepstack: list[torch.Tensor]) -> torch.Tensor:
         """x[N, D] input embeddings; positions[3, N]; deepstack[i][K, D] is added after layer i
         to the K rows where visual_mask[N] is set."""
-        cos, sin = self.rotary_emb(positions)
-        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        c = self.cfg
+        # Interleaved for Qwen3-VL: every axis gets both high and low frequencies.
+        cos, sin = mrope_cos_sin(positions, c.head_dim, c.rope_theta, c.mrope_section,
+                                 c.mrope_interleaved)                          # [N, hd] float32
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, attn)
             if i < len(deepstack):

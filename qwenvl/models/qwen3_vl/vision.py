@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwenvl.config import VisionConfig
+from qwenvl.layers.attention import segment_attention
+from qwenvl.layers.rotary import apply_rotary, vision_cos_sin, vision_patch_coords
 
 # The vision rotary base is not in config.json for any released checkpoint; 10000 is the value
 # the reference code uses.
@@ -55,28 +57,6 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(1)                                      # [P, width]
 
 
-class VisionRotary(nn.Module):
-    """2D rotary: a quarter of the head dim's frequencies for the row, a quarter for the column,
-    laid out [row | col | row | col] so that rotate-half pairs dim i with dim i + head_dim/2."""
-
-    def __init__(self, head_dim: int, theta: float = VISION_ROPE_THETA):
-        super().__init__()
-        half = head_dim // 2
-        inv_freq = 1.0 / theta ** (torch.arange(0, half, 2, dtype=torch.float32) / half)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)    # [head_dim/4]
-
-    def forward(self, rows: torch.Tensor, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        inv = self.inv_freq.to(rows.device)
-        freqs = torch.cat([rows[:, None].float() * inv, cols[:, None].float() * inv], dim=-1)  # [P, hd/2]
-        emb = torch.cat([freqs, freqs], dim=-1)                                                # [P, hd]
-        return emb.cos(), emb.sin()
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
-
-
 class VisionAttention(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
@@ -86,21 +66,15 @@ class VisionAttention(nn.Module):
         self.proj = nn.Linear(cfg.width, cfg.width, bias=True)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                seqlens: list[int]) -> torch.Tensor:
+                cu_seqlens: torch.Tensor) -> torch.Tensor:
         P = x.shape[0]
         q, k, v = self.qkv(x).view(P, 3, self.num_heads, self.head_dim).unbind(1)   # each [P, H, hd]
         # Rotary in float32 even for bf16 weights, as the reference does: the angles of large
         # grids lose too much precision in bf16.
-        c, s = cos[:, None, :], sin[:, None, :]
-        q = (q.float() * c + rotate_half(q.float()) * s).to(v.dtype)
-        k = (k.float() * c + rotate_half(k.float()) * s).to(v.dtype)
-        # Each frame of each image attends only within itself: run SDPA segment by segment
-        # rather than materialise a P x P block-diagonal mask.
-        outs = []
-        for qs, ks, vs in zip(q.split(seqlens), k.split(seqlens), v.split(seqlens)):
-            o = F.scaled_dot_product_attention(qs.transpose(0, 1), ks.transpose(0, 1), vs.transpose(0, 1))
-            outs.append(o.transpose(0, 1))                                           # [L, H, hd]
-        return self.proj(torch.cat(outs).reshape(P, -1))
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        # Each frame of each image attends only within itself.
+        out = segment_attention(q, k, v, cu_seqlens)                                 # [P, H, hd]
+        return self.proj(out.reshape(P, -1))
 
 
 class VisionMLP(nn.Module):
@@ -122,8 +96,8 @@ class VisionBlock(nn.Module):
         self.attn = VisionAttention(cfg)
         self.mlp = VisionMLP(cfg)
 
-    def forward(self, x, cos, sin, seqlens):
-        x = x + self.attn(self.norm1(x), cos, sin, seqlens)
+    def forward(self, x, cos, sin, cu_seqlens):
+        x = x + self.attn(self.norm1(x), cos, sin, cu_seqlens)
         return x + self.mlp(self.norm2(x))
 
 
@@ -165,7 +139,6 @@ class Qwen3VLVisionModel(nn.Module):
         self.merge = cfg.spatial_merge_size
         self.patch_embed = PatchEmbed(cfg)
         self.pos_embed = nn.Embedding(cfg.num_position_embeddings, cfg.width)
-        self.rotary = VisionRotary(cfg.width // cfg.num_heads)
         self.blocks = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.depth))
         self.merger = PatchMerger(cfg, postshuffle=False)
         self.deepstack_visual_indexes = tuple(cfg.deepstack_visual_indexes)
@@ -190,15 +163,6 @@ class Qwen3VLVisionModel(nn.Module):
             out.append(grid.repeat(t, 1))                     # same table for every frame
         return torch.cat(out)
 
-    def rotary_ids(self, grid_thw: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Row and column of every patch in merge-block order -> (rows[P], cols[P])."""
-        rows, cols = [], []
-        for t, h, w in grid_thw:
-            order = merge_block_order(h, w, self.merge)
-            rows.append((order // w).repeat(t))
-            cols.append((order % w).repeat(t))
-        return torch.cat(rows).to(device), torch.cat(cols).to(device)
-
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor
                 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         grid = [[int(v) for v in row] for row in grid_thw.tolist()]
@@ -208,11 +172,13 @@ class Qwen3VLVisionModel(nn.Module):
                              f"describes {total} patches")
         x = self.patch_embed(pixel_values)                                    # [P, width]
         x = x + self.interpolated_pos_embed(grid).to(x.dtype)
-        cos, sin = self.rotary(*self.rotary_ids(grid, x.device))              # [P, hd] each
-        seqlens = [h * w for t, h, w in grid for _ in range(t)]               # one segment per frame
+        coords = vision_patch_coords(grid_thw.cpu(), self.merge).to(x.device)  # [P, 2] (row, col)
+        cos, sin = vision_cos_sin(coords, self.cfg.width // self.cfg.num_heads, VISION_ROPE_THETA)
+        seqlens = torch.tensor([0] + [h * w for t, h, w in grid for _ in range(t)])  # one segment per frame
+        cu_seqlens = seqlens.cumsum(0).to(x.device)
         deepstack = []
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, seqlens)
+            x = block(x, cos, sin, cu_seqlens)
             if i in self.deepstack_visual_indexes:
                 merger = self.deepstack_merger_list[self.deepstack_visual_indexes.index(i)]
                 deepstack.append(merger(x))                                   # [M, D]
