@@ -13,7 +13,9 @@ What each family emits (the model's own frame of reference):
 
 Both tag spellings are accepted for both tag families (the coordinates mean the same thing). A JSON
 family whose reply has no JSON boxes falls back to the tag syntax in its own coordinate frame, and a
-tag family to JSON, so a model prompted in the "other" style still yields its boxes.
+tag family to JSON, so a model prompted in the "other" style still yields its boxes. A tag family's
+reply decoded with its special tokens skipped ("the man(123,235),(324,546)") still gives its boxes,
+without labels, from the bare "(x1,y1),(x2,y2)" pairs.
 
 The 0..1000 grid maps straight onto the ORIGINAL image (x / 1000 * W): it is resolution
 independent. Qwen2.5-VL's absolute coordinates map through the resize: x * W / input_w.
@@ -111,13 +113,13 @@ def _numbers(v) -> list[float] | None:
     return nums if all(x == x and abs(x) != float("inf") for x in nums) else None
 
 
-def _shapes(v, n: int) -> list[list[float]]:
+def _shapes(v, n: int, depth: int = 0) -> list[list[float]]:
     """A coordinate value: flat [n numbers], or nested [[n], [n], ...] (several shapes)."""
     flat = _numbers(v)
     if flat is not None:
         return [flat[:n]] if len(flat) >= n else []
-    if isinstance(v, (list, tuple)):
-        return [s for item in v for s in _shapes(item, n)]
+    if isinstance(v, (list, tuple)) and depth < 4:
+        return [s for item in v for s in _shapes(item, n, depth + 1)]
     return []
 
 
@@ -129,10 +131,12 @@ def _label_of(d: dict) -> str | None:
     return None
 
 
-def _walk(value, pos: int, group: int | None, out: list[dict]) -> None:
+def _walk(value, pos: int, group: int | None, out: list[dict], depth: int = 0) -> None:
+    if depth > 32:  # real replies nest two or three levels; never recurse without bound
+        return
     if isinstance(value, list):
         for item in value:
-            _walk(item, pos, group, out)
+            _walk(item, pos, group, out, depth + 1)
         return
     if not isinstance(value, dict):
         return
@@ -158,7 +162,7 @@ def _walk(value, pos: int, group: int | None, out: list[dict]) -> None:
     if not found:  # a wrapper such as {"objects": [...]}
         for v in value.values():
             if isinstance(v, (list, dict)):
-                _walk(v, pos, group, out)
+                _walk(v, pos, group, out, depth + 1)
 
 
 _DECODER = json.JSONDecoder()
@@ -178,7 +182,7 @@ def _json_boxes(text: str) -> list[dict]:
             break
         try:
             value, end = _DECODER.raw_decode(text, m.start())
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
             i = m.start() + 1
             continue
         if isinstance(value, list) and value and all(isinstance(v, list) for v in value):
@@ -205,11 +209,23 @@ def _json_boxes(text: str) -> list[dict]:
     return out
 
 
+# "(x1,y1),(x2,y2)" left behind when a tag family's reply was decoded with its special tokens skipped.
+_BARE_BOX = re.compile(r"\(\s*(\d{1,4})\s*,\s*(\d{1,4})\s*\)\s*,\s*\(\s*(\d{1,4})\s*,\s*(\d{1,4})\s*\)")
+
+
+def _bare_boxes(text: str) -> list[dict]:
+    return [{"label": None, "coords": [float(v) for v in m.groups()], "points": None, "pos": m.start(),
+             "image_index": None, "group": None} for m in _BARE_BOX.finditer(text)]
+
+
 def _raw_boxes(text: str, family: str) -> list[dict]:
     if not isinstance(text, str) or not text:
         return []
-    first, second = (_tag_boxes, _json_boxes) if family in _TAG_FAMILIES else (_json_boxes, _tag_boxes)
-    return first(text) or second(text)
+    if family in _TAG_FAMILIES:
+        boxes = _tag_boxes(text) or _json_boxes(text)
+        # bare pairs only when no grounding tag is present at all (an incomplete tag yields nothing)
+        return boxes or ([] if _TAG.search(text) else _bare_boxes(text))
+    return _json_boxes(text) or _tag_boxes(text)
 
 
 # --------------------------------------------------------------------------------------------
