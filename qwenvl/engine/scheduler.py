@@ -1,0 +1,270 @@
+"""Which sequences run in the next step, and how many of their tokens.
+
+Plain Python. One step is a list of chunks, one per scheduled sequence, each the token range
+[start, end) whose KV the step computes: a slice of a prompt (chunked prefill), the recompute of a
+preempted request's prompt + output, or the single newest token of a decoding request. When a chunk
+ends at the sequence's last token the step samples the next token for it.
+
+Policy (vLLM v1 shaped, one queue of work measured in tokens):
+  * running sequences first, in admission order, each taking up to the remaining token budget;
+    when the KV pool is short, the most recently admitted running sequence is preempted by
+    recompute (blocks freed, put back at the front of the waiting queue with its output kept);
+  * then waiting sequences in order while the token budget, max_num_seqs and the pool allow;
+  * a chunk that reaches the first pad of an image/video whose features are not cached counts the
+    whole span against the per-step encoder budget; a chunk that would exceed it stops just before
+    that span (unless nothing else is encoded this step, so a huge image still makes progress).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+from qwenvl.engine.block_manager import BlockManager
+from qwenvl.engine.sequence import Sequence, SequenceStatus, VisionSpan
+from qwenvl.engine.stopping import check_stop_token
+
+
+@dataclass
+class ScheduledChunk:
+    seq: Sequence
+    start: int                    # first token whose KV this step computes
+    end: int                      # one past the last
+    encode: list[VisionSpan] = field(default_factory=list)   # uncached spans whose first pad is in [start, end)
+    # True when this chunk completes the sequence's known tokens: the step samples the next one.
+    needs_sample: bool = field(init=False)
+
+    def __post_init__(self):
+        self.needs_sample = self.end == self.seq.num_tokens
+
+    @property
+    def num_tokens(self) -> int:
+        return self.end - self.start
+
+    @property
+    def is_prefill(self) -> bool:
+        return self.start < self.seq.num_prompt_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+    failed: list[Sequence] = field(default_factory=list)      # finished by the scheduler (pool too small)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.chunks
+
+
+class Scheduler:
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        max_num_seqs: int = 64,
+        max_num_batched_tokens: int = 2048,
+        max_encoder_tokens_per_step: int | None = None,
+        enable_chunked_prefill: bool = True,
+        eos_token_ids: Iterable[int] = (),
+        is_encoder_cached: Callable[[str], bool] | None = None,
+        max_model_len: int | None = None,
+    ):
+        if max_num_seqs < 1 or max_num_batched_tokens < 1:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
+        self.bm = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_encoder_tokens_per_step = max_encoder_tokens_per_step
+        self.enable_chunked_prefill = enable_chunked_prefill
+        self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
+        self.is_encoder_cached = is_encoder_cached or (lambda h: False)
+        self.max_model_len = max_model_len
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.requests: dict[str, Sequence] = {}
+        self.num_preemptions = 0
+
+    # ---------------------------------------------------------------- requests
+    def add(self, seq: Sequence) -> None:
+        """Queue a request; raises ValueError if its prompt could never fit."""
+        if seq.request_id in self.requests:
+            raise ValueError(f"request id {seq.request_id!r} is already in use")
+        cap_tokens = self.bm.num_blocks * self.bm.block_size
+        if seq.num_tokens + 1 > cap_tokens:   # +1: room for at least one generated token
+            raise ValueError(
+                f"request {seq.request_id!r}: the prompt has {seq.num_tokens} tokens but the KV cache "
+                f"holds {cap_tokens} ({self.bm.num_blocks} blocks of {self.bm.block_size}); shorten "
+                f"the prompt, lower the image resolution (max_pixels) or give the engine more KV memory")
+        if self.max_model_len is not None and seq.num_tokens >= self.max_model_len:
+            raise ValueError(
+                f"request {seq.request_id!r}: the prompt has {seq.num_tokens} tokens, the model's limit "
+                f"is {self.max_model_len}")
+        if not self.enable_chunked_prefill and seq.num_tokens > self.max_num_batched_tokens:
+            raise ValueError(
+                f"request {seq.request_id!r}: the prompt has {seq.num_tokens} tokens, more than "
+                f"max_num_batched_tokens={self.max_num_batched_tokens} with chunked prefill off")
+        seq.status = SequenceStatus.WAITING
+        self.requests[seq.request_id] = seq
+        self.waiting.append(seq)
+
+    def abort(self, request_id: str) -> Sequence | None:
+        """Stop a request now and free its blocks. Returns it, or None if unknown/finished."""
+        seq = self.requests.pop(request_id, None)
+        if seq is None:
+            return None
+        if seq in self.running:
+            self.running.remove(seq)
+        else:
+            try:
+                self.waiting.remove(seq)
+            except ValueError:
+                pass
+        self.bm.free(seq)
+        seq.status = SequenceStatus.ABORTED
+        seq.finish_reason = "abort"
+        return seq
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Mark a running request finished (e.g. a stop string found by the engine) and free it."""
+        if self.requests.pop(seq.request_id, None) is None:
+            return
+        if seq in self.running:
+            self.running.remove(seq)
+        else:
+            try:
+                self.waiting.remove(seq)
+            except ValueError:
+                pass
+        self.bm.free(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    # -------------------------------------------------------------- schedule
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        enc_used = 0
+
+        # 1. running sequences: decodes and unfinished prefill chunks.
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_uncomputed_tokens, budget)
+            n, enc = self._fit_encoder(seq, seq.num_computed_tokens, n, enc_used)
+            if n == 0:
+                i += 1
+                continue
+            while not self.bm.append_slots(seq, n):
+                victim = self.running[-1]
+                if victim is seq and self._nothing_else_holds(seq):
+                    # Alone and still short: its context outgrew the whole pool.
+                    self.running.pop()
+                    self._fail(seq, out)
+                    seq = None
+                    break
+                self._preempt(victim, out)
+                if victim is seq:
+                    seq = None
+                    break
+            if seq is None:
+                continue            # self was preempted / failed: it was the last element
+            out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, seq.num_computed_tokens + n, enc))
+            budget -= n
+            enc_used += sum(s.num_tokens for s in enc)
+            i += 1
+
+        # 2. waiting sequences, in order; no preemption on their behalf.
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            if out.preempted:
+                break               # the pool is short this step; let the running ones finish first
+            seq = self.waiting[0]
+            start = len(self.bm._match_prefix(seq)) * self.bm.block_size
+            n = min(seq.num_tokens - start, budget)
+            n, enc = self._fit_encoder(seq, start, n, enc_used)
+            if n == 0 or (not self.enable_chunked_prefill and n < seq.num_tokens - start):
+                break
+            cached = self.bm.admit(seq, n)
+            if cached is None:
+                break
+            assert cached == start
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            out.chunks.append(ScheduledChunk(seq, start, start + n, enc))
+            budget -= n
+            enc_used += sum(s.num_tokens for s in enc)
+        return out
+
+    def _fit_encoder(self, seq: Sequence, start: int, n: int, enc_used: int) -> tuple[int, list[VisionSpan]]:
+        """Shrink the chunk [start, start+n) to respect the encoder budget; return (n, spans to encode)."""
+        spans = [s for s in seq.vision if start <= s.token_offset < start + n]
+        enc: list[VisionSpan] = []
+        limit = self.max_encoder_tokens_per_step
+        for s in spans:
+            if self.is_encoder_cached(s.content_hash):
+                continue
+            if limit is not None and enc_used > 0 and enc_used + s.num_tokens > limit:
+                return s.token_offset - start, enc     # stop just before this span
+            enc.append(s)
+            enc_used += s.num_tokens
+        return n, enc
+
+    def _nothing_else_holds(self, seq: Sequence) -> bool:
+        return self.bm.num_used_blocks == len(seq.block_table)
+
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        self.running.remove(seq)
+        self.bm.free(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+        out.preempted.append(seq)
+        out.chunks = [c for c in out.chunks if c.seq is not seq]
+
+    def _fail(self, seq: Sequence, out: SchedulerOutput) -> None:
+        self.requests.pop(seq.request_id, None)
+        self.bm.free(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = "length"
+        seq.error = (f"the request's context ({seq.num_tokens} tokens) outgrew the KV cache "
+                     f"({self.bm.num_blocks * self.bm.block_size} tokens)")
+        out.failed.append(seq)
+
+    # ------------------------------------------------------------ after step
+    def postprocess(self, out: SchedulerOutput, sampled: dict[str, int],
+                    logprobs: dict[str, dict[int, float]] | None = None) -> list[Sequence]:
+        """Advance progress after the runner computed `out`, append the sampled tokens (by request
+        id, for chunks that needed a sample), apply token-level stops (eos, stop_token_ids,
+        max_tokens) and free finished requests. Returns the sequences finished in this step
+        (stop strings are the engine's job: it calls `finish(seq, "stop")`)."""
+        finished: list[Sequence] = list(out.failed)
+        for c in out.chunks:
+            seq = c.seq
+            if seq.is_finished or seq.status is not SequenceStatus.RUNNING:
+                continue            # aborted between schedule and postprocess
+            seq.num_computed_tokens = c.end
+            self.bm.cache_full_blocks(seq)
+            if not c.needs_sample:
+                continue
+            tok = sampled[seq.request_id]
+            seq.append_token(tok, (logprobs or {}).get(seq.request_id))
+            reason = check_stop_token(tok, seq.num_output_tokens, seq.params, self.eos_token_ids)
+            if reason is None and self.max_model_len is not None and seq.num_tokens >= self.max_model_len:
+                reason = "length"
+            if reason is not None:
+                self.finish(seq, reason)
+                finished.append(seq)
+        return finished

@@ -1,0 +1,227 @@
+"""One request as the engine sees it: tokens, M-RoPE positions, vision spans, progress, KV blocks.
+
+Plain Python (no torch): the scheduler and block manager are unit-tested without it. The prompt's
+3-row positions are kept as whatever the input pipeline gave (a LongTensor[3, N] or three lists) and
+only sliced by the runner; decode token i (0-based, counted from the end of the prompt) sits at
+`next_position + i` on all three rows.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from dataclasses import dataclass, field
+from typing import Any, Sequence as Seq
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+    ABORTED = "aborted"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens and when to stop. temperature 0 means greedy."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1                       # <= 0: off
+    max_tokens: int = 16
+    stop: tuple[str, ...] | list[str] | str | None = None
+    stop_token_ids: tuple[int, ...] | list[int] | None = None
+    ignore_eos: bool = False
+    logprobs: int | None = None           # top-k logprobs per generated token (plus the chosen one)
+    repetition_penalty: float = 1.0       # > 1 discourages tokens seen in prompt or output
+    presence_penalty: float = 0.0         # subtracted once from tokens seen in the output
+    frequency_penalty: float = 0.0        # subtracted per occurrence in the output
+    seed: int | None = None
+
+    def __post_init__(self):
+        def bad(name, why):
+            raise ValueError(f"SamplingParams.{name}={getattr(self, name)!r}: {why}")
+
+        if not self.temperature >= 0.0:
+            bad("temperature", "must be >= 0 (0 means greedy)")
+        if not 0.0 < self.top_p <= 1.0:
+            bad("top_p", "must be in (0, 1]")
+        if not isinstance(self.top_k, int):
+            bad("top_k", "must be an int (<= 0 turns it off)")
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            bad("max_tokens", "must be an int >= 1")
+        if self.logprobs is not None and (not isinstance(self.logprobs, int) or self.logprobs < 0):
+            bad("logprobs", "must be None or an int >= 0")
+        if not self.repetition_penalty > 0.0:
+            bad("repetition_penalty", "must be > 0 (1.0 turns it off)")
+        if not -2.0 <= self.presence_penalty <= 2.0:
+            bad("presence_penalty", "must be in [-2, 2]")
+        if not -2.0 <= self.frequency_penalty <= 2.0:
+            bad("frequency_penalty", "must be in [-2, 2]")
+        # Normalise the list-ish fields to tuples so the params stay hashable and immutable.
+        stop = self.stop
+        if stop is None:
+            stop = ()
+        elif isinstance(stop, str):
+            stop = (stop,)
+        object.__setattr__(self, "stop", tuple(s for s in stop if s))
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in (self.stop_token_ids or ())))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class VisionSpan:
+    """A run of image/video pad tokens in the prompt: tokens [token_offset, token_offset + num_tokens)."""
+
+    content_hash: str
+    token_offset: int
+    num_tokens: int
+
+    @property
+    def end(self) -> int:
+        return self.token_offset + self.num_tokens
+
+
+_counter = itertools.count()
+
+
+class Sequence:
+    """A request's token stream and its progress through the engine."""
+
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: Seq[int],
+        params: SamplingParams | None = None,
+        positions: Any = None,
+        next_position: int | None = None,
+        vision: Seq[Any] = (),
+    ):
+        if len(prompt_token_ids) == 0:
+            raise ValueError(f"request {request_id!r}: the prompt is empty")
+        self.request_id = request_id
+        self.seq_no = next(_counter)                  # arrival order, for stable tie-breaks
+        self.params = params if params is not None else SamplingParams()
+        self.token_ids: list[int] = [int(t) for t in prompt_token_ids]   # prompt + output
+        self.num_prompt_tokens = len(self.token_ids)
+        # positions: LongTensor[3, N] or 3 lists of N; None means plain text (0..N-1 on every row).
+        self.prompt_positions = positions
+        if next_position is None:
+            next_position = self.num_prompt_tokens if positions is None else _max_position(positions) + 1
+        self.next_position = int(next_position)
+        self.vision: list[VisionSpan] = sorted(
+            (VisionSpan(v.content_hash, int(v.token_offset), int(v.num_tokens)) for v in vision),
+            key=lambda s: s.token_offset,
+        )
+        for s in self.vision:
+            if s.token_offset < 0 or s.end > self.num_prompt_tokens:
+                raise ValueError(
+                    f"request {request_id!r}: vision span [{s.token_offset}, {s.end}) lies outside "
+                    f"the {self.num_prompt_tokens}-token prompt")
+        self.status = SequenceStatus.WAITING
+        self.num_computed_tokens = 0      # tokens whose KV is in this sequence's blocks
+        self.num_cached_tokens = 0        # of those, how many came from the prefix cache (last admit)
+        self.block_table: list[int] = []
+        self.block_hashes: list[bytes] = []   # chain hashes of full blocks, filled lazily by the block manager
+        self.finish_reason: str | None = None
+        self.output_logprobs: list[dict[int, float] | None] = []
+        self.num_preemptions = 0
+        self.error: str | None = None
+
+    # ------------------------------------------------------------------ tokens
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.token_ids[: self.num_prompt_tokens]
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status in (SequenceStatus.FINISHED, SequenceStatus.ABORTED)
+
+    @property
+    def last_token_id(self) -> int:
+        return self.token_ids[-1]
+
+    def append_token(self, token_id: int, logprobs: dict[int, float] | None = None) -> None:
+        self.token_ids.append(int(token_id))
+        self.output_logprobs.append(logprobs)
+
+    # --------------------------------------------------------------- positions
+    def position_of(self, i: int) -> tuple[int, int, int]:
+        """(t, h, w) M-RoPE position of token i (prompt or output)."""
+        if i >= self.num_prompt_tokens:
+            p = self.next_position + (i - self.num_prompt_tokens)
+            return (p, p, p)
+        if self.prompt_positions is None:
+            return (i, i, i)
+        rows = self.prompt_positions
+        return (int(rows[0][i]), int(rows[1][i]), int(rows[2][i]))
+
+    def positions_for(self, start: int, end: int) -> list[list[int]]:
+        """Three lists of positions for tokens [start, end) (plain Python; the runner may slice the
+        tensor itself for speed)."""
+        p = self.num_prompt_tokens
+        rows: list[list[int]] = [[], [], []]
+        if start < p:
+            stop = min(end, p)
+            if self.prompt_positions is None:
+                for r in rows:
+                    r.extend(range(start, stop))
+            else:
+                for r, src in zip(rows, self.prompt_positions):
+                    part = src[start:stop]
+                    r.extend(int(x) for x in (part.tolist() if hasattr(part, "tolist") else part))
+        if end > p:
+            first = self.next_position + max(start - p, 0)
+            last = self.next_position + (end - p)
+            for r in rows:
+                r.extend(range(first, last))
+        return rows
+
+    # ------------------------------------------------------------------ vision
+    def vision_spans_in(self, start: int, end: int) -> list[VisionSpan]:
+        """Vision spans overlapping tokens [start, end)."""
+        return [s for s in self.vision if s.token_offset < end and s.end > start]
+
+    def vision_keys_in(self, start: int, end: int) -> tuple:
+        """What identifies the vision content of tokens [start, end) beyond their ids: for each span
+        overlapping the range, (content_hash, first offset into the image, number of its pads here,
+        where they start in the range). Equivalent to listing (content_hash, offset) per pad token."""
+        keys = []
+        for s in self.vision_spans_in(start, end):
+            lo = max(start, s.token_offset)
+            hi = min(end, s.end)
+            keys.append((s.content_hash, lo - s.token_offset, hi - lo, lo - start))
+        return tuple(keys)
+
+    def __repr__(self) -> str:
+        return (f"Sequence({self.request_id!r}, status={self.status.value}, tokens={self.num_tokens}, "
+                f"prompt={self.num_prompt_tokens}, computed={self.num_computed_tokens}, "
+                f"blocks={len(self.block_table)})")
+
+
+def _max_position(positions: Any) -> int:
+    if hasattr(positions, "max"):
+        try:
+            return int(positions.max())
+        except TypeError:
+            pass
+    return max(int(x) for row in positions for x in row)

@@ -1,0 +1,168 @@
+"""Paged KV cache and the per-step attention backend the engine hands to the model.
+
+The pool keeps, per layer, k and v as [num_blocks, block_size, Hkv, Dh]; token t of a sequence
+lives in slot block_table[t // block_size] * block_size + t % block_size. A step is a batch of
+sequences, each contributing the chunk of new tokens [ctx - q_len, ctx) (a prefill chunk or one
+decode token); their q/k/v rows are concatenated in sequence order. `attend()` writes the new k/v
+into their slots, then lets every query attend causally to all of its sequence's keys.
+
+Two implementations, chosen at construction:
+  * "reference": per sequence, gather its keys, repeat kv heads for GQA, SDPA with an explicit
+    boolean causal-with-offset mask. Plain and slow; the oracle in tests.
+  * "fast": every single-token decode in the batch in one padded gather + one SDPA call; prefill
+    chunks one SDPA call each (is_causal when the chunk has no cached prefix). Index tensors are
+    built once per step and shared by all layers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class PagedKVPool:
+    """Per-layer paged k/v storage."""
+
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+        self.num_layers = num_layers
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+
+    @staticmethod
+    def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        """KV bytes one block costs across all layers (k and v)."""
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        return 2 * num_layers * block_size * num_kv_heads * head_dim * itemsize
+
+    @property
+    def device(self) -> torch.device:
+        return self.k[0].device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.k[0].dtype
+
+
+def _slots(block_table: list[int], start: int, end: int, block_size: int) -> torch.Tensor:
+    """LongTensor[end - start] (CPU): the slots of tokens start .. end-1."""
+    t = torch.arange(start, end)
+    return torch.tensor(block_table, dtype=torch.long)[t // block_size] * block_size + t % block_size
+
+
+class PagedAttention:
+    """Attention backend for one engine step over a PagedKVPool.
+
+    block_tables[i]: sequence i's block ids; context_lens[i]: its tokens once this step's are added;
+    query_lens[i]: new tokens it contributes this step (1 for a decode)."""
+
+    def __init__(self, pool: PagedKVPool, block_tables: list[list[int]], context_lens: list[int],
+                 query_lens: list[int], scale: float | None = None, impl: str = "fast"):
+        if impl not in ("fast", "reference"):
+            raise ValueError(f"impl must be 'fast' or 'reference', got {impl!r}")
+        if not (len(block_tables) == len(context_lens) == len(query_lens)):
+            raise ValueError("block_tables, context_lens and query_lens must have one entry per sequence")
+        bs = pool.block_size
+        for i, (bt, c, q) in enumerate(zip(block_tables, context_lens, query_lens)):
+            if not 1 <= q <= c or len(bt) * bs < c:
+                raise ValueError(f"sequence {i}: query_len={q}, context_len={c}, {len(bt)} blocks of {bs}")
+        self.pool = pool
+        self.impl = impl
+        self.scale = scale
+        self.context_lens = list(context_lens)
+        self.query_lens = list(query_lens)
+        dev = pool.device
+        self.num_tokens = sum(query_lens)
+        # Where each new token's k/v goes.
+        key_slots = [_slots(bt, 0, c, bs) for bt, c in zip(block_tables, context_lens)]
+        self.slot_mapping = torch.cat([ks[c - q:] for ks, c, q in zip(key_slots, context_lens, query_lens)]).to(dev)
+        # Where each sequence's keys are read from (all of its context).
+        self.key_slots = [ks.to(dev) for ks in key_slots]
+        self.q_starts = [0]
+        for q in query_lens:
+            self.q_starts.append(self.q_starts[-1] + q)
+        if impl == "fast":
+            self._plan_fast(key_slots, dev)
+
+    # --------------------------------------------------------------- planning
+    def _plan_fast(self, key_slots, dev) -> None:
+        self.decode_idx = [i for i, q in enumerate(self.query_lens) if q == 1]
+        self.prefill_idx = [i for i, q in enumerate(self.query_lens) if q > 1]
+        if self.decode_idx:
+            lens = [self.context_lens[i] for i in self.decode_idx]
+            L = max(lens)
+            pad = torch.zeros((len(lens), L), dtype=torch.long)   # pads read slot 0, masked out
+            for r, i in enumerate(self.decode_idx):
+                pad[r, : lens[r]] = key_slots[i]
+            self.decode_slots = pad.to(dev)                                              # [Bd, L]
+            self.decode_mask = (torch.arange(L).unsqueeze(0) < torch.tensor(lens).unsqueeze(1)).to(dev)  # [Bd, L]
+            self.decode_rows = torch.tensor([self.q_starts[i] for i in self.decode_idx], dtype=torch.long, device=dev)
+        # Explicit causal masks for prefill chunks that sit after cached tokens.
+        self.prefill_masks = {}
+        for i in self.prefill_idx:
+            q, c = self.query_lens[i], self.context_lens[i]
+            if q != c:
+                self.prefill_masks[i] = _causal_mask(q, c, dev)
+
+    # ----------------------------------------------------------------- attend
+    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q[N, Hq, Dh], k/v[N, Hkv, Dh] -> out[N, Hq, Dh]."""
+        assert q.shape[0] == self.num_tokens, (q.shape, self.num_tokens)
+        kc = self.pool.k[layer_idx].view(-1, self.pool.num_kv_heads, self.pool.head_dim)   # [slots, Hkv, Dh]
+        vc = self.pool.v[layer_idx].view(-1, self.pool.num_kv_heads, self.pool.head_dim)
+        kc.index_copy_(0, self.slot_mapping, k.to(kc.dtype))
+        vc.index_copy_(0, self.slot_mapping, v.to(vc.dtype))
+        if self.impl == "reference":
+            return self._attend_reference(q, kc, vc)
+        return self._attend_fast(q, kc, vc)
+
+    def _attend_reference(self, q, kc, vc):
+        Hq, Hkv = q.shape[1], kc.shape[1]
+        out = torch.empty_like(q)
+        for i, (qlen, c) in enumerate(zip(self.query_lens, self.context_lens)):
+            s = self.q_starts[i]
+            qi = q[s: s + qlen].transpose(0, 1)                              # [Hq, q, Dh]
+            ki = kc[self.key_slots[i]].to(q.dtype).transpose(0, 1)          # [Hkv, c, Dh]
+            vi = vc[self.key_slots[i]].to(q.dtype).transpose(0, 1)
+            ki = ki.repeat_interleave(Hq // Hkv, dim=0)                      # [Hq, c, Dh]
+            vi = vi.repeat_interleave(Hq // Hkv, dim=0)
+            mask = _causal_mask(qlen, c, q.device)                           # [q, c]
+            o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=self.scale)
+            out[s: s + qlen] = o.transpose(0, 1)
+        return out
+
+    def _attend_fast(self, q, kc, vc):
+        Hq, Hkv = q.shape[1], kc.shape[1]
+        gqa = Hq != Hkv
+        out = torch.empty_like(q)
+        if self.decode_idx:
+            Bd, L = self.decode_slots.shape
+            qd = q.index_select(0, self.decode_rows).unsqueeze(2)                      # [Bd, Hq, 1, Dh]
+            kd = kc[self.decode_slots.view(-1)].view(Bd, L, Hkv, -1).transpose(1, 2)   # [Bd, Hkv, L, Dh]
+            vd = vc[self.decode_slots.view(-1)].view(Bd, L, Hkv, -1).transpose(1, 2)
+            mask = self.decode_mask[:, None, None, :]                                  # [Bd, 1, 1, L]
+            od = F.scaled_dot_product_attention(qd, kd.to(q.dtype), vd.to(q.dtype), attn_mask=mask,
+                                                scale=self.scale, enable_gqa=gqa)
+            out.index_copy_(0, self.decode_rows, od.squeeze(2))
+        for i in self.prefill_idx:
+            s, qlen = self.q_starts[i], self.query_lens[i]
+            qi = q[s: s + qlen].transpose(0, 1).unsqueeze(0)                              # [1, Hq, q, Dh]
+            ki = kc[self.key_slots[i]].to(q.dtype).transpose(0, 1).unsqueeze(0)          # [1, Hkv, c, Dh]
+            vi = vc[self.key_slots[i]].to(q.dtype).transpose(0, 1).unsqueeze(0)
+            mask = self.prefill_masks.get(i)
+            o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, is_causal=mask is None,
+                                               scale=self.scale, enable_gqa=gqa)
+            out[s: s + qlen] = o[0].transpose(0, 1)
+        return out
+
+
+def _causal_mask(q_len: int, ctx_len: int, device) -> torch.Tensor:
+    """[q, c] bool: query j (absolute position ctx - q + j) sees keys 0 .. ctx - q + j."""
+    qpos = torch.arange(ctx_len - q_len, ctx_len, device=device).unsqueeze(1)
+    kpos = torch.arange(ctx_len, device=device).unsqueeze(0)
+    return kpos <= qpos
