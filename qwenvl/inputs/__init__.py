@@ -2,6 +2,11 @@
 
 from .errors import InputError
 from .images import load_image
-from .preprocess import PreprocessorConfig, smart_resize
+from .messages import normalize_messages
+from .mrope import VisionSpan, mrope_positions
+from .preprocess import PreprocessorConfig, preprocess_image, preprocess_video, smart_resize
+from .prompt import PromptInputs, VisionItem, build_inputs
 
-__all__ = ["InputError", "PreprocessorConfig", "load_image", "smart_resize"]
+__all__ = ["InputError", "PreprocessorConfig", "PromptInputs", "VisionItem", "VisionSpan", "build_inputs",
+           "load_image", "mrope_positions", "normalize_messages", "preprocess_image", "preprocess_video",
+           "smart_resize"]

@@ -69,7 +69,7 @@ def to_rgb(image: Image.Image, name: str = "image") -> Image.Image:
         else:
             top = 255.0
         arr = np.clip(np.round(arr * (255.0 / top)), 0, 255).astype(np.uint8)
-        return Image.fromarray(arr, mode="L").convert("RGB")
+        return Image.fromarray(arr).convert("RGB")
     has_alpha = "A" in image.getbands() or "transparency" in image.info
     if has_alpha:
         rgba = image.convert("RGBA")

@@ -1,0 +1,113 @@
+"""OpenAI and DashScope message shapes -> one canonical conversation.
+
+Canonical: {"role", "content": [part, ...]} with parts
+  {"type": "text", "text": str}
+  {"type": "image", "image": source, "min_pixels"?: int, "max_pixels"?: int}
+  {"type": "video", "video": [frame sources] | source, "fps"?: float, "min_pixels"?, "max_pixels"?}
+Image sources are left as given (URL, path, PIL image, bytes); loading happens when the prompt is built.
+Other message fields (tool_calls, name, ...) pass through untouched.
+"""
+
+from __future__ import annotations
+
+from .errors import InputError
+
+ROLES = ("system", "user", "assistant", "tool")
+_PIXEL_KEYS = ("min_pixels", "max_pixels")
+
+
+def normalize_messages(messages) -> list[dict]:
+    """Return the conversation in the canonical shape; raise InputError naming the bad message and field."""
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise InputError("messages must be a non-empty list of {'role', 'content'} objects")
+    out = []
+    for i, msg in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(msg, dict):
+            raise InputError(f"{where}: must be an object with 'role' and 'content', got {type(msg).__name__}")
+        role = msg.get("role")
+        if role not in ROLES:
+            raise InputError(f"{where}.role: {role!r} is not a known role; use one of {', '.join(ROLES)}")
+        content = msg.get("content")
+        if content is None:
+            parts = []     # an assistant turn that only holds tool_calls
+        elif isinstance(content, str):
+            parts = [{"type": "text", "text": content}]
+        elif isinstance(content, dict):
+            parts = [_part(content, f"{where}.content")]     # one part given bare
+        elif isinstance(content, (list, tuple)):
+            parts = [_part(p, f"{where}.content[{j}]") for j, p in enumerate(content)]
+        else:
+            raise InputError(f"{where}.content: must be a string or a list of parts, got {type(content).__name__}")
+        if role != "user" and role != "tool" and any(p["type"] != "text" for p in parts):
+            raise InputError(f"{where}.content: images and videos are only accepted in user messages, "
+                             f"not in a {role} message")
+        out.append({**msg, "content": parts})
+    return out
+
+
+def _part(part, where: str) -> dict:
+    if isinstance(part, str):
+        return {"type": "text", "text": part}
+    if not isinstance(part, dict):
+        raise InputError(f"{where}: a content part must be an object, got {type(part).__name__}")
+    kind = part.get("type")
+    if kind in ("text", "input_text") or (kind is None and "text" in part):
+        text = part.get("text")
+        if not isinstance(text, str):
+            raise InputError(f"{where}.text: must be a string, got {type(text).__name__}")
+        return {"type": "text", "text": text}
+    if kind == "image_url" or (kind is None and "image_url" in part):
+        return _image(part, part.get("image_url"), f"{where}.image_url", nested=True)
+    if kind == "image" or (kind is None and "image" in part):
+        return _image(part, part.get("image"), f"{where}.image", nested=False)
+    if kind == "video_url" or (kind is None and "video_url" in part):
+        url = part.get("video_url")
+        url = url.get("url") if isinstance(url, dict) else url
+        return _video(part, url, f"{where}.video_url")
+    if kind == "video" or (kind is None and "video" in part):
+        return _video(part, part.get("video"), f"{where}.video")
+    if kind is not None:
+        raise InputError(f"{where}.type: unknown part type {kind!r}; use text, image_url, image or video")
+    raise InputError(f"{where}: part has no known key (text, image, image_url, video); got keys "
+                     f"{sorted(map(str, part))}")
+
+
+def _image(part: dict, value, where: str, nested: bool) -> dict:
+    extra = {}
+    if nested and isinstance(value, dict):
+        # OpenAI: {"image_url": {"url": ..., "detail": ...}}; pixel limits may sit beside the url.
+        extra = {k: value[k] for k in _PIXEL_KEYS if k in value}
+        if "url" not in value:
+            raise InputError(f"{where}.url: missing; expected {{'url': 'data:image/...' | 'https://...'}}")
+        value, where = value["url"], f"{where}.url"
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise InputError(f"{where}: empty image source; give a URL, path or data: URL")
+    out = {"type": "image", "image": value}
+    out.update(_pixels({**extra, **{k: part[k] for k in _PIXEL_KEYS if k in part}}, where))
+    return out
+
+
+def _video(part: dict, value, where: str) -> dict:
+    if value is None or (isinstance(value, (str, list, tuple)) and len(value) == 0):
+        raise InputError(f"{where}: empty video; give a list of frames (image sources)")
+    if not isinstance(value, (str, list, tuple)):
+        raise InputError(f"{where}: must be a list of frame sources or a URL, got {type(value).__name__}")
+    out = {"type": "video", "video": list(value) if isinstance(value, tuple) else value}
+    if "fps" in part:
+        fps = part["fps"]
+        if isinstance(fps, bool) or not isinstance(fps, (int, float)) or fps <= 0:
+            raise InputError(f"{where}: fps must be a positive number, got {fps!r}")
+        out["fps"] = float(fps)
+    out.update(_pixels({k: part[k] for k in _PIXEL_KEYS if k in part}, where))
+    return out
+
+
+def _pixels(values: dict, where: str) -> dict:
+    for k, v in values.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise InputError(f"{where}: {k} must be a positive integer (a pixel count), got {v!r}")
+    if "min_pixels" in values and "max_pixels" in values and values["min_pixels"] > values["max_pixels"]:
+        raise InputError(f"{where}: min_pixels ({values['min_pixels']}) is larger than max_pixels "
+                         f"({values['max_pixels']})")
+    return values

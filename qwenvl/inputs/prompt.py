@@ -1,0 +1,133 @@
+"""Messages -> everything the engine needs for one prompt: token ids, M-RoPE positions, vision items.
+
+The chat template renders one `<|vision_start|><|image_pad|><|vision_end|>` per image; each pad is expanded
+to t*h*w / merge² tokens, one per merged vision embedding. Qwen3-VL videos become one
+`<{time} seconds><|vision_start|>pads<|vision_end|>` group per temporal patch (the Qwen3-VL processor as
+released with the model replaces the whole start/pad/end triple; transformers 5.x keeps an extra outer pair).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..config import ModelConfig
+from .errors import InputError
+from .images import load_image
+from .messages import normalize_messages
+from .mrope import VisionSpan, mrope_positions, video_time_interval
+from .preprocess import PreprocessorConfig, Processed, preprocess_image, preprocess_video
+
+DEFAULT_VIDEO_FPS = 2.0     # frames handed over as a list are taken as sampled at 2 fps (qwen-vl-utils' default)
+
+
+@dataclass
+class VisionItem:
+    kind: str                          # "image" | "video"
+    pixel_values: torch.Tensor         # [P, C*T*ps*ps] float32, rows in merge-block order
+    grid_thw: tuple[int, int, int]     # patch grid before merging
+    content_hash: str                  # sha256 hex of the pixels, grid and preprocessing
+    token_offset: int                  # index of its first pad token in token_ids
+    num_tokens: int                    # t*h*w / merge² pad tokens
+    original_size: tuple[int, int]     # (w, h) of the image / first frame as loaded
+    input_size: tuple[int, int]        # (w, h) after smart_resize: the size the model saw
+
+
+@dataclass
+class PromptInputs:
+    token_ids: list[int]
+    positions: torch.Tensor            # LongTensor[3, N]
+    next_position: int                 # decode step i uses next_position + i on all three rows
+    vision: list[VisionItem]
+
+
+def build_inputs(messages, tokenizer, model_cfg: ModelConfig, pre_cfg: PreprocessorConfig,
+                 add_generation_prompt: bool = True) -> PromptInputs:
+    conv = normalize_messages(messages)
+    media = [p for m in conv for p in m["content"] if p["type"] in ("image", "video")]
+    processed = [_process(p, pre_cfg) for p in media]
+    text = tokenizer.apply_chat_template(conv, add_generation_prompt=add_generation_prompt)
+    ids = tokenizer.encode(text)
+
+    cfg = model_cfg
+    pads = [i for i, t in enumerate(ids) if t in (cfg.image_token_id, cfg.video_token_id)]
+    if len(pads) != len(media):
+        raise InputError(f"the chat template placed {len(pads)} image/video slots for {len(media)} images and "
+                         "videos; images are only read from user messages, and text must not contain "
+                         "<|image_pad|> or <|video_pad|>")
+    merge2 = pre_cfg.merge_size ** 2
+    out: list[int] = []
+    spans: list[VisionSpan] = []
+    items: list[VisionItem] = []
+    cursor = 0
+    for pad, part, (proc, original) in zip(pads, media, processed):
+        kind = part["type"]
+        want = cfg.image_token_id if kind == "image" else cfg.video_token_id
+        if ids[pad] != want:
+            raise InputError(f"the chat template put a {'video' if kind == 'image' else 'image'} slot where "
+                             f"{kind} number {len(items) + 1} goes")
+        t, h, w = proc.grid_thw
+        per_frame = h * w // merge2
+        if kind == "video" and cfg.model_type == "qwen3_vl":
+            # Replace the template's start/pad/end triple by one timestamped group per temporal patch.
+            triple = pad > 0 and ids[pad - 1] == cfg.vision_start_token_id and pad + 1 < len(ids) \
+                and ids[pad + 1] == cfg.vision_end_token_id
+            head, tail = (pad - 1, pad + 2) if triple else (pad, pad + 1)
+            out += ids[cursor:head]
+            first = None
+            for stamp in _timestamps(len(part["video"]), part.get("fps", DEFAULT_VIDEO_FPS),
+                                     pre_cfg.temporal_patch_size):
+                out += tokenizer.encode(f"<{stamp:.1f} seconds>") + [cfg.vision_start_token_id]
+                first = len(out) if first is None else first
+                spans.append(VisionSpan(len(out), (1, h, w)))
+                out += [cfg.video_token_id] * per_frame + [cfg.vision_end_token_id]
+            cursor = tail
+        else:
+            out += ids[cursor:pad]
+            first = len(out)
+            interval = 1.0
+            if kind == "video":
+                interval = video_time_interval(cfg.model_type, cfg.vision.tokens_per_second,
+                                               pre_cfg.temporal_patch_size, part.get("fps", DEFAULT_VIDEO_FPS))
+            spans.append(VisionSpan(first, proc.grid_thw, interval))
+            out += [want] * (t * per_frame)
+            cursor = pad + 1
+        items.append(VisionItem(
+            kind=kind, pixel_values=torch.from_numpy(proc.pixel_values), grid_thw=proc.grid_thw,
+            content_hash=_content_hash(kind, proc, pre_cfg), token_offset=first, num_tokens=t * per_frame,
+            original_size=original, input_size=proc.input_size))
+    out += ids[cursor:]
+    positions, next_position = mrope_positions(len(out), spans, pre_cfg.merge_size)
+    return PromptInputs(token_ids=out, positions=positions, next_position=next_position, vision=items)
+
+
+def _process(part: dict, cfg: PreprocessorConfig) -> tuple[Processed, tuple[int, int]]:
+    lo, hi = part.get("min_pixels"), part.get("max_pixels")
+    if part["type"] == "image":
+        image = load_image(part["image"])
+        return preprocess_image(image, cfg, lo, hi), image.size
+    frames = part["video"]
+    if not isinstance(frames, list):
+        raise InputError("a video must be given as a list of frames (image sources); video files and URLs "
+                         "are not decoded here - sample frames first")
+    images = [load_image(f) for f in frames]
+    return preprocess_video(images, cfg, lo, hi), images[0].size
+
+
+def _timestamps(num_frames: int, fps: float, temporal_patch_size: int) -> list[float]:
+    """Qwen3-VL: the time of each temporal patch, the mean of its first and last frame's time."""
+    idx = list(range(num_frames))
+    idx += [idx[-1]] * (-num_frames % temporal_patch_size)      # the padded frames repeat the last one
+    times = [i / fps for i in idx]
+    return [(times[i] + times[i + temporal_patch_size - 1]) / 2 for i in range(0, len(times), temporal_patch_size)]
+
+
+def _content_hash(kind: str, proc: Processed, cfg: PreprocessorConfig) -> str:
+    h = hashlib.sha256()
+    h.update(f"{kind}|{proc.grid_thw}|{proc.input_size}|{cfg.patch_size}|{cfg.temporal_patch_size}|"
+             f"{cfg.merge_size}|{cfg.image_mean}|{cfg.image_std}|{cfg.rescale_factor}".encode())
+    h.update(np.ascontiguousarray(proc.pixel_values, dtype=np.float32).tobytes())
+    return h.hexdigest()
