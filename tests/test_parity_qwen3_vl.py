@@ -229,13 +229,16 @@ def test_mismatched_vision_rows_raise(ckpt):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_matches_cpu(ckpt):
-    ours_gpu, cfg = load_model(ckpt["dir"], device="cuda")
-    inputs = _build(ckpt, [_image(200, 60, 8), "Describe."])
+@pytest.mark.parametrize("dtype,tol", [("float32", 1e-3), ("bfloat16", 0.15)])
+def test_cuda_matches_cpu(ckpt, dtype, tol):
+    ours_gpu, cfg = load_model(ckpt["dir"], dtype=dtype, device="cuda")
+    inputs = _build(ckpt, [_image(200, 60, 8), ("video", 4, 64, 64), "Describe."])
     logits_cpu, _, _, pos = _prefill(ckpt, inputs)
+    gpu_inputs = {k: v.cuda() for k, v in inputs.items()}
     with torch.no_grad():
-        e, ds = ours_gpu.encode_vision(inputs["pixel_values"].cuda(), inputs["image_grid_thw"])
-        h = ours_gpu(inputs["input_ids"][0].cuda(), pos.cuda(), ContiguousKVCache(cfg.text.num_hidden_layers),
-                     e, ds)
+        embeds, deepstack = _vision(ours_gpu, gpu_inputs)
+        h = ours_gpu(gpu_inputs["input_ids"][0], pos.cuda(), ContiguousKVCache(cfg.text.num_hidden_layers),
+                     embeds, deepstack)
         logits = ours_gpu.compute_logits(h).cpu()
-    assert (logits - logits_cpu).abs().max().item() < 1e-3
+    assert logits.dtype == torch.float32
+    assert (logits - logits_cpu).abs().max().item() < tol
