@@ -242,3 +242,62 @@ def test_cuda_matches_cpu(ckpt, dtype, tol):
         logits = ours_gpu.compute_logits(h).cpu()
     assert logits.dtype == torch.float32
     assert (logits - logits_cpu).abs().max().item() < tol
+
+
+def test_chunked_prefill_splits_vision_rows(ckpt):
+    """A prefill chunk boundary inside an image: each chunk gets only the rows of its own pads."""
+    ours, cfg = ckpt["ours"], ckpt["cfg"]
+    inputs = _build(ckpt, [_image(128, 128, 9), "Describe this image."])
+    full, ref, _, pos = _prefill(ckpt, inputs)
+    ids = inputs["input_ids"][0]
+    pads = (ids == cfg.image_token_id).nonzero()[:, 0]
+    cut = int(pads[len(pads) // 3])                        # mid-image
+    with torch.no_grad():
+        embeds, deepstack = ours.encode_vision(inputs["pixel_values"], inputs["image_grid_thw"])
+        k = int((ids[:cut] == cfg.image_token_id).sum())
+        cache = ContiguousKVCache(cfg.text.num_hidden_layers)
+        h1 = ours(ids[:cut], pos[:, :cut], cache, embeds[:k], [d[:k] for d in deepstack])
+        h2 = ours(ids[cut:], pos[:, cut:], cache, embeds[k:], [d[k:] for d in deepstack])
+        logits = ours.compute_logits(torch.cat([h1, h2]))
+    assert (logits - ref).abs().max().item() < TOL
+
+
+def test_text_only(ckpt):
+    hf, ours, cfg = ckpt["hf"], ckpt["ours"], ckpt["cfg"]
+    ids = torch.tensor([ckpt["tok"]("The quick brown fox jumps over the lazy dog.")["input_ids"]])
+    with torch.no_grad():
+        ref = hf(input_ids=ids).logits[0]
+        pos = torch.arange(ids.shape[1]).expand(3, -1)
+        logits = ours.compute_logits(ours(ids[0], pos, ContiguousKVCache(cfg.text.num_hidden_layers)))
+    assert (logits - ref).abs().max().item() < TOL
+
+
+@pytest.mark.parametrize("layout,sharded", [("flat", False), ("current", True)])
+def test_layouts_load_and_match(tmp_path, layout, sharded):
+    """The original Hub config layout (rope_scaling + rope_theta) and sharded weights."""
+    d = make_checkpoint(tmp_path, "qwen3_vl", layout=layout, sharded=sharded, seed=3)
+    ours, cfg = load_model(d)
+    assert cfg.text.mrope_interleaved and cfg.text.head_dim == 16
+    hf = load_hf_model(d)
+    ckpt = dict(hf=hf, ours=ours, cfg=cfg, tok=AutoTokenizer.from_pretrained(d),
+                proc=Qwen2VLImageProcessorPil.from_pretrained(d))
+    logits, ref, _, _ = _prefill(ckpt, _build(ckpt, [_image(96, 64, 10), "Describe."]))
+    assert (logits - ref).abs().max().item() < TOL
+
+
+def test_tied_word_embeddings(ckpt, tmp_path):
+    """Qwen3-VL-2B/4B tie lm_head to the embeddings; their checkpoints hold no lm_head.weight."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    hc = Qwen3VLConfig.from_pretrained(ckpt["dir"])
+    hc.tie_word_embeddings = True
+    tied = Qwen3VLForConditionalGeneration(hc).eval()
+    state = {k: v for k, v in ckpt["hf"].state_dict().items() if k != "lm_head.weight"}
+    tied.load_state_dict(state, strict=False)
+    tied.tie_weights()
+    tied.save_pretrained(tmp_path)
+    ours, cfg = load_model(tmp_path)
+    assert cfg.text.tie_word_embeddings
+    hf = load_hf_model(tmp_path)
+    c = dict(ckpt, hf=hf, ours=ours, cfg=cfg)
+    logits, ref, _, _ = _prefill(c, _build(c, [_image(64, 96, 11), "Describe."]))
+    assert (logits - ref).abs().max().item() < TOL
