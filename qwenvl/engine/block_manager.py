@@ -88,7 +88,7 @@ class BlockManager:
         return hashes[:num_full_blocks]
 
     # --------------------------------------------------------------- admission
-    def _match_prefix(self, seq: Sequence) -> list[int]:
+    def match_prefix(self, seq: Sequence) -> list[int]:
         """Cached block ids for the longest cached prefix, leaving at least one token to compute
         (its logits give the next token)."""
         if not self.enable_prefix_caching:
@@ -108,7 +108,7 @@ class BlockManager:
         sequence has). Returns the number of cached tokens, or None (nothing changed) if the pool
         cannot hold it now. Sets seq.num_computed_tokens / num_cached_tokens."""
         assert not seq.block_table, f"{seq.request_id} already holds blocks"
-        hit = self._match_prefix(seq)
+        hit = self.match_prefix(seq)
         cached_tokens = len(hit) * self.block_size
         total = min(seq.num_tokens, cached_tokens + max(num_new_tokens, 0))
         need_new = self.blocks_needed(total) - len(hit)
@@ -127,7 +127,7 @@ class BlockManager:
         return cached_tokens
 
     def can_admit(self, seq: Sequence, num_new_tokens: int) -> bool:
-        hit = self._match_prefix(seq)
+        hit = self.match_prefix(seq)
         total = min(seq.num_tokens, len(hit) * self.block_size + max(num_new_tokens, 0))
         revived = sum(1 for b in hit if self.blocks[b].ref_count == 0)
         return self.blocks_needed(total) - len(hit) + revived <= self.num_free_blocks

@@ -190,7 +190,7 @@ class Scheduler:
             if out.preempted:
                 break               # the pool is short this step; let the running ones finish first
             seq = self.waiting[0]
-            start = len(self.bm._match_prefix(seq)) * self.bm.block_size
+            start = len(self.bm.match_prefix(seq)) * self.bm.block_size
             n = min(seq.num_tokens - start, budget)
             n, enc = self._fit_encoder(seq, start, n, enc_used)
             if n == 0 or (not self.enable_chunked_prefill and n < seq.num_tokens - start):
