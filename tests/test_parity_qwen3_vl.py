@@ -226,6 +226,9 @@ def test_mismatched_vision_rows_raise(ckpt):
     with pytest.raises(ValueError, match="pad tokens"):
         ours(inputs["input_ids"][0], _positions(ckpt["hf"], inputs),
              ContiguousKVCache(cfg.text.num_hidden_layers), e[:-1], [d[:-1] for d in ds])
+    with pytest.raises(ValueError, match="DeepStack"):
+        ours(inputs["input_ids"][0], _positions(ckpt["hf"], inputs),
+             ContiguousKVCache(cfg.text.num_hidden_layers), e, [])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -66,6 +66,11 @@ class Qwen3VLModel(nn.Module):
                 raise ValueError(f"input_ids hold {k} image/video pad tokens but the vision rows given "
                                  f"number {rows}; pass exactly the rows for the pads in this chunk")
             if vision_embeds is not None:
+                want = len(self.cfg.vision.deepstack_visual_indexes)
+                if len(deepstack) != want:
+                    # Dropping them would still run but silently degrade every answer.
+                    raise ValueError(f"Qwen3-VL needs {want} DeepStack feature tensors with the vision "
+                                     f"embeddings (from encode_vision), got {len(deepstack)}")
                 x = x.index_put((mask,), vision_embeds.to(x.dtype))
         return lm(x, positions, attn, mask, deepstack)
 
