@@ -31,7 +31,8 @@ class VisionItem:
     grid_thw: tuple[int, int, int]     # patch grid before merging
     content_hash: str                  # sha256 hex of the pixels, grid and preprocessing
     token_offset: int                  # index of its first pad token in token_ids
-    num_tokens: int                    # t*h*w / merge² pad tokens
+    num_tokens: int                    # t*h*w / merge² pad tokens (Qwen3-VL video: split per frame by
+                                       # timestamp text; the pads still come in embedding order)
     original_size: tuple[int, int]     # (w, h) of the image / first frame as loaded
     input_size: tuple[int, int]        # (w, h) after smart_resize: the size the model saw
 
@@ -77,13 +78,8 @@ def build_inputs(messages, tokenizer, model_cfg: ModelConfig, pre_cfg: Preproces
                 and ids[pad + 1] == cfg.vision_end_token_id
             head, tail = (pad - 1, pad + 2) if triple else (pad, pad + 1)
             out += ids[cursor:head]
-            first = None
-            for stamp in _timestamps(len(part["video"]), part.get("fps", DEFAULT_VIDEO_FPS),
-                                     pre_cfg.temporal_patch_size):
-                out += tokenizer.encode(f"<{stamp:.1f} seconds>") + [cfg.vision_start_token_id]
-                first = len(out) if first is None else first
-                spans.append(VisionSpan(len(out), (1, h, w)))
-                out += [cfg.video_token_id] * per_frame + [cfg.vision_end_token_id]
+            base = len(out)
+            first = base + _qwen3_video_tokens(out, part, proc.grid_thw, tokenizer, cfg, pre_cfg, spans)
             cursor = tail
         else:
             out += ids[cursor:pad]
@@ -102,6 +98,22 @@ def build_inputs(messages, tokenizer, model_cfg: ModelConfig, pre_cfg: Preproces
     out += ids[cursor:]
     positions, next_position = mrope_positions(len(out), spans, pre_cfg.merge_size)
     return PromptInputs(token_ids=out, positions=positions, next_position=next_position, vision=items)
+
+
+def _qwen3_video_tokens(out: list[int], part: dict, grid_thw, tokenizer, cfg: ModelConfig,
+                        pre_cfg: PreprocessorConfig, spans: list[VisionSpan]) -> int:
+    """Append `<t seconds><|vision_start|>pads<|vision_end|>` per temporal patch to `out`, one t == 1
+    M-RoPE span each; return the offset of the first pad from where `out` ended before."""
+    start = len(out)
+    _, h, w = grid_thw
+    per_frame = h * w // pre_cfg.merge_size ** 2
+    first = None
+    for stamp in _timestamps(len(part["video"]), part.get("fps", DEFAULT_VIDEO_FPS), pre_cfg.temporal_patch_size):
+        out += tokenizer.encode(f"<{stamp:.1f} seconds>") + [cfg.vision_start_token_id]
+        first = len(out) - start if first is None else first
+        spans.append(VisionSpan(len(out), (1, h, w)))
+        out += [cfg.video_token_id] * per_frame + [cfg.vision_end_token_id]
+    return first
 
 
 def _process(part: dict, cfg: PreprocessorConfig) -> tuple[Processed, tuple[int, int]]:
