@@ -75,7 +75,7 @@ class Sampler:
                 scaled = apply_top_k_top_p(scaled, ks, ps)
             probs = torch.softmax(scaled, dim=-1)
             # Exp(1) noise per row: per-request generator when seeded, global RNG otherwise.
-            noise = torch.empty_like(probs)
+            noise = torch.ones_like(probs)
             unseeded = [i for i, p in enumerate(params) if p.seed is None]
             if unseeded:
                 noise[unseeded] = torch.empty((len(unseeded), V), device=probs.device).exponential_()
