@@ -29,7 +29,7 @@ def test_every_source_kind(tmp_path, rgb):
     path = tmp_path / "a b.png"
     path.write_bytes(data)
     b64 = base64.b64encode(data).decode()
-    sources = [str(path), path, path.as_uri(), f"file://{path}", f"data:image/png;base64,{b64}",
+    sources = [str(path), path, path.as_uri(), f"file://{path}", f"file://localhost{path}", f"data:image/png;base64,{b64}",
                f"data:image/png;base64,{b64[:20]}\n{b64[20:]}", rgb, data, bytearray(data)]
     for src in sources:
         img = load_image(src)

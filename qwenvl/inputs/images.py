@@ -107,7 +107,9 @@ def _read_bytes(source, name: str) -> bytes:
         return _decode_data_url(source, name)
     if lower.startswith("file:"):
         parsed = urllib.parse.urlparse(source)
-        return _read_file(Path(urllib.parse.unquote(parsed.netloc + parsed.path)), name)
+        # file:///abs/path and file://localhost/abs/path are local; file://relative/path is read as written.
+        host = "" if parsed.netloc in ("", "localhost") else parsed.netloc
+        return _read_file(Path(urllib.parse.unquote(host + parsed.path)), name)
     if "://" in source[:12]:
         scheme = source.split("://", 1)[0]
         raise InputError(f"{name}: unsupported URL scheme {scheme!r}; use http(s)://, file:// or data:")
