@@ -140,3 +140,25 @@ def test_prefix_caching_off():
 def test_bad_sizes():
     with pytest.raises(ValueError):
         BlockManager(0, 16)
+
+
+def test_sequence_spans_positions_and_interleaved_video():
+    # Qwen3-VL style video: <t> start pads end <t> start pads end; pads are 99, 3 per frame
+    toks = [1, 50, 7, 99, 99, 99, 8, 51, 7, 99, 99, 99, 8, 2]
+    s = Sequence("v", toks, vision=[VisionSpan("vid", 3, 6)])
+    sp = s.vision[0]
+    assert sp.end == 12 and sp.pad_positions == (3, 4, 5, 9, 10, 11)
+    assert s.vision_rows_in(0, 8) == [(sp, 0, 3)] and s.vision_rows_in(6, 9) == []
+    assert s.vision_rows_in(4, 11) == [(sp, 1, 5)]
+    assert s.vision_keys_in(8, 12) == (("vid", 3, 3, 1),)
+    with pytest.raises(ValueError, match="pad tokens"):
+        Sequence("bad", toks, vision=[VisionSpan("vid", 3, 7)])
+    # positions: plain text defaults, then decode continues from next_position
+    t = Sequence("t", [5, 6, 7], positions=[[0, 1, 1], [0, 1, 2], [0, 1, 3]])
+    assert t.next_position == 4
+    t.append_token(9); t.append_token(10)
+    assert t.positions_for(1, 5) == [[1, 1, 4, 5], [1, 2, 4, 5], [1, 3, 4, 5]]
+    assert t.position_of(4) == (5, 5, 5) and t.position_of(2) == (1, 2, 3)
+    assert Sequence("p", [1, 2]).positions_for(0, 2) == [[0, 1]] * 3
+    with pytest.raises(ValueError, match="empty"):
+        Sequence("e", [])

@@ -8,6 +8,7 @@ only sliced by the runner; decode token i (0-based, counted from the end of the 
 
 from __future__ import annotations
 
+import bisect
 import enum
 import itertools
 from dataclasses import dataclass, field
@@ -74,15 +75,54 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class VisionSpan:
-    """A run of image/video pad tokens in the prompt: tokens [token_offset, token_offset + num_tokens)."""
+    """One image/video's pad tokens in the prompt: `num_tokens` pads from `token_offset` on, in
+    embedding-row order. Usually contiguous; a Qwen3-VL video interleaves timestamp text between its
+    frames, so the span [token_offset, end) may hold other tokens too (`pad_positions` then lists
+    where the pads are). Build with VisionSpan(content_hash, token_offset, num_tokens); Sequence
+    resolves `end` and `pad_positions` from the token ids."""
 
     content_hash: str
     token_offset: int
     num_tokens: int
+    end: int = -1                                   # one past the last pad; -1: contiguous
+    pad_positions: tuple[int, ...] | None = None    # None: contiguous
 
-    @property
-    def end(self) -> int:
-        return self.token_offset + self.num_tokens
+    def __post_init__(self):
+        if self.end < 0:
+            object.__setattr__(self, "end", self.token_offset + self.num_tokens)
+
+    def rows_in(self, start: int, end: int) -> tuple[int, int]:
+        """Embedding rows [r0, r1) of the pads inside tokens [start, end)."""
+        lo, hi = max(start, self.token_offset), min(end, self.end)
+        if hi <= lo:
+            return (0, 0)
+        if self.pad_positions is None:
+            return (lo - self.token_offset, hi - self.token_offset)
+        return (bisect.bisect_left(self.pad_positions, lo), bisect.bisect_left(self.pad_positions, hi))
+
+    def first_pad_in(self, start: int, end: int) -> int | None:
+        """Position of the first pad inside tokens [start, end), or None."""
+        r0, r1 = self.rows_in(start, end)
+        if r1 <= r0:
+            return None
+        return self.token_offset + r0 if self.pad_positions is None else self.pad_positions[r0]
+
+
+def resolve_span(token_ids: list[int], content_hash: str, token_offset: int, num_tokens: int) -> VisionSpan:
+    """The span's extent, found by counting pad tokens (the id at token_offset) from token_offset on."""
+    n = len(token_ids)
+    if not 0 <= token_offset < n or num_tokens < 1:
+        raise ValueError(f"vision item {content_hash[:12]}: offset {token_offset}, {num_tokens} tokens, "
+                         f"prompt of {n}")
+    end = token_offset + num_tokens
+    pad = token_ids[token_offset]
+    if end <= n and all(token_ids[i] == pad for i in range(token_offset, end)):
+        return VisionSpan(content_hash, token_offset, num_tokens)
+    positions = [i for i in range(token_offset, n) if token_ids[i] == pad][:num_tokens]
+    if len(positions) < num_tokens:
+        raise ValueError(f"vision item {content_hash[:12]}: {num_tokens} pad tokens from offset "
+                         f"{token_offset} expected, the prompt holds {len(positions)}")
+    return VisionSpan(content_hash, token_offset, num_tokens, positions[-1] + 1, tuple(positions))
 
 
 _counter = itertools.count()
@@ -112,15 +152,11 @@ class Sequence:
         if next_position is None:
             next_position = self.num_prompt_tokens if positions is None else _max_position(positions) + 1
         self.next_position = int(next_position)
+        # Any object with content_hash / token_offset / num_tokens (the input pipeline's VisionItem).
         self.vision: list[VisionSpan] = sorted(
-            (VisionSpan(v.content_hash, int(v.token_offset), int(v.num_tokens)) for v in vision),
+            (resolve_span(self.token_ids, v.content_hash, int(v.token_offset), int(v.num_tokens)) for v in vision),
             key=lambda s: s.token_offset,
         )
-        for s in self.vision:
-            if s.token_offset < 0 or s.end > self.num_prompt_tokens:
-                raise ValueError(
-                    f"request {request_id!r}: vision span [{s.token_offset}, {s.end}) lies outside "
-                    f"the {self.num_prompt_tokens}-token prompt")
         self.status = SequenceStatus.WAITING
         self.num_computed_tokens = 0      # tokens whose KV is in this sequence's blocks
         self.num_cached_tokens = 0        # of those, how many came from the prefix cache (last admit)
@@ -198,18 +234,27 @@ class Sequence:
 
     # ------------------------------------------------------------------ vision
     def vision_spans_in(self, start: int, end: int) -> list[VisionSpan]:
-        """Vision spans overlapping tokens [start, end)."""
-        return [s for s in self.vision if s.token_offset < end and s.end > start]
+        """Vision spans with at least one pad token inside tokens [start, end)."""
+        return [s for s in self.vision if s.token_offset < end and s.end > start
+                and s.first_pad_in(start, end) is not None]
+
+    def vision_rows_in(self, start: int, end: int) -> list[tuple[VisionSpan, int, int]]:
+        """For the pads inside tokens [start, end), in token order: (span, first row, end row) of the
+        span's embeddings they take."""
+        out = []
+        for s in self.vision_spans_in(start, end):
+            r0, r1 = s.rows_in(start, end)
+            out.append((s, r0, r1))
+        return out
 
     def vision_keys_in(self, start: int, end: int) -> tuple:
         """What identifies the vision content of tokens [start, end) beyond their ids: for each span
-        overlapping the range, (content_hash, first offset into the image, number of its pads here,
-        where they start in the range). Equivalent to listing (content_hash, offset) per pad token."""
+        with pads in the range, (content_hash, embedding row of its first pad here, number of its pads
+        here, where the first sits in the range). With the token ids (which show where the pads
+        are) this is the same as naming (content_hash, offset into the image) for every pad token."""
         keys = []
-        for s in self.vision_spans_in(start, end):
-            lo = max(start, s.token_offset)
-            hi = min(end, s.end)
-            keys.append((s.content_hash, lo - s.token_offset, hi - lo, lo - start))
+        for s, r0, r1 in self.vision_rows_in(start, end):
+            keys.append((s.content_hash, r0, r1 - r0, s.first_pad_in(start, end) - start))
         return tuple(keys)
 
     def __repr__(self) -> str:
