@@ -1,0 +1,135 @@
+"""`qwenvl eval score|run|synth`. The lead wires `add_eval_subcommand` into qwenvl/cli.py;
+`python -m qwenvl.evaluation.cli ...` works on its own."""
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .datasets import NAMES, DatasetError
+from .records import RecordError
+
+
+def _score(args) -> int:
+    from .score import format_summary, score_file, write_rows
+
+    judge = None
+    if args.judge_endpoint:
+        from .metrics.mathvista import make_openai_judge
+        judge = make_openai_judge(args.judge_endpoint, args.judge_model, args.judge_api_key)
+    rows, summary = score_file(args.file, judge)
+    if args.per_record:
+        write_rows(rows, args.per_record)
+    print(format_summary(summary))
+    return 0
+
+
+def _predictor(args):
+    from . import predictors
+
+    if args.endpoint:
+        key = args.api_key or os.environ.get("DASHSCOPE_API_KEY" if args.api == "dashscope" else "OPENAI_API_KEY")
+        make = predictors.dashscope_predictor if args.api == "dashscope" else predictors.openai_predictor
+        return make(args.endpoint, args.model_name, key, max_tokens=args.max_tokens)
+    return predictors.local_predictor(args.model, max_tokens=args.max_tokens)
+
+
+def _run(args) -> int:
+    from .report import to_markdown, write_report
+    from .runner import run_benchmark
+    from .score import score_file
+
+    if args.endpoint and args.model:
+        raise DatasetError("give either --model DIR (local) or --endpoint URL (remote), not both")
+    out_dir = Path(args.out)
+    path = run_benchmark(args.benchmark, args.data, _predictor(args), out_dir, concurrency=args.concurrency,
+                         limit=args.limit, progress=not args.no_progress)
+    summary = {}
+    for name in NAMES:  # the report covers every benchmark run into this folder
+        f = out_dir / f"{name}.jsonl"
+        if f.exists():
+            summary.update(score_file(str(f))[1])
+    label = args.label or args.model_name or (Path(args.model).name if args.model else args.endpoint or "qwenvl")
+    paths = write_report(summary, out_dir, label)
+    print(to_markdown(json.loads(paths["json"].read_text(encoding="utf-8"))))
+    print(f"predictions: {path}\nreport: {paths['md']}, {paths['json']}, {paths['png']}")
+    return 0
+
+
+def _synth(args) -> int:
+    from .synthetic import make
+
+    names = NAMES if args.benchmark == "all" else [args.benchmark]
+    for name in names:
+        make(name, Path(args.out) / name)
+        print(f"{name}: {Path(args.out) / name}")
+    return 0
+
+
+def add_eval_subcommand(subparsers) -> None:
+    """Registers `eval score`, `eval run` and `eval synth` on an argparse subparsers object."""
+    ev = subparsers.add_parser("eval", help="score predictions / run benchmarks")
+    sub = ev.add_subparsers(dest="eval_command", required=True)
+
+    sc = sub.add_parser("score", help="score a JSONL file of prediction records")
+    sc.add_argument("file", help="JSONL, one record per line (see docs of qwenvl.evaluation.records)")
+    sc.add_argument("--per-record", metavar="OUT.jsonl", help="write {id, benchmark, score} per record")
+    sc.add_argument("--judge-endpoint", metavar="URL", help="OpenAI-compatible endpoint for MathVista extraction")
+    sc.add_argument("--judge-model", default="gpt-4o-mini", help="model name for the judge")
+    sc.add_argument("--judge-api-key", default=os.environ.get("OPENAI_API_KEY"))
+    sc.set_defaults(eval_func=_score, func=run_eval)
+
+    rn = sub.add_parser("run", help="run a benchmark from its official files and report")
+    rn.add_argument("--benchmark", required=True, choices=NAMES)
+    rn.add_argument("--data", required=True, metavar="DIR", help="folder with the official release files")
+    rn.add_argument("--model", metavar="DIR", help="local checkpoint folder (default: the bundled model)")
+    rn.add_argument("--endpoint", metavar="URL", help="remote server base URL")
+    rn.add_argument("--api", choices=("openai", "dashscope"), default="openai")
+    rn.add_argument("--model-name", help="model name sent to the endpoint")
+    rn.add_argument("--api-key", help="API key (default: $OPENAI_API_KEY or $DASHSCOPE_API_KEY)")
+    rn.add_argument("--out", default="eval_results", metavar="DIR", help="predictions and report (default: eval_results)")
+    rn.add_argument("--limit", type=int, metavar="N", help="only the first N questions")
+    rn.add_argument("--concurrency", type=int, default=1, metavar="K")
+    rn.add_argument("--max-tokens", type=int, default=512)
+    rn.add_argument("--label", help="the model's name in the report")
+    rn.add_argument("--no-progress", action="store_true")
+    rn.set_defaults(eval_func=_run, func=run_eval)
+
+    sy = sub.add_parser("synth", help="write tiny synthetic datasets in the official formats")
+    sy.add_argument("--benchmark", default="all", choices=("all",) + NAMES)
+    sy.add_argument("--out", required=True, metavar="DIR")
+    sy.set_defaults(eval_func=_synth, func=run_eval)
+
+
+def run_eval(args) -> int:
+    """Runs a parsed `eval` command; user errors print one line on stderr and return 2."""
+    try:
+        return args.eval_func(args)
+    except (RecordError, DatasetError) as e:
+        print(f"error: {e}", file=sys.stderr)
+    except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
+        print(f"error: {e.strerror}: {e.filename}", file=sys.stderr)
+    except UnicodeDecodeError as e:
+        print(f"error: the input is not UTF-8 text ({e.reason})", file=sys.stderr)
+    except RuntimeError as e:  # the DashScope predictor's answer errors
+        print(f"error: {e}", file=sys.stderr)
+    except Exception as e:  # connection / API errors of the openai SDK and httpx: no traceback
+        if not type(e).__module__.split(".")[0] in ("openai", "httpx", "httpcore"):
+            raise
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    return 2
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="qwenvl")
+    add_eval_subcommand(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return run_eval(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
