@@ -111,7 +111,7 @@ def make_sample(seed: int, index: int, task: str | None = None, lang: str | None
     if task == "count":
         img, shapes, kind, k = count_scene(rng)
         question, answer = q.format(shape=shape_name(kind, lang)), str(k)
-        meta["shapes"] = shapes
+        meta.update(shapes=shapes, kind=kind)
     elif task == "color":
         img, shapes, target = color_scene(rng)
         question, answer = q.format(shape=shape_name(target.kind, lang)), color_name(target.color, lang)
