@@ -1,0 +1,172 @@
+"""Hugging Face-layout checkpoint folders: a new small Qwen2-VL-architecture model, and saving a trained one.
+
+What we write loads in our `LLM(dir)` and in transformers' Qwen2VLForConditionalGeneration alike: the
+original flat Hub `config.json` layout (which every transformers version reads), safetensors with the
+transformers 5.x key names our modules carry, the tokenizer files, `preprocessor_config.json` and
+`generation_config.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+
+
+@dataclass(frozen=True)
+class SmallModelDims:
+    """Dimensions of a new model; the defaults are the bundled demonstration model's."""
+    hidden_size: int = 256
+    num_hidden_layers: int = 6
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    intermediate_size: int = 1024
+    vision_width: int = 192
+    vision_depth: int = 8
+    vision_heads: int = 3
+    min_pixels: int = 56 * 56
+    max_pixels: int = 512 * 28 * 28       # canvases up to 600 x 600 keep their full resolution
+
+
+def qwen2_vl_config(dims: SmallModelDims, vocab_size: int, special_ids: dict[str, int]) -> dict:
+    """A `config.json` in the original flat Hub layout of Qwen2-VL."""
+    head_dim = dims.hidden_size // dims.num_attention_heads
+    half = head_dim // 2                  # M-RoPE sections split the half rotary dim into t, h, w
+    t = half // 4
+    h = (half - t) // 2
+    return {
+        "architectures": ["Qwen2VLForConditionalGeneration"],
+        "model_type": "qwen2_vl",
+        "hidden_size": dims.hidden_size,
+        "intermediate_size": dims.intermediate_size,
+        "num_hidden_layers": dims.num_hidden_layers,
+        "num_attention_heads": dims.num_attention_heads,
+        "num_key_value_heads": dims.num_key_value_heads,
+        "hidden_act": "silu",
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0,
+        "rope_scaling": {"type": "mrope", "mrope_section": [t, h, half - t - h]},
+        "max_position_embeddings": 4096,
+        "vocab_size": vocab_size,
+        "tie_word_embeddings": True,
+        "attention_dropout": 0.0,
+        "use_sliding_window": False,
+        "sliding_window": 4096,
+        "max_window_layers": dims.num_hidden_layers,
+        "initializer_range": 0.02,
+        "torch_dtype": "bfloat16",
+        "bos_token_id": special_ids["<|endoftext|>"],
+        "eos_token_id": special_ids["<|im_end|>"],
+        "pad_token_id": special_ids["<|endoftext|>"],
+        "vision_start_token_id": special_ids["<|vision_start|>"],
+        "vision_end_token_id": special_ids["<|vision_end|>"],
+        "vision_token_id": special_ids["<|vision_pad|>"],
+        "image_token_id": special_ids["<|image_pad|>"],
+        "video_token_id": special_ids["<|video_pad|>"],
+        "vision_config": {
+            "depth": dims.vision_depth,
+            "embed_dim": dims.vision_width,
+            "num_heads": dims.vision_heads,
+            "mlp_ratio": 4,
+            "hidden_size": dims.hidden_size,
+            "hidden_act": "quick_gelu",
+            "in_chans": 3,
+            "in_channels": 3,
+            "patch_size": 14,
+            "spatial_patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+        },
+    }
+
+
+def preprocessor_config(dims: SmallModelDims) -> dict:
+    return {
+        "image_processor_type": "Qwen2VLImageProcessor",
+        "processor_class": "Qwen2VLProcessor",
+        "min_pixels": dims.min_pixels,
+        "max_pixels": dims.max_pixels,
+        "size": {"shortest_edge": dims.min_pixels, "longest_edge": dims.max_pixels},
+        "patch_size": 14,
+        "temporal_patch_size": 2,
+        "merge_size": 2,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "do_resize": True, "do_rescale": True, "do_normalize": True, "do_convert_rgb": True,
+        "rescale_factor": 1 / 255,
+    }
+
+
+def write_new_checkpoint_dir(out_dir: str | Path, tokenizer_dir: str | Path, dims: SmallModelDims) -> Path:
+    """Everything but the weights: config, tokenizer, preprocessor and generation configs."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from .tokenizer_train import special_token_ids
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        shutil.copy(Path(tokenizer_dir) / name, out / name)
+    tok = HFTokenizer.from_file(str(out / "tokenizer.json"))
+    ids = special_token_ids(tok)
+    config = qwen2_vl_config(dims, tok.get_vocab_size(), ids)
+    (out / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    (out / "preprocessor_config.json").write_text(json.dumps(preprocessor_config(dims), indent=2), encoding="utf-8")
+    (out / "generation_config.json").write_text(json.dumps({
+        "bos_token_id": ids["<|endoftext|>"], "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]],
+        "pad_token_id": ids["<|endoftext|>"], "do_sample": False}, indent=2), encoding="utf-8")
+    return out
+
+
+def init_weights(model: nn.Module, std: float = 0.02) -> None:
+    """The initialisation transformers uses for Qwen2-VL: normal(0, 0.02) weights, zero biases, unit norms."""
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Conv3d, nn.Embedding)):
+            nn.init.normal_(module.weight, std=std)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+        elif hasattr(module, "weight") and isinstance(getattr(module, "weight"), nn.Parameter) \
+                and module.weight.dim() == 1:
+            nn.init.ones_(module.weight)
+            if getattr(module, "bias", None) is not None and isinstance(module.bias, nn.Parameter):
+                nn.init.zeros_(module.bias)
+
+
+def save_weights(model: nn.Module, out_dir: str | Path, dtype: torch.dtype = torch.bfloat16,
+                 max_shard_bytes: int = 0) -> list[Path]:
+    """Safetensors with the checkpoint key names (our module names) in `dtype`.
+
+    With `max_shard_bytes`, shards of at most that size plus `model.safetensors.index.json`, the layout
+    transformers writes for large models (and a way to keep each file under a transfer limit).
+    """
+    state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
+    out = Path(out_dir)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if max_shard_bytes and shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensor
+        size += nbytes
+    if len(shards) == 1:
+        path = out / "model.safetensors"
+        save_file(state, str(path), metadata={"format": "pt"})
+        return [path]
+    paths, weight_map = [], {}
+    for i, shard in enumerate(shards, 1):
+        path = out / f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(path), metadata={"format": "pt"})
+        paths.append(path)
+        weight_map.update({k: path.name for k in shard})
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    (out / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2), encoding="utf-8")
+    return paths

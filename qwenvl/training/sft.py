@@ -1,0 +1,252 @@
+"""Supervised fine-tuning with the inference model classes: full or LoRA, AdamW, cosine with warm-up,
+bfloat16 autocast, gradient accumulation, assistant-only loss, held-out eval, checkpoint and resume.
+
+A run lives in one folder: `train_state.pt` (weights, optimiser, step) for resuming, and `final/` (or
+`step-N/`), ordinary checkpoint folders that `LLM(dir)` and transformers load.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ..config import ModelConfig
+from ..inputs import PreprocessorConfig
+from ..models import build_model
+from ..tokenizer import Tokenizer
+from .checkpoint import TOKENIZER_FILES, init_weights, save_weights
+from .lora import apply_lora, merge_lora
+from .packing import Encoder, pack, packed_loss
+
+CALIBRATION_STEPS = 30
+CHECKPOINT_EXTRAS = ("config.json", "preprocessor_config.json", "generation_config.json") + TOKENIZER_FILES
+
+
+@dataclass
+class TrainConfig:
+    model_dir: str                    # a checkpoint folder (weights optional when from_scratch)
+    out_dir: str
+    data: str = "synthetic"           # "synthetic" or a JSONL file of {"messages": [...]}
+    from_scratch: bool = False        # initialise weights instead of loading model.safetensors
+    steps: int = 1000
+    batch_size: int = 16              # conversations per micro-batch
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 100
+    weight_decay: float = 0.05
+    clip: float = 1.0
+    lora_rank: int = 0                # 0 = full fine-tuning
+    eval_every: int = 200
+    eval_batches: int = 4
+    save_every: int = 500
+    seed: int = 0
+    device: str = "cpu"
+    autocast_bf16: bool = True
+    workers: int = 0
+    max_minutes: float = 0            # stop (and save) after this wall time; 0 = no limit
+    tasks: list[str] = field(default_factory=list)   # synthetic task subset; empty = the full mixture
+    max_shard_mb: int = 0             # split saved weights into shards of at most this size; 0 = one file
+
+
+class SyntheticConversations(Dataset):
+    """Index -> encoded synthetic conversation; deterministic in (seed, index, split)."""
+
+    def __init__(self, encoder: Encoder, seed: int, split: str, tasks: list[str], length: int = 10 ** 9):
+        self.encoder, self.seed, self.split, self.tasks, self.length = encoder, seed, split, tasks, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int):
+        from .synthetic import make_sample, messages
+        task = self.tasks[index % len(self.tasks)] if self.tasks else None
+        return self.encoder(messages(make_sample(self.seed, index, task=task, split=self.split)))
+
+
+class JsonlConversations(Dataset):
+    """A JSONL file, one {"messages": [...]} per line; relative image paths are read beside the file."""
+
+    def __init__(self, encoder: Encoder, path: str):
+        self.encoder, self.root = encoder, Path(path).resolve().parent
+        self.rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not self.rows:
+            raise ValueError(f"{path}: no conversations")
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int):
+        msgs = self.rows[index % len(self.rows)]["messages"]
+        for m in msgs:
+            for part in m["content"] if isinstance(m["content"], list) else []:
+                src = part.get("image")
+                if isinstance(src, str) and "://" not in src and not src.startswith("data:") \
+                        and not Path(src).is_absolute():
+                    part["image"] = str(self.root / src)
+        return self.encoder(msgs)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+class _Sampler(torch.utils.data.Sampler):
+    """Indices start..∞ (wrapping over finite data) so a resumed run continues with unseen data."""
+
+    def __init__(self, start: int, size: int):
+        self.start, self.size = start, size
+
+    def __iter__(self):
+        i = self.start
+        while True:
+            yield i % self.size
+            i += 1
+
+
+def _loader(dataset: Dataset, cfg: TrainConfig, start: int) -> DataLoader:
+    return DataLoader(dataset, batch_size=cfg.batch_size, sampler=_Sampler(start, len(dataset)),
+                      collate_fn=pack, num_workers=cfg.workers, persistent_workers=cfg.workers > 0,
+                      prefetch_factor=4 if cfg.workers else None, pin_memory=cfg.device.startswith("cuda"))
+
+
+def train(cfg: TrainConfig, log=print) -> dict:
+    """Run (or resume) training; returns a summary with the loss history and the final folder."""
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(cfg.device)
+    model_cfg = ModelConfig.from_dir(cfg.model_dir)
+    tokenizer = Tokenizer.from_dir(cfg.model_dir)
+    pre_cfg = PreprocessorConfig.from_dir(cfg.model_dir)
+    encoder = Encoder(tokenizer, model_cfg, pre_cfg)
+
+    state_path = out / "train_state.pt"
+    resume = torch.load(state_path, map_location="cpu", weights_only=False) if state_path.exists() else None
+    if resume is None and not cfg.from_scratch:
+        from ..loader import load_model
+        model, _ = load_model(cfg.model_dir, dtype=torch.float32, device=device)
+    else:
+        model = build_model(model_cfg).to(device)
+        init_weights(model)
+    if cfg.lora_rank:
+        apply_lora(model, cfg.lora_rank)
+        model.to(device)
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95),
+                            fused=device.type == "cuda")
+    step = 0
+    history: list[dict] = []
+    if resume is not None:
+        opt.load_state_dict(resume["optimizer"])
+        step, history = resume["step"], resume["history"]
+        log(f"resumed from {state_path} at step {step}")
+
+    if cfg.data == "synthetic":
+        train_set = SyntheticConversations(encoder, cfg.seed, "train", cfg.tasks)
+        eval_set = SyntheticConversations(encoder, cfg.seed + 1, "heldout", cfg.tasks)
+    else:
+        train_set = eval_set = JsonlConversations(encoder, cfg.data)
+    per_step = cfg.batch_size * cfg.grad_accum
+    batches = iter(_loader(train_set, cfg, start=step * per_step))
+    eval_data = [pack([eval_set[i * cfg.batch_size + j] for j in range(cfg.batch_size)])
+                 for i in range(cfg.eval_batches)]
+
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.autocast_bf16)
+
+    def evaluate() -> float:
+        model.eval()
+        total, count = 0.0, 0
+        with torch.no_grad(), autocast():
+            for b in eval_data:
+                loss, n = packed_loss(model, b.to(device))
+                total, count = total + float(loss) * n, count + n
+        model.train()
+        return total / max(count, 1)
+
+    def save_state() -> None:
+        tmp = state_path.with_suffix(".tmp")
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                    "history": history, "config": asdict(cfg)}, tmp)
+        tmp.replace(state_path)   # atomic: a killed run never leaves half a state file
+
+    from tqdm import tqdm
+    bar = tqdm(total=cfg.steps, initial=step, desc="train", dynamic_ncols=True)
+    started = time.time()
+    start_step = step
+    tokens_seen = 0
+    while step < cfg.steps:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg)
+        loss_sum = 0.0
+        for _ in range(cfg.grad_accum):
+            batch = next(batches).to(device)
+            with autocast():
+                loss, _ = packed_loss(model, batch)
+            (loss / cfg.grad_accum).backward()
+            loss_sum += float(loss.detach()) / cfg.grad_accum
+            tokens_seen += batch.num_tokens
+        torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        elapsed = time.time() - started
+        record = {"step": step, "loss": round(loss_sum, 4), "lr": lr_at(step - 1, cfg)}
+        bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tokens_seen / max(elapsed, 1e-6):.0f}")
+        bar.update(1)
+        if cfg.max_minutes and step == start_step + CALIBRATION_STEPS:
+            # Fit the schedule to the time budget, so the cosine decay ends when the time does.
+            per_step = elapsed / CALIBRATION_STEPS
+            fitted = start_step + int((cfg.max_minutes * 60 - elapsed) / per_step) + CALIBRATION_STEPS
+            if fitted < cfg.steps:
+                log(f"{per_step:.3f} s/step: {cfg.max_minutes} minutes fit {fitted} steps of {cfg.steps}")
+                cfg.steps = fitted
+                bar.total = fitted
+        out_of_time = cfg.max_minutes and elapsed > cfg.max_minutes * 60
+        if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps or out_of_time):
+            record["eval_loss"] = round(evaluate(), 4)
+            log(f"step {step}: train loss {loss_sum:.4f}, held-out loss {record['eval_loss']:.4f}, "
+                f"{tokens_seen / max(elapsed, 1e-6):.0f} tokens/s")
+        history.append(record)
+        if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps or out_of_time:
+            save_state()
+        if out_of_time:
+            log(f"stopping at step {step}: --max-minutes {cfg.max_minutes} reached")
+            break
+    bar.close()
+    final = export(model, cfg, out / "final")
+    summary = {"steps": step, "history": history, "final_dir": str(final),
+               "minutes": round((time.time() - started) / 60, 2), "tokens": tokens_seen}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
+    return summary
+
+
+def export(model, cfg: TrainConfig, folder: Path) -> Path:
+    """An ordinary checkpoint folder of the current weights (LoRA merged into a copy)."""
+    import copy
+    folder.mkdir(parents=True, exist_ok=True)
+    if cfg.lora_rank:
+        model = copy.deepcopy(model)
+        merge_lora(model)
+    save_weights(model, folder, max_shard_bytes=cfg.max_shard_mb << 20)
+    for name in CHECKPOINT_EXTRAS:
+        src = Path(cfg.model_dir) / name
+        if src.exists():
+            (folder / name).write_bytes(src.read_bytes())
+    return folder
