@@ -132,3 +132,21 @@ def test_bfloat16_smoke(tiny_checkpoint, family):
     path = tiny_checkpoint(family)
     diff = _compare_prefill(path, path, build_ref_inputs(path, [_image(300, 200)]), dtype=torch.bfloat16)
     assert diff < 0.15, f"{family}: bfloat16 max abs logit diff {diff}"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, ATOL), (torch.bfloat16, 0.15)])
+def test_cuda_prefill(tiny_checkpoint, family, dtype, tol):
+    path = tiny_checkpoint(family)
+    ref = build_ref_inputs(path, [_image(300, 200), _image(60, 490)])
+    hf = load_hf_model(path)
+    pos = _hf_positions(hf, ref)
+    with torch.inference_mode():
+        expected = hf(**ref.hf_kwargs(), position_ids=pos).logits[0]
+        model, cfg = load_model(path, dtype=dtype, device="cuda")
+        vision, _ = model.encode_vision(ref.pixel_values.cuda(), ref.image_grid_thw.cuda())
+        hidden = model(ref.input_ids[0].cuda(), pos[:, 0].cuda(), ContiguousKVCache(cfg.text.num_hidden_layers),
+                       vision, [])
+        diff = (model.compute_logits(hidden).cpu() - expected).abs().max().item()
+    assert diff < tol, f"{family} {dtype} on cuda: max abs logit diff {diff}"
