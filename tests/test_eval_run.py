@@ -190,3 +190,28 @@ def test_dashscope_predictor_request(synth):
         lambda r: httpx.Response(400, json={"code": "InvalidParameter", "message": "bad image"}))))
     with pytest.raises(RuntimeError, match="400: InvalidParameter bad image"):
         bad(_image_messages(synth))
+
+
+def test_local_predictor_is_lazy_and_greedy(monkeypatch, synth):
+    import qwenvl
+
+    made = []
+
+    class FakeLLM:
+        def __init__(self, model_dir=None):
+            made.append(model_dir)
+
+        def chat(self, messages, params):
+            assert (params.temperature, params.max_tokens) == (0.0, 16)
+            return type("Out", (), {"text": "ok"})()
+
+    class FakeParams:
+        def __init__(self, temperature, max_tokens):
+            self.temperature, self.max_tokens = temperature, max_tokens
+
+    monkeypatch.setattr(qwenvl, "LLM", FakeLLM, raising=False)
+    monkeypatch.setattr(qwenvl, "SamplingParams", FakeParams, raising=False)
+    predict = predictors.local_predictor("ckpt", max_tokens=16)
+    assert made == []
+    assert predict(_image_messages(synth)) == "ok" and predict(_image_messages(synth)) == "ok"
+    assert made == ["ckpt"]

@@ -2,6 +2,7 @@
 
 import base64
 import mimetypes
+import threading
 import time
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -10,15 +11,17 @@ DASHSCOPE_ROUTE = "/api/v1/services/aigc/multimodal-generation/generation"
 
 
 def local_predictor(model_dir: str | None = None, max_tokens: int = 512):
-    """Runs qwenvl's own engine; the model is loaded on first use."""
+    """Runs qwenvl's own engine; the model is loaded on first use. Calls are serialised (one engine)."""
     state = {}
+    lock = threading.Lock()
 
     def predict(messages: list) -> str:
-        if "llm" not in state:
-            from qwenvl import LLM, SamplingParams
-            state["llm"] = LLM(model_dir) if model_dir else LLM()
-            state["params"] = SamplingParams(temperature=0.0, max_tokens=max_tokens)
-        return state["llm"].chat(messages, state["params"]).text
+        with lock:
+            if "llm" not in state:
+                from qwenvl import LLM, SamplingParams
+                state["llm"] = LLM(model_dir) if model_dir else LLM()
+                state["params"] = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+            return state["llm"].chat(messages, state["params"]).text
 
     return predict
 
