@@ -255,3 +255,20 @@ def test_tokenizer_round_trip(tmp_path):
                 assert len(enc.ids) <= 30
             if lang == "zh":
                 assert len(tok.encode(s.question).ids) <= 12
+
+
+def test_same_pixels_in_another_process():
+    """Worker processes (other hash seeds, cold caches) draw exactly the same samples."""
+    import hashlib
+    import os
+    import subprocess
+    import sys
+
+    code = ("import hashlib;from qwenvl.training.synthetic import make_sample;"
+            "print(';'.join(hashlib.sha1(make_sample(21, i).image.tobytes()).hexdigest()+make_sample(21, i).answer"
+            " for i in range(12)))")
+    env = dict(os.environ, PYTHONHASHSEED="12345")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    here = ";".join(hashlib.sha1(make_sample(21, i).image.tobytes()).hexdigest() + make_sample(21, i).answer
+                    for i in range(12))
+    assert out.strip() == here
