@@ -189,3 +189,25 @@ def test_mmbench_circular_group_needs_every_rotation():
     assert rows == [{"id": 1, "benchmark": "mmbench_cn", "score": 1.0},
                     {"id": 2, "benchmark": "mmbench_cn", "score": 0.0}]
     assert summary == {"mmbench_cn": {"score": 50.0, "n": 2}}
+
+
+def test_mathvista_llm_judge_only_without_extraction():
+    import json
+
+    import httpx
+
+    from qwenvl.evaluation.metrics.mathvista import make_openai_judge
+
+    prompts = []
+
+    def handler(request):
+        prompts.append(json.loads(request.content)["messages"][0]["content"])
+        return httpx.Response(200, json={"id": "x", "object": "chat.completion", "created": 0, "model": "j",
+                                         "choices": [{"index": 0, "finish_reason": "stop",
+                                                      "message": {"role": "assistant", "content": " 7 "}}]})
+
+    judge = make_openai_judge("http://judge/v1", "j", http_client=httpx.Client(transport=httpx.MockTransport(handler)))
+    rec = _mv(prediction="seven cubes, I think", answer="7", query="How many cubes?")
+    assert mathvista_score(rec, judge)[0] == 1
+    assert prompts[0].endswith("How many cubes?\n\nModel response: seven cubes, I think\n\nExtracted answer: ")
+    assert mathvista_score(dict(rec, extraction="7"), judge)[0] == 1 and len(prompts) == 1

@@ -91,3 +91,11 @@ def test_add_eval_subcommand_registers_score_and_run():
     args = parser.parse_args(["eval", "run", "--benchmark", "ai2d", "--data", "d", "--endpoint", "http://x",
                               "--api", "dashscope", "--limit", "5", "--concurrency", "4"])
     assert (args.limit, args.concurrency, args.api) == (5, 4, "dashscope")
+
+
+def test_float_ids_and_unhashable_answer(tmp_path, capsys):
+    src = _write(tmp_path / "p.jsonl", [dict(RECORDS[1], id=1.5)])
+    assert cli.main(["eval", "score", src]) == 0
+    bad = dict(RECORDS[8], answer=["A"])
+    assert cli.main(["eval", "score", _write(tmp_path / "b.jsonl", [bad])]) == 2
+    assert "line 1, field 'answer'" in capsys.readouterr().err

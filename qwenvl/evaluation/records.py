@@ -1,5 +1,16 @@
 """Prediction records: reading a JSONL file and checking each record against its benchmark's schema.
 
+Every record: ``id`` (string or number, unique in the file), ``benchmark``, ``prediction`` (str), and
+- docvqa, chartqa: ``answers`` [str];  textvqa: ``answers`` [10 str];
+- ai2d: ``options`` [str], ``answer`` (letter);
+- mmbench_cn: ``options`` {"A": text, ...}, ``answer``, ``index``, ``g_index``, ``question``;
+- mmmu: ``question_type`` (multiple-choice | open), ``options`` (multiple-choice), ``answer`` (letter;
+  for open: str, [str] or a list written as a string);
+- mathvista: ``question_type`` (multi_choice | free_form), ``answer_type`` (text | integer | float |
+  list), ``choices`` (list | null), ``precision`` (number | null; required for float), ``answer``,
+  optional ``extraction``.
+Extra fields are allowed and ignored.
+
 Every problem is reported as a ``RecordError`` naming the line number and the field, so the CLI
 can print one actionable line and exit non-zero.
 """
@@ -44,7 +55,7 @@ def validate(rec, line: int) -> dict:
     bench = rec["benchmark"]
     if bench not in BENCHMARKS:
         raise RecordError(line, "benchmark", f"unknown benchmark {bench!r} (expected one of {', '.join(BENCHMARKS)})")
-    _require(rec, line, "id", lambda v: isinstance(v, (str, int)) and not isinstance(v, bool), "a string or integer id")
+    _require(rec, line, "id", lambda v: isinstance(v, str) or _is_num(v), "a string or number id")
     _require(rec, line, "prediction", lambda v: isinstance(v, str), "the model's answer as a string")
     req = lambda field, ok, expected: _require(rec, line, field, ok, expected)  # noqa: E731
     if bench in ("docvqa", "chartqa"):
@@ -57,7 +68,7 @@ def validate(rec, line: int) -> dict:
     elif bench == "mmbench_cn":
         req("options", lambda v: isinstance(v, dict) and v and all(isinstance(k, str) and len(k) == 1 and k.isupper()
                                                                   for k in v), 'an object {"A": text, ...}')
-        req("answer", lambda v: v in rec["options"], "one of the option letters")
+        req("answer", lambda v: isinstance(v, str) and v in rec["options"], "one of the option letters")
         req("index", lambda v: _is_num(v) or isinstance(v, str), "the record's index")
         req("g_index", lambda v: _is_num(v) or isinstance(v, str), "the circular group's index")
         req("question", lambda v: isinstance(v, str), "the question text")

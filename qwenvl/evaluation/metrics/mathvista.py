@@ -153,11 +153,11 @@ Extracted answer: (C)
 """
 
 
-def make_openai_judge(base_url: str, model: str, api_key: str | None = None):
+def make_openai_judge(base_url: str, model: str, api_key: str | None = None, http_client=None):
     """An LLM extractor through any OpenAI-compatible endpoint (off unless asked for)."""
     import openai
 
-    client = openai.OpenAI(base_url=base_url, api_key=api_key or "EMPTY")
+    client = openai.OpenAI(base_url=base_url, api_key=api_key or "EMPTY", http_client=http_client)
 
     def judge(response: str, problem: dict) -> str:
         query = problem.get("query") or problem.get("question") or ""
