@@ -102,6 +102,8 @@ def test_other_tasks_in_range():
 def test_grounding_box_matches_pixels():
     for i in range(40):
         s = make_sample(4, i, "ground", "en" if i % 2 else "zh")
+        if s.meta.get("blurred"):
+            continue
         t = s.meta["target"]
         img = np.asarray(s.image).astype(int)
         W, H = s.image.size

@@ -19,7 +19,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from qwenvl.training.synthetic_charts import chart_scene, table_scene
 from qwenvl.training.synthetic_scenes import COLORS_ZH, SHAPES, SHAPES_ZH, color_scene, count_scene, ground_scene
@@ -31,6 +31,7 @@ LANGS = ("en", "zh")
 # The default mixture when no task is asked for: grounding and reading are the hardest to learn.
 TASK_WEIGHTS = {"count": 0.17, "color": 0.13, "ground": 0.25, "read": 0.2, "chart": 0.13, "table": 0.12}
 ZH_FRACTION = 0.3
+BLUR_FRACTION = 0.12   # a soft (anti-aliased / rescaled looking) copy now and then
 
 QUESTIONS = {
     ("count", "en"): "How many {shape}s are there?",
@@ -137,6 +138,9 @@ def make_sample(seed: int, index: int, task: str | None = None, lang: str | None
         r, c = rng.randrange(len(rows)), rng.randrange(len(cols))
         question, answer = q.format(row=rows[r], col=cols[c]), cells[r][c]
         meta.update(rows=rows, cols=cols, cells=cells)
+    if rng.random() < BLUR_FRACTION:
+        img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.4, 1.0)))
+        meta["blurred"] = True
     return Sample(img, question, answer, task, lang, boxes, meta)
 
 
