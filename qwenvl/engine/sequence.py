@@ -157,6 +157,9 @@ class Sequence:
             (resolve_span(self.token_ids, v.content_hash, int(v.token_offset), int(v.num_tokens)) for v in vision),
             key=lambda s: s.token_offset,
         )
+        # The original items by content hash: the runner reads pixel_values / grid_thw from them
+        # when their features are not in the encoder cache.
+        self.vision_items: dict[str, Any] = {v.content_hash: v for v in vision}
         self.status = SequenceStatus.WAITING
         self.num_computed_tokens = 0      # tokens whose KV is in this sequence's blocks
         self.num_cached_tokens = 0        # of those, how many came from the prefix cache (last admit)
