@@ -117,7 +117,8 @@ def run_eval(args) -> int:
     except Exception as e:  # connection / API errors of the openai SDK and httpx: no traceback
         if not type(e).__module__.split(".")[0] in ("openai", "httpx", "httpcore"):
             raise
-        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        where = f" (endpoint {args.endpoint})" if getattr(args, "endpoint", None) else ""
+        print(f"error: {type(e).__name__}: {e}{where}", file=sys.stderr)
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
