@@ -20,10 +20,11 @@ def naive(q, k, v):
     return torch.einsum("htc,chd->thd", scores.softmax(-1), v)
 
 
-def run_steps(impl, hq=4, hkv=2, d=8, bs=4, plan=None, seed=0, num_layers=2):
+def run_steps(impl, hq=4, hkv=2, d=8, bs=4, plan=None, seed=0, num_layers=2, device="cpu",
+              dtype=torch.float32, tol=1e-5):
     """Feed sequences through several steps in chunks; compare each step with the oracle."""
     g = torch.Generator().manual_seed(seed)
-    pool = PagedKVPool(num_layers, 64, bs, hkv, d, torch.float32)
+    pool = PagedKVPool(num_layers, 64, bs, hkv, d, dtype, device)
     free = list(range(64))
     random.Random(seed).shuffle(free)           # non-contiguous block tables
     total = {}
@@ -44,14 +45,16 @@ def run_steps(impl, hq=4, hkv=2, d=8, bs=4, plan=None, seed=0, num_layers=2):
             q = torch.randn(N, hq, d, generator=g)
             k = torch.randn(N, hkv, d, generator=g)
             v = torch.randn(N, hkv, d, generator=g)
-            out = attn.attend(layer, q, k, v)
-            assert out.shape == (N, hq, d)
+            out = attn.attend(layer, q.to(device, dtype), k.to(device, dtype), v.to(device, dtype))
+            assert out.shape == (N, hq, d) and out.dtype == dtype
+            out = out.float().cpu()
+            q, k, v = (t.to(dtype).float() for t in (q, k, v))     # the oracle sees the same rounding
             s = 0
             for sid, n in step:
                 ks, vs = hist.setdefault((sid, layer), (torch.empty(0, hkv, d), torch.empty(0, hkv, d)))
                 ks = torch.cat([ks, k[s:s + n]]); vs = torch.cat([vs, v[s:s + n]])
                 hist[(sid, layer)] = (ks, vs)
-                torch.testing.assert_close(out[s:s + n], naive(q[s:s + n], ks, vs), atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(out[s:s + n], naive(q[s:s + n], ks, vs), atol=tol, rtol=tol)
                 s += n
 
 
@@ -87,3 +90,11 @@ def test_slots_written_and_bad_args():
     with pytest.raises(ValueError):
         PagedAttention(pool, [[0]], [1], [1], impl="flash")
     assert PagedKVPool.bytes_per_block(2, 16, 2, 8, torch.bfloat16) == 2 * 2 * 16 * 2 * 8 * 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("impl", ["reference", "fast"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2), (torch.float16, 3e-3)])
+def test_cuda(impl, dtype, tol):
+    run_steps(impl, hq=8, hkv=2, d=64, bs=16, plan=PLAN + [[("e", 40), ("a", 1)], [("e", 1), ("a", 1)]],
+              device="cuda", dtype=dtype, tol=tol)

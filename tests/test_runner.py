@@ -4,6 +4,7 @@ plain one-request-at-a-time loop over ContiguousKVCache."""
 
 from dataclasses import dataclass
 
+import pytest
 import torch
 from torch import nn
 
@@ -109,12 +110,13 @@ def reference(model, seq: Sequence):
         h = model.forward(torch.tensor([tok]), torch.full((3, 1), p), cache)
 
 
-def engine(model, seqs, num_blocks, block_size=4, budget=16, enc_budget=None, impl="fast", cache_tokens=1000):
+def engine(model, seqs, num_blocks, block_size=4, budget=16, enc_budget=None, impl="fast", cache_tokens=1000,
+           device="cpu"):
     bm = BlockManager(num_blocks, block_size)
     enc = EncoderCache(cache_tokens)
     sched = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=budget, max_encoder_tokens_per_step=enc_budget,
                       is_encoder_cached=enc.__contains__)
-    pool = PagedKVPool(LAYERS, num_blocks, block_size, HKV, DH, torch.float64)
+    pool = PagedKVPool(LAYERS, num_blocks, block_size, HKV, DH, torch.float64, device)
     runner = ModelRunner(model, pool, encoder_cache=enc, attn_impl=impl)
     for s in seqs:
         sched.add(s)
@@ -182,3 +184,15 @@ def test_encoder_cache_lru():
     assert "b" not in c and "a" in c and "c" in c and c.num_tokens == 8
     c.put("huge", torch.zeros(11, 2))
     assert "huge" not in c and c.hits == 1 and c.get("b") is None and c.misses == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_engine_on_cuda():
+    model = FakeVLM()
+    params = SamplingParams(temperature=0, max_tokens=6)
+    want = {s.request_id: reference(model, s) for s in make_seqs(params)}
+    model.cuda()
+    for impl, blocks, budget in [("fast", 200, 16), ("fast", 9, 7), ("reference", 50, 5)]:
+        seqs = make_seqs(params)
+        engine(model, seqs, blocks, budget=budget, impl=impl, enc_budget=8, device="cuda")
+        assert {s.request_id: s.output_token_ids for s in seqs} == want

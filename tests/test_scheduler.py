@@ -227,3 +227,18 @@ def test_encoder_budget_splits_before_second_image():
     sched2.add(t)
     out = sched2.schedule()
     assert (out.chunks[0].start, out.chunks[0].end) == (0, 30) and [v.content_hash for v in out.chunks[0].encode] == ["big"]
+
+
+def test_decodes_are_not_starved_by_a_long_prefill():
+    bm = BlockManager(100, 4)
+    sched = Scheduler(bm, max_num_batched_tokens=8)
+    short, long = make("short", 3, max_tokens=5), make("long", 100, max_tokens=1, base=5)
+    sched.add(short); sched.add(long)
+    runner = FakeRunner(bm)
+    steps = 0
+    while not short.is_finished:
+        out = sched.schedule()
+        assert sum(c.num_tokens for c in out.chunks) <= 8
+        sched.postprocess(out, runner.run(out))
+        steps += 1
+    assert steps == 5 and not long.is_finished      # one decode per step while the long one prefills

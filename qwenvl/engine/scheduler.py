@@ -6,9 +6,10 @@ preempted request's prompt + output, or the single newest token of a decoding re
 ends at the sequence's last token the step samples the next token for it.
 
 Policy (vLLM v1 shaped, one queue of work measured in tokens):
-  * running sequences first, in admission order, each taking up to the remaining token budget;
-    when the KV pool is short, the most recently admitted running sequence is preempted by
-    recompute (blocks freed, put back at the front of the waiting queue with its output kept);
+  * running sequences first (decodes, then unfinished prefills, each in admission order), each
+    taking up to the remaining token budget; when the KV pool is short, the most recently admitted
+    running sequence not yet scheduled in this step is preempted by recompute (blocks freed, put
+    back at the front of the waiting queue with its output kept);
   * then waiting sequences in order while the token budget, max_num_seqs and the pool allow;
   * a chunk that reaches the first pad of an image/video whose features are not cached counts the
     whole span against the per-step encoder budget; a chunk that would exceed it stops just before
@@ -157,33 +158,39 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         enc_used = 0
 
-        # 1. running sequences: decodes and unfinished prefill chunks.
-        i = 0
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
+        # 1. running sequences: decodes first (one token each, so a long prefill chunk cannot starve
+        #    them), then unfinished prefill chunks, each group in admission order.
+        order = [s for s in self.running if s.num_uncomputed_tokens == 1]
+        order += [s for s in self.running if s.num_uncomputed_tokens > 1]
+        scheduled: set[int] = set()
+        for seq in order:
+            if budget <= 0:
+                break
+            if seq.status is not SequenceStatus.RUNNING:
+                continue            # preempted earlier in this loop
             n = min(seq.num_uncomputed_tokens, budget)
             n, enc = self._fit_encoder(seq, seq.num_computed_tokens, n, enc_used)
             if n == 0:
-                i += 1
                 continue
+            ok = True
             while not self.bm.append_slots(seq, n):
-                victim = self.running[-1]
-                if victim is seq and self._nothing_else_holds(seq):
-                    # Alone and still short: its context outgrew the whole pool.
-                    self.running.pop()
-                    self._fail(seq, out)
-                    seq = None
+                # Preempt the most recently admitted sequence not yet scheduled this step; itself last.
+                victim = next((v for v in reversed(self.running) if v is not seq and id(v) not in scheduled), seq)
+                if victim is seq:
+                    if self._nothing_else_holds(seq):
+                        self.running.remove(seq)     # alone and still short: it outgrew the whole pool
+                        self._fail(seq, out)
+                    else:
+                        self._preempt(seq, out)
+                    ok = False
                     break
                 self._preempt(victim, out)
-                if victim is seq:
-                    seq = None
-                    break
-            if seq is None:
-                continue            # self was preempted / failed: it was the last element
+            if not ok:
+                continue
             out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, seq.num_computed_tokens + n, enc))
+            scheduled.add(id(seq))
             budget -= n
             enc_used += sum(s.num_tokens for s in enc)
-            i += 1
 
         # 2. waiting sequences, in order; no preemption on their behalf.
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
