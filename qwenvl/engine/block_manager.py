@@ -77,7 +77,7 @@ class BlockManager:
 
     # ------------------------------------------------------------------ hashes
     def _hashes(self, seq: Sequence, num_full_blocks: int) -> list[bytes]:
-        """Chain hashes of the first `num_full_blocks` full blocks (memoised on the sequence)."""
+        """Chain hashes of (at least) the first `num_full_blocks` full blocks, memoised on the sequence."""
         bs = self.block_size
         hashes = seq.block_hashes
         while len(hashes) < num_full_blocks:
@@ -85,7 +85,7 @@ class BlockManager:
             start, end = i * bs, (i + 1) * bs
             parent = hashes[-1] if hashes else None
             hashes.append(block_hash(parent, seq.token_ids[start:end], seq.vision_keys_in(start, end)))
-        return hashes[:num_full_blocks]
+        return hashes
 
     # --------------------------------------------------------------- admission
     def match_prefix(self, seq: Sequence) -> list[int]:
@@ -95,7 +95,7 @@ class BlockManager:
             return []
         max_blocks = (seq.num_tokens - 1) // self.block_size
         hit: list[int] = []
-        for h in self._hashes(seq, max_blocks):
+        for h in self._hashes(seq, max_blocks)[:max_blocks]:
             bid = self._cached.get(h)
             if bid is None:
                 break
@@ -156,7 +156,9 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         n_full = min(seq.num_computed_tokens // self.block_size, len(seq.block_table))
-        for i, h in enumerate(self._hashes(seq, n_full)):
+        hashes = self._hashes(seq, n_full)
+        for i in range(seq.num_registered_blocks, n_full):   # earlier blocks were handled already
+            h = hashes[i]
             block = self.blocks[seq.block_table[i]]
             if block.hash is not None:
                 continue            # registered already (ours, or shared from the cache)
@@ -164,6 +166,7 @@ class BlockManager:
                 continue            # an identical block computed by another request is cached; keep ours private
             block.hash = h
             self._cached[h] = block.block_id
+        seq.num_registered_blocks = max(seq.num_registered_blocks, n_full)
 
     # ------------------------------------------------------------------ free
     def free(self, seq: Sequence) -> None:
@@ -180,6 +183,7 @@ class BlockManager:
                     self._free.append(bid)
         seq.block_table = []
         seq.num_computed_tokens = 0
+        seq.num_registered_blocks = 0
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached block that no live request holds."""

@@ -165,6 +165,7 @@ class Sequence:
         self.num_cached_tokens = 0        # of those, how many came from the prefix cache (last admit)
         self.block_table: list[int] = []
         self.block_hashes: list[bytes] = []   # chain hashes of full blocks, filled lazily by the block manager
+        self.num_registered_blocks = 0        # leading blocks the block manager has offered to the prefix cache
         self.finish_reason: str | None = None
         self.output_logprobs: list[dict[int, float] | None] = []
         self.num_preemptions = 0
