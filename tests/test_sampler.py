@@ -1,6 +1,8 @@
 """Sampler: greedy, top-k/top-p masks, per-request seeds, penalties, pre-transform logprobs."""
 
+import dataclasses
 import math
+import types
 
 import pytest
 import torch
@@ -10,6 +12,10 @@ from qwenvl.engine.sequence import SamplingParams
 from qwenvl.engine.stopping import check_stop, check_stop_token, find_stop_string, held_back_chars
 
 V = 50
+
+
+def vars_of(p):
+    return {f.name: getattr(p, f.name) for f in dataclasses.fields(p)}
 
 
 def req(rid="r", prompt=(1, 2), output=(), **kw):
@@ -73,7 +79,8 @@ def test_penalties():
     logits = torch.tensor([[2.0, -2.0, 1.0, 0.5]])
     r = req(prompt=(0,), output=(1, 2, 2), repetition_penalty=2.0)
     assert apply_penalties(logits, [r]).tolist() == [[1.0, -4.0, 0.5, 0.5]]
-    r = req(prompt=(0,), output=(1, 2, 2), presence_penalty=0.5, frequency_penalty=0.25)
+    r = req(prompt=(0,), output=(1, 2, 2), presence_penalty=0.5)
+    r.params = types.SimpleNamespace(**{**vars_of(r.params), "frequency_penalty": 0.25})   # optional field
     # prompt token 0 untouched; 1 seen once; 2 seen twice
     assert apply_penalties(logits, [r]).tolist() == [[2.0, -2.75, 0.0, 0.5]]
     # greedy with penalties: token 0 was repeated, so the penalty flips the choice

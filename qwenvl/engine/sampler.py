@@ -110,7 +110,7 @@ def apply_penalties(logits: torch.Tensor, reqs: list) -> torch.Tensor:
     penalty applies."""
     rows = [i for i, r in enumerate(reqs)
             if r.params.repetition_penalty != 1.0 or r.params.presence_penalty != 0.0
-            or r.params.frequency_penalty != 0.0]
+            or getattr(r.params, "frequency_penalty", 0.0) != 0.0]
     if not rows:
         return logits
     logits = logits.clone()
@@ -118,6 +118,7 @@ def apply_penalties(logits: torch.Tensor, reqs: list) -> torch.Tensor:
     dev = logits.device
     for i in rows:
         r, p = reqs[i], reqs[i].params
+        freq = getattr(p, "frequency_penalty", 0.0)     # optional field
         if p.repetition_penalty != 1.0 and r.token_ids:
             seen = torch.zeros(V, dtype=torch.bool, device=dev)
             seen[torch.tensor(r.token_ids, dtype=torch.long, device=dev)] = True
@@ -125,9 +126,9 @@ def apply_penalties(logits: torch.Tensor, reqs: list) -> torch.Tensor:
             pen = torch.where(row > 0, row / p.repetition_penalty, row * p.repetition_penalty)
             logits[i] = torch.where(seen, pen, row)
         out = r.token_ids[r.num_prompt_tokens:]
-        if out and (p.presence_penalty != 0.0 or p.frequency_penalty != 0.0):
+        if out and (p.presence_penalty != 0.0 or freq != 0.0):
             counts = torch.bincount(torch.tensor(out, dtype=torch.long, device=dev), minlength=V)[:V].float()
-            logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
+            logits[i] -= freq * counts + p.presence_penalty * (counts > 0).float()
     return logits
 
 

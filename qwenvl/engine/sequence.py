@@ -11,8 +11,10 @@ from __future__ import annotations
 import bisect
 import enum
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence as Seq
+
+from qwenvl.sampling_params import SamplingParams  # noqa: F401  (re-exported for the engine)
 
 
 class SequenceStatus(enum.Enum):
@@ -20,57 +22,6 @@ class SequenceStatus(enum.Enum):
     RUNNING = "running"
     FINISHED = "finished"
     ABORTED = "aborted"
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How to pick tokens and when to stop. temperature 0 means greedy."""
-
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1                       # <= 0: off
-    max_tokens: int = 16
-    stop: tuple[str, ...] | list[str] | str | None = None
-    stop_token_ids: tuple[int, ...] | list[int] | None = None
-    ignore_eos: bool = False
-    logprobs: int | None = None           # top-k logprobs per generated token (plus the chosen one)
-    repetition_penalty: float = 1.0       # > 1 discourages tokens seen in prompt or output
-    presence_penalty: float = 0.0         # subtracted once from tokens seen in the output
-    frequency_penalty: float = 0.0        # subtracted per occurrence in the output
-    seed: int | None = None
-
-    def __post_init__(self):
-        def bad(name, why):
-            raise ValueError(f"SamplingParams.{name}={getattr(self, name)!r}: {why}")
-
-        if not self.temperature >= 0.0:
-            bad("temperature", "must be >= 0 (0 means greedy)")
-        if not 0.0 < self.top_p <= 1.0:
-            bad("top_p", "must be in (0, 1]")
-        if not isinstance(self.top_k, int):
-            bad("top_k", "must be an int (<= 0 turns it off)")
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            bad("max_tokens", "must be an int >= 1")
-        if self.logprobs is not None and (not isinstance(self.logprobs, int) or self.logprobs < 0):
-            bad("logprobs", "must be None or an int >= 0")
-        if not self.repetition_penalty > 0.0:
-            bad("repetition_penalty", "must be > 0 (1.0 turns it off)")
-        if not -2.0 <= self.presence_penalty <= 2.0:
-            bad("presence_penalty", "must be in [-2, 2]")
-        if not -2.0 <= self.frequency_penalty <= 2.0:
-            bad("frequency_penalty", "must be in [-2, 2]")
-        # Normalise the list-ish fields to tuples so the params stay hashable and immutable.
-        stop = self.stop
-        if stop is None:
-            stop = ()
-        elif isinstance(stop, str):
-            stop = (stop,)
-        object.__setattr__(self, "stop", tuple(s for s in stop if s))
-        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in (self.stop_token_ids or ())))
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
 
 
 @dataclass(frozen=True)
