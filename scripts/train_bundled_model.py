@@ -32,6 +32,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--warmup", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--init-from", help="start from this checkpoint's weights instead of new ones")
     ap.add_argument("--small", action="store_true", help="a very small model, for a smoke run")
     args = ap.parse_args()
 
@@ -44,7 +45,8 @@ def main() -> None:
                               vision_depth=2, vision_heads=2) if args.small else SmallModelDims()
         write_new_checkpoint_dir(init, out / "tokenizer", dims)
         print(f"tokenizer and config written in {time.time() - t:.1f} s", flush=True)
-    cfg = TrainConfig(model_dir=str(init), out_dir=str(out), from_scratch=True, steps=args.steps,
+    start = args.init_from or str(init)
+    cfg = TrainConfig(model_dir=start, out_dir=str(out), from_scratch=not args.init_from, steps=args.steps,
                       batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, eval_every=250,
                       eval_batches=4, save_every=500, seed=args.seed, device=args.device,
                       workers=args.workers, max_minutes=args.minutes, max_shard_mb=12)

@@ -74,3 +74,16 @@ def test_vision_coords_in_merge_block_order():
     coords = vision_patch_coords(torch.tensor([[2, 2, 4]]), merge=2)
     first_frame = [(0, 0), (0, 1), (1, 0), (1, 1), (0, 2), (0, 3), (1, 2), (1, 3)]
     assert [tuple(c) for c in coords.tolist()] == first_frame * 2
+
+
+def test_padded_segment_attention_matches_per_length_groups(monkeypatch):
+    """Many distinct image sizes take the one-call padded path; it must equal the grouped path."""
+    from qwenvl.layers import attention
+    torch.manual_seed(0)
+    lengths = [5, 7, 9, 3, 11, 2, 6, 8, 0, 4]
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist())
+    q, k, v = (torch.randn(sum(lengths), 4, 16) for _ in range(3))
+    padded = attention.segment_attention(q, k, v, cu)            # 9 distinct lengths > MAX_LENGTH_GROUPS
+    monkeypatch.setattr(attention, "MAX_LENGTH_GROUPS", 100)
+    grouped = attention.segment_attention(q, k, v, cu)
+    assert (padded - grouped).abs().max() < 1e-5

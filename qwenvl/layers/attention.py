@@ -73,9 +73,31 @@ def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
     for s, n in zip(starts, lengths):
         if n > 0:
             by_length.setdefault(n, []).append(s)
+    if len(by_length) > MAX_LENGTH_GROUPS:
+        return _padded_segment_attention(q, k, v, cu_seqlens, max(by_length))
     for n, seg_starts in by_length.items():
         idx = torch.tensor(seg_starts, device=q.device)[:, None] + torch.arange(n, device=q.device)  # [S, n]
         qs, ks, vs = (t[idx].transpose(1, 2) for t in (q, k, v))              # [S, n, H, Dh] -> [S, H, n, Dh]
         o = F.scaled_dot_product_attention(qs, ks, vs)                         # [S, H, n, Dh]
         out[idx.reshape(-1)] = o.transpose(1, 2).reshape(-1, *q.shape[1:])    # [S*n, H, Dh]
+    return out
+
+
+# Beyond this many distinct segment lengths (a training batch of images of many sizes), one padded SDPA
+# call beats a call per length: each call costs index building and, on a GPU, a host-device round trip.
+MAX_LENGTH_GROUPS = 4
+
+
+def _padded_segment_attention(q, k, v, cu_seqlens: torch.Tensor, max_len: int) -> torch.Tensor:
+    """segment_attention as one SDPA over segments padded to `max_len`, padding masked out as keys."""
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    keep = lengths > 0
+    starts, lengths = cu_seqlens[:-1][keep], lengths[keep]                     # [S]
+    ar = torch.arange(max_len, device=q.device)
+    valid = ar[None, :] < lengths[:, None]                                     # [S, L]
+    idx = torch.where(valid, starts[:, None] + ar, 0)                          # [S, L]
+    qs, ks, vs = (t[idx].transpose(1, 2) for t in (q, k, v))                  # [S, H, L, Dh]
+    o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=valid[:, None, None, :])
+    out = torch.empty_like(q)
+    out[idx[valid]] = o.transpose(1, 2)[valid]                                 # [P, H, Dh]
     return out

@@ -24,7 +24,7 @@ from .checkpoint import TOKENIZER_FILES, init_weights, save_weights
 from .lora import apply_lora, merge_lora
 from .packing import Encoder, pack, packed_loss
 
-CALIBRATION_STEPS = 30
+CALIBRATION_STEPS = 60
 CHECKPOINT_EXTRAS = ("config.json", "preprocessor_config.json", "generation_config.json") + TOKENIZER_FILES
 
 
@@ -113,8 +113,15 @@ class _Sampler(torch.utils.data.Sampler):
             i += 1
 
 
+def _one_thread(_worker_id: int) -> None:
+    # Each data worker is one process on one core; torch's default thread pool per worker would
+    # oversubscribe the machine many times over.
+    torch.set_num_threads(1)
+
+
 def _loader(dataset: Dataset, cfg: TrainConfig, start: int) -> DataLoader:
     return DataLoader(dataset, batch_size=cfg.batch_size, sampler=_Sampler(start, len(dataset)),
+                      worker_init_fn=_one_thread,
                       collate_fn=pack, num_workers=cfg.workers, persistent_workers=cfg.workers > 0,
                       prefetch_factor=4 if cfg.workers else None, pin_memory=cfg.device.startswith("cuda"))
 
@@ -191,12 +198,15 @@ def train(cfg: TrainConfig, log=print) -> dict:
     started = time.time()
     start_step = step
     tokens_seen = 0
+    data_wait = 0.0                       # seconds spent waiting on the data workers
     while step < cfg.steps:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
         loss_sum = 0.0
         for _ in range(cfg.grad_accum):
+            waited = time.time()
             batch = next(batches).to(device)
+            data_wait += time.time() - waited
             with autocast():
                 loss, _ = packed_loss(model, batch)
             (loss / cfg.grad_accum).backward()
@@ -210,10 +220,12 @@ def train(cfg: TrainConfig, log=print) -> dict:
         record = {"step": step, "loss": round(loss_sum, 4), "lr": lr_at(step - 1, cfg)}
         bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tokens_seen / max(elapsed, 1e-6):.0f}")
         bar.update(1)
+        if step == start_step + CALIBRATION_STEPS // 3:
+            calibration_started = elapsed    # after the data workers' start-up
         if cfg.max_minutes and step == start_step + CALIBRATION_STEPS:
             # Fit the schedule to the time budget, so the cosine decay ends when the time does.
-            per_step = elapsed / CALIBRATION_STEPS
-            fitted = start_step + int((cfg.max_minutes * 60 - elapsed) / per_step) + CALIBRATION_STEPS
+            per_step = (elapsed - calibration_started) / (CALIBRATION_STEPS - CALIBRATION_STEPS // 3)
+            fitted = step + int((cfg.max_minutes * 60 - elapsed) / per_step)
             if fitted < cfg.steps:
                 log(f"{per_step:.3f} s/step: {cfg.max_minutes} minutes fit {fitted} steps of {cfg.steps}")
                 cfg.steps = fitted
@@ -222,7 +234,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
         if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps or out_of_time):
             record["eval_loss"] = round(evaluate(), 4)
             log(f"step {step}: train loss {loss_sum:.4f}, held-out loss {record['eval_loss']:.4f}, "
-                f"{tokens_seen / max(elapsed, 1e-6):.0f} tokens/s")
+                f"{tokens_seen / max(elapsed, 1e-6):.0f} tokens/s, {data_wait / max(elapsed, 1e-6):.0%} waiting on data")
         history.append(record)
         if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps or out_of_time:
             save_state()

@@ -1,0 +1,144 @@
+"""The engine for asyncio servers: one background thread runs `LLMEngine.step()`; requests stream out.
+
+Only the engine thread touches the engine. Requests and aborts reach it through a command queue and are
+applied between steps, so the event loop never waits for a model step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import queue
+import threading
+import time
+from typing import AsyncIterator
+
+from ..inputs import PromptInputs
+from ..outputs import RequestOutput
+from ..sampling_params import SamplingParams
+from .llm_engine import LLMEngine
+
+_ids = itertools.count()
+
+
+class QueueFull(RuntimeError):
+    """Too many requests are waiting; the client should retry later."""
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine, max_queue: int = 256):
+        self.engine = engine
+        self.max_queue = max_queue
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._wake = threading.Event()
+        self._stopping = False
+        self._stats: dict = engine.stats()
+        self._thread = threading.Thread(target=self._run, name="qwenvl-engine", daemon=True)
+        self._thread.start()
+
+    # -------------------------------------------------------------- front end
+    async def prepare(self, messages) -> PromptInputs:
+        """Decode and preprocess off the event loop; raises InputError for bad input."""
+        return await asyncio.get_running_loop().run_in_executor(None, self.engine.prepare, messages)
+
+    @property
+    def num_active(self) -> int:
+        return len(self._streams)
+
+    async def generate(self, prompt: PromptInputs, params: SamplingParams,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs; the last has `finished` set. Leaving the loop early (a client
+        that went away) aborts the request and frees its KV blocks."""
+        if self._stopping:
+            raise QueueFull("the server is shutting down")
+        if len(self._streams) >= self.max_queue:
+            raise QueueFull(f"{len(self._streams)} requests in flight (limit {self.max_queue})")
+        rid = request_id or f"req-{next(_ids)}"
+        stream: asyncio.Queue = asyncio.Queue()
+        self._streams[rid] = (asyncio.get_running_loop(), stream)
+        self._send(("add", rid, prompt, params))
+        finished = False
+        try:
+            while True:
+                item = await stream.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            self._streams.pop(rid, None)
+            if not finished:
+                self._send(("abort", rid))
+
+    def abort(self, request_id: str) -> None:
+        self._send(("abort", request_id))
+
+    def stats(self) -> dict:
+        """The engine's counters as of the last step (read without stopping the engine)."""
+        return dict(self._stats, num_active=len(self._streams))
+
+    async def shutdown(self, grace_s: float = 30.0) -> None:
+        """Refuse new requests, let running ones finish for up to `grace_s`, then abort the rest."""
+        self._stopping = True
+        deadline = time.monotonic() + grace_s
+        while self._streams and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for rid in list(self._streams):
+            self.abort(rid)
+        self._send(("stop",))
+        await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 5.0)
+
+    # ---------------------------------------------------------- engine thread
+    def _send(self, command: tuple) -> None:
+        self._commands.put(command)
+        self._wake.set()
+
+    def _deliver(self, rid: str, item) -> None:
+        target = self._streams.get(rid)
+        if target is not None:
+            loop, stream = target
+            loop.call_soon_threadsafe(stream.put_nowait, item)
+
+    def _apply(self, command: tuple) -> bool:
+        kind = command[0]
+        if kind == "stop":
+            return False
+        if kind == "add":
+            _, rid, prompt, params = command
+            try:
+                self.engine.add_request(rid, prompt, params)
+            except ValueError as e:              # too long for the context or the KV cache
+                self._deliver(rid, e)
+        elif kind == "abort":
+            self.engine.abort(command[1])
+        return True
+
+    def _run(self) -> None:
+        running = True
+        while running:
+            if not self.engine.has_unfinished():
+                self._wake.wait(timeout=0.5)
+            self._wake.clear()
+            while True:
+                try:
+                    command = self._commands.get_nowait()
+                except queue.Empty:
+                    break
+                running = self._apply(command) and running
+            if not running or not self.engine.has_unfinished():
+                self._stats = self.engine.stats()
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as e:               # a bug or device failure: fail the live requests, keep serving
+                for rid in list(self._streams):
+                    self.engine.abort(rid)
+                    self._deliver(rid, RuntimeError(f"engine step failed: {type(e).__name__}: {e}"))
+                outputs = []
+            self._stats = self.engine.stats()
+            for out in outputs:
+                self._deliver(out.request_id, out)

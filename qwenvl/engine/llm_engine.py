@@ -1,0 +1,197 @@
+"""The engine: scheduler + block manager + runner + detokenisation, one `step()` at a time.
+
+Everything a step needs is here; `LLM` (offline batches) and `AsyncEngine` (the server) only decide who
+calls `step()` and where its outputs go.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..grounding import parse_boxes_multi
+from ..inputs import PreprocessorConfig, PromptInputs, build_inputs
+from ..layers.paged_attention import PagedKVPool
+from ..loader import load_model
+from ..outputs import RequestOutput
+from ..sampling_params import SamplingParams
+from ..tokenizer import IncrementalDetokenizer, Tokenizer
+from .block_manager import BlockManager
+from .encoder_cache import EncoderCache
+from .runner import ModelRunner
+from .sampler import Sampler
+from .scheduler import Scheduler
+from .sequence import Sequence
+from .stopping import find_stop_string, held_back_chars
+
+BUNDLED_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "bundled"
+MAX_KV_BLOCKS = 1 << 16
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    block_size: int = 16
+    kv_cache_gb: float = 1.0               # KV memory; the block count is derived from it
+    num_kv_blocks: int | None = None       # or the block count itself (tests use tiny pools)
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048     # tokens per step (prefill chunks + decodes)
+    max_encoder_tokens_per_step: int | None = None
+    max_model_len: int | None = None       # default: the model's max_position_embeddings
+    encoder_cache_tokens: int = 32768      # vision embeddings kept, in merged tokens
+    enable_prefix_caching: bool = True
+    attn_impl: str = "fast"                # "fast" or "reference" (the plain per-sequence SDPA path)
+
+
+@dataclass
+class _Request:
+    seq: Sequence
+    prompt: PromptInputs
+    detok: IncrementalDetokenizer
+    text: str = ""
+    sent: int = 0                          # characters of `text` already handed out as deltas
+
+
+def resolve_dtype(dtype, device: str) -> torch.dtype:
+    if dtype is None or dtype == "auto":
+        return torch.bfloat16          # fast on CPUs with bf16 matmuls and on every GPU we target
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
+class LLMEngine:
+    def __init__(self, model_dir: str | Path | None = None, dtype=None, device: str = "cpu",
+                 config: EngineConfig = EngineConfig()):
+        self.model_dir = Path(model_dir) if model_dir is not None else BUNDLED_MODEL_DIR
+        self.model_name = "qwenvl-bundled" if model_dir is None else self.model_dir.name
+        self.device = torch.device(device)
+        self.dtype = resolve_dtype(dtype, device)
+        self.config = config
+        self.model, self.cfg = load_model(self.model_dir, dtype=self.dtype, device=self.device)
+        self.tokenizer = Tokenizer.from_dir(self.model_dir)
+        self.preprocessor = PreprocessorConfig.from_dir(self.model_dir)
+        text = self.cfg.text
+        self.max_model_len = config.max_model_len or text.max_position_embeddings
+        per_block = PagedKVPool.bytes_per_block(text.num_hidden_layers, config.block_size,
+                                                text.num_key_value_heads, text.head_dim, self.dtype)
+        num_blocks = config.num_kv_blocks or int(min(MAX_KV_BLOCKS, max(8, config.kv_cache_gb * (1 << 30) // per_block)))
+        pool = PagedKVPool(text.num_hidden_layers, num_blocks, config.block_size, text.num_key_value_heads,
+                           text.head_dim, self.dtype, self.device)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.encoder_cache = EncoderCache(config.encoder_cache_tokens)
+        self.scheduler = Scheduler(
+            self.block_manager, max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_encoder_tokens_per_step=config.max_encoder_tokens_per_step,
+            eos_token_ids=self.tokenizer.eos_token_ids,
+            is_encoder_cached=lambda h: h in self.encoder_cache, max_model_len=self.max_model_len)
+        self.sampler = Sampler()
+        self.runner = ModelRunner(self.model, pool, self.sampler, self.encoder_cache, attn_impl=config.attn_impl)
+        self._requests: dict[str, _Request] = {}
+
+    # ---------------------------------------------------------------- requests
+    def prepare(self, messages) -> PromptInputs:
+        """Messages -> model inputs; raises InputError (a ValueError) naming what is wrong."""
+        return build_inputs(messages, self.tokenizer, self.cfg, self.preprocessor)
+
+    def add_request(self, request_id: str, prompt: PromptInputs, params: SamplingParams) -> None:
+        """Queue a prepared prompt; raises ValueError when it can never fit (too long for the context or
+        the KV cache) or the id is taken."""
+        seq = Sequence(request_id, prompt.token_ids, params, prompt.positions, prompt.next_position, prompt.vision)
+        self.scheduler.add(seq)
+        self._requests[request_id] = _Request(seq, prompt, IncrementalDetokenizer(self.tokenizer))
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now; its KV blocks are free when this returns."""
+        req = self._requests.pop(request_id, None)
+        if req is None:
+            return None
+        self.scheduler.abort(request_id)
+        self.sampler.release(request_id)
+        return self._output(req, final=True)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    # -------------------------------------------------------------------- step
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run the model once, sample, detokenise; one output per request that advanced."""
+        plan = self.scheduler.schedule()
+        sampled, logprobs = self.runner.step(plan.chunks)
+        finished = {s.request_id for s in self.scheduler.postprocess(plan, sampled, logprobs)}
+        outputs = []
+        for seq in plan.failed:
+            req = self._requests.pop(seq.request_id, None)
+            if req is not None:
+                out = self._output(req, final=True)
+                out.error = seq.error
+                outputs.append(out)
+        for rid, token in sampled.items():
+            req = self._requests.get(rid)
+            if req is None:
+                continue                               # aborted during the step
+            seq = req.seq
+            piece = req.detok.push(token)
+            if seq.finish_reason == "length":
+                piece += req.detok.flush()             # bytes held back for a character never completed
+            # A token that stopped generation (eos, stop_token_ids) is in token_ids but never in the text.
+            if piece and seq.finish_reason != "stop":
+                req.text += piece
+                cut = find_stop_string(req.text, seq.params.stop, len(piece)) if seq.params.stop else None
+                if cut is not None:
+                    req.text = req.text[:cut]
+                    self.scheduler.finish(seq, "stop")
+                    finished.add(rid)
+            if rid in finished:
+                self._requests.pop(rid)
+                self.sampler.release(rid)
+            outputs.append(self._output(req, final=rid in finished))
+        return outputs
+
+    def _output(self, req: _Request, final: bool) -> RequestOutput:
+        seq = req.seq
+        if final and not seq.finish_reason:
+            seq.finish_reason = "abort"
+        visible = len(req.text) if final else len(req.text) - held_back_chars(req.text, seq.params.stop)
+        delta = req.text[req.sent:visible] if visible > req.sent else ""
+        req.sent = max(req.sent, visible)
+        want_logprobs = seq.params.logprobs is not None
+        out = RequestOutput(
+            request_id=seq.request_id, text=req.text if final else req.text[:req.sent],
+            delta_text=delta, token_ids=list(seq.output_token_ids),
+            finish_reason=seq.finish_reason if final else None,
+            logprobs=list(seq.output_logprobs) if want_logprobs else None,
+            prompt_tokens=seq.num_prompt_tokens,
+            image_tokens=sum(v.num_tokens for v in req.prompt.vision),
+            cached_tokens=seq.num_cached_tokens)
+        if final:
+            out.boxes = self._boxes(req)
+        return out
+
+    def _boxes(self, req: _Request) -> list[dict]:
+        images = [v for v in req.prompt.vision if v.kind == "image"]
+        if not images or not req.text:
+            return []
+        return parse_boxes_multi(req.text, self.cfg.model_type, [v.input_size for v in images],
+                                 [v.original_size for v in images])
+
+    # ------------------------------------------------------------------- stats
+    def stats(self) -> dict:
+        bm = self.block_manager
+        return {
+            "kv_blocks_total": bm.num_blocks,
+            "kv_blocks_used": bm.num_used_blocks,
+            "kv_block_size": bm.block_size,
+            "prefix_cache_hit_tokens": bm.prefix_cache_hit_tokens,
+            "prefix_cache_queried_tokens": bm.prefix_cache_queried_tokens,
+            "encoder_cache_hits": self.encoder_cache.hits,
+            "encoder_cache_misses": self.encoder_cache.misses,
+            "encoder_cache_tokens": self.encoder_cache.num_tokens,
+            "num_preemptions": self.scheduler.num_preemptions,
+            "num_waiting": len(self.scheduler.waiting),
+            "num_running": len(self.scheduler.running),
+        }

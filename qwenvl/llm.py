@@ -1,0 +1,70 @@
+"""The synchronous Python API (shared/DESIGN.md section 3): `LLM().chat(messages, SamplingParams(...))`."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+from .engine.llm_engine import EngineConfig, LLMEngine
+from .grounding import grounding_prompt
+from .outputs import RequestOutput
+from .sampling_params import SamplingParams
+
+_ids = itertools.count()
+
+
+class LLM:
+    """One model on one device, with its own engine and caches (a new instance starts cold).
+
+    `LLM()` loads the bundled demonstration model; `LLM("path/to/checkpoint")` any Qwen2-VL, Qwen2.5-VL
+    or Qwen3-VL folder as saved by Hugging Face. `dtype` defaults to bfloat16.
+    """
+
+    def __init__(self, model: str | Path | None = None, dtype: str | None = None, device: str = "cpu",
+                 **engine_options):
+        self.engine = LLMEngine(model, dtype=dtype, device=device, config=EngineConfig(**engine_options))
+
+    @property
+    def family(self) -> str:
+        return self.engine.cfg.model_type
+
+    def chat(self, messages: list[dict], params: SamplingParams | None = None) -> RequestOutput:
+        """One conversation -> its finished output (text, token_ids, finish_reason, logprobs, boxes)."""
+        return self.generate([messages], params)[0]
+
+    def generate(self, conversations: list[list[dict]], params: SamplingParams | list[SamplingParams] | None = None
+                 ) -> list[RequestOutput]:
+        """Many conversations batched through the engine; outputs in the order given.
+
+        Every conversation is checked before any is queued, so a bad one raises without side effects.
+        """
+        if conversations and isinstance(conversations[0], dict):
+            conversations = [conversations]          # one conversation passed bare
+        if params is None or isinstance(params, SamplingParams):
+            params = [params or SamplingParams()] * len(conversations)
+        if len(params) != len(conversations):
+            raise ValueError(f"{len(params)} SamplingParams for {len(conversations)} conversations")
+        prompts = [self.engine.prepare(c) for c in conversations]
+        ids = [f"llm-{next(_ids)}" for _ in prompts]
+        try:
+            for rid, prompt, p in zip(ids, prompts, params):
+                self.engine.add_request(rid, prompt, p)
+            done: dict[str, RequestOutput] = {}
+            while len(done) < len(ids):
+                for out in self.engine.step():
+                    if out.finished:
+                        done[out.request_id] = out
+        except BaseException:
+            for rid in ids:                  # Ctrl-C or an error: never leave requests holding blocks
+                self.engine.abort(rid)
+            raise
+        return [done[rid] for rid in ids]
+
+    def ground(self, image, description: str, params: SamplingParams | None = None) -> RequestOutput:
+        """Localise `description` in `image` with the family's own grounding prompt; see `out.boxes`."""
+        prompt = grounding_prompt(self.family, description)
+        messages = [{"role": "user", "content": [{"image": image}, {"text": prompt}]}]
+        return self.chat(messages, params or SamplingParams(temperature=0.0, max_tokens=256))
+
+    def stats(self) -> dict:
+        return self.engine.stats()

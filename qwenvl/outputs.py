@@ -1,0 +1,28 @@
+"""What a request gives back, incrementally while it runs and whole when it finishes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    text: str = ""                         # all text so far (stop strings cut, special tokens dropped)
+    delta_text: str = ""                   # text new since this request's previous output
+    token_ids: list[int] = field(default_factory=list)   # generated ids, the final eos/stop token included
+    finish_reason: str | None = None       # None while running; "stop" | "length" | "abort"
+    logprobs: list[dict[int, float]] | None = None
+    boxes: list[dict] = field(default_factory=list)      # grounding boxes in original-image pixels (final)
+    prompt_tokens: int = 0
+    image_tokens: int = 0                  # vision pad tokens in the prompt
+    cached_tokens: int = 0                 # prompt tokens whose KV came from the prefix cache
+    error: str | None = None               # why the engine gave up on the request, if it did
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
