@@ -1,0 +1,160 @@
+"""create_app(async_engine, settings): the FastAPI app serving both APIs, /health and /metrics.
+
+A small ASGI gate in front of the API routes does what every request needs before any route code runs:
+refuse new work while draining (503), check the API key (401), count requests in flight, and record
+requests by route and status. `/` is left free: `mount_ui(app)` (the web UI) is called last.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import asynccontextmanager
+from typing import Callable
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from . import dashscope_routes, openai_routes
+from .auth import check_api_key
+from .errors import APIError, error_response, is_dashscope_path, new_request_id
+from .generation import ServerState
+from .media import MediaFetcher, MediaPolicy
+from .metrics import Metrics
+from .settings import ServerSettings
+
+log = logging.getLogger("qwenvl.server")
+
+OPENAI_CHAT = "/v1/chat/completions"
+COMPAT_CHAT = "/compatible-mode/v1/chat/completions"
+DASHSCOPE_GEN = "/api/v1/services/aigc/multimodal-generation/generation"
+API_PREFIXES = ("/v1/", "/api/", "/compatible-mode/")
+ROUTES = (OPENAI_CHAT, COMPAT_CHAT, DASHSCOPE_GEN, "/v1/models", "/compatible-mode/v1/models")
+
+
+def create_app(async_engine, settings: ServerSettings | None = None,
+               mount_ui: Callable[[FastAPI], None] | None = None) -> FastAPI:
+    """The HTTP app over a running AsyncEngine. The caller owns the engine (serve() shuts it down)."""
+    settings = settings or ServerSettings()
+    inner = getattr(async_engine, "engine", None)
+    pre = getattr(inner, "preprocessor", None)
+    fetcher = MediaFetcher(MediaPolicy(
+        allowed_local_media_path=settings.allowed_local_media_path, allow_private_urls=settings.allow_private_urls,
+        connect_timeout_s=settings.fetch_connect_timeout_s, read_timeout_s=settings.fetch_read_timeout_s,
+        max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels,
+        max_redirects=settings.max_redirects))
+    state_box: dict = {}
+    metrics = Metrics(async_engine.stats, lambda: state_box["s"].inflight)
+    state = ServerState(
+        engine=async_engine, settings=settings, fetcher=fetcher, metrics=metrics,
+        model_name=settings.served_model_name or getattr(inner, "model_name", None) or "qwenvl",
+        max_model_len=getattr(inner, "max_model_len", None),
+        pixel_factor=getattr(pre, "factor", 28), default_max_pixels=getattr(pre, "max_pixels", None),
+        api_key=settings.resolved_api_key())
+    state_box["s"] = state
+
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        await fetcher.aclose()
+
+    app = FastAPI(title="qwenvl", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.qwenvl = state
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        return error_response(exc, request.url.path, getattr(request.state, "request_id", None))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        message = exc.detail if isinstance(exc.detail, str) else "request failed"
+        return error_response(APIError(exc.status_code, message), request.url.path,
+                              getattr(request.state, "request_id", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError):
+        return error_response(APIError(400, f"invalid request: {exc.errors()[:3]}"), request.url.path)
+
+    def guarded(handler):
+        async def endpoint(request: Request):
+            try:
+                return await handler(request)
+            except APIError as e:
+                return error_response(e, request.url.path, getattr(request.state, "request_id", None))
+            except Exception:  # noqa: BLE001 - a bug is a 500 in the route's shape, the trace stays in the log
+                log.exception("unexpected error on %s", request.url.path)
+                return error_response(APIError(500, "internal server error; the request was not completed"),
+                                      request.url.path, getattr(request.state, "request_id", None))
+        endpoint.__name__ = handler.__name__
+        return endpoint
+
+    app.add_api_route(OPENAI_CHAT, guarded(openai_routes.chat_completions), methods=["POST"])
+    app.add_api_route(COMPAT_CHAT, guarded(openai_routes.chat_completions), methods=["POST"])
+    app.add_api_route("/v1/models", guarded(openai_routes.list_models), methods=["GET"])
+    app.add_api_route("/compatible-mode/v1/models", guarded(openai_routes.list_models), methods=["GET"])
+    app.add_api_route(DASHSCOPE_GEN, guarded(dashscope_routes.generation), methods=["POST"])
+
+    @app.get("/health")
+    async def health():
+        if state.draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
+        return {"status": "ok", "model": state.model_name, "uptime_s": round(time.time() - state.started, 1)}
+
+    @app.get("/metrics")
+    async def metrics_endpoint():
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    if mount_ui is not None:
+        mount_ui(app)
+    app.add_middleware(_Gate, state=state)
+    return app
+
+
+class _Gate:
+    """Pure ASGI (no BaseHTTPMiddleware: it would buffer streams and hide client disconnects)."""
+
+    def __init__(self, app, state: ServerState):
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope, receive, send):
+        path = scope.get("path", "")
+        if scope["type"] != "http" or not path.startswith(API_PREFIXES):
+            await self.app(scope, receive, send)
+            return
+        state = self.state
+        route = path if path in ROUTES else "other"
+        scope["route_label"] = route
+        request_id = new_request_id()
+        scope.setdefault("state", {})["request_id"] = request_id
+        status = {"code": 500}
+
+        async def send_wrapper(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        error = None
+        if state.draining:
+            error = APIError(503, "the server is shutting down; retry on another replica",
+                             headers={"Retry-After": "5"})
+        else:
+            try:
+                check_api_key(headers, state.api_key)
+            except APIError as e:
+                error = e
+        if error is not None:
+            response = error_response(error, path, request_id if is_dashscope_path(path) else None)
+            await response(scope, receive, send_wrapper)
+            state.metrics.requests.labels(route, str(status["code"])).inc()
+            return
+        state.inflight += 1
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            state.inflight -= 1
+            state.metrics.requests.labels(route, str(status["code"])).inc()

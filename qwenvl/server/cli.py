@@ -1,0 +1,134 @@
+"""`qwenvl serve`: argparse wiring and the uvicorn runner with a SIGTERM drain.
+
+SIGTERM (or a first Ctrl-C): new API requests get 503 at once, in-flight ones get up to `drain_grace_s`
+to finish, then uvicorn stops and the process exits 0. A second signal stops at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import threading
+import time
+
+from .settings import ServerSettings
+
+log = logging.getLogger("qwenvl.server")
+
+
+def add_serve_subcommand(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("serve", help="serve the OpenAI- and DashScope-compatible HTTP APIs",
+                              description="Serve one model over HTTP: OpenAI /v1/chat/completions, DashScope "
+                              "multimodal-generation, /health, /metrics and the web UI at /.")
+    p.add_argument("--model", default=None, help="checkpoint folder (default: the bundled model)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $QWENVL_API_KEY)")
+    p.add_argument("--served-model-name", default=None, help="model id listed by /v1/models")
+    p.add_argument("--allowed-local-media-path", default=None, help="allow file:// image URLs under this folder")
+    p.add_argument("--allow-private-urls", action="store_true",
+                   help="allow image URLs that resolve to loopback/private/link-local addresses")
+    p.add_argument("--max-images", type=int, default=16, help="images per request")
+    p.add_argument("--max-body-mb", type=float, default=50.0, help="request body limit in MB")
+    p.add_argument("--max-queue", type=int, default=256, help="requests in flight before answering 429")
+    p.add_argument("--max-image-pixels", type=int, default=8192 * 8192, help="pixels per image (from the header)")
+    p.add_argument("--drain-grace", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bfloat16)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    p.add_argument("--kv-cache-gb", type=float, default=None, help="KV cache memory")
+    p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    p.set_defaults(func=run_serve_command)
+    return p
+
+
+def settings_from_args(args) -> ServerSettings:
+    return ServerSettings(
+        model=args.model, host=args.host, port=args.port,
+        api_key=args.api_key or os.environ.get("QWENVL_API_KEY") or None,
+        served_model_name=args.served_model_name, dtype=args.dtype, device=args.device,
+        allowed_local_media_path=args.allowed_local_media_path, allow_private_urls=args.allow_private_urls,
+        max_images=args.max_images, max_body_mb=args.max_body_mb, max_queue=args.max_queue,
+        max_image_pixels=args.max_image_pixels, drain_grace_s=args.drain_grace)
+
+
+def run_serve_command(args) -> int:
+    engine_options = {}
+    if getattr(args, "kv_cache_gb", None) is not None:
+        engine_options["kv_cache_gb"] = args.kv_cache_gb
+    if getattr(args, "max_model_len", None) is not None:
+        engine_options["max_model_len"] = args.max_model_len
+    return serve(settings_from_args(args), engine_options=engine_options)
+
+
+def build_engine(settings: ServerSettings, engine_options: dict | None = None):
+    from ..engine.async_engine import AsyncEngine
+    from ..engine.llm_engine import EngineConfig, LLMEngine
+
+    engine = LLMEngine(settings.model, dtype=settings.dtype, device=settings.device,
+                       config=EngineConfig(**(engine_options or {})))
+    return AsyncEngine(engine, max_queue=settings.max_queue)
+
+
+def serve(settings: ServerSettings, engine_options: dict | None = None, async_engine=None,
+          mount_ui=None, ready: threading.Event | None = None) -> int:
+    """Load the model (unless an engine is given), serve until SIGTERM/SIGINT, drain, return 0."""
+    import uvicorn
+
+    from .app import create_app
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    async_engine = async_engine or build_engine(settings, engine_options)
+    if mount_ui is None:
+        mount_ui = _default_ui()
+    app = create_app(async_engine, settings, mount_ui=mount_ui)
+    state = app.state.qwenvl
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
+                            timeout_graceful_shutdown=5, access_log=False)
+    server = _DrainingServer(config, state, settings.drain_grace_s, ready)
+    log.info("serving %s on http://%s:%d (auth %s)", state.model_name, settings.host, settings.port,
+             "on" if state.api_key else "off")
+    server.run()
+    asyncio.run(async_engine.shutdown(grace_s=1.0))
+    return 0
+
+
+def _default_ui():
+    """The web UI's mount hook, when the web package provides one (it is optional)."""
+    try:
+        from ..web import mount_ui  # type: ignore[attr-defined]
+    except Exception:  # noqa: BLE001 - no UI: the APIs still serve
+        return None
+    return mount_ui
+
+
+class _DrainingServer:
+    """uvicorn.Server whose first SIGTERM/SIGINT drains instead of closing the socket at once."""
+
+    def __new__(cls, config, state, grace_s: float, ready):
+        import uvicorn
+
+        class Server(uvicorn.Server):
+            def handle_exit(self, sig, frame):
+                if state.draining:                 # a second signal: stop now
+                    self.should_exit = True
+                    self.force_exit = sig == signal.SIGINT
+                    return
+                state.draining = True
+                log.info("signal %s: draining %d request(s) for up to %.0f s", sig, state.inflight, grace_s)
+                threading.Thread(target=self._drain, daemon=True).start()
+
+            def _drain(self):
+                deadline = time.monotonic() + grace_s
+                while state.inflight > 0 and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                self.should_exit = True
+
+            async def startup(self, sockets=None):
+                await super().startup(sockets)
+                if ready is not None:
+                    ready.set()
+
+        return Server(config)

@@ -1,0 +1,221 @@
+"""What every chat route shares: messages -> checked prompt -> a running request in the engine.
+
+Routes only translate shapes. Everything a client can get wrong is found here before the request is
+queued, so it answers 4xx; the engine is handed only prompts that fit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+from fastapi import Request
+
+from ..inputs import InputError, normalize_messages
+from .errors import APIError, bad_request
+from .limits import count_media, pixel_cap
+from .media import MediaFetcher
+from .metrics import Metrics
+from .schemas import ChatRequest
+from .settings import ServerSettings
+
+log = logging.getLogger("qwenvl.server")
+
+
+@dataclass
+class ServerState:
+    engine: object                         # AsyncEngine (or a test double with the same methods)
+    settings: ServerSettings
+    fetcher: MediaFetcher
+    metrics: Metrics
+    model_name: str
+    max_model_len: int | None
+    pixel_factor: int = 28                 # one vision token covers factor x factor pixels
+    default_max_pixels: int | None = None  # the checkpoint's own preprocessor limit
+    api_key: str | None = None
+    draining: bool = False
+    inflight: int = 0
+    started: float = field(default_factory=time.time)
+
+
+def is_queue_full(exc: BaseException) -> bool:
+    return type(exc).__name__ == "QueueFull"
+
+
+async def prepare(state: ServerState, req: ChatRequest, where: str = ""):
+    """Fetch and check the media, build the prompt, size max_tokens; return (prompt, params)."""
+    try:
+        conv = normalize_messages(req.messages)
+    except InputError as e:
+        raise bad_request(f"{where}{e}") from None
+    s = state.settings
+    count_media(conv, s.max_images, s.max_video_frames)
+    cap = pixel_cap(req.high_resolution, state.pixel_factor)
+    default_cap = min(cap, state.default_max_pixels or cap)
+    jobs, slots = [], []
+    for i, msg in enumerate(conv):
+        for j, part in enumerate(msg["content"]):
+            at = f"{where}messages[{i}].content[{j}]"
+            if part["type"] == "image":
+                part["max_pixels"] = min(part.get("max_pixels", default_cap), cap)
+                if part.get("min_pixels", 0) > part["max_pixels"]:
+                    part["min_pixels"] = part["max_pixels"]
+                jobs.append(state.fetcher.load(part["image"], at))
+                slots.append((part, "image", None))
+            elif part["type"] == "video":
+                if not isinstance(part["video"], list):
+                    raise bad_request(f"{at}.video: video files and URLs are not decoded by this server; send the "
+                                      "video as a list of frame images", f"{at}.video")
+                for k, frame in enumerate(part["video"]):
+                    jobs.append(state.fetcher.load(frame, f"{at}.video[{k}]"))
+                    slots.append((part, "video", k))
+    results = await asyncio.gather(*jobs, return_exceptions=True)
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+    for (part, kind, k), data in zip(slots, results):
+        if kind == "image":
+            part["image"] = data
+        else:
+            part["video"][k] = data
+    try:
+        prompt = await state.engine.prepare(conv)
+    except InputError as e:
+        raise bad_request(f"{where}{e}") from None
+    return prompt, _size_max_tokens(state, req, len(prompt.token_ids), sum(v.num_tokens for v in prompt.vision))
+
+
+def _size_max_tokens(state: ServerState, req: ChatRequest, n: int, image_tokens: int):
+    limit = state.max_model_len
+    params = req.params
+    if limit is None:
+        want = params.max_tokens if req.max_tokens_given else state.settings.default_max_tokens
+        return dataclasses.replace(params, max_tokens=want)
+    detail = f"{n} tokens ({image_tokens} of them image tokens)"
+    if n >= limit:
+        raise APIError(400, f"the prompt is {detail}, but the model's context is {limit} tokens; shorten "
+                       "the conversation, send fewer or smaller images (min_pixels/max_pixels), or lower "
+                       "vl_high_resolution_images", code="context_length_exceeded")
+    room = limit - n
+    if req.max_tokens_given:
+        if params.max_tokens > room:
+            raise APIError(400, f"the prompt is {detail} and max_tokens is {params.max_tokens}: together "
+                           f"{n + params.max_tokens}, over the model's context of {limit} tokens; ask for at "
+                           f"most {room} tokens", param="max_tokens", code="context_length_exceeded")
+        return params
+    return dataclasses.replace(params, max_tokens=min(room, state.settings.default_max_tokens))
+
+
+async def start(state: ServerState, prompt, params, request_id: str):
+    """Queue the request and wait for its first output: (first_output, iterator over the rest).
+
+    Waiting for the first output before answering lets a full queue or a prompt the engine refuses become
+    a proper 4xx status instead of an error inside a 200 stream.
+    """
+    agen = state.engine.generate(prompt, params, request_id)
+    try:
+        first = await agen.__anext__()
+    except StopAsyncIteration:
+        raise APIError(500, "the engine ended the request without output") from None
+    except Exception as e:
+        await _close(agen)
+        if is_queue_full(e):
+            retry = state.settings.retry_after_s
+            raise APIError(429, f"the server is busy ({e}); retry in {retry} s", headers={"Retry-After": str(retry)}) \
+                from None
+        if isinstance(e, ValueError):
+            raise bad_request(str(e)) from None
+        raise
+    if first.error and first.finished and not first.token_ids:
+        raise bad_request(first.error)
+    return first, agen
+
+
+async def _close(agen) -> None:
+    try:
+        await agen.aclose()
+    except Exception:  # noqa: BLE001 - closing a failed iterator must not hide the first error
+        pass
+
+
+async def outputs(state: ServerState, first, agen, request_id: str, route: str, t0: float) -> AsyncIterator:
+    """Yield the first output and the rest; on early exit (client gone) abort the request in the engine."""
+    finished = False
+    ttft_seen = False
+    last = first
+    try:
+        out = first
+        while True:
+            if not ttft_seen and out.token_ids:
+                state.metrics.ttft.labels(route).observe(time.perf_counter() - t0)
+                ttft_seen = True
+            last = out
+            yield out
+            if out.finished:
+                finished = True
+                return
+            out = await agen.__anext__()
+    finally:
+        if not finished:
+            await _close(agen)
+            state.engine.abort(request_id)
+        else:
+            state.metrics.latency.labels(route).observe(time.perf_counter() - t0)
+            state.metrics.prompt_tokens.inc(last.prompt_tokens)
+            state.metrics.generation_tokens.inc(len(last.token_ids))
+
+
+async def watch_disconnect(request: Request, task: asyncio.Task) -> None:
+    """Cancel `task` (a non-streaming request's generation) when the client goes away."""
+    while not task.done():
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            task.cancel()
+            return
+
+
+async def run_to_end(request: Request, state: ServerState, first, agen, request_id: str, route: str, t0: float):
+    """Collect a non-streaming request; abort it in the engine if the client disconnects meanwhile."""
+    async def collect():
+        last = first
+        async for out in outputs(state, first, agen, request_id, route, t0):
+            last = out
+        return last
+
+    task = asyncio.create_task(collect())
+    watcher = asyncio.create_task(watch_disconnect(request, task))
+    try:
+        return await task
+    finally:
+        watcher.cancel()
+
+
+def logprob_entries(tokenizer, out, start: int, k: int) -> list[dict]:
+    """OpenAI's logprobs.content entries for generated tokens [start:], from the engine's {id: logprob}."""
+    entries = []
+    if not out.logprobs:
+        return entries
+    for i in range(start, min(len(out.logprobs), len(out.token_ids))):
+        chosen, table = out.token_ids[i], out.logprobs[i]
+        top = sorted(table.items(), key=lambda kv: -kv[1])
+        entries.append({**_token_entry(tokenizer, chosen, table.get(chosen, top[0][1] if top else 0.0)),
+                        "top_logprobs": [_token_entry(tokenizer, t, lp) for t, lp in top[:k]]})
+    return entries
+
+
+def _token_entry(tokenizer, token_id: int, logprob: float) -> dict:
+    text = _token_text(tokenizer, token_id)
+    return {"token": text, "logprob": float(logprob), "bytes": list(text.encode("utf-8"))}
+
+
+def _token_text(tokenizer, token_id: int) -> str:
+    if tokenizer is None:
+        return f"<{token_id}>"
+    try:
+        return tokenizer.decode([token_id])
+    except Exception:  # noqa: BLE001 - an unknown id gets a placeholder, never a 500
+        return f"<{token_id}>"

@@ -1,0 +1,57 @@
+"""Request-size limits: the body (read in bounded pieces) and images/frames per request."""
+
+from __future__ import annotations
+
+import json
+
+from fastapi import Request
+
+from .errors import APIError, bad_request
+
+
+async def read_json_body(request: Request, max_bytes: int) -> dict:
+    """The body as a JSON object: 413 over `max_bytes` (checked while reading, not after), 400 for bad JSON."""
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > max_bytes:
+        raise APIError(413, f"request body is {length} bytes, over the limit of {max_bytes} bytes "
+                       f"({max_bytes / 2 ** 20:.0f} MB); send smaller or fewer images")
+    chunks, total = [], 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > max_bytes:
+            raise APIError(413, f"request body is over the limit of {max_bytes} bytes "
+                           f"({max_bytes / 2 ** 20:.0f} MB); send smaller or fewer images")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    if not raw.strip():
+        raise bad_request("request body is empty; send a JSON object")
+    try:
+        body = json.loads(raw)
+    except UnicodeDecodeError:
+        raise bad_request("request body is not UTF-8 text; send a JSON object") from None
+    except json.JSONDecodeError as e:
+        raise bad_request(f"request body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    if not isinstance(body, dict):
+        raise bad_request(f"request body must be a JSON object, got a JSON {type(body).__name__}")
+    return body
+
+
+def count_media(conv: list[dict], max_images: int, max_frames: int) -> None:
+    images = frames = 0
+    for msg in conv:
+        for part in msg["content"]:
+            if part["type"] == "image":
+                images += 1
+            elif part["type"] == "video" and isinstance(part["video"], list):
+                frames += len(part["video"])
+    if images > max_images:
+        raise bad_request(f"too many images: {images} in this request, the limit is {max_images}; send fewer "
+                          "images or split the conversation")
+    if frames > max_frames:
+        raise bad_request(f"too many video frames: {frames} in this request, the limit is {max_frames}; "
+                          "sample fewer frames")
+
+
+def pixel_cap(high_resolution: bool, factor: int) -> int:
+    """DashScope's per-image token cap: 1,280 tokens, or 16,384 with vl_high_resolution_images."""
+    return (16384 if high_resolution else 1280) * factor * factor

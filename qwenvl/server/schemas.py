@@ -1,0 +1,174 @@
+"""Request bodies -> one ChatRequest, with a 400 naming the field for every wrong value or type.
+
+Hand-written rather than pydantic models: the messages must name the field the way the client wrote it
+(`parameters.top_p`, `stream_options.include_usage`) and unknown fields must pass (SDKs add new ones often).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from ..sampling_params import SamplingParams
+from .errors import bad_request
+
+_SP_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
+
+
+@dataclass
+class ChatRequest:
+    model: str | None
+    messages: list
+    params: SamplingParams
+    max_tokens_given: bool
+    stream: bool = False
+    include_usage: bool = False       # OpenAI stream_options.include_usage
+    incremental: bool = False         # DashScope incremental_output
+    result_format: str = "message"    # DashScope: message | text
+    logprobs: bool = False
+    high_resolution: bool = False     # vl_high_resolution_images
+
+
+# ---------------------------------------------------------------- field readers
+def _get(obj: dict, key: str, where: str, kinds: tuple, kind_name: str):
+    value = obj.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) and bool not in kinds:
+        raise bad_request(f"{where}{key}: must be {kind_name}, got a boolean", f"{where}{key}")
+    if not isinstance(value, kinds):
+        raise bad_request(f"{where}{key}: must be {kind_name}, got {type(value).__name__}", f"{where}{key}")
+    return value
+
+
+def number(obj, key, where="", lo=None, hi=None, hi_open=False):
+    v = _get(obj, key, where, (int, float), "a number")
+    if v is not None:
+        if (lo is not None and v < lo) or (hi is not None and (v >= hi if hi_open else v > hi)):
+            rng = f"[{lo}, {hi})" if hi_open else f"[{lo}, {hi}]"
+            raise bad_request(f"{where}{key}: {v} is out of range {rng}", f"{where}{key}")
+        v = float(v)
+    return v
+
+
+def integer(obj, key, where="", lo=None, hi=None):
+    v = _get(obj, key, where, (int,), "an integer")
+    if v is not None and ((lo is not None and v < lo) or (hi is not None and v > hi)):
+        bound = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise bad_request(f"{where}{key}: must be {bound}, got {v}", f"{where}{key}")
+    return v
+
+
+def boolean(obj, key, where=""):
+    return _get(obj, key, where, (bool,), "true or false")
+
+
+def string(obj, key, where=""):
+    return _get(obj, key, where, (str,), "a string")
+
+
+def obj_field(obj, key, where=""):
+    return _get(obj, key, where, (dict,), "an object")
+
+
+def stops(obj, key, where=""):
+    v = obj.get(key)
+    if v is None:
+        return ()
+    if isinstance(v, str):
+        return (v,)
+    if isinstance(v, list) and all(isinstance(s, str) for s in v):
+        if len(v) > 16:
+            raise bad_request(f"{where}{key}: at most 16 stop strings, got {len(v)}", f"{where}{key}")
+        return tuple(s for s in v if s)
+    raise bad_request(f"{where}{key}: must be a string or a list of strings", f"{where}{key}")
+
+
+def _messages(body: dict, where: str) -> list:
+    messages = body.get("messages")
+    if messages is None:
+        raise bad_request(f"{where}messages: required (a list of {{'role', 'content'}} objects)", f"{where}messages")
+    if not isinstance(messages, list) or not messages:
+        raise bad_request(f"{where}messages: must be a non-empty list, got {type(messages).__name__}",
+                          f"{where}messages")
+    return messages
+
+
+def sampling_params(p: dict, where: str, max_tokens, logprobs: int | None) -> SamplingParams:
+    args = dict(
+        temperature=number(p, "temperature", where, 0, 2),
+        top_p=number(p, "top_p", where, 0, 1),
+        top_k=integer(p, "top_k", where, -1),
+        seed=integer(p, "seed", where, 0, 2 ** 63 - 1),
+        stop=stops(p, "stop", where),
+        repetition_penalty=number(p, "repetition_penalty", where, 0),
+        presence_penalty=number(p, "presence_penalty", where, -2, 2),
+        max_tokens=max_tokens,
+        logprobs=logprobs,
+    )
+    freq = number(p, "frequency_penalty", where, -2, 2)
+    if freq:
+        if "frequency_penalty" not in _SP_FIELDS:
+            raise bad_request(f"{where}frequency_penalty: not supported by this server; use presence_penalty "
+                              "or repetition_penalty", f"{where}frequency_penalty")
+        args["frequency_penalty"] = freq
+    if args["top_p"] == 0:
+        raise bad_request(f"{where}top_p: must be in (0, 1], got 0", f"{where}top_p")
+    if args["repetition_penalty"] == 0:
+        raise bad_request(f"{where}repetition_penalty: must be > 0", f"{where}repetition_penalty")
+    args = {k: v for k, v in args.items() if v is not None}
+    try:
+        return SamplingParams(**args)
+    except ValueError as e:
+        raise bad_request(f"{where.rstrip('.') or 'request'}: {e}") from None
+
+
+def _top_logprobs(p: dict, where: str) -> int | None:
+    want = boolean(p, "logprobs", where)
+    top = integer(p, "top_logprobs", where, 0, 20)
+    if top is not None and not want:
+        raise bad_request(f"{where}top_logprobs: requires {where}logprobs to be true", f"{where}top_logprobs")
+    return (top or 0) if want else None
+
+
+# ---------------------------------------------------------------- OpenAI
+def parse_openai(body: dict) -> ChatRequest:
+    messages = _messages(body, "")
+    n = integer(body, "n", "", 1)
+    if n not in (None, 1):
+        raise bad_request(f"n: only n=1 is supported, got {n}; send separate requests for more choices", "n")
+    max_tokens = integer(body, "max_completion_tokens", "", 1)
+    if max_tokens is None:
+        max_tokens = integer(body, "max_tokens", "", 1)
+    stream = bool(boolean(body, "stream"))
+    options = obj_field(body, "stream_options") or {}
+    include_usage = bool(boolean(options, "include_usage", "stream_options."))
+    top = _top_logprobs(body, "")
+    params = sampling_params(body, "", max_tokens or 1, top)
+    return ChatRequest(model=string(body, "model"), messages=messages, params=params,
+                       max_tokens_given=max_tokens is not None, stream=stream, include_usage=include_usage,
+                       logprobs=top is not None, high_resolution=bool(boolean(body, "vl_high_resolution_images")))
+
+
+# ---------------------------------------------------------------- DashScope
+def parse_dashscope(body: dict, sse_header: bool) -> ChatRequest:
+    inp = obj_field(body, "input")
+    if inp is None:
+        raise bad_request("input: required, an object holding messages: {\"input\": {\"messages\": [...]}}", "input")
+    messages = _messages(inp, "input.")
+    p = obj_field(body, "parameters") or {}
+    w = "parameters."
+    max_tokens = integer(p, "max_tokens", w, 1)
+    n = integer(p, "n", w, 1)
+    if n not in (None, 1):
+        raise bad_request(f"{w}n: only n=1 is supported, got {n}", f"{w}n")
+    fmt = string(p, "result_format", w) or "message"
+    if fmt not in ("message", "text"):
+        raise bad_request(f"{w}result_format: must be 'message' or 'text', got {fmt!r}", f"{w}result_format")
+    top = _top_logprobs(p, w)
+    params = sampling_params(p, w, max_tokens or 1, top)
+    stream = sse_header or bool(boolean(p, "stream", w))
+    return ChatRequest(model=string(body, "model"), messages=messages, params=params,
+                       max_tokens_given=max_tokens is not None, stream=stream,
+                       incremental=bool(boolean(p, "incremental_output", w)), result_format=fmt,
+                       logprobs=top is not None, high_resolution=bool(boolean(p, "vl_high_resolution_images", w)))

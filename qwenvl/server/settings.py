@@ -1,0 +1,40 @@
+"""Server settings: one frozen dataclass, filled from the command line or by tests."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    model: str | None = None                   # checkpoint folder; None = the bundled model
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None                 # None: no auth (QWENVL_API_KEY is read by from_env/cli)
+    served_model_name: str | None = None       # what /v1/models lists; default: the engine's model name
+    dtype: str | None = None
+    device: str = "cpu"
+    # media
+    allowed_local_media_path: str | None = None    # file:// URLs only under this folder
+    allow_private_urls: bool = False               # allow http(s) URLs resolving to private/loopback/...
+    fetch_connect_timeout_s: float = 5.0
+    fetch_read_timeout_s: float = 15.0
+    max_image_bytes: int = 20 * 1024 * 1024        # per fetched image / data URL payload
+    max_redirects: int = 3
+    # limits
+    max_body_mb: float = 50.0
+    max_images: int = 16                           # images per request
+    max_video_frames: int = 256                    # frames per request (all videos)
+    max_image_pixels: int = 8192 * 8192            # per image, checked from the header before decoding
+    max_queue: int = 256                           # requests in flight before 429
+    retry_after_s: int = 1
+    drain_grace_s: float = 30.0                    # SIGTERM: time given to in-flight requests
+    default_max_tokens: int = 2048                 # when a request gives none (clamped to the context)
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * 1024 * 1024)
+
+    def resolved_api_key(self) -> str | None:
+        return self.api_key or os.environ.get("QWENVL_API_KEY") or None
