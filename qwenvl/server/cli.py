@@ -83,7 +83,7 @@ def serve(settings: ServerSettings, engine_options: dict | None = None, async_en
     async_engine = async_engine or build_engine(settings, engine_options)
     if mount_ui is None:
         mount_ui = _default_ui()
-    app = create_app(async_engine, settings, mount_ui=mount_ui)
+    app = create_app(async_engine, settings, mount_ui=mount_ui or None)     # mount_ui=False: no UI
     state = app.state.qwenvl
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
                             timeout_graceful_shutdown=5, access_log=False)

@@ -1,0 +1,216 @@
+"""Server behaviour that needs control over the engine: a full queue, a client that disconnects, an
+unexpected exception, the SIGTERM drain. A small fake AsyncEngine stands in for the real one; the server
+is the real uvicorn on a loopback port. Also home of `run_server`, used by the other server tests."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import httpx
+import pytest
+import uvicorn
+
+from qwenvl.engine.async_engine import QueueFull
+from qwenvl.outputs import RequestOutput
+from qwenvl.server.app import create_app
+from qwenvl.server.settings import ServerSettings
+
+DS_PATH = "/api/v1/services/aigc/multimodal-generation/generation"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class run_server:
+    """Context manager: uvicorn serving `app` in a thread; yields the base URL."""
+
+    def __init__(self, app):
+        self.port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        deadline = time.time() + 20
+        while not self.server.started:
+            if time.time() > deadline or not self.thread.is_alive():
+                raise RuntimeError("server did not start")
+            time.sleep(0.02)
+        return f"http://127.0.0.1:{self.port}"
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+class FakeAsyncEngine:
+    """The AsyncEngine contract, scripted: emits `pieces` one per `delay` seconds."""
+
+    def __init__(self, pieces=("Hello", " world", "!"), delay=0.0, queue_full=False, fail_prepare=None,
+                 max_model_len=1000, boxes=None):
+        self.engine = SimpleNamespace(model_name="fake-model", max_model_len=max_model_len, tokenizer=None,
+                                      preprocessor=None)
+        self.pieces, self.delay, self.queue_full = list(pieces), delay, queue_full
+        self.fail_prepare = fail_prepare
+        self.boxes = boxes if boxes is not None else [{"label": "cat", "x1": 1, "y1": 2, "x2": 3, "y2": 4,
+                                                      "image_index": 0}]
+        self.aborted: list[str] = []
+        self.closed: list[str] = []
+        self.finished: list[str] = []
+
+    async def prepare(self, messages):
+        if self.fail_prepare is not None:
+            raise self.fail_prepare
+        return SimpleNamespace(token_ids=[1] * 10, vision=[])
+
+    async def generate(self, prompt, params, request_id):
+        if self.queue_full:
+            raise QueueFull("1 requests in flight (limit 1)")
+        text, n = "", min(len(self.pieces), params.max_tokens)
+        try:
+            for i in range(n):
+                await asyncio.sleep(self.delay)
+                text += self.pieces[i]
+                last = i == n - 1
+                yield RequestOutput(request_id, text=text, delta_text=self.pieces[i], token_ids=list(range(i + 1)),
+                                    finish_reason=("stop" if n == len(self.pieces) else "length") if last else None,
+                                    boxes=self.boxes if last else [], prompt_tokens=10, image_tokens=4)
+            self.finished.append(request_id)
+        finally:
+            self.closed.append(request_id)
+
+    def abort(self, request_id):
+        self.aborted.append(request_id)
+
+    def stats(self):
+        return {"kv_blocks_total": 100, "kv_blocks_used": 7, "num_waiting": 2, "prefix_cache_hit_tokens": 30,
+                "prefix_cache_queried_tokens": 120, "encoder_cache_hits": 1, "encoder_cache_misses": 3}
+
+    async def shutdown(self, grace_s=30.0):
+        pass
+
+
+def _chat(stream=False):
+    return {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": stream}
+
+
+def test_queue_full_is_429_with_retry_after_in_each_shape():
+    with run_server(create_app(FakeAsyncEngine(queue_full=True), ServerSettings())) as url:
+        r = httpx.post(url + "/v1/chat/completions", json=_chat())
+        assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+        assert r.json()["error"]["type"] == "rate_limit_error"
+        r = httpx.post(url + DS_PATH, json={"model": "m", "input": {"messages": [{"role": "user", "content": "hi"}]}},
+                       headers={"X-DashScope-SSE": "enable"})
+        assert r.status_code == 429 and "retry-after" in r.headers
+        assert r.json()["code"] == "Throttling" and r.json()["request_id"]
+
+
+def test_unexpected_exception_is_500_without_trace():
+    engine = FakeAsyncEngine(fail_prepare=RuntimeError("secret internals at line 42"))
+    with run_server(create_app(engine, ServerSettings())) as url:
+        r = httpx.post(url + "/v1/chat/completions", json=_chat())
+        assert r.status_code == 500
+        err = r.json()["error"]
+        assert set(err) >= {"message", "type", "code"} and "secret" not in r.text and "Traceback" not in r.text
+        r = httpx.post(url + DS_PATH, json={"model": "m", "input": {"messages": [{"role": "user", "content": "hi"}]}})
+        assert r.status_code == 500 and set(r.json()) == {"code", "message", "request_id"}
+        assert "secret" not in r.text
+
+
+def test_client_disconnect_mid_stream_aborts_the_request():
+    engine = FakeAsyncEngine(pieces=["tok"] * 200, delay=0.02)
+    with run_server(create_app(engine, ServerSettings())) as url:
+        with httpx.Client() as client:
+            with client.stream("POST", url + "/v1/chat/completions", json=_chat(stream=True)) as r:
+                lines = r.iter_lines()
+                got = [next(lines) for _ in range(4)]
+                assert got[0].startswith("data: ")
+        deadline = time.time() + 5
+        while not engine.closed and time.time() < deadline:
+            time.sleep(0.02)
+        assert engine.closed and not engine.finished          # the generator was closed early
+        assert engine.aborted == engine.closed
+
+
+def test_non_streaming_disconnect_aborts_too():
+    engine = FakeAsyncEngine(pieces=["tok"] * 200, delay=0.02)
+    with run_server(create_app(engine, ServerSettings())) as url:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(url + "/v1/chat/completions", json=_chat(), timeout=0.3)
+        deadline = time.time() + 5
+        while not engine.aborted and time.time() < deadline:
+            time.sleep(0.02)
+        assert engine.aborted and not engine.finished
+
+
+def test_boxes_and_metrics_with_fake_engine():
+    with run_server(create_app(FakeAsyncEngine(), ServerSettings(api_key="k"))) as url:
+        h = {"Authorization": "Bearer k"}
+        r = httpx.post(url + "/v1/chat/completions", json=_chat(), headers=h).json()
+        assert r["choices"][0]["message"]["boxes"][0]["label"] == "cat"
+        assert r["choices"][0]["message"]["content"] == "Hello world!"
+        r = httpx.post(url + DS_PATH, json={"model": "m", "input": {"messages": [{"role": "user", "content": [
+            {"text": "hi"}]}]}}, headers=h).json()
+        assert r["output"]["choices"][0]["message"]["boxes"][0]["x2"] == 3
+        assert r["usage"]["input_tokens_details"] == {"image_tokens": 4, "text_tokens": 6}
+        m = httpx.get(url + "/metrics").text                   # no key needed
+        assert 'qwenvl_http_requests_total{route="/v1/chat/completions",status="200"} 1.0' in m
+        assert "qwenvl_engine_kv_blocks_used 7.0" in m and "qwenvl_queue_depth 2.0" in m
+        assert "qwenvl_prefix_cache_hit_rate 0.25" in m and "qwenvl_encoder_cache_hit_rate 0.25" in m
+        assert "qwenvl_time_to_first_token_seconds_count" in m and "qwenvl_request_latency_seconds_count" in m
+
+
+_DRAIN_SCRIPT = textwrap.dedent("""
+    import sys, threading
+    sys.path.insert(0, {tests!r})
+    from test_server_fake_engine import FakeAsyncEngine
+    from qwenvl.server.cli import serve
+    from qwenvl.server.settings import ServerSettings
+    ready = threading.Event()
+    threading.Thread(target=lambda: (ready.wait(), print("READY", flush=True)), daemon=True).start()
+    sys.exit(serve(ServerSettings(port={port}, drain_grace_s=10), async_engine=FakeAsyncEngine(
+        pieces=["x"] * 40, delay=0.05), mount_ui=False, ready=ready))
+""")
+
+
+def test_sigterm_drains_in_flight_requests_and_exits_0():
+    port = free_port()
+    script = _DRAIN_SCRIPT.format(tests=str(Path(__file__).parent), port=port)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        for line in proc.stdout:
+            if "READY" in line:
+                break
+        url = f"http://127.0.0.1:{port}"
+        with httpx.Client(timeout=20) as client:
+            with client.stream("POST", url + "/v1/chat/completions", json=_chat(stream=True)) as r:
+                lines = r.iter_lines()
+                assert next(lines).startswith("data: ")
+                proc.send_signal(signal.SIGTERM)
+                time.sleep(0.3)
+                refused = httpx.post(url + "/v1/chat/completions", json=_chat())
+                assert refused.status_code == 503 and refused.json()["error"]["code"] == "service_unavailable"
+                rest = [ln for ln in lines if ln]
+            assert rest[-1] == "data: [DONE]"
+            text = "".join(json.loads(ln[6:])["choices"][0]["delta"].get("content", "")
+                           for ln in rest[:-1] if json.loads(ln[6:])["choices"])
+            assert text.count("x") >= 35                      # the in-flight request ran to the end
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
