@@ -51,11 +51,11 @@ def describe(source: str) -> str:
 class MediaFetcher:
     """One per app: holds the HTTP client (no proxies from the environment: they would bypass the checks)."""
 
-    def __init__(self, policy: MediaPolicy, resolver=None):
+    def __init__(self, policy: MediaPolicy, resolver=None, transport: httpx.AsyncBaseTransport | None = None):
         self.policy = policy
-        self._resolve = resolver or _resolve
+        self._resolve = resolver or _resolve           # tests stub DNS and the network
         self._client = httpx.AsyncClient(
-            follow_redirects=False, trust_env=False,
+            follow_redirects=False, trust_env=False, transport=transport,
             timeout=httpx.Timeout(policy.read_timeout_s, connect=policy.connect_timeout_s))
 
     async def aclose(self) -> None:

@@ -1,0 +1,105 @@
+"""The server's image fetcher without a network: stubbed DNS and an httpx mock transport."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+
+import httpx
+import pytest
+from PIL import Image
+
+from qwenvl.server.errors import APIError
+from qwenvl.server.media import MediaFetcher, MediaPolicy, check_header, decode_data_url, forbidden_reason
+
+
+def _png() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), "blue").save(buf, "PNG")
+    return buf.getvalue()
+
+
+DNS = {"public.example": ["93.184.216.34"], "evil.example": ["10.1.2.3"], "mixed.example": ["93.184.216.34", "127.0.0.1"],
+       "v6.example": ["::ffff:192.168.0.1"]}
+
+
+async def _resolver(host, port):
+    return DNS[host]
+
+
+def _fetch(url, handler, **policy):
+    seen = []
+
+    def record(request):
+        seen.append(request)
+        return handler(request)
+
+    async def go():
+        fetcher = MediaFetcher(MediaPolicy(**policy), resolver=_resolver, transport=httpx.MockTransport(record))
+        try:
+            return await fetcher.load(url, "image")
+        finally:
+            await fetcher.aclose()
+    return asyncio.run(go()), seen
+
+
+@pytest.mark.parametrize("address, reason", [
+    ("127.0.0.1", "loopback"), ("10.0.0.5", "private"), ("192.168.1.1", "private"), ("169.254.169.254", "link-local"),
+    ("224.0.0.1", "multicast"), ("0.0.0.0", "unspecified"), ("::1", "loopback"), ("fe80::1", "link-local"),
+    ("::ffff:127.0.0.1", "loopback"), ("100.64.0.1", "non-global"), ("240.0.0.1", "reserved"),
+    ("93.184.216.34", None), ("2606:4700::1111", None)])
+def test_forbidden_addresses(address, reason):
+    assert forbidden_reason(address) == reason
+
+
+def test_connects_to_the_checked_address_with_the_original_host_header():
+    data, seen = _fetch("http://public.example/cat.png?x=1", lambda r: httpx.Response(200, content=_png()))
+    assert data == _png()
+    assert seen[0].url.host == "93.184.216.34" and seen[0].headers["host"] == "public.example"
+    assert seen[0].url.query == b"x=1"
+
+
+@pytest.mark.parametrize("host", ["evil.example", "mixed.example", "v6.example"])
+def test_private_hosts_refused_unless_allowed(host):
+    with pytest.raises(APIError, match="allow-private-urls") as e:
+        _fetch(f"http://{host}/a.png", lambda r: httpx.Response(200, content=_png()))
+    assert e.value.status == 400
+    data, _ = _fetch(f"http://{host}/a.png", lambda r: httpx.Response(200, content=_png()), allow_private_urls=True)
+    assert data == _png()
+
+
+def test_redirect_to_a_forbidden_host_is_refused():
+    def handler(request):
+        if request.headers["host"] == "public.example":
+            return httpx.Response(302, headers={"Location": "http://evil.example/meta"})
+        raise AssertionError("the forbidden host must never be contacted")
+    with pytest.raises(APIError, match="private"):
+        _fetch("http://public.example/a.png", handler)
+
+
+def test_redirect_loop_and_byte_cap_and_http_errors():
+    with pytest.raises(APIError, match="redirects"):
+        _fetch("http://public.example/a", lambda r: httpx.Response(302, headers={"Location": "/a"}))
+    with pytest.raises(APIError, match="byte limit"):
+        _fetch("http://public.example/a", lambda r: httpx.Response(200, content=b"x" * 5000), max_bytes=1000)
+    with pytest.raises(APIError, match="HTTP 404"):
+        _fetch("http://public.example/a", lambda r: httpx.Response(404))
+    with pytest.raises(APIError, match="timed out"):
+        _fetch("http://public.example/a", lambda r: (_ for _ in ()).throw(httpx.ReadTimeout("slow")))
+
+
+def test_sources_that_are_not_urls_are_refused():
+    for src, needle in [("/etc/passwd", "not a URL"), ("ftp://x/y.png", "scheme"), ("file:///etc/passwd", "disabled"),
+                        ("data:text/plain;base64,aGk=", "not an image"), ("data:image/png;base64,@@@", "decode")]:
+        with pytest.raises(APIError, match=needle):
+            _fetch(src, lambda r: httpx.Response(500))
+
+
+def test_header_checks():
+    assert check_header(_png(), "x", 1000) == (16, 16)
+    with pytest.raises(APIError, match="over the limit"):
+        check_header(_png(), "x", 100)
+    with pytest.raises(APIError, match="format"):
+        check_header(b"%PDF-1.4 not an image", "x", 10**6)
+    assert decode_data_url("data:image/png;base64," + __import__("base64").b64encode(_png()).decode(), "x", 10**6) \
+        == _png()
