@@ -167,8 +167,21 @@ def test_boxes_and_metrics_with_fake_engine():
             {"text": "hi"}]}]}}, headers=h).json()
         assert r["output"]["choices"][0]["message"]["boxes"][0]["x2"] == 3
         assert r["usage"]["input_tokens_details"] == {"image_tokens": 4, "text_tokens": 6}
+        lines = [ln for ln in httpx.post(url + "/v1/chat/completions", json=_chat(True), headers=h).text.split("\n")
+                 if ln.startswith("data: {")]
+        last = json.loads(lines[-1][6:])["choices"][0]
+        assert last["finish_reason"] == "stop" and last["delta"]["boxes"][0]["label"] == "cat"
+        assert last["message"]["boxes"] == last["delta"]["boxes"]
+        raw = httpx.post(url + DS_PATH, json={"model": "m", "input": {"messages": [{"role": "user", "content": "hi"}]},
+                                              "parameters": {"incremental_output": True}},
+                         headers={**h, "X-DashScope-SSE": "enable"}).text
+        events = [json.loads(f.split("\ndata:", 1)[1]) for f in raw.split("\n\n") if f.strip()]
+        assert [e["output"]["choices"][0]["message"]["content"][0]["text"] for e in events] == ["Hello", " world", "!"]
+        assert [e["output"]["choices"][0]["finish_reason"] for e in events] == ["null", "null", "stop"]
+        assert "boxes" not in events[0]["output"]["choices"][0]["message"]
+        assert events[-1]["output"]["choices"][0]["message"]["boxes"][0]["label"] == "cat"
         m = httpx.get(url + "/metrics").text                   # no key needed
-        assert 'qwenvl_http_requests_total{route="/v1/chat/completions",status="200"} 1.0' in m
+        assert 'qwenvl_http_requests_total{route="/v1/chat/completions",status="200"} 2.0' in m
         assert "qwenvl_engine_kv_blocks_used 7.0" in m and "qwenvl_queue_depth 2.0" in m
         assert "qwenvl_prefix_cache_hit_rate 0.25" in m and "qwenvl_encoder_cache_hit_rate 0.25" in m
         assert "qwenvl_time_to_first_token_seconds_count" in m and "qwenvl_request_latency_seconds_count" in m
@@ -214,3 +227,24 @@ def test_sigterm_drains_in_flight_requests_and_exits_0():
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+class _SlowStart(FakeAsyncEngine):
+    async def generate(self, prompt, params, request_id):
+        try:
+            await asyncio.sleep(30)                           # waiting in the queue
+            yield RequestOutput(request_id, text="late", finish_reason="stop")
+        finally:
+            self.closed.append(request_id)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_disconnect_while_queued_aborts(stream):
+    engine = _SlowStart()
+    with run_server(create_app(engine, ServerSettings())) as url:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(url + "/v1/chat/completions", json=_chat(stream), timeout=0.3)
+        deadline = time.time() + 5
+        while not engine.aborted and time.time() < deadline:
+            time.sleep(0.02)
+        assert engine.aborted and engine.closed

@@ -50,7 +50,7 @@ async def generation(request: Request):
     sse = request.headers.get("x-dashscope-sse", "").lower() == "enable"
     req = parse_dashscope(body, sse)
     prompt, params = await gen.prepare(state, req, where="input.")
-    first, agen = await gen.start(state, prompt, params, rid)
+    first, agen = await gen.start(state, prompt, params, rid, request)
     tokenizer = getattr(getattr(state.engine, "engine", None), "tokenizer", None)
     k = params.logprobs or 0
 

@@ -110,15 +110,24 @@ def _size_max_tokens(state: ServerState, req: ChatRequest, n: int, image_tokens:
     return dataclasses.replace(params, max_tokens=min(room, state.settings.default_max_tokens))
 
 
-async def start(state: ServerState, prompt, params, request_id: str):
+async def start(state: ServerState, prompt, params, request_id: str, request: Request | None = None):
     """Queue the request and wait for its first output: (first_output, iterator over the rest).
 
     Waiting for the first output before answering lets a full queue or a prompt the engine refuses become
-    a proper 4xx status instead of an error inside a 200 stream.
+    a proper 4xx status instead of an error inside a 200 stream. A client that leaves while the request
+    waits in the queue aborts it.
     """
     agen = state.engine.generate(prompt, params, request_id)
+    first_task = asyncio.ensure_future(agen.__anext__())
+    watcher = asyncio.create_task(watch_disconnect(request, first_task)) if request is not None else None
     try:
-        first = await agen.__anext__()
+        first = await first_task
+    except asyncio.CancelledError:
+        await _close(agen)
+        state.engine.abort(request_id)
+        if watcher is not None and watcher.done():          # the client left; nobody reads this answer
+            raise APIError(400, "the client disconnected before the first token") from None
+        raise
     except StopAsyncIteration:
         raise APIError(500, "the engine ended the request without output") from None
     except Exception as e:
@@ -130,6 +139,9 @@ async def start(state: ServerState, prompt, params, request_id: str):
         if isinstance(e, ValueError):
             raise bad_request(str(e)) from None
         raise
+    finally:
+        if watcher is not None:
+            watcher.cancel()
     if first.error and first.finished and not first.token_ids:
         raise bad_request(first.error)
     return first, agen

@@ -32,7 +32,7 @@ async def chat_completions(request: Request):
     req = parse_openai(body)
     prompt, params = await gen.prepare(state, req)
     rid = f"chatcmpl-{uuid.uuid4().hex}"
-    first, agen = await gen.start(state, prompt, params, rid)
+    first, agen = await gen.start(state, prompt, params, rid, request)
     model = req.model or state.model_name
     created = int(time.time())
     tokenizer = getattr(getattr(state.engine, "engine", None), "tokenizer", None)
@@ -69,8 +69,10 @@ async def chat_completions(request: Request):
                     logprobs = {"content": gen.logprob_entries(tokenizer, out, sent_tokens, k)}
                     sent_tokens = len(out.token_ids)
                 if out.finished:
-                    delta = {"content": out.delta_text, "boxes": out.boxes}
-                    yield _sse(chunk(delta, out.finish_reason, logprobs))
+                    final = chunk({"content": out.delta_text, "boxes": out.boxes}, out.finish_reason, logprobs)
+                    # boxes ride in the last chunk's delta and, as in a non-streamed answer, in `message`
+                    final["choices"][0]["message"] = {"role": "assistant", "boxes": out.boxes}
+                    yield _sse(final)
                     if req.include_usage:
                         yield _sse({"id": rid, "object": "chat.completion.chunk", "created": created,
                                     "model": model, "choices": [], "usage": _usage(out)})
