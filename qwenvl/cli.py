@@ -1,0 +1,179 @@
+"""`qwenvl` command: chat, ground, serve, eval, train, bench."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, metavar="DIR",
+                   help="a Hugging Face checkpoint folder (Qwen2-VL, Qwen2.5-VL, Qwen3-VL); default: the bundled model")
+    p.add_argument("--dtype", default=None, choices=("bfloat16", "float32", "float16"),
+                   help="default bfloat16")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+
+
+def _load(args):
+    from .llm import LLM
+    return LLM(args.model, dtype=args.dtype, device=args.device)
+
+
+def _draw_all(out, images: list, path: str) -> list[str]:
+    """Draw each image's boxes; one image -> `path`, several -> path-1.png, path-2.png, ..."""
+    from .drawing import draw_boxes
+    from .inputs import load_image
+    written = []
+    target = Path(path)
+    for i, src in enumerate(images):
+        boxes = [b for b in out.boxes if b.get("image_index", 0) == i]
+        dest = target if len(images) == 1 else target.with_name(f"{target.stem}-{i + 1}{target.suffix or '.png'}")
+        draw_boxes(load_image(src), boxes).save(dest)
+        written.append(str(dest))
+    return written
+
+
+def _chat(args) -> int:
+    from .sampling_params import SamplingParams
+    llm = _load(args)
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
+                            seed=args.seed)
+    history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
+    images = list(args.image or [])
+
+    def turn(question: str, with_images: list[str]):
+        content = [{"image": str(Path(p).resolve()) if Path(p).exists() else p} for p in with_images]
+        history.append({"role": "user", "content": content + [{"text": question}]})
+        out = llm.chat(history, params)
+        history.append({"role": "assistant", "content": out.text})
+        return out
+
+    if args.question:
+        out = turn(args.question, images)
+        print(out.text)
+        if out.boxes and args.boxes:
+            print(json.dumps(out.boxes, ensure_ascii=False))
+        if args.draw:
+            for path in _draw_all(out, images, args.draw):
+                print(f"[boxes drawn: {path}]", file=sys.stderr)
+        return 0
+    # No question: a multi-turn conversation on stdin; images go with the first turn.
+    print(f"qwenvl chat ({llm.engine.model_name}); an empty line or Ctrl-D ends.", file=sys.stderr)
+    first = True
+    for line in sys.stdin:
+        if not line.strip():
+            break
+        out = turn(line.strip(), images if first else [])
+        first = False
+        print(out.text, flush=True)
+    return 0
+
+
+def _ground(args) -> int:
+    llm = _load(args)
+    out = llm.ground(args.image, args.description)
+    print(out.text)
+    print(json.dumps(out.boxes, ensure_ascii=False))
+    if args.draw:
+        for path in _draw_all(out, [args.image], args.draw):
+            print(f"[boxes drawn: {path}]", file=sys.stderr)
+    return 0
+
+
+def _train(args) -> int:
+    from .training.sft import TrainConfig, train
+    cfg = TrainConfig(model_dir=args.model, out_dir=args.out, data=args.data, steps=args.steps,
+                      batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, warmup=args.warmup,
+                      lora_rank=args.lora_rank, eval_every=args.eval_every, save_every=args.save_every,
+                      seed=args.seed, device=args.device, workers=args.workers, max_minutes=args.max_minutes,
+                      from_scratch=args.from_scratch, tasks=args.tasks or [])
+    summary = train(cfg)
+    print(json.dumps({k: v for k, v in summary.items() if k != "history"}))
+    return 0
+
+
+def _bench(args) -> int:
+    from .bench_quick import run_quick_bench
+    print(json.dumps(run_quick_bench(_load(args), args.requests, args.max_tokens), indent=1))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qwenvl", description="Qwen-VL models: chat, ground, serve, eval, train.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("chat", help="ask about images (one question, or a multi-turn chat on stdin)")
+    _model_args(p)
+    p.add_argument("--image", action="append", metavar="IMG", help="an image path or URL (repeatable)")
+    p.add_argument("--system", default=None, help="a system prompt")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--draw", metavar="OUT.png", help="write the image with the answer's boxes drawn")
+    p.add_argument("--boxes", action="store_true", help="also print the boxes as JSON")
+    p.add_argument("question", nargs="?", help="omit for a multi-turn chat on stdin")
+    p.set_defaults(func=_chat)
+
+    p = sub.add_parser("ground", help="localise a description in an image; prints the boxes as JSON")
+    _model_args(p)
+    p.add_argument("image")
+    p.add_argument("description")
+    p.add_argument("--draw", metavar="OUT.png")
+    p.set_defaults(func=_ground)
+
+    try:
+        from .server.cli import add_serve_subcommand
+        add_serve_subcommand(sub)
+    except ImportError as e:          # the serve extra is not installed
+        missing = str(e)
+        p = sub.add_parser("serve", help="HTTP server (needs: pip install 'qwenvl[serve]')")
+        p.set_defaults(func=lambda _a: sys.exit(f"qwenvl serve needs the server packages: {missing}"))
+
+    from .evaluation.cli import add_eval_subcommand
+    add_eval_subcommand(sub)
+
+    p = sub.add_parser("train", help="supervised fine-tuning (full or LoRA) with the inference model classes")
+    p.add_argument("--model", required=True, metavar="DIR", help="checkpoint folder to start from")
+    p.add_argument("--out", required=True, metavar="DIR", help="run folder (resumes when it holds train_state.pt)")
+    p.add_argument("--data", default="synthetic", help="'synthetic' or a JSONL file of {\"messages\": [...]}")
+    p.add_argument("--from-scratch", action="store_true", help="new random weights with the folder's config")
+    p.add_argument("--tasks", nargs="*", help="synthetic task subset (count color ground read chart table)")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--lora-rank", type=int, default=0, help="0 = full fine-tuning")
+    p.add_argument("--eval-every", type=int, default=200)
+    p.add_argument("--save-every", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--workers", type=int, default=0, help="data worker processes")
+    p.add_argument("--max-minutes", type=float, default=0, help="stop and save after this long (0 = no limit)")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("bench", help="quick engine benchmark on the loaded model (see bench/ for the full ones)")
+    _model_args(p)
+    p.add_argument("--requests", type=int, default=8)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.set_defaults(func=_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, FileNotFoundError) as e:
+        # InputError, ConfigError, LoadError, TokenizerError are ValueErrors with actionable messages.
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Set up qwenvl in .venv/ at the repository root, then ask the bundled model about the example image.
+#   bash scripts/setup.sh            (idempotent; re-running only checks what is there)
+# QWENVL_SKIP_DEMO=1 skips the final demo (CI uses it before running the tests).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Fonts (labels and CJK drawing, synthetic data) and the word list (synthetic reading task).
+if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  missing=""
+  for pkg in fonts-dejavu-core fonts-liberation fonts-noto-cjk wamerican ${QWENVL_APT_EXTRA:-}; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || missing="$missing $pkg"
+  done
+  if [ -n "$missing" ]; then
+    echo "installing Debian packages:$missing"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null
+  fi
+else
+  echo "note: not root or no apt-get; install fonts-dejavu-core fonts-liberation fonts-noto-cjk wamerican yourself"
+fi
+
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+# torch first, pinned, so that nothing below pulls a newer multi-gigabyte build.
+.venv/bin/python -m pip install -q --disable-pip-version-check "torch==${QWENVL_TORCH_VERSION:-2.13.0}"
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[serve,eval,test]"
+
+if [ -z "${QWENVL_SKIP_DEMO:-}" ]; then
+  echo
+  echo '$ qwenvl chat --image examples/shapes.png "Locate the red triangle." --draw examples/shapes-boxes.png'
+  .venv/bin/qwenvl chat --image examples/shapes.png "Locate the red triangle." --draw examples/shapes-boxes.png --boxes
+  echo '$ qwenvl chat --image examples/shapes.png "How many circles are there?"'
+  .venv/bin/qwenvl chat --image examples/shapes.png "How many circles are there?"
+fi
