@@ -77,6 +77,8 @@ class LLMEngine:
         num_blocks = config.num_kv_blocks or int(min(MAX_KV_BLOCKS, max(8, config.kv_cache_gb * (1 << 30) // per_block)))
         pool = PagedKVPool(text.num_hidden_layers, num_blocks, config.block_size, text.num_key_value_heads,
                            text.head_dim, self.dtype, self.device)
+        for t in pool.k + pool.v:
+            t.fill_(0)        # touch every page now: the KV memory is reserved up front, RSS stays flat after
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.encoder_cache = EncoderCache(config.encoder_cache_tokens)
         self.scheduler = Scheduler(
