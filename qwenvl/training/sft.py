@@ -1,6 +1,10 @@
 """Supervised fine-tuning with the inference model classes: full or LoRA, AdamW, cosine with warm-up,
 bfloat16 autocast, gradient accumulation, assistant-only loss, held-out eval, checkpoint and resume.
 
+Data workers send compact batches (uint8 patches, one frame per still image: see packing.py); the pixels
+are unpacked to the model's float32 pixel_values on the training device. A step whose loss or gradient is
+not finite is skipped, so one bad batch never reaches the weights.
+
 A run lives in one folder: `train_state.pt` (weights, optimiser, step) for resuming, and `final/` (or
 `step-N/`), ordinary checkpoint folders that `LLM(dir)` and transformers load.
 """
@@ -22,9 +26,10 @@ from ..models import build_model
 from ..tokenizer import Tokenizer
 from .checkpoint import TOKENIZER_FILES, init_weights, save_weights
 from .lora import apply_lora, merge_lora
-from .packing import Encoder, pack, packed_loss
+from .packing import Encoder, PackedBatch, PixelUnpacker, pack, packed_loss
 
 CALIBRATION_STEPS = 60
+MAX_CONSECUTIVE_SKIPS = 20        # more non-finite steps in a row than this: the run has diverged
 CHECKPOINT_EXTRAS = ("config.json", "preprocessor_config.json", "generation_config.json") + TOKENIZER_FILES
 
 
@@ -119,11 +124,61 @@ def _one_thread(_worker_id: int) -> None:
     torch.set_num_threads(1)
 
 
-def _loader(dataset: Dataset, cfg: TrainConfig, start: int) -> DataLoader:
+class _Collate:
+    """pack() with the CPU pixel table at hand, for the rare batch that mixes compact and float pixels."""
+
+    def __init__(self, unpack: PixelUnpacker):
+        self.unpack = unpack
+
+    def __call__(self, examples) -> PackedBatch:
+        return pack(examples, self.unpack)
+
+
+def make_loader(dataset: Dataset, cfg: TrainConfig, start: int, unpack: PixelUnpacker) -> DataLoader:
+    """The training DataLoader: batches packed in the workers, pinned in the main process on CUDA (so the
+    copy to the GPU is asynchronous)."""
     return DataLoader(dataset, batch_size=cfg.batch_size, sampler=_Sampler(start, len(dataset)),
                       worker_init_fn=_one_thread,
-                      collate_fn=pack, num_workers=cfg.workers, persistent_workers=cfg.workers > 0,
+                      collate_fn=_Collate(unpack), num_workers=cfg.workers, persistent_workers=cfg.workers > 0,
                       prefetch_factor=4 if cfg.workers else None, pin_memory=cfg.device.startswith("cuda"))
+
+
+def make_datasets(cfg: TrainConfig, encoder: Encoder) -> tuple[Dataset, Dataset]:
+    if cfg.data == "synthetic":
+        return (SyntheticConversations(encoder, cfg.seed, "train", cfg.tasks),
+                SyntheticConversations(encoder, cfg.seed + 1, "heldout", cfg.tasks))
+    data = JsonlConversations(encoder, cfg.data)
+    return data, data
+
+
+def train_step(model, opt, params, batches, cfg: TrainConfig, unpack: PixelUnpacker, autocast) -> dict:
+    """One optimiser step over cfg.grad_accum micro-batches; the update is skipped (and `skipped` set)
+    when a loss or the gradient norm is not finite. -> {loss, tokens, samples, skipped, data_wait}."""
+    loss_sum, tokens, samples, waited, finite = 0.0, 0, 0, 0.0, True
+    device = next(model.parameters()).device
+    for _ in range(cfg.grad_accum):
+        t = time.time()
+        batch = next(batches)
+        waited += time.time() - t
+        samples += int(batch.segment_ids[-1]) + 1 if batch.num_tokens else 0     # counted on the host
+        batch = batch.to(device)
+        with autocast():
+            loss, _ = packed_loss(model, batch, unpack)
+        value = float(loss.detach())
+        tokens += batch.num_tokens
+        if not math.isfinite(value):
+            finite = False                # no backward: a NaN would spread to every gradient
+            continue
+        (loss / cfg.grad_accum).backward()
+        loss_sum += value / cfg.grad_accum
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip) if finite else None
+    if finite and torch.isfinite(grad_norm):
+        opt.step()
+    else:
+        finite = False
+    opt.zero_grad(set_to_none=True)
+    return {"loss": loss_sum if finite else float("nan"), "tokens": tokens, "samples": samples,
+            "skipped": not finite, "data_wait": waited}
 
 
 def train(cfg: TrainConfig, log=print) -> dict:
@@ -136,6 +191,8 @@ def train(cfg: TrainConfig, log=print) -> dict:
     tokenizer = Tokenizer.from_dir(cfg.model_dir)
     pre_cfg = PreprocessorConfig.from_dir(cfg.model_dir)
     encoder = Encoder(tokenizer, model_cfg, pre_cfg)
+    unpack_cpu = PixelUnpacker(pre_cfg)
+    unpack = unpack_cpu.to(device)
 
     state_path = out / "train_state.pt"
     resume = torch.load(state_path, map_location="cpu", weights_only=False) if state_path.exists() else None
@@ -164,14 +221,10 @@ def train(cfg: TrainConfig, log=print) -> dict:
         step, history = resume["step"], resume["history"]
         log(f"resumed from {state_path} at step {step}")
 
-    if cfg.data == "synthetic":
-        train_set = SyntheticConversations(encoder, cfg.seed, "train", cfg.tasks)
-        eval_set = SyntheticConversations(encoder, cfg.seed + 1, "heldout", cfg.tasks)
-    else:
-        train_set = eval_set = JsonlConversations(encoder, cfg.data)
+    train_set, eval_set = make_datasets(cfg, encoder)
     per_step = cfg.batch_size * cfg.grad_accum
-    batches = iter(_loader(train_set, cfg, start=step * per_step))
-    eval_data = [pack([eval_set[i * cfg.batch_size + j] for j in range(cfg.batch_size)])
+    batches = iter(make_loader(train_set, cfg, start=step * per_step, unpack=unpack_cpu))
+    eval_data = [pack([eval_set[i * cfg.batch_size + j] for j in range(cfg.batch_size)], unpack_cpu)
                  for i in range(cfg.eval_batches)]
 
     def autocast():
@@ -182,7 +235,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
         total, count = 0.0, 0
         with torch.no_grad(), autocast():
             for b in eval_data:
-                loss, n = packed_loss(model, b.to(device))
+                loss, n = packed_loss(model, b.to(device), unpack)
                 total, count = total + float(loss) * n, count + n
         model.train()
         return total / max(count, 1)
@@ -197,24 +250,26 @@ def train(cfg: TrainConfig, log=print) -> dict:
     bar = tqdm(total=cfg.steps, initial=step, desc="train", dynamic_ncols=True)
     started = time.time()
     start_step = step
-    tokens_seen = 0
+    tokens_seen = samples_seen = 0
     data_wait = 0.0                       # seconds spent waiting on the data workers
+    skipped = in_a_row = 0
+    rate_logged = False
     while step < cfg.steps:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
-        loss_sum = 0.0
-        for _ in range(cfg.grad_accum):
-            waited = time.time()
-            batch = next(batches).to(device)
-            data_wait += time.time() - waited
-            with autocast():
-                loss, _ = packed_loss(model, batch)
-            (loss / cfg.grad_accum).backward()
-            loss_sum += float(loss.detach()) / cfg.grad_accum
-            tokens_seen += batch.num_tokens
-        torch.nn.utils.clip_grad_norm_(params, cfg.clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        r = train_step(model, opt, params, batches, cfg, unpack, autocast)
+        loss_sum = r["loss"]
+        tokens_seen, samples_seen, data_wait = tokens_seen + r["tokens"], samples_seen + r["samples"], \
+            data_wait + r["data_wait"]
+        if r["skipped"]:
+            skipped, in_a_row = skipped + 1, in_a_row + 1    # one bad batch must not poison the weights
+            log(f"step {step + 1}: non-finite loss or gradient, update skipped ({skipped} so far)")
+            if in_a_row > MAX_CONSECUTIVE_SKIPS:
+                raise RuntimeError(f"{in_a_row} steps in a row had a non-finite loss or gradient at lr "
+                                   f"{lr_at(step, cfg):.2e}: the run diverged; {state_path} holds the last "
+                                   "saved state. Lower --lr or lengthen --warmup and resume.")
+        else:
+            in_a_row = 0
         step += 1
         elapsed = time.time() - started
         record = {"step": step, "loss": round(loss_sum, 4), "lr": lr_at(step - 1, cfg)}
@@ -222,6 +277,10 @@ def train(cfg: TrainConfig, log=print) -> dict:
         bar.update(1)
         if step == start_step + CALIBRATION_STEPS // 3:
             calibration_started = elapsed    # after the data workers' start-up
+        if not rate_logged and (step == start_step + CALIBRATION_STEPS or elapsed > 60):
+            rate_logged = True
+            log(f"first {elapsed:.0f} s: {samples_seen / elapsed:.0f} samples/s, {tokens_seen / elapsed:.0f} "
+                f"tokens/s, {data_wait / elapsed:.0%} of the time waiting on the data workers")
         if cfg.max_minutes and step == start_step + CALIBRATION_STEPS:
             # Fit the schedule to the time budget, so the cosine decay ends when the time does.
             per_step = (elapsed - calibration_started) / (CALIBRATION_STEPS - CALIBRATION_STEPS // 3)
@@ -233,6 +292,8 @@ def train(cfg: TrainConfig, log=print) -> dict:
         out_of_time = cfg.max_minutes and elapsed > cfg.max_minutes * 60
         if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps or out_of_time):
             record["eval_loss"] = round(evaluate(), 4)
+            if not all(bool(torch.isfinite(p).all()) for p in params):
+                raise RuntimeError(f"step {step}: non-finite weights; {state_path} holds the last saved state")
             log(f"step {step}: train loss {loss_sum:.4f}, held-out loss {record['eval_loss']:.4f}, "
                 f"{tokens_seen / max(elapsed, 1e-6):.0f} tokens/s, {data_wait / max(elapsed, 1e-6):.0%} waiting on data")
         history.append(record)
@@ -243,8 +304,9 @@ def train(cfg: TrainConfig, log=print) -> dict:
             break
     bar.close()
     final = export(model, cfg, out / "final")
-    summary = {"steps": step, "history": history, "final_dir": str(final),
-               "minutes": round((time.time() - started) / 60, 2), "tokens": tokens_seen}
+    summary = {"steps": step, "history": history, "final_dir": str(final), "skipped_steps": skipped,
+               "minutes": round((time.time() - started) / 60, 2), "tokens": tokens_seen,
+               "samples": samples_seen, "samples_per_s": round(samples_seen / max(time.time() - started, 1e-6), 1)}
     (out / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
     return summary
 
