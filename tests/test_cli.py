@@ -1,0 +1,58 @@
+"""The `qwenvl` command, end to end on the bundled model (run as a real subprocess)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "examples" / "shapes.png"
+
+
+def qwenvl(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "qwenvl.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+
+
+def test_help_lists_every_subcommand():
+    out = qwenvl("--help")
+    assert out.returncode == 0
+    for name in ("chat", "ground", "serve", "eval", "train", "bench"):
+        assert name in out.stdout
+
+
+def test_ground_prints_boxes_in_image_pixels_and_draws_them(tmp_path):
+    drawn = tmp_path / "boxes.png"
+    out = qwenvl("ground", str(EXAMPLE), "the red triangle", "--draw", str(drawn))
+    assert out.returncode == 0, out.stderr
+    text, boxes_line = out.stdout.strip().splitlines()[-2:]
+    boxes = json.loads(boxes_line)
+    original = Image.open(EXAMPLE).convert("RGB")
+    W, H = original.size
+    assert "<|box_start|>" in text and boxes, "the bundled model answers grounding prompts with a box"
+    for b in boxes:
+        assert 0 <= b["x1"] <= b["x2"] <= W and 0 <= b["y1"] <= b["y2"] <= H
+    # The drawing changed pixels along the first box's top edge, and only there-abouts.
+    after = np.asarray(Image.open(drawn).convert("RGB")).astype(int)
+    before = np.asarray(original).astype(int)
+    b = boxes[0]
+    y, x1, x2 = int(b["y1"]), int(b["x1"]), int(b["x2"])
+    if x2 - x1 >= 4:
+        assert np.abs(after[min(y, H - 1), x1 + 1:x2 - 1] - before[min(y, H - 1), x1 + 1:x2 - 1]).sum() > 0
+    assert after.shape == before.shape
+
+
+def test_chat_answers_and_bad_image_is_a_clear_error(tmp_path):
+    out = qwenvl("chat", "--image", str(EXAMPLE), "How many circles are there?", "--max-tokens", "8")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() != ""
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"this is not an image")
+    out = qwenvl("chat", "--image", str(bad), "What is this?")
+    assert out.returncode == 2
+    assert "broken.png" in out.stderr and "Traceback" not in out.stderr
