@@ -1,0 +1,257 @@
+"""Training: the compact data path equals the reference one, the stability guards, and short real runs
+(from scratch, resume, LoRA) whose saved folders load in our loader and in transformers alike.
+
+Everything uses tiny dims and 112 x 112 images, so a run takes seconds on one CPU core.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from qwenvl.config import ModelConfig
+from qwenvl.inputs import PreprocessorConfig
+from qwenvl.loader import load_model
+from qwenvl.models import build_model
+from qwenvl.tokenizer import Tokenizer
+from qwenvl.training.checkpoint import SmallModelDims, init_weights, write_new_checkpoint_dir
+from qwenvl.training.packing import (DenseCausalAttention, Encoder, PackedCausalAttention, PixelUnpacker, pack,
+                                     packed_loss)
+from qwenvl.training.sft import TrainConfig, train, train_step
+from qwenvl.training.synthetic import COLORS, QUESTIONS, SHAPES, make_sample, messages
+from qwenvl.training.tokenizer_train import default_chat_template, save_tokenizer, train_tokenizer
+
+TINY = SmallModelDims(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      intermediate_size=128, vision_width=32, vision_depth=2, vision_heads=2,
+                      min_pixels=56 * 56, max_pixels=112 * 112)
+
+
+@pytest.fixture(scope="module")
+def init_dir(tmp_path_factory) -> Path:
+    """A new tiny Qwen2-VL-architecture checkpoint folder (no weights) with a small trained tokenizer."""
+    root = tmp_path_factory.mktemp("training")
+    corpus = [QUESTIONS[("color", "en")].format(shape=s) for s in SHAPES] + list(COLORS) + \
+        ["system\nYou are a helpful assistant.", "user\n", "assistant\n", "Describe this image."]
+    save_tokenizer(train_tokenizer(corpus * 20, 300), root / "tokenizer", default_chat_template("qwen2_vl"))
+    return write_new_checkpoint_dir(root / "init", root / "tokenizer", TINY)
+
+
+def _config(init_dir: Path, out: Path, **kw) -> TrainConfig:
+    base = dict(model_dir=str(init_dir), out_dir=str(out), from_scratch=True, steps=60, batch_size=16, lr=3e-3,
+                warmup=10, eval_every=30, eval_batches=2, save_every=0, tasks=["color"], autocast_bf16=False)
+    return TrainConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def scratch_run(init_dir, tmp_path_factory) -> dict:
+    """A from-scratch run on the colour task (about ten seconds on one core)."""
+    out = tmp_path_factory.mktemp("scratch")
+    summary = train(_config(init_dir, out), log=lambda *_: None)
+    return {"out": out, "summary": summary}
+
+
+def _parts(model_dir):
+    return ModelConfig.from_dir(model_dir), Tokenizer.from_dir(model_dir), PreprocessorConfig.from_dir(model_dir)
+
+
+def _noise_image(w: int, h: int, seed: int) -> Image.Image:
+    return Image.fromarray((np.random.RandomState(seed).rand(h, w, 3) * 255).astype("uint8"))
+
+
+# --- the compact data path --------------------------------------------------------------------------------
+
+def test_compact_examples_equal_reference_bundled_config():
+    """Bundled model's config (600 x 600 canvases, resizes of every kind): same ids, positions, mask, grid;
+    unpacked pixels bit-identical to qwenvl.inputs' float32 pixel_values; 1/8 of the bytes."""
+    d = Path(__file__).resolve().parent.parent / "qwenvl" / "assets" / "bundled"
+    mc, tok, pc = _parts(d)
+    compact, reference, unpack = Encoder(tok, mc, pc), Encoder(tok, mc, pc, compact=False), PixelUnpacker(pc)
+    for i, task in enumerate(("count", "color", "ground", "read", "chart", "table")):
+        msgs = messages(make_sample(3, i, task=task))
+        a, b = compact(msgs), reference(msgs)
+        for f in ("token_ids", "positions", "loss_mask", "grid_thw"):
+            assert torch.equal(getattr(a, f), getattr(b, f)), (task, f)
+        assert a.pixel_values.dtype == torch.uint8 and a.pixel_values.shape[2] == 1   # one frame per still
+        assert torch.equal(unpack(a.pixel_values), b.pixel_values), task
+        assert a.pixel_values.nbytes * 8 == b.pixel_values.nbytes
+
+
+def test_compact_handles_two_images_custom_budget_and_mixes_with_video(init_dir):
+    mc, tok, pc = _parts(init_dir)
+    compact, reference, unpack = Encoder(tok, mc, pc), Encoder(tok, mc, pc, compact=False), PixelUnpacker(pc)
+    two = [{"role": "user", "content": [
+        {"type": "image", "image": _noise_image(90, 61, 1)},
+        {"type": "image", "image": _noise_image(40, 130, 2), "max_pixels": 56 * 56},
+        {"type": "text", "text": "Which is red?"}]},
+        {"role": "assistant", "content": "red"}]
+    video = [{"role": "user", "content": [{"type": "video", "video": [_noise_image(60, 60, s) for s in range(3)]},
+                                          {"type": "text", "text": "What color?"}]},
+             {"role": "assistant", "content": "blue"}]
+    a, b = compact(two), reference(two)
+    assert torch.equal(a.token_ids, b.token_ids) and torch.equal(a.positions, b.positions)
+    assert torch.equal(unpack(a.pixel_values), b.pixel_values) and a.grid_thw.shape == (2, 3)
+    v = compact(video)                          # videos take the reference path: float rows
+    assert v.pixel_values.dtype == torch.float32
+    with pytest.raises(ValueError, match="mixed"):
+        pack([a, v])
+    mixed, ref = pack([a, v], unpack), pack([b, reference(video)])
+    assert torch.equal(mixed.pixel_values, ref.pixel_values) and torch.equal(mixed.token_ids, ref.token_ids)
+
+
+def test_compact_batch_gives_the_same_loss_and_padded_attention_the_same_gradients(init_dir):
+    mc, tok, pc = _parts(init_dir)
+    torch.manual_seed(0)
+    model = build_model(mc)
+    init_weights(model)
+    msgs = [messages(make_sample(0, i, task=t)) for i, t in enumerate(("color", "ground", "read", "count"))]
+    compact = pack([Encoder(tok, mc, pc)(m) for m in msgs])
+    reference = pack([Encoder(tok, mc, pc, compact=False)(m) for m in msgs])
+    assert compact.nbytes < reference.nbytes / 4
+
+    def loss_and_grads(batch, attention, unpack=None):
+        model.zero_grad()
+        loss, n = packed_loss(model, batch, unpack, attention=attention)
+        loss.backward()
+        return loss.item(), n, [p.grad.clone() for p in model.parameters()]
+
+    ref_loss, ref_n, ref_grads = loss_and_grads(reference, DenseCausalAttention)
+    loss, n, _ = loss_and_grads(compact, DenseCausalAttention, PixelUnpacker(pc))
+    assert (loss, n) == (ref_loss, ref_n)              # identical pixels: identical loss, bit for bit
+    loss, n, grads = loss_and_grads(compact, PackedCausalAttention, PixelUnpacker(pc))
+    assert n == ref_n and abs(loss - ref_loss) < 1e-5
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="unpack"):
+        packed_loss(model, compact)
+
+
+def test_padded_attention_equals_dense_mask_for_odd_segments():
+    torch.manual_seed(0)
+    seg = torch.tensor([0] + [1] * 5 + [2] * 3 + [3] * 7)     # a 1-token conversation too
+    q, k, v = torch.randn(16, 4, 8), torch.randn(16, 2, 8), torch.randn(16, 2, 8)
+    got = PackedCausalAttention(seg).attend(0, q, k, v)
+    want = DenseCausalAttention(seg).attend(0, q, k, v)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+# --- stability ---------------------------------------------------------------------------------------------
+
+def test_batch_without_targets_gives_zero_loss_not_nan(init_dir):
+    mc, tok, pc = _parts(init_dir)
+    model = build_model(mc)
+    init_weights(model)
+    batch = pack([Encoder(tok, mc, pc)(messages(make_sample(0, 0, task="color")))])
+    batch.loss_mask[:] = False
+    loss, n = packed_loss(model, batch, PixelUnpacker(pc))
+    assert n == 0 and loss.item() == 0.0
+    loss.backward()                                          # reaches the graph without NaN
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_non_finite_step_is_skipped_and_training_goes_on(init_dir, bf16):
+    mc, tok, pc = _parts(init_dir)
+    torch.manual_seed(0)
+    model = build_model(mc)
+    init_weights(model)
+    cfg = _config(init_dir, "", batch_size=2, autocast_bf16=bf16)
+    good = pack([Encoder(tok, mc, pc, compact=False)(messages(make_sample(0, i, task="color"))) for i in range(2)])
+    bad = pack([Encoder(tok, mc, pc, compact=False)(messages(make_sample(0, i, task="color"))) for i in range(2)])
+    bad.pixel_values[0, 0] = float("nan")                     # a degenerate sample
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else nullcontext
+    before = [p.detach().clone() for p in params]
+    r = train_step(model, opt, params, iter([bad]), cfg, PixelUnpacker(pc), autocast)
+    assert r["skipped"] and math.isnan(r["loss"])
+    assert all(torch.equal(a, p) for a, p in zip(before, params))
+    assert all(p.grad is None for p in params)
+    r = train_step(model, opt, params, iter([good]), cfg, PixelUnpacker(pc), autocast)
+    assert not r["skipped"] and math.isfinite(r["loss"]) and r["samples"] == 2
+    assert any(not torch.equal(a, p) for a, p in zip(before, params))
+    assert all(torch.isfinite(p).all() for p in params)
+
+
+# --- real runs ---------------------------------------------------------------------------------------------
+
+def test_run_from_scratch_loss_falls_and_checkpoint_reloads(scratch_run, init_dir):
+    s = scratch_run["summary"]
+    first_loss = s["history"][0]["loss"]                     # ~ ln(vocab) before any learning
+    evals = [h["eval_loss"] for h in s["history"] if "eval_loss" in h]
+    assert s["steps"] == 60 and s["skipped_steps"] == 0 and len(evals) == 2
+    assert evals[-1] < 0.4 * first_loss, (first_loss, evals)
+    assert evals[-1] < evals[0]
+    final = Path(s["final_dir"])
+    model, cfg = load_model(final, dtype=torch.float32)
+    mc, tok, pc = _parts(final)
+    heldout = pack([Encoder(tok, mc, pc)(messages(make_sample(1, i, task="color", split="heldout")))
+                    for i in range(16)])
+    with torch.no_grad():
+        loss, _ = packed_loss(model, heldout, PixelUnpacker(pc))
+    assert loss.item() < 0.5 * first_loss                     # the saved weights are the trained ones
+    from qwenvl import LLM, SamplingParams
+    out = LLM(str(final)).generate([messages(make_sample(1, 0, task="color", split="heldout"))[:1]],
+                                   SamplingParams(temperature=0.0, max_tokens=4))
+    assert isinstance(out[0].text, str)
+
+
+def test_resume_continues_the_step_count(init_dir, tmp_path):
+    logs: list[str] = []
+    first = train(_config(init_dir, tmp_path, steps=4, save_every=2, eval_every=0, batch_size=4), log=logs.append)
+    assert first["steps"] == 4 and (tmp_path / "train_state.pt").exists()
+    state = torch.load(tmp_path / "train_state.pt", weights_only=False)
+    assert state["step"] == 4
+    second = train(_config(init_dir, tmp_path, steps=7, save_every=2, eval_every=0, batch_size=4), log=logs.append)
+    assert any(re.search(r"resumed from .* at step 4", m) for m in logs)
+    assert second["steps"] == 7
+    assert [h["step"] for h in second["history"]] == list(range(1, 8))
+    assert torch.load(tmp_path / "train_state.pt", weights_only=False)["step"] == 7
+
+
+def test_lora_run_merges_and_saves_a_plain_checkpoint(scratch_run, tmp_path):
+    base_dir = Path(scratch_run["summary"]["final_dir"])
+    summary = train(_config(base_dir, tmp_path, from_scratch=False, lora_rank=4, steps=6, eval_every=0,
+                            batch_size=4, lr=1e-2, warmup=1), log=lambda *_: None)
+    merged, _ = load_model(summary["final_dir"], dtype=torch.float32)     # strict: no lora_* keys, none missing
+    base, _ = load_model(base_dir, dtype=torch.float32)
+    m, b = merged.state_dict(), base.state_dict()
+    assert m.keys() == b.keys() and not any("lora" in k for k in m)
+    changed = {k for k in m if not torch.equal(m[k], b[k])}
+    assert changed and all(k.startswith("model.language_model.layers.") and k.endswith("proj.weight") for k in changed)
+    assert (Path(summary["final_dir"]) / "model.safetensors").exists()
+
+
+def test_saved_folder_loads_in_transformers_with_the_same_logits(scratch_run):
+    """Our LLM(dir) and transformers' Qwen2VLForConditionalGeneration read the same folder; prefill logits
+    with one image agree in float32."""
+    pytest.importorskip("transformers")
+    from hf_reference import build_ref_inputs
+    from transformers import Qwen2VLForConditionalGeneration
+
+    from qwenvl import LLM
+    from qwenvl.layers.attention import ContiguousKVCache
+    final = Path(scratch_run["summary"]["final_dir"])
+    assert json.loads((final / "config.json").read_text())["architectures"] == ["Qwen2VLForConditionalGeneration"]
+    LLM(str(final))                                            # the public entry point loads it
+    ref = build_ref_inputs(final, [_noise_image(100, 70, 0)], question="What color is the circle?")
+    hf = Qwen2VLForConditionalGeneration.from_pretrained(final, dtype=torch.float32,
+                                                         attn_implementation="eager").eval()
+    pos, _ = hf.model.get_rope_index(ref.input_ids, mm_token_type_ids=ref.mm_token_type_ids,
+                                     image_grid_thw=ref.image_grid_thw)
+    model, cfg = load_model(final, dtype=torch.float32)
+    with torch.inference_mode():
+        expected = hf(**ref.hf_kwargs(), position_ids=pos).logits[0]
+        vision, _ = model.encode_vision(ref.pixel_values, ref.image_grid_thw)
+        hidden = model(ref.input_ids[0], pos[:, 0], ContiguousKVCache(cfg.text.num_hidden_layers), vision, [])
+        got = model.compute_logits(hidden)
+    assert got.shape == expected.shape
+    assert (got - expected).abs().max().item() < 1e-4
