@@ -1,0 +1,142 @@
+"""The Gradio Blocks demo and its mounting at `/` of the server's FastAPI app (one process, one engine).
+
+The UI drives the server's AsyncEngine directly (prepare, then stream `generate`); it never calls the
+HTTP API. State per browser tab is a list of `Turn`s; the chatbot is redrawn from it on every change.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from .chat import ChatSession, Limits, Options, Turn, readable
+from .examples import EXAMPLES_DIR, examples
+
+log = logging.getLogger("qwenvl.web")
+
+TITLE = "qwenvl"
+CSS = """
+#qwenvl-header {margin-bottom: 0}
+#qwenvl-chat .message img {max-height: 360px}
+"""
+
+
+def render(turns: list[Turn]) -> list[dict]:
+    """Chatbot messages (Gradio 'messages' format) for the turns: images then text for the user; the
+    readable answer, then the annotated images, for the model; errors as a warning line."""
+    out = []
+    for turn in turns:
+        content = [{"path": p} for p in turn.images] + ([turn.text] if turn.text else [])
+        if content:
+            out.append({"role": "user", "content": content})
+        if turn.error:
+            out.append({"role": "assistant", "content": f"⚠️ {turn.error}"})
+            continue
+        answer = readable(turn.answer) or ("…" if not turn.done else "(empty answer)")
+        out.append({"role": "assistant", "content": [answer] + [{"path": p} for p in turn.annotated]})
+    return out
+
+
+def header(model_name: str, device: str, dtype: str) -> str:
+    return (f"## {TITLE} — vision-language chat\n"
+            f"Model **{model_name}** on **{device}** ({dtype}). Attach one or more images, ask about them; "
+            "answers stream as they are generated, and boxes the model names are drawn on the image.")
+
+
+def build_blocks(session: ChatSession, model_name: str, device: str, dtype: str, max_tokens_cap: int):
+    import gradio as gr
+
+    with gr.Blocks(title=f"{TITLE} — {model_name}", analytics_enabled=False) as demo:
+        gr.Markdown(header(model_name, device, dtype), elem_id="qwenvl-header")
+        turns = gr.State([])
+        chatbot = gr.Chatbot(elem_id="qwenvl-chat", height=520, show_label=False, feedback_options=None,
+                             buttons=["copy"], placeholder="Attach an image and ask a question.")
+        box = gr.MultimodalTextbox(elem_id="qwenvl-input", file_types=["image"], file_count="multiple",
+                                   placeholder="Ask about the images (attach with the clip, or drop them here)",
+                                   show_label=False, autofocus=True)
+        with gr.Row():
+            retry = gr.Button("Retry", elem_id="qwenvl-retry", size="sm")
+            undo = gr.Button("Undo", elem_id="qwenvl-undo", size="sm")
+            clear = gr.Button("Clear", elem_id="qwenvl-clear", size="sm")
+        with gr.Accordion("Settings", open=False):
+            with gr.Row():
+                temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature (0 = greedy)")
+                top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p")
+                max_tokens = gr.Slider(1, max_tokens_cap, value=min(256, max_tokens_cap), step=1,
+                                       label="Max new tokens")
+                high_res = gr.Checkbox(value=False, label="High resolution (up to 16,384 vision tokens per image)")
+        found = examples()
+        if found:
+            gr.Examples(examples=[[{"text": prompt, "files": [path]}] for _, path, prompt in found],
+                        example_labels=[label for label, _, _ in found], inputs=[box], label="Examples")
+        settings = [temperature, top_p, max_tokens, high_res]
+
+        async def stream(state: list[Turn], t, p, n, hr):
+            options = Options(temperature=t, top_p=p, max_tokens=int(n), high_resolution=bool(hr))
+            async for _ in session.respond(state, options):
+                yield gr.update(value=None, interactive=False), render(state), state
+            yield gr.update(value=None, interactive=True), render(state), state
+
+        async def send(message, state, t, p, n, hr):
+            message = message or {}
+            text = (message.get("text") or "").strip()
+            files = [f if isinstance(f, str) else f.get("path") for f in message.get("files") or []]
+            files = [f for f in files if f]
+            if not text and not files:
+                yield gr.update(), render(state), state
+                return
+            state = list(state) + [Turn(text=text, images=files)]
+            async for item in stream(state, t, p, n, hr):
+                yield item
+
+        async def do_retry(state, t, p, n, hr):
+            if not state:
+                yield gr.update(), render(state), state
+                return
+            last = state[-1]
+            state = list(state[:-1]) + [Turn(text=last.text, images=list(last.images))]
+            async for item in stream(state, t, p, n, hr):
+                yield item
+
+        def do_undo(state):
+            state = list(state[:-1])
+            return render(state), state
+
+        outputs = [box, chatbot, turns]
+        box.submit(send, [box, turns, *settings], outputs, concurrency_limit=None)
+        retry.click(do_retry, [turns, *settings], outputs, concurrency_limit=None)
+        undo.click(do_undo, [turns], [chatbot, turns], queue=False)
+        clear.click(lambda: ([], []), None, [chatbot, turns], queue=False)
+    return demo
+
+
+def mount(app) -> None:
+    """The server's `mount_ui` hook: build the demo over `app.state.qwenvl` and mount it at `/`."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    import gradio as gr
+
+    from ..server.app import API_PREFIXES
+    from .auth import WebAuthGate
+
+    state = app.state.qwenvl
+    engine = state.engine
+    inner = getattr(engine, "engine", None)
+    s = state.settings
+    limits = Limits(max_images=s.max_images, max_image_bytes=s.max_image_bytes, max_image_pixels=s.max_image_pixels,
+                    max_model_len=state.max_model_len, pixel_factor=state.pixel_factor,
+                    default_max_pixels=state.default_max_pixels)
+    device = str(getattr(inner, "device", s.device))
+    dtype = str(getattr(inner, "dtype", s.dtype or "")).replace("torch.", "")
+    cap = min(s.default_max_tokens, state.max_model_len or s.default_max_tokens)
+    demo = build_blocks(ChatSession(engine, limits), state.model_name, device, dtype, cap)
+    demo.queue(default_concurrency_limit=None, max_size=s.max_queue)
+    allowed = [str(EXAMPLES_DIR)] if EXAMPLES_DIR.is_dir() else []
+    theme = gr.themes.Soft(font=["ui-sans-serif", "system-ui", "sans-serif"],
+                           font_mono=["ui-monospace", "monospace"])   # no web fonts: works offline
+    gr.mount_gradio_app(app, demo, path="/", footer_links=[], run_history=False, allowed_paths=allowed,
+                        max_file_size=s.max_image_bytes, show_error=False, ssr_mode=False, mcp_server=False,
+                        theme=theme, css=CSS)
+    if state.api_key:
+        app.add_middleware(WebAuthGate, api_key=state.api_key, open_prefixes=API_PREFIXES,
+                           open_paths=("/health", "/metrics"))
+    log.info("web UI mounted at / (%s)", "sign-in with the API key" if state.api_key else "no auth")
