@@ -3,6 +3,9 @@ training on the synthetic tasks, export to a checkpoint folder (shards small eno
 
     python scripts/train_bundled_model.py --out runs/bundled --minutes 8 --device cuda --workers 14
 
+One call does everything: it first prints what the DataLoader delivers alone (samples/s, bytes/sample) and
+what the model's forward + backward allow alone, so the slower of the two is named before training; then
+it trains for --minutes (the cosine schedule is fitted to the time) and exports runs/.../final.
 Resumable: run it again with the same --out and it continues from train_state.pt.
 """
 
@@ -16,15 +19,36 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import torch  # noqa: E402
+
+from qwenvl.config import ModelConfig  # noqa: E402
+from qwenvl.inputs import PreprocessorConfig  # noqa: E402
+from qwenvl.tokenizer import Tokenizer  # noqa: E402
 from qwenvl.training.checkpoint import SmallModelDims, write_new_checkpoint_dir  # noqa: E402
 from qwenvl.training.corpus import build_tokenizer  # noqa: E402
+from qwenvl.training.packing import Encoder  # noqa: E402
 from qwenvl.training.sft import TrainConfig, train  # noqa: E402
+from qwenvl.training.throughput import loader_rate, model_rate  # noqa: E402
+
+
+def measure(cfg: TrainConfig, seconds: float) -> None:
+    """Print the data path's and the model's samples/s apart (each alone), before training."""
+    d = cfg.model_dir
+    encoder = Encoder(Tokenizer.from_dir(d), ModelConfig.from_dir(d), PreprocessorConfig.from_dir(d))
+    data = loader_rate(cfg, encoder, seconds)
+    print(f"data: {data['samples_per_s']} samples/s from {cfg.workers} workers, "
+          f"{data['bytes_per_sample'] / 1e6:.2f} MB/sample ({data})", flush=True)
+    model = model_rate(cfg, encoder)
+    print(f"model: {model['samples_per_s']} samples/s forward+backward alone ({model})", flush=True)
+    slower = "data" if data["samples_per_s"] < model["samples_per_s"] else "model"
+    print(f"expect about {min(data['samples_per_s'], model['samples_per_s'])} samples/s in training "
+          f"({slower}-bound)", flush=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
-    ap.add_argument("--minutes", type=float, default=8.0)
+    ap.add_argument("--minutes", type=float, default=8.0, help="training time (the measurement comes before)")
     ap.add_argument("--steps", type=int, default=100000)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--workers", type=int, default=14)
@@ -32,9 +56,14 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--warmup", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--task", action="append", default=[], help="train on these synthetic tasks only (repeatable)")
+    ap.add_argument("--measure-seconds", type=float, default=15.0,
+                    help="time the DataLoader alone this long before training; 0 skips the measurement")
     ap.add_argument("--init-from", help="start from this checkpoint's weights instead of new ones")
     ap.add_argument("--small", action="store_true", help="a very small model, for a smoke run")
     args = ap.parse_args()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        sys.exit(f"--device {args.device}: CUDA is not available here; use --device cpu for a smoke run")
 
     out = Path(args.out)
     init = out / "init"
@@ -42,14 +71,16 @@ def main() -> None:
         t = time.time()
         build_tokenizer(out / "tokenizer")
         dims = SmallModelDims(hidden_size=64, num_hidden_layers=2, intermediate_size=128, vision_width=32,
-                              vision_depth=2, vision_heads=2) if args.small else SmallModelDims()
+                              vision_depth=2, vision_heads=2, max_pixels=224 * 224) if args.small else SmallModelDims()
         write_new_checkpoint_dir(init, out / "tokenizer", dims)
         print(f"tokenizer and config written in {time.time() - t:.1f} s", flush=True)
     start = args.init_from or str(init)
     cfg = TrainConfig(model_dir=start, out_dir=str(out), from_scratch=not args.init_from, steps=args.steps,
                       batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, eval_every=250,
                       eval_batches=4, save_every=500, seed=args.seed, device=args.device,
-                      workers=args.workers, max_minutes=args.minutes, max_shard_mb=12)
+                      workers=args.workers, max_minutes=args.minutes, max_shard_mb=12, tasks=args.task)
+    if args.measure_seconds > 0 and not (out / "train_state.pt").exists():
+        measure(cfg, args.measure_seconds)
     summary = train(cfg)
     print(json.dumps({k: v for k, v in summary.items() if k != "history"}), flush=True)
     print("loss every 10%:", [h["loss"] for h in summary["history"][:: max(1, len(summary["history"]) // 10)]])

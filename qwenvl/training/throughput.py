@@ -72,6 +72,38 @@ def loader_rate(cfg: TrainConfig, encoder: Encoder, seconds: float = 20.0, warmu
             "bytes_per_sample": nbytes // max(samples, 1), "startup_s": round(startup, 1)}
 
 
+def model_rate(cfg: TrainConfig, encoder: Encoder, steps: int = 10, warmup: int = 3) -> dict:
+    """Samples/s of forward + backward alone (no data wait, no optimiser) on one batch, with new weights
+    of the configured model on cfg.device: the rate the accelerator allows whatever the data path does."""
+    from ..models import build_model
+    from .checkpoint import init_weights
+    from .packing import packed_loss
+    device = torch.device(cfg.device)
+    model = build_model(encoder.model_cfg).to(device)
+    init_weights(model)
+    data = SyntheticConversations(encoder, cfg.seed, "train", cfg.tasks)
+    batch = pack([data[i] for i in range(cfg.batch_size)], PixelUnpacker(encoder.pre_cfg)).to(device)
+    unpack = PixelUnpacker(encoder.pre_cfg, device)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    for i in range(warmup + steps):
+        if i == warmup:
+            sync()
+            t0 = time.time()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.autocast_bf16):
+            loss, _ = packed_loss(model, batch, unpack)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+    sync()
+    elapsed = time.time() - t0
+    return {"batch_size": cfg.batch_size, "tokens_per_batch": batch.num_tokens,
+            "patches_per_batch": int(batch.pixel_values.shape[0]), "step_s": round(elapsed / steps, 4),
+            "samples_per_s": round(cfg.batch_size * steps / elapsed, 1)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="qwenvl/assets/bundled")
