@@ -122,7 +122,8 @@ def test_errored_turns_stay_out_of_the_history_and_full_context_is_refused(image
 
 
 def test_readable_hides_markers_and_unfinished_tags():
-    assert readable("<|object_ref_start|>猫<|object_ref_end|><|box_start|>(1,2),(3,4)<|box_end|>") == "**猫** `[(1,2),(3,4)]`"
+    text = "<|object_ref_start|>猫<|object_ref_end|><|box_start|>(1,2),(3,4)<|box_end|>"
+    assert readable(text) == "**猫** `[(1,2),(3,4)]`"
     assert readable("A cat <|box_sta") == "A cat"
 
 

@@ -16,6 +16,12 @@ def mount_ui(app) -> None:
         import gradio  # noqa: F401
     except ImportError:
         log.warning("web UI disabled: gradio is not installed (pip install 'qwenvl[serve]')")
+        from fastapi.responses import PlainTextResponse
+
+        async def no_ui():
+            return PlainTextResponse("qwenvl: the APIs are up; the web UI needs gradio (pip install gradio) "
+                                     "and a restart.\n")
+        app.add_api_route("/", no_ui, methods=["GET"], include_in_schema=False)
         return
     from .app import mount
 

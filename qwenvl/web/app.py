@@ -17,7 +17,9 @@ log = logging.getLogger("qwenvl.web")
 TITLE = "qwenvl"
 CSS = """
 #qwenvl-header {margin-bottom: 0}
-#qwenvl-chat .message img {max-height: 360px}
+#qwenvl-chat .user img {max-height: 160px !important; width: auto !important}
+#qwenvl-chat .bot img {max-height: 320px !important; width: auto !important}
+#qwenvl-chat button[aria-label="Share"] {display: none}
 """
 
 
@@ -49,7 +51,7 @@ def build_blocks(session: ChatSession, model_name: str, device: str, dtype: str,
     with gr.Blocks(title=f"{TITLE} — {model_name}", analytics_enabled=False) as demo:
         gr.Markdown(header(model_name, device, dtype), elem_id="qwenvl-header")
         turns = gr.State([])
-        chatbot = gr.Chatbot(elem_id="qwenvl-chat", height=520, show_label=False, feedback_options=None,
+        chatbot = gr.Chatbot(elem_id="qwenvl-chat", height=640, show_label=False, feedback_options=None,
                              buttons=["copy"], placeholder="Attach an image and ask a question.")
         box = gr.MultimodalTextbox(elem_id="qwenvl-input", file_types=["image"], file_count="multiple",
                                    placeholder="Ask about the images (attach with the clip, or drop them here)",
@@ -107,6 +109,7 @@ def build_blocks(session: ChatSession, model_name: str, device: str, dtype: str,
         retry.click(do_retry, [turns, *settings], outputs, concurrency_limit=None)
         undo.click(do_undo, [turns], [chatbot, turns], queue=False)
         clear.click(lambda: ([], []), None, [chatbot, turns], queue=False)
+        chatbot.clear(lambda: [], None, [turns], queue=False)          # the chatbot's own trash icon
     return demo
 
 

@@ -25,6 +25,8 @@ from ..sampling_params import SamplingParams
 
 log = logging.getLogger("qwenvl.web")
 
+KEEP_ANNOTATED = 256          # newest annotated images kept in out_dir (Gradio serves its own copies)
+
 # DashScope's per-image token caps (the server's `vl_high_resolution_images` rule): one vision token
 # covers factor x factor pixels.
 LOW_RES_TOKENS, HIGH_RES_TOKENS = 1280, 16384
@@ -148,7 +150,18 @@ def annotate(images: list[Image.Image], boxes: list[dict], out_dir: str) -> list
         path = os.path.join(out_dir, f"boxes-{uuid.uuid4().hex[:12]}.png")
         draw_boxes(images[idx], by_image[idx]).save(path)
         paths.append(path)
+    _prune(out_dir, KEEP_ANNOTATED)
     return paths
+
+
+def _prune(out_dir: str, keep: int) -> None:
+    try:
+        files = sorted((e for e in os.scandir(out_dir) if e.name.startswith("boxes-")),
+                       key=lambda e: e.stat().st_mtime, reverse=True)
+        for entry in files[keep:]:
+            os.unlink(entry.path)
+    except OSError:               # another request pruned first; nothing to do
+        pass
 
 
 class ChatSession:
