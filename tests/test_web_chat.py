@@ -80,9 +80,12 @@ def test_streams_then_draws_boxes_on_the_right_image(tmp_path, image):
 
 
 def test_high_resolution_raises_the_pixel_cap(image):
-    engine = FakeEngine()
-    run(ChatSession(engine, Limits(default_max_pixels=200_000)), [Turn("Hi", [image])], Options(high_resolution=True))
-    assert engine.messages[0]["content"][0]["max_pixels"] == 16384 * 28 * 28
+    for high, default, expected in ((True, None, 16384 * 28 * 28), (False, None, 1280 * 28 * 28),
+                                    (True, 200_000, 200_000), (False, 20 * 10**6, 1280 * 28 * 28)):
+        engine = FakeEngine()
+        run(ChatSession(engine, Limits(default_max_pixels=default)), [Turn("Hi", [image])],
+            Options(high_resolution=high))
+        assert engine.messages[0]["content"][0]["max_pixels"] == expected
 
 
 @pytest.mark.parametrize("case", ["not_image", "too_many_bytes", "too_many_pixels", "too_many_images", "missing"])

@@ -62,22 +62,35 @@ def build_blocks(session: ChatSession, model_name: str, device: str, dtype: str,
             clear = gr.Button("Clear", elem_id="qwenvl-clear", size="sm")
         with gr.Accordion("Settings", open=False):
             with gr.Row():
-                temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature (0 = greedy)")
+                temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature", info="0 = greedy")
                 top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p")
                 max_tokens = gr.Slider(1, max_tokens_cap, value=min(256, max_tokens_cap), step=1,
                                        label="Max new tokens")
-                high_res = gr.Checkbox(value=False, label="High resolution (up to 16,384 vision tokens per image)")
+                high_res = gr.Checkbox(value=False, label="High resolution",
+                                       info="up to 16,384 vision tokens per image instead of 1,280 "
+                                       "(within the model's own limit)")
         found = examples()
         if found:
             gr.Examples(examples=[[{"text": prompt, "files": [path]}] for _, path, prompt in found],
                         example_labels=[label for label, _, _ in found], inputs=[box], label="Examples")
         settings = [temperature, top_p, max_tokens, high_res]
 
+        buttons = [retry, undo, clear]
+
+        def idle(busy: bool) -> list:
+            """Input and buttons locked while an answer streams (one request per tab at a time)."""
+            return [gr.update(value=None, interactive=not busy)] + [gr.update(interactive=not busy)] * len(buttons)
+
+        def unchanged(state) -> tuple:
+            return (gr.update(), render(state), state, *[gr.update()] * len(buttons))
+
         async def stream(state: list[Turn], t, p, n, hr):
             options = Options(temperature=t, top_p=p, max_tokens=int(n), high_resolution=bool(hr))
+            box_up, *buttons_up = idle(True)
             async for _ in session.respond(state, options):
-                yield gr.update(value=None, interactive=False), render(state), state
-            yield gr.update(value=None, interactive=True), render(state), state
+                yield (box_up, render(state), state, *buttons_up)
+            box_up, *buttons_up = idle(False)
+            yield (box_up, render(state), state, *buttons_up)
 
         async def send(message, state, t, p, n, hr):
             message = message or {}
@@ -85,7 +98,7 @@ def build_blocks(session: ChatSession, model_name: str, device: str, dtype: str,
             files = [f if isinstance(f, str) else f.get("path") for f in message.get("files") or []]
             files = [f for f in files if f]
             if not text and not files:
-                yield gr.update(), render(state), state
+                yield unchanged(state)
                 return
             state = list(state) + [Turn(text=text, images=files)]
             async for item in stream(state, t, p, n, hr):
@@ -93,7 +106,7 @@ def build_blocks(session: ChatSession, model_name: str, device: str, dtype: str,
 
         async def do_retry(state, t, p, n, hr):
             if not state:
-                yield gr.update(), render(state), state
+                yield unchanged(state)
                 return
             last = state[-1]
             state = list(state[:-1]) + [Turn(text=last.text, images=list(last.images))]
@@ -104,7 +117,7 @@ def build_blocks(session: ChatSession, model_name: str, device: str, dtype: str,
             state = list(state[:-1])
             return render(state), state
 
-        outputs = [box, chatbot, turns]
+        outputs = [box, chatbot, turns, *buttons]
         box.submit(send, [box, turns, *settings], outputs, concurrency_limit=None)
         retry.click(do_retry, [turns, *settings], outputs, concurrency_limit=None)
         undo.click(do_undo, [turns], [chatbot, turns], queue=False)

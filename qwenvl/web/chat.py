@@ -42,8 +42,9 @@ class Limits:
     default_max_pixels: int | None = None       # the checkpoint's preprocessor limit
 
     def max_pixels(self, high_resolution: bool) -> int:
+        """Per-image pixel cap, as the HTTP APIs apply it: never above the checkpoint's own limit."""
         cap = (HIGH_RES_TOKENS if high_resolution else LOW_RES_TOKENS) * self.pixel_factor ** 2
-        return cap if high_resolution else min(cap, self.default_max_pixels or cap)
+        return min(cap, self.default_max_pixels or cap)
 
 
 @dataclass
