@@ -73,7 +73,7 @@ def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
     for s, n in zip(starts, lengths):
         if n > 0:
             by_length.setdefault(n, []).append(s)
-    if len(by_length) > MAX_LENGTH_GROUPS:
+    if len(by_length) > MAX_LENGTH_GROUPS and (q.device.type != "cpu" or max(by_length, default=0) <= MAX_PADDED_LEN_CPU):
         return _padded_segment_attention(q, k, v, cu_seqlens, max(by_length))
     for n, seg_starts in by_length.items():
         idx = torch.tensor(seg_starts, device=q.device)[:, None] + torch.arange(n, device=q.device)  # [S, n]
@@ -86,6 +86,10 @@ def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
 # Beyond this many distinct segment lengths (a training batch of images of many sizes), one padded SDPA
 # call beats a call per length: each call costs index building and, on a GPU, a host-device round trip.
 MAX_LENGTH_GROUPS = 4
+# On a CPU a call costs microseconds, while padding wastes work quadratic in the length and a masked SDPA
+# leaves the flash kernel for the math path (the whole [S, H, L, L] score tensor in float32: over 1 GB for
+# 16 images of 448x448 at Qwen2-VL-2B dims). So a CPU pads only segments this short.
+MAX_PADDED_LEN_CPU = 256
 
 
 def _padded_segment_attention(q, k, v, cu_seqlens: torch.Tensor, max_len: int) -> torch.Tensor:

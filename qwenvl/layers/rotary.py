@@ -20,10 +20,17 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x[N, H, Dh], cos/sin[N, Dh] -> x rotated; the product is taken in float32."""
+    """x[N, ..., Dh], cos/sin[N, Dh] -> x rotated; the product is taken in float32.
+
+    Equals x * cos + rotate_half(x) * sin exactly (cos/sin repeat their first half), computed on the halves
+    so that no negated copy of x and no full-width products are made.
+    """
+    half = x.shape[-1] // 2
+    shape = (cos.shape[0],) + (1,) * (x.dim() - 2) + (half,)
+    c, s = cos[:, :half].reshape(shape), sin[:, :half].reshape(shape)     # [N, 1.., Dh/2]
     xf = x.float()
-    out = xf * cos[:, None, :] + rotate_half(xf) * sin[:, None, :]
-    return out.to(x.dtype)
+    x1, x2 = xf[..., :half], xf[..., half:]
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)
 
 
 def mrope_frequency_axis(mrope_section: tuple[int, ...], interleaved: bool,
