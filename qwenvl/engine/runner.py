@@ -11,6 +11,8 @@ only at the last token of each chunk that completes its sequence, and samples th
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 from qwenvl.engine.encoder_cache import EncoderCache
@@ -107,8 +109,6 @@ class ModelRunner:
         deepstack = [torch.cat(level) for level in zip(*ds_rows)] if ds_rows else []     # [K, D] each
         attn = PagedAttention(self.pool, [c.seq.block_table for c in chunks], [c.end for c in chunks],
                               [c.end - c.start for c in chunks], impl=self.attn_impl)
-        hidden = self.model.forward(input_ids, positions, attn, vision_embeds, deepstack)   # [N, D]
-
         ends, reqs = [], []
         offset = 0
         for c in chunks:
@@ -116,10 +116,27 @@ class ModelRunner:
             if c.needs_sample:
                 ends.append(offset - 1)
                 reqs.append(c.seq)
-        if not reqs:
-            return {}, {}
-        logits = self.model.compute_logits(hidden[torch.tensor(ends, device=hidden.device)])   # [B, V]
+        with _matrix_vector_kernels(self.device.type == "cpu" and len(ids) == 1):
+            hidden = self.model.forward(input_ids, positions, attn, vision_embeds, deepstack)   # [N, D]
+            if not reqs:
+                return {}, {}
+            logits = self.model.compute_logits(hidden[torch.tensor(ends, device=hidden.device)])   # [B, V]
         out = self.sampler(logits, reqs)
         sampled = {r.request_id: t for r, t in zip(reqs, out.token_ids)}
         logprobs = {r.request_id: lp for r, lp in zip(reqs, out.logprobs) if lp is not None}
         return sampled, logprobs
+
+
+@contextmanager
+def _matrix_vector_kernels(on: bool):
+    """A one-token step (batch-1 decode) on a CPU: turn oneDNN off so that every Linear is PyTorch's own
+    bfloat16 matrix-vector kernel, which streams the weights about 1.5-2x faster than oneDNN's GEMM does
+    at one row (measured on AVX512-BF16 Zen 4; from two rows on oneDNN is faster). Same math, fp32 sums."""
+    if not on or not torch._C._get_mkldnn_enabled():
+        yield
+        return
+    torch._C._set_mkldnn_enabled(False)
+    try:
+        yield
+    finally:
+        torch._C._set_mkldnn_enabled(True)

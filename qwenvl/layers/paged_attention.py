@@ -9,9 +9,9 @@ into their slots, then lets every query attend causally to all of its sequence's
 Two implementations, chosen at construction:
   * "reference": per sequence, gather its keys, repeat kv heads for GQA, SDPA with an explicit
     boolean causal-with-offset mask. Plain and slow; the oracle in tests.
-  * "fast": every single-token decode in the batch in one padded gather + one SDPA call; prefill
-    chunks one SDPA call each (is_causal when the chunk has no cached prefix). Index tensors are
-    built once per step and shared by all layers.
+  * "fast": every single-token decode in the batch in one padded gather + one batched attention (two
+    float32 matmuls on a CPU, SDPA elsewhere); prefill chunks one SDPA call each (is_causal when the
+    chunk has no cached prefix). Index tensors are built once per step and shared by all layers.
 """
 
 from __future__ import annotations
@@ -31,8 +31,13 @@ class PagedKVPool:
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         shape = (num_blocks, block_size, num_kv_heads, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        # Left uninitialised: the OS maps a page only when a block is first written, so the memory a
+        # process holds grows with the KV in use, not with kv_cache_gb. Only slot 0 must be finite from
+        # the start: padded decode rows read it (masked out, but 0 * NaN would still be NaN).
+        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        for t in self.k + self.v:
+            t[0, 0].zero_()
 
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
@@ -100,7 +105,9 @@ class PagedAttention:
             for r, i in enumerate(self.decode_idx):
                 pad[r, : lens[r]] = key_slots[i]
             self.decode_slots = pad.to(dev)                                              # [Bd, L]
-            self.decode_mask = (torch.arange(L).unsqueeze(0) < torch.tensor(lens).unsqueeze(1)).to(dev)  # [Bd, L]
+            # None when every decode row has the same length (always at batch 1): nothing to mask.
+            self.decode_mask = None if min(lens) == L else \
+                (torch.arange(L).unsqueeze(0) < torch.tensor(lens).unsqueeze(1)).to(dev)  # [Bd, L]
             self.decode_rows = torch.tensor([self.q_starts[i] for i in self.decode_idx], dtype=torch.long, device=dev)
         # Explicit causal masks for prefill chunks that sit after cached tokens.
         self.prefill_masks = {}
@@ -142,13 +149,17 @@ class PagedAttention:
         out = torch.empty_like(q)
         if self.decode_idx:
             Bd, L = self.decode_slots.shape
-            qd = q.index_select(0, self.decode_rows).unsqueeze(2)                      # [Bd, Hq, 1, Dh]
-            kd = kc[self.decode_slots.view(-1)].view(Bd, L, Hkv, -1).transpose(1, 2)   # [Bd, Hkv, L, Dh]
-            vd = vc[self.decode_slots.view(-1)].view(Bd, L, Hkv, -1).transpose(1, 2)
-            mask = self.decode_mask[:, None, None, :]                                  # [Bd, 1, 1, L]
-            od = F.scaled_dot_product_attention(qd, kd.to(q.dtype), vd.to(q.dtype), attn_mask=mask,
-                                                scale=self.scale, enable_gqa=gqa)
-            out.index_copy_(0, self.decode_rows, od.squeeze(2))
+            qd = q.index_select(0, self.decode_rows)                                   # [Bd, Hq, Dh]
+            kd = kc.index_select(0, self.decode_slots.view(-1)).view(Bd, L, Hkv, -1)   # [Bd, L, Hkv, Dh]
+            vd = vc.index_select(0, self.decode_slots.view(-1)).view(Bd, L, Hkv, -1)
+            if q.device.type == "cpu":
+                od = decode_attention_matmul(qd, kd, vd, self.decode_mask, self.scale)
+            else:
+                mask = None if self.decode_mask is None else self.decode_mask[:, None, None, :]   # [Bd, 1, 1, L]
+                od = F.scaled_dot_product_attention(
+                    qd.unsqueeze(2), kd.transpose(1, 2).to(q.dtype), vd.transpose(1, 2).to(q.dtype),
+                    attn_mask=mask, scale=self.scale, enable_gqa=gqa).squeeze(2)
+            out.index_copy_(0, self.decode_rows, od)
         for i in self.prefill_idx:
             s, qlen = self.q_starts[i], self.query_lens[i]
             qi = q[s: s + qlen].transpose(0, 1).unsqueeze(0)                              # [1, Hq, q, Dh]
@@ -159,6 +170,26 @@ class PagedAttention:
                                                scale=self.scale, enable_gqa=gqa)
             out[s: s + qlen] = o[0].transpose(0, 1)
         return out
+
+
+def decode_attention_matmul(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                            scale: float | None = None) -> torch.Tensor:
+    """One query per sequence: q[B, Hq, Dh], k/v[B, L, Hkv, Dh], mask[B, L] (True: a real key) or None
+    -> [B, Hq, Dh]. Scores, softmax and the weighted sum in float32 (k/v are small at one query each).
+
+    On a CPU this is 3-4x faster than SDPA, whose single-query GQA path repeats k/v per query head and
+    runs the unfused math kernel; query head h reads kv head h // (Hq / Hkv), as SDPA's enable_gqa does.
+    """
+    B, Hq, Dh = q.shape
+    Hkv = k.shape[2]
+    qg = q.reshape(B, Hkv, Hq // Hkv, Dh).float()                             # [B, Hkv, G, Dh]
+    kf = k.transpose(1, 2).float()                                             # [B, Hkv, L, Dh]
+    vf = v.transpose(1, 2).float()
+    s = torch.matmul(qg, kf.transpose(-1, -2)) * (Dh ** -0.5 if scale is None else scale)   # [B, Hkv, G, L]
+    if mask is not None:
+        s.masked_fill_(~mask[:, None, None, :], float("-inf"))
+    o = torch.matmul(torch.softmax(s, dim=-1), vf)                             # [B, Hkv, G, Dh]
+    return o.reshape(B, Hq, Dh).to(q.dtype)
 
 
 def _causal_mask(q_len: int, ctx_len: int, device) -> torch.Tensor:
