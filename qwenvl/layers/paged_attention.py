@@ -31,13 +31,8 @@ class PagedKVPool:
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         shape = (num_blocks, block_size, num_kv_heads, head_dim)
-        # Left uninitialised: the OS maps a page only when a block is first written, so the memory a
-        # process holds grows with the KV in use, not with kv_cache_gb. Only slot 0 must be finite from
-        # the start: padded decode rows read it (masked out, but 0 * NaN would still be NaN).
-        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        for t in self.k + self.v:
-            t[0, 0].zero_()
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
 
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
