@@ -115,34 +115,26 @@ class Scheduler:
 
     def abort(self, request_id: str) -> Sequence | None:
         """Stop a request now and free its blocks. Returns it, or None if unknown/finished."""
-        seq = self.requests.pop(request_id, None)
+        seq = self.requests.get(request_id)
         if seq is None:
             return None
-        if seq in self.running:
-            self.running.remove(seq)
-        else:
-            try:
-                self.waiting.remove(seq)
-            except ValueError:
-                pass
-        self.bm.free(seq)
-        seq.status = SequenceStatus.ABORTED
-        seq.finish_reason = "abort"
+        self._release(seq, SequenceStatus.ABORTED, "abort")
         return seq
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """Mark a running request finished (e.g. a stop string found by the engine) and free it."""
-        if self.requests.pop(seq.request_id, None) is None:
-            return
+        if seq.request_id in self.requests:
+            self._release(seq, SequenceStatus.FINISHED, reason)
+
+    def _release(self, seq: Sequence, status: SequenceStatus, reason: str) -> None:
+        """Take a live request out of the queues and give its blocks back."""
+        del self.requests[seq.request_id]
         if seq in self.running:
             self.running.remove(seq)
-        else:
-            try:
-                self.waiting.remove(seq)
-            except ValueError:
-                pass
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
         self.bm.free(seq)
-        seq.status = SequenceStatus.FINISHED
+        seq.status = status
         seq.finish_reason = reason
 
     def has_unfinished(self) -> bool:
