@@ -30,7 +30,9 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     c, s = cos[:, :half].reshape(shape), sin[:, :half].reshape(shape)     # [N, 1.., Dh/2]
     xf = x.float()
     x1, x2 = xf[..., :half], xf[..., half:]
-    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)
+    r1 = (x1 * c).sub_(x2 * s)                # in place where possible: the ViT's q/k are large
+    r2 = (x2 * c).add_(x1 * s)
+    return torch.cat((r1, r2), dim=-1).to(x.dtype)
 
 
 def mrope_frequency_axis(mrope_section: tuple[int, ...], interleaved: bool,

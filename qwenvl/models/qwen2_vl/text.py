@@ -51,7 +51,10 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if torch.is_grad_enabled():                                            # training: autograd needs them
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        h = F.silu(self.gate_proj(x), inplace=True)                          # [N, I]: in place, so a long
+        return self.down_proj(h.mul_(self.up_proj(x)))                        # prefill holds two [N, I], not four
 
 
 class DecoderLayer(nn.Module):

@@ -39,15 +39,16 @@ class VisionAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         p = x.shape[0]
-        qkv = self.qkv(x).view(p, 3, self.num_heads, -1)                      # [P, 3, H, Dh]
-        q, k = apply_rotary(qkv[:, :2], cos, sin).unbind(1)                    # q and k in one pass
-        v = qkv[:, 2]
+        q, k, v = self.qkv(x).view(p, 3, self.num_heads, -1).unbind(1)       # 3 x [P, H, Dh]
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)           # one at a time: float32 temporaries
         out = segment_attention(q, k, v, cu_seqlens)                           # [P, H, Dh]
         return self.proj(out.reshape(p, -1))
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
-    return torch.sigmoid(1.702 * x).mul_(x)           # x * sigmoid(1.702 x), one temporary fewer
+    if torch.is_grad_enabled():                        # training: autograd needs the intermediates
+        return x * torch.sigmoid(1.702 * x)
+    return (x * 1.702).sigmoid_().mul_(x)              # inference: one temporary, not three
 
 
 class VisionMLP(nn.Module):
