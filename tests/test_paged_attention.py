@@ -98,3 +98,10 @@ def test_slots_written_and_bad_args():
 def test_cuda(impl, dtype, tol):
     run_steps(impl, hq=8, hkv=2, d=64, bs=16, plan=PLAN + [[("e", 40), ("a", 1)], [("e", 1), ("a", 1)]],
               device="cuda", dtype=dtype, tol=tol)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 3e-2), (torch.float16, 3e-3)])
+@pytest.mark.parametrize("hq,hkv", [(4, 2), (6, 1)])
+def test_fast_half_precision_on_cpu(dtype, tol, hq, hkv):
+    """The CPU decode path (float32 matmuls over half-precision k/v) against the oracle, padded batch included."""
+    run_steps("fast", hq=hq, hkv=hkv, plan=PLAN, dtype=dtype, tol=tol)
