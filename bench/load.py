@@ -131,7 +131,7 @@ def _start_server(args) -> tuple[subprocess.Popen, str, str | None]:
     raise SystemExit("server did not start in 600 s")
 
 
-async def _run(args, url: str, headers: dict) -> tuple[list, list, list, float]:
+async def _run(args, url: str, headers: dict, duration: float) -> tuple[list, list, list, float]:
     content = [{"type": "text", "text": args.prompt}]
     if not args.no_image:
         content.insert(0, {"type": "image_url", "image_url": {"url": _image_url()}})
@@ -139,7 +139,7 @@ async def _run(args, url: str, headers: dict) -> tuple[list, list, list, float]:
             "messages": [{"role": "user", "content": content}]}
     ttfts, errors, done = [], [], []
     t0 = time.monotonic()
-    stop_at = t0 + args.duration
+    stop_at = t0 + duration
     await asyncio.gather(*(_client(url, headers, body, stop_at, ttfts, errors, done) for _ in range(args.clients)))
     return ttfts, errors, done, time.monotonic() - t0
 
@@ -156,6 +156,9 @@ def main() -> int:
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--kv-cache-gb", type=float, default=0.5)
+    ap.add_argument("--warmup", type=float, default=20.0,
+                    help="seconds of the same load before the 'before' reading: thread pools, allocator "
+                         "arenas and oneDNN's per-shape kernel cache fill once, a leak keeps growing")
     ap.add_argument("--url", default=None, help="use a running server instead of starting one")
     ap.add_argument("--api-key", default=os.environ.get("QWENVL_API_KEY"))
     args = ap.parse_args()
@@ -167,9 +170,14 @@ def main() -> int:
         proc, url, _ = _start_server(args)
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     pid = proc.pid if proc else None
-    rss0, kv0 = _rss_mb(pid), _kv_used(url)
+    rss_start = _rss_mb(pid)
     try:
-        ttfts, errors, done, wall = asyncio.run(_run(args, url, headers))
+        if args.warmup > 0:
+            _, warm_errors, _, _ = asyncio.run(_run(args, url, headers, args.warmup))
+            time.sleep(0.5)
+        rss0, kv0 = _rss_mb(pid), _kv_used(url)
+        ttfts, errors, done, wall = asyncio.run(_run(args, url, headers, args.duration))
+        errors = (warm_errors if args.warmup > 0 else []) + errors
         time.sleep(0.5)                          # let the engine thread publish its last stats
         rss1, kv1 = _rss_mb(pid), _kv_used(url)
     finally:
@@ -182,7 +190,9 @@ def main() -> int:
     print(f"time to first token p50 {_pct(ttfts, 0.5) * 1000:.0f} ms  p99 {_pct(ttfts, 0.99) * 1000:.0f} ms")
     print(f"request latency p50 {_pct(done, 0.5) * 1000:.0f} ms  p99 {_pct(done, 0.99) * 1000:.0f} ms")
     fmt = lambda v, unit="": "n/a" if v is None else f"{v:.0f}{unit}"  # noqa: E731
-    print(f"server RSS before {fmt(rss0, ' MB')}  after {fmt(rss1, ' MB')}")
+    print(f"server RSS at start {fmt(rss_start, ' MB')}, after {args.warmup:.0f} s warm-up (before) "
+          f"{fmt(rss0, ' MB')}  after {fmt(rss1, ' MB')}"
+          + (f"  growth {100 * (rss1 - rss0) / rss0:+.1f}%" if rss0 and rss1 else ""))
     print(f"kv_blocks_used before {fmt(kv0)}  after {fmt(kv1)}")
     return 1 if errors else 0
 
