@@ -156,7 +156,7 @@ def main() -> int:
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--kv-cache-gb", type=float, default=0.5)
-    ap.add_argument("--warmup", type=float, default=20.0,
+    ap.add_argument("--warmup", type=float, default=60.0,
                     help="seconds of the same load before the 'before' reading: thread pools, allocator "
                          "arenas and oneDNN's per-shape kernel cache fill once, a leak keeps growing")
     ap.add_argument("--url", default=None, help="use a running server instead of starting one")
