@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ...config import ModelConfig
+from ..common import LMHead
 from ...layers.attention import AttentionBackend
 from .text import TextModel
 from .vision import VisionTransformer
 
 
-class Qwen2VLModel(nn.Module):
+class Qwen2VLModel(LMHead, nn.Module):
     """Module names follow the transformers 5.x checkpoint keys: model.visual.*, model.language_model.*, lm_head.*"""
 
     vision_class = VisionTransformer
@@ -48,9 +48,3 @@ class Qwen2VLModel(nn.Module):
                 raise ValueError(f"{k} image/video pad tokens in input_ids but {vision_embeds.shape[0]} vision rows")
             x = x.index_put((mask,), vision_embeds.to(x.dtype))
         return lm(x, positions, attn, mask, deepstack)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden[N, D] -> logits[N, V] float32."""
-        lm = self.model.language_model
-        w = lm.embed_tokens.weight if self.cfg.text.tie_word_embeddings else self.lm_head.weight
-        return F.linear(hidden, w).float()

@@ -8,10 +8,10 @@ Module names equal the transformers 5.x checkpoint keys: `model.visual.*`,
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from qwenvl.config import ModelConfig
+from qwenvl.models.common import LMHead
 
 from .text import Qwen3VLTextModel
 from .vision import Qwen3VLVisionModel
@@ -26,7 +26,7 @@ class _Body(nn.Module):
         self.language_model = Qwen3VLTextModel(cfg.text)
 
 
-class Qwen3VLModel(nn.Module):
+class Qwen3VLModel(LMHead, nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         if cfg.vision.out_hidden_size != cfg.text.hidden_size:
@@ -73,9 +73,3 @@ class Qwen3VLModel(nn.Module):
                                      f"embeddings (from encode_vision), got {len(deepstack)}")
                 x = x.index_put((mask,), vision_embeds.to(x.dtype))
         return lm(x, positions, attn, mask, deepstack)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden[N, D] -> logits[N, V] float32."""
-        lm = self.model.language_model
-        w = lm.embed_tokens.weight if self.cfg.text.tie_word_embeddings else self.lm_head.weight
-        return F.linear(hidden, w).float()
