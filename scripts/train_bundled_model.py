@@ -6,7 +6,8 @@ training on the synthetic tasks, export to a checkpoint folder (shards small eno
 One call does everything: it first prints what the DataLoader delivers alone (samples/s, bytes/sample) and
 what the model's forward + backward allow alone, so the slower of the two is named before training; then
 it trains for --minutes (the cosine schedule is fitted to the time) and exports runs/.../final.
-Resumable: run it again with the same --out and it continues from train_state.pt.
+Resumable: run it again with the same --out and it continues from train_state.pt; with --sitting-minutes a
+run longer than one sitting (say 18 minutes on a machine lent 10 minutes per command) keeps one schedule.
 """
 
 from __future__ import annotations
@@ -48,7 +49,11 @@ def measure(cfg: TrainConfig, seconds: float) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
-    ap.add_argument("--minutes", type=float, default=8.0, help="training time (the measurement comes before)")
+    ap.add_argument("--minutes", type=float, default=8.0,
+                    help="the run's training time; the cosine schedule is fitted to it (the measurement comes before)")
+    ap.add_argument("--sitting-minutes", type=float, default=0,
+                    help="stop this invocation (saving state and final/) after this long; run the same command again "
+                         "to continue the same schedule. 0 = train all --minutes now")
     ap.add_argument("--steps", type=int, default=100000)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--workers", type=int, default=14)
@@ -78,7 +83,8 @@ def main() -> None:
     cfg = TrainConfig(model_dir=start, out_dir=str(out), from_scratch=not args.init_from, steps=args.steps,
                       batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, eval_every=250,
                       eval_batches=4, save_every=500, seed=args.seed, device=args.device,
-                      workers=args.workers, max_minutes=args.minutes, max_shard_mb=12, tasks=args.task)
+                      workers=args.workers, max_minutes=args.minutes,
+                      sitting_minutes=args.sitting_minutes, max_shard_mb=12, tasks=args.task)
     if args.measure_seconds > 0 and not (out / "train_state.pt").exists():
         measure(cfg, args.measure_seconds)
     summary = train(cfg)

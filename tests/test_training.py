@@ -10,6 +10,7 @@ import json
 import math
 import re
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,7 @@ from qwenvl.tokenizer import Tokenizer
 from qwenvl.training.checkpoint import SmallModelDims, init_weights, write_new_checkpoint_dir
 from qwenvl.training.packing import (DenseCausalAttention, Encoder, PackedCausalAttention, PixelUnpacker, pack,
                                      packed_loss)
-from qwenvl.training.sft import TrainConfig, train, train_step
+from qwenvl.training.sft import TrainConfig, lr_at, train, train_step
 from qwenvl.training.synthetic import COLORS, QUESTIONS, SHAPES, make_sample, messages
 from qwenvl.training.tokenizer_train import default_chat_template, save_tokenizer, train_tokenizer
 
@@ -215,6 +216,40 @@ def test_resume_continues_the_step_count(init_dir, tmp_path):
     assert second["steps"] == 7
     assert [h["step"] for h in second["history"]] == list(range(1, 8))
     assert torch.load(tmp_path / "train_state.pt", weights_only=False)["step"] == 7
+
+
+class _FakeClock:
+    """time.time() for sft: every reading is half a second after the last, so wall time is a step count."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def time(self) -> float:
+        self.now += 0.5
+        return self.now
+
+
+def test_a_run_split_into_sittings_keeps_one_fitted_schedule(init_dir, tmp_path, monkeypatch):
+    from qwenvl.training import sft
+    monkeypatch.setattr(sft, "CALIBRATION_STEPS", 6)
+    logs: list[str] = []
+
+    def sitting():
+        monkeypatch.setattr(sft, "time", _FakeClock())
+        return train(_config(init_dir, tmp_path, steps=1000, eval_every=0, batch_size=2, warmup=2,
+                             max_minutes=1.0, sitting_minutes=0.25), log=logs.append)
+
+    first = sitting()
+    fitted = int(re.search(r"fit (\d+) steps", " ".join(logs)).group(1))
+    assert first["steps"] < fitted < 1000                  # stopped by the sitting, not by the schedule
+    assert (tmp_path / "final" / "config.json").exists()  # each sitting leaves a usable checkpoint
+    second = sitting()
+    assert any(f"at step {first['steps']} of {fitted}" in m for m in logs)
+    assert not any("fit" in m for m in logs[logs.index(next(m for m in logs if "resumed" in m)):])
+    resumed = [h for h in second["history"] if h["step"] > first["steps"]]
+    expected = replace(_config(init_dir, tmp_path, warmup=2), steps=fitted)
+    assert resumed and [h["lr"] for h in resumed] == [lr_at(h["step"] - 1, expected) for h in resumed]
+    assert second["steps"] > first["steps"]
 
 
 def test_lora_run_merges_and_saves_a_plain_checkpoint(scratch_run, tmp_path):

@@ -55,7 +55,9 @@ class TrainConfig:
     device: str = "cpu"
     autocast_bf16: bool = True
     workers: int = 0
-    max_minutes: float = 0            # stop (and save) after this wall time; 0 = no limit
+    max_minutes: float = 0            # the run's wall-time budget: the cosine schedule is fitted to it; 0 = none
+    sitting_minutes: float = 0        # stop (and save) this invocation after this long; resume continues the
+                                      # same fitted schedule. 0 = stop at max_minutes
     tasks: list[str] = field(default_factory=list)   # synthetic task subset; empty = the full mixture
     max_shard_mb: int = 0             # split saved weights into shards of at most this size; 0 = one file
 
@@ -216,10 +218,14 @@ def train(cfg: TrainConfig, log=print) -> dict:
                             fused=device.type == "cuda")
     step = 0
     history: list[dict] = []
+    schedule_fitted = False
     if resume is not None:
         opt.load_state_dict(resume["optimizer"])
         step, history = resume["step"], resume["history"]
-        log(f"resumed from {state_path} at step {step}")
+        if cfg.max_minutes and resume.get("schedule_fitted"):
+            # A run split over sittings keeps the schedule fitted in its first sitting.
+            cfg.steps, schedule_fitted = resume["config"]["steps"], True
+        log(f"resumed from {state_path} at step {step} of {cfg.steps}")
 
     train_set, eval_set = make_datasets(cfg, encoder)
     per_step = cfg.batch_size * cfg.grad_accum
@@ -243,7 +249,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
     def save_state() -> None:
         tmp = state_path.with_suffix(".tmp")
         torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                    "history": history, "config": asdict(cfg)}, tmp)
+                    "history": history, "config": asdict(cfg), "schedule_fitted": schedule_fitted}, tmp)
         tmp.replace(state_path)   # atomic: a killed run never leaves half a state file
 
     from tqdm import tqdm
@@ -281,7 +287,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
             rate_logged = True
             log(f"first {elapsed:.0f} s: {samples_seen / elapsed:.0f} samples/s, {tokens_seen / elapsed:.0f} "
                 f"tokens/s, {data_wait / elapsed:.0%} of the time waiting on the data workers")
-        if cfg.max_minutes and step == start_step + CALIBRATION_STEPS:
+        if cfg.max_minutes and not schedule_fitted and step == start_step + CALIBRATION_STEPS:
             # Fit the schedule to the time budget, so the cosine decay ends when the time does.
             per_step = (elapsed - calibration_started) / (CALIBRATION_STEPS - CALIBRATION_STEPS // 3)
             fitted = step + int((cfg.max_minutes * 60 - elapsed) / per_step)
@@ -289,7 +295,9 @@ def train(cfg: TrainConfig, log=print) -> dict:
                 log(f"{per_step:.3f} s/step: {cfg.max_minutes} minutes fit {fitted} steps of {cfg.steps}")
                 cfg.steps = fitted
                 bar.total = fitted
-        out_of_time = cfg.max_minutes and elapsed > cfg.max_minutes * 60
+            schedule_fitted = True
+        limit = cfg.sitting_minutes or cfg.max_minutes
+        out_of_time = limit and elapsed > limit * 60
         if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps or out_of_time):
             record["eval_loss"] = round(evaluate(), 4)
             if not all(bool(torch.isfinite(p).all()) for p in params):
@@ -300,7 +308,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
         if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps or out_of_time:
             save_state()
         if out_of_time:
-            log(f"stopping at step {step}: --max-minutes {cfg.max_minutes} reached")
+            log(f"stopping at step {step} of {cfg.steps}: {limit} minutes reached")
             break
     bar.close()
     final = export(model, cfg, out / "final")
