@@ -64,6 +64,8 @@ def main() -> None:
     ap.add_argument("--task", action="append", default=[], help="train on these synthetic tasks only (repeatable)")
     ap.add_argument("--measure-seconds", type=float, default=15.0,
                     help="time the DataLoader alone this long before training; 0 skips the measurement")
+    ap.add_argument("--followups", type=int, default=4,
+                    help="each training image carries up to this many more questions (the vision cost paid once)")
     ap.add_argument("--init-from", help="start from this checkpoint's weights instead of new ones")
     ap.add_argument("--small", action="store_true", help="a very small model, for a smoke run")
     args = ap.parse_args()
@@ -84,7 +86,8 @@ def main() -> None:
                       batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, eval_every=250,
                       eval_batches=4, save_every=500, seed=args.seed, device=args.device,
                       workers=args.workers, max_minutes=args.minutes,
-                      sitting_minutes=args.sitting_minutes, max_shard_mb=12, tasks=args.task)
+                      sitting_minutes=args.sitting_minutes, max_shard_mb=12,
+                      followups=args.followups, tasks=args.task)
     if args.measure_seconds > 0 and not (out / "train_state.pt").exists():
         measure(cfg, args.measure_seconds)
     summary = train(cfg)

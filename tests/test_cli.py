@@ -56,3 +56,17 @@ def test_chat_answers_and_bad_image_is_a_clear_error(tmp_path):
     out = qwenvl("chat", "--image", str(bad), "What is this?")
     assert out.returncode == 2
     assert "broken.png" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_eval_tasks_scores_the_bundled_model_on_heldout_items(tmp_path):
+    out_file = tmp_path / "scores.json"
+    out = qwenvl("eval", "tasks", "--n", "3", "--task", "count", "--task", "chart", "--lang", "en",
+                 "--out", str(out_file))
+    assert out.returncode == 0, out.stderr
+    record = json.loads(out_file.read_text())
+    assert record["n_per_task_lang"] == 3 and set(record["scores"]) == {"count/en", "chart/en", "all"}
+    assert all(v in (0.0, 1 / 3, 2 / 3, 1.0) or abs(v * 3 - round(v * 3)) < 1e-3 for v in record["scores"].values())
+    count_row = next(line for line in out.stdout.splitlines() if line.startswith("| count |"))
+    assert f"{record['scores']['count/en']:.1%}" in count_row and "90%" in count_row
+    bad = qwenvl("eval", "tasks", "--n", "0")
+    assert bad.returncode == 2 and "--n must be at least 1" in bad.stderr

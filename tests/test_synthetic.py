@@ -21,7 +21,7 @@ except fonts.MissingAssetError as e:  # pragma: no cover - depends on the machin
 from qwenvl.training import task_eval  # noqa: E402
 from qwenvl.training.synthetic import (  # noqa: E402
     LANGS, TASKS, SyntheticDataset, grounding_answer, make_sample, messages, to_grid)
-from qwenvl.training.synthetic_scenes import GAP, MIN_SHAPE  # noqa: E402
+from qwenvl.training.synthetic_scenes import COLORS_ZH, GAP, MIN_SHAPE, SHAPES, SHAPES_ZH  # noqa: E402
 from qwenvl.training.synthetic_text import is_heldout, split_words  # noqa: E402
 
 CJK = re.compile(r"[\u4e00-\u9fff]")
@@ -274,3 +274,39 @@ def test_same_pixels_in_another_process():
     here = ";".join(hashlib.sha1(make_sample(21, i).image.tobytes()).hexdigest() + make_sample(21, i).answer
                     for i in range(12))
     assert out.strip() == here
+
+
+def test_followups_are_unambiguous_answers_about_the_same_image():
+    import random
+    from collections import Counter
+
+    from qwenvl.training.synthetic_followups import conversation, followups
+    from qwenvl.training.task_eval import score
+    seen = Counter()
+    for i in range(60):
+        s = make_sample(4, i, task=TASKS[i % len(TASKS)], lang=("en", "zh")[i % 2])
+        extra = followups(s, random.Random(i), 6)
+        assert len(extra) <= 6 and all(q != s.question for q, _ in extra)
+        if s.task == "read":
+            assert extra == []
+        shapes = s.meta.get("shapes", [])
+        for q, a in extra:
+            seen[s.task] += 1
+            if a.startswith("<|object_ref_start|>"):           # the box of the one shape so described
+                match = [sh for sh in shapes if (SHAPES_ZH[sh.kind] if s.lang == "zh" else sh.kind) in q
+                         and (COLORS_ZH[sh.color] if s.lang == "zh" else sh.color) in q]
+                assert len(match) == 1 and score("ground", a, a, s.image.size, match[0].box) == 1.0
+            elif a.isdigit() and shapes:                           # a count of a kind present 1-5 times
+                kind = next(k for k in SHAPES if (SHAPES_ZH[k] if s.lang == "zh" else k + "s") in q)
+                assert 1 <= int(a) <= 5 and int(a) == sum(sh.kind == kind for sh in shapes)
+            elif a in COLORS_ZH or a in COLORS_ZH.values():             # the colour of a kind present once
+                kind = next(k for k in SHAPES if (SHAPES_ZH[k] if s.lang == "zh" else k) in q)
+                (only,) = [sh for sh in shapes if sh.kind == kind]
+                assert a == (COLORS_ZH[only.color] if s.lang == "zh" else only.color)
+            elif s.task == "chart":
+                label = next(lb for lb in s.meta["labels"] if lb in q)
+                assert a == str(s.meta["values"][s.meta["labels"].index(label)])
+        msgs = conversation(s, extra)
+        assert msgs[0]["content"][1]["text"] == s.question and len(msgs) == 2 + 2 * len(extra)
+        assert all("image" not in part for m in msgs[2:] for part in (m["content"] if isinstance(m["content"], list) else []))
+    assert seen["count"] and seen["color"] and seen["ground"] and seen["chart"] and seen["table"]

@@ -67,8 +67,29 @@ def _synth(args) -> int:
     return 0
 
 
+def _tasks(args) -> int:
+    import time
+
+    from qwenvl import LLM
+    from qwenvl.training.synthetic import LANGS, TASKS
+    from qwenvl.training.task_eval import evaluate_model, scores_table
+
+    if args.n < 1:
+        raise DatasetError(f"--n must be at least 1, got {args.n}")
+    llm = LLM(args.model)
+    started = time.time()
+    scores = evaluate_model(llm, args.n, args.task or TASKS, args.lang or LANGS)
+    print(scores_table(scores))
+    print(f"{args.n} held-out items per task and language, {time.time() - started:.0f} s")
+    if args.out:
+        record = {"model": args.model or "bundled", "n_per_task_lang": args.n,
+                  "scores": {k: round(v, 4) for k, v in scores.items()}}
+        Path(args.out).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+    return 0
+
+
 def add_eval_subcommand(subparsers) -> None:
-    """Registers `eval score`, `eval run` and `eval synth` on an argparse subparsers object."""
+    """Registers `eval score`, `eval run`, `eval synth` and `eval tasks` on an argparse subparsers object."""
     ev = subparsers.add_parser("eval", help="score predictions / run benchmarks")
     sub = ev.add_subparsers(dest="eval_command", required=True)
 
@@ -100,6 +121,16 @@ def add_eval_subcommand(subparsers) -> None:
     sy.add_argument("--benchmark", default="all", choices=("all",) + NAMES)
     sy.add_argument("--out", required=True, metavar="DIR")
     sy.set_defaults(eval_func=_synth, func=run_eval)
+
+    from qwenvl.training.synthetic import LANGS, TASKS
+    tk = sub.add_parser("tasks", help="accuracy on held-out synthetic items of the bundled model's tasks "
+                                      "(words never seen in training)")
+    tk.add_argument("--model", metavar="DIR", help="local checkpoint folder (default: the bundled model)")
+    tk.add_argument("--n", type=int, default=200, help="items per task and language (default 200)")
+    tk.add_argument("--task", action="append", choices=TASKS, help="only this task (repeatable)")
+    tk.add_argument("--lang", action="append", choices=LANGS, help="only this language (repeatable)")
+    tk.add_argument("--out", metavar="FILE.json", help="also write the scores here")
+    tk.set_defaults(eval_func=_tasks, func=run_eval)
 
 
 def run_eval(args) -> int:

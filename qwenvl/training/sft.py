@@ -59,22 +59,36 @@ class TrainConfig:
     sitting_minutes: float = 0        # stop (and save) this invocation after this long; resume continues the
                                       # same fitted schedule. 0 = stop at max_minutes
     tasks: list[str] = field(default_factory=list)   # synthetic task subset; empty = the full mixture
+    followups: int = 0                # synthetic training images carry 0..followups more questions (more turns)
     max_shard_mb: int = 0             # split saved weights into shards of at most this size; 0 = one file
 
 
 class SyntheticConversations(Dataset):
-    """Index -> encoded synthetic conversation; deterministic in (seed, index, split)."""
+    """Index -> encoded synthetic conversation; deterministic in (seed, index, split).
 
-    def __init__(self, encoder: Encoder, seed: int, split: str, tasks: list[str], length: int = 10 ** 9):
+    With `followups`, an image carries 0 to that many more questions as further turns (see
+    synthetic_followups: the vision cost is paid once for all of them)."""
+
+    def __init__(self, encoder: Encoder, seed: int, split: str, tasks: list[str], length: int = 10 ** 9,
+                 followups: int = 0):
         self.encoder, self.seed, self.split, self.tasks, self.length = encoder, seed, split, tasks, length
+        self.followups = followups
 
     def __len__(self) -> int:
         return self.length
 
     def __getitem__(self, index: int):
-        from .synthetic import make_sample, messages
+        import random
+
+        from .synthetic import make_sample
+        from .synthetic_followups import conversation, followups
         task = self.tasks[index % len(self.tasks)] if self.tasks else None
-        return self.encoder(messages(make_sample(self.seed, index, task=task, split=self.split)))
+        sample = make_sample(self.seed, index, task=task, split=self.split)
+        extra = []
+        if self.followups:
+            rng = random.Random(f"qwenvl-followups/{self.seed}/{index}/{self.split}")
+            extra = followups(sample, rng, rng.randint(0, self.followups))
+        return self.encoder(conversation(sample, extra))
 
 
 class JsonlConversations(Dataset):
@@ -147,7 +161,7 @@ def make_loader(dataset: Dataset, cfg: TrainConfig, start: int, unpack: PixelUnp
 
 def make_datasets(cfg: TrainConfig, encoder: Encoder) -> tuple[Dataset, Dataset]:
     if cfg.data == "synthetic":
-        return (SyntheticConversations(encoder, cfg.seed, "train", cfg.tasks),
+        return (SyntheticConversations(encoder, cfg.seed, "train", cfg.tasks, followups=cfg.followups),
                 SyntheticConversations(encoder, cfg.seed + 1, "heldout", cfg.tasks))
     data = JsonlConversations(encoder, cfg.data)
     return data, data
