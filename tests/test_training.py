@@ -290,3 +290,21 @@ def test_saved_folder_loads_in_transformers_with_the_same_logits(scratch_run):
         got = model.compute_logits(hidden)
     assert got.shape == expected.shape
     assert (got - expected).abs().max().item() < 1e-4
+
+
+def test_followup_turns_are_learned_from_and_share_one_image(init_dir):
+    from qwenvl.training.sft import SyntheticConversations
+    mc, tok, pc = _parts(init_dir)
+    encoder = Encoder(tok, mc, pc)
+    single = SyntheticConversations(encoder, 0, "train", ["chart"])
+    several = SyntheticConversations(encoder, 0, "train", ["chart"], followups=4)
+    im_end = tok.token_to_id("<|im_end|>")
+    turns = []
+    for i in range(6):
+        a, b = single[i], several[i]
+        assert torch.equal(a.grid_thw, b.grid_thw) and torch.equal(a.pixel_values, b.pixel_values)   # one image
+        assert torch.equal(b.token_ids[:len(a.token_ids)], a.token_ids)    # the first turn is the single one
+        n = int((b.token_ids[b.loss_mask] == im_end).sum())               # one learned <|im_end|> per answer
+        assert int((b.token_ids == mc.image_token_id).sum()) == int((a.token_ids == mc.image_token_id).sum())
+        turns.append(n)
+    assert min(turns) >= 1 and max(turns) > 1
