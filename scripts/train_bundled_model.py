@@ -1,11 +1,18 @@
-"""Build the bundled demonstration model from nothing: tokenizer, new Qwen2-VL-architecture weights,
+"""Build the bundled demonstration model: tokenizer, new (or given) Qwen2-VL-architecture weights,
 training on the synthetic tasks, export to a checkpoint folder (shards small enough to move around).
 
+    # what trained the shipped model: 2 CPU cores, continuing from the earlier GPU-trained weights
+    # (qwenvl/assets/bundled as of commit e78619f) with smaller images
+    python scripts/train_bundled_model.py --out runs/cpu3 --init-from OLD_BUNDLED_DIR --max-pixels 160000 \
+        --device cpu --workers 1 --batch-size 16 --lr 1e-3 --warmup 100 --minutes 92 --measure-seconds 0 --followups 4
+    # from nothing on a GPU
     python scripts/train_bundled_model.py --out runs/bundled --minutes 8 --device cuda --workers 14
 
 One call does everything: it first prints what the DataLoader delivers alone (samples/s, bytes/sample) and
 what the model's forward + backward allow alone, so the slower of the two is named before training; then
 it trains for --minutes (the cosine schedule is fitted to the time) and exports runs/.../final.
+Each training image carries up to --followups more questions about it (the vision tower, most of a CPU
+step, runs once for all of them).
 Resumable: run it again with the same --out and it continues from train_state.pt; with --sitting-minutes a
 run longer than one sitting (say 18 minutes on a machine lent 10 minutes per command) keeps one schedule.
 """
@@ -14,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -46,6 +54,22 @@ def measure(cfg: TrainConfig, seconds: float) -> None:
           f"({slower}-bound)", flush=True)
 
 
+def with_max_pixels(src: Path, dst: Path, max_pixels: int) -> Path:
+    """A copy of checkpoint folder `src` whose images are resized to at most `max_pixels` (training and,
+    once exported, inference: the vision tower's cost grows with the square of the patch count)."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.is_file():
+            shutil.copyfile(f, dst / f.name)
+    path = dst / "preprocessor_config.json"
+    pre = json.loads(path.read_text(encoding="utf-8"))
+    pre["max_pixels"] = max_pixels
+    if isinstance(pre.get("size"), dict):
+        pre["size"]["longest_edge"] = max_pixels
+    path.write_text(json.dumps(pre, indent=2) + "\n", encoding="utf-8")
+    return dst
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
@@ -67,6 +91,7 @@ def main() -> None:
     ap.add_argument("--followups", type=int, default=4,
                     help="each training image carries up to this many more questions (the vision cost paid once)")
     ap.add_argument("--init-from", help="start from this checkpoint's weights instead of new ones")
+    ap.add_argument("--max-pixels", type=int, help="resize training (and the saved model's) images to at most this")
     ap.add_argument("--small", action="store_true", help="a very small model, for a smoke run")
     args = ap.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -82,6 +107,8 @@ def main() -> None:
         write_new_checkpoint_dir(init, out / "tokenizer", dims)
         print(f"tokenizer and config written in {time.time() - t:.1f} s", flush=True)
     start = args.init_from or str(init)
+    if args.max_pixels:
+        start = str(with_max_pixels(Path(start), out / "start", args.max_pixels))
     cfg = TrainConfig(model_dir=start, out_dir=str(out), from_scratch=not args.init_from, steps=args.steps,
                       batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, eval_every=250,
                       eval_batches=4, save_every=500, seed=args.seed, device=args.device,
