@@ -17,7 +17,7 @@ import random
 from collections import Counter
 
 from qwenvl.training.synthetic import (GROUND_LABELS, QUESTIONS, Sample, color_name, grounding_answer,
-                                       shape_name)
+                                       messages, shape_name)
 
 MAX_COUNT = 5     # the task's range: counts of 1 to 5 of the asked shape
 
@@ -55,8 +55,7 @@ def followups(sample: Sample, rng: random.Random, limit: int) -> list[tuple[str,
 
 def conversation(sample: Sample, extra: list[tuple[str, str]]) -> list[dict]:
     """The sample's own turn (image and question), its answer, then each follow-up as a text-only turn."""
-    msgs = [{"role": "user", "content": [{"image": sample.image}, {"text": sample.question}]},
-            {"role": "assistant", "content": sample.answer}]
+    msgs = messages(sample)
     for question, answer in extra:
         msgs += [{"role": "user", "content": [{"text": question}]}, {"role": "assistant", "content": answer}]
     return msgs
