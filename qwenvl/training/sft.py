@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -78,16 +79,14 @@ class SyntheticConversations(Dataset):
         return self.length
 
     def __getitem__(self, index: int):
-        import random
-
         from .synthetic import make_sample
-        from .synthetic_followups import conversation, followups
+        from .synthetic_followups import conversation, followups as draw_followups
         task = self.tasks[index % len(self.tasks)] if self.tasks else None
         sample = make_sample(self.seed, index, task=task, split=self.split)
         extra = []
         if self.followups:
             rng = random.Random(f"qwenvl-followups/{self.seed}/{index}/{self.split}")
-            extra = followups(sample, rng, rng.randint(0, self.followups))
+            extra = draw_followups(sample, rng, rng.randint(0, self.followups))
         return self.encoder(conversation(sample, extra))
 
 
