@@ -25,6 +25,7 @@ run longer than one sitting (say 18 minutes on a machine lent 10 minutes per com
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import sys
@@ -75,6 +76,18 @@ def with_max_pixels(src: Path, dst: Path, max_pixels: int) -> Path:
     return dst
 
 
+def with_dims(dims: SmallModelDims, overrides: list[str]) -> SmallModelDims:
+    """`dims` with fields replaced from NAME=INT strings; an unknown name or a non-integer exits with a message."""
+    fields = {f.name for f in dataclasses.fields(SmallModelDims)}
+    changes = {}
+    for item in overrides:
+        name, _, value = item.partition("=")
+        if name not in fields or not value.isdigit():
+            sys.exit(f"--dim {item!r}: expected NAME=INT with NAME one of {sorted(fields)}")
+        changes[name] = int(value)
+    return dataclasses.replace(dims, **changes)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
@@ -95,9 +108,13 @@ def main() -> None:
                     help="time the DataLoader alone this long before training; 0 skips the measurement")
     ap.add_argument("--followups", type=int, default=4,
                     help="each training image carries up to this many more questions (the vision cost paid once)")
+    ap.add_argument("--vision-probe", type=float, default=0.0,
+                    help="weight of the per-token colour/kind loss on the image tokens of shape scenes; 0 = off")
     ap.add_argument("--init-from", help="start from this checkpoint's weights instead of new ones")
     ap.add_argument("--max-pixels", type=int, help="resize training (and the saved model's) images to at most this")
     ap.add_argument("--small", action="store_true", help="a very small model, for a smoke run")
+    ap.add_argument("--dim", action="append", default=[], metavar="NAME=INT",
+                    help="override one SmallModelDims field of a new model, e.g. --dim vision_depth=4 (repeatable)")
     args = ap.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit(f"--device {args.device}: CUDA is not available here; use --device cpu for a smoke run")
@@ -109,6 +126,7 @@ def main() -> None:
         build_tokenizer(out / "tokenizer")
         dims = SmallModelDims(hidden_size=64, num_hidden_layers=2, intermediate_size=128, vision_width=32,
                               vision_depth=2, vision_heads=2, max_pixels=224 * 224) if args.small else SmallModelDims()
+        dims = with_dims(dims, args.dim)
         write_new_checkpoint_dir(init, out / "tokenizer", dims)
         print(f"tokenizer and config written in {time.time() - t:.1f} s", flush=True)
     start = args.init_from or str(init)
@@ -119,7 +137,7 @@ def main() -> None:
                       eval_batches=4, save_every=500, seed=args.seed, device=args.device,
                       workers=args.workers, max_minutes=args.minutes,
                       sitting_minutes=args.sitting_minutes, max_shard_mb=12,
-                      followups=args.followups, tasks=args.task)
+                      followups=args.followups, tasks=args.task, vision_probe=args.vision_probe)
     if args.measure_seconds > 0 and not (out / "train_state.pt").exists():
         measure(cfg, args.measure_seconds)
     summary = train(cfg)

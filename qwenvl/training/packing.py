@@ -34,6 +34,7 @@ class Example:
     pixel_values: torch.Tensor    # compact: uint8 [P, C, F, ps, ps] (F = 1 for stills, else T);
                                   # reference: float32 [P, C*T*ps*ps]; P may be 0
     grid_thw: torch.Tensor        # LongTensor[n_images, 3]
+    vision_labels: torch.Tensor | None = None   # LongTensor[M, 2] per merged image token (patch_labels.py)
 
 
 class PixelUnpacker:
@@ -169,6 +170,7 @@ class PackedBatch:
     segment_ids: torch.Tensor     # [N]: which conversation each token belongs to (0, 1, ... in order)
     pixel_values: torch.Tensor    # uint8 [P, C, F, ps, ps] or float32 [P, C*T*ps*ps] (see Example)
     grid_thw: torch.Tensor        # [n, 3]
+    vision_labels: torch.Tensor   # [M, 2] per merged image token, or [0, 2] when the examples carry none
 
     @property
     def num_tokens(self) -> int:
@@ -194,6 +196,9 @@ def pack(examples: list[Example], unpack: PixelUnpacker | None = None) -> Packed
         if unpack is None:
             raise ValueError("mixed compact and float pixel_values; pass pack(..., unpack=PixelUnpacker(cfg))")
         pixels = [unpack(p) for p in pixels]
+    labelled = [e.vision_labels is not None for e in examples]
+    if any(labelled) and not all(labelled):
+        raise ValueError("some examples carry vision_labels and some do not; label all of them or none")
     return PackedBatch(
         token_ids=torch.cat([e.token_ids for e in examples]),
         positions=torch.cat([e.positions for e in examples], dim=1),
@@ -202,6 +207,8 @@ def pack(examples: list[Example], unpack: PixelUnpacker | None = None) -> Packed
                                for i, e in enumerate(examples)]),
         pixel_values=torch.cat(pixels),
         grid_thw=torch.cat([e.grid_thw for e in examples]),
+        vision_labels=torch.cat([e.vision_labels for e in examples]) if all(labelled)
+        else torch.zeros(0, 2, dtype=torch.long),
     )
 
 
@@ -254,11 +261,12 @@ class PackedCausalAttention:
 
 
 def packed_loss(model, batch: PackedBatch, unpack: PixelUnpacker | None = None,
-                attention=PackedCausalAttention) -> tuple[torch.Tensor, int]:
+                attention=PackedCausalAttention, probe=None, probe_weight: float = 1.0) -> tuple[torch.Tensor, int]:
     """Mean next-token cross-entropy over the batch's target tokens; -> (loss, number of targets).
 
     `unpack` turns compact uint8 pixels into pixel_values on the batch's device (needed when they are compact).
     A batch without any target gives a loss of 0 that still reaches every parameter (never a NaN mean of nothing).
+    With a `probe` (patch_labels.VisionProbe) and labelled images, probe_weight x its per-token loss is added.
     """
     vision, deepstack = None, []
     if batch.grid_thw.numel():
@@ -269,6 +277,9 @@ def packed_loss(model, batch: PackedBatch, unpack: PixelUnpacker | None = None,
             pixels = unpack(pixels)
         dtype = next(model.parameters()).dtype
         vision, deepstack = model.encode_vision(pixels.to(dtype), batch.grid_thw)
+    extra = 0.0
+    if probe is not None and vision is not None and batch.vision_labels.numel():
+        extra = probe_weight * probe.loss(vision, batch.vision_labels)
     hidden = model(batch.token_ids, batch.positions, attention(batch.segment_ids), vision, deepstack)
     # Token i is predicted from hidden state i - 1 of the same conversation.
     targets = batch.loss_mask.clone()
@@ -278,6 +289,6 @@ def packed_loss(model, batch: PackedBatch, unpack: PixelUnpacker | None = None,
     targets &= same_segment
     idx = targets.nonzero().squeeze(1)
     if idx.numel() == 0:
-        return hidden.sum() * 0.0, 0
+        return hidden.sum() * 0.0 + extra, 0
     logits = model.compute_logits(hidden[idx - 1])                                  # [T, V] float32
-    return F.cross_entropy(logits, batch.token_ids[idx]), int(idx.numel())
+    return F.cross_entropy(logits, batch.token_ids[idx]) + extra, int(idx.numel())

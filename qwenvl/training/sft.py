@@ -62,6 +62,8 @@ class TrainConfig:
     tasks: list[str] = field(default_factory=list)   # synthetic task subset; empty = the full mixture
     followups: int = 0                # synthetic training images carry 0..followups more questions (more turns)
     max_shard_mb: int = 0             # split saved weights into shards of at most this size; 0 = one file
+    vision_probe: float = 0.0         # weight of the per-token colour/kind loss on shape scenes (patch_labels.py);
+                                      # 0 = off
 
 
 class SyntheticConversations(Dataset):
@@ -71,9 +73,9 @@ class SyntheticConversations(Dataset):
     synthetic_followups: the vision cost is paid once for all of them)."""
 
     def __init__(self, encoder: Encoder, seed: int, split: str, tasks: list[str], length: int = 10 ** 9,
-                 followups: int = 0):
+                 followups: int = 0, vision_labels: bool = False):
         self.encoder, self.seed, self.split, self.tasks, self.length = encoder, seed, split, tasks, length
-        self.followups = followups
+        self.followups, self.vision_labels = followups, vision_labels
 
     def __len__(self) -> int:
         return self.length
@@ -87,7 +89,18 @@ class SyntheticConversations(Dataset):
         if self.followups:
             rng = random.Random(f"qwenvl-followups/{self.seed}/{index}/{self.split}")
             extra = draw_followups(sample, rng, rng.randint(0, self.followups))
-        return self.encoder(conversation(sample, extra))
+        example = self.encoder(conversation(sample, extra))
+        if self.vision_labels:
+            example.vision_labels = self._labels(sample, example)
+        return example
+
+    def _labels(self, sample, example) -> torch.Tensor:
+        from .patch_labels import token_labels, unlabelled
+        pre = self.encoder.pre_cfg
+        _, gh, gw = (int(v) for v in example.grid_thw[0])
+        if "shapes" not in sample.meta:
+            return unlabelled(gh * gw // pre.merge_size ** 2)
+        return token_labels(sample.meta["shapes"], sample.image.size, (gh, gw), pre.patch_size, pre.merge_size)
 
 
 class JsonlConversations(Dataset):
@@ -160,13 +173,14 @@ def make_loader(dataset: Dataset, cfg: TrainConfig, start: int, unpack: PixelUnp
 
 def make_datasets(cfg: TrainConfig, encoder: Encoder) -> tuple[Dataset, Dataset]:
     if cfg.data == "synthetic":
-        return (SyntheticConversations(encoder, cfg.seed, "train", cfg.tasks, followups=cfg.followups),
+        return (SyntheticConversations(encoder, cfg.seed, "train", cfg.tasks, followups=cfg.followups,
+                                       vision_labels=cfg.vision_probe > 0),
                 SyntheticConversations(encoder, cfg.seed + 1, "heldout", cfg.tasks))
     data = JsonlConversations(encoder, cfg.data)
     return data, data
 
 
-def train_step(model, opt, params, batches, cfg: TrainConfig, unpack: PixelUnpacker, autocast) -> dict:
+def train_step(model, opt, params, batches, cfg: TrainConfig, unpack: PixelUnpacker, autocast, probe=None) -> dict:
     """One optimiser step over cfg.grad_accum micro-batches; the update is skipped (and `skipped` set)
     when a loss or the gradient norm is not finite. -> {loss, tokens, samples, skipped, data_wait}."""
     loss_sum, tokens, samples, waited, finite = 0.0, 0, 0, 0.0, True
@@ -178,7 +192,7 @@ def train_step(model, opt, params, batches, cfg: TrainConfig, unpack: PixelUnpac
         samples += int(batch.segment_ids[-1]) + 1 if batch.num_tokens else 0     # counted on the host
         batch = batch.to(device)
         with autocast():
-            loss, _ = packed_loss(model, batch, unpack)
+            loss, _ = packed_loss(model, batch, unpack, probe=probe, probe_weight=cfg.vision_probe)
         value = float(loss.detach())
         tokens += batch.num_tokens
         if not math.isfinite(value):
@@ -223,7 +237,14 @@ def train(cfg: TrainConfig, log=print) -> dict:
     if resume is not None:
         model.load_state_dict(resume["model"])
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
+    # Training-only heads over the image tokens; never part of the exported checkpoint.
+    probe = None
+    if cfg.vision_probe:
+        from .patch_labels import VisionProbe
+        probe = VisionProbe(model_cfg.text.hidden_size).to(device)
+        if resume is not None and resume.get("probe"):
+            probe.load_state_dict(resume["probe"])
+    params = [p for p in model.parameters() if p.requires_grad] + (list(probe.parameters()) if probe else [])
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -262,6 +283,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
     def save_state() -> None:
         tmp = state_path.with_suffix(".tmp")
         torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                    "probe": probe.state_dict() if probe is not None else None,
                     "history": history, "config": asdict(cfg), "schedule_fitted": schedule_fitted}, tmp)
         tmp.replace(state_path)   # atomic: a killed run never leaves half a state file
 
@@ -276,7 +298,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
     while step < cfg.steps:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
-        r = train_step(model, opt, params, batches, cfg, unpack, autocast)
+        r = train_step(model, opt, params, batches, cfg, unpack, autocast, probe)
         loss_sum = r["loss"]
         tokens_seen, samples_seen, data_wait = tokens_seen + r["tokens"], samples_seen + r["samples"], \
             data_wait + r["data_wait"]

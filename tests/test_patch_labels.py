@@ -1,0 +1,50 @@
+"""Per-token shape labels for the vision tower (patch_labels.py) and the probe loss in a training run."""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image, ImageDraw
+
+from qwenvl.training.patch_labels import BACKGROUND, IGNORE, VisionProbe, token_labels, unlabelled
+from qwenvl.training.synthetic_scenes import SHAPES, Shape, draw_shape
+from qwenvl.training.synthetic_style import COLORS
+
+
+def _grid(labels: torch.Tensor, rows: int, cols: int, column: int) -> list[list[int]]:
+    return labels[:, column].view(rows, cols).tolist()
+
+
+def test_filled_square_labels_the_tokens_it_covers_and_nothing_else():
+    # 112 x 84 canvas seen at its own size: patch 14, merge 2 -> a 3 x 4 grid of 28-px tokens.
+    red = Shape("square", "red", (28, 28, 56, 56), (255, 0, 0), filled=True)
+    labels = token_labels([red], (112, 84), (6, 8), 14, 2)
+    assert labels.shape == (12, 2)
+    red_class, square_class = 1 + COLORS.index("red"), 1 + SHAPES.index("square")
+    colour = _grid(labels, 3, 4, 0)
+    assert colour[1][1] == red_class and _grid(labels, 3, 4, 1)[1][1] == square_class
+    assert sum(v != BACKGROUND for row in colour for v in row) == 1
+
+
+def test_an_outlined_circle_is_background_inside_and_the_image_is_rescaled():
+    ring = Shape("circle", "blue", (0, 0, 168, 168), (0, 0, 255), filled=False, width=3)
+    # drawn at 168 x 168, seen at 84 x 84 (grid 6 x 6 patches -> 3 x 3 tokens): only the rim is blue.
+    labels = token_labels([ring], (168, 168), (6, 6), 14, 2)
+    colour = _grid(labels, 3, 3, 0)
+    assert colour[1][1] == BACKGROUND                          # the inside of an outline is background
+    assert colour[0][1] == 1 + COLORS.index("blue")            # the rim crosses the top middle token
+    # the labels agree with the pixels: the centre token of the drawn image holds no ink
+    img = Image.new("RGB", (168, 168), "white")
+    draw_shape(ImageDraw.Draw(img), ring)
+    assert img.getpixel((84, 84)) == (255, 255, 255)
+
+
+def test_probe_loss_ignores_unlabelled_tokens_and_trains_both_heads():
+    probe = VisionProbe(8)
+    vision = torch.randn(5, 8, requires_grad=True)
+    assert probe.loss(vision, unlabelled(5)).item() == 0.0
+    labels = torch.tensor([[0, 0], [3, 2], [IGNORE, IGNORE], [1, 1], [0, 0]])
+    loss = probe.loss(vision, labels)
+    loss.backward()
+    assert loss.item() > 0
+    assert probe.colour.weight.grad.abs().sum() > 0 and probe.kind.weight.grad.abs().sum() > 0
+    assert vision.grad[2].abs().sum() == 0                     # the ignored token gets no gradient
