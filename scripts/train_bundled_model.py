@@ -1,14 +1,15 @@
 """Build the bundled demonstration model: tokenizer, new (or given) Qwen2-VL-architecture weights,
 training on the synthetic tasks, export to a checkpoint folder (shards small enough to move around).
 
-    # the CPU continuation tried on 2 cores (not shipped: accuracy unchanged, see the README), in two
-    # phases from the GPU-trained weights: 34 min on all tasks, then 52 min on the shape tasks only
-    python scripts/train_bundled_model.py --out runs/cpu3 --init-from qwenvl/assets/bundled \
-        --max-pixels 160000 --device cpu --workers 1 --batch-size 16 --lr 1e-3 --warmup 100 --minutes 92 \
-        --measure-seconds 0 --followups 4          # stopped at step 500 (34 min); its weights exported to:
-    python scripts/train_bundled_model.py --out runs/cpu4 --init-from runs/cpu3-step500 \
-        --max-pixels 100352 --device cpu --workers 1 --batch-size 16 --lr 1e-3 --warmup 50 --minutes 62 \
-        --measure-seconds 0 --followups 4 --task count --task color --task ground
+    # the shipped model: new weights, this machine's 2 CPU cores, shape tasks only, with per-token colour/kind
+    # labels on the image tokens (--vision-probe, see qwenvl/training/patch_labels.py)
+    python scripts/train_bundled_model.py --out runs/m1 --device cpu --workers 1 --batch-size 32 \
+        --lr 2e-3 --warmup 100 --minutes 70 --measure-seconds 0 --followups 2 --max-pixels 160000 \
+        --task count --task color --task ground --vision-probe 1.0 \
+        --dim hidden_size=128 --dim num_hidden_layers=4 --dim intermediate_size=512 \
+        --dim vision_width=64 --dim vision_depth=4 --dim vision_heads=2
+    # ...stopped at step 500 and resumed with its schedule lengthened to 3100 steps: the same command with
+    # --minutes 0 --steps 3100 (without --minutes the saved schedule is not kept, --steps sets it)
     # from nothing on a GPU, in two sittings of a command limited to 10 minutes (run it twice)
     python scripts/train_bundled_model.py --out runs/bundled --device cuda --workers 14 --batch-size 128 \
         --lr 1e-3 --warmup 300 --minutes 17.5 --sitting-minutes 8.2

@@ -18,11 +18,13 @@ def test_filled_square_labels_the_tokens_it_covers_and_nothing_else():
     # 112 x 84 canvas seen at its own size: patch 14, merge 2 -> a 3 x 4 grid of 28-px tokens.
     red = Shape("square", "red", (28, 28, 56, 56), (255, 0, 0), filled=True)
     labels = token_labels([red], (112, 84), (6, 8), 14, 2)
-    assert labels.shape == (12, 2)
+    assert labels.shape == (12, 6)
     red_class, square_class = 1 + COLORS.index("red"), 1 + SHAPES.index("square")
     colour = _grid(labels, 3, 4, 0)
     assert colour[1][1] == red_class and _grid(labels, 3, 4, 1)[1][1] == square_class
     assert sum(v != BACKGROUND for row in colour for v in row) == 1
+    assert labels[5, 2:].tolist() == [250, 333, 500, 667]            # its box on the 0..1000 grid
+    assert (labels[0, 2:] == IGNORE).all()                            # background tokens have no box
 
 
 def test_an_outlined_circle_is_background_inside_and_the_image_is_rescaled():
@@ -42,9 +44,11 @@ def test_probe_loss_ignores_unlabelled_tokens_and_trains_both_heads():
     probe = VisionProbe(8)
     vision = torch.randn(5, 8, requires_grad=True)
     assert probe.loss(vision, unlabelled(5)).item() == 0.0
-    labels = torch.tensor([[0, 0], [3, 2], [IGNORE, IGNORE], [1, 1], [0, 0]])
+    labels = torch.tensor([[0, 0, -1, -1, -1, -1], [3, 2, 100, 200, 300, 400], [IGNORE] * 6,
+                           [1, 1, 0, 0, 1000, 1000], [0, 0, -1, -1, -1, -1]])
     loss = probe.loss(vision, labels)
     loss.backward()
     assert loss.item() > 0
     assert probe.colour.weight.grad.abs().sum() > 0 and probe.kind.weight.grad.abs().sum() > 0
+    assert probe.box.weight.grad.abs().sum() > 0
     assert vision.grad[2].abs().sum() == 0                     # the ignored token gets no gradient
