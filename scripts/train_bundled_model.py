@@ -1,15 +1,19 @@
 """Build the bundled demonstration model: tokenizer, new (or given) Qwen2-VL-architecture weights,
 training on the synthetic tasks, export to a checkpoint folder (shards small enough to move around).
 
-    # the shipped model: new weights, this machine's 2 CPU cores, shape tasks only, with per-token colour/kind
-    # labels on the image tokens (--vision-probe, see qwenvl/training/patch_labels.py)
+    # the shipped model: this machine's 2 CPU cores, shape tasks only, per-token labels on the image tokens
+    # (--vision-probe, qwenvl/training/patch_labels.py). Phase 1, new weights, colour and kind labels (the box
+    # labels did not exist yet); stopped after step 1000 (31 min) of a 3100-step schedule and that step's
+    # train_state.pt exported to runs/m1-step1000 (--sitting-minutes 31 stops about there and writes final/)
     python scripts/train_bundled_model.py --out runs/m1 --device cpu --workers 1 --batch-size 32 \
-        --lr 2e-3 --warmup 100 --minutes 70 --measure-seconds 0 --followups 2 --max-pixels 160000 \
+        --lr 2e-3 --warmup 100 --minutes 0 --steps 3100 --measure-seconds 0 --followups 2 --max-pixels 160000 \
         --task count --task color --task ground --vision-probe 1.0 \
         --dim hidden_size=128 --dim num_hidden_layers=4 --dim intermediate_size=512 \
         --dim vision_width=64 --dim vision_depth=4 --dim vision_heads=2
-    # ...stopped at step 500 and resumed with its schedule lengthened to 3100 steps: the same command with
-    # --minutes 0 --steps 3100 (without --minutes the saved schedule is not kept, --steps sets it)
+    # phase 2, from those weights, the labels now with each shape's box; the schedule fitted to 65 minutes
+    python scripts/train_bundled_model.py --out runs/m2 --init-from runs/m1-step1000 --device cpu --workers 1 \
+        --batch-size 32 --lr 1.5e-3 --warmup 50 --minutes 65 --measure-seconds 0 --followups 2 \
+        --max-pixels 160000 --task count --task color --task ground --vision-probe 1.0
     # from nothing on a GPU, in two sittings of a command limited to 10 minutes (run it twice)
     python scripts/train_bundled_model.py --out runs/bundled --device cuda --workers 14 --batch-size 128 \
         --lr 1e-3 --warmup 300 --minutes 17.5 --sitting-minutes 8.2

@@ -1,18 +1,19 @@
-"""Dense labels for the vision tower: which shape (colour, kind) each merged image token shows.
+"""Dense labels for the vision tower: which shape (colour, kind, box) each merged image token shows.
 
 A from-scratch vision-language model learns to look slowly: at first the language model attends to the
 image tokens almost uniformly, so the answer sees their mean, where one shape is a few tokens among a
 hundred of background, and the gradient reaching the vision tower is diluted the same way. Measured with
 scripts/vision_pooling_probe.py: a new vision tower under a max-pool head learns a lone shape's colour in
-about 40 steps of 32 images; under a mean-pool head it is still at chance after 60. A per-token label (the colour and kind of the shape
-a token shows, or background) gives every token its own gradient from the first step, so the tower learns
-features the language model can pick out. The labels come free from the scene the generator drew.
+about 40 steps of 32 images; under a mean-pool head it is still at chance after 60. A per-token label (the
+colour and kind of the shape a token shows, or background) gives every token its own gradient from the
+first step, so the tower learns features the language model can pick out. The labels come free from the
+scene the generator drew.
 
 Each shape token also learns its shape's box on the 0..1000 grid (the grounding answer's numbers): the
 vision tower's rotary positions are relative, so nothing else makes a token know where it is in the image;
 with the box in the token's features, grounding is "find the tokens, read their box out".
 
-`VisionProbe` holds the two linear heads; they live only in training (saved in train_state.pt for resume,
+`VisionProbe` holds the three linear heads; they live only in training (saved in train_state.pt for resume,
 never in the exported checkpoint).
 """
 
