@@ -30,6 +30,8 @@ if [ -z "${QWENVL_SKIP_DEMO:-}" ]; then
   echo
   echo '$ qwenvl chat --image examples/shapes.png "Locate the red triangle." --draw examples/shapes-boxes.png'
   .venv/bin/qwenvl chat --image examples/shapes.png "Locate the red triangle." --draw examples/shapes-boxes.png --boxes
-  echo '$ qwenvl chat --image examples/shapes.png "How many circles are there?"'
-  .venv/bin/qwenvl chat --image examples/shapes.png "How many circles are there?"
+  echo '$ qwenvl chat --image examples/shapes.png "What color is the circle?"'
+  .venv/bin/qwenvl chat --image examples/shapes.png "What color is the circle?"
+  echo '$ qwenvl chat --image examples/shapes.png "How many triangles are there?"'
+  .venv/bin/qwenvl chat --image examples/shapes.png "How many triangles are there?"
 fi

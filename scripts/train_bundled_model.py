@@ -3,8 +3,8 @@ training on the synthetic tasks, export to a checkpoint folder (shards small eno
 
     # the shipped model: this machine's 2 CPU cores, shape tasks only, per-token labels on the image tokens
     # (--vision-probe, qwenvl/training/patch_labels.py). Phase 1, new weights, colour and kind labels (the box
-    # labels did not exist yet); stopped after step 1000 (31 min) of a 3100-step schedule and that step's
-    # train_state.pt exported to runs/m1-step1000 (--sitting-minutes 31 stops about there and writes final/)
+    # labels did not exist yet); stopped after step 1000 (37 min) of a 3100-step schedule and that step's
+    # train_state.pt exported to runs/m1-step1000 (--sitting-minutes 37 stops about there and writes final/)
     python scripts/train_bundled_model.py --out runs/m1 --device cpu --workers 1 --batch-size 32 \
         --lr 2e-3 --warmup 100 --minutes 0 --steps 3100 --measure-seconds 0 --followups 2 --max-pixels 160000 \
         --task count --task color --task ground --vision-probe 1.0 \
