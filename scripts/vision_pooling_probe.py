@@ -11,6 +11,7 @@ pool; this shows why a from-scratch model is slow to start looking (see patch_la
 from __future__ import annotations
 
 import argparse
+import random
 import sys
 import time
 from pathlib import Path
@@ -20,15 +21,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-import qwenvl.training.synthetic_scenes as scenes  # noqa: E402
 from qwenvl.config import ModelConfig  # noqa: E402
 from qwenvl.inputs import PreprocessorConfig  # noqa: E402
 from qwenvl.models import build_model  # noqa: E402
 from qwenvl.tokenizer import Tokenizer  # noqa: E402
 from qwenvl.training.checkpoint import init_weights  # noqa: E402
 from qwenvl.training.packing import Encoder, PixelUnpacker, pack  # noqa: E402
-from qwenvl.training.synthetic import make_sample, messages  # noqa: E402
+from qwenvl.training.synthetic_scenes import SHAPES, build_scene  # noqa: E402
 from qwenvl.training.synthetic_style import COLORS  # noqa: E402
+
+
+def lone_shape(index: int) -> tuple[list[dict], int]:
+    """A scene with one shape, as a conversation, and the index of its colour in COLORS."""
+    rng = random.Random(f"pooling-probe/{index}")
+    colour = rng.randrange(len(COLORS))
+    image, _ = build_scene(rng, [(rng.choice(SHAPES), COLORS[colour])])
+    return [{"role": "user", "content": [{"image": image}, {"text": "What color is the shape?"}]},
+            {"role": "assistant", "content": COLORS[colour]}], colour
 
 
 def main() -> None:
@@ -39,8 +48,6 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     args = ap.parse_args()
     torch.manual_seed(0)
-    other_kinds = scenes._other_kinds
-    scenes._other_kinds = lambda rng, exclude, n: other_kinds(rng, exclude, 0)    # a lone shape per scene
     cfg, pre = ModelConfig.from_dir(args.model), PreprocessorConfig.from_dir(args.model)
     encoder, unpack = Encoder(Tokenizer.from_dir(args.model), cfg, pre), PixelUnpacker(pre)
     model = build_model(cfg)
@@ -49,10 +56,10 @@ def main() -> None:
     opt = torch.optim.AdamW(list(model.parameters()) + list(head.parameters()), lr=1e-3)
     started, index = time.time(), 0
     for step in range(args.steps):
-        samples = [make_sample(0, index + j, task="color", lang="en") for j in range(args.batch_size)]
+        convs, colours = zip(*(lone_shape(index + j) for j in range(args.batch_size)))
         index += args.batch_size
-        batch = pack([encoder(messages(s)) for s in samples])
-        target = torch.tensor([COLORS.index(s.meta["target"].color) for s in samples])
+        batch = pack([encoder(c) for c in convs])
+        target = torch.tensor(colours)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             tokens, _ = model.encode_vision(unpack(batch.pixel_values), batch.grid_thw)
         per_image = tokens.float().split((batch.grid_thw.prod(-1) // pre.merge_size ** 2).tolist())

@@ -170,7 +170,7 @@ class PackedBatch:
     segment_ids: torch.Tensor     # [N]: which conversation each token belongs to (0, 1, ... in order)
     pixel_values: torch.Tensor    # uint8 [P, C, F, ps, ps] or float32 [P, C*T*ps*ps] (see Example)
     grid_thw: torch.Tensor        # [n, 3]
-    vision_labels: torch.Tensor   # [M, 6] per merged image token, or [0, 6] when the examples carry none
+    vision_labels: torch.Tensor   # [M, 6] per merged image token, or empty when the examples carry none
 
     @property
     def num_tokens(self) -> int:
@@ -208,7 +208,7 @@ def pack(examples: list[Example], unpack: PixelUnpacker | None = None) -> Packed
         pixel_values=torch.cat(pixels),
         grid_thw=torch.cat([e.grid_thw for e in examples]),
         vision_labels=torch.cat([e.vision_labels for e in examples]) if all(labelled)
-        else torch.zeros(0, 6, dtype=torch.long),
+        else torch.zeros(0, dtype=torch.long),
     )
 
 
