@@ -18,6 +18,8 @@ other model's memory and threads stay out of its timings); the parent prints the
   3. time to first token (preprocessing included) for a cold image and for a second turn on the same image;
   4. peak RSS (ru_maxrss) of each child.
 Each child first runs one small request, so one-time costs stay off the clock.
+Both sides compute in --dtype: by default what qwenvl picks on this CPU (bfloat16 where its products are
+fast, float32 elsewhere); `--dtype bfloat16` forces it, to see what the automatic choice saves.
 """
 
 from __future__ import annotations
@@ -126,10 +128,16 @@ def conversation(image, question) -> list[dict]:
     return [{"role": "user", "content": [{"image": image}, {"text": question}]}]
 
 
+def compute_dtype(a) -> torch.dtype:
+    """The dtype both sides compute in: --dtype, or what qwenvl picks by itself for this CPU."""
+    from qwenvl.engine.llm_engine import resolve_dtype
+    return resolve_dtype(a.dtype, "cpu")
+
+
 # --------------------------------------------------------------------------- qwenvl side
 def load_qwenvl(model_dir: Path, a):
     from qwenvl import LLM
-    return LLM(str(model_dir), dtype="bfloat16", kv_cache_gb=a.kv_cache_gb)
+    return LLM(str(model_dir), dtype=compute_dtype(a), kv_cache_gb=a.kv_cache_gb)
 
 
 def run_qwenvl(llm, items, max_tokens: int) -> tuple[float, list[list[int]]]:
@@ -163,9 +171,9 @@ def stream_request(llm, messages, max_tokens: int) -> tuple[float, list[float], 
 
 # --------------------------------------------------------------------------- transformers side
 class HFSide:
-    def __init__(self, model_dir: Path):
+    def __init__(self, model_dir: Path, dtype: torch.dtype):
         from transformers import AutoImageProcessor, AutoTokenizer, Qwen2VLForConditionalGeneration
-        self.model = Qwen2VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
+        self.model = Qwen2VLForConditionalGeneration.from_pretrained(model_dir, dtype=dtype).eval()
         self.ip = AutoImageProcessor.from_pretrained(model_dir)
         self.tok = AutoTokenizer.from_pretrained(model_dir)
         self.tok.padding_side = "left"
@@ -253,7 +261,7 @@ def side_qwenvl(model_dir: Path, a) -> dict:
 def side_hf(model_dir: Path, a) -> dict:
     r = {}
     t0 = time.perf_counter()
-    hf = HFSide(model_dir)
+    hf = HFSide(model_dir, compute_dtype(a))
     r["load_s"] = time.perf_counter() - t0
     hf.generate(workload(1, seed0=1), 2)
     r["run_s"], r["tokens"] = hf.generate(workload(a.requests), a.max_tokens)
@@ -333,6 +341,8 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=151936)
     p.add_argument("--vision-depth", type=int, default=32)
     p.add_argument("--vision-width", type=int, default=1280)
+    p.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float32"),
+                   help="both sides compute in this; auto = qwenvl's default (float32 on a CPU without fast bfloat16)")
     p.add_argument("--child", choices=("qwenvl", "hf"), help=argparse.SUPPRESS)
     a = p.parse_args()
     model_dir = checkpoint_dir(a)
@@ -346,7 +356,7 @@ def main() -> None:
         print(f"building the random checkpoint in {model_dir} ...", flush=True)
         build_checkpoint(model_dir, a)
         print(f"  built in {time.perf_counter() - t0:.0f} s", flush=True)
-    print(f"model {model_dir.name}: bfloat16, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+    print(f"model {model_dir.name}: {str(compute_dtype(a)).removeprefix('torch.')}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{os.cpu_count()} CPUs", flush=True)
     started = time.perf_counter()
     # Each side in its own child process, one after the other: its peak RSS is its own, and neither

@@ -12,7 +12,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, metavar="DIR",
                    help="a Hugging Face checkpoint folder (Qwen2-VL, Qwen2.5-VL, Qwen3-VL); default: the bundled model")
     p.add_argument("--dtype", default=None, choices=("bfloat16", "float32", "float16"),
-                   help="default bfloat16")
+                   help="default: bfloat16, or float32 on a CPU without fast bfloat16 products")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
 
 

@@ -17,7 +17,8 @@ class LLM:
     """One model on one device, with its own engine and caches (a new instance starts cold).
 
     `LLM()` loads the bundled demonstration model; `LLM("path/to/checkpoint")` any Qwen2-VL, Qwen2.5-VL
-    or Qwen3-VL folder as saved by Hugging Face. `dtype` defaults to bfloat16.
+    or Qwen3-VL folder as saved by Hugging Face. `dtype` defaults to bfloat16, except
+    on a CPU without fast bfloat16 matrix products (most laptops), where it is float32.
     """
 
     def __init__(self, model: str | Path | None = None, dtype: str | None = None, device: str = "cpu",

@@ -19,6 +19,7 @@ from ..outputs import RequestOutput
 from ..sampling_params import SamplingParams
 from ..tokenizer import IncrementalDetokenizer, Tokenizer
 from .block_manager import BlockManager
+from .cpu_dtype import auto_cpu_dtype
 from .encoder_cache import EncoderCache
 from .runner import ModelRunner
 from .sampler import Sampler
@@ -53,9 +54,10 @@ class _Request:
     sent: int = 0                          # characters of `text` already handed out as deltas
 
 
-def resolve_dtype(dtype, device: str) -> torch.dtype:
+def resolve_dtype(dtype, device: str | torch.device) -> torch.dtype:
+    """None or "auto": bfloat16 on every GPU we target and on CPUs that multiply it fast, else float32."""
     if dtype is None or dtype == "auto":
-        return torch.bfloat16          # fast on CPUs with bf16 matmuls and on every GPU we target
+        return auto_cpu_dtype() if torch.device(device).type == "cpu" else torch.bfloat16
     return getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
 

@@ -36,7 +36,8 @@ def add_serve_subcommand(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=256, help="requests in flight before answering 429")
     p.add_argument("--max-image-pixels", type=int, default=8192 * 8192, help="pixels per image (from the header)")
     p.add_argument("--drain-grace", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
-    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bfloat16)")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bfloat16, or float32 "
+                                                 "on a CPU without fast bfloat16 products)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--kv-cache-gb", type=float, default=None, help="KV cache memory")
     p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")

@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..config import ModelConfig
+from ..engine.cpu_dtype import cpu_bfloat16_is_fast
 from ..inputs import PreprocessorConfig
 from ..models import build_model
 from ..tokenizer import Tokenizer
@@ -54,7 +55,7 @@ class TrainConfig:
     save_every: int = 500
     seed: int = 0
     device: str = "cpu"
-    autocast_bf16: bool = True
+    autocast_bf16: bool | None = None  # None: on where bfloat16 products are fast (GPUs, some CPUs)
     workers: int = 0
     max_minutes: float = 0            # the run's wall-time budget: the cosine schedule is fitted to it; 0 = none
     sitting_minutes: float = 0        # stop (and save) this invocation after this long; resume continues the
@@ -180,6 +181,15 @@ def make_datasets(cfg: TrainConfig, encoder: Encoder) -> tuple[Dataset, Dataset]
     return data, data
 
 
+def bf16_autocast(cfg: TrainConfig, device: torch.device):
+    """bfloat16 autocast as `cfg.autocast_bf16` asks; when it leaves it open, on wherever bfloat16 products are
+    fast (an AVX2-only CPU runs them 10-50x slower than float32, so training there stays in float32)."""
+    on = cfg.autocast_bf16
+    if on is None:
+        on = device.type != "cpu" or cpu_bfloat16_is_fast()
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=on)
+
+
 def train_step(model, opt, params, batches, cfg: TrainConfig, unpack: PixelUnpacker, autocast, probe=None) -> dict:
     """One optimiser step over cfg.grad_accum micro-batches; the update is skipped (and `skipped` set)
     when a loss or the gradient norm is not finite. -> {loss, tokens, samples, skipped, data_wait}."""
@@ -268,7 +278,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
                  for i in range(cfg.eval_batches)]
 
     def autocast():
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.autocast_bf16)
+        return bf16_autocast(cfg, device)
 
     def evaluate() -> float:
         model.eval()

@@ -20,7 +20,7 @@ from ..config import ModelConfig
 from ..inputs import PreprocessorConfig
 from ..tokenizer import Tokenizer
 from .packing import Encoder, PixelUnpacker, pack
-from .sft import SyntheticConversations, TrainConfig, make_loader
+from .sft import SyntheticConversations, TrainConfig, bf16_autocast, make_loader
 
 
 def stage_times(encoder: Encoder, n: int = 32, batch_size: int = 8, seed: int = 0,
@@ -93,7 +93,7 @@ def model_rate(cfg: TrainConfig, encoder: Encoder, steps: int = 10, warmup: int 
         if i == warmup:
             sync()
             t0 = time.time()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.autocast_bf16):
+        with bf16_autocast(cfg, device):
             loss, _ = packed_loss(model, batch, unpack)
         loss.backward()
         model.zero_grad(set_to_none=True)

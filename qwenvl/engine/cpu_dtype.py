@@ -1,0 +1,54 @@
+"""Which floating-point type to compute in on a CPU, decided by timing this CPU rather than by its name.
+
+bfloat16 halves the bytes each weight costs and, on CPUs with native bfloat16 dot products (AVX512-BF16,
+AMX, Arm's BF16 extension), runs matrix products several times faster than float32. On a CPU without
+them PyTorch falls back to a scalar kernel: on an AVX2-only EPYC we measured bfloat16 products of
+2048 x 2048 at 0.3 GFLOP/s against 133 GFLOP/s in float32, so a model left in bfloat16 there runs
+hundreds of times slower. Most laptops are such CPUs, so "auto" must look before it picks.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+
+import torch
+
+log = logging.getLogger("qwenvl.engine")
+
+# A product shaped like a small model's prefill (256 tokens through a 512 x 512 layer): big enough that a
+# fast kernel's start-up cost does not hide its speed, small enough that the slow path costs ~40 ms.
+PROBE_TOKENS, PROBE_WIDTH = 256, 512
+
+
+def _seconds(x: torch.Tensor, w: torch.Tensor, reps: int = 3) -> float:
+    """Best of `reps` timings of x @ w.T (after one untimed product that builds the kernel)."""
+    torch.nn.functional.linear(x, w)
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        torch.nn.functional.linear(x, w)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def bfloat16_slowdown() -> float:
+    """How many times longer the probe product takes in bfloat16 than in float32 on this CPU."""
+    x, w = torch.randn(PROBE_TOKENS, PROBE_WIDTH), torch.randn(PROBE_WIDTH, PROBE_WIDTH)
+    return _seconds(x.bfloat16(), w.bfloat16()) / _seconds(x, w)
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_bfloat16_is_fast() -> bool:
+    """True when this CPU multiplies bfloat16 matrices at least as fast as float32 ones (measured once)."""
+    fast = bfloat16_slowdown() <= 1.0
+    if not fast:
+        log.info("this CPU has no fast bfloat16 matrix products: computing in float32 "
+                 "(ask for dtype='bfloat16' to override)")
+    return fast
+
+
+def auto_cpu_dtype() -> torch.dtype:
+    """bfloat16 where this CPU runs it fast, float32 elsewhere."""
+    return torch.bfloat16 if cpu_bfloat16_is_fast() else torch.float32
