@@ -129,3 +129,15 @@ def test_params_validation():
         with pytest.raises(ValueError):
             SamplingParams(**bad)
     assert SamplingParams(stop="x").stop == ("x",)
+
+
+def test_never_sample_ids_are_skipped_greedy_and_sampled_and_the_callers_logits_stay():
+    logits = torch.zeros(2, V)
+    logits[:, 7] = 30.0                                # the banned id dominates
+    logits[:, 3] = 5.0
+    before = logits.clone()
+    s = Sampler(never_sample=[7, V + 10])              # an id past the vocabulary is ignored
+    out = s(logits, [req("a", temperature=0, logprobs=1), req("b", temperature=1.0, seed=1)])
+    assert out.token_ids[0] == 3 and out.token_ids[1] != 7
+    assert torch.equal(logits, before)
+    assert out.logprobs[0][7] > -1e-3                  # logprobs stay the model's own (pre-transform)

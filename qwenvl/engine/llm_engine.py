@@ -89,7 +89,7 @@ class LLMEngine:
             max_encoder_tokens_per_step=config.max_encoder_tokens_per_step,
             eos_token_ids=self.tokenizer.eos_token_ids,
             is_encoder_cached=lambda h: h in self.encoder_cache, max_model_len=self.max_model_len)
-        self.sampler = Sampler()
+        self.sampler = Sampler(never_sample=(self.cfg.image_token_id, self.cfg.video_token_id))
         self.runner = ModelRunner(self.model, pool, self.sampler, self.encoder_cache, attn_impl=config.attn_impl)
         self._requests: dict[str, _Request] = {}
 

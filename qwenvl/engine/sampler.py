@@ -13,6 +13,7 @@ probabilities and the generator's state - alone or in any batch. Unseeded rows s
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -35,8 +36,12 @@ class SampleOutput:
 
 
 class Sampler:
-    def __init__(self):
+    def __init__(self, never_sample: Iterable[int] = ()):
+        """`never_sample`: token ids no request may produce. A model's image and video pad tokens go here:
+        fed back as input, a sampled one would be taken for an image placeholder and break the step that
+        batches it with a real image's prefill (and transformers would reject it the same way)."""
         self._generators: dict[str, torch.Generator] = {}
+        self.never_sample = torch.tensor(sorted(set(never_sample)), dtype=torch.long)
 
     def release(self, request_id: str) -> None:
         """Forget a finished request's generator."""
@@ -63,6 +68,9 @@ class Sampler:
         raw_lp = torch.log_softmax(logits, dim=-1) if any(want_lp) else None
 
         logits = apply_penalties(logits, reqs)
+        banned = self.never_sample[self.never_sample < V]
+        if banned.numel():
+            logits = logits.index_fill(1, banned.to(logits.device), float("-inf"))   # a copy: never the caller's
 
         temps = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=logits.device)
         greedy = temps == 0
