@@ -14,6 +14,12 @@ training on the synthetic tasks, export to a checkpoint folder (shards small eno
     python scripts/train_bundled_model.py --out runs/m2 --init-from runs/m1-step1000 --device cpu --workers 1 \
         --batch-size 32 --lr 1.5e-3 --warmup 50 --minutes 65 --measure-seconds 0 --followups 2 \
         --max-pixels 160000 --task count --task color --task ground --vision-probe 1.0
+    # phase 3, on an AVX2-only CPU (so float32: bfloat16 autocast turns itself off there), from the model
+    # phase 2 shipped (qwenvl/assets/bundled as of b7f24d9), new probe heads, fresh images (--seed 7), 85
+    # minutes: 1652 steps at 10.4 images/s
+    python scripts/train_bundled_model.py --out runs/m3 --init-from qwenvl/assets/bundled --device cpu \
+        --workers 1 --batch-size 32 --lr 1e-3 --warmup 100 --minutes 85 --measure-seconds 0 --followups 3 \
+        --seed 7 --max-pixels 160000 --task count --task color --task ground --vision-probe 1.0
     # from nothing on a GPU, in two sittings of a command limited to 10 minutes (run it twice)
     python scripts/train_bundled_model.py --out runs/bundled --device cuda --workers 14 --batch-size 128 \
         --lr 1e-3 --warmup 300 --minutes 17.5 --sitting-minutes 8.2
