@@ -2,9 +2,9 @@
 
 bfloat16 halves the bytes each weight costs and, on CPUs with native bfloat16 dot products (AVX512-BF16,
 AMX, Arm's BF16 extension), runs matrix products several times faster than float32. On a CPU without
-them PyTorch falls back to a scalar kernel: on an AVX2-only EPYC we measured bfloat16 products of
-2048 x 2048 at 0.3 GFLOP/s against 133 GFLOP/s in float32, so a model left in bfloat16 there runs
-hundreds of times slower. Most laptops are such CPUs, so "auto" must look before it picks.
+them PyTorch has no fast kernel: on an AVX2-only EPYC we measured the probe product below 11-16x slower
+in bfloat16 than in float32 (a 2048-square one ~400x), and a small Qwen2-VL 4x slower end to end
+(bench/README.md). Most laptops are such CPUs, so "auto" must look before it picks.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ import torch
 log = logging.getLogger("qwenvl.engine")
 
 # A product shaped like a small model's prefill (256 tokens through a 512 x 512 layer): big enough that a
-# fast kernel's start-up cost does not hide its speed, small enough that the slow path costs ~40 ms.
+# fast kernel's start-up cost does not hide its speed, small enough that the probe takes ~0.1 s where
+# bfloat16 is slow.
 PROBE_TOKENS, PROBE_WIDTH = 256, 512
 
 
