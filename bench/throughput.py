@@ -356,7 +356,8 @@ def main() -> None:
         print(f"building the random checkpoint in {model_dir} ...", flush=True)
         build_checkpoint(model_dir, a)
         print(f"  built in {time.perf_counter() - t0:.0f} s", flush=True)
-    print(f"model {model_dir.name}: {str(compute_dtype(a)).removeprefix('torch.')}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+    dtype = str(compute_dtype(a)).removeprefix("torch.")
+    print(f"model {model_dir.name}: {dtype}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{os.cpu_count()} CPUs", flush=True)
     started = time.perf_counter()
     # Each side in its own child process, one after the other: its peak RSS is its own, and neither

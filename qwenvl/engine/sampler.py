@@ -39,7 +39,7 @@ class Sampler:
     def __init__(self, never_sample: Iterable[int] = ()):
         """`never_sample`: token ids no request may produce. A model's image and video pad tokens go here:
         fed back as input, a sampled one would be taken for an image placeholder and break the step that
-        batches it with a real image's prefill (and transformers would reject it the same way)."""
+        batches it with a real image's prefill; no answer needs one."""
         self._generators: dict[str, torch.Generator] = {}
         self.never_sample = torch.tensor(sorted(set(never_sample)), dtype=torch.long)
 
