@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from PIL import Image, ImageDraw
 
-from qwenvl.training.patch_labels import BACKGROUND, IGNORE, VisionProbe, token_labels, unlabelled
+from qwenvl.training.patch_labels import BACKGROUND, IGNORE, VisionProbe, box_digit_classes, token_labels, unlabelled
 from qwenvl.training.synthetic_scenes import SHAPES, Shape, draw_shape
 from qwenvl.training.synthetic_style import COLORS
 
@@ -18,13 +18,41 @@ def test_filled_square_labels_the_tokens_it_covers_and_nothing_else():
     # 112 x 84 canvas seen at its own size: patch 14, merge 2 -> a 3 x 4 grid of 28-px tokens.
     red = Shape("square", "red", (28, 28, 56, 56), (255, 0, 0), filled=True)
     labels = token_labels([red], (112, 84), (6, 8), 14, 2)
-    assert labels.shape == (12, 6)
+    assert labels.shape == (12, 7)
     red_class, square_class = 1 + COLORS.index("red"), 1 + SHAPES.index("square")
     colour = _grid(labels, 3, 4, 0)
     assert colour[1][1] == red_class and _grid(labels, 3, 4, 1)[1][1] == square_class
     assert sum(v != BACKGROUND for row in colour for v in row) == 1
-    assert labels[5, 2:].tolist() == [250, 333, 500, 667]            # its box on the 0..1000 grid
-    assert (labels[0, 2:] == IGNORE).all()                            # background tokens have no box
+    assert labels[5, 2:6].tolist() == [250, 333, 500, 667]           # its box on the 0..1000 grid
+    assert labels[5, 6].item() == 1                                  # the only square in the scene
+    assert (labels[0, 2:] == IGNORE).all()                            # background tokens: no box, no count
+
+
+def test_each_shape_token_counts_the_shapes_of_its_own_kind():
+    # 168 x 56: a 2 x 6 grid of tokens; two circles and a triangle, one per token column pair
+    shapes = [Shape("circle", "red", (0, 0, 56, 56), (255, 0, 0), filled=True),
+              Shape("triangle", "blue", (56, 0, 112, 56), (0, 0, 255), filled=True),
+              Shape("circle", "green", (112, 0, 168, 56), (0, 160, 0), filled=True)]
+    labels = token_labels(shapes, (168, 56), (4, 12), 14, 2)
+    kind, count = _grid(labels, 2, 6, 1), _grid(labels, 2, 6, 6)
+    circle, triangle = 1 + SHAPES.index("circle"), 1 + SHAPES.index("triangle")
+    for row in range(2):
+        for col in range(6):
+            if kind[row][col] == circle:
+                assert count[row][col] == 2
+            elif kind[row][col] == triangle:
+                assert count[row][col] == 1
+            else:
+                assert count[row][col] == IGNORE
+    assert {circle, triangle} <= {k for r in kind for k in r}
+
+
+def test_box_digit_classes_are_hundreds_then_tens():
+    hundreds_x1, *_, tens_y2 = box_digit_classes(torch.tensor([[250, 333, 1000, 7], [999, 0, 45, 1000]]))
+    assert hundreds_x1.tolist() == [2, 9]
+    assert tens_y2.tolist() == [0, 0]
+    classes = box_digit_classes(torch.tensor([[250, 333, 1000, 7]]))
+    assert [int(c) for c in classes] == [2, 3, 10, 0, 5, 3, 0, 0]
 
 
 def test_an_outlined_circle_is_background_inside_and_the_image_is_rescaled():
@@ -40,15 +68,16 @@ def test_an_outlined_circle_is_background_inside_and_the_image_is_rescaled():
     assert img.getpixel((84, 84)) == (255, 255, 255)
 
 
-def test_probe_loss_ignores_unlabelled_tokens_and_trains_both_heads():
+def test_probe_loss_ignores_unlabelled_tokens_and_trains_every_head():
     probe = VisionProbe(8)
     vision = torch.randn(5, 8, requires_grad=True)
     assert probe.loss(vision, unlabelled(5)).item() == 0.0
-    labels = torch.tensor([[0, 0, -1, -1, -1, -1], [3, 2, 100, 200, 300, 400], [IGNORE] * 6,
-                           [1, 1, 0, 0, 1000, 1000], [0, 0, -1, -1, -1, -1]])
+    labels = torch.tensor([[0, 0, -1, -1, -1, -1, -1], [3, 2, 100, 200, 300, 400, 2], [IGNORE] * 7,
+                           [1, 1, 0, 0, 1000, 1000, 1], [0, 0, -1, -1, -1, -1, -1]])
     loss = probe.loss(vision, labels)
     loss.backward()
     assert loss.item() > 0
     assert probe.colour.weight.grad.abs().sum() > 0 and probe.kind.weight.grad.abs().sum() > 0
-    assert probe.box.weight.grad.abs().sum() > 0
+    assert probe.box.weight.grad.abs().sum() > 0 and probe.count.weight.grad.abs().sum() > 0
+    assert all(head.weight.grad.abs().sum() > 0 for head in probe.box_digits)
     assert vision.grad[2].abs().sum() == 0                     # the ignored token gets no gradient

@@ -311,16 +311,18 @@ def test_followup_turns_are_learned_from_and_share_one_image(init_dir):
 
 
 def test_vision_probe_run_keeps_its_heads_out_of_the_checkpoint(init_dir, tmp_path):
+    from qwenvl.training.patch_labels import LABEL_COLUMNS
     from qwenvl.training.sft import SyntheticConversations
     mc, tok, pc = _parts(init_dir)
     data = SyntheticConversations(Encoder(tok, mc, pc), 0, "train", ["color", "read"], vision_labels=True)
     shapes, text = data[0], data[1]
-    assert shapes.vision_labels.shape == (int(shapes.grid_thw.prod()) // 4, 6)
+    assert shapes.vision_labels.shape == (int(shapes.grid_thw.prod()) // 4, LABEL_COLUMNS)
     assert (shapes.vision_labels[:, 0] > 0).any()               # some token shows the shape
     assert (text.vision_labels == -1).all()                     # a reading image is not labelled
     s = train(_config(init_dir, tmp_path, steps=3, eval_every=0, batch_size=4, vision_probe=1.0),
               log=lambda *_: None)
     state = torch.load(tmp_path / "train_state.pt", weights_only=False)
-    assert set(state["probe"]) == {f"{h}.{p}" for h in ("colour", "kind", "box") for p in ("weight", "bias")}
+    heads = ("colour", "kind", "box", "count") + tuple(f"box_digits.{i}" for i in range(8))
+    assert set(state["probe"]) == {f"{h}.{p}" for h in heads for p in ("weight", "bias")}
     model, _ = load_model(s["final_dir"], dtype=torch.float32)   # strict: no probe keys in the folder
     assert not any("colour" in k for k in model.state_dict())

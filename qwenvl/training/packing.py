@@ -34,7 +34,7 @@ class Example:
     pixel_values: torch.Tensor    # compact: uint8 [P, C, F, ps, ps] (F = 1 for stills, else T);
                                   # reference: float32 [P, C*T*ps*ps]; P may be 0
     grid_thw: torch.Tensor        # LongTensor[n_images, 3]
-    vision_labels: torch.Tensor | None = None   # LongTensor[M, 6] per merged image token (patch_labels.py)
+    vision_labels: torch.Tensor | None = None   # LongTensor[M, 7] per merged image token (patch_labels.py)
 
 
 class PixelUnpacker:

@@ -11,9 +11,16 @@ scene the generator drew.
 
 Each shape token also learns its shape's box on the 0..1000 grid (the grounding answer's numbers): the
 vision tower's rotary positions are relative, so nothing else makes a token know where it is in the image;
-with the box in the token's features, grounding is "find the tokens, read their box out".
+with the box in the token's features, grounding is "find the tokens, read their box out". The answer
+writes the box digit by digit, so the box is also learnt as classes of its hundreds and tens digits: a
+linear read-out of "the tens digit of x1" is what the language model's output head needs, where a linear
+box coordinate would still need turning into digits.
 
-`VisionProbe` holds the three linear heads; they live only in training (saved in train_state.pt for resume,
+Each shape token also learns how many shapes of its own kind the scene holds: a counting question then
+becomes what the colour question already is, "find a token of that kind, read its label out", instead of
+an aggregation over the image that a few-layer language model's softmax attention does poorly.
+
+`VisionProbe` holds the linear heads; they live only in training (saved in train_state.pt for resume,
 never in the exported checkpoint).
 """
 
@@ -36,13 +43,16 @@ BACKGROUND = 0              # classes: 0 background, then 1 + index in COLORS / 
 MIN_PIXELS_PER_TOKEN = 20   # a token shows a shape when at least this many of its pixels are the shape's ink
 BACKGROUND_WEIGHT = 0.2     # background tokens are most of an image; they count less in the loss
 BOX_WEIGHT = 5.0            # the box head's L1 error is on a 0..1 scale, the classes' cross-entropy ~1
-LABEL_COLUMNS = 6           # colour class, kind class, x1, y1, x2, y2 (0..1000 grid; IGNORE off shapes)
+LABEL_COLUMNS = 7           # colour class, kind class, x1, y1, x2, y2 (0..1000 grid), same-kind count
+                            # (box and count IGNORE off shapes)
+MAX_SAME_KIND = 8           # count classes 0..8 (a scene holds at most 8 shapes)
+BOX_DIGIT_CLASSES = (11, 10)  # a grid coordinate's hundreds (0..10: 1000 -> 10) and tens digit
 
 
 def token_labels(shapes: list[Shape], image_size: tuple[int, int], grid_hw: tuple[int, int],
                  patch_size: int, merge_size: int) -> torch.Tensor:
-    """LongTensor[M, 6] (colour class, kind class, box on the 0..1000 grid) per merged token, in the
-    merger's raster order; a background token's box is IGNORE.
+    """LongTensor[M, 7] (colour class, kind class, box on the 0..1000 grid, number of shapes of its kind in
+    the scene) per merged token, in the merger's raster order; a background token's box and count are IGNORE.
 
     `image_size` is the original (W, H); `grid_hw` the patch grid of the resized image the model sees. The
     shapes are drawn again as they were (filled or outlined, same geometry) with their index as ink, so an
@@ -63,6 +73,7 @@ def token_labels(shapes: list[Shape], image_size: tuple[int, int], grid_hw: tupl
     colour = torch.zeros(len(blocks), dtype=torch.long)
     kind = torch.zeros(len(blocks), dtype=torch.long)
     box = torch.full((len(blocks), 4), IGNORE, dtype=torch.long)
+    same_kind = torch.full((len(blocks), 1), IGNORE, dtype=torch.long)
     if shapes:
         best = counts.argmax(1)
         shown = counts.max(1) >= MIN_PIXELS_PER_TOKEN
@@ -72,26 +83,37 @@ def token_labels(shapes: list[Shape], image_size: tuple[int, int], grid_hw: tupl
         kind = torch.from_numpy(np.where(shown, kind_of[best], BACKGROUND))
         box_of = np.array([to_grid(s.box, image_size) for s in shapes])
         box = torch.from_numpy(np.where(shown[:, None], box_of[best], IGNORE))
-    return torch.cat([torch.stack([colour, kind], 1), box], 1)
+        count_of = np.array([sum(o.kind == s.kind for o in shapes) for s in shapes])
+        same_kind = torch.from_numpy(np.where(shown, count_of[best], IGNORE))[:, None]
+    return torch.cat([torch.stack([colour, kind], 1), box, same_kind], 1)
 
 
 def unlabelled(num_tokens: int) -> torch.Tensor:
     return torch.full((num_tokens, LABEL_COLUMNS), IGNORE, dtype=torch.long)
 
 
+def box_digit_classes(box: torch.Tensor) -> list[torch.Tensor]:
+    """[N, 4] grid coordinates -> 8 LongTensor[N] of digit classes: the hundreds of x1, y1, x2, y2, then
+    their tens (the order of VisionProbe.box_digits)."""
+    return list((box // 100).T) + list((box // 10 % 10).T)
+
+
 class VisionProbe(nn.Module):
-    """Linear colour and kind classifiers and a box regressor over the merged image tokens (the language
-    model's inputs)."""
+    """Linear classifiers of colour, kind, same-kind count and box digits, and a box regressor, over the
+    merged image tokens (the language model's inputs)."""
 
     def __init__(self, width: int):
         super().__init__()
         self.colour = nn.Linear(width, 1 + len(COLORS))
         self.kind = nn.Linear(width, 1 + len(SHAPES))
         self.box = nn.Linear(width, 4)
+        self.count = nn.Linear(width, 1 + MAX_SAME_KIND)
+        self.box_digits = nn.ModuleList(nn.Linear(width, n) for n in BOX_DIGIT_CLASSES for _ in range(4))
 
     def loss(self, vision: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """vision[M, D], labels[M, 6] -> weighted cross-entropy of the class heads plus the box head's L1
-        error on shape tokens (0 when nothing is labelled)."""
+        """vision[M, D], labels[M, 7] -> weighted cross-entropy of the class heads plus, on shape tokens,
+        the count head's cross-entropy, the digit heads' mean cross-entropy and the box head's L1 error
+        (0 when nothing is labelled)."""
         keep = labels[:, 0] != IGNORE
         if not bool(keep.any()):
             return vision.sum() * 0.0
@@ -100,7 +122,12 @@ class VisionProbe(nn.Module):
         total = F.cross_entropy(self.colour(x), y[:, 0], reduction="none") \
             + F.cross_entropy(self.kind(x), y[:, 1], reduction="none")
         on_shape = y[:, 2] != IGNORE
-        box_error = torch.zeros_like(total)
+        shape_only = torch.zeros_like(total)
         if bool(on_shape.any()):
-            box_error[on_shape] = (self.box(x[on_shape]) - y[on_shape, 2:].float() / 1000).abs().sum(1)
-        return ((total + BOX_WEIGHT * box_error) * weight).sum() / weight.sum()
+            xs, box = x[on_shape], y[on_shape, 2:6]
+            box_error = (self.box(xs) - box.float() / 1000).abs().sum(1)
+            digits = sum(F.cross_entropy(head(xs), d, reduction="none")
+                         for head, d in zip(self.box_digits, box_digit_classes(box), strict=True))
+            count = F.cross_entropy(self.count(xs), y[on_shape, 6], reduction="none")
+            shape_only[on_shape] = BOX_WEIGHT * box_error + digits / len(self.box_digits) + count
+        return ((total + shape_only) * weight).sum() / weight.sum()

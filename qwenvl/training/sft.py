@@ -63,7 +63,7 @@ class TrainConfig:
     tasks: list[str] = field(default_factory=list)   # synthetic task subset; empty = the full mixture
     followups: int = 0                # synthetic training images carry 0..followups more questions (more turns)
     max_shard_mb: int = 0             # split saved weights into shards of at most this size; 0 = one file
-    vision_probe: float = 0.0         # weight of the per-token colour/kind/box loss on shape scenes
+    vision_probe: float = 0.0         # weight of the per-token colour/kind/box/count loss on shape scenes
                                       # (patch_labels.py); 0 = off
 
 
