@@ -1,0 +1,74 @@
+"""What the vision tower's tokens hold: accuracy of a training run's probe heads (patch_labels.py) on the
+image tokens of held-out shape scenes.
+
+    python scripts/probe_accuracy.py --run runs/m4 [--n 64]
+
+Reads the run's exported model (final/) and the probe heads saved beside it in train_state.pt. Compare
+with `qwenvl eval tasks`: when a head reads, say, the same-kind count off the tokens far better than the
+model answers "How many ...?", the language model is what falls short, not the vision tower.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from qwenvl.config import ModelConfig  # noqa: E402
+from qwenvl.inputs import PreprocessorConfig  # noqa: E402
+from qwenvl.loader import load_model  # noqa: E402
+from qwenvl.tokenizer import Tokenizer  # noqa: E402
+from qwenvl.training.packing import Encoder, PixelUnpacker  # noqa: E402
+from qwenvl.training.patch_labels import BACKGROUND, VisionProbe, box_digit_classes, token_labels  # noqa: E402
+from qwenvl.training.synthetic import make_sample, messages  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", required=True, help="a training run's --out folder (final/ and train_state.pt)")
+    ap.add_argument("--n", type=int, default=64, help="held-out scenes per shape task")
+    args = ap.parse_args()
+    run = Path(args.run)
+    d = run / "final"
+    pre = PreprocessorConfig.from_dir(d)
+    encoder, unpack = Encoder(Tokenizer.from_dir(d), ModelConfig.from_dir(d), pre), PixelUnpacker(pre)
+    model, model_cfg = load_model(d, dtype=torch.float32)
+    state = torch.load(run / "train_state.pt", map_location="cpu", weights_only=False)
+    probe = VisionProbe(model_cfg.text.hidden_size)
+    probe.load_state_dict(state["probe"])
+    hits: dict[str, list[float]] = defaultdict(list)
+    for task in ("count", "color", "ground"):
+        for i in range(args.n):
+            sample = make_sample(9, i, task=task, split="heldout")
+            example = encoder(messages(sample))
+            _, gh, gw = (int(v) for v in example.grid_thw[0])
+            labels = token_labels(sample.meta["shapes"], sample.image.size, (gh, gw), pre.patch_size,
+                                  pre.merge_size)
+            with torch.no_grad():
+                vision, _ = model.encode_vision(unpack(example.pixel_values), example.grid_thw)
+            shape = labels[:, 0] != BACKGROUND
+            x, y = vision[shape], labels[shape]
+            with torch.no_grad():
+                hits["colour"] += (probe.colour(x).argmax(1) == y[:, 0]).tolist()
+                hits["kind"] += (probe.kind(x).argmax(1) == y[:, 1]).tolist()
+                hits["same-kind count"] += (probe.count(x).argmax(1) == y[:, 6]).tolist()
+                digits = box_digit_classes(y[:, 2:6])
+                for name, head, truth in zip(["hundreds"] * 4 + ["tens"] * 4, probe.box_digits, digits):
+                    hits[f"box {name} digit"] += (head(x).argmax(1) == truth).tolist()
+                hits["box L1 (grid units, mean per coordinate)"] += \
+                    ((probe.box(x) * 1000 - y[:, 2:6]).abs().mean(1)).tolist()
+            hits["background tokens called background"] += \
+                (probe.colour(vision[~shape]).argmax(1) == BACKGROUND).tolist()
+    print(f"| head, on the shape tokens of {3 * args.n} held-out scenes | value |\n| --- | --- |")
+    for name, values in hits.items():
+        mean = sum(float(v) for v in values) / max(1, len(values))
+        print(f"| {name} | {mean:.1f} |" if "L1" in name else f"| {name} | {mean:.1%} |")
+
+
+if __name__ == "__main__":
+    main()
