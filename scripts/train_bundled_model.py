@@ -20,6 +20,12 @@ training on the synthetic tasks, export to a checkpoint folder (shards small eno
     python scripts/train_bundled_model.py --out runs/m3 --init-from qwenvl/assets/bundled --device cpu \
         --workers 1 --batch-size 32 --lr 1e-3 --warmup 100 --minutes 85 --measure-seconds 0 --followups 3 \
         --seed 7 --max-pixels 160000 --task count --task color --task ground --vision-probe 1.0
+    # phase 4, same CPU, from phase 3's model, the labels now also with each shape's same-kind count and
+    # box digits, 40/40/20% counting/grounding/colour, fresh images (--seed 11), 105 minutes: 1921 steps
+    python scripts/train_bundled_model.py --out runs/m4 --init-from qwenvl/assets/bundled --device cpu \
+        --workers 1 --batch-size 32 --lr 1e-3 --warmup 100 --minutes 105 --measure-seconds 0 --followups 3 \
+        --seed 11 --max-pixels 160000 --task count --task ground --task count --task ground --task color \
+        --vision-probe 1.0
     # from nothing on a GPU, in two sittings of a command limited to 10 minutes (run it twice)
     python scripts/train_bundled_model.py --out runs/bundled --device cuda --workers 14 --batch-size 128 \
         --lr 1e-3 --warmup 300 --minutes 17.5 --sitting-minutes 8.2
@@ -114,7 +120,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--warmup", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--task", action="append", default=[], help="train on these synthetic tasks only (repeatable)")
+    ap.add_argument("--task", action="append", default=[], help="train on these synthetic tasks only (repeatable; a task named twice gets twice the images)")
     ap.add_argument("--measure-seconds", type=float, default=15.0,
                     help="time the DataLoader alone this long before training; 0 skips the measurement")
     ap.add_argument("--followups", type=int, default=4,
