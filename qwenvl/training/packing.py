@@ -170,7 +170,7 @@ class PackedBatch:
     segment_ids: torch.Tensor     # [N]: which conversation each token belongs to (0, 1, ... in order)
     pixel_values: torch.Tensor    # uint8 [P, C, F, ps, ps] or float32 [P, C*T*ps*ps] (see Example)
     grid_thw: torch.Tensor        # [n, 3]
-    vision_labels: torch.Tensor   # [M, 6] per merged image token, or empty when the examples carry none
+    vision_labels: torch.Tensor   # [M, 7] per merged image token, or empty when the examples carry none
 
     @property
     def num_tokens(self) -> int:
