@@ -24,7 +24,7 @@ from qwenvl.inputs import PreprocessorConfig  # noqa: E402
 from qwenvl.loader import load_model  # noqa: E402
 from qwenvl.tokenizer import Tokenizer  # noqa: E402
 from qwenvl.training.packing import Encoder, PixelUnpacker  # noqa: E402
-from qwenvl.training.patch_labels import BACKGROUND, VisionProbe, box_digit_classes, token_labels  # noqa: E402
+from qwenvl.training.patch_labels import BACKGROUND, VisionProbe, box_digit_classes, sample_labels  # noqa: E402
 from qwenvl.training.synthetic import make_sample, messages  # noqa: E402
 
 
@@ -46,14 +46,11 @@ def main() -> None:
         for i in range(args.n):
             sample = make_sample(9, i, task=task, split="heldout")
             example = encoder(messages(sample))
-            _, gh, gw = (int(v) for v in example.grid_thw[0])
-            labels = token_labels(sample.meta["shapes"], sample.image.size, (gh, gw), pre.patch_size,
-                                  pre.merge_size)
+            labels = sample_labels(sample, example.grid_thw, pre)
             with torch.no_grad():
                 vision, _ = model.encode_vision(unpack(example.pixel_values), example.grid_thw)
-            shape = labels[:, 0] != BACKGROUND
-            x, y = vision[shape], labels[shape]
-            with torch.no_grad():
+                shape = labels[:, 0] != BACKGROUND
+                x, y = vision[shape], labels[shape]
                 hits["colour"] += (probe.colour(x).argmax(1) == y[:, 0]).tolist()
                 hits["kind"] += (probe.kind(x).argmax(1) == y[:, 1]).tolist()
                 hits["same-kind count"] += (probe.count(x).argmax(1) == y[:, 6]).tolist()
@@ -62,8 +59,8 @@ def main() -> None:
                     hits[f"box {name} digit"] += (head(x).argmax(1) == truth).tolist()
                 hits["box L1 (grid units, mean per coordinate)"] += \
                     ((probe.box(x) * 1000 - y[:, 2:6]).abs().mean(1)).tolist()
-            hits["background tokens called background"] += \
-                (probe.colour(vision[~shape]).argmax(1) == BACKGROUND).tolist()
+                hits["background tokens called background"] += \
+                    (probe.colour(vision[~shape]).argmax(1) == BACKGROUND).tolist()
     print(f"| head, on the shape tokens of {3 * args.n} held-out scenes | value |\n| --- | --- |")
     for name, values in hits.items():
         mean = sum(float(v) for v in values) / max(1, len(values))

@@ -120,13 +120,15 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--warmup", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--task", action="append", default=[], help="train on these synthetic tasks only (repeatable; a task named twice gets twice the images)")
+    ap.add_argument("--task", action="append", default=[],
+                    help="train on these synthetic tasks only (repeatable; a task named twice gets twice the images)")
     ap.add_argument("--measure-seconds", type=float, default=15.0,
                     help="time the DataLoader alone this long before training; 0 skips the measurement")
     ap.add_argument("--followups", type=int, default=4,
                     help="each training image carries up to this many more questions (the vision cost paid once)")
     ap.add_argument("--vision-probe", type=float, default=0.0,
-                    help="weight of the per-token colour/kind/box/count loss on the image tokens of shape scenes; 0 = off")
+                    help="weight of the per-token colour/kind/box/count loss on the image tokens of shape scenes; "
+                         "0 = off")
     ap.add_argument("--init-from", help="start from this checkpoint's weights instead of new ones")
     ap.add_argument("--max-pixels", type=int, help="resize training (and the saved model's) images to at most this")
     ap.add_argument("--small", action="store_true", help="a very small model, for a smoke run")

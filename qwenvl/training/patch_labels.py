@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch import nn
 
-from .synthetic import to_grid
+from .synthetic import Sample, to_grid
 from .synthetic_scenes import SHAPES, Shape, draw_shape
 from .synthetic_style import COLORS
 
@@ -90,6 +90,15 @@ def token_labels(shapes: list[Shape], image_size: tuple[int, int], grid_hw: tupl
 
 def unlabelled(num_tokens: int) -> torch.Tensor:
     return torch.full((num_tokens, LABEL_COLUMNS), IGNORE, dtype=torch.long)
+
+
+def sample_labels(sample: Sample, grid_thw: torch.Tensor, pre_cfg) -> torch.Tensor:
+    """The labels of a synthetic sample's image tokens, seen as `grid_thw` ([1, 3]) patches; unlabelled
+    when the sample is not a shape scene. `pre_cfg`: the checkpoint's PreprocessorConfig."""
+    _, gh, gw = (int(v) for v in grid_thw[0])
+    if "shapes" not in sample.meta:
+        return unlabelled(gh * gw // pre_cfg.merge_size ** 2)
+    return token_labels(sample.meta["shapes"], sample.image.size, (gh, gw), pre_cfg.patch_size, pre_cfg.merge_size)
 
 
 def box_digit_classes(box: torch.Tensor) -> list[torch.Tensor]:

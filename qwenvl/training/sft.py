@@ -92,16 +92,9 @@ class SyntheticConversations(Dataset):
             extra = draw_followups(sample, rng, rng.randint(0, self.followups))
         example = self.encoder(conversation(sample, extra))
         if self.vision_labels:
-            example.vision_labels = self._labels(sample, example)
+            from .patch_labels import sample_labels
+            example.vision_labels = sample_labels(sample, example.grid_thw, self.encoder.pre_cfg)
         return example
-
-    def _labels(self, sample, example) -> torch.Tensor:
-        from .patch_labels import token_labels, unlabelled
-        pre = self.encoder.pre_cfg
-        _, gh, gw = (int(v) for v in example.grid_thw[0])
-        if "shapes" not in sample.meta:
-            return unlabelled(gh * gw // pre.merge_size ** 2)
-        return token_labels(sample.meta["shapes"], sample.image.size, (gh, gw), pre.patch_size, pre.merge_size)
 
 
 class JsonlConversations(Dataset):
