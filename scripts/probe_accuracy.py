@@ -24,7 +24,7 @@ from qwenvl.inputs import PreprocessorConfig  # noqa: E402
 from qwenvl.loader import load_model  # noqa: E402
 from qwenvl.tokenizer import Tokenizer  # noqa: E402
 from qwenvl.training.packing import Encoder, PixelUnpacker  # noqa: E402
-from qwenvl.training.patch_labels import BACKGROUND, VisionProbe, box_digit_classes, sample_labels  # noqa: E402
+from qwenvl.training.patch_labels import BACKGROUND, EDGE_SCALE, VisionProbe, sample_labels  # noqa: E402
 from qwenvl.training.synthetic import make_sample, messages  # noqa: E402
 
 
@@ -54,11 +54,9 @@ def main() -> None:
                 hits["colour"] += (probe.colour(x).argmax(1) == y[:, 0]).tolist()
                 hits["kind"] += (probe.kind(x).argmax(1) == y[:, 1]).tolist()
                 hits["same-kind count"] += (probe.count(x).argmax(1) == y[:, 6]).tolist()
-                digits = box_digit_classes(y[:, 2:6])
-                for name, head, truth in zip(["hundreds"] * 4 + ["tens"] * 4, probe.box_digits, digits):
-                    hits[f"box {name} digit"] += (head(x).argmax(1) == truth).tolist()
-                hits["box L1 (grid units, mean per coordinate)"] += \
-                    ((probe.box(x) * 1000 - y[:, 2:6]).abs().mean(1)).tolist()
+                edge_error = (probe.edges(x) - y[:, 2:6].float() / EDGE_SCALE).abs()
+                hits["edge distance L1 (tokens, mean per edge)"] += edge_error.mean(1).tolist()
+                hits["edge distances all within half a token"] += (edge_error.max(1).values < 0.5).tolist()
                 hits["background tokens called background"] += \
                     (probe.colour(vision[~shape]).argmax(1) == BACKGROUND).tolist()
     print(f"| head, on the shape tokens of {3 * args.n} held-out scenes | value |\n| --- | --- |")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from PIL import Image, ImageDraw
 
-from qwenvl.training.patch_labels import BACKGROUND, IGNORE, VisionProbe, box_digit_classes, token_labels, unlabelled
+from qwenvl.training.patch_labels import BACKGROUND, IGNORE, VisionProbe, token_labels, unlabelled
 from qwenvl.training.synthetic_scenes import SHAPES, Shape, draw_shape
 from qwenvl.training.synthetic_style import COLORS
 
@@ -23,7 +23,7 @@ def test_filled_square_labels_the_tokens_it_covers_and_nothing_else():
     colour = _grid(labels, 3, 4, 0)
     assert colour[1][1] == red_class and _grid(labels, 3, 4, 1)[1][1] == square_class
     assert sum(v != BACKGROUND for row in colour for v in row) == 1
-    assert labels[5, 2:6].tolist() == [250, 333, 500, 667]           # its box on the 0..1000 grid
+    assert labels[5, 2:6].tolist() == [5, 5, 5, 5]       # half a token from its centre to each edge
     assert labels[5, 6].item() == 1                                  # the only square in the scene
     assert (labels[0, 2:] == IGNORE).all()                            # background tokens: no box, no count
 
@@ -47,12 +47,18 @@ def test_each_shape_token_counts_the_shapes_of_its_own_kind():
     assert {circle, triangle} <= {k for r in kind for k in r}
 
 
-def test_box_digit_classes_are_hundreds_then_tens():
-    hundreds_x1, *_, tens_y2 = box_digit_classes(torch.tensor([[250, 333, 1000, 7], [999, 0, 45, 1000]]))
-    assert hundreds_x1.tolist() == [2, 9]
-    assert tens_y2.tolist() == [0, 0]
-    classes = box_digit_classes(torch.tensor([[250, 333, 1000, 7]]))
-    assert [int(c) for c in classes] == [2, 3, 10, 0, 5, 3, 0, 0]
+def test_edge_distances_are_from_each_token_centre_in_tenths_of_a_token():
+    # 224 x 56 seen at its own size: a 2 x 8 grid of tokens; a bar 3 tokens wide, 2 high, from token column 2
+    bar = Shape("square", "green", (56, 0, 140, 56), (0, 160, 0), filled=True)
+    labels = token_labels([bar], (224, 56), (4, 16), 14, 2)
+    edges = labels[:, 2:6].view(2, 8, 4)
+    assert edges[0, 2].tolist() == [5, 5, 25, 15]     # its top-left token: the left and top edges half a token away
+    assert edges[1, 4].tolist() == [25, 15, 5, 5]     # its bottom-right token
+    assert edges[0, 3].tolist() == [15, 5, 15, 15]
+    assert (edges[:, [0, 1, 5, 6, 7]] == IGNORE).all()  # background: no edges
+    # the same scene at half the resolution: distances are in tokens of the image the model sees
+    small = token_labels([bar], (224, 56), (2, 8), 14, 2).view(1, 4, 7)
+    assert small[0, 1, 2:6].tolist() == [5, 5, 10, 5]
 
 
 def test_an_outlined_circle_is_background_inside_and_the_image_is_rescaled():
@@ -72,12 +78,11 @@ def test_probe_loss_ignores_unlabelled_tokens_and_trains_every_head():
     probe = VisionProbe(8)
     vision = torch.randn(5, 8, requires_grad=True)
     assert probe.loss(vision, unlabelled(5)).item() == 0.0
-    labels = torch.tensor([[0, 0, -1, -1, -1, -1, -1], [3, 2, 100, 200, 300, 400, 2], [IGNORE] * 7,
-                           [1, 1, 0, 0, 1000, 1000, 1], [0, 0, -1, -1, -1, -1, -1]])
+    labels = torch.tensor([[0, 0, -1, -1, -1, -1, -1], [3, 2, 5, -1, 25, 15, 2], [IGNORE] * 7,
+                           [1, 1, 5, 5, 5, 5, 1], [0, 0, -1, -1, -1, -1, -1]])
     loss = probe.loss(vision, labels)
     loss.backward()
     assert loss.item() > 0
     assert probe.colour.weight.grad.abs().sum() > 0 and probe.kind.weight.grad.abs().sum() > 0
-    assert probe.box.weight.grad.abs().sum() > 0 and probe.count.weight.grad.abs().sum() > 0
-    assert all(head.weight.grad.abs().sum() > 0 for head in probe.box_digits)
+    assert probe.edges.weight.grad.abs().sum() > 0 and probe.count.weight.grad.abs().sum() > 0
     assert vision.grad[2].abs().sum() == 0                     # the ignored token gets no gradient

@@ -322,7 +322,7 @@ def test_vision_probe_run_keeps_its_heads_out_of_the_checkpoint(init_dir, tmp_pa
     s = train(_config(init_dir, tmp_path, steps=3, eval_every=0, batch_size=4, vision_probe=1.0),
               log=lambda *_: None)
     state = torch.load(tmp_path / "train_state.pt", weights_only=False)
-    heads = ("colour", "kind", "box", "count") + tuple(f"box_digits.{i}" for i in range(8))
+    heads = ("colour", "kind", "edges", "count")
     assert set(state["probe"]) == {f"{h}.{p}" for h in heads for p in ("weight", "bias")}
     model, _ = load_model(s["final_dir"], dtype=torch.float32)   # strict: no probe keys in the folder
     assert not any("colour" in k for k in model.state_dict())

@@ -9,12 +9,13 @@ colour and kind of the shape a token shows, or background) gives every token its
 first step, so the tower learns features the language model can pick out. The labels come free from the
 scene the generator drew.
 
-Each shape token also learns its shape's box on the 0..1000 grid (the grounding answer's numbers): the
-vision tower's rotary positions are relative, so nothing else makes a token know where it is in the image;
-with the box in the token's features, grounding is "find the tokens, read their box out". The answer
-writes the box digit by digit, so the box is also learnt as classes of its hundreds and tens digits: a
-linear read-out of "the tens digit of x1" is what the language model's output head needs, where a linear
-box coordinate would still need turning into digits.
+Each shape token also learns where its shape's edges are, as distances from the token's own centre in
+tokens (left, top, right, bottom): "I am the top-left corner of a 3 x 2 token triangle". Not the box on the
+image's 0..1000 grid: the vision tower's only positions are rotary, so relative, and its values carry no
+position at all; on a uniform background every background token computes the same thing wherever it
+is, so no head can read absolute position off a token (an earlier version asked for the grid box and its
+digits: the tens digit stayed at chance, 9.9%). Where a token is comes to the language model from its
+M-RoPE position; what the tower can add is which tokens are a shape's corners and how far the edges are.
 
 Each shape token also learns how many shapes of its own kind the scene holds: a counting question then
 becomes what the colour question already is, "find a token of that kind, read its label out", instead of
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch import nn
 
-from .synthetic import Sample, to_grid
+from .synthetic import Sample
 from .synthetic_scenes import SHAPES, Shape, draw_shape
 from .synthetic_style import COLORS
 
@@ -42,17 +43,19 @@ IGNORE = -1                 # a token with no label (an image that is not a shap
 BACKGROUND = 0              # classes: 0 background, then 1 + index in COLORS / SHAPES
 MIN_PIXELS_PER_TOKEN = 20   # a token shows a shape when at least this many of its pixels are the shape's ink
 BACKGROUND_WEIGHT = 0.2     # background tokens are most of an image; they count less in the loss
-BOX_WEIGHT = 5.0            # the box head's L1 error is on a 0..1 scale, the classes' cross-entropy ~1
-LABEL_COLUMNS = 7           # colour class, kind class, x1, y1, x2, y2 (0..1000 grid), same-kind count
-                            # (box and count IGNORE off shapes)
+EDGE_WEIGHT = 1.0           # the edge head's L1 error is in tokens (a few), the classes' cross-entropy ~1
+EDGE_SCALE = 10             # edge distances are stored in tenths of a token (integer labels)
+LABEL_COLUMNS = 7           # colour class, kind class, distances to the left, top, right and bottom edge
+                            # (tenths of a token), same-kind count (edges and count IGNORE off shapes)
 MAX_SAME_KIND = 8           # count classes 0..8 (a scene holds at most 8 shapes)
-BOX_DIGIT_CLASSES = (11, 10)  # a grid coordinate's hundreds (0..10: 1000 -> 10) and tens digit
 
 
 def token_labels(shapes: list[Shape], image_size: tuple[int, int], grid_hw: tuple[int, int],
                  patch_size: int, merge_size: int) -> torch.Tensor:
-    """LongTensor[M, 7] (colour class, kind class, box on the 0..1000 grid, number of shapes of its kind in
-    the scene) per merged token, in the merger's raster order; a background token's box and count are IGNORE.
+    """LongTensor[M, 7] (colour class, kind class, distances from the token's centre to its shape's left, top,
+    right and bottom edge in tenths of a token, number of shapes of its kind in the scene) per merged token,
+    in the merger's raster order; a background token's edges and count are IGNORE. A distance is negative
+    when the token's centre lies outside its shape's box (a token counts as showing a shape from a corner).
 
     `image_size` is the original (W, H); `grid_hw` the patch grid of the resized image the model sees. The
     shapes are drawn again as they were (filled or outlined, same geometry) with their index as ink, so an
@@ -81,11 +84,25 @@ def token_labels(shapes: list[Shape], image_size: tuple[int, int], grid_hw: tupl
         kind_of = np.array([1 + SHAPES.index(s.kind) for s in shapes])
         colour = torch.from_numpy(np.where(shown, colour_of[best], BACKGROUND))
         kind = torch.from_numpy(np.where(shown, kind_of[best], BACKGROUND))
-        box_of = np.array([to_grid(s.box, image_size) for s in shapes])
-        box = torch.from_numpy(np.where(shown[:, None], box_of[best], IGNORE))
+        edges = _edge_distances(np.array([s.box for s in shapes], dtype=np.float64)[best], image_size,
+                                (gh // merge_size, gw // merge_size))
+        box = torch.from_numpy(np.where(shown[:, None], edges, IGNORE))
         count_of = np.array([sum(o.kind == s.kind for o in shapes) for s in shapes])
         same_kind = torch.from_numpy(np.where(shown, count_of[best], IGNORE))[:, None]
     return torch.cat([torch.stack([colour, kind], 1), box, same_kind], 1)
+
+
+def _edge_distances(boxes: np.ndarray, image_size: tuple[int, int], tokens_hw: tuple[int, int]) -> np.ndarray:
+    """boxes[M, 4] (pixels of the original image, one per token in raster order) -> int64[M, 4] distances
+    from each token's centre to the box's left, top, right, bottom edge, in tenths of a token."""
+    W, H = image_size
+    rows, cols = tokens_hw
+    scale = np.array([cols / W, rows / H, cols / W, rows / H])
+    in_tokens = boxes * scale                                                    # box in token units
+    cy, cx = np.divmod(np.arange(rows * cols), cols)
+    cx, cy = cx + 0.5, cy + 0.5
+    dist = np.stack([cx - in_tokens[:, 0], cy - in_tokens[:, 1], in_tokens[:, 2] - cx, in_tokens[:, 3] - cy], 1)
+    return np.rint(dist * EDGE_SCALE).astype(np.int64)
 
 
 def unlabelled(num_tokens: int) -> torch.Tensor:
@@ -101,28 +118,20 @@ def sample_labels(sample: Sample, grid_thw: torch.Tensor, pre_cfg) -> torch.Tens
     return token_labels(sample.meta["shapes"], sample.image.size, (gh, gw), pre_cfg.patch_size, pre_cfg.merge_size)
 
 
-def box_digit_classes(box: torch.Tensor) -> list[torch.Tensor]:
-    """[N, 4] grid coordinates -> 8 LongTensor[N] of digit classes: the hundreds of x1, y1, x2, y2, then
-    their tens (the order of VisionProbe.box_digits)."""
-    return list((box // 100).T) + list((box // 10 % 10).T)
-
-
 class VisionProbe(nn.Module):
-    """Linear classifiers of colour, kind, same-kind count and box digits, and a box regressor, over the
-    merged image tokens (the language model's inputs)."""
+    """Linear classifiers of colour, kind and same-kind count, and a regressor of the distances to the shape's
+    edges, over the merged image tokens (the language model's inputs)."""
 
     def __init__(self, width: int):
         super().__init__()
         self.colour = nn.Linear(width, 1 + len(COLORS))
         self.kind = nn.Linear(width, 1 + len(SHAPES))
-        self.box = nn.Linear(width, 4)
+        self.edges = nn.Linear(width, 4)
         self.count = nn.Linear(width, 1 + MAX_SAME_KIND)
-        self.box_digits = nn.ModuleList(nn.Linear(width, n) for n in BOX_DIGIT_CLASSES for _ in range(4))
 
     def loss(self, vision: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """vision[M, D], labels[M, 7] -> weighted cross-entropy of the class heads plus, on shape tokens,
-        the count head's cross-entropy, the digit heads' mean cross-entropy and the box head's L1 error
-        (0 when nothing is labelled)."""
+        the count head's cross-entropy and the edge head's L1 error in tokens (0 when nothing is labelled)."""
         keep = labels[:, 0] != IGNORE
         if not bool(keep.any()):
             return vision.sum() * 0.0
@@ -130,13 +139,11 @@ class VisionProbe(nn.Module):
         weight = torch.where(y[:, 0] == BACKGROUND, BACKGROUND_WEIGHT, 1.0)
         total = F.cross_entropy(self.colour(x), y[:, 0], reduction="none") \
             + F.cross_entropy(self.kind(x), y[:, 1], reduction="none")
-        on_shape = y[:, 2] != IGNORE
+        on_shape = y[:, 6] != IGNORE          # (an edge distance may be -1, so not tested for IGNORE)
         shape_only = torch.zeros_like(total)
         if bool(on_shape.any()):
-            xs, box = x[on_shape], y[on_shape, 2:6]
-            box_error = (self.box(xs) - box.float() / 1000).abs().sum(1)
-            digits = sum(F.cross_entropy(head(xs), d, reduction="none")
-                         for head, d in zip(self.box_digits, box_digit_classes(box), strict=True))
+            xs = x[on_shape]
+            edge_error = (self.edges(xs) - y[on_shape, 2:6].float() / EDGE_SCALE).abs().mean(1)
             count = F.cross_entropy(self.count(xs), y[on_shape, 6], reduction="none")
-            shape_only[on_shape] = BOX_WEIGHT * box_error + digits / len(self.box_digits) + count
+            shape_only[on_shape] = EDGE_WEIGHT * edge_error + count
         return ((total + shape_only) * weight).sum() / weight.sum()
