@@ -29,8 +29,9 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
-__all__ = ["FAMILIES", "parse_boxes", "parse_boxes_multi", "convert_box", "grounding_prompt"]
+__all__ = ["FAMILIES", "parse_boxes", "parse_boxes_multi", "convert_box", "grounding_prompt", "declared_grounding_prompt"]
 
 FAMILIES = ("qwen_vl", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 _TAG_FAMILIES = ("qwen_vl", "qwen2_vl")
@@ -380,3 +381,20 @@ def grounding_prompt(family: str, description: str, points: bool = False) -> str
                 "Report point coordinates in JSON format.")
     return (f'Locate every instance that belongs to the following categories: "{d}". '
             "Report bbox coordinates in JSON format.")
+
+
+def declared_grounding_prompt(model_dir: str | Path, description: str) -> str | None:
+    """The grounding request a checkpoint declares for itself, or None when it declares none.
+
+    A model trained on its own phrasing (the bundled model learnt "Locate the red triangle." and
+    "找到红色的三角形。", not Qwen2-VL's "Find <|object_ref_start|>..") names it in generation_config.json:
+    "grounding_prompt" (and "grounding_prompt_zh", used for a description with Chinese characters), with
+    `{description}` where the object goes.
+    """
+    path = Path(model_dir) / "generation_config.json"
+    if not path.is_file():
+        return None
+    gen = json.loads(path.read_text(encoding="utf-8"))
+    d = str(description).strip()
+    template = (_CJK.search(d) and gen.get("grounding_prompt_zh")) or gen.get("grounding_prompt")
+    return template.format(description=d) if template else None

@@ -6,7 +6,7 @@ import itertools
 from pathlib import Path
 
 from .engine.llm_engine import EngineConfig, LLMEngine
-from .grounding import grounding_prompt
+from .grounding import declared_grounding_prompt, grounding_prompt
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
 
@@ -62,8 +62,10 @@ class LLM:
         return [done[rid] for rid in ids]
 
     def ground(self, image, description: str, params: SamplingParams | None = None) -> RequestOutput:
-        """Localise `description` in `image` with the family's own grounding prompt; see `out.boxes`."""
-        prompt = grounding_prompt(self.family, description)
+        """Localise `description` in `image` with the checkpoint's declared grounding prompt, else its family's
+        own; see `out.boxes`."""
+        prompt = declared_grounding_prompt(self.engine.model_dir, description) \
+            or grounding_prompt(self.family, description)
         messages = [{"role": "user", "content": [{"image": image}, {"text": prompt}]}]
         return self.chat(messages, params or SamplingParams(temperature=0.0, max_tokens=256))
 

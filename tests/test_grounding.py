@@ -3,7 +3,7 @@ multi-image assignment, prompts. Pure Python, no model."""
 
 import pytest
 
-from qwenvl.grounding import (FAMILIES, convert_box, grounding_prompt, parse_boxes,
+from qwenvl.grounding import (FAMILIES, convert_box, declared_grounding_prompt, grounding_prompt, parse_boxes,
                               parse_boxes_multi)
 
 # Qwen2.5-VL resized sizes, computed by hand with Qwen's smart_resize (factor 28):
@@ -233,3 +233,22 @@ def test_grounding_prompts():
     assert '"car"' in p3 and "JSON" in p3 and "bbox" in p3
     with pytest.raises(ValueError):
         grounding_prompt("gpt4v", "x")
+
+
+def test_a_checkpoint_can_declare_its_own_grounding_request(tmp_path):
+    assert declared_grounding_prompt(tmp_path, "the red triangle") is None          # no generation_config.json
+    (tmp_path / "generation_config.json").write_text('{"do_sample": false}', encoding="utf-8")
+    assert declared_grounding_prompt(tmp_path, "the red triangle") is None          # declares none
+    (tmp_path / "generation_config.json").write_text(
+        '{"grounding_prompt": "Locate {description}.", "grounding_prompt_zh": "找到{description}。"}', encoding="utf-8")
+    assert declared_grounding_prompt(tmp_path, " the red triangle ") == "Locate the red triangle."
+    assert declared_grounding_prompt(tmp_path, "红色的三角形") == "找到红色的三角形。"
+
+
+def test_the_bundled_model_is_asked_to_ground_in_the_phrasing_it_was_trained_on():
+    from qwenvl.engine.llm_engine import BUNDLED_MODEL_DIR
+    from qwenvl.training.synthetic import QUESTIONS
+    trained_en = QUESTIONS[("ground", "en")].format(color="red", shape="triangle")
+    trained_zh = QUESTIONS[("ground", "zh")].format(color="红色", shape="三角形")
+    assert declared_grounding_prompt(BUNDLED_MODEL_DIR, "the red triangle") == trained_en
+    assert declared_grounding_prompt(BUNDLED_MODEL_DIR, "红色的三角形") == trained_zh

@@ -120,7 +120,10 @@ def write_new_checkpoint_dir(out_dir: str | Path, tokenizer_dir: str | Path, dim
     (out / "preprocessor_config.json").write_text(json.dumps(preprocessor_config(dims), indent=2), encoding="utf-8")
     (out / "generation_config.json").write_text(json.dumps({
         "bos_token_id": ids["<|endoftext|>"], "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]],
-        "pad_token_id": ids["<|endoftext|>"], "do_sample": False}, indent=2), encoding="utf-8")
+        "pad_token_id": ids["<|endoftext|>"], "do_sample": False,
+        # the phrasing the synthetic grounding task trains (qwenvl.grounding.declared_grounding_prompt)
+        "grounding_prompt": "Locate {description}.", "grounding_prompt_zh": "找到{description}。"},
+        indent=2, ensure_ascii=False), encoding="utf-8")
     return out
 
 

@@ -1,4 +1,4 @@
-"""Dense labels for the vision tower: which shape (colour, kind, box) each merged image token shows.
+"""Dense labels for the vision tower: which shape (colour, kind, edges, same-kind count) each image token shows.
 
 A from-scratch vision-language model learns to look slowly: at first the language model attends to the
 image tokens almost uniformly, so the answer sees their mean, where one shape is a few tokens among a
