@@ -75,7 +75,7 @@ def token_labels(shapes: list[Shape], image_size: tuple[int, int], grid_hw: tupl
         else np.zeros((len(blocks), 0), dtype=np.int64)                          # [M, n_shapes]
     colour = torch.zeros(len(blocks), dtype=torch.long)
     kind = torch.zeros(len(blocks), dtype=torch.long)
-    box = torch.full((len(blocks), 4), IGNORE, dtype=torch.long)
+    edge = torch.full((len(blocks), 4), IGNORE, dtype=torch.long)
     same_kind = torch.full((len(blocks), 1), IGNORE, dtype=torch.long)
     if shapes:
         best = counts.argmax(1)
@@ -86,10 +86,10 @@ def token_labels(shapes: list[Shape], image_size: tuple[int, int], grid_hw: tupl
         kind = torch.from_numpy(np.where(shown, kind_of[best], BACKGROUND))
         edges = _edge_distances(np.array([s.box for s in shapes], dtype=np.float64)[best], image_size,
                                 (gh // merge_size, gw // merge_size))
-        box = torch.from_numpy(np.where(shown[:, None], edges, IGNORE))
+        edge = torch.from_numpy(np.where(shown[:, None], edges, IGNORE))
         count_of = np.array([sum(o.kind == s.kind for o in shapes) for s in shapes])
         same_kind = torch.from_numpy(np.where(shown, count_of[best], IGNORE))[:, None]
-    return torch.cat([torch.stack([colour, kind], 1), box, same_kind], 1)
+    return torch.cat([torch.stack([colour, kind], 1), edge, same_kind], 1)
 
 
 def _edge_distances(boxes: np.ndarray, image_size: tuple[int, int], tokens_hw: tuple[int, int]) -> np.ndarray:
