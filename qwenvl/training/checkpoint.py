@@ -17,6 +17,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from .synthetic import GROUND_REQUESTS
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 
 
@@ -122,7 +124,7 @@ def write_new_checkpoint_dir(out_dir: str | Path, tokenizer_dir: str | Path, dim
         "bos_token_id": ids["<|endoftext|>"], "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]],
         "pad_token_id": ids["<|endoftext|>"], "do_sample": False,
         # the phrasing the synthetic grounding task trains (qwenvl.grounding.declared_grounding_prompt)
-        "grounding_prompt": "Locate {description}.", "grounding_prompt_zh": "找到{description}。"},
+        "grounding_prompt": GROUND_REQUESTS["en"], "grounding_prompt_zh": GROUND_REQUESTS["zh"]},
         indent=2, ensure_ascii=False), encoding="utf-8")
     return out
 

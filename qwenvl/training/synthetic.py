@@ -33,13 +33,18 @@ TASK_WEIGHTS = {"count": 0.17, "color": 0.13, "ground": 0.25, "read": 0.2, "char
 ZH_FRACTION = 0.3
 BLUR_FRACTION = 0.12   # a soft (anti-aliased / rescaled looking) copy now and then
 
+# The grounding label and the request around it; the bundled model's generation_config.json declares the
+# request (qwenvl.grounding.declared_grounding_prompt), so `LLM.ground` asks as the model was trained.
+GROUND_LABELS = {"en": "the {color} {shape}", "zh": "{color}的{shape}"}
+GROUND_REQUESTS = {"en": "Locate {description}.", "zh": "找到{description}。"}
+
 QUESTIONS = {
     ("count", "en"): "How many {shape}s are there?",
     ("count", "zh"): "图中有几个{shape}？",
     ("color", "en"): "What color is the {shape}?",
     ("color", "zh"): "{shape}是什么颜色？",
-    ("ground", "en"): "Locate the {color} {shape}.",
-    ("ground", "zh"): "找到{color}的{shape}。",
+    ("ground", "en"): GROUND_REQUESTS["en"].format(description=GROUND_LABELS["en"]),
+    ("ground", "zh"): GROUND_REQUESTS["zh"].format(description=GROUND_LABELS["zh"]),
     ("read", "en"): "What is written in the image?",
     ("read", "zh"): "图中写的是什么？",
     ("chart", "en"): "What is the value of {label}?",
@@ -47,7 +52,6 @@ QUESTIONS = {
     ("table", "en"): "What is the {col} of {row}?",
     ("table", "zh"): "{row}的{col}是多少？",
 }
-GROUND_LABELS = {"en": "the {color} {shape}", "zh": "{color}的{shape}"}
 
 
 @dataclass
