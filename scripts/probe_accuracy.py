@@ -1,5 +1,5 @@
-"""What the vision tower's tokens hold: accuracy of a training run's probe heads (patch_labels.py) on the
-image tokens of held-out shape scenes.
+"""What the image tokens hold: accuracy of a training run's probe heads (patch_labels.py) on the image
+tokens of held-out shape scenes, out of the vision tower and inside the language model.
 
     python scripts/probe_accuracy.py --run runs/m4 [--n 64]
 
@@ -23,8 +23,9 @@ from qwenvl.config import ModelConfig  # noqa: E402
 from qwenvl.inputs import PreprocessorConfig  # noqa: E402
 from qwenvl.loader import load_model  # noqa: E402
 from qwenvl.tokenizer import Tokenizer  # noqa: E402
-from qwenvl.training.packing import Encoder, PixelUnpacker  # noqa: E402
-from qwenvl.training.patch_labels import BACKGROUND, EDGE_SCALE, VisionProbe, sample_labels  # noqa: E402
+from qwenvl.training.packing import Encoder, PackedCausalAttention, PixelUnpacker, forward_tapped, pack  # noqa: E402
+from qwenvl.training.patch_labels import (BACKGROUND, EDGE_SCALE, LM_PROBE_LAYER, POSITION_SCALE,  # noqa: E402
+                                          VisionProbe, sample_labels, shape_boxes, token_places)
 from qwenvl.training.synthetic import make_sample, messages  # noqa: E402
 
 
@@ -59,7 +60,19 @@ def main() -> None:
                 hits["edge distances all within half a token"] += (edge_error.max(1).values < 0.5).tolist()
                 hits["background tokens called background"] += \
                     (probe.colour(vision[~shape]).argmax(1) == BACKGROUND).tolist()
-    print(f"| head, on the shape tokens of {3 * args.n} held-out scenes | value |\n| --- | --- |")
+                if "place.weight" not in state["probe"]:
+                    continue                   # a run from before the language-model heads
+                batch = pack([example], unpack)
+                _, rows = forward_tapped(model, batch, PackedCausalAttention(batch.segment_ids), vision, [],
+                                         LM_PROBE_LAYER)
+                places = token_places(example.grid_thw, pre.merge_size)
+                grid = 1000 / POSITION_SCALE   # head outputs (tenths of the image) -> 0..1000 grid units
+                hits["LM: token place L1 (grid units)"] += \
+                    ((probe.place(rows) * grid - places[:, :2] * 1000).abs().mean(1)).tolist()
+                box_error = (probe.box(rows[shape]) * grid - shape_boxes(y, places[shape]) * 1000).abs()
+                hits["LM: shape box L1 (grid units, mean per edge)"] += box_error.mean(1).tolist()
+    print(f"| head, on the shape tokens of {3 * args.n} held-out scenes (places: all tokens) | value |\n"
+          "| --- | --- |")
     for name, values in hits.items():
         mean = sum(float(v) for v in values) / max(1, len(values))
         print(f"| {name} | {mean:.1f} |" if "L1" in name else f"| {name} | {mean:.1%} |")

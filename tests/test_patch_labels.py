@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from PIL import Image, ImageDraw
 
-from qwenvl.training.patch_labels import BACKGROUND, IGNORE, VisionProbe, token_labels, unlabelled
+from qwenvl.training.patch_labels import (BACKGROUND, IGNORE, POSITION_SCALE, VisionProbe, shape_boxes, token_labels,
+                                          token_places, unlabelled)
 from qwenvl.training.synthetic_scenes import SHAPES, Shape, draw_shape
 from qwenvl.training.synthetic_style import COLORS
 
@@ -86,3 +87,48 @@ def test_probe_loss_ignores_unlabelled_tokens_and_trains_every_head():
     assert probe.colour.weight.grad.abs().sum() > 0 and probe.kind.weight.grad.abs().sum() > 0
     assert probe.edges.weight.grad.abs().sum() > 0 and probe.count.weight.grad.abs().sum() > 0
     assert vision.grad[2].abs().sum() == 0                     # the ignored token gets no gradient
+
+
+def test_token_places_are_centres_as_fractions_of_each_image_in_raster_order():
+    # two images: 2 x 3 tokens (grid 4 x 6 patches), then one token (grid 2 x 2)
+    places = token_places(torch.tensor([[1, 4, 6], [1, 2, 2]]), merge_size=2)
+    assert places.shape == (7, 4)
+    assert torch.allclose(places[:3, 0], torch.tensor([1 / 6, 3 / 6, 5 / 6]))    # first row: x steps by a token
+    assert torch.allclose(places[:3, 1], torch.full((3,), 0.25))
+    assert torch.allclose(places[3, :2], torch.tensor([1 / 6, 0.75]))             # second row starts at the left
+    assert places[0, 2:].tolist() == [3, 2] and places[6].tolist() == [0.5, 0.5, 1, 1]
+
+
+def test_every_token_of_a_shape_points_at_the_same_box_as_fractions_of_the_image():
+    # 224 x 56 seen at its own size (2 x 8 tokens): a bar over token columns 2-4, both rows
+    bar = Shape("square", "green", (56, 0, 140, 56), (0, 160, 0), filled=True)
+    labels = token_labels([bar], (224, 56), (4, 16), 14, 2)
+    places = token_places(torch.tensor([[1, 4, 16]]), 2)
+    on_shape = labels[:, 6] != IGNORE
+    boxes = shape_boxes(labels[on_shape], places[on_shape])
+    assert boxes.shape == (6, 4)
+    assert torch.allclose(boxes, torch.tensor([[56 / 224, 0.0, 140 / 224, 1.0]]).expand(6, 4), atol=1e-6)
+
+
+def test_position_heads_learn_place_and_box_and_skip_unlabelled_tokens():
+    probe = VisionProbe(24)          # wider than the 16 labelled tokens: a linear fit can be exact
+    bar = Shape("square", "green", (56, 0, 140, 56), (0, 160, 0), filled=True)
+    labels = torch.cat([token_labels([bar], (224, 56), (4, 16), 14, 2), unlabelled(4)])
+    places = token_places(torch.tensor([[1, 4, 16], [1, 4, 4]]), 2)
+    hidden = torch.randn(20, 24, requires_grad=True)
+    loss = probe.position_loss(hidden, labels, places)
+    loss.backward()
+    assert loss.item() > 0
+    assert probe.place.weight.grad.abs().sum() > 0 and probe.box.weight.grad.abs().sum() > 0
+    assert hidden.grad[16:].abs().sum() == 0                   # the unlabelled image's tokens get no gradient
+    assert probe.position_loss(hidden, unlabelled(20), places).item() == 0.0
+    # heads that output the right answer have (almost) no loss: fit them by least squares on these tokens
+    with torch.no_grad():
+        x = torch.cat([hidden[:16], torch.ones(16, 1)], 1)
+        on_shape = labels[:16, 6] != IGNORE
+        for head, target, rows in ((probe.place, places[:16, :2], slice(None)),
+                                   (probe.box, shape_boxes(labels[:16][on_shape], places[:16][on_shape]), on_shape)):
+            solution = torch.linalg.lstsq(x[rows], target * POSITION_SCALE).solution     # [25, k]
+            head.weight.copy_(solution[:24].T)
+            head.bias.copy_(solution[24])
+    assert probe.position_loss(hidden, labels, places).item() < 1e-3

@@ -218,6 +218,18 @@ def test_resume_continues_the_step_count(init_dir, tmp_path):
     assert torch.load(tmp_path / "train_state.pt", weights_only=False)["step"] == 7
 
 
+def test_cpu_run_with_data_workers_leaves_them_their_cores(init_dir, tmp_path):
+    """With data workers on a CPU, the compute pool gets the cores they leave (not all of them, which made
+    a step 6x slower on 2 cores), and the caller's thread count comes back afterwards."""
+    import os
+    before = torch.get_num_threads()
+    seen: list[int] = []
+    train(_config(init_dir, tmp_path, steps=2, eval_every=1, batch_size=2, workers=1),
+          log=lambda *_: seen.append(torch.get_num_threads()))
+    assert seen and set(seen) == {max(1, (os.cpu_count() or 1) - 1)}
+    assert torch.get_num_threads() == before
+
+
 class _FakeClock:
     """time.time() for sft: every reading is half a second after the last, so wall time is a step count."""
 
@@ -265,7 +277,7 @@ def test_lora_run_merges_and_saves_a_plain_checkpoint(scratch_run, tmp_path):
     assert (Path(summary["final_dir"]) / "model.safetensors").exists()
 
 
-def test_saved_folder_loads_in_transformers_with_the_same_logits(scratch_run):
+def _assert_transformers_gives_our_logits(folder: Path) -> None:
     """Our LLM(dir) and transformers' Qwen2VLForConditionalGeneration read the same folder; prefill logits
     with one image agree in float32."""
     pytest.importorskip("transformers")
@@ -274,15 +286,14 @@ def test_saved_folder_loads_in_transformers_with_the_same_logits(scratch_run):
 
     from qwenvl import LLM
     from qwenvl.layers.attention import ContiguousKVCache
-    final = Path(scratch_run["summary"]["final_dir"])
-    assert json.loads((final / "config.json").read_text())["architectures"] == ["Qwen2VLForConditionalGeneration"]
-    LLM(str(final))                                            # the public entry point loads it
-    ref = build_ref_inputs(final, [_noise_image(100, 70, 0)], question="What color is the circle?")
-    hf = Qwen2VLForConditionalGeneration.from_pretrained(final, dtype=torch.float32,
+    assert json.loads((folder / "config.json").read_text())["architectures"] == ["Qwen2VLForConditionalGeneration"]
+    LLM(str(folder))                                            # the public entry point loads it
+    ref = build_ref_inputs(folder, [_noise_image(100, 70, 0)], question="What color is the circle?")
+    hf = Qwen2VLForConditionalGeneration.from_pretrained(folder, dtype=torch.float32,
                                                          attn_implementation="eager").eval()
     pos, _ = hf.model.get_rope_index(ref.input_ids, mm_token_type_ids=ref.mm_token_type_ids,
                                      image_grid_thw=ref.image_grid_thw)
-    model, cfg = load_model(final, dtype=torch.float32)
+    model, cfg = load_model(folder, dtype=torch.float32)
     with torch.inference_mode():
         expected = hf(**ref.hf_kwargs(), position_ids=pos).logits[0]
         vision, _ = model.encode_vision(ref.pixel_values, ref.image_grid_thw)
@@ -290,6 +301,23 @@ def test_saved_folder_loads_in_transformers_with_the_same_logits(scratch_run):
         got = model.compute_logits(hidden)
     assert got.shape == expected.shape
     assert (got - expected).abs().max().item() < 1e-4
+
+
+def test_saved_folder_loads_in_transformers_with_the_same_logits(scratch_run):
+    _assert_transformers_gives_our_logits(Path(scratch_run["summary"]["final_dir"]))
+
+
+def test_resplit_mrope_sections_mean_the_same_in_transformers(scratch_run, tmp_path):
+    """The bundled model gives height and width more of the rotary pairs than the default split (one for
+    time): the same weights under such a split give the same logits in transformers as in our loader."""
+    import shutil
+    folder = Path(shutil.copytree(scratch_run["summary"]["final_dir"], tmp_path / "resplit"))
+    config = json.loads((folder / "config.json").read_text())
+    assert sum(config["rope_scaling"]["mrope_section"]) == 8        # TINY's head_dim 16
+    config["rope_scaling"]["mrope_section"] = [1, 2, 5]
+    (folder / "config.json").write_text(json.dumps(config))
+    assert ModelConfig.from_dir(folder).text.mrope_section == (1, 2, 5)
+    _assert_transformers_gives_our_logits(folder)
 
 
 def test_followup_turns_are_learned_from_and_share_one_image(init_dir):
@@ -322,7 +350,7 @@ def test_vision_probe_run_keeps_its_heads_out_of_the_checkpoint(init_dir, tmp_pa
     s = train(_config(init_dir, tmp_path, steps=3, eval_every=0, batch_size=4, vision_probe=1.0),
               log=lambda *_: None)
     state = torch.load(tmp_path / "train_state.pt", weights_only=False)
-    heads = ("colour", "kind", "edges", "count")
+    heads = ("colour", "kind", "edges", "count", "place", "box")
     assert set(state["probe"]) == {f"{h}.{p}" for h in heads for p in ("weight", "bias")}
     model, _ = load_model(s["final_dir"], dtype=torch.float32)   # strict: no probe keys in the folder
     assert not any("colour" in k for k in model.state_dict())

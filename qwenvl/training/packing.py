@@ -24,6 +24,7 @@ from ..config import ModelConfig
 from ..inputs import InputError, PreprocessorConfig, build_inputs, load_image, normalize_messages, smart_resize
 from ..inputs.mrope import VisionSpan, mrope_positions
 from ..tokenizer import Tokenizer
+from .patch_labels import LM_PROBE_LAYER, token_places
 
 
 @dataclass
@@ -260,13 +261,30 @@ class PackedCausalAttention:
         return out.transpose(1, 2).reshape(b * length, *q.shape[1:])[self.slot]     # [N, Hq, Dh]
 
 
+def forward_tapped(model, batch: PackedBatch, attn, vision, deepstack, tap_layer: int | None
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The model's final hidden states over the batch, and (with `tap_layer`) the language model's hidden
+    states of the image tokens after that decoder layer, [M, D] in vision order (None without)."""
+    if tap_layer is None:
+        return model(batch.token_ids, batch.positions, attn, vision, deepstack), None
+    tapped: list[torch.Tensor] = []
+    hook = model.model.language_model.layers[tap_layer].register_forward_hook(
+        lambda _module, _args, out: tapped.append(out))
+    try:
+        hidden = model(batch.token_ids, batch.positions, attn, vision, deepstack)
+    finally:
+        hook.remove()
+    return hidden, tapped[0][model._vision_mask(batch.token_ids)]
+
+
 def packed_loss(model, batch: PackedBatch, unpack: PixelUnpacker | None = None,
                 attention=PackedCausalAttention, probe=None, probe_weight: float = 1.0) -> tuple[torch.Tensor, int]:
     """Mean next-token cross-entropy over the batch's target tokens; -> (loss, number of targets).
 
     `unpack` turns compact uint8 pixels into pixel_values on the batch's device (needed when they are compact).
     A batch without any target gives a loss of 0 that still reaches every parameter (never a NaN mean of nothing).
-    With a `probe` (patch_labels.VisionProbe) and labelled images, probe_weight x its per-token loss is added.
+    With a `probe` (patch_labels.VisionProbe) and labelled images, probe_weight x its per-token losses is added:
+    over the vision tower's outputs, and over the language model's image tokens after LM_PROBE_LAYER.
     """
     vision, deepstack = None, []
     if batch.grid_thw.numel():
@@ -278,9 +296,14 @@ def packed_loss(model, batch: PackedBatch, unpack: PixelUnpacker | None = None,
         dtype = next(model.parameters()).dtype
         vision, deepstack = model.encode_vision(pixels.to(dtype), batch.grid_thw)
     extra = 0.0
-    if probe is not None and vision is not None and batch.vision_labels.numel():
+    probing = probe is not None and vision is not None and batch.vision_labels.numel() > 0
+    if probing:
         extra = probe_weight * probe.loss(vision, batch.vision_labels)
-    hidden = model(batch.token_ids, batch.positions, attention(batch.segment_ids), vision, deepstack)
+    hidden, image_rows = forward_tapped(model, batch, attention(batch.segment_ids), vision, deepstack,
+                                        LM_PROBE_LAYER if probing else None)
+    if probing:
+        places = token_places(batch.grid_thw, model.cfg.vision.spatial_merge_size)
+        extra = extra + probe_weight * probe.position_loss(image_rows, batch.vision_labels, places)
     # Token i is predicted from hidden state i - 1 of the same conversation.
     targets = batch.loss_mask.clone()
     targets[0] = False

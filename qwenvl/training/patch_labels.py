@@ -21,6 +21,12 @@ Each shape token also learns how many shapes of its own kind the scene holds: a 
 becomes what the colour question already is, "find a token of that kind, read its label out", instead of
 an aggregation over the image that a few-layer language model's softmax attention does poorly.
 
+The language model is where a token's place can be known: its M-RoPE position says which row and column it
+is in. So a second set of heads reads the language model's hidden state of every image token after layer
+LM_PROBE_LAYER and learns where on the image that token is, and, on a shape token, its shape's box, both as
+fractions of the image's width and height (what the 0..1000-grid answer writes). Nothing else asks those
+first layers to turn rotary phases into positions before the answer needs them.
+
 `VisionProbe` holds the linear heads; they live only in training (saved in train_state.pt for resume,
 never in the exported checkpoint).
 """
@@ -48,6 +54,8 @@ EDGE_SCALE = 10             # edge distances are stored in tenths of a token (in
 LABEL_COLUMNS = 7           # colour class, kind class, distances to the left, top, right and bottom edge
                             # (tenths of a token), same-kind count (edges and count IGNORE off shapes)
 MAX_SAME_KIND = 8           # count classes 0..8 (a scene holds at most 8 shapes)
+LM_PROBE_LAYER = 1          # the position heads read the output of this decoder layer (0-based)
+POSITION_SCALE = 10         # positions are learnt in tenths of the image's width or height
 
 
 def token_labels(shapes: list[Shape], image_size: tuple[int, int], grid_hw: tuple[int, int],
@@ -118,9 +126,32 @@ def sample_labels(sample: Sample, grid_thw: torch.Tensor, pre_cfg) -> torch.Tens
     return token_labels(sample.meta["shapes"], sample.image.size, (gh, gw), pre_cfg.patch_size, pre_cfg.merge_size)
 
 
+def token_places(grid_thw: torch.Tensor, merge_size: int) -> torch.Tensor:
+    """float[M, 4] per merged token, images (and frames) in order: the token centre's x and y as fractions of
+    its image's width and height, and the image's width and height in tokens."""
+    rows = []
+    for t, gh, gw in grid_thw.tolist():
+        h, w = gh // merge_size, gw // merge_size
+        cy, cx = torch.meshgrid(torch.arange(h) + 0.5, torch.arange(w) + 0.5, indexing="ij")
+        one = torch.stack([cx.flatten() / w, cy.flatten() / h,
+                           torch.full((h * w,), float(w)), torch.full((h * w,), float(h))], 1)
+        rows.append(one.repeat(t, 1))
+    return torch.cat(rows).to(grid_thw.device) if rows else torch.zeros(0, 4, device=grid_thw.device)
+
+
+def shape_boxes(labels: torch.Tensor, places: torch.Tensor) -> torch.Tensor:
+    """labels[M, 7] of shape tokens, places[M, 4] (token_places) -> float[M, 4]: each token's shape's box
+    (x1, y1, x2, y2) as fractions of the image's width and height, from the token's centre and its edges."""
+    edges = labels[:, 2:6].float() / EDGE_SCALE                                   # tokens: left, top, right, bottom
+    size = places[:, 2:4].repeat(1, 2)                                            # cols, rows, cols, rows
+    centre = places[:, :2].repeat(1, 2)
+    return centre + torch.cat([-edges[:, :2], edges[:, 2:]], 1) / size
+
+
 class VisionProbe(nn.Module):
     """Linear classifiers of colour, kind and same-kind count, and a regressor of the distances to the shape's
-    edges, over the merged image tokens (the language model's inputs)."""
+    edges, over the merged image tokens (the language model's inputs); and regressors of each image token's
+    place and its shape's box over the language model's hidden state after LM_PROBE_LAYER."""
 
     def __init__(self, width: int):
         super().__init__()
@@ -128,6 +159,23 @@ class VisionProbe(nn.Module):
         self.kind = nn.Linear(width, 1 + len(SHAPES))
         self.edges = nn.Linear(width, 4)
         self.count = nn.Linear(width, 1 + MAX_SAME_KIND)
+        self.place = nn.Linear(width, 2)      # language-model side: the token's own x, y
+        self.box = nn.Linear(width, 4)        # language-model side: its shape's x1, y1, x2, y2
+
+    def position_loss(self, hidden: torch.Tensor, labels: torch.Tensor, places: torch.Tensor) -> torch.Tensor:
+        """hidden[M, D] (language model, image tokens), labels[M, 7], places[M, 4] (token_places) -> L1 error
+        in tenths of the image side of every labelled token's place, plus its shape's box on shape tokens."""
+        keep = labels[:, 0] != IGNORE
+        if not bool(keep.any()):
+            return hidden.sum() * 0.0
+        x, y, where = hidden[keep].float(), labels[keep], places[keep]
+        error = (self.place(x) - where[:, :2] * POSITION_SCALE).abs().mean(1)
+        on_shape = y[:, 6] != IGNORE
+        if bool(on_shape.any()):
+            box = shape_boxes(y[on_shape], where[on_shape])
+            box_error = (self.box(x[on_shape]) - box * POSITION_SCALE).abs().mean(1)
+            error = torch.cat([error[~on_shape], error[on_shape] + box_error])
+        return error.mean()
 
     def loss(self, vision: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """vision[M, D], labels[M, 7] -> weighted cross-entropy of the class heads plus, on shape tokens,
