@@ -33,6 +33,21 @@ training on the synthetic tasks, export to a checkpoint folder (shards small eno
         --workers 1 --batch-size 32 --lr 1e-3 --warmup 100 --minutes 110 --measure-seconds 0 --followups 3 \
         --seed 17 --max-pixels 160000 --task count --task ground --task count --task ground --task color \
         --vision-probe 1.0
+    # phase 6, an AVX2-only CPU again (float32; --workers 0: on 2 cores one data worker beside two compute
+    # threads made a step take 27 s instead of 4.2; train() now gives the compute pool only the cores the
+    # workers leave), from phase 5's model (as of de69281) with the M-RoPE rotary pairs
+    # re-split 1/2/13 between time, height and width (was 4/6/6: width had only frequencies <= 1.8e-4 rad per
+    # token column, so the language model could not tell columns apart); first 30 minutes to settle into
+    # the new split (run before the language-model position heads existed; --vision-probe now trains them
+    # too), then 95 with them (each image token's place and its shape's box, read after decoder layer 1),
+    # fresh images (--seed 23, then 29)
+    python scripts/train_bundled_model.py --out runs/p1 --init-from qwenvl/assets/bundled --mrope-section 1,2,13 \
+        --device cpu --workers 0 --batch-size 32 --lr 1e-3 --warmup 60 --minutes 30 --measure-seconds 0 \
+        --followups 3 --seed 23 --max-pixels 160000 --task ground --task ground --task count --task color \
+        --vision-probe 1.0
+    python scripts/train_bundled_model.py --out runs/m6 --init-from runs/p1/final --device cpu --workers 0 \
+        --batch-size 32 --lr 1e-3 --warmup 60 --minutes 95 --measure-seconds 0 --followups 3 --seed 29 \
+        --max-pixels 160000 --task ground --task count --task ground --task count --task color --vision-probe 1.0
     # from nothing on a GPU, in two sittings of a command limited to 10 minutes (run it twice)
     python scripts/train_bundled_model.py --out runs/bundled --device cuda --workers 14 --batch-size 128 \
         --lr 1e-3 --warmup 300 --minutes 17.5 --sitting-minutes 8.2
@@ -84,20 +99,39 @@ def measure(cfg: TrainConfig, seconds: float) -> None:
           f"({slower}-bound)", flush=True)
 
 
-def with_max_pixels(src: Path, dst: Path, max_pixels: int) -> Path:
-    """A copy of checkpoint folder `src` whose images are resized to at most `max_pixels` (training and,
-    once exported, inference: the vision tower's cost grows with the square of the patch count)."""
+def start_copy(src: Path, dst: Path, max_pixels: int | None, mrope_section: list[int] | None) -> Path:
+    """A copy of checkpoint folder `src` to train from, with its images resized to at most `max_pixels`
+    (training and, once exported, inference: the vision tower's cost grows with the square of the patch
+    count) and its M-RoPE split into `mrope_section` (t, h, w rotary pairs), where given."""
     dst.mkdir(parents=True, exist_ok=True)
     for f in src.iterdir():
         if f.is_file():
             shutil.copyfile(f, dst / f.name)
-    path = dst / "preprocessor_config.json"
-    pre = json.loads(path.read_text(encoding="utf-8"))
-    pre["max_pixels"] = max_pixels
-    if isinstance(pre.get("size"), dict):
-        pre["size"]["longest_edge"] = max_pixels
-    path.write_text(json.dumps(pre, indent=2) + "\n", encoding="utf-8")
+    if max_pixels:
+        path = dst / "preprocessor_config.json"
+        pre = json.loads(path.read_text(encoding="utf-8"))
+        pre["max_pixels"] = max_pixels
+        if isinstance(pre.get("size"), dict):
+            pre["size"]["longest_edge"] = max_pixels
+        path.write_text(json.dumps(pre, indent=2) + "\n", encoding="utf-8")
+    if mrope_section:
+        path = dst / "config.json"
+        config = json.loads(path.read_text(encoding="utf-8"))
+        config["rope_scaling"]["mrope_section"] = mrope_section
+        path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        ModelConfig.from_dir(dst)     # a section that does not fit the head exits here, before training
     return dst
+
+
+def parse_section(text: str) -> list[int]:
+    """"1,2,13" -> [1, 2, 13] (argparse type for --mrope-section)."""
+    try:
+        parts = [int(v) for v in text.split(",")]
+    except ValueError:
+        parts = []
+    if len(parts) != 3 or min(parts) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected three positive integers T,H,W such as 1,2,13")
+    return parts
 
 
 def with_dims(dims: SmallModelDims, overrides: list[str]) -> SmallModelDims:
@@ -138,6 +172,9 @@ def main() -> None:
                          "0 = off")
     ap.add_argument("--init-from", help="start from this checkpoint's weights instead of new ones")
     ap.add_argument("--max-pixels", type=int, help="resize training (and the saved model's) images to at most this")
+    ap.add_argument("--mrope-section", type=parse_section, metavar="T,H,W",
+                    help="re-split the start checkpoint's M-RoPE rotary pairs between time, height and width "
+                         "(they must sum to head_dim/2), e.g. 1,2,13")
     ap.add_argument("--small", action="store_true", help="a very small model, for a smoke run")
     ap.add_argument("--dim", action="append", default=[], metavar="NAME=INT",
                     help="override one SmallModelDims field of a new model, e.g. --dim vision_depth=4 (repeatable)")
@@ -156,8 +193,8 @@ def main() -> None:
         write_new_checkpoint_dir(init, out / "tokenizer", dims)
         print(f"tokenizer and config written in {time.time() - t:.1f} s", flush=True)
     start = args.init_from or str(init)
-    if args.max_pixels:
-        start = str(with_max_pixels(Path(start), out / "start", args.max_pixels))
+    if args.max_pixels or args.mrope_section:
+        start = str(start_copy(Path(start), out / "start", args.max_pixels, args.mrope_section))
     cfg = TrainConfig(model_dir=start, out_dir=str(out), from_scratch=not args.init_from, steps=args.steps,
                       batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, eval_every=250,
                       eval_batches=4, save_every=500, seed=args.seed, device=args.device,
