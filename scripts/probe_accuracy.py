@@ -41,7 +41,9 @@ def main() -> None:
     model, model_cfg = load_model(d, dtype=torch.float32)
     state = torch.load(run / "train_state.pt", map_location="cpu", weights_only=False)
     probe = VisionProbe(model_cfg.text.hidden_size)
-    probe.load_state_dict(state["probe"])
+    # A run from before the language-model heads has only the vision-side ones: report those.
+    lm_heads = not probe.load_state_dict(state["probe"], strict=False).missing_keys
+    grid = 1000 / POSITION_SCALE   # position head outputs (tenths of the image) -> 0..1000 grid units
     hits: dict[str, list[float]] = defaultdict(list)
     for task in ("count", "color", "ground"):
         for i in range(args.n):
@@ -60,13 +62,12 @@ def main() -> None:
                 hits["edge distances all within half a token"] += (edge_error.max(1).values < 0.5).tolist()
                 hits["background tokens called background"] += \
                     (probe.colour(vision[~shape]).argmax(1) == BACKGROUND).tolist()
-                if "place.weight" not in state["probe"]:
-                    continue                   # a run from before the language-model heads
+                if not lm_heads:
+                    continue
                 batch = pack([example], unpack)
                 _, rows = forward_tapped(model, batch, PackedCausalAttention(batch.segment_ids), vision, [],
                                          LM_PROBE_LAYER)
                 places = token_places(example.grid_thw, pre.merge_size)
-                grid = 1000 / POSITION_SCALE   # head outputs (tenths of the image) -> 0..1000 grid units
                 hits["LM: token place L1 (grid units)"] += \
                     ((probe.place(rows) * grid - places[:, :2] * 1000).abs().mean(1)).tolist()
                 box_error = (probe.box(rows[shape]) * grid - shape_boxes(y, places[shape]) * 1000).abs()
