@@ -5,7 +5,9 @@ the horizontal and the vertical, in 0..1000-grid units and in image tokens (what
 
 Accuracy at IoU >= 0.5 says how often a box is right; this says why it is not: a model that cannot tell
 columns apart misses x1/x2 much more than y1/y2, one that finds the wrong shape misses both by a lot, one
-that finds the shape but not its edges misses by a fraction of the shape's size.
+that finds the shape but not its edges misses by a fraction of the shape's size. The last lines split the
+boxes by the shape whose centre lies nearest the box's centre: the asked one (the box's IoU then measures
+its precision) or another, and if another, whether it shares the asked one's kind or its colour.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ def main() -> None:
     samples = heldout_set("ground", args.lang, args.n)
     outs = llm.generate([messages(s)[:1] for s in samples], SamplingParams(temperature=0.0, max_tokens=48))
     dx, dy, dx_tok, dy_tok, ious, unparsed = [], [], [], [], [], 0
+    picked_iou, other_kind, other_color, others = [], 0, 0, 0
     for s, o in zip(samples, outs, strict=True):
         boxes = parse_grid_boxes(o.text)
         if not boxes:
@@ -45,6 +48,13 @@ def main() -> None:
         gold = to_grid(s.boxes[0], (W, H))
         pred = boxes[0]
         ious.append(iou(grid_to_pixels(pred, (W, H)), s.boxes[0]))
+        target, picked = s.meta["target"], nearest_shape(grid_to_pixels(pred, (W, H)), s.meta["shapes"])
+        if picked is target:
+            picked_iou.append(ious[-1])
+        else:
+            others += 1
+            other_kind += picked.kind == target.kind
+            other_color += picked.color == target.color
         h, w = smart_resize(H, W, factor=side, min_pixels=pre.min_pixels, max_pixels=pre.max_pixels)
         cols, rows = w / side, h / side
         for i in (0, 2):
@@ -59,6 +69,17 @@ def main() -> None:
     if dx:
         print(f"x edges: median error {med(dx):.0f} grid units, {med(dx_tok):.2f} tokens")
         print(f"y edges: median error {med(dy):.0f} grid units, {med(dy_tok):.2f} tokens")
+    if picked_iou:
+        print(f"nearest the asked shape: {len(picked_iou)} boxes, IoU >= 0.5 for "
+              f"{sum(v >= 0.5 for v in picked_iou) / len(picked_iou):.1%}, median IoU {med(picked_iou):.2f}")
+    print(f"nearest another shape: {others} boxes, {other_kind} of them of the asked kind, "
+          f"{other_color} of the asked colour")
+
+
+def nearest_shape(box, shapes):
+    """The shape whose box centre lies nearest `box`'s centre (pixels)."""
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    return min(shapes, key=lambda s: ((s.box[0] + s.box[2]) / 2 - cx) ** 2 + ((s.box[1] + s.box[3]) / 2 - cy) ** 2)
 
 
 if __name__ == "__main__":
