@@ -53,6 +53,8 @@ training on the synthetic tasks, export to a checkpoint folder (shards small eno
     python scripts/train_bundled_model.py --out runs/m7 --init-from qwenvl/assets/bundled --device cpu --workers 0 \
         --batch-size 32 --lr 1e-3 --warmup 60 --minutes 110 --measure-seconds 0 --followups 3 --seed 31 \
         --max-pixels 160000 --task ground --task count --task ground --task count --task color --vision-probe 1.0
+    # (a continuation of phase 7 for 38 minutes at --lr 3e-4, --seed 37, scored within the noise of it and
+    # was not shipped)
     # from nothing on a GPU, in two sittings of a command limited to 10 minutes (run it twice)
     python scripts/train_bundled_model.py --out runs/bundled --device cuda --workers 14 --batch-size 128 \
         --lr 1e-3 --warmup 300 --minutes 17.5 --sitting-minutes 8.2
