@@ -47,8 +47,9 @@ def main() -> None:
         W, H = s.image.size
         gold = to_grid(s.boxes[0], (W, H))
         pred = boxes[0]
-        ious.append(iou(grid_to_pixels(pred, (W, H)), s.boxes[0]))
-        target, picked = s.meta["target"], nearest_shape(grid_to_pixels(pred, (W, H)), s.meta["shapes"])
+        pred_px = grid_to_pixels(pred, (W, H))
+        ious.append(iou(pred_px, s.boxes[0]))
+        target, picked = s.meta["target"], nearest_shape(pred_px, s.meta["shapes"])
         if picked is target:
             picked_iou.append(ious[-1])
         else:
