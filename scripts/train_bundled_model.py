@@ -56,7 +56,8 @@ training on the synthetic tasks, export to a checkpoint folder (shards small eno
     # (a continuation of phase 7 for 38 minutes at --lr 3e-4, --seed 37, scored within the noise of it and
     # was not shipped)
     # phase 9, the same recipe again from phase 7's model (as of a7e0e9c), new probe heads, fresh images
-    # (--seed 41), 112 minutes fitted 3555 steps (ran 3049, 97.6k images, 14.5 images/s)
+    # (--seed 41), 112 minutes fitted 3555 steps (ran 3049, 97.6k images, 14.5 images/s); then the same
+    # command with --sitting-minutes 18 added resumed it and ran the schedule's last 506 steps (17 minutes)
     python scripts/train_bundled_model.py --out runs/m9 --init-from qwenvl/assets/bundled --device cpu --workers 0 \
         --batch-size 32 --lr 1e-3 --warmup 60 --minutes 112 --measure-seconds 0 --followups 3 --seed 41 \
         --max-pixels 160000 --task ground --task count --task ground --task count --task color --vision-probe 1.0
