@@ -69,6 +69,12 @@ training on the synthetic tasks, export to a checkpoint folder (shards small eno
         --batch-size 32 --lr 1e-3 --warmup 60 --minutes 0 --steps 2100 --sitting-minutes 115 --measure-seconds 0 \
         --followups 3 --seed 43 --max-pixels 160000 --task ground --task count --task ground --task count \
         --task ground --task count --task ground --task count --task ground --task color --vision-probe 1.0
+    # phase 11, a continuation of phase 10's model (as of 813d41d) at a lower peak rate (3e-4), counting-heavy
+    # (50/40/10% counting/grounding/colour), fresh images (--seed 47), 700 steps (33 minutes)
+    python scripts/train_bundled_model.py --out runs/m11 --init-from qwenvl/assets/bundled --device cpu --workers 0 \
+        --batch-size 32 --lr 3e-4 --warmup 30 --minutes 0 --steps 700 --sitting-minutes 40 --measure-seconds 0 \
+        --followups 3 --seed 47 --max-pixels 160000 --task count --task ground --task count --task ground \
+        --task count --task ground --task count --task ground --task count --task color --vision-probe 1.0
     # from nothing on a GPU, in two sittings of a command limited to 10 minutes (run it twice)
     python scripts/train_bundled_model.py --out runs/bundled --device cuda --workers 14 --batch-size 128 \
         --lr 1e-3 --warmup 300 --minutes 17.5 --sitting-minutes 8.2
