@@ -14,11 +14,13 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, choices=("bfloat16", "float32", "float16"),
                    help="default: bfloat16, or float32 on a CPU without fast bfloat16 products")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--quantization", default=None, choices=("int8", "int4"),
+                   help="weight-only quantisation of the language model at load (default: none, the checkpoint dtype)")
 
 
 def _load(args):
     from .llm import LLM
-    return LLM(args.model, dtype=args.dtype, device=args.device)
+    return LLM(args.model, dtype=args.dtype, device=args.device, quantization=args.quantization)
 
 
 def _draw_all(out, images: list, path: str) -> list[str]:

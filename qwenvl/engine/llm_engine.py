@@ -16,6 +16,7 @@ from ..inputs import PreprocessorConfig, PromptInputs, build_inputs
 from ..layers.paged_attention import PagedKVPool
 from ..loader import load_model
 from ..outputs import RequestOutput
+from ..quantize import check_quantization, quantize_model
 from ..sampling_params import SamplingParams
 from ..tokenizer import IncrementalDetokenizer, Tokenizer
 from .block_manager import BlockManager
@@ -43,6 +44,10 @@ class EngineConfig:
     encoder_cache_tokens: int = 32768      # vision embeddings kept, in merged tokens
     enable_prefix_caching: bool = True
     attn_impl: str = "fast"                # "fast" or "reference" (the plain per-sequence SDPA path)
+    quantization: str | None = None        # "int8" | "int4": weight-only, quantised at load (qwenvl/quantize.py)
+
+    def __post_init__(self):
+        check_quantization(self.quantization)
 
 
 @dataclass
@@ -70,6 +75,8 @@ class LLMEngine:
         self.dtype = resolve_dtype(dtype, device)
         self.config = config
         self.model, self.cfg = load_model(self.model_dir, dtype=self.dtype, device=self.device)
+        if config.quantization:
+            quantize_model(self.model, config.quantization)
         self.tokenizer = Tokenizer.from_dir(self.model_dir)
         self.preprocessor = PreprocessorConfig.from_dir(self.model_dir)
         text = self.cfg.text

@@ -32,7 +32,7 @@ def _predictor(args):
         key = args.api_key or os.environ.get("DASHSCOPE_API_KEY" if args.api == "dashscope" else "OPENAI_API_KEY")
         make = predictors.dashscope_predictor if args.api == "dashscope" else predictors.openai_predictor
         return make(args.endpoint, args.model_name, key, max_tokens=args.max_tokens)
-    return predictors.local_predictor(args.model, max_tokens=args.max_tokens)
+    return predictors.local_predictor(args.model, max_tokens=args.max_tokens, quantization=args.quantization)
 
 
 def _run(args) -> int:
@@ -80,7 +80,7 @@ def _tasks(args) -> int:
         unknown = [v for v in given or () if v not in known]
         if unknown:
             raise DatasetError(f"{flag} {unknown[0]!r} is not one of {', '.join(known)}")
-    llm = LLM(args.model)
+    llm = LLM(args.model, quantization=args.quantization)
     started = time.time()
     scores = evaluate_model(llm, args.n, args.task or TASKS, args.lang or LANGS)
     print(scores_table(scores))
@@ -109,6 +109,7 @@ def add_eval_subcommand(subparsers) -> None:
     rn.add_argument("--benchmark", required=True, choices=NAMES)
     rn.add_argument("--data", required=True, metavar="DIR", help="folder with the official release files")
     rn.add_argument("--model", metavar="DIR", help="local checkpoint folder (default: the bundled model)")
+    rn.add_argument("--quantization", choices=("int8", "int4"), help="weight-only quantisation of the language model at load (default: none, the checkpoint dtype)")
     rn.add_argument("--endpoint", metavar="URL", help="remote server base URL")
     rn.add_argument("--api", choices=("openai", "dashscope"), default="openai")
     rn.add_argument("--model-name", help="model name sent to the endpoint")
@@ -130,6 +131,7 @@ def add_eval_subcommand(subparsers) -> None:
     tk = sub.add_parser("tasks", help="accuracy on held-out synthetic items of the bundled model's tasks "
                                       "(words never seen in training)")
     tk.add_argument("--model", metavar="DIR", help="local checkpoint folder (default: the bundled model)")
+    tk.add_argument("--quantization", choices=("int8", "int4"), help="weight-only quantisation of the language model at load (default: none, the checkpoint dtype)")
     tk.add_argument("--n", type=int, default=200, help="items per task and language (default 200)")
     tk.add_argument("--task", action="append", help="only this task: count, color, ground, read, chart or table "
                                                     "(repeatable)")

@@ -41,6 +41,8 @@ def add_serve_subcommand(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--kv-cache-gb", type=float, default=None, help="KV cache memory")
     p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    p.add_argument("--quantization", default=None, choices=("int8", "int4"),
+                   help="weight-only quantisation of the language model at load (default: none, the checkpoint dtype)")
     p.set_defaults(func=run_serve_command)
     return p
 
@@ -61,6 +63,8 @@ def run_serve_command(args) -> int:
         engine_options["kv_cache_gb"] = args.kv_cache_gb
     if getattr(args, "max_model_len", None) is not None:
         engine_options["max_model_len"] = args.max_model_len
+    if getattr(args, "quantization", None) is not None:
+        engine_options["quantization"] = args.quantization
     return serve(settings_from_args(args), engine_options=engine_options)
 
 
