@@ -32,28 +32,35 @@ def fresh(ckpt, **options) -> LLM:
     return LLM(ckpt, dtype="float32", **options)
 
 
-def test_eight_concurrent_requests_match_each_alone(ckpt):
+# The engine's bookkeeping must not care what the linears are: these run again on int8 weights.
+quantizations = pytest.mark.parametrize("quantization", [None, "int8"])
+
+
+@quantizations
+def test_eight_concurrent_requests_match_each_alone(ckpt, quantization):
     convs = [ask(image(i, size=(56 + 28 * (i % 3), 56 + 28 * (i % 2))), f"question {i}?") for i in range(8)]
-    batched = fresh(ckpt).generate(convs, GREEDY)
+    batched = fresh(ckpt, quantization=quantization).generate(convs, GREEDY)
     for conv, out in zip(convs, batched):
-        alone = fresh(ckpt, enable_prefix_caching=False).chat(conv, GREEDY)
+        alone = fresh(ckpt, enable_prefix_caching=False, quantization=quantization).chat(conv, GREEDY)
         assert out.token_ids == alone.token_ids
         assert out.finish_reason == "length" and len(out.token_ids) == 12
 
 
-def test_tiny_kv_pool_preempts_and_every_request_completes_unchanged(ckpt):
+@quantizations
+def test_tiny_kv_pool_preempts_and_every_request_completes_unchanged(ckpt, quantization):
     convs = [ask(image(10 + i), f"describe {i}") for i in range(6)]
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
-    roomy = fresh(ckpt).generate(convs, params)
-    tight = fresh(ckpt, num_kv_blocks=12, block_size=8, max_num_batched_tokens=64)
+    roomy = fresh(ckpt, quantization=quantization).generate(convs, params)
+    tight = fresh(ckpt, num_kv_blocks=12, block_size=8, max_num_batched_tokens=64, quantization=quantization)
     outs = tight.generate(convs, params)
     assert tight.stats()["num_preemptions"] > 0
     assert [o.token_ids for o in outs] == [o.token_ids for o in roomy]
     assert tight.stats()["kv_blocks_used"] == 0
 
 
-def test_second_turn_reuses_the_prefix_cache_and_matches_uncached(ckpt):
-    llm = fresh(ckpt)
+@quantizations
+def test_second_turn_reuses_the_prefix_cache_and_matches_uncached(ckpt, quantization):
+    llm = fresh(ckpt, quantization=quantization)
     turn1 = ask(image(1), "What is in the picture?")
     first = llm.chat(turn1, GREEDY)
     turn2 = turn1 + [{"role": "assistant", "content": first.text or "ok"},
@@ -61,7 +68,8 @@ def test_second_turn_reuses_the_prefix_cache_and_matches_uncached(ckpt):
     second = llm.chat(turn2, GREEDY)
     stats = llm.stats()
     assert stats["prefix_cache_hit_tokens"] > 0 and second.cached_tokens > 0
-    assert second.token_ids == fresh(ckpt, enable_prefix_caching=False).chat(turn2, GREEDY).token_ids
+    uncached = fresh(ckpt, enable_prefix_caching=False, quantization=quantization)
+    assert second.token_ids == uncached.chat(turn2, GREEDY).token_ids
 
 
 def test_same_image_in_another_conversation_hits_the_encoder_cache(ckpt):
