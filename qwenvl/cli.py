@@ -16,11 +16,14 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--quantization", default=None, choices=("int8", "int4"),
                    help="weight-only quantisation of the language model at load (default: none, the checkpoint dtype)")
+    p.add_argument("--quantize-vision", action="store_true",
+                   help="with --quantization, the vision tower too (less memory, no speed-up)")
 
 
 def _load(args):
     from .llm import LLM
-    return LLM(args.model, dtype=args.dtype, device=args.device, quantization=args.quantization)
+    return LLM(args.model, dtype=args.dtype, device=args.device, quantization=args.quantization,
+               quantize_vision=args.quantize_vision)
 
 
 def _draw_all(out, images: list, path: str) -> list[str]:

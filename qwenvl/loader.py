@@ -16,6 +16,7 @@ from safetensors import safe_open
 
 from .config import ModelConfig
 from .models import build_model
+from .quantize import LoadQuantizer
 
 # Older checkpoints (transformers < 4.52, and the original Hub uploads) name the towers differently.
 _LEGACY_PREFIXES = (("visual.", "model.visual."), ("model.", "model.language_model."))
@@ -58,9 +59,12 @@ def weight_files(model_dir: Path) -> list[Path]:
 
 
 def read_state_dict(model_dir: Path, expected: dict[str, torch.Tensor], ignore: set[str],
-                    dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
-    """Read every tensor, check it against the expected names and shapes, cast floats to `dtype`."""
+                    dtype: torch.dtype, device: torch.device,
+                    quantizer: LoadQuantizer | None = None) -> dict[str, torch.Tensor]:
+    """Read every tensor, check it against the expected names and shapes, cast floats to `dtype`; with a
+    quantizer, each tensor is converted as soon as it is read (the float copy is dropped right away)."""
     state: dict[str, torch.Tensor] = {}
+    seen: set[str] = set()
     for f in weight_files(model_dir):
         with safe_open(str(f), framework="pt", device="cpu") as sf:
             for raw_key in sf.keys():
@@ -70,8 +74,9 @@ def read_state_dict(model_dir: Path, expected: dict[str, torch.Tensor], ignore: 
                 if key not in expected:
                     raise LoadError(f"{f.name}: unexpected tensor {raw_key!r} (no such parameter in "
                                     f"{model_dir.name}'s model); is config.json the right one for these weights?")
-                if key in state:
+                if key in seen:
                     raise LoadError(f"{f.name}: tensor {raw_key!r} appears twice in the checkpoint")
+                seen.add(key)
                 t = sf.get_tensor(raw_key)
                 want = tuple(expected[key].shape)
                 if tuple(t.shape) != want:
@@ -79,8 +84,9 @@ def read_state_dict(model_dir: Path, expected: dict[str, torch.Tensor], ignore: 
                                     f"the model expects {want} (from config.json)")
                 if t.is_floating_point():
                     t = t.to(dtype)
-                state[key] = t.to(device)
-    missing = [k for k in expected if k not in state]
+                for k, v in (quantizer.convert(key, t) if quantizer else {key: t}).items():
+                    state[k] = v.to(device)
+    missing = [k for k in expected if k not in seen]
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise LoadError(f"{model_dir}: missing tensor(s) {', '.join(missing[:5])}{more}")
@@ -88,8 +94,12 @@ def read_state_dict(model_dir: Path, expected: dict[str, torch.Tensor], ignore: 
 
 
 def load_model(model_dir: str | Path, dtype: torch.dtype | str = torch.float32,
-               device: torch.device | str = "cpu") -> tuple[torch.nn.Module, ModelConfig]:
-    """Build the checkpoint's model on `device` in `dtype` and fill it from its safetensors; -> (model, cfg)."""
+               device: torch.device | str = "cpu", quantizer: LoadQuantizer | None = None
+               ) -> tuple[torch.nn.Module, ModelConfig]:
+    """Build the checkpoint's model on `device` in `dtype` and fill it from its safetensors; -> (model, cfg).
+
+    With a `quantizer` (qwenvl/quantize.py) the linears it targets are quantised tensor by tensor while
+    reading; the strict checks still run against the checkpoint's own float names and shapes."""
     model_dir = Path(model_dir)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
@@ -98,9 +108,11 @@ def load_model(model_dir: str | Path, dtype: torch.dtype | str = torch.float32,
     with torch.device("meta"):
         model = build_model(cfg)
     expected = model.state_dict()
+    if quantizer is not None:
+        quantizer.prepare(model, dtype)
     # A tied checkpoint may still carry a copy of the embedding as lm_head; the model does not use it.
     ignore = {"lm_head.weight"} if cfg.text.tie_word_embeddings else set()
-    state = read_state_dict(model_dir, expected, ignore, dtype, device)
+    state = read_state_dict(model_dir, expected, ignore, dtype, device, quantizer)
     model.load_state_dict(state, strict=True, assign=True)
     leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if leftover:

@@ -1,10 +1,16 @@
-"""Weight-only quantisation as a module swap after load (gpt-fast's shape): the model files stay unaware.
+"""Weight-only quantisation as a module swap (gpt-fast's shape): the model files stay unaware.
 
-`quantize_model(model, "int8" | "int4")` replaces every nn.Linear of the language model, and the output
-head, with the quantised layer of the same interface (qwenvl/layers/quantized_linear.py). The vision tower
-stays in its float dtype unless asked: it runs once per image over hundreds of rows, where the work is
-compute bound and a quantised weight saves nothing. A tied output head is quantised as a copy of the
-embedding; the embedding lookup itself stays exact.
+Every nn.Linear of the language model, and the output head, becomes the quantised layer of the same
+interface (qwenvl/layers/quantized_linear.py). The vision tower stays in its float dtype unless asked: it
+runs once per image over hundreds of rows, compute bound, where a quantised weight saves memory but no time.
+A tied output head is quantised as a copy of the embedding; the embedding lookup itself stays exact.
+
+Two ways in:
+  * `quantize_model(model, mode)`: swap a loaded float model in place (tests, training exports);
+  * `LoadQuantizer`: what the loader uses. It swaps the meta-device model to empty quantised layers
+    BEFORE any weight is read, then quantises each float tensor the moment it is read from the
+    safetensors file, so the float copy of the whole model never exists and peak memory during load
+    stays near the quantised model's size.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from .layers.quantized_linear import Int4Linear, Int8Linear, int4_group_size, qu
 QUANTIZATION_MODES = ("int8", "int4")
 _LANGUAGE_PREFIXES = ("model.language_model.", "lm_head")
 _VISION_PREFIX = "model.visual."
+_TIED_HEAD = "output_head"
 
 
 def check_quantization(mode: str | None) -> str | None:
@@ -29,32 +36,101 @@ def check_quantization(mode: str | None) -> str | None:
     return mode
 
 
+def _int4_group(in_features: int, mode: str, group_size: int) -> int | None:
+    """The int4 group size for this width, or None where the layer falls back to int8: int4 needs a
+    group size dividing in_features (32, 64, 128 or 256), which tiny test models may not have."""
+    return int4_group_size(in_features, group_size) if mode == "int4" else None
+
+
 def quantized_linear(weight: torch.Tensor, bias: torch.Tensor | None, mode: str, group_size: int = 128
                      ) -> nn.Module:
-    """The quantised twin of the linear weight[out, in] (+ bias). int4 needs a group size dividing in_features
-    (32, 64, 128 or 256): a layer too narrow for any (tiny test models) falls back to int8."""
-    if mode == "int4":
-        g = int4_group_size(weight.shape[1], group_size)
-        if g is not None:
-            return Int4Linear.from_int4(*quantize_int4(weight, g), g, bias)
+    """The quantised twin of the linear weight[out, in] (+ bias)."""
+    g = _int4_group(weight.shape[1], mode, group_size)
+    if g is not None:
+        return Int4Linear.from_int4(*quantize_int4(weight, g), g, bias)
     return Int8Linear.from_int8(*quantize_int8(weight), bias)
+
+
+def _empty_quantized_linear(in_f: int, out_f: int, bias: bool, dtype: torch.dtype, mode: str,
+                            group_size: int) -> nn.Module:
+    """A quantised layer with meta-device buffers of the right shapes, to be filled by the loader."""
+    meta = dict(device="meta")
+    b = torch.empty(out_f, dtype=dtype, **meta) if bias else None
+    g = _int4_group(in_f, mode, group_size)
+    if g is None:
+        return Int8Linear(torch.empty(out_f, in_f, dtype=torch.int8, **meta),
+                          torch.empty(out_f, dtype=dtype, **meta), b)
+    n_pad = -(-out_f // 64) * 64
+    return Int4Linear(torch.empty(n_pad, in_f // 2, dtype=torch.uint8, **meta),
+                      torch.empty(in_f // g, n_pad, 2, dtype=dtype, **meta), out_f, in_f, g, b, None)
+
+
+def _targets(model: nn.Module, include_vision: bool) -> list[str]:
+    prefixes = _LANGUAGE_PREFIXES + ((_VISION_PREFIX,) if include_vision else ())
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name.startswith(prefixes)]
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
 @torch.no_grad()
 def quantize_model(model: nn.Module, mode: str, group_size: int = 128, include_vision: bool = False) -> nn.Module:
-    """Swap the linears in place, one at a time (each float weight is freed as soon as its twin exists,
-    so peak memory stays near the larger of the two models); returns `model`."""
+    """Swap a loaded model's linears in place, one at a time (each float weight is freed as soon as its
+    twin exists); returns `model`."""
     mode = check_quantization(mode)
     if mode is None:
         return model
-    prefixes = _LANGUAGE_PREFIXES + ((_VISION_PREFIX,) if include_vision else ())
-    targets = [(name, m) for name, m in model.named_modules()
-               if isinstance(m, nn.Linear) and name.startswith(prefixes)]
-    for name, linear in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, quantized_linear(linear.weight, linear.bias, mode, group_size))
+    for name in _targets(model, include_vision):
+        linear = model.get_submodule(name)
+        _replace(model, name, quantized_linear(linear.weight, linear.bias, mode, group_size))
     tied = model.tied_output_weight()
     if tied is not None:
         model.use_output_head(quantized_linear(tied, None, mode, group_size))
     return model
+
+
+class LoadQuantizer:
+    """Quantise while loading. `prepare(model)` swaps the meta model; then `convert(key, tensor)` maps
+    each float checkpoint tensor (already under our key naming, in the model dtype) to the tensors the
+    swapped model holds: a target linear's `.weight` becomes its quantised buffers, the tied embedding
+    also feeds the quantised output head, everything else passes through."""
+
+    def __init__(self, mode: str, group_size: int = 128, include_vision: bool = False):
+        self.mode = check_quantization(mode)
+        self.group_size = group_size
+        self.include_vision = include_vision
+        self._layers: dict[str, tuple[str, int]] = {}  # "<module>.weight" -> (mode, group size) it was given
+        self._tied_key: str | None = None
+
+    def prepare(self, model: nn.Module, dtype: torch.dtype) -> None:
+        for name in _targets(model, self.include_vision):
+            lin = model.get_submodule(name)
+            _replace(model, name, _empty_quantized_linear(lin.in_features, lin.out_features, lin.bias is not None,
+                                                          dtype, self.mode, self.group_size))
+            self._layers[f"{name}.weight"] = self._layer_format(lin.in_features)
+        tied = model.tied_output_weight()
+        if tied is not None:
+            model.use_output_head(_empty_quantized_linear(tied.shape[1], tied.shape[0], False, dtype,
+                                                          self.mode, self.group_size))
+            self._tied_key = "model.language_model.embed_tokens.weight"
+            self._layers[f"{_TIED_HEAD}.weight"] = self._layer_format(tied.shape[1])
+
+    def _layer_format(self, in_features: int) -> tuple[str, int]:
+        g = _int4_group(in_features, self.mode, self.group_size)
+        return ("int8", 0) if g is None else ("int4", g)
+
+    def convert(self, key: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = {} if key in self._layers else {key: tensor}
+        if key in self._layers:
+            out.update(self._quantized_buffers(key, tensor))
+        if key == self._tied_key:
+            out.update(self._quantized_buffers(f"{_TIED_HEAD}.weight", tensor))
+        return out
+
+    def _quantized_buffers(self, weight_key: str, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        prefix = weight_key[: -len("weight")]
+        mode, group = self._layers[weight_key]
+        filled = quantized_linear(w, None, mode, group)
+        return {prefix + name: t for name, t in filled.named_buffers() if name not in ("bias", "in_perm")}

@@ -136,9 +136,10 @@ def _image(seed: int) -> Image.Image:
     return Image.fromarray(rng.integers(0, 256, (56, 84, 3), dtype=np.uint8))
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_chat_through_the_engine_when_quantised(ckpt, mode):
-    llm = LLM(ckpt, dtype="float32", quantization=mode)
+@pytest.mark.parametrize("family,mode,vision", [("qwen2_5_vl", "int8", False), ("qwen2_5_vl", "int4", False),
+                                                ("qwen2_vl", "int4", True), ("qwen3_vl", "int8", True)])
+def test_chat_through_the_engine_when_quantised(tiny_checkpoint, family, mode, vision):
+    llm = LLM(tiny_checkpoint(family), dtype="float32", quantization=mode, quantize_vision=vision)
     out = llm.chat([{"role": "user", "content": [{"image": _image(0)}, {"text": "describe"}]}],
                    SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
     assert len(out.token_ids) == 8 and out.finish_reason == "length"
@@ -156,3 +157,23 @@ def test_cli_quantization_flag(capsys):
     with pytest.raises(SystemExit):
         main(["chat", "--quantization", "fp4", "q"])
     assert "invalid choice: 'fp4'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantising_while_loading_equals_quantising_the_loaded_model(ckpt, mode):
+    """The loader's tensor-by-tensor path (no float copy of the model) builds the same buffers as the
+    module swap on a loaded float model, and the strict checks still see the checkpoint's float names."""
+    from qwenvl.quantize import LoadQuantizer
+    swapped, _ = load_model(ckpt, dtype="float32")
+    quantize_model(swapped, mode)
+    streamed, _ = load_model(ckpt, dtype="float32", quantizer=LoadQuantizer(mode))
+    a, b = swapped.state_dict(), streamed.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_quantize_vision_covers_the_vision_tower(ckpt):
+    from qwenvl.quantize import LoadQuantizer
+    model, _ = load_model(ckpt, dtype="float32", quantizer=LoadQuantizer("int8", include_vision=True))
+    assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())

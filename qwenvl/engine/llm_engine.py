@@ -16,7 +16,7 @@ from ..inputs import PreprocessorConfig, PromptInputs, build_inputs
 from ..layers.paged_attention import PagedKVPool
 from ..loader import load_model
 from ..outputs import RequestOutput
-from ..quantize import check_quantization, quantize_model
+from ..quantize import LoadQuantizer, check_quantization
 from ..sampling_params import SamplingParams
 from ..tokenizer import IncrementalDetokenizer, Tokenizer
 from .block_manager import BlockManager
@@ -45,6 +45,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     attn_impl: str = "fast"                # "fast" or "reference" (the plain per-sequence SDPA path)
     quantization: str | None = None        # "int8" | "int4": weight-only, quantised at load (qwenvl/quantize.py)
+    quantize_vision: bool = False          # also the vision tower's linears (saves memory, not time)
 
     def __post_init__(self):
         check_quantization(self.quantization)
@@ -74,9 +75,9 @@ class LLMEngine:
         self.device = torch.device(device)
         self.dtype = resolve_dtype(dtype, device)
         self.config = config
-        self.model, self.cfg = load_model(self.model_dir, dtype=self.dtype, device=self.device)
-        if config.quantization:
-            quantize_model(self.model, config.quantization)
+        quantizer = LoadQuantizer(config.quantization, include_vision=config.quantize_vision) \
+            if config.quantization else None
+        self.model, self.cfg = load_model(self.model_dir, dtype=self.dtype, device=self.device, quantizer=quantizer)
         self.tokenizer = Tokenizer.from_dir(self.model_dir)
         self.preprocessor = PreprocessorConfig.from_dir(self.model_dir)
         text = self.cfg.text

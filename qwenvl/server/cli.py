@@ -43,6 +43,8 @@ def add_serve_subcommand(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     p.add_argument("--quantization", default=None, choices=("int8", "int4"),
                    help="weight-only quantisation of the language model at load (default: none, the checkpoint dtype)")
+    p.add_argument("--quantize-vision", action="store_true",
+                   help="with --quantization, the vision tower too (less memory, no speed-up)")
     p.set_defaults(func=run_serve_command)
     return p
 
@@ -65,6 +67,7 @@ def run_serve_command(args) -> int:
         engine_options["max_model_len"] = args.max_model_len
     if getattr(args, "quantization", None) is not None:
         engine_options["quantization"] = args.quantization
+        engine_options["quantize_vision"] = bool(getattr(args, "quantize_vision", False))
     return serve(settings_from_args(args), engine_options=engine_options)
 
 
