@@ -49,15 +49,27 @@ def _scratch_matrix(rows: int, cols: int, dtype: torch.dtype, device: torch.devi
 
 
 # ---------------------------------------------------------------------------------------- quantisers
+_CHUNK_ROWS = 4096      # quantise this many output rows at a time: a 151936-row head in float32 at once
+                        # would need ~3 float copies of itself (~2.8 GB at 1536 wide) on top of the model
+
+
+def _by_row_chunks(fn, w: torch.Tensor, *args) -> tuple[torch.Tensor, ...]:
+    parts = [fn(chunk, *args) for chunk in w.split(_CHUNK_ROWS)]
+    return tuple(torch.cat(p) for p in zip(*parts))
+
+
 def quantize_int8(w: torch.Tensor, scale_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """w[out, in] float -> (q int8 [out, in], scale [out]); symmetric per output channel, |q| <= 127.
 
     The scale is rounded to its storage dtype first and q computed from the rounded scale, so the stored
     pair reproduces w to within half a step."""
-    scale_dtype = scale_dtype or w.dtype
-    wf = w.float()
+    return _by_row_chunks(_quantize_int8_rows, w, scale_dtype or w.dtype)
+
+
+def _quantize_int8_rows(w: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    wf = w.to(torch.float32, copy=True)          # divided in place below: never the caller's tensor
     scale = (wf.abs().amax(dim=1) / 127.0).clamp(min=1e-12).to(scale_dtype)
-    q = torch.round(wf / scale.float()[:, None]).clamp_(-127, 127).to(torch.int8)
+    q = torch.round(wf.div_(scale.float()[:, None])).clamp_(-127, 127).to(torch.int8)
     return q, scale
 
 
@@ -65,17 +77,21 @@ def quantize_int4(w: torch.Tensor, group_size: int = 128, scale_dtype: torch.dty
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """w[out, in] float -> (q uint8 0..15 [out, in], scale [out, in/G], zero [out, in/G]); asymmetric per
     group of `group_size` input columns, integer zero points (AWQ's convention)."""
+    if w.shape[1] % group_size:
+        raise ValueError(f"int4: in_features {w.shape[1]} is not a multiple of the group size {group_size}")
+    return _by_row_chunks(_quantize_int4_rows, w, group_size, scale_dtype or w.dtype)
+
+
+def _quantize_int4_rows(w: torch.Tensor, group_size: int, scale_dtype: torch.dtype
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     out_f, in_f = w.shape
-    if in_f % group_size:
-        raise ValueError(f"int4: in_features {in_f} is not a multiple of the group size {group_size}")
-    scale_dtype = scale_dtype or w.dtype
-    wg = w.float().view(out_f, in_f // group_size, group_size)                    # [O, G, gs]
+    wg = w.to(torch.float32, copy=True).view(out_f, in_f // group_size, group_size)    # [O, G, gs]
     lo = wg.amin(dim=2).clamp(max=0.0)         # the range always holds 0, so the zero point is in 0..15
     hi = wg.amax(dim=2).clamp(min=0.0)
     scale = ((hi - lo) / 15.0).clamp(min=1e-12).to(scale_dtype)
     sf = scale.float()
     zero = torch.round(-lo / sf).clamp_(0, 15)
-    q = torch.round(wg / sf[..., None] + zero[..., None]).clamp_(0, 15).to(torch.uint8)
+    q = torch.round(wg.div_(sf[..., None]).add_(zero[..., None])).clamp_(0, 15).to(torch.uint8)
     return q.view(out_f, in_f), scale, zero.to(scale_dtype)
 
 
@@ -141,6 +157,19 @@ def _unpack_cpu_int4(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
     return q.transpose(1, 2).reshape(n, k)
 
 
+def _pack_cpu_int4(q: torch.Tensor, n_pad: int) -> torch.Tensor:
+    """q uint8 [n, k] -> the CPU kernel's packed uint8 [n_pad, k/2], rows past n zero. Packed in chunks of
+    whole 64-row blocks (the layout's outer dimension), so the int32 copy the op wants stays small."""
+    n, k = q.shape
+    parts = []
+    for start in range(0, n_pad, _CHUNK_ROWS):
+        block = torch.zeros(min(_CHUNK_ROWS, n_pad - start), k, dtype=torch.int32)
+        rows = q[start: start + block.shape[0]]
+        block[: rows.shape[0]] = rows
+        parts.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(block, 1))
+    return torch.cat(parts)
+
+
 class Int4Linear(nn.Module):
     """y = x[..., in_perm] @ ((q - zero) * scale).T + bias, 4-bit weights in groups along the input.
 
@@ -174,9 +203,7 @@ class Int4Linear(nn.Module):
                              f"qweight {tuple(qweight.shape)} in groups of {group_size}")
         dtype, device = scales.dtype, qweight.device
         n_pad = -(-out_f // _INT4_BLOCK_N) * _INT4_BLOCK_N
-        q = torch.zeros(n_pad, in_f, dtype=torch.int32)
-        q[:out_f] = qweight.to("cpu", torch.int32)
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        packed = _pack_cpu_int4(qweight.cpu(), n_pad)
         sz = torch.zeros(groups, n_pad, 2, dtype=dtype)                 # padded rows: scale 0 -> weight 0
         sf = scales.float().cpu()
         sz[:, :out_f, 0] = sf.T.to(dtype)
