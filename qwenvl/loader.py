@@ -12,11 +12,11 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from .config import ModelConfig
 from .models import build_model
 from .quantize import LoadQuantizer
+from .safetensors_reader import SafetensorsReader
 
 # Older checkpoints (transformers < 4.52, and the original Hub uploads) name the towers differently.
 _LEGACY_PREFIXES = (("visual.", "model.visual."), ("model.", "model.language_model."))
@@ -66,7 +66,7 @@ def read_state_dict(model_dir: Path, expected: dict[str, torch.Tensor], ignore: 
     state: dict[str, torch.Tensor] = {}
     seen: set[str] = set()
     for f in weight_files(model_dir):
-        with safe_open(str(f), framework="pt", device="cpu") as sf:
+        with SafetensorsReader(f) as sf:
             for raw_key in sf.keys():
                 key = canonical_key(raw_key)
                 if key in ignore:

@@ -124,7 +124,7 @@ def test_missing_files_say_what_is_expected(tmp_path):
 def test_cli_run_writes_report(synth, tmp_path, monkeypatch, capsys):
     data_dir, items = synth["textvqa"]
     wrong, _ = EXPECTED["textvqa"]
-    monkeypatch.setattr(predictors, "local_predictor", lambda model, max_tokens: fake_predictor(items, wrong))
+    monkeypatch.setattr(predictors, "local_predictor", lambda model, max_tokens, quantization=None: fake_predictor(items, wrong))
     rc = cli.main(["eval", "run", "--benchmark", "textvqa", "--data", str(data_dir), "--out", str(tmp_path),
                    "--label", "fake", "--no-progress"])
     assert rc == 0
@@ -198,7 +198,7 @@ def test_local_predictor_is_lazy_and_greedy(monkeypatch, synth):
     made = []
 
     class FakeLLM:
-        def __init__(self, model_dir=None):
+        def __init__(self, model_dir=None, quantization=None):
             made.append(model_dir)
 
         def chat(self, messages, params):
