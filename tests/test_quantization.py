@@ -86,10 +86,12 @@ def test_int4_from_published_integers_and_act_order_permutation():
         torch.testing.assert_close(layer(x), x @ w.T, atol=1e-4, rtol=0)
 
 
-def test_int4_group_size_falls_back_to_a_divisor_or_none():
-    assert int4_group_size(4096) == 128
-    assert int4_group_size(64) == 64
+def test_int4_group_size_keeps_four_groups_a_row_or_falls_back():
+    assert int4_group_size(4096) == 128 and int4_group_size(1536) == 128 and int4_group_size(512) == 128
+    assert int4_group_size(4096, 256) == 256
+    assert int4_group_size(128) == 32 and int4_group_size(256) == 64
     assert int4_group_size(96) == 32
+    assert int4_group_size(64) == 32
     assert int4_group_size(40) is None
 
 

@@ -46,6 +46,7 @@ class EngineConfig:
     attn_impl: str = "fast"                # "fast" or "reference" (the plain per-sequence SDPA path)
     quantization: str | None = None        # "int8" | "int4": weight-only, quantised at load (qwenvl/quantize.py)
     quantize_vision: bool = False          # also the vision tower's linears (saves memory, not time)
+    quant_group_size: int = 128            # int4: input columns per scale/zero group (32, 64, 128 or 256)
 
     def __post_init__(self):
         check_quantization(self.quantization)
@@ -75,7 +76,7 @@ class LLMEngine:
         self.device = torch.device(device)
         self.dtype = resolve_dtype(dtype, device)
         self.config = config
-        quantizer = LoadQuantizer(config.quantization, include_vision=config.quantize_vision) \
+        quantizer = LoadQuantizer(config.quantization, config.quant_group_size, config.quantize_vision) \
             if config.quantization else None
         self.model, self.cfg = load_model(self.model_dir, dtype=self.dtype, device=self.device, quantizer=quantizer)
         self.tokenizer = Tokenizer.from_dir(self.model_dir)
