@@ -93,6 +93,21 @@ def read_state_dict(model_dir: Path, expected: dict[str, torch.Tensor], ignore: 
     return state
 
 
+def refuse_prequantized(model_dir: Path) -> None:
+    """A checkpoint that declares `quantization_config` (AWQ, GPTQ, FP8, bitsandbytes, ...) holds packed
+    tensors this loader does not read yet: say so by the format's name instead of failing on a key."""
+    try:
+        raw = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return                                  # ModelConfig.from_dir reports those, with the file named
+    qc = raw.get("quantization_config") or (raw.get("text_config") or {}).get("quantization_config")
+    if qc:
+        method = qc.get("quant_method", "unknown") if isinstance(qc, dict) else "unknown"
+        raise LoadError(f"{model_dir}: a pre-quantised checkpoint (quantization_config.quant_method={method!r}); "
+                        "qwenvl does not read pre-quantised weights yet. Load the original bfloat16/float16 "
+                        "checkpoint with quantization='int8' or 'int4' (--quantization) instead.")
+
+
 def load_model(model_dir: str | Path, dtype: torch.dtype | str = torch.float32,
                device: torch.device | str = "cpu", quantizer: LoadQuantizer | None = None
                ) -> tuple[torch.nn.Module, ModelConfig]:
@@ -105,6 +120,7 @@ def load_model(model_dir: str | Path, dtype: torch.dtype | str = torch.float32,
         dtype = getattr(torch, dtype)
     device = torch.device(device)
     cfg = ModelConfig.from_dir(model_dir)
+    refuse_prequantized(model_dir)
     with torch.device("meta"):
         model = build_model(cfg)
     expected = model.state_dict()

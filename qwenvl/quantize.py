@@ -112,16 +112,16 @@ class LoadQuantizer:
             lin = model.get_submodule(name)
             _replace(model, name, _empty_quantized_linear(lin.in_features, lin.out_features, lin.bias is not None,
                                                           dtype, self.mode, self.group_size))
-            self._layers[f"{name}.weight"] = self._layer_format(lin.in_features, self.mode)
+            self._layers[f"{name}.weight"] = self._layer_format(lin.in_features)
         tied = model.tied_output_weight()
         if tied is not None:
             model.use_output_head(_empty_quantized_linear(tied.shape[1], tied.shape[0], False, dtype,
                                                           self.mode, self.group_size))
             self._tied_key = "model.language_model.embed_tokens.weight"
-            self._layers[f"{_TIED_HEAD}.weight"] = self._layer_format(tied.shape[1], self.mode)
+            self._layers[f"{_TIED_HEAD}.weight"] = self._layer_format(tied.shape[1])
 
-    def _layer_format(self, in_features: int, mode: str) -> tuple[str, int]:
-        g = _int4_group(in_features, mode, self.group_size)
+    def _layer_format(self, in_features: int) -> tuple[str, int]:
+        g = _int4_group(in_features, self.mode, self.group_size)
         return ("int8", 0) if g is None else ("int4", g)
 
     def convert(self, key: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -179,3 +179,17 @@ def test_quantize_vision_covers_the_vision_tower(ckpt):
     from qwenvl.quantize import LoadQuantizer
     model, _ = load_model(ckpt, dtype="float32", quantizer=LoadQuantizer("int8", include_vision=True))
     assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
+
+
+@pytest.mark.parametrize("method", ["awq", "gptq", "fp8", "bitsandbytes"])
+def test_a_prequantised_checkpoint_is_refused_by_its_format_name(ckpt, tmp_path, method):
+    import json
+    import shutil
+    from qwenvl.loader import LoadError
+    folder = tmp_path / "ckpt"
+    shutil.copytree(ckpt, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": method, "bits": 4}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(LoadError, match=rf"quant_method='{method}'.*quantization='int8' or 'int4'"):
+        load_model(folder)
