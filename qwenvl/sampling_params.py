@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 
 
@@ -28,7 +30,9 @@ class SamplingParams:
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
         if self.top_k == -1:
             object.__setattr__(self, "top_k", 0)
-        problems = []
+        problems = [f"{name} must be a finite number, got {getattr(self, name)}"
+                    for name in ("temperature", "top_p", "repetition_penalty", "presence_penalty")
+                    if not math.isfinite(getattr(self, name))]
         if self.temperature < 0:
             problems.append(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:

@@ -258,3 +258,26 @@ def test_health_and_metrics_without_key(servers, client):
                  "qwenvl_prefix_cache_hit_rate", "qwenvl_encoder_cache_hit_rate"):
         assert name in m.text
     assert httpx.get(servers["main"] + "/v1/models").status_code == 401
+
+
+@pytest.mark.parametrize("field", ["temperature", "top_p", "presence_penalty", "repetition_penalty"])
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity"])
+def test_non_finite_numbers_are_refused_on_both_apis(servers, field, value):
+    """Python's json reads NaN / Infinity; a sampler fed them answers garbage with 200 (issue 29 item 4)."""
+    msgs = '[{"role": "user", "content": "hi"}]'
+    body = f'{{"model": "m", "messages": {msgs}, "max_tokens": 2, "{field}": {value}}}'
+    r = httpx.post(servers["main"] + "/v1/chat/completions", content=body.encode(),
+                   headers={**AUTH, "Content-Type": "application/json"})
+    assert r.status_code == 400 and field in r.json()["error"]["message"] and "finite" in r.json()["error"]["message"]
+    body = (f'{{"model": "m", "input": {{"messages": [{{"role": "user", "content": [{{"text": "hi"}}]}}]}}, '
+            f'"parameters": {{"max_tokens": 2, "{field}": {value}}}}}')
+    r = httpx.post(servers["main"] + DS_PATH, content=body.encode(), headers={**AUTH, "Content-Type": "application/json"})
+    assert r.status_code == 400 and f"parameters.{field}" in r.json()["message"] and "finite" in r.json()["message"]
+
+
+def test_sampling_params_refuse_non_finite_numbers():
+    from qwenvl import SamplingParams
+    with pytest.raises(ValueError, match="temperature must be a finite number"):
+        SamplingParams(temperature=float("nan"))
+    with pytest.raises(ValueError, match="presence_penalty must be a finite number"):
+        SamplingParams(presence_penalty=float("inf"))

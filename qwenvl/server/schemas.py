@@ -6,6 +6,8 @@ Hand-written rather than pydantic models: the messages must name the field the w
 
 from __future__ import annotations
 
+import math
+
 import dataclasses
 from dataclasses import dataclass
 
@@ -44,6 +46,8 @@ def _get(obj: dict, key: str, where: str, kinds: tuple, kind_name: str):
 def number(obj, key, where="", lo=None, hi=None, hi_open=False):
     v = _get(obj, key, where, (int, float), "a number")
     if v is not None:
+        if not math.isfinite(v):           # JSON's NaN / Infinity, which Python's parser accepts
+            raise bad_request(f"{where}{key}: must be a finite number, got {v}", f"{where}{key}")
         if (lo is not None and v < lo) or (hi is not None and (v >= hi if hi_open else v > hi)):
             rng = f"[{lo}, {hi})" if hi_open else f"[{lo}, {hi}]"
             raise bad_request(f"{where}{key}: {v} is out of range {rng}", f"{where}{key}")
