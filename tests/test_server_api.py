@@ -281,3 +281,19 @@ def test_sampling_params_refuse_non_finite_numbers():
         SamplingParams(temperature=float("nan"))
     with pytest.raises(ValueError, match="presence_penalty must be a finite number"):
         SamplingParams(presence_penalty=float("inf"))
+
+
+def test_unpaired_surrogates_are_a_400_naming_the_field(servers):
+    """The tokenizer cannot encode "\\ud800"; it used to surface as a 500 (issue 29 item 2)."""
+    headers = {**AUTH, "Content-Type": "application/json"}
+    body = b'{"model": "m", "max_tokens": 2, "messages": [{"role": "user", "content": "hi \\ud800"}]}'
+    r = httpx.post(servers["main"] + "/v1/chat/completions", content=body, headers=headers)
+    assert r.status_code == 400 and "messages[0].content" in r.json()["error"]["message"]
+    assert "surrogate" in r.json()["error"]["message"]
+    body = (b'{"model": "m", "input": {"messages": [{"role": "user", "content": [{"text": "\\udfff x"}]}]},'
+            b' "parameters": {"max_tokens": 2}}')
+    r = httpx.post(servers["main"] + DS_PATH, content=body, headers=headers)
+    assert r.status_code == 400 and "surrogate" in r.json()["message"]
+    r = httpx.post(servers["main"] + "/v1/chat/completions", headers=AUTH,
+                   json={"model": "m", "max_tokens": 2, "messages": [{"role": "user", "content": "still serving"}]})
+    assert r.status_code == 200

@@ -32,7 +32,7 @@ def normalize_messages(messages) -> list[dict]:
         if content is None:
             parts = []     # an assistant turn that only holds tool_calls
         elif isinstance(content, str):
-            parts = [{"type": "text", "text": content}]
+            parts = [{"type": "text", "text": _unicode_text(content, f"{where}.content")}]
         elif isinstance(content, dict):
             parts = [_part(content, f"{where}.content")]     # one part given bare
         elif isinstance(content, (list, tuple)):
@@ -46,9 +46,18 @@ def normalize_messages(messages) -> list[dict]:
     return out
 
 
+def _unicode_text(text: str, where: str) -> str:
+    """JSON may carry an unpaired surrogate ("\\ud800"), which no tokenizer can encode: name the field."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InputError(f"{where}: not valid Unicode text (an unpaired surrogate at character {e.start})") from None
+    return text
+
+
 def _part(part, where: str) -> dict:
     if isinstance(part, str):
-        return {"type": "text", "text": part}
+        return {"type": "text", "text": _unicode_text(part, where)}
     if not isinstance(part, dict):
         raise InputError(f"{where}: a content part must be an object, got {type(part).__name__}")
     kind = part.get("type")
@@ -56,7 +65,7 @@ def _part(part, where: str) -> dict:
         text = part.get("text")
         if not isinstance(text, str):
             raise InputError(f"{where}.text: must be a string, got {type(text).__name__}")
-        return {"type": "text", "text": text}
+        return {"type": "text", "text": _unicode_text(text, f"{where}.text")}
     if kind == "image_url" or (kind is None and "image_url" in part):
         return _image(part, part.get("image_url"), f"{where}.image_url", nested=True)
     if kind == "image" or (kind is None and "image" in part):
