@@ -297,3 +297,13 @@ def test_unpaired_surrogates_are_a_400_naming_the_field(servers):
     r = httpx.post(servers["main"] + "/v1/chat/completions", headers=AUTH,
                    json={"model": "m", "max_tokens": 2, "messages": [{"role": "user", "content": "still serving"}]})
     assert r.status_code == 200
+
+
+def test_deeply_nested_json_is_a_400_on_both_apis(servers):
+    """100,000 '[' made the JSON parser raise RecursionError, answered 500 (issue 29 item 3)."""
+    body = b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    headers = {**AUTH, "Content-Type": "application/json"}
+    r = httpx.post(servers["main"] + "/v1/chat/completions", content=body, headers=headers)
+    assert r.status_code == 400 and "nested too deeply" in r.json()["error"]["message"]
+    r = httpx.post(servers["main"] + DS_PATH, content=body, headers=headers)
+    assert r.status_code == 400 and "nested too deeply" in r.json()["message"]

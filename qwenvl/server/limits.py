@@ -31,6 +31,8 @@ async def read_json_body(request: Request, max_bytes: int) -> dict:
         raise bad_request("request body is not UTF-8 text; send a JSON object") from None
     except json.JSONDecodeError as e:
         raise bad_request(f"request body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    except RecursionError:       # e.g. 100,000 nested '[': the parser recurses once per level
+        raise bad_request("request body is nested too deeply; no API field needs more than a few levels") from None
     if not isinstance(body, dict):
         raise bad_request(f"request body must be a JSON object, got a JSON {type(body).__name__}")
     return body
