@@ -13,7 +13,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="a Hugging Face checkpoint folder (Qwen2-VL, Qwen2.5-VL, Qwen3-VL); default: the bundled model")
     p.add_argument("--dtype", default=None, choices=("bfloat16", "float32", "float16"),
                    help="default: bfloat16, or float32 on a CPU without fast bfloat16 products")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu or cuda[:N]")
     p.add_argument("--quantization", default=None, choices=("int8", "int4"),
                    help="weight-only quantisation of the language model at load (default: none, the checkpoint dtype)")
     p.add_argument("--quantize-vision", action="store_true",

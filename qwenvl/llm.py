@@ -21,7 +21,7 @@ class LLM:
     on a CPU without fast bfloat16 matrix products (most laptops), where it is float32.
     """
 
-    def __init__(self, model: str | Path | None = None, dtype: str | None = None, device: str = "cpu",
+    def __init__(self, model: str | Path | None = None, dtype: str | None = None, device: str = "auto",
                  **engine_options):
         self.engine = LLMEngine(model, dtype=dtype, device=device, config=EngineConfig(**engine_options))
 

@@ -61,6 +61,26 @@ class _Request:
     sent: int = 0                          # characters of `text` already handed out as deltas
 
 
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """None or "auto": CUDA when this torch build sees a GPU, else the CPU. A CUDA device on a torch build
+    without CUDA (or with no GPU visible) is a ValueError that says which torch is installed and what to do,
+    instead of torch's own AssertionError deep in the first tensor move."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"device {device!r} is not a device torch knows ({e}); use cpu, cuda, cuda:N or auto") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        if torch.version.cuda is None:
+            raise ValueError(f"device {device!r}: the installed torch {torch.__version__} is a CPU-only build. "
+                             "Install a CUDA build (e.g. `pip install torch --index-url "
+                             "https://download.pytorch.org/whl/cu128`), or use --device cpu / auto")
+        raise ValueError(f"device {device!r}: torch {torch.__version__} (CUDA {torch.version.cuda}) sees no GPU; "
+                         "check the driver and CUDA_VISIBLE_DEVICES, or use --device cpu / auto")
+    return dev
+
+
 def resolve_dtype(dtype, device: str | torch.device) -> torch.dtype:
     """None or "auto": bfloat16 on every GPU we target and on CPUs that multiply it fast, else float32."""
     if dtype is None or dtype == "auto":
@@ -69,12 +89,12 @@ def resolve_dtype(dtype, device: str | torch.device) -> torch.dtype:
 
 
 class LLMEngine:
-    def __init__(self, model_dir: str | Path | None = None, dtype=None, device: str = "cpu",
+    def __init__(self, model_dir: str | Path | None = None, dtype=None, device: str | None = "auto",
                  config: EngineConfig = EngineConfig()):
         self.model_dir = Path(model_dir) if model_dir is not None else BUNDLED_MODEL_DIR
         self.model_name = "qwenvl-bundled" if model_dir is None else self.model_dir.name
-        self.device = torch.device(device)
-        self.dtype = resolve_dtype(dtype, device)
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
         self.config = config
         quantizer = LoadQuantizer(config.quantization, config.quant_group_size, config.quantize_vision) \
             if config.quantization else None

@@ -14,7 +14,7 @@ class ServerSettings:
     api_key: str | None = None                 # None: no auth (QWENVL_API_KEY is read by from_env/cli)
     served_model_name: str | None = None       # what /v1/models lists; default: the engine's model name
     dtype: str | None = None
-    device: str = "cpu"
+    device: str = "auto"
     # media
     allowed_local_media_path: str | None = None    # file:// URLs only under this folder
     allow_private_urls: bool = False               # allow http(s) URLs resolving to private/loopback/...
