@@ -9,8 +9,10 @@ from pathlib import Path
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, metavar="DIR",
-                   help="a Hugging Face checkpoint folder (Qwen2-VL, Qwen2.5-VL, Qwen3-VL); default: the bundled model")
+    p.add_argument("--model", default=None, metavar="DIR|ORG/NAME",
+                   help="a Hugging Face checkpoint folder or Hub id (Qwen2-VL, Qwen2.5-VL, Qwen3-VL); "
+                        "default: the bundled model")
+    p.add_argument("--revision", default=None, help="with a Hub id: branch, tag or commit (default: main)")
     p.add_argument("--dtype", default=None, choices=("bfloat16", "float32", "float16"),
                    help="default: bfloat16, or float32 on a CPU without fast bfloat16 products")
     p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu or cuda[:N]")
@@ -22,7 +24,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 def _load(args):
     from .llm import LLM
-    return LLM(args.model, dtype=args.dtype, device=args.device, quantization=args.quantization,
+    return LLM(args.model, dtype=args.dtype, device=args.device, revision=args.revision,
+               quantization=args.quantization,
                quantize_vision=args.quantize_vision)
 
 

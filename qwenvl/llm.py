@@ -17,13 +17,15 @@ class LLM:
     """One model on one device, with its own engine and caches (a new instance starts cold).
 
     `LLM()` loads the bundled demonstration model; `LLM("path/to/checkpoint")` any Qwen2-VL, Qwen2.5-VL
-    or Qwen3-VL folder as saved by Hugging Face. `dtype` defaults to bfloat16, except
+    or Qwen3-VL folder as saved by Hugging Face, or a Hub id such as `LLM("Qwen/Qwen2.5-VL-3B-Instruct")`
+    (local Hub cache first, `revision` picks a branch/tag/commit; see qwenvl/hub.py). `dtype` defaults to bfloat16, except
     on a CPU without fast bfloat16 matrix products (most laptops), where it is float32.
     """
 
     def __init__(self, model: str | Path | None = None, dtype: str | None = None, device: str = "auto",
-                 **engine_options):
-        self.engine = LLMEngine(model, dtype=dtype, device=device, config=EngineConfig(**engine_options))
+                 revision: str | None = None, **engine_options):
+        self.engine = LLMEngine(model, dtype=dtype, device=device, config=EngineConfig(**engine_options),
+                                revision=revision)
 
     @property
     def family(self) -> str:

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from ..grounding import parse_boxes_multi
+from ..hub import resolve_model
 from ..inputs import PreprocessorConfig, PromptInputs, build_inputs
 from ..layers.paged_attention import PagedKVPool
 from ..loader import load_model
@@ -90,9 +91,12 @@ def resolve_dtype(dtype, device: str | torch.device) -> torch.dtype:
 
 class LLMEngine:
     def __init__(self, model_dir: str | Path | None = None, dtype=None, device: str | None = "auto",
-                 config: EngineConfig = EngineConfig()):
-        self.model_dir = Path(model_dir) if model_dir is not None else BUNDLED_MODEL_DIR
-        self.model_name = "qwenvl-bundled" if model_dir is None else self.model_dir.name
+                 config: EngineConfig = EngineConfig(), revision: str | None = None):
+        # A folder path or a Hugging Face Hub id (qwenvl/hub.py); a Hub id keeps its name for the API.
+        self.model_dir = resolve_model(model_dir, revision) if model_dir is not None else BUNDLED_MODEL_DIR
+        from_hub = model_dir is not None and self.model_dir != Path(model_dir).expanduser()
+        self.model_name = "qwenvl-bundled" if model_dir is None else \
+            str(model_dir) if from_hub else self.model_dir.name
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.config = config
