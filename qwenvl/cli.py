@@ -43,16 +43,31 @@ def _draw_all(out, images: list, path: str) -> list[str]:
     return written
 
 
+def _expand_pdfs(images: list[str], pages: str | None, max_pixels: int) -> list:
+    """Each `.pdf` among the --image paths becomes its pages' images (in page order), rendered to fit."""
+    from .inputs.pdf import PdfLimits, render_pdf
+    out: list = []
+    for src in images:
+        if src.lower().endswith(".pdf") and Path(src).is_file():
+            out.extend(render_pdf(Path(src).read_bytes(), src, pages, PdfLimits(max_pixels=max_pixels)))
+        else:
+            out.append(src)
+    if pages and len(out) == len(images):
+        raise ValueError("--pages applies to a PDF given with --image; none was given")
+    return out
+
+
 def _chat(args) -> int:
     from .sampling_params import SamplingParams
     llm = _load(args)
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
                             seed=args.seed)
     history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
-    images = list(args.image or [])
+    images = _expand_pdfs(list(args.image or []), args.pages, llm.engine.preprocessor.max_pixels)
 
-    def turn(question: str, with_images: list[str]):
-        content = [{"image": str(Path(p).resolve()) if Path(p).exists() else p} for p in with_images]
+    def turn(question: str, with_images: list):
+        content = [{"image": str(Path(p).resolve()) if isinstance(p, str) and Path(p).exists() else p}
+                   for p in with_images]
         history.append({"role": "user", "content": content + [{"text": question}]})
         out = llm.chat(history, params)
         history.append({"role": "assistant", "content": out.text})
@@ -114,7 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("chat", help="ask about images (one question, or a multi-turn chat on stdin)")
     _model_args(p)
-    p.add_argument("--image", action="append", metavar="IMG", help="an image path or URL (repeatable)")
+    p.add_argument("--image", action="append", metavar="IMG",
+                   help="an image path or URL, or a .pdf whose pages are sent as images (repeatable)")
+    p.add_argument("--pages", default=None, metavar="1-3,5", help="with a .pdf --image: the pages to send")
     p.add_argument("--system", default=None, help="a system prompt")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)

@@ -1,0 +1,81 @@
+"""PDF pages as images (issue 26 part 2): page choice, order, size limit, refusal before rendering."""
+
+from __future__ import annotations
+
+import io
+
+import pypdfium2 as pdfium
+import pytest
+
+from qwenvl.inputs.errors import InputError
+from qwenvl.inputs.pdf import PdfError, PdfLimits, parse_pages, render_pdf
+
+# (width, height) in points; distinct aspect ratios let the tests see page order in the images
+SIZES = [(612, 792), (792, 612), (300, 900), (900, 300), (500, 500)]
+
+
+def make_pdf(sizes=SIZES) -> bytes:
+    doc = pdfium.PdfDocument.new()
+    for w, h in sizes:
+        doc.new_page(w, h)
+    out = io.BytesIO()
+    doc.save(out)
+    return out.getvalue()
+
+
+def aspect(size) -> float:
+    return size[0] / size[1]
+
+
+def test_pages_render_in_order_within_max_pixels():
+    for max_pixels in (50_000, 200_000, 28 * 28 * 1280):
+        images = render_pdf(make_pdf(), "doc.pdf", limits=PdfLimits(max_pixels=max_pixels))
+        assert len(images) == len(SIZES)
+        for image, (w, h) in zip(images, SIZES):
+            assert image.mode == "RGB"
+            assert abs(aspect(image.size) - w / h) < 0.02
+            assert 0.97 * max_pixels <= image.size[0] * image.size[1] <= max_pixels
+
+
+def test_a_page_range_picks_those_pages():
+    images = render_pdf(make_pdf(), "doc.pdf", pages="2-3,5", limits=PdfLimits(max_pixels=50_000))
+    assert [round(aspect(i.size), 1) for i in images] == [round(792 / 612, 1), round(300 / 900, 1), 1.0]
+    assert parse_pages("1-3", 5) == [0, 1, 2] and parse_pages(4, 5) == [3] and parse_pages([1, 5], 5) == [0, 4]
+    for bad in ("0", "4-2", "6", "1-x", "", "-2"):
+        with pytest.raises(PdfError, match="pages"):
+            parse_pages(bad, 5)
+
+
+def test_too_many_pages_is_refused_before_rendering(monkeypatch):
+    data = make_pdf([(100, 100)] * 40)
+    rendered = []
+    monkeypatch.setattr(pdfium.PdfPage, "render", lambda *a, **k: rendered.append(1))
+    with pytest.raises(PdfError, match="40 pages selected, more than the limit of 32"):
+        render_pdf(data, "long.pdf")
+    assert rendered == []
+
+
+def test_corrupt_and_non_pdf_inputs_are_input_errors():
+    data = make_pdf()
+    for bad, why in ((b"hello, not a pdf", "not a PDF"), (b"%PDF-1.7 garbage", "cannot open"),
+                     (data[: len(data) // 3], "cannot open")):
+        with pytest.raises(InputError, match=why) as err:
+            render_pdf(bad, "broken.pdf")
+        assert "broken.pdf" in str(err.value)
+
+
+def test_cli_chat_reads_a_pdf_and_its_pages(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    report = tmp_path / "report.pdf"
+    report.write_bytes(make_pdf())
+    run = [sys.executable, "-m", "qwenvl.cli", "chat", "--device", "cpu", "--max-tokens", "4", "--image", str(report)]
+    out = subprocess.run([*run, "--pages", "1-2", "What is on these pages?"], capture_output=True, text=True,
+                         timeout=300, cwd=root)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() != ""
+    out = subprocess.run([*run, "--pages", "7", "What is on this page?"], capture_output=True, text=True,
+                         timeout=300, cwd=root)
+    assert out.returncode == 2 and "outside 1-5" in out.stderr and "Traceback" not in out.stderr
