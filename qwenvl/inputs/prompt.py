@@ -76,7 +76,7 @@ def build_inputs(messages, tokenizer, model_cfg: ModelConfig, pre_cfg: Preproces
                              f"{kind} number {len(items) + 1} goes")
         t, h, w = proc.grid_thw
         per_frame = h * w // merge2
-        if kind == "video" and cfg.model_type == "qwen3_vl":
+        if kind == "video" and cfg.model_type in ("qwen3_vl", "qwen3_vl_moe"):
             # Replace the template's start/pad/end triple by one timestamped group per temporal patch.
             triple = pad > 0 and ids[pad - 1] == cfg.vision_start_token_id and pad + 1 < len(ids) \
                 and ids[pad + 1] == cfg.vision_end_token_id
