@@ -60,23 +60,32 @@ class Experts(nn.Module):
         return y.sum(dim=1)
 
     def _grouped(self, x, weights, ids) -> torch.Tensor:
-        N, k = ids.shape
-        flat = ids.reshape(-1)                                           # [N*k] slot -> expert
-        order = torch.argsort(flat, stable=True)                         # slots grouped by expert
-        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
-        tokens = order // k                                              # token of each sorted slot
-        slot_w = weights.reshape(-1)[order].unsqueeze(-1)                # [N*k, 1]
-        out = torch.zeros_like(x)
-        start = 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue                                                 # no token chose expert e
-            rows = tokens[start:start + n]
-            h = self._swiglu(F.linear(x[rows], self.gate_up_proj[e]))    # [n, I]
-            y = F.linear(h, self.down_proj[e]) * slot_w[start:start + n]
-            out.index_add_(0, rows, y.to(out.dtype))
-            start += n
-        return out
+        def expert(e: int, rows: torch.Tensor) -> torch.Tensor:
+            h = self._swiglu(F.linear(rows, self.gate_up_proj[e]))       # [n, I]
+            return F.linear(h, self.down_proj[e])                       # [n, H]
+        return grouped_by_expert(x, weights, ids, self.num_experts, expert)
+
+
+def grouped_by_expert(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, num_experts: int,
+                      expert) -> torch.Tensor:
+    """Sort the (token, expert) slots by expert and call `expert(e, x_rows[n, H]) -> [n, H]` once per expert
+    that some token chose (never for the others); -> the weighted sum per token, [N, H]."""
+    k = ids.shape[1]
+    flat = ids.reshape(-1)                                               # [N*k] slot -> expert
+    order = torch.argsort(flat, stable=True)                             # slots grouped by expert
+    counts = torch.bincount(flat, minlength=num_experts).tolist()
+    tokens = order // k                                                  # token of each sorted slot
+    slot_w = weights.reshape(-1)[order].unsqueeze(-1)                    # [N*k, 1]
+    out = torch.zeros_like(x)
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue                                                     # no token chose expert e
+        rows = tokens[start:start + n]
+        y = expert(e, x[rows]) * slot_w[start:start + n]
+        out.index_add_(0, rows, y.to(out.dtype))
+        start += n
+    return out
 
 
 class SparseMoeBlock(nn.Module):
