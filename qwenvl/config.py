@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-SUPPORTED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+SUPPORTED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 
 
 class ConfigError(ValueError):
@@ -59,6 +59,20 @@ class TextConfig:
     attention_bias: bool = True      # qkv bias (Qwen2/2.5); Qwen3 has none but has q/k RMSNorm
     qk_norm: bool = False
     tie_word_embeddings: bool = False
+    # Mixture of experts (qwen3_vl_moe); num_experts 0 means every layer is dense.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
+    # Expert tensors in the files: transformers 5.x writes [E, out, in] (and `num_local_experts`); the Hub
+    # files hold [E, in, out] (and `num_experts`). The model keeps [E, out, in]; the loader transposes.
+    experts_stored_in_out: bool = False
+
+    def is_sparse_layer(self, layer_idx: int) -> bool:
+        """Whether decoder layer `layer_idx` has the MoE block (the reference's rule)."""
+        return (layer_idx not in self.mlp_only_layers and self.num_experts > 0
+                and (layer_idx + 1) % self.decoder_sparse_step == 0)
 
 
 @dataclass(frozen=True)
@@ -109,7 +123,7 @@ class ModelConfig:
         rope_theta = rope.get("rope_theta", text_raw.get("rope_theta", 10000.0))
         hidden = need(text_raw, "hidden_size", "text_config.")
         heads = need(text_raw, "num_attention_heads", "text_config.")
-        is_qwen3 = model_type == "qwen3_vl"
+        is_qwen3 = model_type in ("qwen3_vl", "qwen3_vl_moe")
         tie = raw.get("tie_word_embeddings", raw.get("text_config", {}).get("tie_word_embeddings", False))
         text = TextConfig(
             vocab_size=need(text_raw, "vocab_size", "text_config."),
@@ -128,6 +142,7 @@ class ModelConfig:
             attention_bias=bool(text_raw.get("attention_bias", not is_qwen3)),
             qk_norm=is_qwen3,
             tie_word_embeddings=bool(tie),
+            **(_moe_fields(text_raw, source) if model_type == "qwen3_vl_moe" else {}),
         )
 
         if model_type == "qwen2_vl":
@@ -173,3 +188,19 @@ class ModelConfig:
             vision_end_token_id=raw.get("vision_end_token_id", raw["vision_start_token_id"] + 1),
             eos_token_ids=eos_ids,
         )
+
+
+def _moe_fields(text_raw: dict, source: str) -> dict:
+    """The MoE fields of a qwen3_vl_moe text config, in either file layout (see TextConfig)."""
+    local = "num_local_experts" in text_raw
+    experts = text_raw.get("num_local_experts", text_raw.get("num_experts"))
+    for key, value in (("num_experts", experts), ("num_experts_per_tok", text_raw.get("num_experts_per_tok")),
+                       ("moe_intermediate_size", text_raw.get("moe_intermediate_size"))):
+        if not isinstance(value, int) or value <= 0:
+            raise ConfigError(f"{source}: text_config.{key} must be a positive integer, got {value!r}")
+    step = text_raw.get("decoder_sparse_step", 1)
+    if not isinstance(step, int) or step <= 0:
+        raise ConfigError(f"{source}: text_config.decoder_sparse_step must be a positive integer, got {step!r}")
+    return dict(num_experts=experts, num_experts_per_tok=text_raw["num_experts_per_tok"],
+                moe_intermediate_size=text_raw["moe_intermediate_size"], decoder_sparse_step=step,
+                mlp_only_layers=tuple(text_raw.get("mlp_only_layers") or ()), experts_stored_in_out=not local)

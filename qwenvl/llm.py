@@ -31,12 +31,14 @@ class LLM:
     def family(self) -> str:
         return self.engine.cfg.model_type
 
-    def chat(self, messages: list[dict], params: SamplingParams | None = None) -> RequestOutput:
-        """One conversation -> its finished output (text, token_ids, finish_reason, logprobs, boxes)."""
-        return self.generate([messages], params)[0]
+    def chat(self, messages: list[dict], params: SamplingParams | None = None,
+             chat_template_kwargs: dict | None = None) -> RequestOutput:
+        """One conversation -> its finished output (text, token_ids, finish_reason, logprobs, boxes).
+        `chat_template_kwargs` are template variables, e.g. {"enable_thinking": False} for Qwen3 Thinking."""
+        return self.generate([messages], params, chat_template_kwargs=chat_template_kwargs)[0]
 
-    def generate(self, conversations: list[list[dict]], params: SamplingParams | list[SamplingParams] | None = None
-                 ) -> list[RequestOutput]:
+    def generate(self, conversations: list[list[dict]], params: SamplingParams | list[SamplingParams] | None = None,
+                 chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
         """Many conversations batched through the engine; outputs in the order given.
 
         Every conversation is checked before any is queued, so a bad one raises without side effects.
@@ -47,7 +49,7 @@ class LLM:
             params = [params or SamplingParams()] * len(conversations)
         if len(params) != len(conversations):
             raise ValueError(f"{len(params)} SamplingParams for {len(conversations)} conversations")
-        prompts = [self.engine.prepare(c) for c in conversations]
+        prompts = [self.engine.prepare(c, chat_template_kwargs) for c in conversations]
         ids = [f"llm-{next(_ids)}" for _ in prompts]
         try:
             for rid, prompt, p in zip(ids, prompts, params):

@@ -23,6 +23,9 @@ _LEGACY_PREFIXES = (("visual.", "model.visual."), ("model.", "model.language_mod
 _CURRENT_PREFIXES = ("model.visual.", "model.language_model.", "lm_head.")
 
 
+_EXPERT_SUFFIXES = (".experts.gate_up_proj", ".experts.down_proj")
+
+
 class LoadError(ValueError):
     """A checkpoint folder whose weights do not fit the model; the message names the file and key."""
 
@@ -60,9 +63,12 @@ def weight_files(model_dir: Path) -> list[Path]:
 
 def read_state_dict(model_dir: Path, expected: dict[str, torch.Tensor], ignore: set[str],
                     dtype: torch.dtype, device: torch.device,
-                    quantizer: LoadQuantizer | None = None) -> dict[str, torch.Tensor]:
+                    quantizer: LoadQuantizer | None = None,
+                    experts_in_out: bool = False) -> dict[str, torch.Tensor]:
     """Read every tensor, check it against the expected names and shapes, cast floats to `dtype`; with a
-    quantizer, each tensor is converted as soon as it is read (the float copy is dropped right away)."""
+    quantizer, each tensor is converted as soon as it is read (the float copy is dropped right away).
+    `experts_in_out`: fused expert tensors are stored [E, in, out] (the Hub's MoE files); they are
+    transposed to the model's [E, out, in] before the shape check."""
     state: dict[str, torch.Tensor] = {}
     seen: set[str] = set()
     for f in weight_files(model_dir):
@@ -78,12 +84,14 @@ def read_state_dict(model_dir: Path, expected: dict[str, torch.Tensor], ignore: 
                     raise LoadError(f"{f.name}: tensor {raw_key!r} appears twice in the checkpoint")
                 seen.add(key)
                 t = sf.get_tensor(raw_key)
+                if experts_in_out and key.endswith(_EXPERT_SUFFIXES):
+                    t = t.transpose(1, 2)        # [E, in, out] -> [E, out, in]; made contiguous by the cast
                 want = tuple(expected[key].shape)
                 if tuple(t.shape) != want:
                     raise LoadError(f"{f.name}: tensor {raw_key!r} has shape {tuple(t.shape)}, "
                                     f"the model expects {want} (from config.json)")
                 if t.is_floating_point():
-                    t = t.to(dtype)
+                    t = t.to(dtype).contiguous()
                 for k, v in (quantizer.convert(key, t) if quantizer else {key: t}).items():
                     state[k] = v.to(device)
     missing = [k for k in expected if k not in seen]
@@ -128,7 +136,8 @@ def load_model(model_dir: str | Path, dtype: torch.dtype | str = torch.float32,
         quantizer.prepare(model, dtype)
     # A tied checkpoint may still carry a copy of the embedding as lm_head; the model does not use it.
     ignore = {"lm_head.weight"} if cfg.text.tie_word_embeddings else set()
-    state = read_state_dict(model_dir, expected, ignore, dtype, device, quantizer)
+    state = read_state_dict(model_dir, expected, ignore, dtype, device, quantizer,
+                            experts_in_out=cfg.text.experts_stored_in_out)
     model.load_state_dict(state, strict=True, assign=True)
     leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if leftover:

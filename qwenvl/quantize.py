@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .layers.moe import Experts
+from .layers.quantized_moe import QuantizedExperts
 from .layers.quantized_linear import Int4Linear, Int8Linear, int4_group_size, quantize_int4, quantize_int8
 
 QUANTIZATION_MODES = ("int8", "int4")
@@ -70,7 +72,21 @@ def _empty_quantized_linear(in_f: int, out_f: int, bias: bool, dtype: torch.dtyp
 
 def _targets(model: nn.Module, include_vision: bool) -> list[str]:
     prefixes = _LANGUAGE_PREFIXES + ((_VISION_PREFIX,) if include_vision else ())
-    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name.startswith(prefixes)]
+    # The MoE router (`mlp.gate`, [E, H]) stays float: it is small, and rounding it would move expert choices.
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name.startswith(prefixes)
+            and not name.endswith(".mlp.gate")]
+
+
+def _expert_targets(model: nn.Module) -> list[str]:
+    return [name for name, m in model.named_modules() if isinstance(m, Experts)
+            and name.startswith(_LANGUAGE_PREFIXES)]
+
+
+def _empty_quantized_experts(experts: Experts, dtype: torch.dtype, mode: str, group_size: int) -> QuantizedExperts:
+    E, two_i, H = experts.gate_up_proj.shape                             # [E, 2I, H]
+    return QuantizedExperts([_empty_quantized_linear(H, two_i, False, dtype, mode, group_size) for _ in range(E)],
+                            [_empty_quantized_linear(two_i // 2, H, False, dtype, mode, group_size)
+                             for _ in range(E)], two_i // 2)
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -88,6 +104,11 @@ def quantize_model(model: nn.Module, mode: str, group_size: int = 128, include_v
     for name in _targets(model, include_vision):
         linear = model.get_submodule(name)
         _replace(model, name, quantized_linear(linear.weight, linear.bias, mode, group_size))
+    for name in _expert_targets(model):
+        ex = model.get_submodule(name)
+        _replace(model, name, QuantizedExperts([quantized_linear(w, None, mode, group_size) for w in ex.gate_up_proj],
+                                               [quantized_linear(w, None, mode, group_size) for w in ex.down_proj],
+                                               ex.intermediate))
     tied = model.tied_output_weight()
     if tied is not None:
         model.use_output_head(quantized_linear(tied, None, mode, group_size))
@@ -106,6 +127,7 @@ class LoadQuantizer:
         self.include_vision = include_vision
         self._layers: dict[str, tuple[str, int]] = {}  # "<module>.weight" -> (mode, group size) it was given
         self._tied_key: str | None = None
+        self._experts: dict[str, tuple[str, tuple[str, int]]] = {}  # fused key -> (module list, format)
 
     def prepare(self, model: nn.Module, dtype: torch.dtype) -> None:
         for name in _targets(model, self.include_vision):
@@ -113,6 +135,13 @@ class LoadQuantizer:
             _replace(model, name, _empty_quantized_linear(lin.in_features, lin.out_features, lin.bias is not None,
                                                           dtype, self.mode, self.group_size))
             self._layers[f"{name}.weight"] = self._layer_format(lin.in_features)
+        for name in _expert_targets(model):
+            # fused [E, out, in] tensors in the file; one quantised linear per expert in the model
+            ex = model.get_submodule(name)
+            H, inter = ex.gate_up_proj.shape[2], ex.intermediate
+            _replace(model, name, _empty_quantized_experts(ex, dtype, self.mode, self.group_size))
+            self._experts[f"{name}.gate_up_proj"] = (f"{name}.gate_up", self._layer_format(H))
+            self._experts[f"{name}.down_proj"] = (f"{name}.down", self._layer_format(inter))
         tied = model.tied_output_weight()
         if tied is not None:
             model.use_output_head(_empty_quantized_linear(tied.shape[1], tied.shape[0], False, dtype,
@@ -125,6 +154,8 @@ class LoadQuantizer:
         return ("int8", 0) if g is None else ("int4", g)
 
     def convert(self, key: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+        if key in self._experts:
+            return self._quantized_experts(key, tensor)
         out = {} if key in self._layers else {key: tensor}
         if key in self._layers:
             out.update(self._quantized_buffers(key, tensor))
@@ -133,7 +164,17 @@ class LoadQuantizer:
         return out
 
     def _quantized_buffers(self, weight_key: str, w: torch.Tensor) -> dict[str, torch.Tensor]:
-        prefix = weight_key[: -len("weight")]
-        mode, group = self._layers[weight_key]
-        filled = quantized_linear(w, None, mode, group)
-        return {prefix + name: t for name, t in filled.named_buffers() if name not in ("bias", "in_perm")}
+        return _buffers(weight_key[: -len("weight")], w, *self._layers[weight_key])
+
+    def _quantized_experts(self, key: str, fused: torch.Tensor) -> dict[str, torch.Tensor]:
+        """fused[E, out, in] -> each expert's quantised buffers, as `<module list>.<e>.<buffer>`."""
+        modules, (mode, group) = self._experts[key]
+        out: dict[str, torch.Tensor] = {}
+        for e in range(fused.shape[0]):
+            out.update(_buffers(f"{modules}.{e}.", fused[e], mode, group))
+        return out
+
+
+def _buffers(prefix: str, w: torch.Tensor, mode: str, group: int) -> dict[str, torch.Tensor]:
+    filled = quantized_linear(w, None, mode, group)
+    return {prefix + name: t for name, t in filled.named_buffers() if name not in ("bias", "in_perm")}

@@ -15,7 +15,7 @@ import torch
 
 from qwenvl.training.tokenizer_train import default_chat_template, save_tokenizer, train_tokenizer
 
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 BPE_VOCAB = 400
 
 # A fixed corpus, English and Chinese, so every run trains the same tokenizer.
@@ -35,7 +35,12 @@ CORPUS = [
 _CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 _CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 _PROCESSOR_CLASS = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor",
-                    "qwen3_vl": "Qwen3VLProcessor"}
+                    "qwen3_vl": "Qwen3VLProcessor", "qwen3_vl_moe": "Qwen3VLProcessor"}
+# MoE text fields of the tiny qwen3_vl_moe: 3 layers, layer 1 dense (mlp_only_layers), 8 experts, top-2.
+# hidden 64 == 2 * moe_intermediate 32, so gate_up_proj is square per expert: the file layout cannot be
+# guessed from shapes and must come from the config, as the loader does.
+MOE_TEXT = dict(num_hidden_layers=3, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                decoder_sparse_step=1, mlp_only_layers=[1])
 
 
 def _special_ids(ids: dict[str, int]) -> dict:
@@ -80,6 +85,13 @@ def _hf_config(family: str, vocab: int, ids: dict[str, int]):
                       hidden_act="gelu_pytorch_tanh", num_position_embeddings=64,
                       deepstack_visual_indexes=[0, 1])
         return Qwen3VLConfig(text_config=_text_kwargs(vocab, ids, True), vision_config=vision, **common)
+    if family == "qwen3_vl_moe":
+        from transformers import Qwen3VLMoeConfig
+        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, in_channels=3,
+                      out_hidden_size=64, patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
+                      hidden_act="gelu_pytorch_tanh", num_position_embeddings=64, deepstack_visual_indexes=[0])
+        return Qwen3VLMoeConfig(text_config={**_text_kwargs(vocab, ids, True), **MOE_TEXT},
+                                vision_config=vision, **common)
     raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
 
 
@@ -87,11 +99,12 @@ def _hf_model_class(family: str):
     import transformers
     return {"qwen2_vl": transformers.Qwen2VLForConditionalGeneration,
             "qwen2_5_vl": transformers.Qwen2_5_VLForConditionalGeneration,
-            "qwen3_vl": transformers.Qwen3VLForConditionalGeneration}[family]
+            "qwen3_vl": transformers.Qwen3VLForConditionalGeneration,
+            "qwen3_vl_moe": transformers.Qwen3VLMoeForConditionalGeneration}[family]
 
 
 def _write_preprocessor(out: Path, family: str) -> None:
-    qwen3 = family == "qwen3_vl"
+    qwen3 = family.startswith("qwen3")
     patch = 16 if qwen3 else 14
     factor = patch * 2
     min_px, max_px = 4 * factor * factor, 256 * factor * factor
@@ -125,12 +138,16 @@ def _flatten_config(out: Path, family: str) -> None:
     for k in ("model_type", "layer_types", "dtype", "torch_dtype", "use_sliding_window", "sliding_window",
               "max_window_layers"):
         text.pop(k, None)
-    if family == "qwen3_vl":
+    if family.startswith("qwen3"):
         # Qwen3-VL's Hub files are nested already, but with rope_scaling + rope_theta in text_config.
         text["rope_scaling"] = {"mrope_interleaved": True, "mrope_section": rope["mrope_section"],
                                 "rope_type": "default"}
         text["rope_theta"] = theta
-        text["model_type"] = "qwen3_vl_text"
+        text["model_type"] = f"{family}_text"
+        if family == "qwen3_vl_moe":
+            # The Hub's MoE files say num_experts and store experts [E, in, out].
+            text["num_experts"] = text.pop("num_local_experts")
+            _transpose_experts(out)
         vis.pop("rope_parameters", None)
         flat = {**cur, "text_config": text, "vision_config": vis}
     else:
@@ -147,6 +164,17 @@ def _flatten_config(out: Path, family: str) -> None:
                 "use_sliding_window": False, "sliding_window": 32768, "vision_config": vis}
     flat["model_type"] = family
     path.write_text(json.dumps(flat, indent=2))
+
+
+def _transpose_experts(out: Path) -> None:
+    """Rewrite every safetensors file with fused expert tensors as [E, in, out] (the Hub's MoE layout)."""
+    from safetensors.torch import load_file, save_file
+    for f in out.glob("*.safetensors"):
+        tensors = load_file(f)
+        for k, t in tensors.items():
+            if k.endswith((".experts.gate_up_proj", ".experts.down_proj")):
+                tensors[k] = t.transpose(1, 2).contiguous()
+        save_file(tensors, f, metadata={"format": "pt"})
 
 
 def make_checkpoint(tmp_dir: str | Path, family: str, layout: str = "current", sharded: bool = False,

@@ -38,9 +38,10 @@ class AsyncEngine:
         self._thread.start()
 
     # -------------------------------------------------------------- front end
-    async def prepare(self, messages) -> PromptInputs:
+    async def prepare(self, messages, chat_template_kwargs: dict | None = None) -> PromptInputs:
         """Decode and preprocess off the event loop; raises InputError for bad input."""
-        return await asyncio.get_running_loop().run_in_executor(None, self.engine.prepare, messages)
+        return await asyncio.get_running_loop().run_in_executor(
+            None, self.engine.prepare, messages, chat_template_kwargs)
 
     @property
     def num_active(self) -> int:

@@ -127,9 +127,11 @@ class LLMEngine:
         self._requests: dict[str, _Request] = {}
 
     # ---------------------------------------------------------------- requests
-    def prepare(self, messages) -> PromptInputs:
-        """Messages -> model inputs; raises InputError (a ValueError) naming what is wrong."""
-        return build_inputs(messages, self.tokenizer, self.cfg, self.preprocessor)
+    def prepare(self, messages, chat_template_kwargs: dict | None = None) -> PromptInputs:
+        """Messages -> model inputs; raises InputError (a ValueError) naming what is wrong.
+        `chat_template_kwargs` are template variables, e.g. {"enable_thinking": False}."""
+        return build_inputs(messages, self.tokenizer, self.cfg, self.preprocessor,
+                            chat_template_kwargs=chat_template_kwargs)
 
     def add_request(self, request_id: str, prompt: PromptInputs, params: SamplingParams) -> None:
         """Queue a prepared prompt; raises ValueError when it can never fit (too long for the context or

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ..config import ModelConfig
+from ..reasoning import prompt_opens_reasoning
 from .errors import InputError
 from .images import load_image
 from .messages import normalize_messages
@@ -43,14 +44,17 @@ class PromptInputs:
     positions: torch.Tensor            # LongTensor[3, N]
     next_position: int                 # decode step i uses next_position + i on all three rows
     vision: list[VisionItem]
+    reasoning_opened: bool = False     # the template left a `<think>` block open: output starts in reasoning
 
 
 def build_inputs(messages, tokenizer, model_cfg: ModelConfig, pre_cfg: PreprocessorConfig,
-                 add_generation_prompt: bool = True) -> PromptInputs:
+                 add_generation_prompt: bool = True, chat_template_kwargs: dict | None = None) -> PromptInputs:
+    """`chat_template_kwargs` (e.g. {"enable_thinking": False}) are passed to the template as variables."""
     conv = normalize_messages(messages)
     media = [p for m in conv for p in m["content"] if p["type"] in ("image", "video")]
     processed = [_process(p, pre_cfg) for p in media]
-    text = tokenizer.apply_chat_template(conv, add_generation_prompt=add_generation_prompt)
+    extra = _template_kwargs(chat_template_kwargs)
+    text = tokenizer.apply_chat_template(conv, add_generation_prompt=add_generation_prompt, **extra)
     ids = tokenizer.encode(text)
 
     cfg = model_cfg
@@ -72,7 +76,7 @@ def build_inputs(messages, tokenizer, model_cfg: ModelConfig, pre_cfg: Preproces
                              f"{kind} number {len(items) + 1} goes")
         t, h, w = proc.grid_thw
         per_frame = h * w // merge2
-        if kind == "video" and cfg.model_type == "qwen3_vl":
+        if kind == "video" and cfg.model_type in ("qwen3_vl", "qwen3_vl_moe"):
             # Replace the template's start/pad/end triple by one timestamped group per temporal patch.
             triple = pad > 0 and ids[pad - 1] == cfg.vision_start_token_id and pad + 1 < len(ids) \
                 and ids[pad + 1] == cfg.vision_end_token_id
@@ -97,7 +101,22 @@ def build_inputs(messages, tokenizer, model_cfg: ModelConfig, pre_cfg: Preproces
             original_size=original, input_size=proc.input_size))
     out += ids[cursor:]
     positions, next_position = mrope_positions(len(out), spans, pre_cfg.merge_size)
-    return PromptInputs(token_ids=out, positions=positions, next_position=next_position, vision=items)
+    return PromptInputs(token_ids=out, positions=positions, next_position=next_position, vision=items,
+                        reasoning_opened=add_generation_prompt and prompt_opens_reasoning(text))
+
+
+_RESERVED_TEMPLATE_VARS = {"messages", "add_generation_prompt"}
+
+
+def _template_kwargs(kwargs: dict | None) -> dict:
+    if kwargs is None:
+        return {}
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+        raise InputError("chat_template_kwargs must be an object of named template variables")
+    clash = _RESERVED_TEMPLATE_VARS & kwargs.keys()
+    if clash:
+        raise InputError(f"chat_template_kwargs may not set {sorted(clash)}: they come from the request")
+    return dict(kwargs)
 
 
 def _qwen3_video_tokens(out: list[int], part: dict, grid_thw, tokenizer, cfg: ModelConfig,

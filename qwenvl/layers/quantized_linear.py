@@ -44,7 +44,10 @@ def _scratch_matrix(rows: int, cols: int, dtype: torch.dtype, device: torch.devi
     bufs = _scratch.__dict__.setdefault("bufs", {})
     buf = bufs.get(key)
     if buf is None or buf.numel() < rows * cols:
-        buf = bufs[key] = torch.empty(rows * cols, dtype=dtype, device=device)
+        # a normal tensor even when first asked for under inference_mode: an inference tensor could not be
+        # written by a later call made outside it
+        with torch.inference_mode(False):
+            buf = bufs[key] = torch.empty(rows * cols, dtype=dtype, device=device)
     return buf[: rows * cols].view(rows, cols)
 
 

@@ -73,5 +73,5 @@ def save_tokenizer(tok: Tokenizer, out_dir: str | Path, chat_template: str) -> d
 
 def default_chat_template(family: str) -> str:
     """The chat template of the family's real checkpoints (Qwen2-VL's serves Qwen2.5-VL too)."""
-    name = "qwen3_vl_chat_template.jinja" if family == "qwen3_vl" else "qwen2_vl_chat_template.jinja"
+    name = "qwen3_vl_chat_template.jinja" if family in ("qwen3_vl", "qwen3_vl_moe") else "qwen2_vl_chat_template.jinja"
     return (CHAT_TEMPLATE_DIR / name).read_text(encoding="utf-8")

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwenvl.config import TextConfig
+from qwenvl.layers.moe import SparseMoeBlock
 from qwenvl.layers.norms import RMSNorm
 from qwenvl.layers.rotary import apply_rotary, mrope_cos_sin
 
@@ -58,7 +59,9 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: TextConfig, layer_idx: int):
         super().__init__()
         self.self_attn = Attention(cfg, layer_idx)
-        self.mlp = MLP(cfg)
+        # Qwen3-VL-MoE: the layers the config marks sparse swap the dense MLP for routed experts.
+        self.mlp = SparseMoeBlock(cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts,
+                                  cfg.num_experts_per_tok) if cfg.is_sparse_layer(layer_idx) else MLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
