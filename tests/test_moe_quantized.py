@@ -4,19 +4,11 @@ import pytest
 import torch
 
 from qwenvl import LLM, SamplingParams
-from qwenvl.layers.attention import ContiguousKVCache
 from qwenvl.layers.moe import Experts
 from qwenvl.layers.quantized_linear import Int4Linear, Int8Linear
 from qwenvl.layers.quantized_moe import QuantizedExperts
 from qwenvl.loader import load_model
-from qwenvl.quantize import LoadQuantizer, quantize_model
-
-
-def _logits(model, ids):
-    n = ids.shape[0]
-    with torch.inference_mode():
-        hidden = model(ids, torch.arange(n).expand(3, n), ContiguousKVCache(model.cfg.text.num_hidden_layers), None, [])
-        return model.compute_logits(hidden)
+from quant_helpers import streamed_equals_swapped, tiny_logits
 
 
 @pytest.mark.parametrize("layout", ["current", "flat"])
@@ -24,20 +16,14 @@ def _logits(model, ids):
 def test_streamed_quantisation_of_experts(tiny_checkpoint, layout, mode, kind, tol):
     path = tiny_checkpoint("qwen3_vl_moe", layout=layout)
     ref, _ = load_model(path, dtype="float32")
-    swapped, _ = load_model(path, dtype="float32")
-    quantize_model(swapped, mode)
-    streamed, _ = load_model(path, dtype="float32", quantizer=LoadQuantizer(mode))
-    a, b = swapped.state_dict(), streamed.state_dict()
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    streamed = streamed_equals_swapped(path, mode)
     experts = [m for m in streamed.modules() if isinstance(m, (Experts, QuantizedExperts))]
     assert experts and all(isinstance(m, QuantizedExperts) for m in experts)
     assert all(isinstance(lin, kind) for m in experts for lin in list(m.gate_up) + list(m.down))
     routers = [m for n, m in streamed.named_modules() if n.endswith(".mlp.gate")]
     assert routers and all(type(r) is torch.nn.Linear for r in routers)
     ids = torch.randint(0, 300, (24,), generator=torch.Generator().manual_seed(0))
-    x, y = _logits(ref, ids), _logits(streamed, ids)
+    x, y = tiny_logits(ref, ids), tiny_logits(streamed, ids)
     assert (x - y).norm() / x.norm() < tol
 
 

@@ -14,6 +14,7 @@ from qwenvl.layers.quantized_linear import (Int4Linear, Int8Linear, _unpack_cpu_
                                             quantize_int4, quantize_int8)
 from qwenvl.loader import load_model
 from qwenvl.quantize import quantize_model
+from quant_helpers import streamed_equals_swapped, tiny_logits
 
 ROWS = (1, 3, 8, 9, 40)          # both sides of DECODE_MAX_ROWS: packed kernel and dequantised GEMM
 
@@ -100,15 +101,6 @@ def ckpt(tiny_checkpoint):
     return tiny_checkpoint("qwen2_5_vl")
 
 
-def _logits(model, ids: torch.Tensor) -> torch.Tensor:
-    from qwenvl.layers.attention import ContiguousKVCache
-    n = ids.shape[0]
-    positions = torch.arange(n).expand(3, n)
-    with torch.inference_mode():
-        hidden = model.forward(ids, positions, ContiguousKVCache(model.cfg.text.num_hidden_layers), None, [])
-        return model.compute_logits(hidden)
-
-
 @pytest.mark.parametrize("mode,tol", [("int8", 0.04), ("int4", 0.30)])
 def test_quantised_logits_stay_near_the_float_model(ckpt, mode, tol):
     """Relative logit error ||a - b|| / ||a|| under `tol`. Why these bounds: on Gaussian weights the
@@ -123,7 +115,7 @@ def test_quantised_logits_stay_near_the_float_model(ckpt, mode, tol):
              if isinstance(m, torch.nn.Linear) and n.startswith(("model.language_model.", "lm_head"))]
     assert plain == []
     ids = torch.randint(0, 300, (24,), generator=torch.Generator().manual_seed(0))
-    a, b = _logits(ref, ids), _logits(quant, ids)
+    a, b = tiny_logits(ref, ids), tiny_logits(quant, ids)
     assert (a - b).norm() / a.norm() < tol
     # greedy choices agree wherever the float model has no near tie (top-2 gap above twice the error)
     top2 = a.topk(2, dim=-1).values
@@ -165,14 +157,7 @@ def test_cli_quantization_flag(capsys):
 def test_quantising_while_loading_equals_quantising_the_loaded_model(ckpt, mode):
     """The loader's tensor-by-tensor path (no float copy of the model) builds the same buffers as the
     module swap on a loaded float model, and the strict checks still see the checkpoint's float names."""
-    from qwenvl.quantize import LoadQuantizer
-    swapped, _ = load_model(ckpt, dtype="float32")
-    quantize_model(swapped, mode)
-    streamed, _ = load_model(ckpt, dtype="float32", quantizer=LoadQuantizer(mode))
-    a, b = swapped.state_dict(), streamed.state_dict()
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    streamed_equals_swapped(ckpt, mode)
 
 
 def test_quantize_vision_covers_the_vision_tower(ckpt):
