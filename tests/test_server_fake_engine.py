@@ -22,6 +22,7 @@ import pytest
 import uvicorn
 
 from qwenvl.engine.async_engine import QueueFull
+from qwenvl.engine.info import EngineInfo
 from qwenvl.outputs import RequestOutput
 from qwenvl.server.app import create_app
 from qwenvl.server.settings import ServerSettings
@@ -62,8 +63,8 @@ class FakeAsyncEngine:
 
     def __init__(self, pieces=("Hello", " world", "!"), delay=0.0, queue_full=False, fail_prepare=None,
                  max_model_len=1000, boxes=None):
-        self.engine = SimpleNamespace(model_name="fake-model", max_model_len=max_model_len, tokenizer=None,
-                                      preprocessor=None)
+        self._info = EngineInfo(model_name="fake-model", max_model_len=max_model_len, device="cpu",
+                                dtype="float32")
         self.pieces, self.delay, self.queue_full = list(pieces), delay, queue_full
         self.fail_prepare = fail_prepare
         self.boxes = boxes if boxes is not None else [{"label": "cat", "x1": 1, "y1": 2, "x2": 3, "y2": 4,
@@ -71,6 +72,9 @@ class FakeAsyncEngine:
         self.aborted: list[str] = []
         self.closed: list[str] = []
         self.finished: list[str] = []
+
+    def info(self):
+        return self._info
 
     async def prepare(self, messages):
         if self.fail_prepare is not None:

@@ -16,6 +16,7 @@ from typing import AsyncIterator
 from ..inputs import PromptInputs
 from ..outputs import RequestOutput
 from ..sampling_params import SamplingParams
+from .info import EngineInfo, engine_info
 from .llm_engine import LLMEngine
 
 _ids = itertools.count()
@@ -34,10 +35,15 @@ class AsyncEngine:
         self._wake = threading.Event()
         self._stopping = False
         self._stats: dict = engine.stats()
+        self._info = engine_info(engine)
         self._thread = threading.Thread(target=self._run, name="qwenvl-engine", daemon=True)
         self._thread.start()
 
     # -------------------------------------------------------------- front end
+    def info(self) -> EngineInfo:
+        """The typed facts front ends may read (model name, context length, device, ...)."""
+        return self._info
+
     async def prepare(self, messages) -> PromptInputs:
         """Decode and preprocess off the event loop; raises InputError for bad input."""
         return await asyncio.get_running_loop().run_in_executor(None, self.engine.prepare, messages)
