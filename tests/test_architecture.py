@@ -75,3 +75,9 @@ def test_the_web_demo_mounts_over_engine_info_alone():
         page = client.get("/")
         assert page.status_code == 200
         assert client.get("/v1/models").json()["data"][0]["id"] == "fake-model"
+
+
+def test_front_ends_catch_engine_errors_by_type_not_by_name():
+    for room in ("server", "web"):
+        for path in (PKG / room).rglob("*.py"):
+            assert '__name__ == "QueueFull"' not in path.read_text(), f"{path} matches an error by its class name"

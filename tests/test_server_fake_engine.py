@@ -21,7 +21,7 @@ import httpx
 import pytest
 import uvicorn
 
-from qwenvl.engine.async_engine import QueueFull
+from qwenvl.engine.errors import EngineFull
 from qwenvl.engine.info import EngineInfo
 from qwenvl.outputs import RequestOutput
 from qwenvl.server.app import create_app
@@ -83,7 +83,7 @@ class FakeAsyncEngine:
 
     async def generate(self, prompt, params, request_id):
         if self.queue_full:
-            raise QueueFull("1 requests in flight (limit 1)")
+            raise EngineFull("1 requests in flight (limit 1)")
         text, n = "", min(len(self.pieces), params.max_tokens)
         try:
             for i in range(n):

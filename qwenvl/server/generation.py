@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, AsyncIterator
 
 from fastapi import Request
 
+from ..engine.errors import EngineFull
 from ..inputs import InputError, normalize_messages
 from .errors import APIError, bad_request
 from .limits import count_media, pixel_cap
@@ -48,7 +49,7 @@ class ServerState:
 
 
 def is_queue_full(exc: BaseException) -> bool:
-    return type(exc).__name__ == "QueueFull"
+    return isinstance(exc, EngineFull)
 
 
 async def prepare(state: ServerState, req: ChatRequest, where: str = ""):
