@@ -26,7 +26,7 @@ from qwenvl.tokenizer import Tokenizer  # noqa: E402
 from qwenvl.training.packing import Encoder, PackedCausalAttention, PixelUnpacker, forward_tapped, pack  # noqa: E402
 from qwenvl.training.patch_labels import (BACKGROUND, EDGE_SCALE, LM_PROBE_LAYER, POSITION_SCALE,  # noqa: E402
                                           VisionProbe, sample_labels, shape_boxes, token_places)
-from qwenvl.training.synthetic import make_sample, messages  # noqa: E402
+from qwenvl.synthetic import make_sample, messages  # noqa: E402
 
 
 def main() -> None:

@@ -27,8 +27,8 @@ from qwenvl.models import build_model  # noqa: E402
 from qwenvl.tokenizer import Tokenizer  # noqa: E402
 from qwenvl.training.checkpoint import init_weights  # noqa: E402
 from qwenvl.training.packing import Encoder, PixelUnpacker, pack  # noqa: E402
-from qwenvl.training.synthetic_scenes import SHAPES, build_scene  # noqa: E402
-from qwenvl.training.synthetic_style import COLORS  # noqa: E402
+from qwenvl.synthetic.scenes import SHAPES, build_scene  # noqa: E402
+from qwenvl.synthetic.style import COLORS  # noqa: E402
 
 
 def lone_shape(index: int) -> tuple[list[dict], int]:

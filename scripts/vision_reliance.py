@@ -24,7 +24,7 @@ from qwenvl.inputs import PreprocessorConfig  # noqa: E402
 from qwenvl.loader import load_model  # noqa: E402
 from qwenvl.tokenizer import Tokenizer  # noqa: E402
 from qwenvl.training.packing import Encoder, PixelUnpacker, pack, packed_loss  # noqa: E402
-from qwenvl.training.synthetic import TASKS, make_sample, messages  # noqa: E402
+from qwenvl.synthetic import TASKS, make_sample, messages  # noqa: E402
 
 BLANK = (235, 235, 235)
 

@@ -247,7 +247,7 @@ def test_a_checkpoint_can_declare_its_own_grounding_request(tmp_path):
 
 def test_the_bundled_model_is_asked_to_ground_in_the_phrasing_it_was_trained_on():
     from qwenvl.engine.llm_engine import BUNDLED_MODEL_DIR
-    from qwenvl.training.synthetic import QUESTIONS
+    from qwenvl.synthetic import QUESTIONS
     trained_en = QUESTIONS[("ground", "en")].format(color="red", shape="triangle")
     trained_zh = QUESTIONS[("ground", "zh")].format(color="红色", shape="三角形")
     assert declared_grounding_prompt(BUNDLED_MODEL_DIR, "the red triangle") == trained_en

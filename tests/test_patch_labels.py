@@ -7,8 +7,8 @@ from PIL import Image, ImageDraw
 
 from qwenvl.training.patch_labels import (BACKGROUND, IGNORE, POSITION_SCALE, VisionProbe, shape_boxes, token_labels,
                                           token_places, unlabelled)
-from qwenvl.training.synthetic_scenes import SHAPES, Shape, draw_shape
-from qwenvl.training.synthetic_style import COLORS
+from qwenvl.synthetic.scenes import SHAPES, Shape, draw_shape
+from qwenvl.synthetic.style import COLORS
 
 
 def _grid(labels: torch.Tensor, rows: int, cols: int, column: int) -> list[list[int]]:

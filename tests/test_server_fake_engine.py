@@ -21,7 +21,8 @@ import httpx
 import pytest
 import uvicorn
 
-from qwenvl.engine.async_engine import QueueFull
+from qwenvl.engine.errors import EngineFull
+from qwenvl.engine.info import EngineInfo
 from qwenvl.outputs import RequestOutput
 from qwenvl.server.app import create_app
 from qwenvl.server.settings import ServerSettings
@@ -62,8 +63,8 @@ class FakeAsyncEngine:
 
     def __init__(self, pieces=("Hello", " world", "!"), delay=0.0, queue_full=False, fail_prepare=None,
                  max_model_len=1000, boxes=None):
-        self.engine = SimpleNamespace(model_name="fake-model", max_model_len=max_model_len, tokenizer=None,
-                                      preprocessor=None)
+        self._info = EngineInfo(model_name="fake-model", max_model_len=max_model_len, device="cpu",
+                                dtype="float32")
         self.pieces, self.delay, self.queue_full = list(pieces), delay, queue_full
         self.fail_prepare = fail_prepare
         self.boxes = boxes if boxes is not None else [{"label": "cat", "x1": 1, "y1": 2, "x2": 3, "y2": 4,
@@ -72,6 +73,9 @@ class FakeAsyncEngine:
         self.closed: list[str] = []
         self.finished: list[str] = []
 
+    def info(self):
+        return self._info
+
     async def prepare(self, messages):
         if self.fail_prepare is not None:
             raise self.fail_prepare
@@ -79,7 +83,7 @@ class FakeAsyncEngine:
 
     async def generate(self, prompt, params, request_id):
         if self.queue_full:
-            raise QueueFull("1 requests in flight (limit 1)")
+            raise EngineFull("1 requests in flight (limit 1)")
         text, n = "", min(len(self.pieces), params.max_tokens)
         try:
             for i in range(n):

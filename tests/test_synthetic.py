@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 pytest.importorskip("PIL")
-from qwenvl.training import fonts  # noqa: E402
+from qwenvl.synthetic import fonts  # noqa: E402
 
 try:
     fonts.latin_fonts()
@@ -19,10 +19,10 @@ except fonts.MissingAssetError as e:  # pragma: no cover - depends on the machin
     pytest.skip(f"synthetic data needs fonts and a word list: {e}", allow_module_level=True)
 
 from qwenvl.training import task_eval  # noqa: E402
-from qwenvl.training.synthetic import (  # noqa: E402
+from qwenvl.synthetic import (  # noqa: E402
     LANGS, TASKS, SyntheticDataset, grounding_answer, make_sample, messages, to_grid)
-from qwenvl.training.synthetic_scenes import COLORS_ZH, GAP, MIN_SHAPE, SHAPES, SHAPES_ZH  # noqa: E402
-from qwenvl.training.synthetic_text import is_heldout, split_words  # noqa: E402
+from qwenvl.synthetic.scenes import COLORS_ZH, GAP, MIN_SHAPE, SHAPES, SHAPES_ZH  # noqa: E402
+from qwenvl.synthetic.text import is_heldout, split_words  # noqa: E402
 
 CJK = re.compile(r"[\u4e00-\u9fff]")
 GROUND_RE = re.compile(r"^<\|object_ref_start\|>(.+)<\|object_ref_end\|><\|box_start\|>"
@@ -235,7 +235,7 @@ def test_tokenizer_round_trip(tmp_path):
     from tokenizers import Tokenizer
 
     from qwenvl.training.corpus import build_tokenizer
-    from qwenvl.training.synthetic_text import all_words
+    from qwenvl.synthetic.text import all_words
     from qwenvl.training.tokenizer_train import SPECIAL_TOKENS
 
     ids = build_tokenizer(tmp_path, vocab_size=5000)
@@ -266,7 +266,7 @@ def test_same_pixels_in_another_process():
     import subprocess
     import sys
 
-    code = ("import hashlib;from qwenvl.training.synthetic import make_sample;"
+    code = ("import hashlib;from qwenvl.synthetic import make_sample;"
             "print(';'.join(hashlib.sha1(make_sample(21, i).image.tobytes()).hexdigest()+make_sample(21, i).answer"
             " for i in range(12)))")
     env = dict(os.environ, PYTHONHASHSEED="12345")
@@ -280,7 +280,7 @@ def test_followups_are_unambiguous_answers_about_the_same_image():
     import random
     from collections import Counter
 
-    from qwenvl.training.synthetic_followups import conversation, followups
+    from qwenvl.synthetic.followups import conversation, followups
     from qwenvl.training.task_eval import score
     seen = Counter()
     for i in range(60):

@@ -27,7 +27,7 @@ from qwenvl.training.checkpoint import SmallModelDims, init_weights, write_new_c
 from qwenvl.training.packing import (DenseCausalAttention, Encoder, PackedCausalAttention, PixelUnpacker, pack,
                                      packed_loss)
 from qwenvl.training.sft import TrainConfig, lr_at, train, train_step
-from qwenvl.training.synthetic import COLORS, QUESTIONS, SHAPES, make_sample, messages
+from qwenvl.synthetic import COLORS, QUESTIONS, SHAPES, make_sample, messages
 from qwenvl.training.tokenizer_train import default_chat_template, save_tokenizer, train_tokenizer
 
 TINY = SmallModelDims(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,

@@ -8,13 +8,10 @@ import httpx
 import pytest
 from PIL import Image
 
+from qwenvl.engine.errors import EngineFull
 from qwenvl.outputs import RequestOutput
 from qwenvl.web.auth import COOKIE, WebAuthGate, session_token
 from qwenvl.web.chat import ChatSession, Limits, Options, Turn, readable
-
-
-class QueueFull(RuntimeError):
-    pass
 
 
 class FakePrompt:
@@ -108,7 +105,7 @@ def test_bad_images_become_a_message(tmp_path, image, case):
     assert "Traceback" not in turns[0].error
 
 
-@pytest.mark.parametrize("fail, expected", [(QueueFull("9 requests"), "busy"), (ValueError("prompt too long"), "Clear"),
+@pytest.mark.parametrize("fail, expected", [(EngineFull("9 requests"), "busy"), (ValueError("prompt too long"), "Clear"),
                                             (RuntimeError("boom"), "went wrong")])
 def test_engine_failures_become_a_message(image, fail, expected):
     turns = [Turn("Hi", [image])]

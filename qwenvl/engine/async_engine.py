@@ -16,13 +16,14 @@ from typing import AsyncIterator
 from ..inputs import PromptInputs
 from ..outputs import RequestOutput
 from ..sampling_params import SamplingParams
+from .errors import EngineFull
+from .info import EngineInfo, engine_info
 from .llm_engine import LLMEngine
 
 _ids = itertools.count()
 
 
-class QueueFull(RuntimeError):
-    """Too many requests are waiting; the client should retry later."""
+QueueFull = EngineFull   # the old name, kept for callers that import it from here
 
 
 class AsyncEngine:
@@ -34,10 +35,15 @@ class AsyncEngine:
         self._wake = threading.Event()
         self._stopping = False
         self._stats: dict = engine.stats()
+        self._info = engine_info(engine)
         self._thread = threading.Thread(target=self._run, name="qwenvl-engine", daemon=True)
         self._thread.start()
 
     # -------------------------------------------------------------- front end
+    def info(self) -> EngineInfo:
+        """The typed facts front ends may read (model name, context length, device, ...)."""
+        return self._info
+
     async def prepare(self, messages, chat_template_kwargs: dict | None = None) -> PromptInputs:
         """Decode and preprocess off the event loop; raises InputError for bad input."""
         return await asyncio.get_running_loop().run_in_executor(
@@ -52,9 +58,9 @@ class AsyncEngine:
         """Stream a request's outputs; the last has `finished` set. Leaving the loop early (a client
         that went away) aborts the request and frees its KV blocks."""
         if self._stopping:
-            raise QueueFull("the server is shutting down")
+            raise EngineFull("the server is shutting down")
         if len(self._streams) >= self.max_queue:
-            raise QueueFull(f"{len(self._streams)} requests in flight (limit {self.max_queue})")
+            raise EngineFull(f"{len(self._streams)} requests in flight (limit {self.max_queue})")
         rid = request_id or f"req-{next(_ids)}"
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[rid] = (asyncio.get_running_loop(), stream)

@@ -71,7 +71,7 @@ def _tasks(args) -> int:
     import time
 
     from qwenvl import LLM
-    from qwenvl.training.synthetic import LANGS, TASKS
+    from qwenvl.synthetic import LANGS, TASKS
     from qwenvl.training.task_eval import evaluate_model, scores_table
 
     if args.n < 1:

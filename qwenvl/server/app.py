@@ -39,8 +39,7 @@ def create_app(async_engine, settings: ServerSettings | None = None,
                mount_ui: Callable[[FastAPI], None] | None = None) -> FastAPI:
     """The HTTP app over a running AsyncEngine. The caller owns the engine (serve() shuts it down)."""
     settings = settings or ServerSettings()
-    inner = getattr(async_engine, "engine", None)
-    pre = getattr(inner, "preprocessor", None)
+    info = async_engine.info()
     fetcher = MediaFetcher(MediaPolicy(
         allowed_local_media_path=settings.allowed_local_media_path, allow_private_urls=settings.allow_private_urls,
         connect_timeout_s=settings.fetch_connect_timeout_s, read_timeout_s=settings.fetch_read_timeout_s,
@@ -50,10 +49,10 @@ def create_app(async_engine, settings: ServerSettings | None = None,
     metrics = Metrics(async_engine.stats, lambda: state_box["s"].inflight)
     state = ServerState(
         engine=async_engine, settings=settings, fetcher=fetcher, metrics=metrics,
-        model_name=settings.served_model_name or getattr(inner, "model_name", None) or "qwenvl",
-        max_model_len=getattr(inner, "max_model_len", None),
-        pixel_factor=getattr(pre, "factor", 28), default_max_pixels=getattr(pre, "max_pixels", None),
-        api_key=settings.resolved_api_key())
+        model_name=settings.served_model_name or info.model_name or "qwenvl", info=info,
+        max_model_len=info.max_model_len,
+        pixel_factor=info.pixel_factor, default_max_pixels=info.default_max_pixels,
+        api_key=settings.resolved_api_key(), api_prefixes=API_PREFIXES)
     state_box["s"] = state
 
     @asynccontextmanager

@@ -51,7 +51,7 @@ async def generation(request: Request):
     req = parse_dashscope(body, sse)
     prompt, params = await gen.prepare(state, req, where="input.")
     first, agen = await gen.start(state, prompt, params, rid, request)
-    tokenizer = getattr(getattr(state.engine, "engine", None), "tokenizer", None)
+    tokenizer = state.info.tokenizer if state.info else None
     k = params.logprobs or 0
 
     if not req.stream:

@@ -11,10 +11,11 @@ import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator
+from typing import TYPE_CHECKING, AsyncIterator
 
 from fastapi import Request
 
+from ..engine.errors import EngineFull
 from ..inputs import InputError, normalize_messages
 from .errors import APIError, bad_request
 from .limits import count_media, pixel_cap
@@ -22,6 +23,9 @@ from .media import MediaFetcher
 from .metrics import Metrics
 from .schemas import ChatRequest
 from .settings import ServerSettings
+
+if TYPE_CHECKING:  # the server must import without loading the model code
+    from ..engine.info import EngineInfo
 
 log = logging.getLogger("qwenvl.server")
 
@@ -34,16 +38,18 @@ class ServerState:
     metrics: Metrics
     model_name: str
     max_model_len: int | None
+    info: EngineInfo | None = None         # the engine's typed facts (device, dtype, tokenizer, ...)
     pixel_factor: int = 28                 # one vision token covers factor x factor pixels
     default_max_pixels: int | None = None  # the checkpoint's own preprocessor limit
     api_key: str | None = None
+    api_prefixes: tuple[str, ...] = ()     # the API's path prefixes, for a UI mounted beside it
     draining: bool = False
     inflight: int = 0
     started: float = field(default_factory=time.time)
 
 
 def is_queue_full(exc: BaseException) -> bool:
-    return type(exc).__name__ == "QueueFull"
+    return isinstance(exc, EngineFull)
 
 
 async def prepare(state: ServerState, req: ChatRequest, where: str = ""):

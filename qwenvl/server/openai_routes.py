@@ -35,7 +35,7 @@ async def chat_completions(request: Request):
     first, agen = await gen.start(state, prompt, params, rid, request)
     model = req.model or state.model_name
     created = int(time.time())
-    tokenizer = getattr(getattr(state.engine, "engine", None), "tokenizer", None)
+    tokenizer = state.info.tokenizer if state.info else None
     k = params.logprobs or 0
 
     if not req.stream:

@@ -12,10 +12,10 @@ import random
 from pathlib import Path
 from typing import Iterator
 
-from qwenvl.training.synthetic import GROUND_LABELS, QUESTIONS, TASKS
-from qwenvl.training.synthetic_scenes import COLORS_ZH, SHAPES, SHAPES_ZH
-from qwenvl.training.synthetic_style import COLORS
-from qwenvl.training.synthetic_text import all_words, label_words
+from qwenvl.synthetic import GROUND_LABELS, QUESTIONS, TASKS
+from qwenvl.synthetic.scenes import COLORS_ZH, SHAPES, SHAPES_ZH
+from qwenvl.synthetic.style import COLORS
+from qwenvl.synthetic.text import all_words, label_words
 from qwenvl.training.tokenizer_train import default_chat_template, save_tokenizer, train_tokenizer
 
 DEFAULT_VOCAB_SIZE = 5000

@@ -41,9 +41,9 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch import nn
 
-from .synthetic import Sample
-from .synthetic_scenes import SHAPES, Shape, draw_shape
-from .synthetic_style import COLORS
+from ..synthetic import Sample
+from ..synthetic.scenes import SHAPES, Shape, draw_shape
+from ..synthetic.style import COLORS
 
 IGNORE = -1                 # a token with no label (an image that is not a shape scene)
 BACKGROUND = 0              # classes: 0 background, then 1 + index in COLORS / SHAPES

@@ -83,8 +83,8 @@ class SyntheticConversations(Dataset):
         return self.length
 
     def __getitem__(self, index: int):
-        from .synthetic import make_sample
-        from .synthetic_followups import conversation, followups as draw_followups
+        from ..synthetic import make_sample
+        from ..synthetic.followups import conversation, followups as draw_followups
         task = self.tasks[index % len(self.tasks)] if self.tasks else None
         sample = make_sample(self.seed, index, task=task, split=self.split)
         extra = []

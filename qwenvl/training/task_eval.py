@@ -12,7 +12,7 @@ import re
 from collections import defaultdict
 from typing import Callable, Iterable
 
-from qwenvl.training.synthetic import LANGS, TASKS, Sample, make_sample
+from qwenvl.synthetic import LANGS, TASKS, Sample, make_sample
 
 # The bundled model's targets per task (issue 7); the Chinese variants share their English twin's.
 TARGETS = {"count": 0.90, "color": 0.95, "ground": 0.80, "read": 0.70, "chart": 0.60}
@@ -134,7 +134,7 @@ def evaluate_model(llm, n: int, tasks: Iterable[str] = TASKS, langs: Iterable[st
                    batch_size: int = 32) -> dict[str, float]:
     """Greedy single-turn answers of an `LLM` on `n` held-out items per task and language, scored."""
     from qwenvl.sampling_params import SamplingParams
-    from qwenvl.training.synthetic import messages
+    from qwenvl.synthetic import messages
     greedy = SamplingParams(temperature=0.0, max_tokens=48)
 
     def predict(samples: list[Sample]) -> list[str]:

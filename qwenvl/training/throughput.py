@@ -26,7 +26,7 @@ from .sft import SyntheticConversations, TrainConfig, bf16_autocast, make_loader
 def stage_times(encoder: Encoder, n: int = 32, batch_size: int = 8, seed: int = 0,
                 tasks: list[str] | None = None) -> dict[str, float]:
     """Milliseconds per sample of each stage, and bytes per sample of the packed batch."""
-    from .synthetic import make_sample, messages
+    from ..synthetic import make_sample, messages
     tasks = tasks or []
     clock = {"make_sample_ms": 0.0, "encode_ms": 0.0, "pack_ms": 0.0, "share_memory_ms": 0.0}
     examples, nbytes = [], 0

@@ -131,18 +131,16 @@ def mount(app) -> None:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     import gradio as gr
 
-    from ..server.app import API_PREFIXES
     from .auth import WebAuthGate
 
     state = app.state.qwenvl
     engine = state.engine
-    inner = getattr(engine, "engine", None)
+    info = engine.info()
     s = state.settings
     limits = Limits(max_images=s.max_images, max_image_bytes=s.max_image_bytes, max_image_pixels=s.max_image_pixels,
                     max_model_len=state.max_model_len, pixel_factor=state.pixel_factor,
                     default_max_pixels=state.default_max_pixels)
-    device = str(getattr(inner, "device", s.device))
-    dtype = str(getattr(inner, "dtype", s.dtype or "")).replace("torch.", "")
+    device, dtype = info.device, info.dtype
     cap = min(s.default_max_tokens, state.max_model_len or s.default_max_tokens)
     demo = build_blocks(ChatSession(engine, limits), state.model_name, device, dtype, cap)
     demo.queue(default_concurrency_limit=None, max_size=s.max_queue)
@@ -153,6 +151,6 @@ def mount(app) -> None:
                         max_file_size=s.max_image_bytes, show_error=False, ssr_mode=False, mcp_server=False,
                         theme=theme, css=CSS)
     if state.api_key:
-        app.add_middleware(WebAuthGate, api_key=state.api_key, open_prefixes=API_PREFIXES,
+        app.add_middleware(WebAuthGate, api_key=state.api_key, open_prefixes=state.api_prefixes,
                            open_paths=("/health", "/metrics"))
     log.info("web UI mounted at / (%s)", "sign-in with the API key" if state.api_key else "no auth")

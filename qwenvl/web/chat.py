@@ -20,6 +20,7 @@ from typing import AsyncIterator
 from PIL import Image
 
 from ..drawing import draw_boxes
+from ..engine.errors import EngineFull
 from ..inputs import InputError, load_image
 from ..sampling_params import SamplingParams
 
@@ -198,7 +199,7 @@ class ChatSession:
         except ChatError as e:
             turn.error = str(e)
         except Exception as e:  # noqa: BLE001 - a full queue, an engine failure: a sentence, the trace to the log
-            if type(e).__name__ == "QueueFull":
+            if isinstance(e, EngineFull):
                 turn.error = f"the server is busy ({e}); press Retry in a moment"
             elif isinstance(e, ValueError):            # the engine refused the prompt (too long for the cache)
                 turn.error = f"{e}; press Clear to start a shorter conversation"

@@ -1,6 +1,6 @@
 """Example prompts for the web demo, one per capability, over images committed under examples/.
 
-The images are small synthetic scenes (qwenvl.training.synthetic); `python -m qwenvl.web.examples`
+The images are small synthetic scenes (qwenvl.synthetic); `python -m qwenvl.web.examples`
 draws them again. examples/shapes.png is the CLI's example image and is not redrawn here.
 """
 
@@ -35,7 +35,7 @@ def examples(directory: Path = EXAMPLES_DIR) -> list[tuple[str, str, str]]:
 
 
 def draw(directory: Path = EXAMPLES_DIR) -> None:
-    from ..training.synthetic import make_sample
+    from ..synthetic import make_sample
 
     for name, (task, seed, index) in DRAWN.items():
         sample = make_sample(seed, index, task=task, lang="en")

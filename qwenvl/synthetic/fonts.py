@@ -20,7 +20,7 @@ from PIL import ImageFont
 
 APT_HINT = ("install the Debian packages fonts-dejavu-core and fonts-liberation (fonts-noto-cjk optional): "
             "`apt-get install fonts-dejavu-core fonts-liberation fonts-noto-cjk`, or point QWENVL_FONT_DIRS "
-            "(or QWENVL_SYNTH_ASSETS, see qwenvl.training.fonts.export_assets) at a folder holding those .ttf files")
+            "(or QWENVL_SYNTH_ASSETS, see qwenvl.synthetic.fonts.export_assets) at a folder holding those .ttf files")
 WORDLIST_HINT = ("install the Debian package wamerican (`apt-get install wamerican`, gives "
                  "/usr/share/dict/american-english), or set QWENVL_WORDLIST to a file of one word per line")
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
 
-from qwenvl.training.synthetic_style import (
+from qwenvl.synthetic.style import (
     COLORS, canvas_size, color_rgb, distance, light_background, new_canvas)
 
 SHAPES = ("circle", "square", "triangle")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import random
 from collections import Counter
 
-from qwenvl.training.synthetic import (GROUND_LABELS, QUESTIONS, Sample, color_name, grounding_answer,
+from qwenvl.synthetic import (GROUND_LABELS, QUESTIONS, Sample, color_name, grounding_answer,
                                        messages, shape_name)
 
 MAX_COUNT = 5     # the task's range: counts of 1 to 5 of the asked shape

@@ -12,8 +12,8 @@ import zlib
 
 from PIL import Image, ImageDraw
 
-from qwenvl.training import fonts
-from qwenvl.training.synthetic_style import (
+from qwenvl.synthetic import fonts
+from qwenvl.synthetic.style import (
     MAX_SIDE, MIN_SIDE, canvas_size, color_rgb, dark_ink, light_background, new_canvas)
 
 HELDOUT_MOD = 10

@@ -21,10 +21,10 @@ from typing import Any
 
 from PIL import Image, ImageFilter
 
-from qwenvl.training.synthetic_charts import chart_scene, table_scene
-from qwenvl.training.synthetic_scenes import COLORS_ZH, SHAPES, SHAPES_ZH, color_scene, count_scene, ground_scene
-from qwenvl.training.synthetic_style import COLORS
-from qwenvl.training.synthetic_text import SPLITS, read_scene
+from qwenvl.synthetic.charts import chart_scene, table_scene
+from qwenvl.synthetic.scenes import COLORS_ZH, SHAPES, SHAPES_ZH, color_scene, count_scene, ground_scene
+from qwenvl.synthetic.style import COLORS
+from qwenvl.synthetic.text import SPLITS, read_scene
 
 TASKS = ("count", "color", "ground", "read", "chart", "table")
 LANGS = ("en", "zh")

@@ -12,10 +12,10 @@ import random
 
 from PIL import Image, ImageDraw
 
-from qwenvl.training import fonts
-from qwenvl.training.synthetic_style import (
+from qwenvl.synthetic import fonts
+from qwenvl.synthetic.style import (
     COLORS, MAX_SIDE, MIN_SIDE, color_rgb, dark_ink, light_background, new_canvas)
-from qwenvl.training.synthetic_text import label_words
+from qwenvl.synthetic.text import label_words
 
 SCALES = (5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 
