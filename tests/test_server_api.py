@@ -325,3 +325,14 @@ def test_top_p_zero_is_greedy_on_both_apis(servers):
         "parameters": {"max_tokens": 8, "temperature": 1.5, "top_p": 0, "seed": 7}})
     assert r.status_code == 200, r.text
     assert r.json()["output"]["choices"][0]["message"]["content"][0]["text"] == greedy
+
+
+def test_basic_auth_is_told_to_use_a_bearer_key_and_failed_logins_are_logged(servers, caplog):
+    """A Basic header was answered "missing API key"; failed logins left no trace (issue 29 item 9)."""
+    with caplog.at_level("WARNING", logger="qwenvl.server"):
+        r = httpx.get(servers["main"] + "/v1/models", headers={"Authorization": "Basic dXNlcjpwYXNz"})
+        assert r.status_code == 401 and "use a Bearer key" in r.json()["error"]["message"]
+        r = httpx.get(servers["main"] + "/v1/models", headers={"Authorization": "Bearer wrong-secret-xyz"})
+        assert r.status_code == 401
+    logged = "\n".join(rec.getMessage() for rec in caplog.records)
+    assert "Bearer key" in logged and "invalid API key" in logged and "wrong-secret-xyz" not in logged
