@@ -307,3 +307,32 @@ def test_deeply_nested_json_is_a_400_on_both_apis(servers):
     assert r.status_code == 400 and "nested too deeply" in r.json()["error"]["message"]
     r = httpx.post(servers["main"] + DS_PATH, content=body, headers=headers)
     assert r.status_code == 400 and "nested too deeply" in r.json()["message"]
+
+
+def test_top_p_zero_is_greedy_on_both_apis(servers):
+    """OpenAI accepts top_p 0 (keep only the most likely token); it was refused with a 400 (issue 29 item 9)."""
+    msgs = [{"role": "user", "content": "Say something."}]
+
+    def openai_text(**extra):
+        r = httpx.post(servers["main"] + "/v1/chat/completions", headers=AUTH,
+                       json={"model": "m", "max_tokens": 8, "messages": msgs, **extra})
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["message"]["content"]
+    greedy = openai_text(temperature=0)
+    assert openai_text(temperature=1.5, top_p=0, seed=7) == greedy == openai_text(temperature=1.5, top_p=0, seed=8)
+    r = httpx.post(servers["main"] + DS_PATH, headers=AUTH, json={
+        "model": "m", "input": {"messages": [{"role": "user", "content": [{"text": "Say something."}]}]},
+        "parameters": {"max_tokens": 8, "temperature": 1.5, "top_p": 0, "seed": 7}})
+    assert r.status_code == 200, r.text
+    assert r.json()["output"]["choices"][0]["message"]["content"][0]["text"] == greedy
+
+
+def test_basic_auth_is_told_to_use_a_bearer_key_and_failed_logins_are_logged(servers, caplog):
+    """A Basic header was answered "missing API key"; failed logins left no trace (issue 29 item 9)."""
+    with caplog.at_level("WARNING", logger="qwenvl.server"):
+        r = httpx.get(servers["main"] + "/v1/models", headers={"Authorization": "Basic dXNlcjpwYXNz"})
+        assert r.status_code == 401 and "use a Bearer key" in r.json()["error"]["message"]
+        r = httpx.get(servers["main"] + "/v1/models", headers={"Authorization": "Bearer wrong-secret-xyz"})
+        assert r.status_code == 401
+    logged = "\n".join(rec.getMessage() for rec in caplog.records)
+    assert "Bearer key" in logged and "invalid API key" in logged and "wrong-secret-xyz" not in logged

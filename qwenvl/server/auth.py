@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import hmac
+import logging
 
 from .errors import APIError
+
+log = logging.getLogger("qwenvl.server")
 
 
 def check_api_key(headers: dict[str, str], expected: str | None) -> None:
@@ -13,7 +16,16 @@ def check_api_key(headers: dict[str, str], expected: str | None) -> None:
         return
     auth = headers.get("authorization", "")
     scheme, _, token = auth.partition(" ")
+    if auth and scheme.lower() != "bearer":
+        _refuse(f"the '{scheme[:16]}' authorization scheme is not accepted: use a Bearer key "
+                "('Authorization: Bearer <key>')")
     if scheme.lower() != "bearer" or not token.strip():
-        raise APIError(401, "missing API key: send the header 'Authorization: Bearer <key>'")
+        _refuse("missing API key: send the header 'Authorization: Bearer <key>'")
     if not hmac.compare_digest(token.strip().encode("utf-8"), expected.encode("utf-8")):
-        raise APIError(401, "invalid API key")
+        _refuse("invalid API key")
+
+
+def _refuse(reason: str) -> None:
+    """Failed logins are logged (an operator wants to see probing) with the reason only, never the key sent."""
+    log.warning("refused a request: %s", reason)
+    raise APIError(401, reason)

@@ -116,8 +116,8 @@ def sampling_params(p: dict, where: str, max_tokens, logprobs: int | None) -> Sa
             raise bad_request(f"{where}frequency_penalty: not supported by this server; use presence_penalty "
                               "or repetition_penalty", f"{where}frequency_penalty")
         args["frequency_penalty"] = freq
-    if args["top_p"] == 0:
-        raise bad_request(f"{where}top_p: must be in (0, 1], got 0", f"{where}top_p")
+    if args["top_p"] == 0:  # OpenAI accepts 0: keep only the most likely token, i.e. greedy decoding
+        args["temperature"], args["top_p"] = 0.0, 1.0
     if args["repetition_penalty"] == 0:
         raise bad_request(f"{where}repetition_penalty: must be > 0", f"{where}repetition_penalty")
     args = {k: v for k, v in args.items() if v is not None}
