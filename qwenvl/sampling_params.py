@@ -6,6 +6,8 @@ import math
 
 from dataclasses import dataclass, field
 
+from .structured.spec import StructuredOutput
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -20,6 +22,10 @@ class SamplingParams:
     logprobs: int | None = None       # top-k logprobs per generated token (0 = only the chosen one)
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
+    # Grammar-constrained output: StructuredOutput.json_object(), .json_schema(schema) or .tool_call(tools,
+    # name). Generation may end (eos) only where the grammar is complete; the schema is checked when the
+    # request is added (InvalidStructuredOutputError, a ValueError).
+    structured: StructuredOutput | None = None
 
     def __post_init__(self):
         # Accept lists and a single string for convenience, store tuples (the dataclass is frozen).
@@ -45,6 +51,8 @@ class SamplingParams:
             problems.append(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             problems.append(f"logprobs must be in 0..20, got {self.logprobs}")
+        if self.structured is not None and not isinstance(self.structured, StructuredOutput):
+            problems.append(f"structured must be a StructuredOutput, got {type(self.structured).__name__}")
         if problems:
             raise ValueError("; ".join(problems))
 

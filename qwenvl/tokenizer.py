@@ -92,6 +92,18 @@ class Tokenizer:
     def is_dropped(self, token_id: int) -> bool:
         return token_id in self._drop
 
+    def token_bytes_table(self, size: int) -> tuple[list[bytes], set[int]]:
+        """Each id's exact output bytes (ids 0..size-1; ids past the tokenizer's vocab, the model's padding
+        rows, map to b"") and the set of special ids. A grammar engine needs bytes, not the byte-level BPE
+        alphabet ('Ġ' for a space); added tokens are literal text, so their bytes are their UTF-8."""
+        table = [b""] * size
+        added = self._tok.get_added_tokens_decoder()
+        for token, i in self._tok.get_vocab(with_added_tokens=True).items():
+            if i >= size:
+                continue
+            table[i] = added[i].content.encode() if i in added else _byte_level_bytes(token)
+        return table, {i for i in self.special_ids.values() if i < size}
+
     # -- chat template -------------------------------------------------------------------------------
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
         """Render the checkpoint's template; a template's own `raise_exception` becomes an InputError."""
@@ -179,3 +191,23 @@ class IncrementalDetokenizer:
         text = decode(self.ids[self._prefix:])
         self._prefix = self._read = len(self.ids)
         return text[len(done):]
+
+
+def _byte_level_unicode_to_byte() -> dict[str, int]:
+    """GPT-2's byte-level alphabet inverted: printable bytes stand for themselves, the other 68 bytes
+    for the code points 256.. in order."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    table = {chr(b): b for b in keep}
+    extra = 0
+    for b in range(256):
+        if b not in keep:
+            table[chr(256 + extra)] = b
+            extra += 1
+    return table
+
+
+_UNICODE_TO_BYTE = _byte_level_unicode_to_byte()
+
+
+def _byte_level_bytes(token: str) -> bytes:
+    return bytes(_UNICODE_TO_BYTE[c] for c in token)

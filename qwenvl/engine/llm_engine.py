@@ -19,6 +19,7 @@ from ..loader import load_model
 from ..outputs import RequestOutput
 from ..quantize import LoadQuantizer, check_quantization
 from ..sampling_params import SamplingParams
+from ..structured.logits_mask import GrammarMask, MaskedSampler
 from ..tokenizer import IncrementalDetokenizer, Tokenizer
 from .block_manager import BlockManager
 from .cpu_dtype import auto_cpu_dtype
@@ -123,6 +124,8 @@ class LLMEngine:
             eos_token_ids=self.tokenizer.eos_token_ids,
             is_encoder_cached=lambda h: h in self.encoder_cache, max_model_len=self.max_model_len)
         self.sampler = Sampler(never_sample=(self.cfg.image_token_id, self.cfg.video_token_id))
+        self.grammar_mask = GrammarMask(self.tokenizer, text.vocab_size)
+        self.sampler = MaskedSampler(self.sampler, self.grammar_mask)       # release() frees both
         self.runner = ModelRunner(self.model, pool, self.sampler, self.encoder_cache, attn_impl=config.attn_impl)
         self._requests: dict[str, _Request] = {}
 
@@ -137,7 +140,15 @@ class LLMEngine:
         """Queue a prepared prompt; raises ValueError when it can never fit (too long for the context or
         the KV cache) or the id is taken."""
         seq = Sequence(request_id, prompt.token_ids, params, prompt.positions, prompt.next_position, prompt.vision)
-        self.scheduler.add(seq)
+        if params.structured is not None:
+            if request_id in self._requests:
+                raise ValueError(f"request id {request_id!r} is already in use")
+            self.grammar_mask.add(request_id, params.structured)   # a bad schema raises before queueing
+        try:
+            self.scheduler.add(seq)
+        except ValueError:
+            self.grammar_mask.release(request_id)
+            raise
         self._requests[request_id] = _Request(seq, prompt, IncrementalDetokenizer(self.tokenizer))
 
     def abort(self, request_id: str) -> RequestOutput | None:
@@ -165,6 +176,7 @@ class LLMEngine:
         outputs = []
         for seq in plan.failed:
             req = self._requests.pop(seq.request_id, None)
+            self.sampler.release(seq.request_id)
             if req is not None:
                 out = self._output(req, final=True)
                 out.error = seq.error
