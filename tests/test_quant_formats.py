@@ -76,3 +76,36 @@ def test_quant_method_read_from_config_and_unsupported_named():
     assert quant_method({"text_config": {"quantization_config": {"quant_method": "fp8"}}}) == "fp8"
     with pytest.raises(UnsupportedQuantFormat, match="bitsandbytes.*awq, gptq, fp8"):
         quant_method({"quantization_config": {"quant_method": "bitsandbytes"}})
+
+
+@pytest.mark.parametrize("desc_act", [False, True])
+def test_gptq_int4_repacks_into_int4linear(desc_act):
+    from qwenvl.layers.quantized_linear import Int4Linear
+    from qwenvl.quant_formats.gptq import to_int4_linear_args
+    g = torch.Generator().manual_seed(5)
+    inp, out, gs = 128, 64, 32
+    q = torch.randint(0, 16, (inp, out), generator=g)
+    z = torch.randint(0, 16, (inp // gs, out), generator=g)
+    s = (torch.rand(inp // gs, out, generator=g) * 0.1).to(torch.bfloat16)
+    g_idx = torch.arange(inp) // gs
+    if desc_act:
+        g_idx = g_idx[torch.randperm(inp, generator=g)]
+    qweight, qzeros = pack_gptq(q, z, 4)
+    layer = Int4Linear.from_int4(**to_int4_linear_args(qweight, qzeros, s, g_idx.int(), gs), bias=None)
+    ref = dequantize_gptq(qweight, qzeros, s, g_idx.int(), 4)
+    torch.testing.assert_close(layer.dequantize().float(), ref, rtol=1e-2, atol=1e-2)  # bf16 storage
+    x = torch.randn(3, inp, generator=g).to(torch.bfloat16)
+    torch.testing.assert_close(layer(x).float(), x.float() @ ref.t(), rtol=3e-2, atol=3e-2)
+
+
+def test_awq_repacks_into_int4linear():
+    from qwenvl.layers.quantized_linear import Int4Linear
+    from qwenvl.quant_formats.awq import to_int4_linear_args
+    g = torch.Generator().manual_seed(6)
+    inp, out, gs = 256, 64, 128
+    q = torch.randint(0, 16, (inp, out), generator=g)
+    z = torch.randint(0, 16, (inp // gs, out), generator=g)
+    s = (torch.rand(inp // gs, out, generator=g) * 0.1).to(torch.bfloat16)
+    layer = Int4Linear.from_int4(**to_int4_linear_args(pack_awq(q), pack_awq(z), s, gs), bias=None)
+    ref = dequantize_awq(pack_awq(q), pack_awq(z), s, gs)
+    torch.testing.assert_close(layer.dequantize().float(), ref, rtol=1e-2, atol=1e-2)

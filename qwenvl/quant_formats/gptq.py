@@ -66,3 +66,16 @@ def dequantize_gptq(qweight, qzeros, scales, g_idx, bits: int, checkpoint_format
     g = g_idx.long()
     w = (q.float() - z[g].float()) * scales.float()[g]                 # [in, out]
     return w.t().contiguous()
+
+
+def to_int4_linear_args(qweight, qzeros, scales, g_idx, group_size: int, checkpoint_format: str = "gptq"):
+    """Arguments for Int4Linear.from_int4 (4 bit). With desc_act the input columns are visited in group
+    order (in_perm = stable argsort of g_idx), so every run of `group_size` kernel columns is one group."""
+    q, z = unpack_gptq(qweight, qzeros, 4, checkpoint_format)          # [in, out], [groups, out]
+    g = g_idx.long()
+    in_perm = None
+    if not torch.equal(g, torch.arange(g.numel()) // group_size):
+        in_perm = torch.argsort(g, stable=True)
+        q = q[in_perm]
+    return dict(qweight=q.t().contiguous(), scales=scales.t().contiguous(),
+                zeros=z.t().to(scales.dtype).contiguous(), group_size=group_size, in_perm=in_perm)
