@@ -1,0 +1,111 @@
+"""Packers vs unpackers of the published quantised formats (issue 23 item 2). Real AWQ/GPTQ/FP8
+checkpoints cannot be downloaded here (no hub), so the layouts are built from the formats' specs."""
+import pytest
+import torch
+
+from qwenvl.quant_formats import UnsupportedQuantFormat, quant_method
+from qwenvl.quant_formats.awq import dequantize_awq, pack_awq, unpack_awq
+from qwenvl.quant_formats.fp8 import dequantize_fp8, quantize_fp8
+from qwenvl.quant_formats.gptq import dequantize_gptq, pack_gptq, unpack_gptq
+
+
+def test_awq_round_trip_and_known_nibble_order():
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(0, 16, (16, 32), generator=g)
+    assert torch.equal(unpack_awq(pack_awq(q)).long(), q)
+    # one word by hand: columns 0..7 hold 0..7; nibble j holds column [0,2,4,6,1,3,5,7][j]
+    word = pack_awq(torch.arange(8).reshape(1, 8))[0, 0].item() & 0xFFFFFFFF
+    assert [(word >> (4 * j)) & 0xF for j in range(8)] == [0, 2, 4, 6, 1, 3, 5, 7]
+
+
+def test_awq_dequantize_matches_formula():
+    g = torch.Generator().manual_seed(1)
+    inp, out, gs = 256, 16, 128
+    q = torch.randint(0, 16, (inp, out), generator=g)
+    z = torch.randint(0, 16, (inp // gs, out), generator=g)
+    s = torch.rand(inp // gs, out, generator=g).half()
+    w = dequantize_awq(pack_awq(q), pack_awq(z), s, gs)
+    ref = ((q - z.repeat_interleave(gs, 0)) * s.float().repeat_interleave(gs, 0)).t()
+    assert w.shape == (out, inp) and torch.equal(w, ref.float())
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("fmt", ["gptq", "gptq_v2"])
+@pytest.mark.parametrize("desc_act", [False, True])
+def test_gptq_round_trip_and_dequantize(bits, fmt, desc_act):
+    g = torch.Generator().manual_seed(bits)
+    inp, out, gs = 64, 32, 16
+    q = torch.randint(0, 2 ** bits, (inp, out), generator=g)
+    z = torch.randint(0, 2 ** bits, (inp // gs, out), generator=g)
+    s = torch.rand(inp // gs, out, generator=g).half()
+    g_idx = torch.arange(inp) // gs
+    if desc_act:  # act-order: columns' groups follow a random permutation
+        g_idx = g_idx[torch.randperm(inp, generator=g)]
+    qweight, qzeros = pack_gptq(q, z, bits, fmt)
+    assert qweight.shape == (inp * bits // 32, out) and qzeros.shape == (inp // gs, out * bits // 32)
+    q2, z2 = unpack_gptq(qweight, qzeros, bits, fmt)
+    assert torch.equal(q2.long(), q) and torch.equal(z2, z)
+    w = dequantize_gptq(qweight, qzeros, s, g_idx.int(), bits, fmt)
+    ref = ((q - z[g_idx]) * s.float()[g_idx]).t()
+    assert torch.equal(w, ref.float())
+
+
+def test_gptq_v1_stores_zero_minus_one():
+    q = torch.zeros(8, 8, dtype=torch.long)
+    z = torch.full((1, 8), 8)
+    _, qzeros = pack_gptq(q, z, 4, "gptq")
+    assert (qzeros[0, 0].item() & 0xF) == 7          # stored zero = real zero - 1
+    _, qzeros2 = pack_gptq(q, z, 4, "gptq_v2")
+    assert (qzeros2[0, 0].item() & 0xF) == 8
+
+
+def test_fp8_block_round_trip_within_e4m3_precision():
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(200, 300, generator=g)           # not multiples of 128: partial edge blocks
+    q, scale_inv = quantize_fp8(w)
+    assert q.dtype == torch.float8_e4m3fn and scale_inv.shape == (2, 3)
+    back = dequantize_fp8(q, scale_inv)
+    # e4m3 keeps 3 mantissa bits: relative error <= 2^-4 for normal values; subnormals (below 2^-6 in
+    # the scaled domain) have an absolute step of 2^-9, so half of it bounds their error
+    assert ((back - w).abs() <= w.abs() * 2 ** -4 + 2 ** -10 * scale_inv.max()).all()
+
+
+def test_quant_method_read_from_config_and_unsupported_named():
+    assert quant_method({}) is None
+    assert quant_method({"quantization_config": {"quant_method": "AWQ"}}) == "awq"
+    assert quant_method({"text_config": {"quantization_config": {"quant_method": "fp8"}}}) == "fp8"
+    with pytest.raises(UnsupportedQuantFormat, match="bitsandbytes.*awq, gptq, fp8"):
+        quant_method({"quantization_config": {"quant_method": "bitsandbytes"}})
+
+
+@pytest.mark.parametrize("desc_act", [False, True])
+def test_gptq_int4_repacks_into_int4linear(desc_act):
+    from qwenvl.layers.quantized_linear import Int4Linear
+    from qwenvl.quant_formats.gptq import to_int4_linear_args
+    g = torch.Generator().manual_seed(5)
+    inp, out, gs = 128, 64, 32
+    q = torch.randint(0, 16, (inp, out), generator=g)
+    z = torch.randint(0, 16, (inp // gs, out), generator=g)
+    s = (torch.rand(inp // gs, out, generator=g) * 0.1).to(torch.bfloat16)
+    g_idx = torch.arange(inp) // gs
+    if desc_act:
+        g_idx = g_idx[torch.randperm(inp, generator=g)]
+    qweight, qzeros = pack_gptq(q, z, 4)
+    layer = Int4Linear.from_int4(**to_int4_linear_args(qweight, qzeros, s, g_idx.int(), gs), bias=None)
+    ref = dequantize_gptq(qweight, qzeros, s, g_idx.int(), 4)
+    torch.testing.assert_close(layer.dequantize().float(), ref, rtol=1e-2, atol=1e-2)  # bf16 storage
+    x = torch.randn(3, inp, generator=g).to(torch.bfloat16)
+    torch.testing.assert_close(layer(x).float(), x.float() @ ref.t(), rtol=3e-2, atol=3e-2)
+
+
+def test_awq_repacks_into_int4linear():
+    from qwenvl.layers.quantized_linear import Int4Linear
+    from qwenvl.quant_formats.awq import to_int4_linear_args
+    g = torch.Generator().manual_seed(6)
+    inp, out, gs = 256, 64, 128
+    q = torch.randint(0, 16, (inp, out), generator=g)
+    z = torch.randint(0, 16, (inp // gs, out), generator=g)
+    s = (torch.rand(inp // gs, out, generator=g) * 0.1).to(torch.bfloat16)
+    layer = Int4Linear.from_int4(**to_int4_linear_args(pack_awq(q), pack_awq(z), s, gs), bias=None)
+    ref = dequantize_awq(pack_awq(q), pack_awq(z), s, gs)
+    torch.testing.assert_close(layer.dequantize().float(), ref, rtol=1e-2, atol=1e-2)
