@@ -9,6 +9,8 @@ from .engine.llm_engine import EngineConfig, LLMEngine
 from .grounding import declared_grounding_prompt, grounding_prompt
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
+from .structured.tool_parser import parse_tool_calls
+from .structured.tools import parse_tool_use
 
 _ids = itertools.count()
 
@@ -32,13 +34,17 @@ class LLM:
         return self.engine.cfg.model_type
 
     def chat(self, messages: list[dict], params: SamplingParams | None = None,
-             chat_template_kwargs: dict | None = None) -> RequestOutput:
+             chat_template_kwargs: dict | None = None, tools: list[dict] | None = None,
+             tool_choice: str | dict | None = None) -> RequestOutput:
         """One conversation -> its finished output (text, token_ids, finish_reason, logprobs, boxes).
-        `chat_template_kwargs` are template variables, e.g. {"enable_thinking": False} for Qwen3 Thinking."""
-        return self.generate([messages], params, chat_template_kwargs=chat_template_kwargs)[0]
+        `chat_template_kwargs` are template variables, e.g. {"enable_thinking": False} for Qwen3 Thinking.
+        `tools` / `tool_choice` as in OpenAI's API: the calls the model makes are in `out.tool_calls`."""
+        return self.generate([messages], params, chat_template_kwargs=chat_template_kwargs,
+                             tools=tools, tool_choice=tool_choice)[0]
 
     def generate(self, conversations: list[list[dict]], params: SamplingParams | list[SamplingParams] | None = None,
-                 chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
+                 chat_template_kwargs: dict | None = None, tools: list[dict] | None = None,
+                 tool_choice: str | dict | None = None) -> list[RequestOutput]:
         """Many conversations batched through the engine; outputs in the order given.
 
         Every conversation is checked before any is queued, so a bad one raises without side effects.
@@ -49,7 +55,11 @@ class LLM:
             params = [params or SamplingParams()] * len(conversations)
         if len(params) != len(conversations):
             raise ValueError(f"{len(params)} SamplingParams for {len(conversations)} conversations")
-        prompts = [self.engine.prepare(c, chat_template_kwargs) for c in conversations]
+        use = parse_tool_use(tools, tool_choice)
+        if use is not None:
+            params = [use.constrain(p) for p in params]
+        declared = list(use.tools) if use is not None else None
+        prompts = [self.engine.prepare(c, chat_template_kwargs, declared) for c in conversations]
         ids = [f"llm-{next(_ids)}" for _ in prompts]
         try:
             for rid, prompt, p in zip(ids, prompts, params):
@@ -63,7 +73,11 @@ class LLM:
             for rid in ids:                  # Ctrl-C or an error: never leave requests holding blocks
                 self.engine.abort(rid)
             raise
-        return [done[rid] for rid in ids]
+        outs = [done[rid] for rid in ids]
+        if use is not None and use.parses_calls:
+            for out in outs:
+                out.tool_calls = parse_tool_calls(out.text)[1]
+        return outs
 
     def ground(self, image, description: str, params: SamplingParams | None = None) -> RequestOutput:
         """Localise `description` in `image` with the checkpoint's declared grounding prompt, else its family's

@@ -18,6 +18,7 @@ class RequestOutput:
     image_tokens: int = 0                  # vision pad tokens in the prompt
     cached_tokens: int = 0                 # prompt tokens whose KV came from the prefix cache
     error: str | None = None               # why the engine gave up on the request, if it did
+    tool_calls: list = field(default_factory=list)       # ToolCall list, parsed when the request declared tools
 
     @property
     def finished(self) -> bool:

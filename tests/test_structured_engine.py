@@ -51,3 +51,45 @@ def test_invalid_schema_and_unknown_tool_are_value_errors(llm):
     with pytest.raises(InvalidStructuredOutputError, match="nope"):
         StructuredOutput.tool_call([{"type": "function", "function": {"name": "f"}}], name="nope")
     assert llm.engine.stats()["num_running"] == 0
+
+
+WEATHER = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "maxLength": 8}},
+    "required": ["city"], "additionalProperties": False}}},
+           {"type": "function", "function": {"name": "get_time", "parameters": {
+               "type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}},
+               "required": ["zone"], "additionalProperties": False}}}]
+
+
+def test_llm_chat_tools_required_and_named(llm):
+    out = llm.chat(MSGS, SamplingParams(seed=3, max_tokens=80), tools=WEATHER, tool_choice="required")
+    assert out.finish_reason == "stop", out.text
+    assert len(out.tool_calls) == 1 and out.tool_calls[0].name in ("get_weather", "get_time")
+    named = llm.chat(MSGS, SamplingParams(seed=4, max_tokens=80), tools=WEATHER,
+                     tool_choice={"type": "function", "function": {"name": "get_time"}})
+    assert [c.name for c in named.tool_calls] == ["get_time"]
+    assert json.loads(named.tool_calls[0].arguments)["zone"] in ("UTC", "CET")
+
+
+def test_llm_tools_are_in_the_prompt_and_tool_turns_render(llm):
+    plain = llm.engine.prepare(MSGS)
+    offered = llm.engine.prepare(MSGS, tools=WEATHER)
+    text = llm.engine.tokenizer.decode(offered.token_ids)
+    assert len(offered.token_ids) > len(plain.token_ids) and '"name": "get_time"' in text
+    turns = MSGS + [
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
+            "name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "rain"}]
+    text = llm.engine.tokenizer.decode(llm.engine.prepare(turns, tools=WEATHER).token_ids)
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>' in text
+    assert "<tool_response>\nrain\n</tool_response>" in text
+
+
+def test_bad_tools_and_tool_choice_name_the_field(llm):
+    with pytest.raises(InvalidStructuredOutputError, match=r"tools\[0\].function.name"):
+        llm.chat(MSGS, tools=[{"type": "function", "function": {}}])
+    with pytest.raises(InvalidStructuredOutputError, match="tool_choice.*'nope'"):
+        llm.chat(MSGS, tools=WEATHER, tool_choice={"type": "function", "function": {"name": "nope"}})
+    with pytest.raises(InvalidStructuredOutputError, match="tools: must be a list"):
+        llm.chat(MSGS, tools={"name": "x"})
+    assert llm.engine.stats()["num_running"] == 0

@@ -44,10 +44,11 @@ class AsyncEngine:
         """The typed facts front ends may read (model name, context length, device, ...)."""
         return self._info
 
-    async def prepare(self, messages, chat_template_kwargs: dict | None = None) -> PromptInputs:
+    async def prepare(self, messages, chat_template_kwargs: dict | None = None,
+                      tools: list[dict] | None = None) -> PromptInputs:
         """Decode and preprocess off the event loop; raises InputError for bad input."""
         return await asyncio.get_running_loop().run_in_executor(
-            None, self.engine.prepare, messages, chat_template_kwargs)
+            None, self.engine.prepare, messages, chat_template_kwargs, tools)
 
     @property
     def num_active(self) -> int:

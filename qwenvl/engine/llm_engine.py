@@ -130,11 +130,13 @@ class LLMEngine:
         self._requests: dict[str, _Request] = {}
 
     # ---------------------------------------------------------------- requests
-    def prepare(self, messages, chat_template_kwargs: dict | None = None) -> PromptInputs:
+    def prepare(self, messages, chat_template_kwargs: dict | None = None,
+                tools: list[dict] | None = None) -> PromptInputs:
         """Messages -> model inputs; raises InputError (a ValueError) naming what is wrong.
-        `chat_template_kwargs` are template variables, e.g. {"enable_thinking": False}."""
+        `chat_template_kwargs` are template variables, e.g. {"enable_thinking": False}; `tools` are the
+        checked tool declarations (qwenvl.structured.parse_tool_use) the prompt offers the model."""
         return build_inputs(messages, self.tokenizer, self.cfg, self.preprocessor,
-                            chat_template_kwargs=chat_template_kwargs)
+                            chat_template_kwargs=chat_template_kwargs, tools=tools)
 
     def add_request(self, request_id: str, prompt: PromptInputs, params: SamplingParams) -> None:
         """Queue a prepared prompt; raises ValueError when it can never fit (too long for the context or

@@ -16,6 +16,7 @@ import torch
 
 from ..config import ModelConfig
 from ..reasoning import prompt_opens_reasoning
+from ..structured.tool_prompt import prepare_tool_messages, template_renders_tools
 from .errors import InputError
 from .images import load_image
 from .messages import normalize_messages
@@ -48,12 +49,18 @@ class PromptInputs:
 
 
 def build_inputs(messages, tokenizer, model_cfg: ModelConfig, pre_cfg: PreprocessorConfig,
-                 add_generation_prompt: bool = True, chat_template_kwargs: dict | None = None) -> PromptInputs:
-    """`chat_template_kwargs` (e.g. {"enable_thinking": False}) are passed to the template as variables."""
+                 add_generation_prompt: bool = True, chat_template_kwargs: dict | None = None,
+                 tools: list[dict] | None = None) -> PromptInputs:
+    """`chat_template_kwargs` (e.g. {"enable_thinking": False}) are passed to the template as variables;
+    `tools` (OpenAI shape, already checked) are rendered by the template, or by qwenvl where it cannot."""
     conv = normalize_messages(messages)
-    media = [p for m in conv for p in m["content"] if p["type"] in ("image", "video")]
-    processed = [_process(p, pre_cfg) for p in media]
     extra = _template_kwargs(chat_template_kwargs)
+    if tools or any(m["role"] == "tool" or m.get("tool_calls") for m in conv):
+        renders = template_renders_tools(tokenizer.chat_template or "")
+        conv = prepare_tool_messages(conv, tools, renders)
+        extra["tools"] = (tools or None) if renders else None
+    media = [p for m in conv for p in m["content"] if isinstance(m["content"], list) and p["type"] in ("image", "video")]
+    processed = [_process(p, pre_cfg) for p in media]
     text = tokenizer.apply_chat_template(conv, add_generation_prompt=add_generation_prompt, **extra)
     ids = tokenizer.encode(text)
 
