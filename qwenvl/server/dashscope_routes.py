@@ -9,6 +9,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from . import generation as gen
+from . import tool_calls
 from .errors import APIError, dashscope_body
 from .limits import read_json_body
 from .schemas import parse_dashscope
@@ -21,14 +22,16 @@ def _usage(out) -> dict:
             "image_tokens": out.image_tokens}
 
 
-def _output(req, text: str, finish: str, out, logprobs) -> dict:
+def _output(req, text: str | None, finish: str, out, logprobs, calls=()) -> dict:
     final = out.finished
     if req.result_format == "text":
-        o = {"text": text, "finish_reason": finish}
+        o = {"text": text or "", "finish_reason": finish}
         if final:
             o["boxes"] = out.boxes
         return o
-    message = {"role": "assistant", "content": [{"text": text}]}
+    message = {"role": "assistant", "content": [{"text": text}] if text is not None else []}
+    if calls:
+        message["tool_calls"] = [{"index": i, **c.to_openai()} for i, c in calls]
     if final:
         message["boxes"] = out.boxes
     choice = {"finish_reason": finish, "message": message}
@@ -59,28 +62,35 @@ async def generation(request: Request):
         if out.error:
             raise APIError(500, f"generation failed: {out.error}")
         logprobs = gen.logprob_entries(tokenizer, out, 0, k) if req.logprobs else None
-        return JSONResponse({"output": _output(req, out.text, out.finish_reason, out, logprobs),
+        content, calls = tool_calls.split_final(req.tools, out.text)
+        finish = tool_calls.final_finish_reason(out.finish_reason, calls)
+        return JSONResponse({"output": _output(req, content, finish, out, logprobs, list(enumerate(calls))),
                              "usage": _usage(out), "request_id": rid})
 
     async def events():
         n, sent_tokens = 0, 0
+        splitter, content = tool_calls.StreamSplitter(req.tools), ""
         try:
             async for out in gen.outputs(state, first, agen, rid, route, t0):
                 if out.error and out.finished:
                     n += 1
                     yield _event(n, "error", 500, dashscope_body(APIError(500, f"generation failed: {out.error}"), rid))
                     return
-                if not (out.finished or out.delta_text):
+                delta, calls = splitter.feed(out.delta_text, out.finished)
+                content += delta
+                if not (out.finished or delta or calls):
                     continue
                 logprobs = None
                 if req.logprobs:
                     start = sent_tokens if req.incremental else 0
                     logprobs = gen.logprob_entries(tokenizer, out, start, k)
                     sent_tokens = len(out.token_ids)
-                text = out.delta_text if req.incremental else out.text
-                finish = out.finish_reason if out.finished else "null"
+                text = delta if req.incremental else content
+                if not req.incremental:          # each event holds the whole answer so far
+                    calls = list(enumerate(splitter.calls))
+                finish = tool_calls.final_finish_reason(out.finish_reason, splitter.calls) if out.finished else "null"
                 n += 1
-                yield _event(n, "result", 200, {"output": _output(req, text, finish, out, logprobs),
+                yield _event(n, "result", 200, {"output": _output(req, text, finish, out, logprobs, calls),
                                                 "usage": _usage(out), "request_id": rid})
         except Exception:  # noqa: BLE001 - headers are sent: report in-band, never a trace
             gen.log.exception("stream %s failed", rid)

@@ -89,7 +89,10 @@ async def prepare(state: ServerState, req: ChatRequest, where: str = ""):
         else:
             part["video"][k] = data
     try:
-        prompt = await state.engine.prepare(conv)
+        if req.tools is None:
+            prompt = await state.engine.prepare(conv)
+        else:
+            prompt = await state.engine.prepare(conv, tools=list(req.tools.tools))
     except InputError as e:
         raise bad_request(f"{where}{e}") from None
     return prompt, _size_max_tokens(state, req, len(prompt.token_ids), sum(v.num_tokens for v in prompt.vision))

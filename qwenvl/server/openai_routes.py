@@ -10,6 +10,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from . import generation as gen
+from . import tool_calls
 from .errors import APIError, openai_body
 from .limits import read_json_body
 from .schemas import parse_openai
@@ -42,11 +43,15 @@ async def chat_completions(request: Request):
         out = await gen.run_to_end(request, state, first, agen, rid, route, t0)
         if out.error:
             raise APIError(500, f"generation failed: {out.error}")
-        message = {"role": "assistant", "content": out.text, "boxes": out.boxes}
+        content, calls = tool_calls.split_final(req.tools, out.text)
+        message = {"role": "assistant", "content": content, "boxes": out.boxes}
+        if calls:
+            message["tool_calls"] = [c.to_openai() for c in calls]
         logprobs = {"content": gen.logprob_entries(tokenizer, out, 0, k)} if req.logprobs else None
+        finish = tool_calls.final_finish_reason(out.finish_reason, calls)
         return JSONResponse({
             "id": rid, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": 0, "message": message, "logprobs": logprobs, "finish_reason": out.finish_reason}],
+            "choices": [{"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish}],
             "usage": _usage(out)})
 
     def chunk(delta: dict, finish=None, logprobs=None, usage=False) -> dict:
@@ -58,6 +63,7 @@ async def chat_completions(request: Request):
 
     async def events():
         sent_tokens = 0
+        splitter = tool_calls.StreamSplitter(req.tools)
         yield _sse(chunk({"role": "assistant", "content": ""}))
         try:
             async for out in gen.outputs(state, first, agen, rid, route, t0):
@@ -68,16 +74,20 @@ async def chat_completions(request: Request):
                 if req.logprobs and len(out.token_ids) > sent_tokens:
                     logprobs = {"content": gen.logprob_entries(tokenizer, out, sent_tokens, k)}
                     sent_tokens = len(out.token_ids)
+                text, calls = splitter.feed(out.delta_text, out.finished)
+                if calls:
+                    yield _sse(chunk({"tool_calls": tool_calls.openai_delta_calls(calls)}))
                 if out.finished:
-                    final = chunk({"content": out.delta_text, "boxes": out.boxes}, out.finish_reason, logprobs)
+                    finish = tool_calls.final_finish_reason(out.finish_reason, splitter.calls)
+                    final = chunk({"content": text, "boxes": out.boxes}, finish, logprobs)
                     # boxes ride in the last chunk's delta and, as in a non-streamed answer, in `message`
                     final["choices"][0]["message"] = {"role": "assistant", "boxes": out.boxes}
                     yield _sse(final)
                     if req.include_usage:
                         yield _sse({"id": rid, "object": "chat.completion.chunk", "created": created,
                                     "model": model, "choices": [], "usage": _usage(out)})
-                elif out.delta_text or logprobs:
-                    yield _sse(chunk({"content": out.delta_text}, None, logprobs))
+                elif text or logprobs:
+                    yield _sse(chunk({"content": text}, None, logprobs))
         except Exception:  # noqa: BLE001 - headers are sent: report in-band, never a trace
             gen.log.exception("stream %s failed", rid)
             yield _sse(openai_body(APIError(500, "internal error while generating")))

@@ -12,6 +12,8 @@ import dataclasses
 from dataclasses import dataclass
 
 from ..sampling_params import SamplingParams
+from ..structured.spec import InvalidStructuredOutputError, StructuredOutput
+from ..structured.tools import ToolUse, parse_tool_use
 from .errors import bad_request
 
 _SP_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
@@ -29,6 +31,7 @@ class ChatRequest:
     result_format: str = "message"    # DashScope: message | text
     logprobs: bool = False
     high_resolution: bool = False     # vl_high_resolution_images
+    tools: ToolUse | None = None      # declared tools and tool_choice (None: no tools)
 
 
 # ---------------------------------------------------------------- field readers
@@ -127,6 +130,50 @@ def sampling_params(p: dict, where: str, max_tokens, logprobs: int | None) -> Sa
         raise bad_request(f"{where.rstrip('.') or 'request'}: {e}") from None
 
 
+def _response_format(p: dict, where: str) -> StructuredOutput | None:
+    """OpenAI's (and DashScope's) response_format -> the output's grammar; None for plain text."""
+    rf = obj_field(p, "response_format", where)
+    if rf is None:
+        return None
+    at = f"{where}response_format."
+    kind = string(rf, "type", at)
+    if kind in (None, "text"):
+        return None
+    if kind == "json_object":
+        return StructuredOutput.json_object()
+    if kind != "json_schema":
+        raise bad_request(f"{at}type: must be text, json_object or json_schema, got {kind!r}", f"{at}type")
+    spec = obj_field(rf, "json_schema", at)
+    if spec is None or "schema" not in spec:
+        raise bad_request(f"{at}json_schema: required, {{\"name\": ..., \"schema\": {{...}}}}", f"{at}json_schema")
+    try:
+        return StructuredOutput.json_schema(spec["schema"])
+    except InvalidStructuredOutputError as e:
+        raise bad_request(f"{at}json_schema.schema: {e}", f"{at}json_schema.schema") from None
+
+
+def _tools(p: dict, where: str) -> ToolUse | None:
+    try:
+        return parse_tool_use(p.get("tools"), p.get("tool_choice"), where)
+    except InvalidStructuredOutputError as e:
+        message = str(e)
+        raise bad_request(message, message.split(":", 1)[0]) from None
+
+
+def _constrained(p: dict, where: str, params: SamplingParams) -> tuple[SamplingParams, ToolUse | None]:
+    """Add the response_format grammar, or the one tool_choice forces, to params."""
+    structured = _response_format(p, where)
+    if structured is not None:
+        params = dataclasses.replace(params, structured=structured)
+    use = _tools(p, where)
+    if use is not None:
+        try:
+            params = use.constrain(params)
+        except InvalidStructuredOutputError as e:
+            raise bad_request(f"{where}{e}", f"{where}tool_choice") from None
+    return params, use
+
+
 def _top_logprobs(p: dict, where: str) -> int | None:
     want = boolean(p, "logprobs", where)
     top = integer(p, "top_logprobs", where, 0, 20)
@@ -148,10 +195,11 @@ def parse_openai(body: dict) -> ChatRequest:
     options = obj_field(body, "stream_options") or {}
     include_usage = bool(boolean(options, "include_usage", "stream_options."))
     top = _top_logprobs(body, "")
-    params = sampling_params(body, "", max_tokens or 1, top)
+    params, tools = _constrained(body, "", sampling_params(body, "", max_tokens or 1, top))
     return ChatRequest(model=string(body, "model"), messages=messages, params=params,
                        max_tokens_given=max_tokens is not None, stream=stream, include_usage=include_usage,
-                       logprobs=top is not None, high_resolution=bool(boolean(body, "vl_high_resolution_images")))
+                       logprobs=top is not None, high_resolution=bool(boolean(body, "vl_high_resolution_images")),
+                       tools=tools)
 
 
 # ---------------------------------------------------------------- DashScope
@@ -170,9 +218,10 @@ def parse_dashscope(body: dict, sse_header: bool) -> ChatRequest:
     if fmt not in ("message", "text"):
         raise bad_request(f"{w}result_format: must be 'message' or 'text', got {fmt!r}", f"{w}result_format")
     top = _top_logprobs(p, w)
-    params = sampling_params(p, w, max_tokens or 1, top)
+    params, tools = _constrained(p, w, sampling_params(p, w, max_tokens or 1, top))
     stream = sse_header or bool(boolean(p, "stream", w))
     return ChatRequest(model=string(body, "model"), messages=messages, params=params,
                        max_tokens_given=max_tokens is not None, stream=stream,
                        incremental=bool(boolean(p, "incremental_output", w)), result_format=fmt,
-                       logprobs=top is not None, high_resolution=bool(boolean(p, "vl_high_resolution_images", w)))
+                       logprobs=top is not None, high_resolution=bool(boolean(p, "vl_high_resolution_images", w)),
+                       tools=tools)

@@ -31,7 +31,7 @@ class GrammarCompiler:
     def __init__(self, tokenizer, vocab_size: int):
         table, special = tokenizer.token_bytes_table(vocab_size)
         stop = [i for i in tokenizer.eos_token_ids if i < vocab_size]
-        vocab = [b"" if i in special else tok for i, tok in enumerate(table)]
+        vocab = [b"" if i in special or _has_control_bytes(tok) else tok for i, tok in enumerate(table)]
         info = xgr.TokenizerInfo(vocab, vocab_type=xgr.VocabType.RAW, vocab_size=vocab_size, stop_token_ids=stop)
         self._compiler = xgr.GrammarCompiler(info, max_threads=1)
         self.vocab_size = vocab_size
@@ -52,6 +52,13 @@ class GrammarCompiler:
 
     def matcher(self, spec: StructuredOutput) -> xgr.GrammarMatcher:
         return xgr.GrammarMatcher(self.compile(spec))
+
+
+def _has_control_bytes(token: bytes) -> bool:
+    """JSON never holds a raw control character (strings escape them; compact output has no whitespace), but
+    xgrammar's rule for strings with maxLength admits them (measured with 0.2.9: `[^"\\\r\n]`). Such tokens are
+    kept out of every grammar; newline stays, as the tool-call tags need it and string rules exclude it."""
+    return any(b < 0x20 and b != 0x0A for b in token)
 
 
 def _literal(text: str) -> xgr.Grammar:
