@@ -118,8 +118,8 @@ def test_openai_plain_and_stream_agree(client):
 def test_openai_models_and_errors(client, servers):
     models = client.models.list().data
     assert len(models) == 1 and models[0].id.startswith("qwen2_vl") and models[0].model_extra["max_model_len"] == 160
-    with pytest.raises(openai.BadRequestError, match="n=1"):
-        client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], n=2)
+    with pytest.raises(openai.BadRequestError, match=r"n: must be in \[1, 8\], got 9"):
+        client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], n=9)
     with pytest.raises(openai.BadRequestError, match="temperature"):
         client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], temperature="hot")
     with pytest.raises(openai.AuthenticationError):

@@ -159,3 +159,35 @@ def test_bad_structured_requests_are_400_naming_the_field(url, body, field):
     ds = httpx.post(url + "/api/v1/services/aigc/multimodal-generation/generation",
                     json={"input": {"messages": ASK}, "parameters": body})
     assert ds.status_code == 400 and f"parameters.{field}" in ds.json()["message"]
+
+
+def test_openai_n_choices_plain_and_streamed_with_top_logprobs(client):
+    kw = dict(model="m", messages=ASK, max_tokens=6, temperature=1.0, seed=11, n=3, logprobs=True, top_logprobs=3)
+    r = client.chat.completions.create(**kw)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    assert len({tuple(t.token for t in c.logprobs.content) for c in r.choices}) > 1   # own seed per choice
+    for c in r.choices:
+        assert all(len(t.top_logprobs) == 3 for t in c.logprobs.content)
+        assert all(t.top_logprobs[0].logprob >= t.top_logprobs[1].logprob >= t.top_logprobs[2].logprob
+                   for t in c.logprobs.content)
+    assert r.usage.completion_tokens == sum(len(c.logprobs.content) for c in r.choices)
+    again = client.chat.completions.create(**kw)
+    assert [c.message.content for c in again.choices] == [c.message.content for c in r.choices]  # seeded
+    chunks = list(client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    texts = ["", "", ""]
+    for c in chunks:
+        for ch in c.choices:
+            texts[ch.index] += ch.delta.content or ""
+    assert texts == [c.message.content for c in r.choices]
+    assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+
+
+def test_dashscope_n_choices(url):
+    r = httpx.post(url + "/api/v1/services/aigc/multimodal-generation/generation", json={
+        "input": {"messages": ASK}, "parameters": {"n": 2, "max_tokens": 4, "seed": 3, "temperature": 1.0}})
+    assert r.status_code == 200, r.text
+    choices = r.json()["output"]["choices"]
+    assert [c["index"] for c in choices] == [0, 1] and r.json()["usage"]["output_tokens"] >= 2
+    bad = httpx.post(url + "/api/v1/services/aigc/multimodal-generation/generation", json={
+        "input": {"messages": ASK}, "parameters": {"n": 0}})
+    assert bad.status_code == 400 and "parameters.n" in bad.json()["message"]

@@ -10,34 +10,39 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from . import generation as gen
 from . import tool_calls
+from .choices import Choices, usage_totals
 from .errors import APIError, dashscope_body
 from .limits import read_json_body
 from .schemas import parse_dashscope
 
 
-def _usage(out) -> dict:
-    prompt, completion = out.prompt_tokens, len(out.token_ids)
+def _usage(outs: list) -> dict:
+    prompt, completion = usage_totals(outs)
+    image = outs[0].image_tokens
     return {"input_tokens": prompt, "output_tokens": completion, "total_tokens": prompt + completion,
-            "input_tokens_details": {"image_tokens": out.image_tokens, "text_tokens": prompt - out.image_tokens},
-            "image_tokens": out.image_tokens}
+            "input_tokens_details": {"image_tokens": image, "text_tokens": prompt - image},
+            "image_tokens": image}
 
 
-def _output(req, text: str | None, finish: str, out, logprobs, calls=()) -> dict:
-    final = out.finished
-    if req.result_format == "text":
-        o = {"text": text or "", "finish_reason": finish}
-        if final:
-            o["boxes"] = out.boxes
-        return o
+def _choice(req, text: str | None, finish: str, out, logprobs, calls=(), index: int | None = None) -> dict:
     message = {"role": "assistant", "content": [{"text": text}] if text is not None else []}
     if calls:
         message["tool_calls"] = [{"index": i, **c.to_openai()} for i, c in calls]
-    if final:
+    if out.finished:
         message["boxes"] = out.boxes
     choice = {"finish_reason": finish, "message": message}
+    if index is not None:                       # n > 1: which choice this is
+        choice["index"] = index
     if logprobs is not None:
         choice["logprobs"] = {"content": logprobs}
-    return {"choices": [choice]}
+    return choice
+
+
+def _text_output(text: str | None, finish: str, out) -> dict:
+    o = {"text": text or "", "finish_reason": finish}
+    if out.finished:
+        o["boxes"] = out.boxes
+    return o
 
 
 def _event(n: int, kind: str, status: int, payload: dict) -> str:
@@ -52,46 +57,65 @@ async def generation(request: Request):
     body = await read_json_body(request, state.settings.max_body_bytes)
     sse = request.headers.get("x-dashscope-sse", "").lower() == "enable"
     req = parse_dashscope(body, sse)
+    if req.n > 1 and req.result_format == "text":
+        raise APIError(400, "parameters.n: several choices need result_format 'message'", param="parameters.n")
     prompt, params = await gen.prepare(state, req, where="input.")
-    first, agen = await gen.start(state, prompt, params, rid, request)
+    choices = Choices(state, rid, req.n)
+    await choices.start(prompt, params, request)
     tokenizer = state.info.tokenizer if state.info else None
     k = params.logprobs or 0
+    index = (lambda i: i) if req.n > 1 else (lambda i: None)
 
     if not req.stream:
-        out = await gen.run_to_end(request, state, first, agen, rid, route, t0)
-        if out.error:
-            raise APIError(500, f"generation failed: {out.error}")
-        logprobs = gen.logprob_entries(tokenizer, out, 0, k) if req.logprobs else None
-        content, calls = tool_calls.split_final(req.tools, out.text)
-        finish = tool_calls.final_finish_reason(out.finish_reason, calls)
-        return JSONResponse({"output": _output(req, content, finish, out, logprobs, list(enumerate(calls))),
-                             "usage": _usage(out), "request_id": rid})
+        outs = await choices.run_to_end(request, route, t0)
+        failed = next((o.error for o in outs if o.error), None)
+        if failed:
+            raise APIError(500, f"generation failed: {failed}")
+        answers = []
+        for i, out in enumerate(outs):
+            logprobs = gen.logprob_entries(tokenizer, out, 0, k) if req.logprobs else None
+            content, calls = tool_calls.split_final(req.tools, out.text)
+            finish = tool_calls.final_finish_reason(out.finish_reason, calls)
+            answers.append((content, finish, out, logprobs, list(enumerate(calls)), index(i)))
+        if req.result_format == "text":
+            output = _text_output(*answers[0][:3])
+        else:
+            output = {"choices": [_choice(req, *a) for a in answers]}
+        return JSONResponse({"output": output, "usage": _usage(outs), "request_id": rid})
 
     async def events():
-        n, sent_tokens = 0, 0
-        splitter, content = tool_calls.StreamSplitter(req.tools), ""
+        n, sent_tokens = 0, [0] * req.n
+        splitters = [tool_calls.StreamSplitter(req.tools) for _ in range(req.n)]
+        contents = [""] * req.n
+        latest: list = [None] * req.n
         try:
-            async for out in gen.outputs(state, first, agen, rid, route, t0):
+            async for i, out in choices.stream(route, t0):
+                latest[i] = out
                 if out.error and out.finished:
                     n += 1
                     yield _event(n, "error", 500, dashscope_body(APIError(500, f"generation failed: {out.error}"), rid))
                     return
-                delta, calls = splitter.feed(out.delta_text, out.finished)
-                content += delta
+                delta, calls = splitters[i].feed(out.delta_text, out.finished)
+                contents[i] += delta
                 if not (out.finished or delta or calls):
                     continue
                 logprobs = None
                 if req.logprobs:
-                    start = sent_tokens if req.incremental else 0
+                    start = sent_tokens[i] if req.incremental else 0
                     logprobs = gen.logprob_entries(tokenizer, out, start, k)
-                    sent_tokens = len(out.token_ids)
-                text = delta if req.incremental else content
+                    sent_tokens[i] = len(out.token_ids)
+                text = delta if req.incremental else contents[i]
                 if not req.incremental:          # each event holds the whole answer so far
-                    calls = list(enumerate(splitter.calls))
-                finish = tool_calls.final_finish_reason(out.finish_reason, splitter.calls) if out.finished else "null"
+                    calls = list(enumerate(splitters[i].calls))
+                finish = tool_calls.final_finish_reason(out.finish_reason, splitters[i].calls) if out.finished \
+                    else "null"
+                if req.result_format == "text":
+                    output = _text_output(text, finish, out)
+                else:
+                    output = {"choices": [_choice(req, text, finish, out, logprobs, calls, index(i))]}
                 n += 1
-                yield _event(n, "result", 200, {"output": _output(req, text, finish, out, logprobs, calls),
-                                                "usage": _usage(out), "request_id": rid})
+                yield _event(n, "result", 200, {"output": output, "usage": _usage([o for o in latest if o]),
+                                                "request_id": rid})
         except Exception:  # noqa: BLE001 - headers are sent: report in-band, never a trace
             gen.log.exception("stream %s failed", rid)
             yield _event(n + 1, "error", 500, dashscope_body(APIError(500, "internal error while generating"), rid))

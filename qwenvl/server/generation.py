@@ -132,7 +132,7 @@ async def start(state: ServerState, prompt, params, request_id: str, request: Re
     try:
         first = await first_task
     except asyncio.CancelledError:
-        await _close(agen)
+        await close_quietly(agen)
         state.engine.abort(request_id)
         if watcher is not None and watcher.done():          # the client left; nobody reads this answer
             raise APIError(400, "the client disconnected before the first token") from None
@@ -140,7 +140,7 @@ async def start(state: ServerState, prompt, params, request_id: str, request: Re
     except StopAsyncIteration:
         raise APIError(500, "the engine ended the request without output") from None
     except Exception as e:
-        await _close(agen)
+        await close_quietly(agen)
         if is_queue_full(e):
             retry = state.settings.retry_after_s
             raise APIError(429, f"the server is busy ({e}); retry in {retry} s", headers={"Retry-After": str(retry)}) \
@@ -156,7 +156,7 @@ async def start(state: ServerState, prompt, params, request_id: str, request: Re
     return first, agen
 
 
-async def _close(agen) -> None:
+async def close_quietly(agen) -> None:
     try:
         await agen.aclose()
     except Exception:  # noqa: BLE001 - closing a failed iterator must not hide the first error
@@ -182,7 +182,7 @@ async def outputs(state: ServerState, first, agen, request_id: str, route: str, 
             out = await agen.__anext__()
     finally:
         if not finished:
-            await _close(agen)
+            await close_quietly(agen)
             state.engine.abort(request_id)
         else:
             state.metrics.latency.labels(route).observe(time.perf_counter() - t0)
@@ -199,15 +199,17 @@ async def watch_disconnect(request: Request, task: asyncio.Task) -> None:
             return
 
 
-async def run_to_end(request: Request, state: ServerState, first, agen, request_id: str, route: str, t0: float):
-    """Collect a non-streaming request; abort it in the engine if the client disconnects meanwhile."""
-    async def collect():
-        last = first
-        async for out in outputs(state, first, agen, request_id, route, t0):
-            last = out
-        return last
+async def collect(state: ServerState, first, agen, request_id: str, route: str, t0: float):
+    """Run one request to its final output."""
+    last = first
+    async for out in outputs(state, first, agen, request_id, route, t0):
+        last = out
+    return last
 
-    task = asyncio.create_task(collect())
+
+async def until_disconnect(request: Request, work):
+    """Await `work` (a non-streaming response's generation); cancel it if the client disconnects meanwhile."""
+    task = asyncio.ensure_future(work)
     watcher = asyncio.create_task(watch_disconnect(request, task))
     try:
         return await task

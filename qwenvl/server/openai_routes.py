@@ -11,18 +11,29 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from . import generation as gen
 from . import tool_calls
+from .choices import Choices, usage_totals
 from .errors import APIError, openai_body
 from .limits import read_json_body
 from .schemas import parse_openai
 
-def _usage(out) -> dict:
-    prompt, completion = out.prompt_tokens, len(out.token_ids)
+def _usage(outs: list) -> dict:
+    prompt, completion = usage_totals(outs)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": out.cached_tokens, "image_tokens": out.image_tokens}}
+            "prompt_tokens_details": {"cached_tokens": outs[0].cached_tokens, "image_tokens": outs[0].image_tokens}}
 
 
 def _sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def _final_choice(index: int, req, out, tokenizer, k: int) -> dict:
+    content, calls = tool_calls.split_final(req.tools, out.text)
+    message = {"role": "assistant", "content": content, "boxes": out.boxes}
+    if calls:
+        message["tool_calls"] = [c.to_openai() for c in calls]
+    logprobs = {"content": gen.logprob_entries(tokenizer, out, 0, k)} if req.logprobs else None
+    return {"index": index, "message": message, "logprobs": logprobs,
+            "finish_reason": tool_calls.final_finish_reason(out.finish_reason, calls)}
 
 
 async def chat_completions(request: Request):
@@ -33,61 +44,60 @@ async def chat_completions(request: Request):
     req = parse_openai(body)
     prompt, params = await gen.prepare(state, req)
     rid = f"chatcmpl-{uuid.uuid4().hex}"
-    first, agen = await gen.start(state, prompt, params, rid, request)
+    choices = Choices(state, rid, req.n)
+    await choices.start(prompt, params, request)
     model = req.model or state.model_name
     created = int(time.time())
     tokenizer = state.info.tokenizer if state.info else None
     k = params.logprobs or 0
 
     if not req.stream:
-        out = await gen.run_to_end(request, state, first, agen, rid, route, t0)
-        if out.error:
-            raise APIError(500, f"generation failed: {out.error}")
-        content, calls = tool_calls.split_final(req.tools, out.text)
-        message = {"role": "assistant", "content": content, "boxes": out.boxes}
-        if calls:
-            message["tool_calls"] = [c.to_openai() for c in calls]
-        logprobs = {"content": gen.logprob_entries(tokenizer, out, 0, k)} if req.logprobs else None
-        finish = tool_calls.final_finish_reason(out.finish_reason, calls)
+        outs = await choices.run_to_end(request, route, t0)
+        failed = next((o.error for o in outs if o.error), None)
+        if failed:
+            raise APIError(500, f"generation failed: {failed}")
         return JSONResponse({
             "id": rid, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish}],
-            "usage": _usage(out)})
+            "choices": [_final_choice(i, req, out, tokenizer, k) for i, out in enumerate(outs)],
+            "usage": _usage(outs)})
 
-    def chunk(delta: dict, finish=None, logprobs=None, usage=False) -> dict:
+    def chunk(index: int, delta: dict, finish=None, logprobs=None) -> dict:
         c = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-             "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
+             "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
         if req.include_usage:
             c["usage"] = None
         return c
 
     async def events():
-        sent_tokens = 0
-        splitter = tool_calls.StreamSplitter(req.tools)
-        yield _sse(chunk({"role": "assistant", "content": ""}))
+        sent_tokens = [0] * req.n
+        splitters = [tool_calls.StreamSplitter(req.tools) for _ in range(req.n)]
+        finals: list = [None] * req.n
+        for i in range(req.n):
+            yield _sse(chunk(i, {"role": "assistant", "content": ""}))
         try:
-            async for out in gen.outputs(state, first, agen, rid, route, t0):
+            async for i, out in choices.stream(route, t0):
                 if out.error and out.finished:
                     yield _sse(openai_body(APIError(500, f"generation failed: {out.error}")))
                     return
                 logprobs = None
-                if req.logprobs and len(out.token_ids) > sent_tokens:
-                    logprobs = {"content": gen.logprob_entries(tokenizer, out, sent_tokens, k)}
-                    sent_tokens = len(out.token_ids)
-                text, calls = splitter.feed(out.delta_text, out.finished)
+                if req.logprobs and len(out.token_ids) > sent_tokens[i]:
+                    logprobs = {"content": gen.logprob_entries(tokenizer, out, sent_tokens[i], k)}
+                    sent_tokens[i] = len(out.token_ids)
+                text, calls = splitters[i].feed(out.delta_text, out.finished)
                 if calls:
-                    yield _sse(chunk({"tool_calls": tool_calls.openai_delta_calls(calls)}))
+                    yield _sse(chunk(i, {"tool_calls": tool_calls.openai_delta_calls(calls)}))
                 if out.finished:
-                    finish = tool_calls.final_finish_reason(out.finish_reason, splitter.calls)
-                    final = chunk({"content": text, "boxes": out.boxes}, finish, logprobs)
+                    finish = tool_calls.final_finish_reason(out.finish_reason, splitters[i].calls)
+                    final = chunk(i, {"content": text, "boxes": out.boxes}, finish, logprobs)
                     # boxes ride in the last chunk's delta and, as in a non-streamed answer, in `message`
                     final["choices"][0]["message"] = {"role": "assistant", "boxes": out.boxes}
                     yield _sse(final)
-                    if req.include_usage:
-                        yield _sse({"id": rid, "object": "chat.completion.chunk", "created": created,
-                                    "model": model, "choices": [], "usage": _usage(out)})
+                    finals[i] = out
                 elif text or logprobs:
-                    yield _sse(chunk({"content": text}, None, logprobs))
+                    yield _sse(chunk(i, {"content": text}, None, logprobs))
+            if req.include_usage:
+                yield _sse({"id": rid, "object": "chat.completion.chunk", "created": created,
+                            "model": model, "choices": [], "usage": _usage(finals)})
         except Exception:  # noqa: BLE001 - headers are sent: report in-band, never a trace
             gen.log.exception("stream %s failed", rid)
             yield _sse(openai_body(APIError(500, "internal error while generating")))

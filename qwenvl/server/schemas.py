@@ -16,6 +16,8 @@ from ..structured.spec import InvalidStructuredOutputError, StructuredOutput
 from ..structured.tools import ToolUse, parse_tool_use
 from .errors import bad_request
 
+MAX_CHOICES = 8                       # n: choices per request, as vLLM's default limit
+
 _SP_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
 
 
@@ -32,6 +34,7 @@ class ChatRequest:
     logprobs: bool = False
     high_resolution: bool = False     # vl_high_resolution_images
     tools: ToolUse | None = None      # declared tools and tool_choice (None: no tools)
+    n: int = 1                        # choices for the one prompt
 
 
 # ---------------------------------------------------------------- field readers
@@ -185,9 +188,7 @@ def _top_logprobs(p: dict, where: str) -> int | None:
 # ---------------------------------------------------------------- OpenAI
 def parse_openai(body: dict) -> ChatRequest:
     messages = _messages(body, "")
-    n = integer(body, "n", "", 1)
-    if n not in (None, 1):
-        raise bad_request(f"n: only n=1 is supported, got {n}; send separate requests for more choices", "n")
+    n = integer(body, "n", "", 1, MAX_CHOICES) or 1
     max_tokens = integer(body, "max_completion_tokens", "", 1)
     if max_tokens is None:
         max_tokens = integer(body, "max_tokens", "", 1)
@@ -199,7 +200,7 @@ def parse_openai(body: dict) -> ChatRequest:
     return ChatRequest(model=string(body, "model"), messages=messages, params=params,
                        max_tokens_given=max_tokens is not None, stream=stream, include_usage=include_usage,
                        logprobs=top is not None, high_resolution=bool(boolean(body, "vl_high_resolution_images")),
-                       tools=tools)
+                       tools=tools, n=n)
 
 
 # ---------------------------------------------------------------- DashScope
@@ -211,9 +212,7 @@ def parse_dashscope(body: dict, sse_header: bool) -> ChatRequest:
     p = obj_field(body, "parameters") or {}
     w = "parameters."
     max_tokens = integer(p, "max_tokens", w, 1)
-    n = integer(p, "n", w, 1)
-    if n not in (None, 1):
-        raise bad_request(f"{w}n: only n=1 is supported, got {n}", f"{w}n")
+    n = integer(p, "n", w, 1, MAX_CHOICES) or 1
     fmt = string(p, "result_format", w) or "message"
     if fmt not in ("message", "text"):
         raise bad_request(f"{w}result_format: must be 'message' or 'text', got {fmt!r}", f"{w}result_format")
@@ -224,4 +223,4 @@ def parse_dashscope(body: dict, sse_header: bool) -> ChatRequest:
                        max_tokens_given=max_tokens is not None, stream=stream,
                        incremental=bool(boolean(p, "incremental_output", w)), result_format=fmt,
                        logprobs=top is not None, high_resolution=bool(boolean(p, "vl_high_resolution_images", w)),
-                       tools=tools)
+                       tools=tools, n=n)
