@@ -269,10 +269,11 @@ def convert_box(raw: dict, family: str, input_size=None, image_size=None) -> dic
     y1, y2 = min(y1, y2), max(y1, y2)
 
     def px(x: float, y: float) -> list[float]:
+        # Rounded to 0.1 px: finer is below any image's resolution, and 99.82000000000001 helps no one.
         if s is None:
-            return [x, y]
+            return [round(x, 1), round(y, 1)]
         W, H = _size(image_size, "image_size")
-        return [min(max(x * s[0], 0.0), W), min(max(y * s[1], 0.0), H)]
+        return [round(min(max(x * s[0], 0.0), W), 1), round(min(max(y * s[1], 0.0), H), 1)]
 
     (a, b), (c, d) = px(x1, y1), px(x2, y2)
     box = {"label": raw.get("label"), "x1": a, "y1": b, "x2": c, "y2": d}

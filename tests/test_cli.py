@@ -74,3 +74,11 @@ def test_eval_tasks_scores_the_bundled_model_on_heldout_items(tmp_path):
     assert f"{record['scores']['count/en']:.1%}" in count_row and "90%" in count_row
     bad = qwenvl("eval", "tasks", "--n", "0")
     assert bad.returncode == 2 and "--n must be at least 1" in bad.stderr
+
+
+def test_python_dash_m_qwenvl_is_the_command():
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "qwenvl", "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "chat" in r.stdout and "serve" in r.stdout
