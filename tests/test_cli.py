@@ -77,8 +77,5 @@ def test_eval_tasks_scores_the_bundled_model_on_heldout_items(tmp_path):
 
 
 def test_python_dash_m_qwenvl_is_the_command():
-    import subprocess
-    import sys
-
     r = subprocess.run([sys.executable, "-m", "qwenvl", "--help"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "chat" in r.stdout and "serve" in r.stdout
