@@ -1,4 +1,4 @@
-"""`qwenvl` command: chat, ground, serve, eval, train, bench."""
+"""`qwenvl` command: chat, ground, ocr, serve, eval, train, bench."""
 
 from __future__ import annotations
 
@@ -105,6 +105,26 @@ def _ground(args) -> int:
     return 0
 
 
+def _ocr(args) -> int:
+    from .ocr import TASKS
+    if args.task not in TASKS:
+        raise ValueError(f"--task: unknown OCR task {args.task!r}; use one of {', '.join(TASKS)}")
+    schema = None
+    if args.result_schema:
+        try:
+            schema = json.loads(args.result_schema)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--result-schema: not JSON ({e})") from None
+    result = _load(args).ocr(args.image, args.task, schema)
+    if result.kv_result is not None:
+        print(json.dumps(result.kv_result, ensure_ascii=False, indent=2))
+    elif result.words_info:
+        print(json.dumps(result.words_info, ensure_ascii=False))
+    else:
+        print(result.text)
+    return 0
+
+
 def _train(args) -> int:
     from .training.sft import TrainConfig, train
     cfg = TrainConfig(model_dir=args.model, out_dir=args.out, data=args.data, steps=args.steps,
@@ -124,7 +144,7 @@ def _bench(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qwenvl", description="Qwen-VL models: chat, ground, serve, eval, train.")
+    parser = argparse.ArgumentParser(prog="qwenvl", description="Qwen-VL models: chat, ground, ocr, serve, eval, train.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("chat", help="ask about images (one question, or a multi-turn chat on stdin)")
@@ -148,6 +168,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("description")
     p.add_argument("--draw", metavar="OUT.png")
     p.set_defaults(func=_ground)
+
+    p = sub.add_parser("ocr", help="an OCR task on an image: text, key fields, tables, documents, formulas, lines")
+    _model_args(p)
+    p.add_argument("image")
+    p.add_argument("--task", default="text_recognition",
+                   help="text_recognition (default), key_information_extraction, table_parsing, document_parsing, "
+                        "formula_recognition, multi_lan, advanced_recognition")
+    p.add_argument("--result-schema", default=None, metavar="JSON",
+                   help='key_information_extraction: the fields, e.g. \'{"total": "the amount due"}\'')
+    p.set_defaults(func=_ocr)
 
     try:
         from .server.cli import add_serve_subcommand

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from pathlib import Path
 
 from .engine.llm_engine import EngineConfig, LLMEngine
 from .grounding import declared_grounding_prompt, grounding_prompt
+from .ocr import OcrResult, ocr_messages, ocr_request, postprocess
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
 from .structured.tool_parser import parse_tool_calls
@@ -86,6 +88,16 @@ class LLM:
             or grounding_prompt(self.family, description)
         messages = [{"role": "user", "content": [{"image": image}, {"text": prompt}]}]
         return self.chat(messages, params or SamplingParams(temperature=0.0, max_tokens=256))
+
+    def ocr(self, image, task: str = "text_recognition", result_schema: dict | None = None,
+            params: SamplingParams | None = None) -> OcrResult:
+        """One of DashScope's OCR tasks on `image` (see qwenvl/ocr.py): the answer in the task's shape."""
+        req = ocr_request(task, self.family, result_schema)
+        p = params or SamplingParams(temperature=0.0, max_tokens=1024)
+        if req.structured is not None:
+            p = dataclasses.replace(p, structured=req.structured)
+        out = self.chat(ocr_messages(image, req.prompt), p)
+        return postprocess(task, out.text, out.boxes)
 
     def stats(self) -> dict:
         return self.engine.stats()

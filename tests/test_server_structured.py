@@ -191,3 +191,33 @@ def test_dashscope_n_choices(url):
     bad = httpx.post(url + "/api/v1/services/aigc/multimodal-generation/generation", json={
         "input": {"messages": ASK}, "parameters": {"n": 0}})
     assert bad.status_code == 400 and "parameters.n" in bad.json()["message"]
+
+
+def test_dashscope_ocr_tasks(url):
+    import base64
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48), (240, 240, 240)).save(buf, "PNG")
+    image = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    msgs = [{"role": "user", "content": [{"image": image}, {"text": "what is this?"}]}]
+    path = url + "/api/v1/services/aigc/multimodal-generation/generation"
+    fields = {"total": "the amount due", "date": "the invoice date"}
+    r = httpx.post(path, json={"input": {"messages": msgs}, "parameters": {
+        "max_tokens": 700, "ocr_options": {"task": "key_information_extraction", "task_config": {"result_schema": fields}}}})
+    assert r.status_code == 200, r.text
+    item = r.json()["output"]["choices"][0]["message"]["content"][0]
+    assert set(item["ocr_result"]["kv_result"]) == set(fields) and json.loads(item["text"]) == item["ocr_result"]["kv_result"]
+    r = httpx.post(path, json={"input": {"messages": msgs}, "parameters": {
+        "max_tokens": 8, "ocr_options": {"task": "advanced_recognition"}}})
+    assert r.status_code == 200 and "words_info" in r.json()["output"]["choices"][0]["message"]["content"][0]["ocr_result"]
+    for params, field in [({"ocr_options": {"task": "poetry"}}, "parameters.ocr_options.task"),
+                          ({"ocr_options": {"task": "key_information_extraction"}},
+                           "parameters.ocr_options.task_config.result_schema"),
+                          ({"ocr_options": {"task": 5}}, "parameters.ocr_options.task")]:
+        bad = httpx.post(path, json={"input": {"messages": msgs}, "parameters": params})
+        assert bad.status_code == 400 and field in bad.json()["message"], bad.text
+    no_image = httpx.post(path, json={"input": {"messages": ASK}, "parameters": {"ocr_options": {"task": "table_parsing"}}})
+    assert no_image.status_code == 400 and "image" in no_image.json()["message"]

@@ -19,6 +19,7 @@ class EngineInfo:
     pixel_factor: int = 28                  # one vision token covers factor x factor pixels
     default_max_pixels: int | None = None   # the checkpoint's own preprocessor limit
     tokenizer: object | None = None         # for logprob token strings; None on test doubles
+    family: str = "qwen2_vl"                # model_type: which prompt and box formats the model speaks
 
 
 def engine_info(engine) -> EngineInfo:
@@ -26,4 +27,5 @@ def engine_info(engine) -> EngineInfo:
     pre = engine.preprocessor
     return EngineInfo(model_name=engine.model_name, max_model_len=engine.max_model_len,
                       device=str(engine.device), dtype=str(engine.dtype).replace("torch.", ""),
-                      pixel_factor=pre.factor, default_max_pixels=pre.max_pixels, tokenizer=engine.tokenizer)
+                      pixel_factor=pre.factor, default_max_pixels=pre.max_pixels, tokenizer=engine.tokenizer,
+                      family=engine.cfg.model_type)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 
@@ -11,7 +12,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from . import generation as gen
 from . import tool_calls
 from .choices import Choices, usage_totals
-from .errors import APIError, dashscope_body
+from ..ocr import OcrTaskError, apply_to_messages, ocr_request, postprocess
+from .errors import APIError, bad_request, dashscope_body
 from .limits import read_json_body
 from .schemas import parse_dashscope
 
@@ -25,7 +27,11 @@ def _usage(outs: list) -> dict:
 
 
 def _choice(req, text: str | None, finish: str, out, logprobs, calls=(), index: int | None = None) -> dict:
-    message = {"role": "assistant", "content": [{"text": text}] if text is not None else []}
+    if req.ocr_task is not None and out.finished:      # the task's shape, with its ocr_result
+        content = [postprocess(req.ocr_task, out.text, out.boxes).to_dashscope()]
+    else:
+        content = [{"text": text}] if text is not None else []
+    message = {"role": "assistant", "content": content}
     if calls:
         message["tool_calls"] = [{"index": i, **c.to_openai()} for i, c in calls]
     if out.finished:
@@ -38,11 +44,31 @@ def _choice(req, text: str | None, finish: str, out, logprobs, calls=(), index: 
     return choice
 
 
-def _text_output(text: str | None, finish: str, out) -> dict:
+def _text_output(req, text: str | None, finish: str, out) -> dict:
+    if req.ocr_task is not None and out.finished:
+        text = postprocess(req.ocr_task, out.text, out.boxes).text
     o = {"text": text or "", "finish_reason": finish}
     if out.finished:
         o["boxes"] = out.boxes
     return o
+
+
+def _with_ocr_task(req, family: str):
+    """The request with the OCR task's prompt in place of the user's text and the task's grammar, if any."""
+    where = "parameters.ocr_options."
+    try:
+        task = ocr_request(req.ocr_task, family, req.ocr_result_schema, where)
+        messages = apply_to_messages(req.messages, task.prompt)
+    except OcrTaskError as e:
+        message = str(e)
+        raise bad_request(message, message.split(":", 1)[0]) from None
+    params = req.params
+    if task.structured is not None:
+        if params.structured is not None:
+            raise bad_request(f"{where}task: {req.ocr_task} cannot be combined with response_format or a forced "
+                              "tool call", f"{where}task")
+        params = dataclasses.replace(params, structured=task.structured)
+    return dataclasses.replace(req, messages=messages, params=params)
 
 
 def _event(n: int, kind: str, status: int, payload: dict) -> str:
@@ -59,6 +85,8 @@ async def generation(request: Request):
     req = parse_dashscope(body, sse)
     if req.n > 1 and req.result_format == "text":
         raise APIError(400, "parameters.n: several choices need result_format 'message'", param="parameters.n")
+    if req.ocr_task is not None:
+        req = _with_ocr_task(req, state.info.family if state.info else "qwen2_vl")
     prompt, params = await gen.prepare(state, req, where="input.")
     choices = Choices(state, rid, req.n)
     await choices.start(prompt, params, request)
@@ -78,7 +106,7 @@ async def generation(request: Request):
             finish = tool_calls.final_finish_reason(out.finish_reason, calls)
             answers.append((content, finish, out, logprobs, list(enumerate(calls)), index(i)))
         if req.result_format == "text":
-            output = _text_output(*answers[0][:3])
+            output = _text_output(req, *answers[0][:3])
         else:
             output = {"choices": [_choice(req, *a) for a in answers]}
         return JSONResponse({"output": output, "usage": _usage(outs), "request_id": rid})
@@ -110,7 +138,7 @@ async def generation(request: Request):
                 finish = tool_calls.final_finish_reason(out.finish_reason, splitters[i].calls) if out.finished \
                     else "null"
                 if req.result_format == "text":
-                    output = _text_output(text, finish, out)
+                    output = _text_output(req, text, finish, out)
                 else:
                     output = {"choices": [_choice(req, text, finish, out, logprobs, calls, index(i))]}
                 n += 1

@@ -35,6 +35,8 @@ class ChatRequest:
     high_resolution: bool = False     # vl_high_resolution_images
     tools: ToolUse | None = None      # declared tools and tool_choice (None: no tools)
     n: int = 1                        # choices for the one prompt
+    ocr_task: str | None = None       # DashScope ocr_options.task
+    ocr_result_schema: dict | None = None   # its task_config.result_schema
 
 
 # ---------------------------------------------------------------- field readers
@@ -218,9 +220,13 @@ def parse_dashscope(body: dict, sse_header: bool) -> ChatRequest:
         raise bad_request(f"{w}result_format: must be 'message' or 'text', got {fmt!r}", f"{w}result_format")
     top = _top_logprobs(p, w)
     params, tools = _constrained(p, w, sampling_params(p, w, max_tokens or 1, top))
+    ocr = obj_field(p, "ocr_options", w) or {}
+    task = string(ocr, "task", f"{w}ocr_options.")
+    task_config = obj_field(ocr, "task_config", f"{w}ocr_options.") or {}
+    result_schema = obj_field(task_config, "result_schema", f"{w}ocr_options.task_config.")
     stream = sse_header or bool(boolean(p, "stream", w))
     return ChatRequest(model=string(body, "model"), messages=messages, params=params,
                        max_tokens_given=max_tokens is not None, stream=stream,
                        incremental=bool(boolean(p, "incremental_output", w)), result_format=fmt,
                        logprobs=top is not None, high_resolution=bool(boolean(p, "vl_high_resolution_images", w)),
-                       tools=tools, n=n)
+                       tools=tools, n=n, ocr_task=task, ocr_result_schema=result_schema)
