@@ -24,6 +24,7 @@ from .errors import APIError, error_response, is_dashscope_path, new_request_id
 from .generation import ServerState
 from .media import MediaFetcher, MediaPolicy
 from .metrics import Metrics
+from .openapi import openapi_document
 from .settings import ServerSettings
 
 log = logging.getLogger("qwenvl.server")
@@ -95,6 +96,14 @@ def create_app(async_engine, settings: ServerSettings | None = None,
     app.add_api_route("/v1/models", guarded(openai_routes.list_models), methods=["GET"])
     app.add_api_route("/compatible-mode/v1/models", guarded(openai_routes.list_models), methods=["GET"])
     app.add_api_route(DASHSCOPE_GEN, guarded(dashscope_routes.generation), methods=["POST"])
+
+    document = openapi_document("qwenvl", "1", {
+        "openai_chat": OPENAI_CHAT, "compat_chat": COMPAT_CHAT, "dashscope": DASHSCOPE_GEN,
+        "models": "/v1/models", "compat_models": "/compatible-mode/v1/models"})
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi_json():
+        return JSONResponse(document)
 
     @app.get("/health")
     async def health():

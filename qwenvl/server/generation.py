@@ -70,16 +70,17 @@ async def prepare(state: ServerState, req: ChatRequest, where: str = ""):
                 part["max_pixels"] = min(part.get("max_pixels", default_cap), cap)
                 if part.get("min_pixels", 0) > part["max_pixels"]:
                     part["min_pixels"] = part["max_pixels"]
-                jobs.append(state.fetcher.load(part["image"], at))
+                jobs.append((part["image"], at))
                 slots.append((part, "image", None))
             elif part["type"] == "video":
                 if not isinstance(part["video"], list):
                     raise bad_request(f"{at}.video: video files and URLs are not decoded by this server; send the "
                                       "video as a list of frame images", f"{at}.video")
                 for k, frame in enumerate(part["video"]):
-                    jobs.append(state.fetcher.load(frame, f"{at}.video[{k}]"))
+                    jobs.append((frame, f"{at}.video[{k}]"))
                     slots.append((part, "video", k))
-    results = await asyncio.gather(*jobs, return_exceptions=True)
+    # Coroutines are made only here: a check failing above must not leave fetches never awaited.
+    results = await asyncio.gather(*(state.fetcher.load(src, at) for src, at in jobs), return_exceptions=True)
     for r in results:
         if isinstance(r, BaseException):
             raise r

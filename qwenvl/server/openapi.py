@@ -1,0 +1,78 @@
+"""The OpenAPI 3.1 document of the server (GET /openapi.json), built from openapi_models.py.
+
+The routes read raw bodies (so errors name fields as the client wrote them), which FastAPI cannot
+describe by itself; this module writes the document once from the pydantic models instead.
+"""
+
+from __future__ import annotations
+
+from pydantic.json_schema import models_json_schema
+
+from . import openapi_models as m
+
+_ERROR_STATUSES = {"400": "a field is wrong or the prompt does not fit; the message names the field",
+                   "401": "missing or wrong API key", "413": "the body is over the size limit",
+                   "429": "the queue is full; retry after Retry-After seconds",
+                   "503": "the server is shutting down"}
+# One server-sent event: `data` holds a JSON chunk (OpenAI: chat.completion.chunk or "[DONE]"; DashScope: a
+# response with the answer so far or its delta).
+_SSE = {"text/event-stream": {"schema": {
+    "type": "object", "required": ["data"],
+    "properties": {"data": {"type": "string"}, "event": {"type": "string"}, "id": {"type": "string"}}}}}
+
+
+def _ref(model) -> dict:
+    return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+
+def _json(model) -> dict:
+    return {"application/json": {"schema": _ref(model)}}
+
+
+def _errors(model) -> dict:
+    return {code: {"description": why, "content": _json(model)} for code, why in _ERROR_STATUSES.items()}
+
+
+def _chat(summary: str, request, response, error, extra_params=()) -> dict:
+    return {"post": {
+        "summary": summary,
+        "parameters": list(extra_params),
+        "requestBody": {"required": True, "content": _json(request)},
+        "responses": {"200": {"description": "the answer, or with stream: true its server-sent events",
+                              "content": {**_json(response), **_SSE}},
+                      **_errors(error)}}}
+
+
+def _models() -> dict:
+    return {"get": {"summary": "the served model and its context length",
+                    "responses": {"200": {"description": "one model", "content": _json(m.ModelList)},
+                                  "401": {"description": "missing or wrong API key", "content": _json(m.OpenAIError)}}}}
+
+
+def openapi_document(title: str, version: str, paths: dict[str, str]) -> dict:
+    """`paths` maps each route kind ("openai_chat", "compat_chat", "dashscope", "models", "compat_models")
+    to its path."""
+    requests = [m.ChatCompletionRequest, m.DashScopeRequest]
+    responses = [m.ChatCompletion, m.ModelList, m.OpenAIError, m.DashScopeResponse, m.DashScopeError, m.Health]
+    _, defs = models_json_schema([(x, "validation") for x in requests] + [(x, "serialization") for x in responses],
+                                 ref_template="#/components/schemas/{model}")
+    sse_header = {"name": "X-DashScope-SSE", "in": "header", "required": False,
+                  "schema": {"type": "string", "enum": ["enable", "disable"]}}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": title, "version": version},
+        "paths": {
+            paths["openai_chat"]: _chat("OpenAI chat completions", m.ChatCompletionRequest, m.ChatCompletion,
+                                        m.OpenAIError),
+            paths["compat_chat"]: _chat("DashScope's OpenAI-compatible mode", m.ChatCompletionRequest,
+                                        m.ChatCompletion, m.OpenAIError),
+            paths["dashscope"]: _chat("DashScope multimodal generation", m.DashScopeRequest, m.DashScopeResponse,
+                                      m.DashScopeError, [sse_header]),
+            paths["models"]: _models(),
+            paths["compat_models"]: _models(),
+            "/health": {"get": {"summary": "liveness", "responses": {
+                "200": {"description": "serving", "content": _json(m.Health)},
+                "503": {"description": "draining", "content": _json(m.Health)}}}},
+        },
+        "components": {"schemas": defs.get("$defs", {})},
+    }
