@@ -18,6 +18,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
+import openai
 import pytest
 import uvicorn
 
@@ -72,14 +73,16 @@ class FakeAsyncEngine:
         self.aborted: list[str] = []
         self.closed: list[str] = []
         self.finished: list[str] = []
+        self.template_kwargs: list = []          # chat_template_kwargs of each prepare()
 
     def info(self):
         return self._info
 
-    async def prepare(self, messages):
+    async def prepare(self, messages, chat_template_kwargs=None, tools=None):
+        self.template_kwargs.append(chat_template_kwargs)
         if self.fail_prepare is not None:
             raise self.fail_prepare
-        return SimpleNamespace(token_ids=[1] * 10, vision=[])
+        return SimpleNamespace(token_ids=[1] * 10, vision=[], reasoning_opened=False)
 
     async def generate(self, prompt, params, request_id):
         if self.queue_full:
@@ -268,3 +271,26 @@ def test_serve_subcommand_flags(monkeypatch):
     assert (s.host, s.port, s.api_key, s.allow_private_urls, s.max_images, s.max_queue) == \
         ("127.0.0.1", 9001, "from-env", True, 3, 5)
     assert s.max_body_bytes == 2 * 1024 * 1024 and s.allowed_local_media_path == "/tmp" and callable(args.func)
+
+
+THINKING = ("<think>", "Two red", " squares.\n", "</think>", "\n\nThere are", " two.")
+
+
+def test_reasoning_content_split_on_both_apis_whole_and_streamed():
+    engine = FakeAsyncEngine(pieces=THINKING)
+    with run_server(create_app(engine, ServerSettings())) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        msgs = [{"role": "user", "content": "How many?"}]
+        r = client.chat.completions.create(model="m", messages=msgs, max_tokens=50,
+                                           extra_body={"chat_template_kwargs": {"enable_thinking": True}})
+        message = r.choices[0].message
+        assert message.content == "There are two." and message.model_extra["reasoning_content"] == "Two red squares."
+        chunks = list(client.chat.completions.create(model="m", messages=msgs, max_tokens=50, stream=True))
+        deltas = [c.choices[0].delta for c in chunks if c.choices]
+        assert "".join(d.model_extra.get("reasoning_content") or "" for d in deltas) == "Two red squares."
+        assert "".join(d.content or "" for d in deltas) == "There are two."
+        ds = httpx.post(url + DS_PATH, json={"input": {"messages": msgs},
+                                             "parameters": {"enable_thinking": False, "max_tokens": 50}}).json()
+        ds_message = ds["output"]["choices"][0]["message"]
+        assert ds_message["reasoning_content"] == "Two red squares." and ds_message["content"] == [{"text": "There are two."}]
+    assert engine.template_kwargs[:3] == [{"enable_thinking": True}, None, {"enable_thinking": False}]

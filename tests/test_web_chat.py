@@ -17,6 +17,7 @@ from qwenvl.web.chat import ChatSession, Limits, Options, Turn, readable
 class FakePrompt:
     def __init__(self, n):
         self.token_ids = list(range(n))
+        self.reasoning_opened = False
 
 
 class FakeEngine:
@@ -172,3 +173,15 @@ def test_auth_gate_guards_every_ui_path_and_lets_the_api_through():
         assert sent == [{"type": "websocket.close", "code": 1008}]
 
     asyncio.run(go())
+
+
+def test_render_folds_a_thinking_models_reasoning_above_the_answer():
+    from qwenvl.web.app import render
+
+    done = Turn(text="How many?", answer="<think>Two red squares.</think>\n\nThere are **two**.", done=True)
+    opened = Turn(text="And now?", answer="Still two.\n</think>\n\nTwo.", done=True, reasoning_opened=True)
+    plain = Turn(text="Hi", answer="Hello.", done=True)
+    first, second, third = (m["content"][0] for m in render([done, opened, plain]) if m["role"] == "assistant")
+    assert first == "<details><summary>Reasoning</summary>\n\nTwo red squares.\n\n</details>\n\nThere are **two**."
+    assert second.startswith("<details><summary>Reasoning</summary>\n\nStill two.") and second.endswith("Two.")
+    assert third == "Hello."

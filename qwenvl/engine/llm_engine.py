@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from ..grounding import parse_boxes_multi
+from ..reasoning import split_reasoning
 from ..hub import resolve_model
 from ..inputs import PreprocessorConfig, PromptInputs, build_inputs
 from ..layers.paged_attention import PagedKVPool
@@ -226,10 +227,12 @@ class LLMEngine:
         return out
 
     def _boxes(self, req: _Request) -> list[dict]:
+        """Boxes of the answer only: a Thinking model's reasoning may draft boxes it then rejects."""
         images = [v for v in req.prompt.vision if v.kind == "image"]
-        if not images or not req.text:
+        answer = split_reasoning(req.text, req.prompt.reasoning_opened).content
+        if not images or not answer:
             return []
-        return parse_boxes_multi(req.text, self.cfg.model_type, [v.input_size for v in images],
+        return parse_boxes_multi(answer, self.cfg.model_type, [v.input_size for v in images],
                                  [v.original_size for v in images])
 
     # ------------------------------------------------------------------- stats

@@ -10,7 +10,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from . import generation as gen
-from . import tool_calls
+from .answer import AnswerStream, final_answer
 from .choices import Choices, usage_totals
 from ..ocr import OcrTaskError, apply_to_messages, ocr_request, postprocess
 from .errors import APIError, bad_request, dashscope_body
@@ -26,12 +26,15 @@ def _usage(outs: list) -> dict:
             "image_tokens": image}
 
 
-def _choice(req, text: str | None, finish: str, out, logprobs, calls=(), index: int | None = None) -> dict:
+def _choice(req, text: str | None, finish: str, out, logprobs, calls=(), index: int | None = None,
+            reasoning: str | None = None) -> dict:
     if req.ocr_task is not None and out.finished:      # the task's shape, with its ocr_result
-        content = [postprocess(req.ocr_task, out.text, out.boxes).to_dashscope()]
+        content = [postprocess(req.ocr_task, text or "", out.boxes).to_dashscope()]
     else:
         content = [{"text": text}] if text is not None else []
     message = {"role": "assistant", "content": content}
+    if reasoning:
+        message["reasoning_content"] = reasoning
     if calls:
         message["tool_calls"] = [{"index": i, **c.to_openai()} for i, c in calls]
     if out.finished:
@@ -46,7 +49,7 @@ def _choice(req, text: str | None, finish: str, out, logprobs, calls=(), index: 
 
 def _text_output(req, text: str | None, finish: str, out) -> dict:
     if req.ocr_task is not None and out.finished:
-        text = postprocess(req.ocr_task, out.text, out.boxes).text
+        text = postprocess(req.ocr_task, text or "", out.boxes).text
     o = {"text": text or "", "finish_reason": finish}
     if out.finished:
         o["boxes"] = out.boxes
@@ -102,9 +105,8 @@ async def generation(request: Request):
         answers = []
         for i, out in enumerate(outs):
             logprobs = gen.logprob_entries(tokenizer, out, 0, k) if req.logprobs else None
-            content, calls = tool_calls.split_final(req.tools, out.text)
-            finish = tool_calls.final_finish_reason(out.finish_reason, calls)
-            answers.append((content, finish, out, logprobs, list(enumerate(calls)), index(i)))
+            a = final_answer(out.text, out.finish_reason, req.tools, prompt.reasoning_opened)
+            answers.append((a.content, a.finish_reason, out, logprobs, list(enumerate(a.calls)), index(i), a.reasoning))
         if req.result_format == "text":
             output = _text_output(req, *answers[0][:3])
         else:
@@ -113,8 +115,8 @@ async def generation(request: Request):
 
     async def events():
         n, sent_tokens = 0, [0] * req.n
-        splitters = [tool_calls.StreamSplitter(req.tools) for _ in range(req.n)]
-        contents = [""] * req.n
+        splitters = [AnswerStream(req.tools, prompt.reasoning_opened) for _ in range(req.n)]
+        contents, thoughts = [""] * req.n, [""] * req.n
         latest: list = [None] * req.n
         try:
             async for i, out in choices.stream(route, t0):
@@ -123,24 +125,28 @@ async def generation(request: Request):
                     n += 1
                     yield _event(n, "error", 500, dashscope_body(APIError(500, f"generation failed: {out.error}"), rid))
                     return
-                delta, calls = splitters[i].feed(out.delta_text, out.finished)
+                step = splitters[i].feed(out.delta_text, out.finished)
+                delta, calls = step.content, step.calls
                 contents[i] += delta
-                if not (out.finished or delta or calls):
+                thoughts[i] += step.reasoning
+                if not (out.finished or delta or calls or step.reasoning):
                     continue
                 logprobs = None
                 if req.logprobs:
                     start = sent_tokens[i] if req.incremental else 0
                     logprobs = gen.logprob_entries(tokenizer, out, start, k)
                     sent_tokens[i] = len(out.token_ids)
-                text = delta if req.incremental else contents[i]
+                # an OCR task's result is whole, in the last event, even when streaming increments
+                whole = not req.incremental or (req.ocr_task is not None and out.finished)
+                text = contents[i] if whole else delta
+                reasoning = step.reasoning if req.incremental else thoughts[i]
                 if not req.incremental:          # each event holds the whole answer so far
                     calls = list(enumerate(splitters[i].calls))
-                finish = tool_calls.final_finish_reason(out.finish_reason, splitters[i].calls) if out.finished \
-                    else "null"
+                finish = splitters[i].finish_reason(out.finish_reason) if out.finished else "null"
                 if req.result_format == "text":
                     output = _text_output(req, text, finish, out)
                 else:
-                    output = {"choices": [_choice(req, text, finish, out, logprobs, calls, index(i))]}
+                    output = {"choices": [_choice(req, text, finish, out, logprobs, calls, index(i), reasoning)]}
                 n += 1
                 yield _event(n, "result", 200, {"output": output, "usage": _usage([o for o in latest if o]),
                                                 "request_id": rid})

@@ -90,10 +90,8 @@ async def prepare(state: ServerState, req: ChatRequest, where: str = ""):
         else:
             part["video"][k] = data
     try:
-        if req.tools is None:
-            prompt = await state.engine.prepare(conv)
-        else:
-            prompt = await state.engine.prepare(conv, tools=list(req.tools.tools))
+        prompt = await state.engine.prepare(conv, chat_template_kwargs=req.chat_template_kwargs,
+                                            tools=list(req.tools.tools) if req.tools is not None else None)
     except InputError as e:
         raise bad_request(f"{where}{e}") from None
     return prompt, _size_max_tokens(state, req, len(prompt.token_ids), sum(v.num_tokens for v in prompt.vision))

@@ -10,7 +10,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from . import generation as gen
-from . import tool_calls
+from .answer import AnswerStream, final_answer, openai_delta_calls
 from .choices import Choices, usage_totals
 from .errors import APIError, openai_body
 from .limits import read_json_body
@@ -26,14 +26,15 @@ def _sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-def _final_choice(index: int, req, out, tokenizer, k: int) -> dict:
-    content, calls = tool_calls.split_final(req.tools, out.text)
-    message = {"role": "assistant", "content": content, "boxes": out.boxes}
-    if calls:
-        message["tool_calls"] = [c.to_openai() for c in calls]
+def _final_choice(index: int, req, prompt, out, tokenizer, k: int) -> dict:
+    answer = final_answer(out.text, out.finish_reason, req.tools, prompt.reasoning_opened)
+    message = {"role": "assistant", "content": answer.content, "boxes": out.boxes}
+    if answer.reasoning is not None:
+        message["reasoning_content"] = answer.reasoning
+    if answer.calls:
+        message["tool_calls"] = [c.to_openai() for c in answer.calls]
     logprobs = {"content": gen.logprob_entries(tokenizer, out, 0, k)} if req.logprobs else None
-    return {"index": index, "message": message, "logprobs": logprobs,
-            "finish_reason": tool_calls.final_finish_reason(out.finish_reason, calls)}
+    return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": answer.finish_reason}
 
 
 async def chat_completions(request: Request):
@@ -58,7 +59,7 @@ async def chat_completions(request: Request):
             raise APIError(500, f"generation failed: {failed}")
         return JSONResponse({
             "id": rid, "object": "chat.completion", "created": created, "model": model,
-            "choices": [_final_choice(i, req, out, tokenizer, k) for i, out in enumerate(outs)],
+            "choices": [_final_choice(i, req, prompt, out, tokenizer, k) for i, out in enumerate(outs)],
             "usage": _usage(outs)})
 
     def chunk(index: int, delta: dict, finish=None, logprobs=None) -> dict:
@@ -70,7 +71,7 @@ async def chat_completions(request: Request):
 
     async def events():
         sent_tokens = [0] * req.n
-        splitters = [tool_calls.StreamSplitter(req.tools) for _ in range(req.n)]
+        splitters = [AnswerStream(req.tools, prompt.reasoning_opened) for _ in range(req.n)]
         finals: list = [None] * req.n
         for i in range(req.n):
             yield _sse(chunk(i, {"role": "assistant", "content": ""}))
@@ -83,11 +84,14 @@ async def chat_completions(request: Request):
                 if req.logprobs and len(out.token_ids) > sent_tokens[i]:
                     logprobs = {"content": gen.logprob_entries(tokenizer, out, sent_tokens[i], k)}
                     sent_tokens[i] = len(out.token_ids)
-                text, calls = splitters[i].feed(out.delta_text, out.finished)
-                if calls:
-                    yield _sse(chunk(i, {"tool_calls": tool_calls.openai_delta_calls(calls)}))
+                step = splitters[i].feed(out.delta_text, out.finished)
+                text = step.content
+                if step.reasoning:
+                    yield _sse(chunk(i, {"reasoning_content": step.reasoning}))
+                if step.calls:
+                    yield _sse(chunk(i, {"tool_calls": openai_delta_calls(step.calls)}))
                 if out.finished:
-                    finish = tool_calls.final_finish_reason(out.finish_reason, splitters[i].calls)
+                    finish = splitters[i].finish_reason(out.finish_reason)
                     final = chunk(i, {"content": text, "boxes": out.boxes}, finish, logprobs)
                     # boxes ride in the last chunk's delta and, as in a non-streamed answer, in `message`
                     final["choices"][0]["message"] = {"role": "assistant", "boxes": out.boxes}

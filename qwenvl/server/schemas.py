@@ -35,6 +35,7 @@ class ChatRequest:
     high_resolution: bool = False     # vl_high_resolution_images
     tools: ToolUse | None = None      # declared tools and tool_choice (None: no tools)
     n: int = 1                        # choices for the one prompt
+    chat_template_kwargs: dict | None = None   # template variables, e.g. {"enable_thinking": false}
     ocr_task: str | None = None       # DashScope ocr_options.task
     ocr_result_schema: dict | None = None   # its task_config.result_schema
 
@@ -179,6 +180,15 @@ def _constrained(p: dict, where: str, params: SamplingParams) -> tuple[SamplingP
     return params, use
 
 
+def _template_kwargs(p: dict, where: str) -> dict | None:
+    """chat_template_kwargs (vLLM) and enable_thinking (DashScope) as the template's variables."""
+    kwargs = obj_field(p, "chat_template_kwargs", where)
+    thinking = boolean(p, "enable_thinking", where)
+    if thinking is not None:
+        kwargs = {**(kwargs or {}), "enable_thinking": thinking}
+    return kwargs
+
+
 def _top_logprobs(p: dict, where: str) -> int | None:
     want = boolean(p, "logprobs", where)
     top = integer(p, "top_logprobs", where, 0, 20)
@@ -202,7 +212,7 @@ def parse_openai(body: dict) -> ChatRequest:
     return ChatRequest(model=string(body, "model"), messages=messages, params=params,
                        max_tokens_given=max_tokens is not None, stream=stream, include_usage=include_usage,
                        logprobs=top is not None, high_resolution=bool(boolean(body, "vl_high_resolution_images")),
-                       tools=tools, n=n)
+                       tools=tools, n=n, chat_template_kwargs=_template_kwargs(body, ""))
 
 
 # ---------------------------------------------------------------- DashScope
@@ -229,4 +239,5 @@ def parse_dashscope(body: dict, sse_header: bool) -> ChatRequest:
                        max_tokens_given=max_tokens is not None, stream=stream,
                        incremental=bool(boolean(p, "incremental_output", w)), result_format=fmt,
                        logprobs=top is not None, high_resolution=bool(boolean(p, "vl_high_resolution_images", w)),
-                       tools=tools, n=n, ocr_task=task, ocr_result_schema=result_schema)
+                       tools=tools, n=n, ocr_task=task, ocr_result_schema=result_schema,
+                       chat_template_kwargs=_template_kwargs(p, w))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 
+from ..reasoning import split_reasoning
 from .chat import ChatSession, Limits, Options, Turn, readable
 from .examples import EXAMPLES_DIR, examples
 
@@ -34,7 +35,10 @@ def render(turns: list[Turn]) -> list[dict]:
         if turn.error:
             out.append({"role": "assistant", "content": f"⚠️ {turn.error}"})
             continue
-        answer = readable(turn.answer) or ("…" if not turn.done else "(empty answer)")
+        split = split_reasoning(turn.answer, turn.reasoning_opened)
+        answer = readable(split.content) or ("…" if not turn.done else "(empty answer)")
+        if split.reasoning:      # a Thinking model's reasoning, folded above its answer
+            answer = f"<details><summary>Reasoning</summary>\n\n{split.reasoning}\n\n</details>\n\n{answer}"
         out.append({"role": "assistant", "content": [answer] + [{"path": p} for p in turn.annotated]})
     return out
 

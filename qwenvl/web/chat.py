@@ -56,6 +56,7 @@ class Turn:
     annotated: list[str] = field(default_factory=list)   # paths of images with the answer's boxes drawn
     error: str | None = None                              # shown instead of an answer; turn left out of history
     done: bool = False
+    reasoning_opened: bool = False                        # the prompt opened a <think> block (Thinking models)
 
 
 @dataclass(frozen=True)
@@ -185,6 +186,7 @@ class ChatSession:
                 prompt = await self.engine.prepare(messages)
             except InputError as e:
                 raise ChatError(str(e)) from None
+            turn.reasoning_opened = prompt.reasoning_opened
             params = self._params(options, len(prompt.token_ids))
             final = None
             async for out in self.engine.generate(prompt, params, f"web-{uuid.uuid4().hex[:16]}"):
