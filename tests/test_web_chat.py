@@ -185,3 +185,12 @@ def test_render_folds_a_thinking_models_reasoning_above_the_answer():
     assert first == "<details><summary>Reasoning</summary>\n\nTwo red squares.\n\n</details>\n\nThere are **two**."
     assert second.startswith("<details><summary>Reasoning</summary>\n\nStill two.") and second.endswith("Two.")
     assert third == "Hello."
+
+
+def test_render_shows_a_tool_call_as_a_call():
+    from qwenvl.web.app import render
+
+    turn = Turn(text="Weather?", done=True,
+                answer='Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>')
+    shown = render([turn])[-1]["content"][0]
+    assert shown == 'Let me check.\n\n🔧 **get_weather**`({"city": "Oslo"})`' and "<tool_call>" not in shown

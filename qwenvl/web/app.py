@@ -10,6 +10,7 @@ import logging
 import os
 
 from ..reasoning import split_reasoning
+from ..structured.tool_parser import parse_tool_calls
 from .chat import ChatSession, Limits, Options, Turn, readable
 from .examples import EXAMPLES_DIR, examples
 
@@ -36,11 +37,18 @@ def render(turns: list[Turn]) -> list[dict]:
             out.append({"role": "assistant", "content": f"⚠️ {turn.error}"})
             continue
         split = split_reasoning(turn.answer, turn.reasoning_opened)
-        answer = readable(split.content) or ("…" if not turn.done else "(empty answer)")
+        content, calls = parse_tool_calls(split.content) if turn.done else (split.content, [])
+        answer = "\n\n".join([readable(content or "")] + [_call_line(c) for c in calls]).strip() \
+            or ("…" if not turn.done else "(empty answer)")
         if split.reasoning:      # a Thinking model's reasoning, folded above its answer
             answer = f"<details><summary>Reasoning</summary>\n\n{split.reasoning}\n\n</details>\n\n{answer}"
         out.append({"role": "assistant", "content": [answer] + [{"path": p} for p in turn.annotated]})
     return out
+
+
+def _call_line(call) -> str:
+    """A tool call shown as a call: the function and its JSON arguments, not the raw <tool_call> block."""
+    return f"🔧 **{call.name}**`({call.arguments})`"
 
 
 def header(model_name: str, device: str, dtype: str) -> str:
