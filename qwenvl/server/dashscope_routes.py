@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from dataclasses import dataclass
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -78,14 +79,23 @@ def _event(n: int, kind: str, status: int, payload: dict) -> str:
     return f"id:{n}\nevent:{kind}\n:HTTP_STATUS/{status}\ndata:{json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
+@dataclass
+class _ChoiceStream:
+    """What one streamed choice has produced so far (DashScope's non-incremental events repeat it whole)."""
+    answer: AnswerStream
+    content: str = ""
+    reasoning: str = ""
+    sent_tokens: int = 0
+    latest: object = None            # its newest RequestOutput
+
+
 async def generation(request: Request):
     state = request.app.state.qwenvl
     route = request.scope.get("route_label", request.url.path)
     rid = request.state.request_id
     t0 = time.perf_counter()
     body = await read_json_body(request, state.settings.max_body_bytes)
-    sse = request.headers.get("x-dashscope-sse", "").lower() == "enable"
-    req = parse_dashscope(body, sse)
+    req = parse_dashscope(body, request.headers.get("x-dashscope-sse", "").lower() == "enable")
     if req.n > 1 and req.result_format == "text":
         raise APIError(400, "parameters.n: several choices need result_format 'message'", param="parameters.n")
     if req.ocr_task is not None:
@@ -95,65 +105,70 @@ async def generation(request: Request):
     await choices.start(prompt, params, request)
     tokenizer = state.info.tokenizer if state.info else None
     k = params.logprobs or 0
-    index = (lambda i: i) if req.n > 1 else (lambda i: None)
-
     if not req.stream:
         outs = await choices.run_to_end(request, route, t0)
-        failed = next((o.error for o in outs if o.error), None)
-        if failed:
-            raise APIError(500, f"generation failed: {failed}")
-        answers = []
-        for i, out in enumerate(outs):
-            logprobs = gen.logprob_entries(tokenizer, out, 0, k) if req.logprobs else None
-            a = final_answer(out.text, out.finish_reason, req.tools, prompt.reasoning_opened)
-            answers.append((a.content, a.finish_reason, out, logprobs, list(enumerate(a.calls)), index(i), a.reasoning))
-        if req.result_format == "text":
-            output = _text_output(req, *answers[0][:3])
-        else:
-            output = {"choices": [_choice(req, *a) for a in answers]}
-        return JSONResponse({"output": output, "usage": _usage(outs), "request_id": rid})
-
-    async def events():
-        n, sent_tokens = 0, [0] * req.n
-        splitters = [AnswerStream(req.tools, prompt.reasoning_opened) for _ in range(req.n)]
-        contents, thoughts = [""] * req.n, [""] * req.n
-        latest: list = [None] * req.n
-        try:
-            async for i, out in choices.stream(route, t0):
-                latest[i] = out
-                if out.error and out.finished:
-                    n += 1
-                    yield _event(n, "error", 500, dashscope_body(APIError(500, f"generation failed: {out.error}"), rid))
-                    return
-                step = splitters[i].feed(out.delta_text, out.finished)
-                delta, calls = step.content, step.calls
-                contents[i] += delta
-                thoughts[i] += step.reasoning
-                if not (out.finished or delta or calls or step.reasoning):
-                    continue
-                logprobs = None
-                if req.logprobs:
-                    start = sent_tokens[i] if req.incremental else 0
-                    logprobs = gen.logprob_entries(tokenizer, out, start, k)
-                    sent_tokens[i] = len(out.token_ids)
-                # an OCR task's result is whole, in the last event, even when streaming increments
-                whole = not req.incremental or (req.ocr_task is not None and out.finished)
-                text = contents[i] if whole else delta
-                reasoning = step.reasoning if req.incremental else thoughts[i]
-                if not req.incremental:          # each event holds the whole answer so far
-                    calls = list(enumerate(splitters[i].calls))
-                finish = splitters[i].finish_reason(out.finish_reason) if out.finished else "null"
-                if req.result_format == "text":
-                    output = _text_output(req, text, finish, out)
-                else:
-                    output = {"choices": [_choice(req, text, finish, out, logprobs, calls, index(i), reasoning)]}
-                n += 1
-                yield _event(n, "result", 200, {"output": output, "usage": _usage([o for o in latest if o]),
-                                                "request_id": rid})
-        except Exception:  # noqa: BLE001 - headers are sent: report in-band, never a trace
-            gen.log.exception("stream %s failed", rid)
-            yield _event(n + 1, "error", 500, dashscope_body(APIError(500, "internal error while generating"), rid))
-
-    return StreamingResponse(events(), media_type="text/event-stream",
+        return JSONResponse({"output": _final_output(req, prompt, outs, tokenizer, k), "usage": _usage(outs),
+                             "request_id": rid})
+    return StreamingResponse(_events(req, prompt, choices, tokenizer, k, route, t0), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
                                       "X-DashScope-Request-Id": rid})
+
+
+def _index(req, i: int) -> int | None:
+    return i if req.n > 1 else None           # a choice's index is only written when there are several
+
+
+def _final_output(req, prompt, outs: list, tokenizer, k: int) -> dict:
+    failed = next((o.error for o in outs if o.error), None)
+    if failed:
+        raise APIError(500, f"generation failed: {failed}")
+    answers = []
+    for i, out in enumerate(outs):
+        logprobs = gen.logprob_entries(tokenizer, out, 0, k) if req.logprobs else None
+        a = final_answer(out.text, out.finish_reason, req.tools, prompt.reasoning_opened)
+        answers.append((a.content, a.finish_reason, out, logprobs, list(enumerate(a.calls)), _index(req, i),
+                        a.reasoning))
+    if req.result_format == "text":
+        return _text_output(req, *answers[0][:3])
+    return {"choices": [_choice(req, *a) for a in answers]}
+
+
+async def _events(req, prompt, choices: Choices, tokenizer, k: int, route: str, t0: float):
+    rid, n = choices.response_id, 0
+    streams = [_ChoiceStream(AnswerStream(req.tools, prompt.reasoning_opened)) for _ in range(req.n)]
+    try:
+        async for i, out in choices.stream(route, t0):
+            streams[i].latest = out
+            if out.error and out.finished:
+                yield _event(n + 1, "error", 500, dashscope_body(APIError(500, f"generation failed: {out.error}"), rid))
+                return
+            output = _stream_output(req, i, out, streams[i], tokenizer, k)
+            if output is not None:
+                n += 1
+                usage = _usage([c.latest for c in streams if c.latest is not None])
+                yield _event(n, "result", 200, {"output": output, "usage": usage, "request_id": rid})
+    except Exception:  # noqa: BLE001 - headers are sent: report in-band, never a trace
+        gen.log.exception("stream %s failed", rid)
+        yield _event(n + 1, "error", 500, dashscope_body(APIError(500, "internal error while generating"), rid))
+
+
+def _stream_output(req, i: int, out, cs: _ChoiceStream, tokenizer, k: int) -> dict | None:
+    """The `output` of the event one engine output of choice i becomes; None when it adds nothing."""
+    step = cs.answer.feed(out.delta_text, out.finished)
+    cs.content += step.content
+    cs.reasoning += step.reasoning
+    if not (out.finished or step.content or step.calls or step.reasoning):
+        return None
+    logprobs = None
+    if req.logprobs:
+        logprobs = gen.logprob_entries(tokenizer, out, cs.sent_tokens if req.incremental else 0, k)
+        cs.sent_tokens = len(out.token_ids)
+    # an OCR task's result is whole, in the last event, even when streaming increments
+    whole = not req.incremental or (req.ocr_task is not None and out.finished)
+    text = cs.content if whole else step.content
+    reasoning = step.reasoning if req.incremental else cs.reasoning
+    calls = step.calls if req.incremental else list(enumerate(cs.answer.calls))
+    finish = cs.answer.finish_reason(out.finish_reason) if out.finished else "null"
+    if req.result_format == "text":
+        return _text_output(req, text, finish, out)
+    return {"choices": [_choice(req, text, finish, out, logprobs, calls, _index(req, i), reasoning)]}

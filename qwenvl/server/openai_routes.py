@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from dataclasses import dataclass, field
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -14,7 +15,8 @@ from .answer import AnswerStream, final_answer, openai_delta_calls
 from .choices import Choices, usage_totals
 from .errors import APIError, openai_body
 from .limits import read_json_body
-from .schemas import parse_openai
+from .schemas import ChatRequest, parse_openai
+
 
 def _usage(outs: list) -> dict:
     prompt, completion = usage_totals(outs)
@@ -26,15 +28,44 @@ def _sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-def _final_choice(index: int, req, prompt, out, tokenizer, k: int) -> dict:
-    answer = final_answer(out.text, out.finish_reason, req.tools, prompt.reasoning_opened)
-    message = {"role": "assistant", "content": answer.content, "boxes": out.boxes}
-    if answer.reasoning is not None:
-        message["reasoning_content"] = answer.reasoning
-    if answer.calls:
-        message["tool_calls"] = [c.to_openai() for c in answer.calls]
-    logprobs = {"content": gen.logprob_entries(tokenizer, out, 0, k)} if req.logprobs else None
-    return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": answer.finish_reason}
+@dataclass
+class _Reply:
+    """One chat completion being answered: the parsed request, its prompt and the response's fixed fields."""
+    req: ChatRequest
+    prompt: object                   # PromptInputs
+    choices: Choices
+    model: str
+    tokenizer: object | None
+    k: int                           # top_logprobs
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def id(self) -> str:
+        return self.choices.response_id
+
+    def final_choice(self, index: int, out) -> dict:
+        answer = final_answer(out.text, out.finish_reason, self.req.tools, self.prompt.reasoning_opened)
+        message = {"role": "assistant", "content": answer.content, "boxes": out.boxes}
+        if answer.reasoning is not None:
+            message["reasoning_content"] = answer.reasoning
+        if answer.calls:
+            message["tool_calls"] = [c.to_openai() for c in answer.calls]
+        logprobs = {"content": self.logprobs(out, 0)} if self.req.logprobs else None
+        return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": answer.finish_reason}
+
+    def logprobs(self, out, start: int) -> list[dict]:
+        return gen.logprob_entries(self.tokenizer, out, start, self.k)
+
+    def chunk(self, index: int, delta: dict, finish=None, logprobs=None) -> dict:
+        c = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+             "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
+        if self.req.include_usage:
+            c["usage"] = None
+        return c
+
+    def usage_chunk(self, finals: list) -> dict:
+        return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+                "choices": [], "usage": _usage(finals)}
 
 
 async def chat_completions(request: Request):
@@ -44,72 +75,71 @@ async def chat_completions(request: Request):
     body = await read_json_body(request, state.settings.max_body_bytes)
     req = parse_openai(body)
     prompt, params = await gen.prepare(state, req)
-    rid = f"chatcmpl-{uuid.uuid4().hex}"
-    choices = Choices(state, rid, req.n)
+    choices = Choices(state, f"chatcmpl-{uuid.uuid4().hex}", req.n)
     await choices.start(prompt, params, request)
-    model = req.model or state.model_name
-    created = int(time.time())
-    tokenizer = state.info.tokenizer if state.info else None
-    k = params.logprobs or 0
-
+    reply = _Reply(req, prompt, choices, req.model or state.model_name,
+                   state.info.tokenizer if state.info else None, params.logprobs or 0)
     if not req.stream:
-        outs = await choices.run_to_end(request, route, t0)
-        failed = next((o.error for o in outs if o.error), None)
-        if failed:
-            raise APIError(500, f"generation failed: {failed}")
-        return JSONResponse({
-            "id": rid, "object": "chat.completion", "created": created, "model": model,
-            "choices": [_final_choice(i, req, prompt, out, tokenizer, k) for i, out in enumerate(outs)],
-            "usage": _usage(outs)})
-
-    def chunk(index: int, delta: dict, finish=None, logprobs=None) -> dict:
-        c = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-             "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
-        if req.include_usage:
-            c["usage"] = None
-        return c
-
-    async def events():
-        sent_tokens = [0] * req.n
-        splitters = [AnswerStream(req.tools, prompt.reasoning_opened) for _ in range(req.n)]
-        finals: list = [None] * req.n
-        for i in range(req.n):
-            yield _sse(chunk(i, {"role": "assistant", "content": ""}))
-        try:
-            async for i, out in choices.stream(route, t0):
-                if out.error and out.finished:
-                    yield _sse(openai_body(APIError(500, f"generation failed: {out.error}")))
-                    return
-                logprobs = None
-                if req.logprobs and len(out.token_ids) > sent_tokens[i]:
-                    logprobs = {"content": gen.logprob_entries(tokenizer, out, sent_tokens[i], k)}
-                    sent_tokens[i] = len(out.token_ids)
-                step = splitters[i].feed(out.delta_text, out.finished)
-                text = step.content
-                if step.reasoning:
-                    yield _sse(chunk(i, {"reasoning_content": step.reasoning}))
-                if step.calls:
-                    yield _sse(chunk(i, {"tool_calls": openai_delta_calls(step.calls)}))
-                if out.finished:
-                    finish = splitters[i].finish_reason(out.finish_reason)
-                    final = chunk(i, {"content": text, "boxes": out.boxes}, finish, logprobs)
-                    # boxes ride in the last chunk's delta and, as in a non-streamed answer, in `message`
-                    final["choices"][0]["message"] = {"role": "assistant", "boxes": out.boxes}
-                    yield _sse(final)
-                    finals[i] = out
-                elif text or logprobs:
-                    yield _sse(chunk(i, {"content": text}, None, logprobs))
-            if req.include_usage:
-                yield _sse({"id": rid, "object": "chat.completion.chunk", "created": created,
-                            "model": model, "choices": [], "usage": _usage(finals)})
-        except Exception:  # noqa: BLE001 - headers are sent: report in-band, never a trace
-            gen.log.exception("stream %s failed", rid)
-            yield _sse(openai_body(APIError(500, "internal error while generating")))
-            return
-        yield "data: [DONE]\n\n"
-
-    return StreamingResponse(events(), media_type="text/event-stream",
+        return await _complete(reply, request, route, t0)
+    return StreamingResponse(_events(reply, route, t0), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _complete(reply: _Reply, request: Request, route: str, t0: float) -> JSONResponse:
+    outs = await reply.choices.run_to_end(request, route, t0)
+    failed = next((o.error for o in outs if o.error), None)
+    if failed:
+        raise APIError(500, f"generation failed: {failed}")
+    return JSONResponse({
+        "id": reply.id, "object": "chat.completion", "created": reply.created, "model": reply.model,
+        "choices": [reply.final_choice(i, out) for i, out in enumerate(outs)], "usage": _usage(outs)})
+
+
+async def _events(reply: _Reply, route: str, t0: float):
+    n = reply.req.n
+    for i in range(n):
+        yield _sse(reply.chunk(i, {"role": "assistant", "content": ""}))
+    sent_tokens, finals = [0] * n, [None] * n
+    streams = [AnswerStream(reply.req.tools, reply.prompt.reasoning_opened) for _ in range(n)]
+    try:
+        async for i, out in reply.choices.stream(route, t0):
+            if out.error and out.finished:
+                yield _sse(openai_body(APIError(500, f"generation failed: {out.error}")))
+                return
+            logprobs = None
+            if reply.req.logprobs and len(out.token_ids) > sent_tokens[i]:
+                logprobs = {"content": reply.logprobs(out, sent_tokens[i])}
+                sent_tokens[i] = len(out.token_ids)
+            for event in _choice_events(reply, i, out, streams[i], logprobs):
+                yield _sse(event)
+            if out.finished:
+                finals[i] = out
+        if reply.req.include_usage:
+            yield _sse(reply.usage_chunk(finals))
+    except Exception:  # noqa: BLE001 - headers are sent: report in-band, never a trace
+        gen.log.exception("stream %s failed", reply.id)
+        yield _sse(openai_body(APIError(500, "internal error while generating")))
+        return
+    yield "data: [DONE]\n\n"
+
+
+def _choice_events(reply: _Reply, i: int, out, stream: AnswerStream, logprobs) -> list[dict]:
+    """The chunks one engine output of choice i becomes: reasoning, completed tool calls, then content."""
+    step = stream.feed(out.delta_text, out.finished)
+    events = []
+    if step.reasoning:
+        events.append(reply.chunk(i, {"reasoning_content": step.reasoning}))
+    if step.calls:
+        events.append(reply.chunk(i, {"tool_calls": openai_delta_calls(step.calls)}))
+    if out.finished:
+        final = reply.chunk(i, {"content": step.content, "boxes": out.boxes}, stream.finish_reason(out.finish_reason),
+                            logprobs)
+        # boxes ride in the last chunk's delta and, as in a non-streamed answer, in `message`
+        final["choices"][0]["message"] = {"role": "assistant", "boxes": out.boxes}
+        events.append(final)
+    elif step.content or logprobs:
+        events.append(reply.chunk(i, {"content": step.content}, None, logprobs))
+    return events
 
 
 async def list_models(request: Request):
