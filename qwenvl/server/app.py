@@ -39,64 +39,85 @@ ROUTES = (OPENAI_CHAT, COMPAT_CHAT, DASHSCOPE_GEN, "/v1/models", "/compatible-mo
 def create_app(async_engine, settings: ServerSettings | None = None,
                mount_ui: Callable[[FastAPI], None] | None = None) -> FastAPI:
     """The HTTP app over a running AsyncEngine. The caller owns the engine (serve() shuts it down)."""
-    settings = settings or ServerSettings()
+    state = _server_state(async_engine, settings or ServerSettings())
+
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        await state.fetcher.aclose()
+
+    app = FastAPI(title="qwenvl", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.qwenvl = state
+    _install_error_handlers(app)
+    _add_api_routes(app)
+    _add_service_routes(app, state)
+    if mount_ui is not None:
+        mount_ui(app)
+    app.add_middleware(_Gate, state=state)
+    return app
+
+
+def _server_state(async_engine, settings: ServerSettings) -> ServerState:
     info = async_engine.info()
     fetcher = MediaFetcher(MediaPolicy(
         allowed_local_media_path=settings.allowed_local_media_path, allow_private_urls=settings.allow_private_urls,
         connect_timeout_s=settings.fetch_connect_timeout_s, read_timeout_s=settings.fetch_read_timeout_s,
         max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels,
         max_redirects=settings.max_redirects))
-    state_box: dict = {}
-    metrics = Metrics(async_engine.stats, lambda: state_box["s"].inflight)
     state = ServerState(
-        engine=async_engine, settings=settings, fetcher=fetcher, metrics=metrics,
+        engine=async_engine, settings=settings, fetcher=fetcher,
         model_name=settings.served_model_name or info.model_name or "qwenvl", info=info,
         max_model_len=info.max_model_len,
         pixel_factor=info.pixel_factor, default_max_pixels=info.default_max_pixels,
         api_key=settings.resolved_api_key(), api_prefixes=API_PREFIXES)
-    state_box["s"] = state
+    state.metrics = Metrics(async_engine.stats, lambda: state.inflight)    # reads the live count at scrape time
+    return state
 
-    @asynccontextmanager
-    async def lifespan(app):
-        yield
-        await fetcher.aclose()
 
-    app = FastAPI(title="qwenvl", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.qwenvl = state
+def _request_id(request: Request) -> str | None:
+    return getattr(request.state, "request_id", None)
 
+
+def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
-        return error_response(exc, request.url.path, getattr(request.state, "request_id", None))
+        return error_response(exc, request.url.path, _request_id(request))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
         message = exc.detail if isinstance(exc.detail, str) else "request failed"
-        return error_response(APIError(exc.status_code, message), request.url.path,
-                              getattr(request.state, "request_id", None))
+        return error_response(APIError(exc.status_code, message), request.url.path, _request_id(request))
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
         return error_response(APIError(400, f"invalid request: {exc.errors()[:3]}"), request.url.path)
 
-    def guarded(handler):
-        async def endpoint(request: Request):
-            try:
-                return await handler(request)
-            except APIError as e:
-                return error_response(e, request.url.path, getattr(request.state, "request_id", None))
-            except Exception:  # noqa: BLE001 - a bug is a 500 in the route's shape, the trace stays in the log
-                log.exception("unexpected error on %s", request.url.path)
-                return error_response(APIError(500, "internal server error; the request was not completed"),
-                                      request.url.path, getattr(request.state, "request_id", None))
-        endpoint.__name__ = handler.__name__
-        return endpoint
 
-    app.add_api_route(OPENAI_CHAT, guarded(openai_routes.chat_completions), methods=["POST"])
-    app.add_api_route(COMPAT_CHAT, guarded(openai_routes.chat_completions), methods=["POST"])
-    app.add_api_route("/v1/models", guarded(openai_routes.list_models), methods=["GET"])
-    app.add_api_route("/compatible-mode/v1/models", guarded(openai_routes.list_models), methods=["GET"])
-    app.add_api_route(DASHSCOPE_GEN, guarded(dashscope_routes.generation), methods=["POST"])
+def _guarded(handler):
+    """A route handler whose errors answer in the route's shape: APIError as itself, a bug as a plain 500."""
+    async def endpoint(request: Request):
+        try:
+            return await handler(request)
+        except APIError as e:
+            return error_response(e, request.url.path, _request_id(request))
+        except Exception:  # noqa: BLE001 - a bug is a 500 in the route's shape, the trace stays in the log
+            log.exception("unexpected error on %s", request.url.path)
+            return error_response(APIError(500, "internal server error; the request was not completed"),
+                                  request.url.path, _request_id(request))
+    endpoint.__name__ = handler.__name__
+    return endpoint
 
+
+def _add_api_routes(app: FastAPI) -> None:
+    app.add_api_route(OPENAI_CHAT, _guarded(openai_routes.chat_completions), methods=["POST"])
+    app.add_api_route(COMPAT_CHAT, _guarded(openai_routes.chat_completions), methods=["POST"])
+    app.add_api_route("/v1/models", _guarded(openai_routes.list_models), methods=["GET"])
+    app.add_api_route("/compatible-mode/v1/models", _guarded(openai_routes.list_models), methods=["GET"])
+    app.add_api_route(DASHSCOPE_GEN, _guarded(dashscope_routes.generation), methods=["POST"])
+
+
+def _add_service_routes(app: FastAPI, state: ServerState) -> None:
+    """/openapi.json, /health and /metrics: outside the API prefixes, so no key and no request counting."""
     document = openapi_document("qwenvl", "1", {
         "openai_chat": OPENAI_CHAT, "compat_chat": COMPAT_CHAT, "dashscope": DASHSCOPE_GEN,
         "models": "/v1/models", "compat_models": "/compatible-mode/v1/models"})
@@ -113,12 +134,7 @@ def create_app(async_engine, settings: ServerSettings | None = None,
 
     @app.get("/metrics")
     async def metrics_endpoint():
-        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
-
-    if mount_ui is not None:
-        mount_ui(app)
-    app.add_middleware(_Gate, state=state)
-    return app
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
 class _Gate:

@@ -35,7 +35,6 @@ class ServerState:
     engine: object                         # AsyncEngine (or a test double with the same methods)
     settings: ServerSettings
     fetcher: MediaFetcher
-    metrics: Metrics
     model_name: str
     max_model_len: int | None
     info: EngineInfo | None = None         # the engine's typed facts (device, dtype, tokenizer, ...)
@@ -46,6 +45,7 @@ class ServerState:
     draining: bool = False
     inflight: int = 0
     started: float = field(default_factory=time.time)
+    metrics: Metrics = field(init=False)   # set by the app right after: its in-flight gauge reads this state
 
 
 def is_queue_full(exc: BaseException) -> bool:
