@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 
 from ..reasoning import split_reasoning
 from ..structured.tool_parser import parse_tool_calls
@@ -61,81 +62,109 @@ def build_blocks(session: ChatSession, model_name: str, device: str, dtype: str,
     import gradio as gr
 
     with gr.Blocks(title=f"{TITLE} — {model_name}", analytics_enabled=False) as demo:
-        gr.Markdown(header(model_name, device, dtype), elem_id="qwenvl-header")
-        turns = gr.State([])
-        chatbot = gr.Chatbot(elem_id="qwenvl-chat", height=640, show_label=False, feedback_options=None,
-                             buttons=["copy"], placeholder="Attach an image and ask a question.")
-        box = gr.MultimodalTextbox(elem_id="qwenvl-input", file_types=["image"], file_count="multiple",
-                                   placeholder="Ask about the images (attach with the clip, or drop them here)",
-                                   show_label=False, autofocus=True)
-        with gr.Row():
-            retry = gr.Button("Retry", elem_id="qwenvl-retry", size="sm")
-            undo = gr.Button("Undo", elem_id="qwenvl-undo", size="sm")
-            clear = gr.Button("Clear", elem_id="qwenvl-clear", size="sm")
-        with gr.Accordion("Settings", open=False):
-            with gr.Row():
-                temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature", info="0 = greedy")
-                top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p")
-                max_tokens = gr.Slider(1, max_tokens_cap, value=min(256, max_tokens_cap), step=1,
-                                       label="Max new tokens")
-                high_res = gr.Checkbox(value=False, label="High resolution",
-                                       info="up to 16,384 vision tokens per image instead of 1,280 "
-                                       "(within the model's own limit)")
-        found = examples()
-        if found:
-            gr.Examples(examples=[[{"text": prompt, "files": [path]}] for _, path, prompt in found],
-                        example_labels=[label for label, _, _ in found], inputs=[box], label="Examples")
-        settings = [temperature, top_p, max_tokens, high_res]
-
-        buttons = [retry, undo, clear]
-
-        def idle(busy: bool) -> list:
-            """Input and buttons locked while an answer streams (one request per tab at a time)."""
-            return [gr.update(value=None, interactive=not busy)] + [gr.update(interactive=not busy)] * len(buttons)
-
-        def unchanged(state) -> tuple:
-            return (gr.update(), render(state), state, *[gr.update()] * len(buttons))
-
-        async def stream(state: list[Turn], t, p, n, hr):
-            options = Options(temperature=t, top_p=p, max_tokens=int(n), high_resolution=bool(hr))
-            box_up, *buttons_up = idle(True)
-            async for _ in session.respond(state, options):
-                yield (box_up, render(state), state, *buttons_up)
-            box_up, *buttons_up = idle(False)
-            yield (box_up, render(state), state, *buttons_up)
-
-        async def send(message, state, t, p, n, hr):
-            message = message or {}
-            text = (message.get("text") or "").strip()
-            files = [f if isinstance(f, str) else f.get("path") for f in message.get("files") or []]
-            files = [f for f in files if f]
-            if not text and not files:
-                yield unchanged(state)
-                return
-            state = list(state) + [Turn(text=text, images=files)]
-            async for item in stream(state, t, p, n, hr):
-                yield item
-
-        async def do_retry(state, t, p, n, hr):
-            if not state:
-                yield unchanged(state)
-                return
-            last = state[-1]
-            state = list(state[:-1]) + [Turn(text=last.text, images=list(last.images))]
-            async for item in stream(state, t, p, n, hr):
-                yield item
-
-        def do_undo(state):
-            state = list(state[:-1])
-            return render(state), state
-
-        outputs = [box, chatbot, turns, *buttons]
-        box.submit(send, [box, turns, *settings], outputs, concurrency_limit=None)
-        retry.click(do_retry, [turns, *settings], outputs, concurrency_limit=None)
-        undo.click(do_undo, [turns], [chatbot, turns], queue=False)
-        clear.click(lambda: ([], []), None, [chatbot, turns], queue=False)
-        chatbot.clear(lambda: [], None, [turns], queue=False)          # the chatbot's own trash icon
+        ui = _layout(gr, model_name, device, dtype, max_tokens_cap)
+        _wire(ui, _Handlers(gr, session, n_buttons=len(ui.buttons)))
     return demo
+
+
+@dataclass
+class _UI:
+    turns: object
+    chatbot: object
+    box: object
+    retry: object
+    undo: object
+    clear: object
+    settings: list                   # temperature, top-p, max tokens, high resolution
+
+    @property
+    def buttons(self) -> list:
+        return [self.retry, self.undo, self.clear]
+
+
+def _layout(gr, model_name: str, device: str, dtype: str, max_tokens_cap: int) -> _UI:
+    gr.Markdown(header(model_name, device, dtype), elem_id="qwenvl-header")
+    turns = gr.State([])
+    chatbot = gr.Chatbot(elem_id="qwenvl-chat", height=640, show_label=False, feedback_options=None,
+                         buttons=["copy"], placeholder="Attach an image and ask a question.")
+    box = gr.MultimodalTextbox(elem_id="qwenvl-input", file_types=["image"], file_count="multiple",
+                               placeholder="Ask about the images (attach with the clip, or drop them here)",
+                               show_label=False, autofocus=True)
+    with gr.Row():
+        retry = gr.Button("Retry", elem_id="qwenvl-retry", size="sm")
+        undo = gr.Button("Undo", elem_id="qwenvl-undo", size="sm")
+        clear = gr.Button("Clear", elem_id="qwenvl-clear", size="sm")
+    with gr.Accordion("Settings", open=False):
+        with gr.Row():
+            temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature", info="0 = greedy")
+            top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p")
+            max_tokens = gr.Slider(1, max_tokens_cap, value=min(256, max_tokens_cap), step=1,
+                                   label="Max new tokens")
+            high_res = gr.Checkbox(value=False, label="High resolution",
+                                   info="up to 16,384 vision tokens per image instead of 1,280 "
+                                   "(within the model's own limit)")
+    found = examples()
+    if found:
+        gr.Examples(examples=[[{"text": prompt, "files": [path]}] for _, path, prompt in found],
+                    example_labels=[label for label, _, _ in found], inputs=[box], label="Examples")
+    return _UI(turns, chatbot, box, retry, undo, clear, [temperature, top_p, max_tokens, high_res])
+
+
+class _Handlers:
+    """The page's event handlers; each streams (input box, chatbot, turns, *buttons) updates."""
+
+    def __init__(self, gr, session: ChatSession, n_buttons: int):
+        self.gr, self.session, self.n_buttons = gr, session, n_buttons
+
+    def idle(self, busy: bool) -> list:
+        """Input and buttons locked while an answer streams (one request per tab at a time)."""
+        gr = self.gr
+        return [gr.update(value=None, interactive=not busy)] + [gr.update(interactive=not busy)] * self.n_buttons
+
+    def unchanged(self, state) -> tuple:
+        return (self.gr.update(), render(state), state, *[self.gr.update()] * self.n_buttons)
+
+    async def stream(self, state: list[Turn], t, p, n, hr):
+        options = Options(temperature=t, top_p=p, max_tokens=int(n), high_resolution=bool(hr))
+        box_up, *buttons_up = self.idle(True)
+        async for _ in self.session.respond(state, options):
+            yield (box_up, render(state), state, *buttons_up)
+        box_up, *buttons_up = self.idle(False)
+        yield (box_up, render(state), state, *buttons_up)
+
+    async def send(self, message, state, t, p, n, hr):
+        message = message or {}
+        text = (message.get("text") or "").strip()
+        files = [f if isinstance(f, str) else f.get("path") for f in message.get("files") or []]
+        files = [f for f in files if f]
+        if not text and not files:
+            yield self.unchanged(state)
+            return
+        async for item in self.stream(list(state) + [Turn(text=text, images=files)], t, p, n, hr):
+            yield item
+
+    async def retry(self, state, t, p, n, hr):
+        if not state:
+            yield self.unchanged(state)
+            return
+        last = state[-1]
+        async for item in self.stream(list(state[:-1]) + [Turn(text=last.text, images=list(last.images))],
+                                      t, p, n, hr):
+            yield item
+
+    @staticmethod
+    def undo(state):
+        state = list(state[:-1])
+        return render(state), state
+
+
+def _wire(ui: _UI, on: _Handlers) -> None:
+    outputs = [ui.box, ui.chatbot, ui.turns, *ui.buttons]
+    ui.box.submit(on.send, [ui.box, ui.turns, *ui.settings], outputs, concurrency_limit=None)
+    ui.retry.click(on.retry, [ui.turns, *ui.settings], outputs, concurrency_limit=None)
+    ui.undo.click(on.undo, [ui.turns], [ui.chatbot, ui.turns], queue=False)
+    ui.clear.click(lambda: ([], []), None, [ui.chatbot, ui.turns], queue=False)
+    ui.chatbot.clear(lambda: [], None, [ui.turns], queue=False)          # the chatbot's own trash icon
 
 
 def mount(app) -> None:
