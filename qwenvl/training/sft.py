@@ -228,19 +228,28 @@ def train(cfg: TrainConfig, log=print) -> dict:
         torch.set_num_threads(threads)
 
 
-def _train(cfg: TrainConfig, log) -> dict:
-    torch.manual_seed(cfg.seed)
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    device = torch.device(cfg.device)
-    model_cfg = ModelConfig.from_dir(cfg.model_dir)
-    tokenizer = Tokenizer.from_dir(cfg.model_dir)
-    pre_cfg = PreprocessorConfig.from_dir(cfg.model_dir)
-    encoder = Encoder(tokenizer, model_cfg, pre_cfg)
-    unpack_cpu = PixelUnpacker(pre_cfg)
-    unpack = unpack_cpu.to(device)
+@dataclass
+class _Run:
+    """What a run trains and what it must save to resume: weights, optimiser, step, history."""
+    model: torch.nn.Module
+    probe: torch.nn.Module | None          # training-only heads over the image tokens (never exported)
+    opt: torch.optim.Optimizer
+    params: list
+    state_path: Path
+    step: int = 0
+    history: list = field(default_factory=list)
+    schedule_fitted: bool = False
 
-    state_path = out / "train_state.pt"
+    def save(self, cfg: TrainConfig) -> None:
+        tmp = self.state_path.with_suffix(".tmp")
+        torch.save({"model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "step": self.step,
+                    "probe": self.probe.state_dict() if self.probe is not None else None,
+                    "history": self.history, "config": asdict(cfg), "schedule_fitted": self.schedule_fitted}, tmp)
+        tmp.replace(self.state_path)   # atomic: a killed run never leaves half a state file
+
+
+def _start_run(cfg: TrainConfig, model_cfg: ModelConfig, device: torch.device, state_path: Path, log) -> _Run:
+    """A fresh run, or the one saved in state_path."""
     resume = torch.load(state_path, map_location="cpu", weights_only=False) if state_path.exists() else None
     if resume is None and not cfg.from_scratch:
         from ..loader import load_model
@@ -254,7 +263,6 @@ def _train(cfg: TrainConfig, log) -> dict:
     if resume is not None:
         model.load_state_dict(resume["model"])
     model.train()
-    # Training-only heads over the image tokens; never part of the exported checkpoint.
     probe = None
     if cfg.vision_probe:
         from .patch_labels import VisionProbe
@@ -267,106 +275,139 @@ def _train(cfg: TrainConfig, log) -> dict:
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95),
                             fused=device.type == "cuda")
-    step = 0
-    history: list[dict] = []
-    schedule_fitted = False
+    run = _Run(model, probe, opt, params, state_path)
     if resume is not None:
         opt.load_state_dict(resume["optimizer"])
-        step, history = resume["step"], resume["history"]
+        run.step, run.history = resume["step"], resume["history"]
         if cfg.max_minutes and resume.get("schedule_fitted"):
             # A run split over sittings keeps the schedule fitted in its first sitting.
-            cfg.steps, schedule_fitted = resume["config"]["steps"], True
-        log(f"resumed from {state_path} at step {step} of {cfg.steps}")
+            cfg.steps, run.schedule_fitted = resume["config"]["steps"], True
+        log(f"resumed from {state_path} at step {run.step} of {cfg.steps}")
+    return run
+
+
+@dataclass
+class _Progress:
+    """Throughput and health of this sitting: what the log lines and the time-budget schedule read."""
+    start_step: int
+    started: float = field(default_factory=lambda: time.time())   # looked up at run time (tests fake the clock)
+    tokens: int = 0
+    samples: int = 0
+    data_wait: float = 0.0               # seconds spent waiting on the data workers
+    skipped: int = 0
+    in_a_row: int = 0
+    rate_logged: bool = False
+    calibration_started: float = 0.0
+
+    @property
+    def elapsed(self) -> float:
+        return time.time() - self.started
+
+    def add(self, r: dict, step: int, cfg: TrainConfig, state_path: Path, log) -> None:
+        self.tokens, self.samples, self.data_wait = self.tokens + r["tokens"], self.samples + r["samples"], \
+            self.data_wait + r["data_wait"]
+        if not r["skipped"]:
+            self.in_a_row = 0
+            return
+        self.skipped, self.in_a_row = self.skipped + 1, self.in_a_row + 1    # one bad batch must not poison the weights
+        log(f"step {step + 1}: non-finite loss or gradient, update skipped ({self.skipped} so far)")
+        if self.in_a_row > MAX_CONSECUTIVE_SKIPS:
+            raise RuntimeError(f"{self.in_a_row} steps in a row had a non-finite loss or gradient at lr "
+                               f"{lr_at(step, cfg):.2e}: the run diverged; {state_path} holds the last "
+                               "saved state. Lower --lr or lengthen --warmup and resume.")
+
+    def log_rate_once(self, step: int, elapsed: float, log) -> None:
+        if step == self.start_step + CALIBRATION_STEPS // 3:
+            self.calibration_started = elapsed    # after the data workers' start-up
+        if not self.rate_logged and (step == self.start_step + CALIBRATION_STEPS or elapsed > 60):
+            self.rate_logged = True
+            log(f"first {elapsed:.0f} s: {self.samples / elapsed:.0f} samples/s, {self.tokens / elapsed:.0f} "
+                f"tokens/s, {self.data_wait / elapsed:.0%} of the time waiting on the data workers")
+
+    def fit_schedule(self, run: _Run, cfg: TrainConfig, elapsed: float, bar, log) -> None:
+        """Fit the schedule to the time budget, so the cosine decay ends when the time does."""
+        if not cfg.max_minutes or run.schedule_fitted or run.step != self.start_step + CALIBRATION_STEPS:
+            return
+        per_step = (elapsed - self.calibration_started) / (CALIBRATION_STEPS - CALIBRATION_STEPS // 3)
+        fitted = run.step + int((cfg.max_minutes * 60 - elapsed) / per_step)
+        if fitted < cfg.steps:
+            log(f"{per_step:.3f} s/step: {cfg.max_minutes} minutes fit {fitted} steps of {cfg.steps}")
+            cfg.steps = fitted
+            bar.total = fitted
+        run.schedule_fitted = True
+
+
+def _evaluate(model, eval_data: list, unpack, autocast) -> float:
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad(), autocast():
+        for b in eval_data:
+            loss, n = packed_loss(model, b.to(next(model.parameters()).device), unpack)
+            total, count = total + float(loss) * n, count + n
+    model.train()
+    return total / max(count, 1)
+
+
+def _train(cfg: TrainConfig, log) -> dict:
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(cfg.device)
+    model_cfg = ModelConfig.from_dir(cfg.model_dir)
+    pre_cfg = PreprocessorConfig.from_dir(cfg.model_dir)
+    encoder = Encoder(Tokenizer.from_dir(cfg.model_dir), model_cfg, pre_cfg)
+    unpack_cpu = PixelUnpacker(pre_cfg)
+    unpack = unpack_cpu.to(device)
+    run = _start_run(cfg, model_cfg, device, out / "train_state.pt", log)
 
     train_set, eval_set = make_datasets(cfg, encoder)
-    per_step = cfg.batch_size * cfg.grad_accum
-    batches = iter(make_loader(train_set, cfg, start=step * per_step, unpack=unpack_cpu))
+    batches = iter(make_loader(train_set, cfg, start=run.step * cfg.batch_size * cfg.grad_accum, unpack=unpack_cpu))
     eval_data = [pack([eval_set[i * cfg.batch_size + j] for j in range(cfg.batch_size)], unpack_cpu)
                  for i in range(cfg.eval_batches)]
 
     def autocast():
         return bf16_autocast(cfg, device)
 
-    def evaluate() -> float:
-        model.eval()
-        total, count = 0.0, 0
-        with torch.no_grad(), autocast():
-            for b in eval_data:
-                loss, n = packed_loss(model, b.to(device), unpack)
-                total, count = total + float(loss) * n, count + n
-        model.train()
-        return total / max(count, 1)
-
-    def save_state() -> None:
-        tmp = state_path.with_suffix(".tmp")
-        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                    "probe": probe.state_dict() if probe is not None else None,
-                    "history": history, "config": asdict(cfg), "schedule_fitted": schedule_fitted}, tmp)
-        tmp.replace(state_path)   # atomic: a killed run never leaves half a state file
-
     from tqdm import tqdm
-    bar = tqdm(total=cfg.steps, initial=step, desc="train", dynamic_ncols=True)
-    started = time.time()
-    start_step = step
-    tokens_seen = samples_seen = 0
-    data_wait = 0.0                       # seconds spent waiting on the data workers
-    skipped = in_a_row = 0
-    rate_logged = False
-    while step < cfg.steps:
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg)
-        r = train_step(model, opt, params, batches, cfg, unpack, autocast, probe)
-        loss_sum = r["loss"]
-        tokens_seen, samples_seen, data_wait = tokens_seen + r["tokens"], samples_seen + r["samples"], \
-            data_wait + r["data_wait"]
-        if r["skipped"]:
-            skipped, in_a_row = skipped + 1, in_a_row + 1    # one bad batch must not poison the weights
-            log(f"step {step + 1}: non-finite loss or gradient, update skipped ({skipped} so far)")
-            if in_a_row > MAX_CONSECUTIVE_SKIPS:
-                raise RuntimeError(f"{in_a_row} steps in a row had a non-finite loss or gradient at lr "
-                                   f"{lr_at(step, cfg):.2e}: the run diverged; {state_path} holds the last "
-                                   "saved state. Lower --lr or lengthen --warmup and resume.")
-        else:
-            in_a_row = 0
-        step += 1
-        elapsed = time.time() - started
-        record = {"step": step, "loss": round(loss_sum, 4), "lr": lr_at(step - 1, cfg)}
-        bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tokens_seen / max(elapsed, 1e-6):.0f}")
+    bar = tqdm(total=cfg.steps, initial=run.step, desc="train", dynamic_ncols=True)
+    progress = _Progress(start_step=run.step)
+    while run.step < cfg.steps:
+        for g in run.opt.param_groups:
+            g["lr"] = lr_at(run.step, cfg)
+        r = train_step(run.model, run.opt, run.params, batches, cfg, unpack, autocast, run.probe)
+        progress.add(r, run.step, cfg, run.state_path, log)
+        run.step += 1
+        elapsed = progress.elapsed                  # one clock reading per step
+        record = {"step": run.step, "loss": round(r["loss"], 4), "lr": lr_at(run.step - 1, cfg)}
+        bar.set_postfix(loss=f"{r['loss']:.3f}", tok_s=f"{progress.tokens / max(elapsed, 1e-6):.0f}")
         bar.update(1)
-        if step == start_step + CALIBRATION_STEPS // 3:
-            calibration_started = elapsed    # after the data workers' start-up
-        if not rate_logged and (step == start_step + CALIBRATION_STEPS or elapsed > 60):
-            rate_logged = True
-            log(f"first {elapsed:.0f} s: {samples_seen / elapsed:.0f} samples/s, {tokens_seen / elapsed:.0f} "
-                f"tokens/s, {data_wait / elapsed:.0%} of the time waiting on the data workers")
-        if cfg.max_minutes and not schedule_fitted and step == start_step + CALIBRATION_STEPS:
-            # Fit the schedule to the time budget, so the cosine decay ends when the time does.
-            per_step = (elapsed - calibration_started) / (CALIBRATION_STEPS - CALIBRATION_STEPS // 3)
-            fitted = step + int((cfg.max_minutes * 60 - elapsed) / per_step)
-            if fitted < cfg.steps:
-                log(f"{per_step:.3f} s/step: {cfg.max_minutes} minutes fit {fitted} steps of {cfg.steps}")
-                cfg.steps = fitted
-                bar.total = fitted
-            schedule_fitted = True
+        progress.log_rate_once(run.step, elapsed, log)
+        progress.fit_schedule(run, cfg, elapsed, bar, log)
         limit = cfg.sitting_minutes or cfg.max_minutes
         out_of_time = limit and elapsed > limit * 60
-        if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps or out_of_time):
-            record["eval_loss"] = round(evaluate(), 4)
-            if not all(bool(torch.isfinite(p).all()) for p in params):
-                raise RuntimeError(f"step {step}: non-finite weights; {state_path} holds the last saved state")
-            log(f"step {step}: train loss {loss_sum:.4f}, held-out loss {record['eval_loss']:.4f}, "
-                f"{tokens_seen / max(elapsed, 1e-6):.0f} tokens/s, {data_wait / max(elapsed, 1e-6):.0%} waiting on data")
-        history.append(record)
-        if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps or out_of_time:
-            save_state()
+        if cfg.eval_every and (run.step % cfg.eval_every == 0 or run.step == cfg.steps or out_of_time):
+            record["eval_loss"] = round(_evaluate(run.model, eval_data, unpack, autocast), 4)
+            if not all(bool(torch.isfinite(p).all()) for p in run.params):
+                raise RuntimeError(f"step {run.step}: non-finite weights; {run.state_path} holds the last saved state")
+            elapsed = max(elapsed, 1e-6)
+            log(f"step {run.step}: train loss {r['loss']:.4f}, held-out loss {record['eval_loss']:.4f}, "
+                f"{progress.tokens / elapsed:.0f} tokens/s, {progress.data_wait / elapsed:.0%} waiting on data")
+        run.history.append(record)
+        if (cfg.save_every and run.step % cfg.save_every == 0) or run.step == cfg.steps or out_of_time:
+            run.save(cfg)
         if out_of_time:
-            log(f"stopping at step {step} of {cfg.steps}: {limit} minutes reached")
+            log(f"stopping at step {run.step} of {cfg.steps}: {limit} minutes reached")
             break
     bar.close()
-    final = export(model, cfg, out / "final")
-    summary = {"steps": step, "history": history, "final_dir": str(final), "skipped_steps": skipped,
-               "minutes": round((time.time() - started) / 60, 2), "tokens": tokens_seen,
-               "samples": samples_seen, "samples_per_s": round(samples_seen / max(time.time() - started, 1e-6), 1)}
+    return _finish(run, cfg, out, progress)
+
+
+def _finish(run: _Run, cfg: TrainConfig, out: Path, progress: _Progress) -> dict:
+    final = export(run.model, cfg, out / "final")
+    minutes = progress.elapsed / 60
+    summary = {"steps": run.step, "history": run.history, "final_dir": str(final), "skipped_steps": progress.skipped,
+               "minutes": round(minutes, 2), "tokens": progress.tokens, "samples": progress.samples,
+               "samples_per_s": round(progress.samples / max(minutes * 60, 1e-6), 1)}
     (out / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
     return summary
 
