@@ -127,7 +127,7 @@ def test_video_layout(ckpt):
 
 def test_errors(ckpt):
     family, d, tok, cfg, pre = ckpt
-    with pytest.raises(InputError, match="list of frames"):
+    with pytest.raises(InputError, match="fetched by the HTTP server"):
         build_inputs([{"role": "user", "content": [{"video": "https://x/v.mp4"}]}], tok, cfg, pre)
     with pytest.raises(InputError, match="slots"):
         build_inputs([{"role": "user", "content": "<|image_pad|> hi"}], tok, cfg, pre)
