@@ -74,9 +74,7 @@ def _part(part, where: str) -> dict:
     if kind == "image" or (kind is None and "image" in part):
         return _image(part, part.get("image"), f"{where}.image", nested=False)
     if kind == "video_url" or (kind is None and "video_url" in part):
-        url = part.get("video_url")
-        url = url.get("url") if isinstance(url, dict) else url
-        return _video(part, url, f"{where}.video_url")
+        return _video(part, part.get("video_url"), f"{where}.video_url")
     if kind == "video" or (kind is None and "video" in part):
         return _video(part, part.get("video"), f"{where}.video")
     if kind is not None:

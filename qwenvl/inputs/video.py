@@ -141,9 +141,13 @@ def count_frames(total_frames: int, video_fps: float, opts: VideoOptions) -> int
         hi = math.floor(hi_raw / FRAME_FACTOR) * FRAME_FACTOR
         n = min(min(max(total_frames / video_fps * fps, lo), hi), total_frames)
         n = math.floor(n / FRAME_FACTOR) * FRAME_FACTOR
-    if not FRAME_FACTOR <= n <= total_frames:
-        raise InputError(f"cannot sample {n} frames from a video (range) of {total_frames} frames; a video needs "
-                         f"at least {FRAME_FACTOR} frames and nframes at most the frames available")
+    if total_frames < FRAME_FACTOR:
+        raise InputError(f"the video (or its video_start..video_end range) has {total_frames} frame(s); at least "
+                         f"{FRAME_FACTOR} are needed")
+    if n > total_frames:
+        raise InputError(f"nframes={opts.nframes} asks for more than the {total_frames} frames available")
+    if n < FRAME_FACTOR:
+        raise InputError(f"nframes={opts.nframes} rounds to {n} frames; ask for at least {FRAME_FACTOR}")
     return n
 
 
@@ -208,10 +212,13 @@ def read_video(source, opts: VideoOptions | None = None, patch_size: int = 14, m
     data = _open_arg(source, name)
     factor = patch_size * merge_size
     total, video_fps, (w, h) = _probe(data, name)
-    first, last = frame_range(total, video_fps, opts)
-    n = count_frames(last - first + 1, video_fps, opts)
+    try:
+        first, last = frame_range(total, video_fps, opts)
+        n = count_frames(last - first + 1, video_fps, opts)
+        out_h, out_w = frame_size(h, w, n, factor, opts)
+    except InputError as e:
+        raise InputError(f"{name}: {e}") from None
     indices = frame_indices(first, last, n)
-    out_h, out_w = frame_size(h, w, n, factor, opts)
     frames = _decode(data, name, indices, out_h, out_w, total)
     return Video(frames=frames, frame_indices=indices, video_fps=video_fps,
                  sample_fps=n / (last - first + 1) * video_fps, original_size=(w, h), size=(out_w, out_h))
@@ -223,7 +230,8 @@ def _open(data, name: str):
             data = io.BytesIO(data)
         return av.open(data, mode="r")
     except av.error.FFmpegError as e:
-        raise InputError(f"{name}: not a video file we can read ({_reason(e)})") from None
+        raise InputError(f"{name}: not a video file we can read ({_reason(e)}); it may be another kind of file, "
+                         "or truncated") from None
 
 
 def _video_stream(container, name: str):
