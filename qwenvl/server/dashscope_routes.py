@@ -16,9 +16,13 @@ from .schemas import parse_dashscope
 
 def _usage(out) -> dict:
     prompt, completion = out.prompt_tokens, len(out.token_ids)
-    return {"input_tokens": prompt, "output_tokens": completion, "total_tokens": prompt + completion,
-            "input_tokens_details": {"image_tokens": out.image_tokens, "text_tokens": prompt - out.image_tokens},
-            "image_tokens": out.image_tokens}
+    video = out.video_tokens
+    details = {"image_tokens": out.image_tokens, "text_tokens": prompt - out.image_tokens - video}
+    usage = {"input_tokens": prompt, "output_tokens": completion, "total_tokens": prompt + completion,
+             "input_tokens_details": details, "image_tokens": out.image_tokens}
+    if video:                                 # as DashScope does: video_tokens only when a video was sent
+        details["video_tokens"] = usage["video_tokens"] = video
+    return usage
 
 
 def _output(req, text: str, finish: str, out, logprobs) -> dict:

@@ -16,8 +16,11 @@ from .schemas import parse_openai
 
 def _usage(out) -> dict:
     prompt, completion = out.prompt_tokens, len(out.token_ids)
+    details = {"cached_tokens": out.cached_tokens, "image_tokens": out.image_tokens}
+    if out.video_tokens:                      # only requests with a video carry the field
+        details["video_tokens"] = out.video_tokens
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": out.cached_tokens, "image_tokens": out.image_tokens}}
+            "prompt_tokens_details": details}
 
 
 def _sse(obj) -> str:

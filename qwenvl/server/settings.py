@@ -21,6 +21,7 @@ class ServerSettings:
     fetch_connect_timeout_s: float = 5.0
     fetch_read_timeout_s: float = 15.0
     max_image_bytes: int = 20 * 1024 * 1024        # per fetched image / data URL payload
+    max_video_bytes: int = 64 * 1024 * 1024        # per fetched video file / data URL payload
     max_redirects: int = 3
     # limits
     max_body_mb: float = 50.0
