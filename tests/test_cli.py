@@ -74,3 +74,17 @@ def test_eval_tasks_scores_the_bundled_model_on_heldout_items(tmp_path):
     assert f"{record['scores']['count/en']:.1%}" in count_row and "90%" in count_row
     bad = qwenvl("eval", "tasks", "--n", "0")
     assert bad.returncode == 2 and "--n must be at least 1" in bad.stderr
+
+
+def test_chat_about_a_video_file_and_a_bad_one(tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from video_files import write_video
+    clip = write_video(tmp_path / "clip.mp4", seconds=2, fps=10)
+    out = qwenvl("chat", "--video", str(clip), "--fps", "1", "What happens?", "--max-tokens", "4")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() != ""
+    bad = tmp_path / "broken.mp4"
+    bad.write_bytes(b"this is not a video" * 10)
+    out = qwenvl("chat", "--video", str(bad), "What happens?")
+    assert out.returncode == 2
+    assert "broken.mp4" in out.stderr and "not a video file" in out.stderr and "Traceback" not in out.stderr
