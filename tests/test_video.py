@@ -211,3 +211,25 @@ def test_bad_videos_are_input_errors(clips, tmp_path, monkeypatch):
 def test_contradictory_or_bad_options(part, match):
     with pytest.raises(InputError, match=match):
         normalize_messages([{"role": "user", "content": [part]}])
+
+
+@pytest.mark.parametrize("codec,ext", [("mpeg4", "mp4"), ("libx264", "mkv"), ("libvpx", "webm")])
+@pytest.mark.parametrize("gap", [1, 48])
+def test_seeking_picks_the_same_frames_as_decoding_everything(tmp_path, monkeypatch, codec, ext, gap):
+    """A 25 s clip at 12 fps sampled at 0.5 fps (12 frames, 27 apart), reached by seeking (the gap of 1 seeks before
+    every frame). The frames must be exactly those at the same indices of a full decode, and the counting
+    fallback must not have been needed."""
+    clip = write_video(tmp_path / f"long.{ext}", seconds=25, fps=12, width=32, height=32, codec=codec)
+    monkeypatch.setattr(video_mod, "SEEK_GAP_FRAMES", gap)
+    monkeypatch.setattr(video_mod, "_decode_counting", lambda *a: pytest.fail("fell back to counting frames"))
+    opts = VideoOptions(fps=0.5, min_pixels=1024, max_pixels=1024)
+    v = read_video(clip, opts, patch_size=16)
+    full = decode_all(clip)
+    assert len(full) == 300 and v.frame_indices == [0, 27, 54, 82, 109, 136, 163, 190, 217, 245, 272, 299]
+    for frame, i in zip(v.frames, v.frame_indices):
+        np.testing.assert_array_equal(frame, resize_frame(full[i], 32, 32))
+    # with video_start the first wanted frame is far in as well
+    v = read_video(clip, VideoOptions(video_start=20.0, nframes=4, min_pixels=1024, max_pixels=1024), patch_size=16)
+    assert v.frame_indices == [240, 260, 279, 299]
+    for frame, i in zip(v.frames, v.frame_indices):
+        np.testing.assert_array_equal(frame, resize_frame(full[i], 32, 32))

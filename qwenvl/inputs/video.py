@@ -12,8 +12,8 @@ Sizing: every frame is resized once, to smart_resize(h, w) with per-frame pixels
 (default 128 tokens) and min(`max_pixels`, 768 tokens, `total_pixels` / n * 2), where a token covers
 (patch * 2)² pixels. The resize is torchvision's tensor resize (bicubic, antialiased, on float, clamped
 and rounded back to 8 bits), written with torch alone.
-Only the wanted frames are converted and resized, and decoding stops after the last one, so a clip never
-sits in memory whole.
+Only the wanted frames are converted and resized, long gaps between them are skipped by seeking, and
+decoding stops after the last one, so a clip never sits in memory whole.
 """
 
 from __future__ import annotations
@@ -44,6 +44,9 @@ MAX_ASPECT_RATIO = 200
 # Refused before decoding: a frame over 8k x 8k (the server's image cap) or under 4 pixels a side.
 MAX_FRAME_PIXELS = 8192 * 8192
 MIN_SIDE = 4
+# Wanted frames further apart than this are reached by seeking to the keyframe before them, not by decoding
+# every frame between (long clips at 2 fps skip most of their frames).
+SEEK_GAP_FRAMES = 48
 
 OPTION_KEYS = ("fps", "nframes", "min_pixels", "max_pixels", "total_pixels", "min_frames", "max_frames",
                "video_start", "video_end")
@@ -219,7 +222,7 @@ def read_video(source, opts: VideoOptions | None = None, patch_size: int = 14, m
     except InputError as e:
         raise InputError(f"{name}: {e}") from None
     indices = frame_indices(first, last, n)
-    frames = _decode(data, name, indices, out_h, out_w, total)
+    frames = _decode(data, name, indices, out_h, out_w, total, video_fps)
     return Video(frames=frames, frame_indices=indices, video_fps=video_fps,
                  sample_fps=n / (last - first + 1) * video_fps, original_size=(w, h), size=(out_w, out_h))
 
@@ -270,11 +273,24 @@ def _probe(data, name: str) -> tuple[int, float, tuple[int, int]]:
     return total, fps, (w, h)
 
 
-def _decode(data, name: str, indices: list[int], h: int, w: int, total: int) -> list[np.ndarray]:
+def _decode(data, name: str, indices: list[int], h: int, w: int, total: int, fps: float) -> list[np.ndarray]:
+    """The frames at `indices` (in presentation order), each resized as soon as it is decoded.
+
+    Constant-frame-rate streams seek over long gaps (to the keyframe before the next wanted frame) and name
+    frames by timestamp, index = round((pts - first pts) * fps); should that miss a frame (odd timestamps),
+    the clip is decoded again front to back, counting frames, as the reference readers do."""
+    wanted = _decode_seeking(data, name, indices, h, w, fps)
+    if wanted is None:
+        wanted, seen = _decode_counting(data, name, indices, h, w)
+        if indices[-1] not in wanted:
+            raise InputError(f"{name}: the video holds {seen} decodable frames, but its header announces {total}; "
+                             "the file is truncated or corrupt")
+    return [wanted[i] for i in indices]
+
+
+def _decode_counting(data, name: str, indices: list[int], h: int, w: int) -> tuple[dict, int]:
     wanted: dict[int, np.ndarray] = {}
-    need = set(indices)
-    last = indices[-1]
-    seen = 0
+    need, last, seen = set(indices), indices[-1], 0
     with _open(data, name) as container:
         stream = _video_stream(container, name)
         stream.thread_type = "AUTO"
@@ -288,10 +304,40 @@ def _decode(data, name: str, indices: list[int], h: int, w: int, total: int) -> 
         except av.error.FFmpegError as e:
             raise InputError(f"{name}: the video does not decode after frame {seen} ({_reason(e)}); the file "
                              "may be truncated or corrupt") from None
-    if last not in wanted:
-        raise InputError(f"{name}: the video holds {seen} decodable frames, but its header announces {total}; "
-                         "the file is truncated or corrupt")
-    return [wanted[i] for i in indices]
+    return wanted, seen
+
+
+def _decode_seeking(data, name: str, indices: list[int], h: int, w: int, fps: float) -> dict | None:
+    """None when the stream is not plainly constant-rate or a wanted frame was not met on the way."""
+    wanted: dict[int, np.ndarray] = {}
+    with _open(data, name) as container:
+        stream = _video_stream(container, name)
+        if not stream.average_rate or stream.average_rate != stream.base_rate or not stream.time_base:
+            return None
+        stream.thread_type = "AUTO"
+        tb = float(stream.time_base)
+        try:
+            frames = container.decode(stream)
+            first = next(frames, None)
+            if first is None or first.pts is None:
+                return None
+            pts0, current = first.pts, first
+            for target in sorted(set(indices)):
+                at = 0 if current is None else round((current.pts - pts0) * tb * fps)
+                if target - at > SEEK_GAP_FRAMES:
+                    # Aim half a frame early so that rounding cannot put the keyframe search past the target.
+                    container.seek(pts0 + int((target - 0.5) / fps / tb), stream=stream, backward=True)
+                    frames, current = container.decode(stream), None
+                while current is None or round((current.pts - pts0) * tb * fps) < target:
+                    current = next(frames, None)
+                    if current is None or current.pts is None:
+                        return None
+                if round((current.pts - pts0) * tb * fps) != target:
+                    return None
+                wanted[target] = resize_frame(current.to_ndarray(format="rgb24"), h, w)
+        except av.error.FFmpegError:
+            return None             # the counting pass names the frame where decoding breaks
+    return wanted
 
 
 def _reason(e: Exception) -> str:
