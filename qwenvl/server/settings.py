@@ -26,7 +26,8 @@ class ServerSettings:
     # limits
     max_body_mb: float = 50.0
     max_images: int = 16                           # images per request
-    max_video_frames: int = 256                    # frames per request (all videos)
+    max_video_frames: int = 256                    # frames per request (all frame-list videos), and the most
+                                                   # frames sampled from one video file
     max_image_pixels: int = 8192 * 8192            # per image, checked from the header before decoding
     max_queue: int = 256                           # requests in flight before 429
     retry_after_s: int = 1
