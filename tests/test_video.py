@@ -233,3 +233,24 @@ def test_seeking_picks_the_same_frames_as_decoding_everything(tmp_path, monkeypa
     assert v.frame_indices == [240, 260, 279, 299]
     for frame, i in zip(v.frames, v.frame_indices):
         np.testing.assert_array_equal(frame, resize_frame(full[i], 32, 32))
+
+
+@pytest.mark.parametrize("codec,ext", [("mpeg4", "mp4"), ("libx264", "mkv"), ("libvpx", "webm"), ("mpeg4", "avi")])
+def test_damaged_files_decode_or_raise_input_error(tmp_path, codec, ext):
+    """Random byte flips and cuts: a frame list or an InputError, never another exception (a 500 on the server)."""
+    data = write_video(tmp_path / f"f.{ext}", seconds=1, codec=codec).read_bytes()
+    rng = np.random.default_rng(1)
+    outcomes = set()
+    for k in range(30):
+        b = bytearray(data)
+        for _ in range(rng.integers(1, 20)):
+            b[rng.integers(0, len(b))] = rng.integers(0, 256)
+        if k % 3 == 0:
+            b = b[: rng.integers(10, len(b))]
+        try:
+            v = read_video(bytes(b), VideoOptions(min_pixels=1024, max_pixels=4096))
+            assert len(v.frames) == len(v.frame_indices) >= 2
+            outcomes.add("frames")
+        except InputError:
+            outcomes.add("error")
+    assert "error" in outcomes

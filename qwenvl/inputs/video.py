@@ -214,7 +214,14 @@ def read_video(source, opts: VideoOptions | None = None, patch_size: int = 14, m
     name = describe(source)
     data = _open_arg(source, name)
     factor = patch_size * merge_size
-    total, video_fps, (w, h) = _probe(data, name)
+    try:
+        total, video_fps, (w, h) = _probe(data, name)
+    except (UnicodeDecodeError, OverflowError, ZeroDivisionError, ValueError) as e:
+        if isinstance(e, InputError):
+            raise
+        # A damaged header PyAV cannot represent (text that is not UTF-8, absurd numbers): the client's file.
+        raise InputError(f"{name}: the video header is damaged ({type(e).__name__}); the file may be corrupt") \
+            from None
     try:
         first, last = frame_range(total, video_fps, opts)
         n = count_frames(last - first + 1, video_fps, opts)
@@ -231,8 +238,9 @@ def _open(data, name: str):
     try:
         if isinstance(data, bytes):
             data = io.BytesIO(data)
-        return av.open(data, mode="r")
-    except av.error.FFmpegError as e:
+        # Broken tags must not sink a playable file: ignore undecodable metadata text.
+        return av.open(data, mode="r", metadata_errors="ignore")
+    except (av.error.FFmpegError, UnicodeDecodeError) as e:
         raise InputError(f"{name}: not a video file we can read ({_reason(e)}); it may be another kind of file, "
                          "or truncated") from None
 
