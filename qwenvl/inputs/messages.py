@@ -12,6 +12,8 @@ Other message fields (tool_calls, name, ...) pass through untouched.
 
 from __future__ import annotations
 
+from pathlib import PurePath
+
 from .errors import InputError
 from .video import OPTION_KEYS, VideoOptions
 
@@ -108,6 +110,8 @@ def _video(part: dict, value, where: str) -> dict:
     if value is None or (isinstance(value, (str, bytes, list, tuple)) and len(value) == 0):
         raise InputError(f"{where}: empty video; give a video file (path, file:// or data: URL) or a list of "
                          "frames (image sources)")
+    if isinstance(value, PurePath):
+        value = str(value)
     if not isinstance(value, (str, bytes, list, tuple)):
         raise InputError(f"{where}: must be a video URL or path, video bytes, or a list of frame sources, got "
                          f"{type(value).__name__}")
