@@ -64,17 +64,20 @@ def _chat(args) -> int:
                             seed=args.seed)
     history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
     images = _expand_pdfs(list(args.image or []), args.pages, llm.engine.preprocessor.max_pixels)
+    # Video files: frames sampled (--fps, default 2 a second) and sized as qwen-vl-utils does.
+    videos = [{"video": str(Path(p).resolve()) if Path(p).exists() else p,
+               **({"fps": args.fps} if args.fps is not None else {})} for p in args.video or []]
 
-    def turn(question: str, with_images: list):
+    def turn(question: str, with_images: list, with_videos: list = ()):
         content = [{"image": str(Path(p).resolve()) if isinstance(p, str) and Path(p).exists() else p}
-                   for p in with_images]
+                   for p in with_images] + list(with_videos)
         history.append({"role": "user", "content": content + [{"text": question}]})
         out = llm.chat(history, params)
         history.append({"role": "assistant", "content": out.text})
         return out
 
     if args.question:
-        out = turn(args.question, images)
+        out = turn(args.question, images, videos)
         print(out.text)
         if out.boxes and args.boxes:
             print(json.dumps(out.boxes, ensure_ascii=False))
@@ -82,13 +85,13 @@ def _chat(args) -> int:
             for path in _draw_all(out, images, args.draw):
                 print(f"[boxes drawn: {path}]", file=sys.stderr)
         return 0
-    # No question: a multi-turn conversation on stdin; images go with the first turn.
+    # No question: a multi-turn conversation on stdin; images and videos go with the first turn.
     print(f"qwenvl chat ({llm.engine.model_name}); an empty line or Ctrl-D ends.", file=sys.stderr)
     first = True
     for line in sys.stdin:
         if not line.strip():
             break
-        out = turn(line.strip(), images if first else [])
+        out = turn(line.strip(), images if first else [], videos if first else [])
         first = False
         print(out.text, flush=True)
     return 0
@@ -147,11 +150,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qwenvl", description="Qwen-VL models: chat, ground, ocr, serve, eval, train.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("chat", help="ask about images (one question, or a multi-turn chat on stdin)")
+    p = sub.add_parser("chat", help="ask about images and videos (one question, or a multi-turn chat on stdin)")
     _model_args(p)
     p.add_argument("--image", action="append", metavar="IMG",
                    help="an image path or URL, or a .pdf whose pages are sent as images (repeatable)")
     p.add_argument("--pages", default=None, metavar="1-3,5", help="with a .pdf --image: the pages to send")
+    p.add_argument("--video", action="append", metavar="CLIP",
+                   help="a video file (mp4, mkv, webm, ...); frames are sampled as qwen-vl-utils does (repeatable)")
+    p.add_argument("--fps", type=float, default=None, help="with --video: frames sampled per second (default 2)")
     p.add_argument("--system", default=None, help="a system prompt")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)

@@ -15,7 +15,8 @@ class RequestOutput:
     logprobs: list[dict[int, float]] | None = None
     boxes: list[dict] = field(default_factory=list)      # grounding boxes in original-image pixels (final)
     prompt_tokens: int = 0
-    image_tokens: int = 0                  # vision pad tokens in the prompt
+    image_tokens: int = 0                  # image pad tokens in the prompt
+    video_tokens: int = 0                  # video pad tokens in the prompt
     cached_tokens: int = 0                 # prompt tokens whose KV came from the prefix cache
     error: str | None = None               # why the engine gave up on the request, if it did
     tool_calls: list = field(default_factory=list)       # ToolCall list, parsed when the request declared tools

@@ -39,7 +39,10 @@ def _video_patches(image_processor, frames) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def build_ref_inputs(model_dir: str | Path, images=(), video_frames=None,
-                     question: str = "Describe this image.") -> RefInputs:
+                     question: str = "Describe this image.", video_timestamps: list[float] | None = None) -> RefInputs:
+    """`video_timestamps` (Qwen3-VL): seconds of each temporal patch; the video's start/pad/end triple becomes
+    one `<t seconds><|vision_start|>pads<|vision_end|>` group per temporal patch, as the released processor
+    writes it."""
     from transformers import AutoImageProcessor, AutoTokenizer
     ip = AutoImageProcessor.from_pretrained(model_dir)
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -59,7 +62,14 @@ def build_ref_inputs(model_dir: str | Path, images=(), video_frames=None,
         text = text.replace("<|placeholder|>", "<|image_pad|>")
     if video_frames is not None:
         video_pixels, video_grid = _video_patches(ip, video_frames)
-        text = text.replace("<|video_pad|>", "<|video_pad|>" * int(video_grid[0].prod() // merge2), 1)
+        if video_timestamps is None:
+            text = text.replace("<|video_pad|>", "<|video_pad|>" * int(video_grid[0].prod() // merge2), 1)
+        else:
+            t, h, w = video_grid[0].tolist()
+            assert len(video_timestamps) == t
+            groups = "".join(f"<{s:.1f} seconds><|vision_start|>" + "<|video_pad|>" * (h * w // merge2)
+                             + "<|vision_end|>" for s in video_timestamps)
+            text = text.replace("<|vision_start|><|video_pad|><|vision_end|>", groups, 1)
     ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
     types = torch.zeros_like(ids)
     types[ids == tok.convert_tokens_to_ids("<|image_pad|>")] = 1

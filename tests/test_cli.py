@@ -79,3 +79,17 @@ def test_eval_tasks_scores_the_bundled_model_on_heldout_items(tmp_path):
 def test_python_dash_m_qwenvl_is_the_command():
     r = subprocess.run([sys.executable, "-m", "qwenvl", "--help"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "chat" in r.stdout and "serve" in r.stdout
+
+
+def test_chat_about_a_video_file_and_a_bad_one(tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from video_files import write_video
+    clip = write_video(tmp_path / "clip.mp4", seconds=2, fps=10)
+    out = qwenvl("chat", "--video", str(clip), "--fps", "1", "What happens?", "--max-tokens", "4")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() != ""
+    bad = tmp_path / "broken.mp4"
+    bad.write_bytes(b"this is not a video" * 10)
+    out = qwenvl("chat", "--video", str(bad), "What happens?")
+    assert out.returncode == 2
+    assert "broken.mp4" in out.stderr and "not a video file" in out.stderr and "Traceback" not in out.stderr

@@ -127,9 +127,35 @@ def test_video_layout(ckpt):
 
 def test_errors(ckpt):
     family, d, tok, cfg, pre = ckpt
-    with pytest.raises(InputError, match="list of frames"):
+    with pytest.raises(InputError, match="fetched by the HTTP server"):
         build_inputs([{"role": "user", "content": [{"video": "https://x/v.mp4"}]}], tok, cfg, pre)
     with pytest.raises(InputError, match="slots"):
         build_inputs([{"role": "user", "content": "<|image_pad|> hi"}], tok, cfg, pre)
     with pytest.raises(InputError, match="not found"):
         build_inputs([{"role": "user", "content": [{"image": "/nonexistent.png"}]}], tok, cfg, pre)
+
+
+def test_video_file_hash_and_layout_follow_the_sampling(ckpt, tmp_path):
+    """A video file: pads for its sampled grid; the same file sampled at another rate is another item for the
+    caches (other positions or timestamps), the same sampling the same item."""
+    from video_files import write_video
+    family, d, tok, cfg, pre = ckpt
+    clip = write_video(tmp_path / "clip.mp4", seconds=3, fps=10)
+
+    def one(**opts):
+        out = build_inputs([{"role": "user", "content": [{"video": str(clip), "min_pixels": 1024,
+                                                          "max_pixels": 4096, **opts}, {"text": "hi"}]}],
+                           tok, cfg, pre)
+        (v,) = out.vision
+        assert out.token_ids.count(cfg.video_token_id) == v.num_tokens
+        return v
+    a, b, c = one(fps=2.0), one(nframes=6), one(fps=1.0)
+    assert a.grid_thw[0] == 3 and c.grid_thw[0] == 2          # 30 frames at 10 fps: 6 frames, then 3 -> 4
+    assert a.content_hash == b.content_hash                    # nframes 6 picks the same frames as fps 2
+    assert a.content_hash != c.content_hash
+    # The very same frames said to be sampled at another rate: same pixels, other positions/timestamps.
+    frames = [_image(64, 64, seed=i) for i in range(4)]
+    items = [build_inputs([{"role": "user", "content": [{"video": frames, "fps": fps}]}], tok, cfg, pre).vision[0]
+             for fps in (1.0, 2.0)]
+    assert torch.equal(items[0].pixel_values, items[1].pixel_values)
+    assert items[0].content_hash != items[1].content_hash

@@ -103,3 +103,30 @@ def test_header_checks():
         check_header(b"%PDF-1.4 not an image", "x", 10**6)
     assert decode_data_url("data:image/png;base64," + __import__("base64").b64encode(_png()).decode(), "x", 10**6) \
         == _png()
+
+
+def _fetch_video(url, handler, **policy):
+    async def go():
+        fetcher = MediaFetcher(MediaPolicy(**policy), resolver=_resolver, transport=httpx.MockTransport(handler))
+        try:
+            return await fetcher.load_video(url, "video")
+        finally:
+            await fetcher.aclose()
+    return asyncio.run(go())
+
+
+def test_video_urls_are_fetched_like_images_with_their_own_cap():
+    clip = b"\x00\x00\x00\x18ftypmp42" + b"x" * 3000            # bytes only: inputs/video.py decodes them
+    assert _fetch_video("http://public.example/v.mp4", lambda r: httpx.Response(200, content=clip)) == clip
+    with pytest.raises(APIError, match="byte limit"):
+        _fetch_video("http://public.example/v.mp4", lambda r: httpx.Response(200, content=clip), max_video_bytes=1000)
+    with pytest.raises(APIError, match="allow-private-urls"):
+        _fetch_video("http://evil.example/v.mp4", lambda r: httpx.Response(200, content=clip))
+    encoded = __import__("base64").b64encode(clip).decode()
+    assert _fetch_video("data:video/mp4;base64," + encoded, None) == clip
+    for src, needle in [("data:image/png;base64," + encoded, "not a video"), ("/srv/v.mp4", "not a URL"),
+                        ("file:///srv/v.mp4", "disabled"), ("rtsp://cam/stream", "scheme")]:
+        with pytest.raises(APIError, match=needle):
+            _fetch_video(src, None)
+    with pytest.raises(APIError, match="byte limit"):
+        _fetch_video("data:video/mp4;base64," + encoded, None, max_video_bytes=100)

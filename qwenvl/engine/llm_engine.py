@@ -220,7 +220,8 @@ class LLMEngine:
             finish_reason=seq.finish_reason if final else None,
             logprobs=list(seq.output_logprobs) if want_logprobs else None,
             prompt_tokens=seq.num_prompt_tokens,
-            image_tokens=sum(v.num_tokens for v in req.prompt.vision),
+            image_tokens=sum(v.num_tokens for v in req.prompt.vision if v.kind == "image"),
+            video_tokens=sum(v.num_tokens for v in req.prompt.vision if v.kind == "video"),
             cached_tokens=seq.num_cached_tokens)
         if final:
             out.boxes = self._boxes(req)

@@ -6,7 +6,8 @@ from .messages import normalize_messages
 from .mrope import VisionSpan, mrope_positions
 from .preprocess import PreprocessorConfig, preprocess_image, preprocess_video, smart_resize
 from .prompt import PromptInputs, VisionItem, build_inputs
+from .video import Video, VideoOptions, read_video
 
 __all__ = ["InputError", "PreprocessorConfig", "PromptInputs", "VisionItem", "VisionSpan", "build_inputs",
            "load_image", "mrope_positions", "normalize_messages", "preprocess_image", "preprocess_video",
-           "smart_resize"]
+           "read_video", "smart_resize", "Video", "VideoOptions"]

@@ -3,14 +3,19 @@
 Canonical: {"role", "content": [part, ...]} with parts
   {"type": "text", "text": str}
   {"type": "image", "image": source, "min_pixels"?: int, "max_pixels"?: int}
-  {"type": "video", "video": [frame sources] | source, "fps"?: float, "min_pixels"?, "max_pixels"?}
-Image sources are left as given (URL, path, PIL image, bytes); loading happens when the prompt is built.
+  {"type": "video", "video": [frame sources] | file source, "fps"?: float, "min_pixels"?, "max_pixels"?,
+   "nframes"?, "total_pixels"?, "min_frames"?, "max_frames"?, "video_start"?, "video_end"?}
+Image and video sources are left as given (URL, path, PIL image, bytes); loading happens when the prompt is
+built. A video file (path, file://, data:video/..., bytes) is sampled by inputs/video.py.
 Other message fields (tool_calls, name, ...) pass through untouched.
 """
 
 from __future__ import annotations
 
+from pathlib import PurePath
+
 from .errors import InputError
+from .video import OPTION_KEYS, VideoOptions
 
 ROLES = ("system", "user", "assistant", "tool")
 _PIXEL_KEYS = ("min_pixels", "max_pixels")
@@ -71,9 +76,7 @@ def _part(part, where: str) -> dict:
     if kind == "image" or (kind is None and "image" in part):
         return _image(part, part.get("image"), f"{where}.image", nested=False)
     if kind == "video_url" or (kind is None and "video_url" in part):
-        url = part.get("video_url")
-        url = url.get("url") if isinstance(url, dict) else url
-        return _video(part, url, f"{where}.video_url")
+        return _video(part, part.get("video_url"), f"{where}.video_url")
     if kind == "video" or (kind is None and "video" in part):
         return _video(part, part.get("video"), f"{where}.video")
     if kind is not None:
@@ -98,17 +101,24 @@ def _image(part: dict, value, where: str, nested: bool) -> dict:
 
 
 def _video(part: dict, value, where: str) -> dict:
-    if value is None or (isinstance(value, (str, list, tuple)) and len(value) == 0):
-        raise InputError(f"{where}: empty video; give a list of frames (image sources)")
-    if not isinstance(value, (str, list, tuple)):
-        raise InputError(f"{where}: must be a list of frame sources or a URL, got {type(value).__name__}")
+    if isinstance(value, dict):
+        # OpenAI: {"video_url": {"url": ...}}; sampling options may sit beside the url.
+        if "url" not in value:
+            raise InputError(f"{where}.url: missing; expected {{'url': 'data:video/...' | 'https://...'}}")
+        part = {**{k: value[k] for k in OPTION_KEYS if k in value}, **part}
+        value, where = value["url"], f"{where}.url"
+    if value is None or (isinstance(value, (str, bytes, list, tuple)) and len(value) == 0):
+        raise InputError(f"{where}: empty video; give a video file (path, file:// or data: URL) or a list of "
+                         "frames (image sources)")
+    if isinstance(value, PurePath):
+        value = str(value)
+    if not isinstance(value, (str, bytes, list, tuple)):
+        raise InputError(f"{where}: must be a video URL or path, video bytes, or a list of frame sources, got "
+                         f"{type(value).__name__}")
     out = {"type": "video", "video": list(value) if isinstance(value, tuple) else value}
-    if "fps" in part:
-        fps = part["fps"]
-        if isinstance(fps, bool) or not isinstance(fps, (int, float)) or fps <= 0:
-            raise InputError(f"{where}: fps must be a positive number, got {fps!r}")
-        out["fps"] = float(fps)
-    out.update(_pixels({k: part[k] for k in _PIXEL_KEYS if k in part}, where))
+    # qwen-vl-utils' option keys (fps, nframes, min/max/total_pixels, min/max_frames, video_start/end),
+    # checked together so that contradictions (nframes with fps, max below min) are named here.
+    out.update(VideoOptions.from_part(part, where).as_dict())
     return out
 
 

@@ -144,6 +144,20 @@ def preprocess_video(frames: list[Image.Image], cfg: PreprocessorConfig, min_pix
     return _patchify(arrays, cfg, w, h)
 
 
+def preprocess_sized_frames(frames: list[np.ndarray], cfg: PreprocessorConfig) -> Processed:
+    """uint8 [H, W, 3] frames already sized by the video reader (inputs/video.py) -> patches, with no second
+    resize: the reader's size is the one qwen-vl-utils picks, which the processor's own limits may not keep."""
+    if not frames:
+        raise InputError("a video needs at least one frame")
+    h, w = frames[0].shape[:2]
+    if h % cfg.factor or w % cfg.factor or any(f.shape != frames[0].shape for f in frames):
+        raise InputError(f"video frames must all share one size that is a multiple of {cfg.factor}, got "
+                         f"{sorted({f.shape for f in frames})}")
+    arrays = [_normalize(f, cfg) for f in frames]
+    arrays += [arrays[-1]] * (-len(arrays) % cfg.temporal_patch_size)
+    return _patchify(arrays, cfg, w, h)
+
+
 def _target_size(image: Image.Image, cfg: PreprocessorConfig, min_pixels: int, max_pixels: int):
     if image.mode != "RGB":
         raise InputError(f"expected an RGB image, got mode {image.mode!r}; load it with load_image()")

@@ -1,7 +1,8 @@
 """Messages -> everything the engine needs for one prompt: token ids, M-RoPE positions, vision items.
 
 The chat template renders one `<|vision_start|><|image_pad|><|vision_end|>` per image; each pad is expanded
-to t*h*w / merge² tokens, one per merged vision embedding. Qwen3-VL videos become one
+to t*h*w / merge² tokens, one per merged vision embedding. A video (a list of frames, or a file sampled by
+video.py) is one pad expanded the same way, except that Qwen3-VL videos become one
 `<{time} seconds><|vision_start|>pads<|vision_end|>` group per temporal patch (the Qwen3-VL processor as
 released with the model replaces the whole start/pad/end triple; transformers 5.x keeps an extra outer pair).
 """
@@ -21,7 +22,8 @@ from .errors import InputError
 from .images import load_image
 from .messages import normalize_messages
 from .mrope import VisionSpan, mrope_positions, video_time_interval
-from .preprocess import PreprocessorConfig, Processed, preprocess_image, preprocess_video
+from .preprocess import PreprocessorConfig, Processed, preprocess_image, preprocess_sized_frames, preprocess_video
+from .video import VideoOptions, read_video
 
 DEFAULT_VIDEO_FPS = 2.0     # frames handed over as a list are taken as sampled at 2 fps (qwen-vl-utils' default)
 
@@ -60,7 +62,7 @@ def build_inputs(messages, tokenizer, model_cfg: ModelConfig, pre_cfg: Preproces
         conv = prepare_tool_messages(conv, tools, renders)
         extra["tools"] = (tools or None) if renders else None
     media = [p for m in conv for p in m["content"] if isinstance(m["content"], list) and p["type"] in ("image", "video")]
-    processed = [_process(p, pre_cfg) for p in media]
+    processed = [_process(p, pre_cfg) for p in media]      # (Processed, original size, frame times | None)
     text = tokenizer.apply_chat_template(conv, add_generation_prompt=add_generation_prompt, **extra)
     ids = tokenizer.encode(text)
 
@@ -75,7 +77,7 @@ def build_inputs(messages, tokenizer, model_cfg: ModelConfig, pre_cfg: Preproces
     spans: list[VisionSpan] = []
     items: list[VisionItem] = []
     cursor = 0
-    for pad, part, (proc, original) in zip(pads, media, processed):
+    for pad, part, (proc, original, times) in zip(pads, media, processed):
         kind = part["type"]
         want = cfg.image_token_id if kind == "image" else cfg.video_token_id
         if ids[pad] != want:
@@ -90,7 +92,7 @@ def build_inputs(messages, tokenizer, model_cfg: ModelConfig, pre_cfg: Preproces
             head, tail = (pad - 1, pad + 2) if triple else (pad, pad + 1)
             out += ids[cursor:head]
             base = len(out)
-            first = base + _qwen3_video_tokens(out, part, proc.grid_thw, tokenizer, cfg, pre_cfg, spans)
+            first = base + _qwen3_video_tokens(out, times.seconds, proc.grid_thw, tokenizer, cfg, pre_cfg, spans)
             cursor = tail
         else:
             out += ids[cursor:pad]
@@ -98,13 +100,13 @@ def build_inputs(messages, tokenizer, model_cfg: ModelConfig, pre_cfg: Preproces
             interval = 1.0
             if kind == "video":
                 interval = video_time_interval(cfg.model_type, cfg.vision.tokens_per_second,
-                                               pre_cfg.temporal_patch_size, part.get("fps", DEFAULT_VIDEO_FPS))
+                                               pre_cfg.temporal_patch_size, times.sample_fps)
             spans.append(VisionSpan(first, proc.grid_thw, interval))
             out += [want] * (t * per_frame)
             cursor = pad + 1
         items.append(VisionItem(
             kind=kind, pixel_values=torch.from_numpy(proc.pixel_values), grid_thw=proc.grid_thw,
-            content_hash=_content_hash(kind, proc, pre_cfg), token_offset=first, num_tokens=t * per_frame,
+            content_hash=_content_hash(kind, proc, pre_cfg, times), token_offset=first, num_tokens=t * per_frame,
             original_size=original, input_size=proc.input_size))
     out += ids[cursor:]
     positions, next_position = mrope_positions(len(out), spans, pre_cfg.merge_size)
@@ -126,7 +128,7 @@ def _template_kwargs(kwargs: dict | None) -> dict:
     return dict(kwargs)
 
 
-def _qwen3_video_tokens(out: list[int], part: dict, grid_thw, tokenizer, cfg: ModelConfig,
+def _qwen3_video_tokens(out: list[int], seconds: list[float], grid_thw, tokenizer, cfg: ModelConfig,
                         pre_cfg: PreprocessorConfig, spans: list[VisionSpan]) -> int:
     """Append `<t seconds><|vision_start|>pads<|vision_end|>` per temporal patch to `out`, one t == 1
     M-RoPE span each; return the offset of the first pad from where `out` ended before."""
@@ -134,7 +136,7 @@ def _qwen3_video_tokens(out: list[int], part: dict, grid_thw, tokenizer, cfg: Mo
     _, h, w = grid_thw
     per_frame = h * w // pre_cfg.merge_size ** 2
     first = None
-    for stamp in _timestamps(len(part["video"]), part.get("fps", DEFAULT_VIDEO_FPS), pre_cfg.temporal_patch_size):
+    for stamp in _timestamps(seconds, pre_cfg.temporal_patch_size):
         out += tokenizer.encode(f"<{stamp:.1f} seconds>") + [cfg.vision_start_token_id]
         first = len(out) - start if first is None else first
         spans.append(VisionSpan(len(out), (1, h, w)))
@@ -142,30 +144,43 @@ def _qwen3_video_tokens(out: list[int], part: dict, grid_thw, tokenizer, cfg: Mo
     return first
 
 
-def _process(part: dict, cfg: PreprocessorConfig) -> tuple[Processed, tuple[int, int]]:
+@dataclass(frozen=True)
+class FrameTimes:
+    seconds: list[float]     # time of each sampled frame in the source (Qwen3-VL writes them into the prompt)
+    sample_fps: float        # frames per second of the sampled frames (Qwen2.5-VL's second_per_grid_ts)
+
+
+def _process(part: dict, cfg: PreprocessorConfig) -> tuple[Processed, tuple[int, int], FrameTimes | None]:
     lo, hi = part.get("min_pixels"), part.get("max_pixels")
     if part["type"] == "image":
         image = load_image(part["image"])
-        return preprocess_image(image, cfg, lo, hi), image.size
-    frames = part["video"]
-    if not isinstance(frames, list):
-        raise InputError("a video must be given as a list of frames (image sources); video files and URLs "
-                         "are not decoded here - sample frames first")
-    images = [load_image(f) for f in frames]
-    return preprocess_video(images, cfg, lo, hi), images[0].size
+        return preprocess_image(image, cfg, lo, hi), image.size, None
+    source = part["video"]
+    if not isinstance(source, list):
+        # A video file: sampled and sized once by the reader, as qwen-vl-utils' fetch_video does.
+        video = read_video(source, VideoOptions.from_part(part), cfg.patch_size, cfg.merge_size)
+        return (preprocess_sized_frames(video.frames, cfg), video.original_size,
+                FrameTimes(video.timestamps(), video.sample_fps))
+    # A list of frames is taken as already sampled at `fps` (default 2), frame i at i / fps seconds.
+    fps = part.get("fps", DEFAULT_VIDEO_FPS)
+    images = [load_image(f) for f in source]
+    return (preprocess_video(images, cfg, lo, hi), images[0].size,
+            FrameTimes([i / fps for i in range(len(images))], fps))
 
 
-def _timestamps(num_frames: int, fps: float, temporal_patch_size: int) -> list[float]:
+def _timestamps(seconds: list[float], temporal_patch_size: int) -> list[float]:
     """Qwen3-VL: the time of each temporal patch, the mean of its first and last frame's time."""
-    idx = list(range(num_frames))
-    idx += [idx[-1]] * (-num_frames % temporal_patch_size)      # the padded frames repeat the last one
-    times = [i / fps for i in idx]
+    times = seconds + [seconds[-1]] * (-len(seconds) % temporal_patch_size)   # padded frames repeat the last
     return [(times[i] + times[i + temporal_patch_size - 1]) / 2 for i in range(0, len(times), temporal_patch_size)]
 
 
-def _content_hash(kind: str, proc: Processed, cfg: PreprocessorConfig) -> str:
+def _content_hash(kind: str, proc: Processed, cfg: PreprocessorConfig, times: FrameTimes | None) -> str:
     h = hashlib.sha256()
     h.update(f"{kind}|{proc.grid_thw}|{proc.input_size}|{cfg.patch_size}|{cfg.temporal_patch_size}|"
              f"{cfg.merge_size}|{cfg.image_mean}|{cfg.image_std}|{cfg.rescale_factor}".encode())
+    if times is not None:
+        # The same frames at another frame rate get other M-RoPE positions (Qwen2.5-VL) or timestamps
+        # (Qwen3-VL): the prefix cache must not reuse one's KV for the other.
+        h.update(f"|{times.sample_fps!r}|{times.seconds!r}".encode())
     h.update(np.ascontiguousarray(proc.pixel_values, dtype=np.float32).tobytes())
     return h.hexdigest()

@@ -21,10 +21,13 @@ from .schemas import parse_dashscope
 
 def _usage(outs: list) -> dict:
     prompt, completion = usage_totals(outs)
-    image = outs[0].image_tokens
-    return {"input_tokens": prompt, "output_tokens": completion, "total_tokens": prompt + completion,
-            "input_tokens_details": {"image_tokens": image, "text_tokens": prompt - image},
-            "image_tokens": image}
+    image, video = outs[0].image_tokens, outs[0].video_tokens
+    details = {"image_tokens": image, "text_tokens": prompt - image - video}
+    usage = {"input_tokens": prompt, "output_tokens": completion, "total_tokens": prompt + completion,
+             "input_tokens_details": details, "image_tokens": image}
+    if video:                                 # as DashScope does: video_tokens only when a video was sent
+        details["video_tokens"] = usage["video_tokens"] = video
+    return usage
 
 
 def _choice(req, text: str | None, finish: str, out, logprobs, calls=(), index: int | None = None,

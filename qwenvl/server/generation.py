@@ -72,10 +72,11 @@ async def prepare(state: ServerState, req: ChatRequest, where: str = ""):
                     part["min_pixels"] = part["max_pixels"]
                 jobs.append((part["image"], at))
                 slots.append((part, "image", None))
+            elif part["type"] == "video" and not isinstance(part["video"], list):
+                _cap_video_frames(part, s.max_video_frames, at)
+                jobs.append(state.fetcher.load_video(part["video"], f"{at}.video"))
+                slots.append((part, "video", None))
             elif part["type"] == "video":
-                if not isinstance(part["video"], list):
-                    raise bad_request(f"{at}.video: video files and URLs are not decoded by this server; send the "
-                                      "video as a list of frame images", f"{at}.video")
                 for k, frame in enumerate(part["video"]):
                     jobs.append((frame, f"{at}.video[{k}]"))
                     slots.append((part, "video", k))
@@ -87,6 +88,8 @@ async def prepare(state: ServerState, req: ChatRequest, where: str = ""):
     for (part, kind, k), data in zip(slots, results):
         if kind == "image":
             part["image"] = data
+        elif k is None:
+            part["video"] = data              # a video file's bytes: inputs/video.py samples them
         else:
             part["video"][k] = data
     try:
@@ -95,6 +98,16 @@ async def prepare(state: ServerState, req: ChatRequest, where: str = ""):
     except InputError as e:
         raise bad_request(f"{where}{e}") from None
     return prompt, _size_max_tokens(state, req, len(prompt.token_ids), sum(v.num_tokens for v in prompt.vision))
+
+
+def _cap_video_frames(part: dict, limit: int, at: str) -> None:
+    """A video file samples at most `limit` frames here (qwen-vl-utils allows 768): nframes over it is refused,
+    fps sampling is capped through max_frames."""
+    if part.get("nframes", 0) > limit:
+        raise bad_request(f"{at}.nframes: {part['nframes']} frames is over this server's limit of {limit} frames "
+                          "per video", f"{at}.nframes")
+    if "nframes" not in part:
+        part["max_frames"] = min(part.get("max_frames", limit), limit)
 
 
 def _size_max_tokens(state: ServerState, req: ChatRequest, n: int, image_tokens: int):

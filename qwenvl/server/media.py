@@ -1,4 +1,4 @@
-"""Fetch the images of a request in the server, safely, and hand bytes to the input pipeline.
+"""Fetch the images and video files of a request in the server, safely, and hand bytes to the input pipeline.
 
 - `data:` URLs are decoded here (payload size capped).
 - http(s) URLs: the host is resolved once, every address is checked (loopback, private, link-local,
@@ -9,7 +9,8 @@
 - `file://` URLs only under `allowed_local_media_path`; bare local paths are refused (the Python API and
   CLI accept them, an HTTP client must not read the server's disk).
 Every image's header is read (PIL's Image.open decodes nothing) to refuse unknown formats and images with
-too many pixels before anything is decoded.
+too many pixels before anything is decoded. Video files get the same fetching with their own byte cap; the
+input pipeline (inputs/video.py) checks the container, codec and frame size before it decodes a frame.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class MediaPolicy:
     connect_timeout_s: float = 5.0
     read_timeout_s: float = 15.0
     max_bytes: int = 20 * 1024 * 1024
+    max_video_bytes: int = 64 * 1024 * 1024
     max_pixels: int = 8192 * 8192
     max_redirects: int = 3
 
@@ -82,8 +84,27 @@ class MediaFetcher:
         check_header(data, where, self.policy.max_pixels)
         return data
 
+    async def load_video(self, source, where: str) -> bytes:
+        """Video file source (data:video/..., http(s)://, file://) -> its bytes, under max_video_bytes."""
+        if not isinstance(source, str):
+            raise bad_request(f"{where}: a video must be a URL string (data:, http(s)://, file://) or a list of "
+                              f"frame URLs, got {type(source).__name__}", where)
+        src = source.strip()
+        scheme = src.split(":", 1)[0].lower() if ":" in src[:12] else ""
+        cap = self.policy.max_video_bytes
+        if scheme == "data":
+            return decode_data_url(src, where, cap, kind="video")
+        if scheme in ("http", "https"):
+            return await self.fetch(src, where, cap)
+        if scheme == "file":
+            return self.read_local(src, where, cap)
+        if scheme:
+            raise bad_request(f"{where}: unsupported URL scheme {scheme!r}; use data:, http(s):// or file://", where)
+        raise bad_request(f"{where}: {describe(src)!r} is not a URL; send a data:video/... URL, an http(s):// URL, "
+                          "or a file:// URL under the server's --allowed-local-media-path", where)
+
     # ------------------------------------------------------------------ file://
-    def read_local(self, url: str, where: str) -> bytes:
+    def read_local(self, url: str, where: str, cap: int | None = None) -> bytes:
         root = self.policy.allowed_local_media_path
         if not root:
             raise bad_request(f"{where}: file:// URLs are disabled on this server (start it with "
@@ -97,18 +118,19 @@ class MediaFetcher:
             raise bad_request(f"{where}: {path} is outside the allowed local media folder", where)
         if not path.is_file():
             raise bad_request(f"{where}: no such file under the allowed local media folder: {path}", where)
-        if path.stat().st_size > self.policy.max_bytes:
-            raise bad_request(f"{where}: file is larger than {self.policy.max_bytes} bytes", where)
+        cap = cap or self.policy.max_bytes
+        if path.stat().st_size > cap:
+            raise bad_request(f"{where}: file is larger than {cap} bytes", where)
         return path.read_bytes()
 
     # ------------------------------------------------------------------ http(s)
-    async def fetch(self, url: str, where: str) -> bytes:
+    async def fetch(self, url: str, where: str, cap: int | None = None) -> bytes:
         for _ in range(self.policy.max_redirects + 1):
             parsed = urllib.parse.urlsplit(url)
             if parsed.scheme not in ("http", "https") or not parsed.hostname:
                 raise bad_request(f"{where}: cannot fetch {describe(url)!r}: only http(s) URLs with a host", where)
             if parsed.username or parsed.password:
-                raise bad_request(f"{where}: credentials in image URLs are not accepted", where)
+                raise bad_request(f"{where}: credentials in media URLs are not accepted", where)
             host = parsed.hostname
             port = parsed.port or (443 if parsed.scheme == "https" else 80)
             address = await self._checked_address(host, port, where)
@@ -134,22 +156,21 @@ class MediaFetcher:
                     continue
                 if response.status_code != 200:
                     raise bad_request(f"{where}: fetching {describe(url)} answered HTTP {response.status_code}", where)
-                return await self._read_capped(response, url, where)
+                return await self._read_capped(response, url, where, cap or self.policy.max_bytes)
             finally:
                 await response.aclose()
-        raise bad_request(f"{where}: more than {self.policy.max_redirects} redirects fetching the image", where)
+        raise bad_request(f"{where}: more than {self.policy.max_redirects} redirects fetching {describe(url)}", where)
 
-    async def _read_capped(self, response: httpx.Response, url: str, where: str) -> bytes:
-        cap = self.policy.max_bytes
+    async def _read_capped(self, response: httpx.Response, url: str, where: str, cap: int) -> bytes:
         length = response.headers.get("content-length")
         if length and length.isdigit() and int(length) > cap:
-            raise bad_request(f"{where}: image at {describe(url)} is {length} bytes, over the {cap}-byte limit", where)
+            raise bad_request(f"{where}: {describe(url)} is {length} bytes, over the {cap}-byte limit", where)
         chunks, total = [], 0
         try:
             async for chunk in response.aiter_bytes():
                 total += len(chunk)
                 if total > cap:
-                    raise bad_request(f"{where}: image at {describe(url)} is over the {cap}-byte limit", where)
+                    raise bad_request(f"{where}: {describe(url)} is over the {cap}-byte limit", where)
                 chunks.append(chunk)
         except httpx.TimeoutException:
             raise bad_request(f"{where}: timed out reading {describe(url)}", where) from None
@@ -201,13 +222,16 @@ def forbidden_reason(address: str) -> str | None:
     return None
 
 
-def decode_data_url(url: str, where: str, max_bytes: int) -> bytes:
+def decode_data_url(url: str, where: str, max_bytes: int, kind: str = "image") -> bytes:
+    """kind "image" wants data:image/..., "video" wants data:video/... (or a typeless data: URL)."""
     head, sep, payload = url.partition(",")
+    example = "image/png" if kind == "image" else "video/mp4"
     if not sep:
-        raise bad_request(f"{where}: malformed data URL (no comma); expected data:image/png;base64,<data>", where)
+        raise bad_request(f"{where}: malformed data URL (no comma); expected data:{example};base64,<data>", where)
     media = head[5:].split(";")
-    if media[0] and not media[0].lower().startswith("image/"):
-        raise bad_request(f"{where}: data URL media type {media[0]!r} is not an image; expected image/...", where)
+    if media[0] and not media[0].lower().startswith(f"{kind}/"):
+        raise bad_request(f"{where}: data URL media type {media[0]!r} is not {'an' if kind == 'image' else 'a'} "
+                          f"{kind}; expected {kind}/...", where)
     if len(payload) > max_bytes * 4 // 3 + 8:
         raise bad_request(f"{where}: data URL payload is over the {max_bytes}-byte limit", where)
     if "base64" not in (m.lower() for m in media[1:]):

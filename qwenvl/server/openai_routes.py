@@ -20,8 +20,11 @@ from .schemas import ChatRequest, parse_openai
 
 def _usage(outs: list) -> dict:
     prompt, completion = usage_totals(outs)
+    details = {"cached_tokens": outs[0].cached_tokens, "image_tokens": outs[0].image_tokens}
+    if outs[0].video_tokens:                  # only requests with a video carry the field
+        details["video_tokens"] = outs[0].video_tokens
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": outs[0].cached_tokens, "image_tokens": outs[0].image_tokens}}
+            "prompt_tokens_details": details}
 
 
 def _sse(obj) -> str:

@@ -21,11 +21,13 @@ class ServerSettings:
     fetch_connect_timeout_s: float = 5.0
     fetch_read_timeout_s: float = 15.0
     max_image_bytes: int = 20 * 1024 * 1024        # per fetched image / data URL payload
+    max_video_bytes: int = 64 * 1024 * 1024        # per fetched video file / data URL payload
     max_redirects: int = 3
     # limits
     max_body_mb: float = 50.0
     max_images: int = 16                           # images per request
-    max_video_frames: int = 256                    # frames per request (all videos)
+    max_video_frames: int = 256                    # frames per request (all frame-list videos), and the most
+                                                   # frames sampled from one video file
     max_image_pixels: int = 8192 * 8192            # per image, checked from the header before decoding
     max_queue: int = 256                           # requests in flight before 429
     retry_after_s: int = 1
