@@ -59,6 +59,21 @@ def test_gptq_v1_stores_zero_minus_one():
     assert (qzeros2[0, 0].item() & 0xF) == 8
 
 
+def test_gptq_words_by_hand_qweight_along_input_qzeros_along_output():
+    # AutoGPTQ's pack(): qweight[row] |= intweight[j] << bits*(j - i) over input rows i..i+per (intweight is
+    # [in, out]); qzeros[:, col] |= zeros[:, j] << bits*(j - i) over output columns; v1 stores zero - 1
+    q = torch.arange(8).reshape(8, 1).expand(8, 8)                 # input row r holds r, every output
+    z = (torch.arange(8) + 1).reshape(1, 8)                        # output column c has zero point c + 1
+    qweight, qzeros = pack_gptq(q, z, 4, "gptq")
+    assert qweight.shape == (1, 8) and qzeros.shape == (1, 1)
+    word = qweight[0, 3].item() & 0xFFFFFFFF
+    assert [(word >> (4 * j)) & 0xF for j in range(8)] == list(range(8))
+    zword = qzeros[0, 0].item() & 0xFFFFFFFF
+    assert [(zword >> (4 * j)) & 0xF for j in range(8)] == list(range(8))
+    q8 = torch.tensor([[1], [2], [3], [250]]).expand(4, 4)         # 8 bit: four inputs a word
+    assert (pack_gptq(q8, torch.full((1, 4), 128), 8)[0][0, 2].item() & 0xFFFFFFFF) == 1 | 2 << 8 | 3 << 16 | 250 << 24
+
+
 def test_fp8_block_round_trip_within_e4m3_precision():
     g = torch.Generator().manual_seed(2)
     w = torch.randn(200, 300, generator=g)           # not multiples of 128: partial edge blocks

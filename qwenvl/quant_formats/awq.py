@@ -1,5 +1,6 @@
-"""AutoAWQ GEMM layout (4 bit, group-wise, asymmetric), facts checked against
-transformers/integrations/awq.py and AutoAWQ's GEMM packer:
+"""AutoAWQ GEMM layout (4 bit, group-wise, asymmetric), facts checked against AutoAWQ 0.2.9's own source
+(awq/modules/linear/gemm.py WQLinear_GEMM.from_linear, awq/utils/packing_utils.py AWQ_ORDER); transformers
+5.x delegates AWQ to gptqmodel and holds no packing code of its own:
   qweight int32 [in, out/8]   8 nibbles per int32 along the OUTPUT dim, interleaved: nibble j (bits 4j)
                               holds output column 8c + AWQ_ORDER[j], AWQ_ORDER = [0,2,4,6,1,3,5,7]
   qzeros  int32 [in/g, out/8] same packing

@@ -1,5 +1,5 @@
-"""GPTQ layout (AutoGPTQ / optimum / GPTQModel), 4 or 8 bit, facts checked against optimum's docs
-and the GPTQ packers:
+"""GPTQ layout (AutoGPTQ / optimum / GPTQModel), 4 or 8 bit, facts checked against AutoGPTQ 0.7.1's
+source (nn_modules/qlinear/qlinear_cuda_old.py: pack() and the torch dequantisation path):
   qweight int32 [in*bits/32, out]      packed along the INPUT dim, sequential: row r, field j (bits
                                        bits*j) holds input r*(32/bits) + j
   qzeros  int32 [groups, out*bits/32]  packed along the output dim, sequential
@@ -7,7 +7,8 @@ and the GPTQ packers:
   g_idx   int32 [in]                   group of each input column (a permutation with desc_act)
   w[o, i] = (q[i, o] - z[g_idx[i], o]) * s[g_idx[i], o]
 checkpoint_format "gptq" (v1, the default) stores zero - 1 (a historical off-by-one); "gptq_v2" stores
-the zero itself.
+the zero itself. AutoGPTQ reads v1 zeros as (stored + 1) & (2^bits - 1), so a zero point of 0 (stored as
+all ones) comes back as 0; the unpacker does the same. Symmetric checkpoints (Qwen's) have zero 2^(bits-1).
 """
 from __future__ import annotations
 

@@ -1,0 +1,177 @@
+"""Pre-quantised checkpoints (AWQ, GPTQ, FP8) through qwenvl's loader and engine, against their dequantised
+float twins (issue 23 item 2). The tiny checkpoints are written in the official layouts by
+tests/prequant_checkpoints.py; real ones cannot be fetched here."""
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from prequant_checkpoints import FORMATS, write_prequantized
+from quant_helpers import tiny_logits
+from qwenvl import LLM, SamplingParams
+from qwenvl.layers.quantized_linear import Int4Linear, Int8Linear
+from qwenvl.loader import LoadError, load_model
+from qwenvl.prequantized import PrequantizedWeights
+from qwenvl.quant_formats.awq import pack_awq
+from qwenvl.quant_formats.spec import QuantSpec
+from qwenvl.quantize import LoadQuantizer
+
+# what each decoder linear becomes
+LAYER_KIND = {"awq": Int4Linear, "gptq4": Int4Linear, "gptq4-actorder-asym": Int4Linear, "gptq4-v2": Int4Linear,
+              "gptq8-channel": Int8Linear, "gptq8-grouped": nn.Linear, "fp8": nn.Linear}
+PROMPT_IDS = torch.tensor([5, 17, 33, 2, 99, 150, 7, 8, 9, 10, 11, 12])
+
+
+@pytest.fixture(scope="module")
+def written(tiny_checkpoint, tmp_path_factory):
+    """written(fmt, family="qwen2_vl", legacy_names=False) -> (quantised folder, dequantised twin), cached."""
+    root = tmp_path_factory.mktemp("prequantized")
+    cache = {}
+
+    def get(fmt, family="qwen2_vl", legacy_names=False):
+        key = (fmt, family, legacy_names)
+        if key not in cache:
+            out = root / f"{family}-{'legacy' if legacy_names else 'current'}"
+            out.mkdir(exist_ok=True)
+            cache[key] = write_prequantized(tiny_checkpoint(family), out, fmt, legacy_names)
+        return cache[key]
+    return get
+
+
+def _decoder_linears(model):
+    return {n: m for n, m in model.named_modules()
+            if n.startswith("model.language_model.layers.") and n.endswith("_proj")}
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_loads_into_our_layers_with_the_dequantised_models_logits(written, fmt):
+    quant, twin = written(fmt)
+    model, _ = load_model(quant, dtype="float32")
+    ref, _ = load_model(twin, dtype="float32")
+    layers = _decoder_linears(model)
+    assert len(layers) == 14 and all(type(m) is LAYER_KIND[fmt] for m in layers.values()), \
+        {n: type(m).__name__ for n, m in layers.items()}
+    # the vision tower and the head stay float, as the checkpoints keep them
+    assert all(type(m) is nn.Linear for n, m in model.named_modules() if n.startswith("model.visual.")
+               and isinstance(m, (nn.Linear, Int4Linear, Int8Linear)))
+    assert type(model.lm_head) is nn.Linear
+    # 3 rows: PyTorch's packed int4/int8 kernels; 12 rows: the dequantised GEMM path
+    for ids in (PROMPT_IDS[:3], PROMPT_IDS):
+        torch.testing.assert_close(tiny_logits(model, ids), tiny_logits(ref, ids), rtol=0, atol=2e-5)
+
+
+def _image() -> Image.Image:
+    return Image.fromarray(np.random.default_rng(0).integers(0, 256, (56, 84, 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("fmt", ["awq", "gptq4-actorder-asym", "gptq8-channel", "fp8"])
+def test_greedy_chat_equals_the_dequantised_model(written, fmt):
+    quant, twin = written(fmt)
+    messages = [{"role": "user", "content": [{"image": _image()}, {"text": "describe the picture"}]}]
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    got = LLM(quant, dtype="float32").chat(messages, params)
+    want = LLM(twin, dtype="float32").chat(messages, params)
+    assert len(got.token_ids) == 10 and got.token_ids == want.token_ids
+
+
+def test_original_hub_key_names_and_modules_to_not_convert(written):
+    # Qwen2.5-VL AWQ uploads: `model.layers.*` / `visual.*` keys and modules_to_not_convert ["visual"]
+    quant, twin = written("awq", family="qwen2_5_vl", legacy_names=True)
+    assert any(k.startswith("visual.") for k in load_file(quant / "model.safetensors"))
+    model, _ = load_model(quant, dtype="float32")
+    ref, _ = load_model(twin, dtype="float32")
+    assert all(type(m) is Int4Linear for m in _decoder_linears(model).values())
+    torch.testing.assert_close(tiny_logits(model, PROMPT_IDS), tiny_logits(ref, PROMPT_IDS), rtol=0, atol=2e-5)
+
+
+def test_grouped_gptq8_layers_are_kept_float_with_a_note(written, caplog):
+    quant, _ = written("gptq8-grouped")
+    with caplog.at_level(logging.WARNING, logger="qwenvl.loader"):
+        load_model(quant, dtype="float32")
+    assert "14 pre-quantised (gptq) layer(s) loaded as float" in caplog.text
+    assert "scale per group" in caplog.text
+
+
+def test_quantization_on_top_applies_to_the_float_layers_only(written):
+    # FP8 layers load float; asking int8 on top quantises them (and the head) as any float checkpoint
+    quant, _ = written("fp8")
+    model, _ = load_model(quant, dtype="float32", quantizer=LoadQuantizer("int8"))
+    assert all(type(m) is Int8Linear for m in _decoder_linears(model).values())
+    assert type(model.lm_head) is Int8Linear
+    quant, _ = written("awq")
+    model, _ = load_model(quant, dtype="float32", quantizer=LoadQuantizer("int8"))
+    assert all(type(m) is Int4Linear for m in _decoder_linears(model).values())   # the checkpoint's own
+
+
+def _rewrite(folder, tmp_path, edit):
+    """A copy of `folder` whose tensors went through edit(dict) first."""
+    import shutil
+    out = tmp_path / "edited"
+    shutil.copytree(folder, out)
+    tensors = load_file(out / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+LAYER = "model.language_model.layers.1.self_attn.q_proj"
+
+
+@pytest.mark.parametrize("fmt,edit,named", [
+    ("awq", lambda t: t.pop(f"{LAYER}.qzeros"), rf"missing tensor.*{LAYER}\.qzeros"),
+    ("gptq4", lambda t: t.pop(f"{LAYER}.g_idx"), rf"missing tensor.*{LAYER}\.g_idx"),
+    ("fp8", lambda t: t.pop(f"{LAYER}.weight_scale_inv"), rf"missing tensor.*{LAYER}\.weight_scale_inv"),
+    ("awq", lambda t: t.update({f"{LAYER}.qweight": t[f"{LAYER}.qweight"].float()}),
+     rf"{LAYER}\.qweight' has dtype torch.float32; the awq format stores it as torch.int32"),
+    ("fp8", lambda t: t.update({f"{LAYER}.weight": t[f"{LAYER}.weight"].float()}),
+     rf"{LAYER}\.weight' has dtype torch.float32; the fp8 format stores it as torch.float8_e4m3fn"),
+    ("gptq4", lambda t: t.update({f"{LAYER}.scales": t[f"{LAYER}.scales"][:1]}),
+     rf"{LAYER}\.scales' has shape \(1, 64\)"),
+    ("gptq4", lambda t: t.update({f"{LAYER}.g_idx": t[f"{LAYER}.g_idx"] + 5}), rf"{LAYER}\.g_idx' names groups"),
+    ("awq", lambda t: t.update({f"{LAYER}.weight": torch.zeros(64, 64)}), rf"unexpected tensor '{LAYER}\.weight'"),
+])
+def test_bad_or_missing_tensors_are_a_load_error_naming_them(written, tmp_path, fmt, edit, named):
+    folder = _rewrite(written(fmt)[0], tmp_path, edit)
+    with pytest.raises(LoadError, match=named):
+        load_model(folder, dtype="float32")
+
+
+def test_mixture_of_experts_checkpoints_are_refused_by_name(tiny_checkpoint, tmp_path):
+    import shutil
+    folder = tmp_path / "moe"
+    shutil.copytree(tiny_checkpoint("qwen3_vl_moe"), folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["quantization_config"] = FORMATS["fp8"]
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(LoadError, match="pre-quantised \\(fp8\\) mixture-of-experts"):
+        load_model(folder)
+
+
+def test_a_group_size_the_kernel_lacks_is_split_exactly():
+    # AWQ with 512-column groups: the int4 kernel takes at most 256, so each group becomes two with the same
+    # scale and zero point; the layer still equals the checkpoint's weights
+    g = torch.Generator().manual_seed(0)
+    in_f, out_f, group = 1024, 64, 512
+    q = torch.randint(0, 16, (in_f, out_f), generator=g)
+    z = torch.randint(0, 16, (in_f // group, out_f), generator=g)
+    s = (torch.rand(in_f // group, out_f, generator=g) * 0.01 + 0.001).half()
+    toy = nn.Sequential(nn.Linear(in_f, out_f, bias=False, device="meta"))
+    hook = PrequantizedWeights(QuantSpec("awq", 4, group), torch.float32)
+    expected = hook.prepare(toy, toy.state_dict())
+    assert {k: tuple(v.shape) for k, v in expected.items()} == \
+        {"0.qweight": (in_f, out_f // 8), "0.qzeros": (2, out_f // 8), "0.scales": (2, out_f)}
+    assert hook.convert("0.qweight", pack_awq(q)) == {} and hook.convert("0.qzeros", pack_awq(z)) == {}
+    state = hook.convert("0.scales", s)
+    hook.install(toy)
+    toy.load_state_dict(state, strict=True, assign=True)
+    layer = toy[0]
+    assert type(layer) is Int4Linear and layer.group_size == 256
+    w = ((q - z.repeat_interleave(group, 0)) * s.float().repeat_interleave(group, 0)).t()
+    torch.testing.assert_close(layer.dequantize(), w, rtol=0, atol=1e-6)
