@@ -40,6 +40,9 @@ FORMATS = {
     # block sizes that leave partial edge blocks on the tiny widths (Qwen's uploads use [128, 128])
     "fp8": dict(quant_method="fp8", fmt="e4m3", activation_scheme="dynamic", weight_block_size=[32, 48],
                 modules_to_not_convert=["lm_head", "model.visual"]),
+    # as the Qwen3-VL FP8 configs spell it: every float linear by name, in both namings (filled in below)
+    "fp8-listed": dict(quant_method="fp8", fmt="e4m3", activation_scheme="dynamic", weight_block_size=[32, 32],
+                       ignored_layers=None),
 }
 
 
@@ -74,13 +77,13 @@ def gptq_quantize(w: torch.Tensor, bits: int, group: int | None, sym: bool, perm
 def _pack_layer(fmt: str, cfg: dict, w: torch.Tensor, seed: int):
     """-> ({part: stored tensor}, dequantised float32 weight [out, in]). The dequantised weight is computed
     from the quantiser's own integers, not by unpacking, so the loader's unpackers are under test too."""
-    if fmt == "awq":
+    if cfg["quant_method"] == "awq":
         g = cfg["group_size"]
         q, s, z = quantize_int4(w, g, scale_dtype=torch.float16)           # [out, in], [out, in/g] x2
         parts = dict(qweight=pack_awq(q.t()), qzeros=pack_awq(z.t().long()), scales=s.t().contiguous())
         ref = (q.float() - z.float().repeat_interleave(g, 1)) * s.float().repeat_interleave(g, 1)
         return parts, ref
-    if fmt == "fp8":
+    if cfg["quant_method"] == "fp8":
         bo, bi = cfg["weight_block_size"]
         q, scale_inv = quantize_fp8(w, (bo, bi))
         per_element = scale_inv.repeat_interleave(bo, 0)[: w.shape[0]].repeat_interleave(bi, 1)[:, : w.shape[1]]
@@ -117,6 +120,10 @@ def write_prequantized(src: Path, out: Path, fmt: str, legacy_names: bool = Fals
             # AWQ/GPTQ writers store the bias beside the packed weight in float16
             b = tensors[key[: -len("weight")] + "bias"].half()
             quant[bias_key], twin[bias_key] = b, b.float()
+    if "ignored_layers" in cfg:
+        floats = sorted(k[: -len(".weight")] for k, t in tensors.items()
+                        if t.dim() == 2 and not _DECODER_LINEAR.search(k) and "embed_tokens" not in k)
+        cfg = {**cfg, "ignored_layers": [n for f in floats for n in (f, legacy_key(f))]}
     for folder, state, qc in ((out / f"{fmt}-quant", quant, cfg), (out / f"{fmt}-dequant", twin, None)):
         shutil.copytree(src, folder, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
         save_file({k: v.contiguous() for k, v in state.items()}, folder / "model.safetensors",

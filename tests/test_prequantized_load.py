@@ -25,7 +25,7 @@ from qwenvl.quantize import LoadQuantizer
 
 # what each decoder linear becomes
 LAYER_KIND = {"awq": Int4Linear, "gptq4": Int4Linear, "gptq4-actorder-asym": Int4Linear, "gptq4-v2": Int4Linear,
-              "gptq8-channel": Int8Linear, "gptq8-grouped": nn.Linear, "fp8": nn.Linear}
+              "gptq8-channel": Int8Linear, "gptq8-grouped": nn.Linear, "fp8": nn.Linear, "fp8-listed": nn.Linear}
 PROMPT_IDS = torch.tensor([5, 17, 33, 2, 99, 150, 7, 8, 9, 10, 11, 12])
 
 
@@ -52,7 +52,8 @@ def _decoder_linears(model):
 
 @pytest.mark.parametrize("fmt", list(FORMATS))
 def test_loads_into_our_layers_with_the_dequantised_models_logits(written, fmt):
-    quant, twin = written(fmt)
+    # Qwen3-VL is the family with official FP8 uploads; the others with AWQ / GPTQ ones
+    quant, twin = written(fmt, family="qwen3_vl" if fmt == "fp8-listed" else "qwen2_vl")
     model, _ = load_model(quant, dtype="float32")
     ref, _ = load_model(twin, dtype="float32")
     layers = _decoder_linears(model)
@@ -175,3 +176,14 @@ def test_a_group_size_the_kernel_lacks_is_split_exactly():
     assert type(layer) is Int4Linear and layer.group_size == 256
     w = ((q - z.repeat_interleave(group, 0)) * s.float().repeat_interleave(group, 0)).t()
     torch.testing.assert_close(layer.dequantize(), w, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("fmt", ["awq", "gptq8-channel"])
+def test_in_bfloat16_as_close_to_the_float32_twin_as_the_bfloat16_twin_is(written, fmt):
+    # bf16 scales and activations round differently in the packed layer and in a float one; neither
+    # should be further from the exact (float32) dequantised model than bf16 itself makes it
+    quant, twin = written(fmt)
+    exact = tiny_logits(load_model(twin, dtype="float32")[0], PROMPT_IDS)
+    got = tiny_logits(load_model(quant, dtype="bfloat16")[0], PROMPT_IDS)
+    bf16_twin = tiny_logits(load_model(twin, dtype="bfloat16")[0], PROMPT_IDS)
+    assert (got - exact).abs().max() <= 2 * (bf16_twin - exact).abs().max()

@@ -45,7 +45,8 @@ def read_spec(config: dict) -> QuantSpec | None:
             f"a pre-quantised checkpoint (quantization_config.quant_method={method!r}); qwenvl reads the "
             f"pre-quantised formats {', '.join(SUPPORTED_METHODS)} only. Load the original bfloat16/float16 "
             "checkpoint with quantization='int8' or 'int4' (--quantization) instead.")
-    skip = qc.get("modules_to_not_convert")
+    # vLLM / SGLang FP8 configs name the same list ignored_layers
+    skip = qc.get("modules_to_not_convert", qc.get("ignored_layers"))
     skip = None if skip is None else tuple(str(s) for s in skip)
     return {"awq": _awq, "gptq": _gptq, "fp8": _fp8}[method](qc, skip)
 
