@@ -171,7 +171,7 @@ class PrequantizedWeights:
             return self._int4_or_float(layer, args, bias, lambda: awq.dequantize_awq(
                 got["qweight"], got["qzeros"], got["scales"], s.group_size))
         in_f = got["g_idx"].numel()
-        group = s.group_size or in_f
+        group = min(s.group_size or in_f, in_f)          # a group wider than the row is the whole row
         g_idx, n_groups = got["g_idx"].long(), got["scales"].shape[0]
         if g_idx.min() < 0 or g_idx.max() >= n_groups:
             raise LoadError(f"tensor '{layer}.g_idx' names groups outside 0..{n_groups - 1}")

@@ -98,8 +98,10 @@ def _pack_layer(fmt: str, cfg: dict, w: torch.Tensor, seed: int):
     return parts, ((q.float() - z[g].float()) * s.float()[g]).t()
 
 
-def write_prequantized(src: Path, out: Path, fmt: str, legacy_names: bool = False) -> tuple[Path, Path]:
-    """-> (pre-quantised folder, dequantised float twin folder), both complete checkpoints."""
+def write_prequantized(src: Path, out: Path, fmt: str, legacy_names: bool = False, sharded: bool = False
+                       ) -> tuple[Path, Path]:
+    """-> (pre-quantised folder, dequantised float twin folder), both complete checkpoints. `sharded`: the
+    quantised tensors alternate over two files with an index, so one layer's parts sit in different shards."""
     cfg = FORMATS[fmt]
     method = cfg["quant_method"]
     tensors: dict[str, torch.Tensor] = {}
@@ -124,12 +126,23 @@ def write_prequantized(src: Path, out: Path, fmt: str, legacy_names: bool = Fals
         floats = sorted(k[: -len(".weight")] for k, t in tensors.items()
                         if t.dim() == 2 and not _DECODER_LINEAR.search(k) and "embed_tokens" not in k)
         cfg = {**cfg, "ignored_layers": [n for f in floats for n in (f, legacy_key(f))]}
-    for folder, state, qc in ((out / f"{fmt}-quant", quant, cfg), (out / f"{fmt}-dequant", twin, None)):
+    tag = f"{fmt}{'-sharded' if sharded else ''}"
+    for folder, state, qc in ((out / f"{tag}-quant", quant, cfg), (out / f"{tag}-dequant", twin, None)):
         shutil.copytree(src, folder, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
-        save_file({k: v.contiguous() for k, v in state.items()}, folder / "model.safetensors",
-                  metadata={"format": "pt"})
+        _save(folder, {k: v.contiguous() for k, v in state.items()}, sharded and qc is not None)
         config = json.loads((folder / "config.json").read_text())
         if qc is not None:
             config["quantization_config"] = qc
         (folder / "config.json").write_text(json.dumps(config, indent=2))
-    return out / f"{fmt}-quant", out / f"{fmt}-dequant"
+    return out / f"{tag}-quant", out / f"{tag}-dequant"
+
+
+def _save(folder: Path, state: dict[str, torch.Tensor], sharded: bool) -> None:
+    if not sharded:
+        save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+        return
+    names = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
+    weight_map = {k: names[i % 2] for i, k in enumerate(sorted(state))}
+    for name in names:
+        save_file({k: state[k] for k, f in weight_map.items() if f == name}, folder / name, metadata={"format": "pt"})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))

@@ -27,20 +27,21 @@ from qwenvl.quantize import LoadQuantizer
 LAYER_KIND = {"awq": Int4Linear, "gptq4": Int4Linear, "gptq4-actorder-asym": Int4Linear, "gptq4-v2": Int4Linear,
               "gptq8-channel": Int8Linear, "gptq8-grouped": nn.Linear, "fp8": nn.Linear, "fp8-listed": nn.Linear}
 PROMPT_IDS = torch.tensor([5, 17, 33, 2, 99, 150, 7, 8, 9, 10, 11, 12])
+LAYER = "model.language_model.layers.1.self_attn.q_proj"          # the layer the error tests break
 
 
 @pytest.fixture(scope="module")
 def written(tiny_checkpoint, tmp_path_factory):
-    """written(fmt, family="qwen2_vl", legacy_names=False) -> (quantised folder, dequantised twin), cached."""
+    """written(fmt, family="qwen2_vl", legacy_names=False, sharded=False) -> (quantised folder, twin), cached."""
     root = tmp_path_factory.mktemp("prequantized")
     cache = {}
 
-    def get(fmt, family="qwen2_vl", legacy_names=False):
-        key = (fmt, family, legacy_names)
+    def get(fmt, family="qwen2_vl", legacy_names=False, sharded=False):
+        key = (fmt, family, legacy_names, sharded)
         if key not in cache:
             out = root / f"{family}-{'legacy' if legacy_names else 'current'}"
             out.mkdir(exist_ok=True)
-            cache[key] = write_prequantized(tiny_checkpoint(family), out, fmt, legacy_names)
+            cache[key] = write_prequantized(tiny_checkpoint(family), out, fmt, legacy_names, sharded)
         return cache[key]
     return get
 
@@ -92,6 +93,17 @@ def test_original_hub_key_names_and_modules_to_not_convert(written):
     torch.testing.assert_close(tiny_logits(model, PROMPT_IDS), tiny_logits(ref, PROMPT_IDS), rtol=0, atol=2e-5)
 
 
+@pytest.mark.parametrize("fmt", ["gptq4-actorder-asym", "fp8"])
+def test_a_layers_parts_split_over_shards_load_the_same(written, fmt):
+    quant, twin = written(fmt, sharded=True)
+    index = json.loads((quant / "model.safetensors.index.json").read_text())["weight_map"]
+    assert len({index[f"{LAYER}.{p}"] for p in ("qweight", "qzeros") if f"{LAYER}.{p}" in index} |
+               {index[f"{LAYER}.{p}"] for p in ("weight", "weight_scale_inv") if f"{LAYER}.{p}" in index}) == 2
+    model, _ = load_model(quant, dtype="float32")
+    ref, _ = load_model(twin, dtype="float32")
+    torch.testing.assert_close(tiny_logits(model, PROMPT_IDS), tiny_logits(ref, PROMPT_IDS), rtol=0, atol=2e-5)
+
+
 def test_grouped_gptq8_layers_are_kept_float_with_a_note(written, caplog):
     quant, _ = written("gptq8-grouped")
     with caplog.at_level(logging.WARNING, logger="qwenvl.loader"):
@@ -120,9 +132,6 @@ def _rewrite(folder, tmp_path, edit):
     edit(tensors)
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
     return out
-
-
-LAYER = "model.language_model.layers.1.self_attn.q_proj"
 
 
 @pytest.mark.parametrize("fmt,edit,named", [
