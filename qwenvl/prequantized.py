@@ -45,6 +45,8 @@ log = logging.getLogger("qwenvl.loader")
 _DECODER_BLOCKS = "model.language_model.layers"
 _HEAD = "lm_head"
 _ANY_FLOAT = None                                 # a part whose dtype may be any float (scales, bias)
+_INT32 = (torch.int32,)
+_INDEX = (torch.int32, torch.int64)               # g_idx: int32 as AutoGPTQ writes it; int64 is as good
 
 
 class _PendingLayer(nn.Module):
@@ -73,7 +75,7 @@ class PrequantizedWeights:
 
     def __init__(self, spec: QuantSpec, dtype: torch.dtype):
         self.spec, self.dtype = spec, dtype
-        self._parts: dict[str, dict[str, torch.dtype | None]] = {}   # layer -> part -> required dtype
+        self._parts: dict[str, dict[str, tuple | None]] = {}   # layer -> part -> allowed dtypes (None: floats)
         self._read: dict[str, dict[str, torch.Tensor]] = {}
         self._built: dict[str, nn.Module] = {}
         self.notes: list[str] = []
@@ -107,35 +109,36 @@ class PrequantizedWeights:
             if "bias" in parts:
                 del out[f"{name}.bias"]
             for part, (shape, dtype) in parts.items():
-                out[f"{name}.{part}"] = torch.empty(shape, dtype=dtype or torch.float16, device="meta")
+                out[f"{name}.{part}"] = torch.empty(shape, dtype=dtype[0] if dtype else torch.float16, device="meta")
             self._parts[name] = {part: dtype for part, (shape, dtype) in parts.items()}
             if self.spec.method != "fp8":
                 _replace(model, name, _PendingLayer(lin.in_features, lin.out_features))
         return out
 
-    def _layout(self, in_f: int, out_f: int, name: str) -> dict[str, tuple[torch.Size, torch.dtype | None]]:
+    def _layout(self, in_f: int, out_f: int, name: str) -> dict[str, tuple[torch.Size, tuple | None]]:
         """The format's tensors for one linear [out_f, in_f], as the writers store them."""
         s, S = self.spec, torch.Size
         if s.method == "fp8":
             bo, bi = s.block
-            return {"weight": (S([out_f, in_f]), torch.float8_e4m3fn),
-                    "weight_scale_inv": (S([-(-out_f // bo), -(-in_f // bi)]), torch.float32)}
+            # the scales are float32 in Qwen's and DeepSeek's files; any float dtype reads the same
+            return {"weight": (S([out_f, in_f]), (torch.float8_e4m3fn,)),
+                    "weight_scale_inv": (S([-(-out_f // bo), -(-in_f // bi)]), _ANY_FLOAT)}
         per = 32 // s.bits
         if s.method == "awq":
             if out_f % per or in_f % s.group_size:
                 raise LoadError(f"{name}: [{out_f}, {in_f}] does not fit AWQ packing (out % 8, in % group_size "
                                 f"{s.group_size})")
             groups = in_f // s.group_size
-            return {"qweight": (S([in_f, out_f // per]), torch.int32),
-                    "qzeros": (S([groups, out_f // per]), torch.int32),
+            return {"qweight": (S([in_f, out_f // per]), _INT32),
+                    "qzeros": (S([groups, out_f // per]), _INT32),
                     "scales": (S([groups, out_f]), _ANY_FLOAT)}
         if in_f % per or out_f % per:
             raise LoadError(f"{name}: [{out_f}, {in_f}] does not fit {s.bits}-bit GPTQ packing (multiples of {per})")
         groups = -(-in_f // (s.group_size or in_f))
-        return {"qweight": (S([in_f // per, out_f]), torch.int32),
-                "qzeros": (S([groups, out_f // per]), torch.int32),
+        return {"qweight": (S([in_f // per, out_f]), _INT32),
+                "qzeros": (S([groups, out_f // per]), _INT32),
                 "scales": (S([groups, out_f]), _ANY_FLOAT),
-                "g_idx": (S([in_f]), torch.int32)}
+                "g_idx": (S([in_f]), _INDEX)}
 
     # ------------------------------------------------------------------------------------------ reading
     def claims(self, key: str) -> bool:
@@ -147,8 +150,9 @@ class PrequantizedWeights:
         tensors the model holds for it (an fp8 layer's float weight, or a built layer's buffers)."""
         layer, _, part = key.rpartition(".")
         want = self._parts[layer][part]
-        if want is not None and t.dtype != want:
-            raise LoadError(f"tensor {key!r} has dtype {t.dtype}; the {self.spec.method} format stores it as {want}")
+        if want is not None and t.dtype not in want:
+            raise LoadError(f"tensor {key!r} has dtype {t.dtype}; the {self.spec.method} format stores it as "
+                            + " or ".join(map(str, want)))
         if want is None and not t.is_floating_point():
             raise LoadError(f"tensor {key!r} has dtype {t.dtype}; the {self.spec.method} format stores it as floats")
         got = self._read.setdefault(layer, {})
