@@ -37,14 +37,16 @@ def pack_along(q: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
 
 
 def unpack_along(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """int32 words -> uint8 integers, fields unpacked along `dim` (inverse of pack_along); vectorised over the
+    fields, and the arithmetic shift of negative words is harmless under the mask."""
     per, mask = 32 // bits, (1 << bits) - 1
-    p = packed.to(torch.int64) & 0xFFFFFFFF
-    if dim == 0:
-        p = p.t()
-    rows, n = p.shape
-    q = torch.stack([(p >> (bits * j)) & mask for j in range(per)], dim=-1)  # [rows, n, per]
-    q = q.reshape(rows, n * per).to(torch.uint8)
-    return q.t().contiguous() if dim == 0 else q
+    shifts = torch.arange(0, 32, bits, dtype=torch.int32)
+    p = packed.to(torch.int32)
+    if dim == 0:                                                         # [in/per, out] -> [in, out]
+        q = (p[:, None, :] >> shifts[None, :, None]) & mask              # [in/per, per, out]
+        return q.to(torch.uint8).reshape(p.shape[0] * per, p.shape[1])
+    q = (p[..., None] >> shifts) & mask                                  # [rows, n, per]
+    return q.to(torch.uint8).reshape(p.shape[0], p.shape[1] * per)
 
 
 def pack_gptq(q, zeros, bits: int, checkpoint_format: str = "gptq"):
