@@ -13,10 +13,10 @@ How each format lands, without a float round trip where an exact repack exists:
   * AWQ int4, GPTQ int4 (act-order too) -> Int4Linear.from_int4: the same integers, scales and integer
     zero points, repacked for `_weight_int4pack_mm_for_cpu`; a group size the kernel lacks is split into
     kernel-sized groups with repeated scales (exact) when it can be, else that layer becomes float.
-  * GPTQ int8 -> Int8Linear when each output row has one scale and one zero point (group_size -1, or all
-    groups equal) so that q - zero is an int8 per-channel weight, exactly; otherwise (the usual 128-column
-    groups) that layer is dequantised to the model dtype, noted in the log: Int8Linear has one scale per
-    output row, and re-rounding to it would be a second lossy quantisation.
+  * GPTQ int8 -> Int8Linear when each output row has one scale and one zero point (group_size -1) so that
+    q - zero is an int8 per-channel weight, exactly; with groups (Qwen's use 128 columns) the layer is
+    dequantised to the model dtype, noted in the log: Int8Linear has one scale per output row, and
+    re-rounding to it would be a second lossy quantisation, done only when asked (quantization="int8").
   * FP8 block -> float in the model dtype (weight * weight_scale_inv of its 128x128 block). The CPU has no
     FP8 matrix product, and requantising to int8 per output row would round a second time: e4m3 keeps 3
     mantissa bits of every value, a per-row int8 step is 1/127 of the row's largest value, so small blocks
@@ -78,6 +78,7 @@ class PrequantizedWeights:
         self._parts: dict[str, dict[str, tuple | None]] = {}   # layer -> part -> allowed dtypes (None: floats)
         self._read: dict[str, dict[str, torch.Tensor]] = {}
         self._built: dict[str, nn.Module] = {}
+        self._as_float: set[str] = set()         # layers that stay nn.Linear and load a dequantised weight
         self.notes: list[str] = []
 
     # ---------------------------------------------------------------------------------------- selection
@@ -93,8 +94,9 @@ class PrequantizedWeights:
         return not (name == _HEAD and (s.method == "awq" or s.skip is None))
 
     def prepare(self, model: nn.Module, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Swap the packed linears for placeholders (fp8 ones stay nn.Linear: they load as float) and map
-        the float model's expected tensors to the checkpoint's (meta tensors carrying shape and dtype)."""
+        """Swap the packed linears for placeholders and map the float model's expected tensors to the
+        checkpoint's (meta tensors carrying shape and dtype). Layers that load as float (FP8, grouped 8-bit
+        GPTQ) stay nn.Linear, so a LoadQuantizer prepared afterwards may still take them over."""
         if any(isinstance(m, Experts) for m in model.modules()):
             raise LoadError(f"pre-quantised ({self.spec.method}) mixture-of-experts checkpoints are not read yet; "
                             "load the bfloat16 checkpoint, with quantization='int8' or 'int4' if memory is short")
@@ -111,9 +113,19 @@ class PrequantizedWeights:
             for part, (shape, dtype) in parts.items():
                 out[f"{name}.{part}"] = torch.empty(shape, dtype=dtype[0] if dtype else torch.float16, device="meta")
             self._parts[name] = {part: dtype for part, (shape, dtype) in parts.items()}
-            if self.spec.method != "fp8":
+            if self._loads_as_float(lin.in_features):
+                self._as_float.add(name)
+                if self.spec.method == "gptq":
+                    self.notes.append(f"{name}: a scale per {self.spec.group_size} columns, Int8Linear holds one "
+                                      "per output row")
+            else:
                 _replace(model, name, _PendingLayer(lin.in_features, lin.out_features))
         return out
+
+    def _loads_as_float(self, in_features: int) -> bool:
+        s = self.spec
+        return s.method == "fp8" or (s.method == "gptq" and s.bits == 8 and s.group_size is not None
+                                     and s.group_size < in_features)
 
     def _layout(self, in_f: int, out_f: int, name: str) -> dict[str, tuple[torch.Size, tuple | None]]:
         """The format's tensors for one linear [out_f, in_f], as the writers store them."""
@@ -160,13 +172,25 @@ class PrequantizedWeights:
         if len(got) < len(self._parts[layer]):
             return {}
         del self._read[layer]
-        if self.spec.method == "fp8":
-            w = fp8.dequantize_fp8(got["weight"], got["weight_scale_inv"], self.spec.block)
-            return {f"{layer}.weight": w.to(self.dtype)}
+        if layer in self._as_float:
+            return self._float_tensors(layer, got)
         module = self._build(layer, got)
         self._built[layer] = module
         return {f"{layer}.{n}": b for n, b in module.named_buffers()} | \
                {f"{layer}.{n}": p.detach() for n, p in module.named_parameters()}
+
+    def _float_tensors(self, layer: str, got: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        s = self.spec
+        if s.method == "fp8":
+            w = fp8.dequantize_fp8(got["weight"], got["weight_scale_inv"], s.block)
+        else:
+            _check_g_idx(layer, got)
+            w = gptq.dequantize_gptq(got["qweight"], got["qzeros"], got["scales"], got["g_idx"], s.bits,
+                                     s.checkpoint_format)
+        out = {f"{layer}.weight": w.to(self.dtype)}
+        if "bias" in got:
+            out[f"{layer}.bias"] = got["bias"].to(self.dtype)
+        return out
 
     def _build(self, layer: str, got: dict[str, torch.Tensor]) -> nn.Module:
         s, bias = self.spec, got.get("bias")
@@ -176,10 +200,8 @@ class PrequantizedWeights:
                 got["qweight"], got["qzeros"], got["scales"], s.group_size))
         in_f = got["g_idx"].numel()
         group = min(s.group_size or in_f, in_f)          # a group wider than the row is the whole row
-        g_idx, n_groups = got["g_idx"].long(), got["scales"].shape[0]
-        if g_idx.min() < 0 or g_idx.max() >= n_groups:
-            raise LoadError(f"tensor '{layer}.g_idx' names groups outside 0..{n_groups - 1}")
-        counts = torch.bincount(g_idx, minlength=n_groups)
+        _check_g_idx(layer, got)
+        counts = torch.bincount(got["g_idx"].long(), minlength=got["scales"].shape[0])
 
         def dequantized():
             return gptq.dequantize_gptq(got["qweight"], got["qzeros"], got["scales"], got["g_idx"], s.bits,
@@ -236,6 +258,12 @@ class PrequantizedWeights:
         if self.notes:
             log.warning("%d pre-quantised (%s) layer(s) loaded as float: %s", len(self.notes), self.spec.method,
                         "; ".join(self.notes[:3]) + (" ..." if len(self.notes) > 3 else ""))
+
+
+def _check_g_idx(layer: str, got: dict[str, torch.Tensor]) -> None:
+    g_idx, n_groups = got["g_idx"], got["scales"].shape[0]
+    if g_idx.min() < 0 or g_idx.max() >= n_groups:
+        raise LoadError(f"tensor '{layer}.g_idx' names groups outside 0..{n_groups - 1}")
 
 
 def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:

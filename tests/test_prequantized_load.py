@@ -109,18 +109,27 @@ def test_grouped_gptq8_layers_are_kept_float_with_a_note(written, caplog):
     with caplog.at_level(logging.WARNING, logger="qwenvl.loader"):
         load_model(quant, dtype="float32")
     assert "14 pre-quantised (gptq) layer(s) loaded as float" in caplog.text
-    assert "scale per group" in caplog.text
+    assert "a scale per 32 columns, Int8Linear holds one per output row" in caplog.text
 
 
-def test_quantization_on_top_applies_to_the_float_layers_only(written):
-    # FP8 layers load float; asking int8 on top quantises them (and the head) as any float checkpoint
-    quant, _ = written("fp8")
+@pytest.mark.parametrize("fmt", ["fp8", "gptq8-grouped"])
+def test_quantization_on_top_applies_to_the_float_layers_only(written, fmt):
+    # FP8 and grouped GPTQ-8 layers load float; asking int8 on top quantises them (and the head) as any
+    # float checkpoint, from the dequantised weights
+    quant, twin = written(fmt)
     model, _ = load_model(quant, dtype="float32", quantizer=LoadQuantizer("int8"))
     assert all(type(m) is Int8Linear for m in _decoder_linears(model).values())
     assert type(model.lm_head) is Int8Linear
+    ref, _ = load_model(twin, dtype="float32", quantizer=LoadQuantizer("int8"))
+    for k, v in ref.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+
+
+def test_the_checkpoints_own_int4_layers_are_kept_under_quantization_on_top(written):
     quant, _ = written("awq")
     model, _ = load_model(quant, dtype="float32", quantizer=LoadQuantizer("int8"))
     assert all(type(m) is Int4Linear for m in _decoder_linears(model).values())   # the checkpoint's own
+    assert type(model.lm_head) is Int8Linear                                        # float in the file
 
 
 def _rewrite(folder, tmp_path, edit):
