@@ -205,3 +205,37 @@ def test_in_bfloat16_as_close_to_the_float32_twin_as_the_bfloat16_twin_is(writte
     got = tiny_logits(load_model(quant, dtype="bfloat16")[0], PROMPT_IDS)
     bf16_twin = tiny_logits(load_model(twin, dtype="bfloat16")[0], PROMPT_IDS)
     assert (got - exact).abs().max() <= 2 * (bf16_twin - exact).abs().max()
+
+
+def _targets(tiny_checkpoint, qc: dict) -> set[str]:
+    """The linears a quantization_config marks as packed in the tiny Qwen2-VL (read off the meta model)."""
+    from qwenvl.config import ModelConfig
+    from qwenvl.models import build_model
+    from qwenvl.quant_formats.spec import read_spec
+    cfg = ModelConfig.from_dir(tiny_checkpoint("qwen2_vl"))
+    with torch.device("meta"):
+        model = build_model(cfg)
+    expected = PrequantizedWeights(read_spec({"quantization_config": qc}), torch.float32).prepare(
+        model, model.state_dict())
+    return {k.rpartition(".")[0] for k in expected if k.endswith((".qweight", ".weight_scale_inv"))}
+
+
+def test_which_linears_are_packed_follows_each_writers_rule(tiny_checkpoint):
+    decoder = {f"model.language_model.layers.{i}.{m}" for i in range(2) for m in (
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+    awq = dict(quant_method="awq", bits=4, group_size=32, version="gemm", zero_point=True)
+    gptq = dict(quant_method="gptq", bits=4, group_size=32)
+    fp8 = dict(quant_method="fp8", weight_block_size=[32, 32])
+    everything = _targets(tiny_checkpoint, awq)             # no skip list: AWQ packs the vision tower too
+    assert decoder < everything and "lm_head" not in everything
+    assert any(n.startswith("model.visual.blocks.") for n in everything)
+    assert _targets(tiny_checkpoint, {**awq, "modules_to_not_convert": ["visual"]}) == decoder   # Hub naming
+    assert _targets(tiny_checkpoint, gptq) == decoder       # the decoder blocks only
+    assert _targets(tiny_checkpoint, {**gptq, "block_name_to_quantize": "model.layers",
+                                      "modules_in_block_to_quantize": [["self_attn.q_proj"], ["mlp.down_proj"]]}) \
+        == {n for n in decoder if n.endswith(("q_proj", "down_proj"))}
+    assert _targets(tiny_checkpoint, {**gptq, "modules_to_not_convert": ["model.layers.1"]}) == \
+        {n for n in decoder if ".layers.0." in n}
+    assert _targets(tiny_checkpoint, fp8) == everything     # no list: all but the head
+    assert _targets(tiny_checkpoint, {**fp8, "modules_to_not_convert": ["model.visual"]}) == decoder | {"lm_head"}

@@ -83,7 +83,7 @@ def _gptq(qc: dict, skip) -> QuantSpec:
     return QuantSpec("gptq", bits, None if group == -1 else group, desc_act=bool(qc.get("desc_act", False)),
                      sym=bool(qc.get("sym", True)), checkpoint_format=fmt, skip=skip,
                      block_name=qc.get("block_name_to_quantize"),
-                     modules_in_block=None if inner is None else tuple(str(m) for group in inner for m in group))
+                     modules_in_block=None if inner is None else tuple(str(m) for names in inner for m in names))
 
 
 def _fp8(qc: dict, skip) -> QuantSpec:
