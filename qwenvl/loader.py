@@ -13,31 +13,17 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint_keys import canonical_key
 from .config import ModelConfig
+from .load_error import LoadError
 from .models import build_model
+from .prequantized import PrequantizedWeights
+from .quant_formats import UnsupportedQuantFormat
+from .quant_formats.spec import read_spec
 from .quantize import LoadQuantizer
 from .safetensors_reader import SafetensorsReader
 
-# Older checkpoints (transformers < 4.52, and the original Hub uploads) name the towers differently.
-_LEGACY_PREFIXES = (("visual.", "model.visual."), ("model.", "model.language_model."))
-_CURRENT_PREFIXES = ("model.visual.", "model.language_model.", "lm_head.")
-
-
 _EXPERT_SUFFIXES = (".experts.gate_up_proj", ".experts.down_proj")
-
-
-class LoadError(ValueError):
-    """A checkpoint folder whose weights do not fit the model; the message names the file and key."""
-
-
-def canonical_key(key: str) -> str:
-    """Map either key naming onto ours (transformers 5.x: model.visual.*, model.language_model.*, lm_head.*)."""
-    if key.startswith(_CURRENT_PREFIXES):
-        return key
-    for old, new in _LEGACY_PREFIXES:
-        if key.startswith(old):
-            return new + key[len(old):]
-    return key
 
 
 def weight_files(model_dir: Path) -> list[Path]:
@@ -64,11 +50,13 @@ def weight_files(model_dir: Path) -> list[Path]:
 def read_state_dict(model_dir: Path, expected: dict[str, torch.Tensor], ignore: set[str],
                     dtype: torch.dtype, device: torch.device,
                     quantizer: LoadQuantizer | None = None,
-                    experts_in_out: bool = False) -> dict[str, torch.Tensor]:
+                    experts_in_out: bool = False, prequantized: PrequantizedWeights | None = None
+                    ) -> dict[str, torch.Tensor]:
     """Read every tensor, check it against the expected names and shapes, cast floats to `dtype`; with a
     quantizer, each tensor is converted as soon as it is read (the float copy is dropped right away).
     `experts_in_out`: fused expert tensors are stored [E, in, out] (the Hub's MoE files); they are
-    transposed to the model's [E, out, in] before the shape check."""
+    transposed to the model's [E, out, in] before the shape check. `prequantized` takes the packed layers'
+    tensors as stored (no cast: int32 words, fp16 scales, fp8 weights) and hands back the model's tensors."""
     state: dict[str, torch.Tensor] = {}
     seen: set[str] = set()
     for f in weight_files(model_dir):
@@ -90,10 +78,16 @@ def read_state_dict(model_dir: Path, expected: dict[str, torch.Tensor], ignore: 
                 if tuple(t.shape) != want:
                     raise LoadError(f"{f.name}: tensor {raw_key!r} has shape {tuple(t.shape)}, "
                                     f"the model expects {want} (from config.json)")
-                if t.is_floating_point():
-                    t = t.to(dtype).contiguous()
-                for k, v in (quantizer.convert(key, t) if quantizer else {key: t}).items():
-                    state[k] = v.to(device)
+                if prequantized is not None and prequantized.claims(key):
+                    try:
+                        loaded = prequantized.convert(key, t)
+                    except LoadError as e:
+                        raise LoadError(f"{f.name}: {e}") from None
+                else:
+                    loaded = {key: t.to(dtype).contiguous() if t.is_floating_point() else t}
+                for k1, v1 in loaded.items():
+                    for k, v in (quantizer.convert(k1, v1) if quantizer else {k1: v1}).items():
+                        state[k] = v.to(device)
     missing = [k for k in expected if k not in seen]
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
@@ -101,19 +95,18 @@ def read_state_dict(model_dir: Path, expected: dict[str, torch.Tensor], ignore: 
     return state
 
 
-def refuse_prequantized(model_dir: Path) -> None:
-    """A checkpoint that declares `quantization_config` (AWQ, GPTQ, FP8, bitsandbytes, ...) holds packed
-    tensors this loader does not read yet: say so by the format's name instead of failing on a key."""
+def prequantized_weights(model_dir: Path, dtype: torch.dtype) -> PrequantizedWeights | None:
+    """The hook for a checkpoint that declares `quantization_config` (qwenvl/prequantized.py), or None for
+    a plain one. A format qwenvl cannot read (bitsandbytes, ...) is a LoadError naming it."""
     try:
         raw = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
-        return                                  # ModelConfig.from_dir reports those, with the file named
-    qc = raw.get("quantization_config") or (raw.get("text_config") or {}).get("quantization_config")
-    if qc:
-        method = qc.get("quant_method", "unknown") if isinstance(qc, dict) else "unknown"
-        raise LoadError(f"{model_dir}: a pre-quantised checkpoint (quantization_config.quant_method={method!r}); "
-                        "qwenvl does not read pre-quantised weights yet. Load the original bfloat16/float16 "
-                        "checkpoint with quantization='int8' or 'int4' (--quantization) instead.")
+        return None                             # ModelConfig.from_dir reports those, with the file named
+    try:
+        spec = read_spec(raw)
+    except UnsupportedQuantFormat as e:
+        raise LoadError(f"{model_dir}: {e}") from None
+    return None if spec is None else PrequantizedWeights(spec, dtype)
 
 
 def load_model(model_dir: str | Path, dtype: torch.dtype | str = torch.float32,
@@ -122,22 +115,31 @@ def load_model(model_dir: str | Path, dtype: torch.dtype | str = torch.float32,
     """Build the checkpoint's model on `device` in `dtype` and fill it from its safetensors; -> (model, cfg).
 
     With a `quantizer` (qwenvl/quantize.py) the linears it targets are quantised tensor by tensor while
-    reading; the strict checks still run against the checkpoint's own float names and shapes."""
+    reading; the strict checks still run against the checkpoint's own float names and shapes.
+    A pre-quantised checkpoint (AWQ, GPTQ, FP8: qwenvl/prequantized.py) loads its packed layers into our
+    quantised layers; a `quantizer` then applies only to the linears that are float after that."""
     model_dir = Path(model_dir)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     device = torch.device(device)
     cfg = ModelConfig.from_dir(model_dir)
-    refuse_prequantized(model_dir)
+    prequantized = prequantized_weights(model_dir, dtype)
     with torch.device("meta"):
         model = build_model(cfg)
     expected = model.state_dict()
+    if prequantized is not None:
+        try:
+            expected = prequantized.prepare(model, expected)
+        except LoadError as e:
+            raise LoadError(f"{model_dir}: {e}") from None
     if quantizer is not None:
         quantizer.prepare(model, dtype)
     # A tied checkpoint may still carry a copy of the embedding as lm_head; the model does not use it.
     ignore = {"lm_head.weight"} if cfg.text.tie_word_embeddings else set()
     state = read_state_dict(model_dir, expected, ignore, dtype, device, quantizer,
-                            experts_in_out=cfg.text.experts_stored_in_out)
+                            experts_in_out=cfg.text.experts_stored_in_out, prequantized=prequantized)
+    if prequantized is not None:
+        prequantized.install(model)
     model.load_state_dict(state, strict=True, assign=True)
     leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if leftover:

@@ -59,6 +59,21 @@ def test_gptq_v1_stores_zero_minus_one():
     assert (qzeros2[0, 0].item() & 0xF) == 8
 
 
+def test_gptq_words_by_hand_qweight_along_input_qzeros_along_output():
+    # AutoGPTQ's pack(): qweight[row] |= intweight[j] << bits*(j - i) over input rows i..i+per (intweight is
+    # [in, out]); qzeros[:, col] |= zeros[:, j] << bits*(j - i) over output columns; v1 stores zero - 1
+    q = torch.arange(8).reshape(8, 1).expand(8, 8)                 # input row r holds r, every output
+    z = (torch.arange(8) + 1).reshape(1, 8)                        # output column c has zero point c + 1
+    qweight, qzeros = pack_gptq(q, z, 4, "gptq")
+    assert qweight.shape == (1, 8) and qzeros.shape == (1, 1)
+    word = qweight[0, 3].item() & 0xFFFFFFFF
+    assert [(word >> (4 * j)) & 0xF for j in range(8)] == list(range(8))
+    zword = qzeros[0, 0].item() & 0xFFFFFFFF
+    assert [(zword >> (4 * j)) & 0xF for j in range(8)] == list(range(8))
+    q8 = torch.tensor([[1], [2], [3], [250]]).expand(4, 4)         # 8 bit: four inputs a word
+    assert (pack_gptq(q8, torch.full((1, 4), 128), 8)[0][0, 2].item() & 0xFFFFFFFF) == 1 | 2 << 8 | 3 << 16 | 250 << 24
+
+
 def test_fp8_block_round_trip_within_e4m3_precision():
     g = torch.Generator().manual_seed(2)
     w = torch.randn(200, 300, generator=g)           # not multiples of 128: partial edge blocks
@@ -109,3 +124,26 @@ def test_awq_repacks_into_int4linear():
     layer = Int4Linear.from_int4(**to_int4_linear_args(pack_awq(q), pack_awq(z), s, gs), bias=None)
     ref = dequantize_awq(pack_awq(q), pack_awq(z), s, gs)
     torch.testing.assert_close(layer.dequantize().float(), ref, rtol=1e-2, atol=1e-2)
+
+
+def test_read_spec_takes_every_writers_spelling():
+    from qwenvl.quant_formats.spec import read_spec
+    assert read_spec({}) is None
+    # AutoAWQ's own quant_config spelling
+    s = read_spec({"quantization_config": {"quant_method": "awq", "w_bit": 4, "q_group_size": 64, "version": "GEMM"}})
+    assert (s.method, s.bits, s.group_size) == ("awq", 4, 64)
+    # Qwen2-VL GPTQ: group_size -1 is one group per row; `format` is GPTQModel's newer name for checkpoint_format
+    s = read_spec({"quantization_config": {"quant_method": "gptq", "bits": 8, "group_size": -1, "desc_act": True,
+                                           "sym": True, "format": "gptq_v2"}})
+    assert (s.bits, s.group_size, s.desc_act, s.checkpoint_format) == (8, None, True, "gptq_v2")
+    # vLLM / SGLang FP8 configs say ignored_layers; nested text_config placement is read too
+    s = read_spec({"text_config": {"quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128],
+                                                           "ignored_layers": ["lm_head"]}}})
+    assert (s.block, s.skip) == ((128, 128), ("lm_head",))
+    for bad, named in ((dict(quant_method="awq", zero_point=False), "zero_point=false"),
+                       (dict(quant_method="gptq", bits=4, checkpoint_format="marlin"), "'marlin'"),
+                       (dict(quant_method="fp8", weight_block_size=[128, 128], activation_scheme="static"),
+                        "'static'"),
+                       (dict(quant_method="compressed-tensors"), "'compressed-tensors'")):
+        with pytest.raises(UnsupportedQuantFormat, match=named):
+            read_spec({"quantization_config": bad})

@@ -166,15 +166,21 @@ def test_quantize_vision_covers_the_vision_tower(ckpt):
     assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
 
 
-@pytest.mark.parametrize("method", ["awq", "gptq", "fp8", "bitsandbytes"])
-def test_a_prequantised_checkpoint_is_refused_by_its_format_name(ckpt, tmp_path, method):
+@pytest.mark.parametrize("qc,named", [
+    ({"quant_method": "bitsandbytes", "load_in_4bit": True}, r"quant_method='bitsandbytes'.*quantization='int8' or 'int4'"),
+    ({"quant_method": "awq", "bits": 4, "version": "gemv"}, r"awq version='gemv'"),
+    ({"quant_method": "gptq", "bits": 3}, r"gptq with bits=3"),
+    ({"quant_method": "fp8", "activation_scheme": "dynamic"}, r"fp8 with weight_block_size=None"),
+])
+def test_an_unreadable_prequantised_checkpoint_is_refused_by_name(ckpt, tmp_path, qc, named):
+    # the readable formats load (tests/test_prequantized_load.py); the rest say what they are
     import json
     import shutil
     from qwenvl.loader import LoadError
     folder = tmp_path / "ckpt"
     shutil.copytree(ckpt, folder)
     cfg = json.loads((folder / "config.json").read_text())
-    cfg["quantization_config"] = {"quant_method": method, "bits": 4}
+    cfg["quantization_config"] = qc
     (folder / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(LoadError, match=rf"quant_method='{method}'.*quantization='int8' or 'int4'"):
+    with pytest.raises(LoadError, match=named):
         load_model(folder)

@@ -3,6 +3,7 @@
 Each module has a packer (used by tests to build tiny checkpoints in the format's documented layout)
 and an unpacker (used at load to turn the stored tensors back into integers + scales). The format is
 read from `quantization_config.quant_method` in config.json, never guessed from tensor names.
+spec.py reads and checks quantization_config; qwenvl/prequantized.py is the loader's hook that uses both.
 Real published checkpoints cannot be fetched here (no hub access); the tests build tiny ones instead.
 """
 from __future__ import annotations

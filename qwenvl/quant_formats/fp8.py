@@ -1,7 +1,8 @@
 """FP8 block layout (Qwen3-VL-*-FP8, DeepSeek-style; facts from transformers/integrations/
-finegrained_fp8.py): weight float8_e4m3fn [out, in], weight_scale_inv fp32 [ceil(out/B), ceil(in/B)]
-with B = weight_block_size (128); w = weight * weight_scale_inv of its block. Activations are
-quantised dynamically by the original kernels; here the weight is repacked for CPU kernels instead.
+finegrained_fp8.py: FP8Linear's parameters and _dequantize_fp8_weight): weight float8_e4m3fn [out, in],
+weight_scale_inv fp32 [ceil(out/B), ceil(in/B)] with B = weight_block_size (128); w = weight *
+weight_scale_inv of its block. Activations are quantised dynamically by the original kernels; qwenvl
+dequantises the weight to the model dtype instead (qwenvl/prequantized.py says why).
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""GPTQ layout (AutoGPTQ / optimum / GPTQModel), 4 or 8 bit, facts checked against optimum's docs
-and the GPTQ packers:
+"""GPTQ layout (AutoGPTQ / optimum / GPTQModel), 4 or 8 bit, facts checked against AutoGPTQ 0.7.1's
+source (nn_modules/qlinear/qlinear_cuda_old.py: pack() and the torch dequantisation path):
   qweight int32 [in*bits/32, out]      packed along the INPUT dim, sequential: row r, field j (bits
                                        bits*j) holds input r*(32/bits) + j
   qzeros  int32 [groups, out*bits/32]  packed along the output dim, sequential
@@ -7,7 +7,8 @@ and the GPTQ packers:
   g_idx   int32 [in]                   group of each input column (a permutation with desc_act)
   w[o, i] = (q[i, o] - z[g_idx[i], o]) * s[g_idx[i], o]
 checkpoint_format "gptq" (v1, the default) stores zero - 1 (a historical off-by-one); "gptq_v2" stores
-the zero itself.
+the zero itself. AutoGPTQ reads v1 zeros as (stored + 1) & (2^bits - 1), so a zero point of 0 (stored as
+all ones) comes back as 0; the unpacker does the same. Symmetric checkpoints (Qwen's) have zero 2^(bits-1).
 """
 from __future__ import annotations
 
@@ -36,14 +37,16 @@ def pack_along(q: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
 
 
 def unpack_along(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """int32 words -> uint8 integers, fields unpacked along `dim` (inverse of pack_along); vectorised over the
+    fields, and the arithmetic shift of negative words is harmless under the mask."""
     per, mask = 32 // bits, (1 << bits) - 1
-    p = packed.to(torch.int64) & 0xFFFFFFFF
-    if dim == 0:
-        p = p.t()
-    rows, n = p.shape
-    q = torch.stack([(p >> (bits * j)) & mask for j in range(per)], dim=-1)  # [rows, n, per]
-    q = q.reshape(rows, n * per).to(torch.uint8)
-    return q.t().contiguous() if dim == 0 else q
+    shifts = torch.arange(0, 32, bits, dtype=torch.int32)
+    p = packed.to(torch.int32)
+    if dim == 0:                                                         # [in/per, out] -> [in, out]
+        q = (p[:, None, :] >> shifts[None, :, None]) & mask              # [in/per, per, out]
+        return q.to(torch.uint8).reshape(p.shape[0] * per, p.shape[1])
+    q = (p[..., None] >> shifts) & mask                                  # [rows, n, per]
+    return q.to(torch.uint8).reshape(p.shape[0], p.shape[1] * per)
 
 
 def pack_gptq(q, zeros, bits: int, checkpoint_format: str = "gptq"):
