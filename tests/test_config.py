@@ -72,3 +72,14 @@ def test_errors_name_the_problem(tmp_path, tiny_checkpoint):
     raw["text_config"].pop("rope_parameters")
     with pytest.raises(ConfigError, match="mrope_section"):
         ModelConfig.from_hf(raw)
+
+
+def test_each_family_reads_its_own_rules():
+    """Family knowledge lives in models/<family>/family.py; the registry is the one list of families."""
+    from qwenvl.models.registry import FAMILIES
+
+    assert set(FAMILIES) == {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"}
+    assert FAMILIES["qwen3_vl"].text_defaults.qk_norm and not FAMILIES["qwen2_vl"].text_defaults.qk_norm
+    assert FAMILIES["qwen2_5_vl"].video_time_in_positions and FAMILIES["qwen3_vl_moe"].video_timestamps
+    with pytest.raises(ConfigError, match="model_type 'llava' is not supported; supported: qwen2_vl"):
+        ModelConfig.from_hf({"model_type": "llava"})

@@ -88,9 +88,9 @@ def test_video_follows_original_max_plus_one_rule():
 
 
 def test_qwen2_5_video_time_interval():
-    interval = video_time_interval("qwen2_5_vl", tokens_per_second=2, temporal_patch_size=2, fps=2.0)
+    interval = video_time_interval(True, tokens_per_second=2, temporal_patch_size=2, fps=2.0)   # Qwen2.5-VL
     assert interval == 2.0
-    assert video_time_interval("qwen2_vl", 2, 2, 2.0) == 1.0
+    assert video_time_interval(False, 2, 2, 2.0) == 1.0                                          # Qwen2-VL
     grid = (3, 4, 6)
     ids, mm, spans = _layout([2, ("video", grid, interval), 3])
     ours, nxt = mrope_positions(len(ids), spans, merge_size=2)

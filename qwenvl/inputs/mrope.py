@@ -23,10 +23,11 @@ class VisionSpan:
     time_interval: float = 1.0       # temporal position step per temporal patch (Qwen2.5-VL video: > 1)
 
 
-def video_time_interval(model_type: str, tokens_per_second: float, temporal_patch_size: int,
+def video_time_interval(time_in_positions: bool, tokens_per_second: float, temporal_patch_size: int,
                         fps: float) -> float:
-    """Qwen2.5-VL spaces video frames by real time: tokens_per_second * seconds per temporal patch."""
-    if model_type == "qwen2_5_vl":
+    """A family whose time axis counts real seconds (Qwen2.5-VL) spaces video frames by
+    tokens_per_second * seconds per temporal patch; the others by one position per temporal patch."""
+    if time_in_positions:
         return tokens_per_second * (temporal_patch_size / fps)
     return 1.0
 

@@ -85,7 +85,7 @@ def build_inputs(messages, tokenizer, model_cfg: ModelConfig, pre_cfg: Preproces
                              f"{kind} number {len(items) + 1} goes")
         t, h, w = proc.grid_thw
         per_frame = h * w // merge2
-        if kind == "video" and cfg.model_type in ("qwen3_vl", "qwen3_vl_moe"):
+        if kind == "video" and cfg.video_timestamps:
             # Replace the template's start/pad/end triple by one timestamped group per temporal patch.
             triple = pad > 0 and ids[pad - 1] == cfg.vision_start_token_id and pad + 1 < len(ids) \
                 and ids[pad + 1] == cfg.vision_end_token_id
@@ -99,7 +99,7 @@ def build_inputs(messages, tokenizer, model_cfg: ModelConfig, pre_cfg: Preproces
             first = len(out)
             interval = 1.0
             if kind == "video":
-                interval = video_time_interval(cfg.model_type, cfg.vision.tokens_per_second,
+                interval = video_time_interval(cfg.video_time_in_positions, cfg.vision.tokens_per_second,
                                                pre_cfg.temporal_patch_size, times.sample_fps)
             spans.append(VisionSpan(first, proc.grid_thw, interval))
             out += [want] * (t * per_frame)
