@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from qwenvl.engine.errors import EngineFull
+from qwenvl.inputs import AdmissionPolicy
 from qwenvl.outputs import RequestOutput
 from qwenvl.web.auth import COOKIE, WebAuthGate, session_token
 from qwenvl.web.chat import ChatSession, Limits, Options, Turn, readable
@@ -60,7 +61,7 @@ def test_streams_then_draws_boxes_on_the_right_image(tmp_path, image):
     box = {"label": "the square", "x1": 10, "y1": 10, "x2": 50, "y2": 40, "image_index": 1}
     engine = FakeEngine(pieces=("<|object_ref_start|>the square<|object_ref_end|>", "<|box_start|>(1,2),(3,4)",
                                 "<|box_end|>"), boxes=[box])
-    session = ChatSession(engine, Limits(max_model_len=100, default_max_pixels=200_000), out_dir=str(tmp_path / "o"))
+    session = ChatSession(engine, Limits(AdmissionPolicy(default_max_pixels=200_000), max_model_len=100), out_dir=str(tmp_path / "o"))
     turns = [Turn("Describe.", [image], answer="A green field.", done=True), Turn("Locate the square.", [image])]
     states = run(session, turns, Options(temperature=0.5, top_p=0.9, max_tokens=500))
     assert len(states) == 4 and states[-1][1] and not any(done for _, done in states[:-1])   # streamed, then done
@@ -69,7 +70,7 @@ def test_streams_then_draws_boxes_on_the_right_image(tmp_path, image):
     assert readable(last.answer) == "**the square** `[(1,2),(3,4)]`"
     # history: both turns' images, the earlier answer raw; per-image max_pixels from the low-res cap
     roles = [m["role"] for m in engine.messages]
-    assert roles == ["user", "assistant", "user"] and engine.messages[1]["content"] == "A green field."
+    assert roles == ["user", "assistant", "user"] and engine.messages[1]["content"] == [{"type": "text", "text": "A green field."}]
     assert [p["max_pixels"] for m in engine.messages[::2] for p in m["content"] if "image" in p] == [200_000] * 2
     assert (engine.params.temperature, engine.params.top_p, engine.params.max_tokens) == (0.5, 0.9, 90)  # context room
     [drawn] = last.annotated
@@ -81,14 +82,14 @@ def test_high_resolution_raises_the_pixel_cap(image):
     for high, default, expected in ((True, None, 16384 * 28 * 28), (False, None, 1280 * 28 * 28),
                                     (True, 200_000, 200_000), (False, 20 * 10**6, 1280 * 28 * 28)):
         engine = FakeEngine()
-        run(ChatSession(engine, Limits(default_max_pixels=default)), [Turn("Hi", [image])],
+        run(ChatSession(engine, Limits(AdmissionPolicy(default_max_pixels=default))), [Turn("Hi", [image])],
             Options(high_resolution=high))
         assert engine.messages[0]["content"][0]["max_pixels"] == expected
 
 
 @pytest.mark.parametrize("case", ["not_image", "too_many_bytes", "too_many_pixels", "too_many_images", "missing"])
 def test_bad_images_become_a_message(tmp_path, image, case):
-    limits = Limits(max_images=2, max_image_bytes=10_000, max_image_pixels=50_000)
+    limits = Limits(AdmissionPolicy(max_images=2, max_image_bytes=10_000, max_image_pixels=50_000))
     bad = tmp_path / "bad.png"
     if case == "not_image":
         bad.write_bytes(b"this is not a picture")

@@ -21,8 +21,14 @@ ROLES = ("system", "user", "assistant", "tool")
 _PIXEL_KEYS = ("min_pixels", "max_pixels")
 
 
+class Conversation(list):
+    """A conversation already in the canonical shape (inputs.admit made it): normalize_messages keeps it."""
+
+
 def normalize_messages(messages) -> list[dict]:
     """Return the conversation in the canonical shape; raise InputError naming the bad message and field."""
+    if isinstance(messages, Conversation):
+        return messages
     if not isinstance(messages, (list, tuple)) or not messages:
         raise InputError("messages must be a non-empty list of {'role', 'content'} objects")
     out = []

@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..inputs.admission import AdmissionPolicy
 from . import dashscope_routes, openai_routes
 from .auth import check_api_key
 from .errors import APIError, error_response, is_dashscope_path, new_request_id
@@ -68,7 +69,9 @@ def _server_state(async_engine, settings: ServerSettings) -> ServerState:
         engine=async_engine, settings=settings, fetcher=fetcher,
         model_name=settings.served_model_name or info.model_name or "qwenvl", info=info,
         max_model_len=info.max_model_len,
-        pixel_factor=info.pixel_factor, default_max_pixels=info.default_max_pixels,
+        policy=AdmissionPolicy(max_images=settings.max_images, max_video_frames=settings.max_video_frames,
+                               max_image_bytes=settings.max_image_bytes, max_image_pixels=settings.max_image_pixels,
+                               pixel_factor=info.pixel_factor, default_max_pixels=info.default_max_pixels),
         api_key=settings.resolved_api_key(), api_prefixes=API_PREFIXES)
     state.metrics = Metrics(async_engine.stats, lambda: state.inflight)    # reads the live count at scrape time
     return state

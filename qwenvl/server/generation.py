@@ -16,9 +16,8 @@ from typing import TYPE_CHECKING, AsyncIterator
 from fastapi import Request
 
 from ..engine.errors import EngineFull
-from ..inputs import InputError, normalize_messages
+from ..inputs import AdmissionPolicy, InputError, MediaRef, admit
 from .errors import APIError, bad_request
-from .limits import count_media, pixel_cap
 from .media import MediaFetcher
 from .metrics import Metrics
 from .schemas import ChatRequest
@@ -38,8 +37,7 @@ class ServerState:
     model_name: str
     max_model_len: int | None
     info: EngineInfo | None = None         # the engine's typed facts (device, dtype, tokenizer, ...)
-    pixel_factor: int = 28                 # one vision token covers factor x factor pixels
-    default_max_pixels: int | None = None  # the checkpoint's own preprocessor limit
+    policy: AdmissionPolicy = field(default_factory=AdmissionPolicy)   # media limits, shared with the web demo
     api_key: str | None = None
     api_prefixes: tuple[str, ...] = ()     # the API's path prefixes, for a UI mounted beside it
     draining: bool = False
@@ -53,61 +51,30 @@ def is_queue_full(exc: BaseException) -> bool:
 
 
 async def prepare(state: ServerState, req: ChatRequest, where: str = ""):
-    """Fetch and check the media, build the prompt, size max_tokens; return (prompt, params)."""
+    """Admit the messages (the policy's limits), fetch their media, build the prompt, size max_tokens;
+    return (prompt, params)."""
     try:
-        conv = normalize_messages(req.messages)
+        admitted = admit(req.messages, state.policy, req.high_resolution, where)
     except InputError as e:
-        raise bad_request(f"{where}{e}") from None
-    s = state.settings
-    count_media(conv, s.max_images, s.max_video_frames)
-    cap = pixel_cap(req.high_resolution, state.pixel_factor)
-    default_cap = min(cap, state.default_max_pixels or cap)
-    jobs, slots = [], []
-    for i, msg in enumerate(conv):
-        for j, part in enumerate(msg["content"]):
-            at = f"{where}messages[{i}].content[{j}]"
-            if part["type"] == "image":
-                part["max_pixels"] = min(part.get("max_pixels", default_cap), cap)
-                if part.get("min_pixels", 0) > part["max_pixels"]:
-                    part["min_pixels"] = part["max_pixels"]
-                jobs.append((part["image"], at))
-                slots.append((part, "image", None))
-            elif part["type"] == "video" and not isinstance(part["video"], list):
-                _cap_video_frames(part, s.max_video_frames, at)
-                jobs.append(state.fetcher.load_video(part["video"], f"{at}.video"))
-                slots.append((part, "video", None))
-            elif part["type"] == "video":
-                for k, frame in enumerate(part["video"]):
-                    jobs.append((frame, f"{at}.video[{k}]"))
-                    slots.append((part, "video", k))
-    # Coroutines are made only here: a check failing above must not leave fetches never awaited.
-    results = await asyncio.gather(*(state.fetcher.load(src, at) for src, at in jobs), return_exceptions=True)
+        raise bad_request(str(e) if str(e).startswith(where) else f"{where}{e}") from None
+    # Coroutines are made only here, together: every check above has passed.
+    results = await asyncio.gather(*(_fetch(state.fetcher, ref) for ref in admitted.media), return_exceptions=True)
     for r in results:
         if isinstance(r, BaseException):
             raise r
-    for (part, kind, k), data in zip(slots, results):
-        if kind == "image":
-            part["image"] = data
-        elif k is None:
-            part["video"] = data              # a video file's bytes: inputs/video.py samples them
-        else:
-            part["video"][k] = data
     try:
-        prompt = await state.engine.prepare(conv, chat_template_kwargs=req.chat_template_kwargs,
+        prompt = await state.engine.prepare(admitted.with_media(results), chat_template_kwargs=req.chat_template_kwargs,
                                             tools=list(req.tools.tools) if req.tools is not None else None)
     except InputError as e:
         raise bad_request(f"{where}{e}") from None
     return prompt, _size_max_tokens(state, req, len(prompt.token_ids), sum(v.num_tokens for v in prompt.vision))
 
 
-def _cap_video_frames(part: dict, limit: int, at: str) -> None:
-    """A video file samples at most `limit` frames here (qwen-vl-utils allows 768): nframes over it is refused,
-    fps sampling is capped through max_frames."""
-    if part.get("nframes", 0) > limit:
-        raise bad_request(f"{at}.nframes: {part['nframes']} frames is over this server's limit of {limit} frames "
-                          "per video", f"{at}.nframes")
-    if "nframes" not in part:
-        part["max_frames"] = min(part.get("max_frames", limit), limit)
+def _fetch(fetcher: MediaFetcher, ref: MediaRef):
+    """A video file's bytes (inputs/video.py samples them), or an image's / a frame's checked bytes."""
+    if ref.kind == "video_file":
+        return fetcher.load_video(ref.source, ref.where)
+    return fetcher.load(ref.source, ref.where)
 
 
 def _size_max_tokens(state: ServerState, req: ChatRequest, n: int, image_tokens: int):

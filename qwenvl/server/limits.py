@@ -1,4 +1,4 @@
-"""Request-size limits: the body (read in bounded pieces) and images/frames per request."""
+"""The request body, read in bounded pieces (media limits: inputs/admission.py)."""
 
 from __future__ import annotations
 
@@ -36,24 +36,3 @@ async def read_json_body(request: Request, max_bytes: int) -> dict:
     if not isinstance(body, dict):
         raise bad_request(f"request body must be a JSON object, got a JSON {type(body).__name__}")
     return body
-
-
-def count_media(conv: list[dict], max_images: int, max_frames: int) -> None:
-    images = frames = 0
-    for msg in conv:
-        for part in msg["content"]:
-            if part["type"] == "image":
-                images += 1
-            elif part["type"] == "video" and isinstance(part["video"], list):
-                frames += len(part["video"])
-    if images > max_images:
-        raise bad_request(f"too many images: {images} in this request, the limit is {max_images}; send fewer "
-                          "images or split the conversation")
-    if frames > max_frames:
-        raise bad_request(f"too many video frames: {frames} in this request, the limit is {max_frames}; "
-                          "sample fewer frames")
-
-
-def pixel_cap(high_resolution: bool, factor: int) -> int:
-    """DashScope's per-image token cap: 1,280 tokens, or 16,384 with vl_high_resolution_images."""
-    return (16384 if high_resolution else 1280) * factor * factor

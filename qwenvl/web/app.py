@@ -178,9 +178,7 @@ def mount(app) -> None:
     engine = state.engine
     info = engine.info()
     s = state.settings
-    limits = Limits(max_images=s.max_images, max_image_bytes=s.max_image_bytes, max_image_pixels=s.max_image_pixels,
-                    max_model_len=state.max_model_len, pixel_factor=state.pixel_factor,
-                    default_max_pixels=state.default_max_pixels)
+    limits = Limits(policy=state.policy, max_model_len=state.max_model_len)    # exactly the APIs' limits
     device, dtype = info.device, info.dtype
     cap = min(s.default_max_tokens, state.max_model_len or s.default_max_tokens)
     demo = build_blocks(ChatSession(engine, limits), state.model_name, device, dtype, cap)

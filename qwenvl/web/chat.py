@@ -21,31 +21,18 @@ from PIL import Image
 
 from ..drawing import draw_boxes
 from ..engine.errors import EngineFull
-from ..inputs import InputError, load_image
+from ..inputs import AdmissionPolicy, InputError, admit, load_image
 from ..sampling_params import SamplingParams
 
 log = logging.getLogger("qwenvl.web")
 
 KEEP_ANNOTATED = 256          # newest annotated images kept in out_dir (Gradio serves its own copies)
 
-# DashScope's per-image token caps (the server's `vl_high_resolution_images` rule): one vision token
-# covers factor x factor pixels.
-LOW_RES_TOKENS, HIGH_RES_TOKENS = 1280, 16384
-
-
 @dataclass
 class Limits:
-    max_images: int = 16                        # images in the whole conversation (all go to the model)
-    max_image_bytes: int = 20 * 1024 * 1024
-    max_image_pixels: int = 8192 * 8192
+    """The server's admission policy (the same object the HTTP APIs use) and the model's context."""
+    policy: AdmissionPolicy = field(default_factory=AdmissionPolicy)
     max_model_len: int | None = None
-    pixel_factor: int = 28
-    default_max_pixels: int | None = None       # the checkpoint's preprocessor limit
-
-    def max_pixels(self, high_resolution: bool) -> int:
-        """Per-image pixel cap, as the HTTP APIs apply it: never above the checkpoint's own limit."""
-        cap = (HIGH_RES_TOKENS if high_resolution else LOW_RES_TOKENS) * self.pixel_factor ** 2
-        return min(cap, self.default_max_pixels or cap)
 
 
 @dataclass
@@ -78,16 +65,17 @@ def check_image(path: str, limits: Limits) -> Image.Image:
         size = os.path.getsize(path)
     except OSError:
         raise ChatError(f"{name}: the upload is gone; attach the image again") from None
-    if size > limits.max_image_bytes:
+    policy = limits.policy
+    if size > policy.max_image_bytes:
         raise ChatError(f"{name}: the file is {size / 2**20:.1f} MB, over the limit of "
-                        f"{limits.max_image_bytes / 2**20:.0f} MB; send a smaller image")
+                        f"{policy.max_image_bytes / 2**20:.0f} MB; send a smaller image")
     try:
         with Image.open(path) as probe:            # the header only: refuse huge images before decoding
             w, h = probe.size
     except Exception:  # noqa: BLE001 - anything PIL cannot identify is "not an image"
         raise ChatError(f"{name}: not an image we can read (PNG, JPEG, WebP, GIF, BMP, TIFF)") from None
-    if w * h > limits.max_image_pixels:
-        raise ChatError(f"{name}: the image is {w}x{h} pixels, over the limit of {limits.max_image_pixels:,} "
+    if w * h > policy.max_image_pixels:
+        raise ChatError(f"{name}: the image is {w}x{h} pixels, over the limit of {policy.max_image_pixels:,} "
                         "pixels; send a smaller image")
     try:
         return load_image(path)
@@ -96,28 +84,26 @@ def check_image(path: str, limits: Limits) -> Image.Image:
 
 
 def build_messages(turns: list[Turn], limits: Limits, high_resolution: bool) -> tuple[list[dict], list[Image.Image]]:
-    """The conversation for the engine (finished turns with answers, then the last turn's question) and
-    the images in the order the engine numbers them (`image_index` of a box)."""
+    """The conversation for the engine (finished turns with answers, then the last turn's question), admitted
+    under the server's policy, and the images in the order the engine numbers them (`image_index`)."""
     history = [t for t in turns[:-1] if t.done and t.error is None]
     turns = history + turns[-1:]
-    n = sum(len(t.images) for t in turns)
-    if n > limits.max_images:
-        raise ChatError(f"this conversation has {n} images, the limit is {limits.max_images}; press Clear "
-                        "and start a new one, or send fewer images")
-    cap = limits.max_pixels(high_resolution)
     messages, images = [], []
     for i, turn in enumerate(turns):
         content = []
         for path in turn.images:
             image = check_image(path, limits)
             images.append(image)
-            content.append({"image": image, "max_pixels": cap})
+            content.append({"image": image})
         if turn.text:
             content.append({"text": turn.text})
         messages.append({"role": "user", "content": content})
         if i < len(turns) - 1:
             messages.append({"role": "assistant", "content": turn.answer})
-    return messages, images
+    try:
+        return admit(messages, limits.policy, high_resolution).conversation, images
+    except InputError as e:
+        raise ChatError(str(e)) from None
 
 
 _REF = re.compile(r"<\|object_ref_start\|>(.*?)<\|object_ref_end\|>", re.S)
