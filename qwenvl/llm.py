@@ -75,3 +75,14 @@ class LLM:
 
     def stats(self) -> dict:
         return self.engine.stats()
+
+    def shutdown(self) -> None:
+        """End the worker processes of `tensor_parallel_size > 1` (they also end when the LLM is garbage
+        collected or the interpreter exits); a no-op for one process."""
+        self.engine.shutdown()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()

@@ -1,0 +1,1 @@
+"""Tensor parallelism (work in progress)."""
