@@ -1,7 +1,8 @@
 """Rank 0's side of tensor parallelism: start the worker processes, drive every step, stop them.
 
 `TensorParallelGroup(model_dir, dtype, device, world)` spawns ranks 1..N-1 (torch.multiprocessing, spawn),
-joins them in the default torch.distributed group (gloo on CPU, NCCL on CUDA), loads rank 0's own shard and
+joins them in the group's own torch.distributed backend (comm.py: gloo on CPU, NCCL on CUDA), loads rank 0's
+own shard and
 waits for every worker to load its own. `group.model` then stands in for the model in the engine's runner:
 its `forward` and `compute_logits` first send the step to the workers, then run rank 0's shard, whose
 collectives meet the workers' ones. The scheduler, encoder cache and sampler live only on rank 0.
@@ -14,18 +15,16 @@ collection and at interpreter exit) stops and reaps every worker.
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 import weakref
-from datetime import timedelta
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from ..config import ModelConfig
+from .comm import Communicator
 from .shard import check_tensor_parallel, load_shard, local_kv_heads
 from .worker import StepInputs, WorkerSpec, worker_main
 
@@ -41,9 +40,6 @@ class TensorParallelGroup:
     def __init__(self, model_dir: str | Path, dtype: torch.dtype, device: torch.device, world: int):
         cfg = ModelConfig.from_dir(model_dir)
         check_tensor_parallel(cfg, world)        # a ValueError before any process starts
-        if dist.is_initialized():
-            raise RuntimeError("this process already holds a torch.distributed group (another tensor-parallel "
-                               "LLM?); call shutdown() on it first: one tensor-parallel LLM per process")
         if device.type == "cuda":
             first = device.index or 0
             if first + world > torch.cuda.device_count():
@@ -60,13 +56,13 @@ class TensorParallelGroup:
         self.dtype = dtype
         self.broken: str | None = None
         ctx = mp.get_context("spawn")
-        init = f"tcp://127.0.0.1:{_free_port()}"
         self._procs, self._conns = [], []
         self._finalizer = weakref.finalize(self, _stop_workers, self._procs, self._conns)
         try:
+            store = Communicator.host_store(world, COLLECTIVE_TIMEOUT_S)
             for r in range(1, world):
                 parent, child = ctx.Pipe()
-                spec = WorkerSpec(str(model_dir), r, world, init, backend, str(devices[r]),
+                spec = WorkerSpec(str(model_dir), r, world, store.port, backend, str(devices[r]),
                                   str(dtype).removeprefix("torch."), COLLECTIVE_TIMEOUT_S, threads)
                 p = ctx.Process(target=worker_main, args=(spec, child), name=f"qwenvl-tp-rank{r}", daemon=True)
                 p.start()
@@ -75,8 +71,8 @@ class TensorParallelGroup:
                 self._conns.append(parent)
             if backend == "nccl":
                 torch.cuda.set_device(self.device)
-            self._init_group(backend, init)
-            self.shard, self.cfg = load_shard(model_dir, 0, world, dtype, self.device)
+            self.comm = self._join(backend, store)
+            self.shard, self.cfg = load_shard(model_dir, self.comm, dtype, self.device)
             self._expect("loaded")
         except BaseException:
             self.shutdown()
@@ -85,14 +81,14 @@ class TensorParallelGroup:
         self.model = TensorParallelModel(self)
 
     # ------------------------------------------------------------- lifecycle
-    def _init_group(self, backend: str, init: str) -> None:
-        """Join the workers in the default group, failing fast when one dies before it joins."""
+    def _join(self, backend: str, store) -> Communicator:
+        """Form the group with the workers, failing fast when one dies before it joins."""
         err: list[BaseException] = []
+        made: list[Communicator] = []
 
         def join():
             try:
-                dist.init_process_group(backend, init_method=init, rank=0, world_size=self.world,
-                                        timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+                made.append(Communicator(backend, "127.0.0.1", store.port, 0, self.world, COLLECTIVE_TIMEOUT_S, store))
             except BaseException as e:   # noqa: BLE001 - re-raised in the caller's thread
                 err.append(e)
 
@@ -103,6 +99,7 @@ class TensorParallelGroup:
             self._check_alive()
         if err:
             raise TensorParallelError(f"tensor-parallel group did not form: {err[0]}") from err[0]
+        return made[0]
 
     def _expect(self, reply: str) -> None:
         """Wait until every worker answers `reply`; a worker's error or death raises with its message."""
@@ -120,12 +117,20 @@ class TensorParallelGroup:
         self._expect("ready")
 
     def _check_alive(self) -> None:
+        dead = self._dead_workers()
+        if dead:
+            self.broken = dead
+            raise TensorParallelError(self.broken)
+
+    def _dead_workers(self) -> str:
+        """One line per worker that has exited (with the error it reported, if any); "" when all live."""
+        lines = []
         for r, p in enumerate(self._procs, start=1):
             if not p.is_alive():
                 detail = self._worker_error(r - 1)
-                self.broken = (f"tensor-parallel worker rank {r} (pid {p.pid}) exited with code {p.exitcode}"
-                               + (f":\n{detail}" if detail else ""))
-                raise TensorParallelError(self.broken)
+                lines.append(f"tensor-parallel worker rank {r} (pid {p.pid}) exited with code {p.exitcode}"
+                             + (f":\n{detail}" if detail else ""))
+        return "\n".join(lines)
 
     def _worker_error(self, i: int) -> str:
         try:
@@ -152,9 +157,10 @@ class TensorParallelGroup:
         try:
             return fn()
         except BaseException as e:
-            time.sleep(0.2)                              # let a dying worker's report arrive
-            details = [d for d in (self._worker_error(i) for i in range(len(self._conns))) if d]
-            self.broken = f"tensor-parallel step failed: {e!r}" + ("\n" + "\n".join(details) if details else "")
+            deadline = time.monotonic() + 2.0            # a worker whose socket closed is about to be reaped
+            while not (dead := self._dead_workers()) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            self.broken = (dead + "\n" if dead else "") + f"tensor-parallel step failed: {e}"
             raise TensorParallelError(self.broken) from e
 
     def shutdown(self) -> None:
@@ -180,14 +186,6 @@ def _stop_workers(procs: list, conns: list) -> None:
             p.join(5.0)
     for conn in conns:
         conn.close()
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class TensorParallelModel:
@@ -216,7 +214,7 @@ class TensorParallelModel:
         def step():
             if vision_embeds is not None:
                 for t in [vision_embeds, *deepstack]:
-                    dist.broadcast(t, 0)
+                    g.comm.broadcast(t)
             return self.shard.forward(input_ids, positions, attn, vision_embeds, deepstack)
         return g.run_collective(step)
 
@@ -226,6 +224,6 @@ class TensorParallelModel:
         g.send(("logits", hidden.shape[0]))
 
         def step():
-            dist.broadcast(hidden, 0)
+            g.comm.broadcast(hidden)
             return self.shard.compute_logits(hidden)
         return g.run_collective(step)

@@ -1,4 +1,4 @@
-"""The language model's layers split over the ranks of the default torch.distributed group.
+"""The language model's layers split over the ranks of one tensor-parallel group (comm.py).
 
 Each sharded layer says which slice of its checkpoint tensors it holds (`checkpoint_slice(name)` ->
 (dim, start, stop, full size) or None for a replicated tensor), so a rank reads only its slice.
@@ -14,9 +14,10 @@ Each sharded layer says which slice of its checkpoint tensors it holds (`checkpo
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from .comm import Communicator
 
 
 def split_range(total: int, rank: int, world: int) -> tuple[int, int]:
@@ -37,8 +38,10 @@ class ColumnParallelLinear(nn.Linear):
 
 
 class RowParallelLinear(nn.Linear):
-    def __init__(self, full_in: int, in_range: tuple[int, int], out_features: int, bias: bool):
+    def __init__(self, full_in: int, in_range: tuple[int, int], out_features: int, bias: bool,
+                 comm: Communicator):
         super().__init__(in_range[1] - in_range[0], out_features, bias=bias)
+        self.comm = comm
         self.full_in = full_in
         self.in_range = in_range
 
@@ -47,13 +50,14 @@ class RowParallelLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.linear(x, self.weight)                                        # [N, out] partial sum
-        dist.all_reduce(out)
+        self.comm.all_reduce(out)
         return out if self.bias is None else out + self.bias
 
 
 class VocabParallelEmbedding(nn.Embedding):
-    def __init__(self, vocab_size: int, dim: int, vocab_range: tuple[int, int]):
+    def __init__(self, vocab_size: int, dim: int, vocab_range: tuple[int, int], comm: Communicator):
         super().__init__(vocab_range[1] - vocab_range[0], dim)
+        self.comm = comm
         self.vocab_size = vocab_size
         self.vocab_range = vocab_range
 
@@ -65,23 +69,22 @@ class VocabParallelEmbedding(nn.Embedding):
         outside = (ids < start) | (ids >= stop)                               # [N]
         local = (ids - start).masked_fill(outside, 0)
         out = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0)   # [N, D]
-        dist.all_reduce(out)
+        self.comm.all_reduce(out)
         return out
 
 
 class VocabParallelHead(nn.Module):
     """logits[N, V] from this rank's vocabulary rows of the output matrix (the embedding's when tied)."""
 
-    def __init__(self, weight: torch.Tensor, vocab_size: int, world: int):
+    def __init__(self, weight: torch.Tensor, vocab_size: int, comm: Communicator):
         super().__init__()
+        self.comm = comm
         self.weight = weight                                                  # [V_local, D], shared, not copied
         self.vocab_size = vocab_size
-        self.per_rank = -(-vocab_size // world)
+        self.per_rank = -(-vocab_size // comm.world)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         local = F.linear(hidden, self.weight)                                 # [N, V_local]
         if local.shape[1] < self.per_rank:                                   # the last, shorter share
             local = F.pad(local, (0, self.per_rank - local.shape[1]))
-        parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, local.contiguous())
-        return torch.cat(parts, dim=1)[:, : self.vocab_size]                  # [N, V]
+        return torch.cat(self.comm.all_gather(local.contiguous()), dim=1)[:, : self.vocab_size]                  # [N, V]

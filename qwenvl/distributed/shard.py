@@ -18,6 +18,7 @@ from ..config import ModelConfig
 from ..loader import LoadError, canonical_key, refuse_prequantized, weight_files
 from ..models import build_model
 from ..safetensors_reader import SafetensorsReader
+from .comm import Communicator
 from .layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, VocabParallelHead,
                      split_range)
 
@@ -53,9 +54,10 @@ def _kv_head_range(num_kv_heads: int, rank: int, world: int) -> tuple[int, int]:
     return first, first + 1
 
 
-def shard_model(model: nn.Module, cfg: ModelConfig, rank: int, world: int) -> None:
+def shard_model(model: nn.Module, cfg: ModelConfig, comm: Communicator) -> None:
     """Swap the language model's layers for this rank's parallel ones (on the meta device, before loading)."""
     t = cfg.text
+    rank, world = comm.rank, comm.world
     d, dh = t.hidden_size, t.head_dim
     q0, q1 = split_range(t.num_attention_heads, rank, world)
     k0, k1 = _kv_head_range(t.num_key_value_heads, rank, world)
@@ -67,7 +69,8 @@ def shard_model(model: nn.Module, cfg: ModelConfig, rank: int, world: int) -> No
         a.q_proj = ColumnParallelLinear(d, t.num_attention_heads * dh, (q0 * dh, q1 * dh), bias)
         a.k_proj = ColumnParallelLinear(d, t.num_key_value_heads * dh, (k0 * dh, k1 * dh), bias)
         a.v_proj = ColumnParallelLinear(d, t.num_key_value_heads * dh, (k0 * dh, k1 * dh), bias)
-        a.o_proj = RowParallelLinear(t.num_attention_heads * dh, (q0 * dh, q1 * dh), d, a.o_proj.bias is not None)
+        a.o_proj = RowParallelLinear(t.num_attention_heads * dh, (q0 * dh, q1 * dh), d,
+                                     a.o_proj.bias is not None, comm)
         for heads, kv_heads in _HEAD_ATTRS:
             if hasattr(a, heads):
                 setattr(a, heads, q1 - q0)
@@ -75,25 +78,26 @@ def shard_model(model: nn.Module, cfg: ModelConfig, rank: int, world: int) -> No
         m = layer.mlp
         m.gate_proj = ColumnParallelLinear(d, t.intermediate_size, i_range, m.gate_proj.bias is not None)
         m.up_proj = ColumnParallelLinear(d, t.intermediate_size, i_range, m.up_proj.bias is not None)
-        m.down_proj = RowParallelLinear(t.intermediate_size, i_range, d, m.down_proj.bias is not None)
+        m.down_proj = RowParallelLinear(t.intermediate_size, i_range, d, m.down_proj.bias is not None, comm)
     vocab = split_range(t.vocab_size, rank, world)
-    lm.embed_tokens = VocabParallelEmbedding(t.vocab_size, d, vocab)
+    lm.embed_tokens = VocabParallelEmbedding(t.vocab_size, d, vocab, comm)
     if not t.tie_word_embeddings:
         model.lm_head = ColumnParallelLinear(d, t.vocab_size, vocab, bias=False)
     if rank != 0:
         del model.model.visual
 
 
-def load_shard(model_dir: str | Path, rank: int, world: int, dtype: torch.dtype,
+def load_shard(model_dir: str | Path, comm: Communicator, dtype: torch.dtype,
                device: torch.device) -> tuple[nn.Module, ModelConfig]:
     """This rank's model, filled strictly from the checkpoint: every parameter from its slice of the file."""
     model_dir = Path(model_dir)
     cfg = ModelConfig.from_dir(model_dir)
     refuse_prequantized(model_dir)
-    check_tensor_parallel(cfg, world)
+    rank = comm.rank
+    check_tensor_parallel(cfg, comm.world)
     with torch.device("meta"):
         model = build_model(cfg)
-        shard_model(model, cfg, rank, world)
+        shard_model(model, cfg, comm)
     expected = model.state_dict()
     ignored = ("lm_head.weight",) if cfg.text.tie_word_embeddings else ()
     state: dict[str, torch.Tensor] = {}
@@ -116,7 +120,7 @@ def load_shard(model_dir: str | Path, rank: int, world: int, dtype: torch.dtype,
     model.load_state_dict(state, strict=True, assign=True)
     lm = model.model.language_model
     head_weight = lm.embed_tokens.weight if cfg.text.tie_word_embeddings else model.lm_head.weight
-    model.use_output_head(VocabParallelHead(head_weight, cfg.text.vocab_size, world))
+    model.use_output_head(VocabParallelHead(head_weight, cfg.text.vocab_size, comm))
     return model.eval(), cfg
 
 

@@ -11,12 +11,11 @@ from __future__ import annotations
 import os
 import traceback
 from dataclasses import dataclass
-from datetime import timedelta
 
 import torch
-import torch.distributed as dist
 
 from ..layers.paged_attention import PagedAttention, PagedKVPool
+from .comm import Communicator
 
 
 @dataclass(frozen=True)
@@ -24,7 +23,7 @@ class WorkerSpec:
     model_dir: str
     rank: int
     world: int
-    init_method: str
+    store_port: int         # rank 0's rendezvous store on 127.0.0.1
     backend: str            # "gloo" (CPU) or "nccl" (CUDA)
     device: str             # this rank's device
     dtype: str
@@ -53,13 +52,12 @@ def worker_main(spec: WorkerSpec, conn) -> None:
         device = torch.device(spec.device)
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group(spec.backend, init_method=spec.init_method, rank=spec.rank,
-                                world_size=spec.world, timeout=timedelta(seconds=spec.timeout_s))
+        comm = Communicator(spec.backend, "127.0.0.1", spec.store_port, spec.rank, spec.world, spec.timeout_s)
         from .shard import load_shard
         dtype = getattr(torch, spec.dtype)
-        model, cfg = load_shard(spec.model_dir, spec.rank, spec.world, dtype, device)
+        model, cfg = load_shard(spec.model_dir, comm, dtype, device)
         conn.send(("loaded",))
-        _serve(model, cfg, spec, dtype, device, conn)
+        _serve(model, cfg, comm, spec, dtype, device, conn)
     except (EOFError, KeyboardInterrupt):
         pass                                                     # rank 0 went away or the user stopped us
     except BaseException:                                        # noqa: BLE001 - reported to rank 0
@@ -68,13 +66,10 @@ def worker_main(spec: WorkerSpec, conn) -> None:
         except OSError:
             pass
         os._exit(1)                                              # closes our sockets: rank 0's collectives fail fast
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 @torch.inference_mode()
-def _serve(model, cfg, spec: WorkerSpec, dtype: torch.dtype, device: torch.device, conn) -> None:
+def _serve(model, cfg, comm: Communicator, spec: WorkerSpec, dtype: torch.dtype, device: torch.device, conn) -> None:
     from .shard import local_kv_heads
     pool = None
     text = cfg.text
@@ -92,10 +87,10 @@ def _serve(model, cfg, spec: WorkerSpec, dtype: torch.dtype, device: torch.devic
             vision, deepstack = None, []
             if s.vision_shape is not None:
                 vision = torch.empty(s.vision_shape, dtype=dtype, device=device)
-                dist.broadcast(vision, 0)
+                comm.broadcast(vision)
                 for _ in range(s.num_deepstack):
                     d = torch.empty(s.vision_shape, dtype=dtype, device=device)
-                    dist.broadcast(d, 0)
+                    comm.broadcast(d)
                     deepstack.append(d)
             attn = PagedAttention(pool, s.block_tables, s.context_lens, s.query_lens, scale=s.scale,
                                   impl=s.attn_impl)
@@ -103,7 +98,7 @@ def _serve(model, cfg, spec: WorkerSpec, dtype: torch.dtype, device: torch.devic
                           attn, vision, deepstack)
         elif kind == "logits":                                  # ("logits", rows): hidden[rows, D] broadcast
             hidden = torch.empty((msg[1], text.hidden_size), dtype=dtype, device=device)
-            dist.broadcast(hidden, 0)
+            comm.broadcast(hidden)
             model.compute_logits(hidden)
         else:
             raise RuntimeError(f"tensor-parallel worker {spec.rank}: unknown message {kind!r}")
