@@ -9,6 +9,7 @@ Each sharded layer says which slice of its checkpoint tensors it holds (`checkpo
   * VocabParallelEmbedding: rows [start, stop) of the vocabulary; each rank looks up its own ids, zeros the
     rest, and one all_reduce sums them (exact: every row comes from one rank, the others add zeros).
   * VocabParallelHead: the logits of the rank's vocabulary rows, all-gathered into the full [N, V].
+  * ParallelExperts: whole MoE experts per rank; the weighted outputs summed with one all_reduce.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..layers.moe import GATHER_MAX_PAIRS, Experts, grouped_by_expert
 from .comm import Communicator
 
 
@@ -88,3 +90,39 @@ class VocabParallelHead(nn.Module):
         if local.shape[1] < self.per_rank:                                   # the last, shorter share
             local = F.pad(local, (0, self.per_rank - local.shape[1]))
         return torch.cat(self.comm.all_gather(local.contiguous()), dim=1)[:, : self.vocab_size]                  # [N, V]
+
+
+class ParallelExperts(Experts):
+    """Experts [start, stop) of a sparse MoE block (expert parallelism: whole experts per rank, the router
+    replicated). Each rank runs the (token, expert) pairs that fall on its experts; one all_reduce sums the
+    weighted outputs. Fused tensors are sliced on their expert dimension, which is dim 0 in either file layout."""
+
+    def __init__(self, num_experts: int, hidden: int, intermediate: int, expert_range: tuple[int, int],
+                 comm: Communicator):
+        super().__init__(expert_range[1] - expert_range[0], hidden, intermediate)
+        self.total_experts = num_experts
+        self.expert_range = expert_range
+        self.comm = comm
+
+    def checkpoint_slice(self, name: str) -> tuple[int, int, int, int]:
+        return (0, *self.expert_range, self.total_experts)
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """x[N, H], weights/ids[N, k] over all experts -> this rank's share of the sum, all-reduced [N, H]."""
+        start, stop = self.expert_range
+        mine = (ids >= start) & (ids < stop)                                  # [N, k]
+        weights = weights.masked_fill(~mine, 0)
+        if ids.numel() <= GATHER_MAX_PAIRS:
+            # Few pairs (decode): another rank's pair runs local expert 0 at weight 0, cheaper than sorting.
+            out = self._gathered(x, weights, torch.where(mine, ids - start, 0))
+        else:
+            # Many pairs: another rank's pairs go to a null expert that computes nothing.
+            def expert(e: int, rows: torch.Tensor) -> torch.Tensor:
+                if e == self.num_experts:
+                    return torch.zeros_like(rows)
+                h = self._swiglu(F.linear(rows, self.gate_up_proj[e]))       # [n, I]
+                return F.linear(h, self.down_proj[e])                         # [n, H]
+            out = grouped_by_expert(x, weights, torch.where(mine, ids - start, self.num_experts),
+                                    self.num_experts + 1, expert)
+        self.comm.all_reduce(out)
+        return out

@@ -19,10 +19,11 @@ from ..loader import LoadError, canonical_key, refuse_prequantized, weight_files
 from ..models import build_model
 from ..safetensors_reader import SafetensorsReader
 from .comm import Communicator
-from .layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, VocabParallelHead,
-                     split_range)
+from .layers import (ColumnParallelLinear, ParallelExperts, RowParallelLinear, VocabParallelEmbedding,
+                     VocabParallelHead, split_range)
 
 VISION_PREFIX = "model.visual."
+EXPERT_SUFFIXES = (".experts.gate_up_proj", ".experts.down_proj")
 # The attention modules of the two decoders name their head counts differently (qwen2_vl/text.py, qwen3_vl/text.py).
 _HEAD_ATTRS = (("num_heads", "num_kv_heads"), ("hq", "hkv"))
 
@@ -30,9 +31,9 @@ _HEAD_ATTRS = (("num_heads", "num_kv_heads"), ("hq", "hkv"))
 def check_tensor_parallel(cfg: ModelConfig, world: int) -> None:
     """Raise ValueError naming the problem when `cfg`'s language model cannot be split over `world` ranks."""
     t = cfg.text
-    if t.num_experts:
-        raise ValueError(f"tensor_parallel_size={world}: mixture-of-experts models ({cfg.model_type}) are not "
-                         "split across ranks yet; use tensor_parallel_size=1")
+    if t.num_experts and t.num_experts < world:
+        raise ValueError(f"tensor_parallel_size={world} is more than num_experts={t.num_experts}: every rank "
+                         "needs at least one expert")
     if t.num_attention_heads % world:
         raise ValueError(f"tensor_parallel_size={world} must divide num_attention_heads={t.num_attention_heads}")
     hkv = t.num_key_value_heads
@@ -63,7 +64,7 @@ def shard_model(model: nn.Module, cfg: ModelConfig, comm: Communicator) -> None:
     k0, k1 = _kv_head_range(t.num_key_value_heads, rank, world)
     i_range = split_range(t.intermediate_size, rank, world)
     lm = model.model.language_model
-    for layer in lm.layers:
+    for i, layer in enumerate(lm.layers):
         a = layer.self_attn
         bias = a.q_proj.bias is not None
         a.q_proj = ColumnParallelLinear(d, t.num_attention_heads * dh, (q0 * dh, q1 * dh), bias)
@@ -76,6 +77,10 @@ def shard_model(model: nn.Module, cfg: ModelConfig, comm: Communicator) -> None:
                 setattr(a, heads, q1 - q0)
                 setattr(a, kv_heads, k1 - k0)
         m = layer.mlp
+        if t.is_sparse_layer(i):                    # whole experts per rank; the router stays replicated
+            m.experts = ParallelExperts(t.num_experts, d, t.moe_intermediate_size,
+                                        split_range(t.num_experts, rank, world), comm)
+            continue
         m.gate_proj = ColumnParallelLinear(d, t.intermediate_size, i_range, m.gate_proj.bias is not None)
         m.up_proj = ColumnParallelLinear(d, t.intermediate_size, i_range, m.up_proj.bias is not None)
         m.down_proj = RowParallelLinear(t.intermediate_size, i_range, d, m.down_proj.bias is not None, comm)
@@ -112,7 +117,8 @@ def load_shard(model_dir: str | Path, comm: Communicator, dtype: torch.dtype,
                                     f"{model_dir.name}'s model); is config.json the right one for these weights?")
                 if key in state:
                     raise LoadError(f"{f.name}: tensor {raw_key!r} appears twice in the checkpoint")
-                t = _read(sf, f, raw_key, key, model, tuple(expected[key].shape))
+                in_out = cfg.text.experts_stored_in_out and key.endswith(EXPERT_SUFFIXES)
+                t = _read(sf, f, raw_key, key, model, tuple(expected[key].shape), in_out)
                 state[key] = (t.to(dtype) if t.is_floating_point() else t).contiguous().to(device)
     missing = [k for k in expected if k not in state]
     if missing:
@@ -125,12 +131,15 @@ def load_shard(model_dir: str | Path, comm: Communicator, dtype: torch.dtype,
 
 
 def _read(sf: SafetensorsReader, f: Path, raw_key: str, key: str, model: nn.Module,
-          want: tuple[int, ...]) -> torch.Tensor:
-    """The rank's slice of one checkpoint tensor, its full shape checked against config.json first."""
+          want: tuple[int, ...], in_out: bool) -> torch.Tensor:
+    """The rank's slice of one checkpoint tensor, its full shape checked against config.json first.
+    `in_out`: a fused expert tensor stored [E, in, out] (the Hub's MoE files), returned as the model's [E, out, in]."""
     module_name, _, param = key.rpartition(".")
     spec = getattr(model.get_submodule(module_name), "checkpoint_slice", None)
     spec = spec(param) if spec else None
     full = list(sf.shape(raw_key))
+    if in_out:
+        full[1], full[2] = full[2], full[1]
     if spec is None:
         if tuple(full) != want:
             raise LoadError(f"{f.name}: tensor {raw_key!r} has shape {tuple(full)}, the model expects {want}")
@@ -141,4 +150,5 @@ def _read(sf: SafetensorsReader, f: Path, raw_key: str, key: str, model: nn.Modu
     if full != want_full:
         raise LoadError(f"{f.name}: tensor {raw_key!r} has shape {tuple(full)}, the model expects "
                         f"{tuple(want_full)} (from config.json)")
-    return sf.get_slice(raw_key, dim, start, stop)
+    t = sf.get_slice(raw_key, dim, start, stop)
+    return t.transpose(1, 2) if in_out else t           # made contiguous by the caller
