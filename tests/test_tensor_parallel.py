@@ -8,6 +8,7 @@ import multiprocessing
 import os
 import signal
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -17,6 +18,8 @@ from safetensors.torch import save_file
 
 from qwenvl import LLM, SamplingParams
 from qwenvl.distributed.group import TensorParallelError
+from qwenvl.distributed.shard import load_shard
+from qwenvl.loader import load_model
 from qwenvl.safetensors_reader import SafetensorsReader
 
 PARAMS = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=2)
@@ -131,6 +134,33 @@ def test_unsupported_splits_are_refused_before_any_process_starts(tiny_checkpoin
     with pytest.raises(ValueError, match=message):
         LLM(tiny_checkpoint("qwen2_vl"), dtype="float32", **options)
     assert children() == before
+
+
+def test_a_worker_reads_only_its_slices_and_no_vision(tiny_checkpoint, monkeypatch):
+    """Rank 1 of 2 (loading needs no collectives, so no second process here): every split tensor is read as a
+    slice, only replicated ones (norm gains) whole, and each slice is the right part of the full tensor."""
+    ckpt = tiny_checkpoint("qwen2_vl")
+    whole = []
+    read = SafetensorsReader.get_tensor
+    monkeypatch.setattr(SafetensorsReader, "get_tensor", lambda self, key: whole.append(key) or read(self, key))
+    shard, _ = load_shard(ckpt, SimpleNamespace(rank=1, world=2), torch.float32, torch.device("cpu"))
+    assert whole and all(k.endswith("norm.weight") for k in whole), whole
+    monkeypatch.undo()
+    full = load_model(ckpt)[0].state_dict()
+    got = shard.state_dict()
+    assert not any(k.startswith("model.visual.") for k in got)       # rank 0 alone runs the vision tower
+    attn = "model.language_model.layers.1.self_attn."
+    mlp = "model.language_model.layers.1.mlp."
+    # 4 query heads and 2 KV heads of 16 channels: rank 1 holds query heads 2-3 and KV head 1.
+    assert torch.equal(got[attn + "q_proj.weight"], full[attn + "q_proj.weight"][32:64])
+    assert torch.equal(got[attn + "q_proj.bias"], full[attn + "q_proj.bias"][32:64])
+    assert torch.equal(got[attn + "k_proj.weight"], full[attn + "k_proj.weight"][16:32])
+    assert torch.equal(got[attn + "o_proj.weight"], full[attn + "o_proj.weight"][:, 32:64])
+    assert torch.equal(got[mlp + "up_proj.weight"], full[mlp + "up_proj.weight"][64:128])
+    assert torch.equal(got[mlp + "down_proj.weight"], full[mlp + "down_proj.weight"][:, 64:128])
+    assert torch.equal(got["lm_head.weight"], full["lm_head.weight"][207:414])
+    assert torch.equal(got["model.language_model.embed_tokens.weight"],
+                       full["model.language_model.embed_tokens.weight"][207:414])
 
 
 @pytest.mark.parametrize("dim", [0, 1, 2])
