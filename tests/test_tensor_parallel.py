@@ -106,6 +106,8 @@ def test_shutdown_ends_every_worker(tiny_checkpoint):
     llm.shutdown()                                     # idempotent
     assert not any(alive(p) for p in pids)
     assert not set(pids) & children()
+    with pytest.raises(TensorParallelError, match="shut down"):
+        llm.chat(CONVERSATIONS[2], PARAMS)
 
 
 def test_a_dead_worker_fails_requests_with_a_clear_error_and_gc_reaps(tiny_checkpoint):

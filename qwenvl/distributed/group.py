@@ -164,7 +164,8 @@ class TensorParallelGroup:
             raise TensorParallelError(self.broken) from e
 
     def shutdown(self) -> None:
-        """Stop every worker (politely, then by force) and leave the torch.distributed group; idempotent."""
+        """Stop every worker (politely, then by force); idempotent. Later steps raise TensorParallelError."""
+        self.broken = self.broken or "this tensor-parallel LLM was shut down"
         self._finalizer()
 
     @property
