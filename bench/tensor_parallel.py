@@ -68,7 +68,8 @@ def main() -> int:
     torch.set_num_threads(threads)            # tp>1 on a CPU gives each rank 1/N of the threads
     many = measure(model_dir, a.tp, a)
     torch.set_num_threads(threads)
-    print(f"{model_dir.name}: {a.text_layers} LM layers, {a.requests} requests x {a.max_tokens} tokens, {threads} threads")
+    print(f"{model_dir.name}: {a.text_layers} LM layers, {a.requests} requests x {a.max_tokens} tokens, "
+          f"{threads} threads")
     print(f"batch-1 decode: tp=1 {one['ms_per_token']:.1f} ms/token, tp={a.tp} {many['ms_per_token']:.1f} ms/token "
           f"(ratio {many['ms_per_token'] / one['ms_per_token']:.2f}x)")
     print(f"batch throughput: tp=1 {one['tok_s']:.1f} tok/s, tp={a.tp} {many['tok_s']:.1f} tok/s "

@@ -89,7 +89,7 @@ class VocabParallelHead(nn.Module):
         local = F.linear(hidden, self.weight)                                 # [N, V_local]
         if local.shape[1] < self.per_rank:                                   # the last, shorter share
             local = F.pad(local, (0, self.per_rank - local.shape[1]))
-        return torch.cat(self.comm.all_gather(local.contiguous()), dim=1)[:, : self.vocab_size]                  # [N, V]
+        return torch.cat(self.comm.all_gather(local.contiguous()), dim=1)[:, : self.vocab_size]   # [N, V]
 
 
 class ParallelExperts(Experts):
