@@ -86,15 +86,16 @@ def test_second_turn_through_the_prefix_cache_matches_one_process(pair):
     assert_same_outputs([one.chat(turn2, PARAMS)], [out])
 
 
-def test_one_kv_head_replicated_tied_embeddings_and_odd_vocab(tmp_path_factory):
-    """Fewer KV heads than ranks (each rank keeps the one it reads), a tied head and a vocabulary of odd
-    size (ranks hold 208 and 207 rows)."""
+def test_one_kv_head_replicated_tied_embeddings_odd_vocab_and_chunked_prefill(tmp_path_factory):
+    """Fewer KV heads than ranks (each rank keeps the one it reads), a tied head, a vocabulary of odd size
+    (ranks hold 208 and 207 rows), and a token budget that splits prompts (and their image rows) over steps."""
     from tiny import make_checkpoint
     ckpt = make_checkpoint(tmp_path_factory.mktemp("tp"), "qwen2_vl", name="kv1-tied-odd",
                            text_overrides=dict(num_key_value_heads=1, tie_word_embeddings=True, vocab_size=415))
-    with LLM(ckpt, dtype="float32", tensor_parallel_size=2) as two:
+    small_steps = dict(max_num_batched_tokens=16, block_size=8)
+    with LLM(ckpt, dtype="float32", tensor_parallel_size=2, **small_steps) as two:
         assert two.engine.cfg.text.tie_word_embeddings and two.engine.cfg.text.vocab_size == 415
-        assert_same_outputs(LLM(ckpt, dtype="float32").generate(CONVERSATIONS, PARAMS),
+        assert_same_outputs(LLM(ckpt, dtype="float32", **small_steps).generate(CONVERSATIONS, PARAMS),
                             two.generate(CONVERSATIONS, PARAMS))
 
 
