@@ -24,6 +24,8 @@ class LLM:
     or Qwen3-VL folder as saved by Hugging Face, or a Hub id such as `LLM("Qwen/Qwen2.5-VL-3B-Instruct")`
     (local Hub cache first, `revision` picks a branch/tag/commit; see qwenvl/hub.py). `dtype` defaults to bfloat16, except
     on a CPU without fast bfloat16 matrix products (most laptops), where it is float32.
+    `tensor_parallel_size=N` splits the language model over N processes (GPUs 0..N-1 on CUDA; see README);
+    `shutdown()` ends them.
     """
 
     def __init__(self, model: str | Path | None = None, dtype: str | None = None, device: str = "auto",
@@ -101,3 +103,14 @@ class LLM:
 
     def stats(self) -> dict:
         return self.engine.stats()
+
+    def shutdown(self) -> None:
+        """End the worker processes of `tensor_parallel_size > 1` (they also end when the LLM is garbage
+        collected or the interpreter exits); a no-op for one process."""
+        self.engine.shutdown()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()

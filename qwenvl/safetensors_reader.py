@@ -10,6 +10,7 @@ what the model keeps plus one tensor. The format is an 8-byte little-endian head
 from __future__ import annotations
 
 import json
+import math
 import struct
 from pathlib import Path
 
@@ -56,21 +57,56 @@ class SafetensorsReader:
     def keys(self) -> list[str]:
         return list(self._entries)
 
-    def get_tensor(self, key: str) -> torch.Tensor:
-        entry = self._entries[key]
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._entries[key]["shape"])
+
+    def _dtype_of(self, key: str, entry: dict) -> torch.dtype:
         dtype = _DTYPES.get(entry["dtype"])
         if dtype is None:
             raise SafetensorsError(f"{self.path.name}: tensor {key!r} has dtype {entry['dtype']}, which qwenvl "
                                    f"does not read (supported: {', '.join(_DTYPES)})")
+        return dtype
+
+    def _checked_offsets(self, key: str, entry: dict, dtype: torch.dtype) -> tuple[int, int]:
         begin, end = entry["data_offsets"]
-        out = torch.empty(entry["shape"], dtype=dtype)
-        if out.numel() * out.element_size() != end - begin:
+        need = math.prod(entry["shape"]) * torch.empty((), dtype=dtype).element_size()
+        if need != end - begin:
             raise SafetensorsError(f"{self.path.name}: tensor {key!r} holds {end - begin} bytes, its shape "
-                                   f"{entry['shape']} and dtype {entry['dtype']} need {out.numel() * out.element_size()}")
+                                   f"{entry['shape']} and dtype {entry['dtype']} need {need}")
+        return begin, end
+
+    def get_tensor(self, key: str) -> torch.Tensor:
+        entry = self._entries[key]
+        dtype = self._dtype_of(key, entry)
+        begin, end = self._checked_offsets(key, entry, dtype)
+        out = torch.empty(entry["shape"], dtype=dtype)
         if end > begin:
             view = memoryview(out.view(-1).view(torch.uint8).numpy())
             self._file.seek(self._data_start + begin)
             if self._file.readinto(view) != end - begin:
+                raise SafetensorsError(f"{self.path.name}: truncated while reading tensor {key!r}")
+        return out
+
+    def get_slice(self, key: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        """The tensor's [start, stop) along `dim`, reading only those bytes (a tensor-parallel rank's shard:
+        one read for dim 0, one per leading index otherwise); never the whole tensor."""
+        entry = self._entries[key]
+        dtype = self._dtype_of(key, entry)
+        begin, _ = self._checked_offsets(key, entry, dtype)
+        shape = list(entry["shape"])
+        if not 0 <= dim < len(shape) or not 0 <= start <= stop <= shape[dim]:
+            raise SafetensorsError(f"{self.path.name}: cannot slice tensor {key!r} of shape {shape} "
+                                   f"at dim {dim}, [{start}, {stop})")
+        item = torch.empty((), dtype=dtype).element_size()
+        inner = math.prod(shape[dim + 1:]) * item              # bytes of one index along `dim`
+        run, stride = (stop - start) * inner, shape[dim] * inner
+        out = torch.empty(shape[:dim] + [stop - start] + shape[dim + 1:], dtype=dtype)
+        if run == 0 or out.numel() == 0:
+            return out
+        view = memoryview(out.view(-1).view(torch.uint8).numpy())
+        for i in range(math.prod(shape[:dim])):                   # [outer, dim, inner]: a run per outer index
+            self._file.seek(self._data_start + begin + i * stride + start * inner)
+            if self._file.readinto(view[i * run:(i + 1) * run]) != run:
                 raise SafetensorsError(f"{self.path.name}: truncated while reading tensor {key!r}")
         return out
 

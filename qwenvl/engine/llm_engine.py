@@ -50,9 +50,15 @@ class EngineConfig:
     quantization: str | None = None        # "int8" | "int4": weight-only, quantised at load (qwenvl/quantize.py)
     quantize_vision: bool = False          # also the vision tower's linears (saves memory, not time)
     quant_group_size: int = 128            # int4: input columns per scale/zero group (32, 64, 128 or 256)
+    tensor_parallel_size: int = 1          # N > 1: the language model split over N processes (qwenvl/distributed/)
 
     def __post_init__(self):
         check_quantization(self.quantization)
+        if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be a positive integer, got {self.tensor_parallel_size!r}")
+        if self.tensor_parallel_size > 1 and self.quantization:
+            raise ValueError(f"quantization={self.quantization!r} with tensor_parallel_size={self.tensor_parallel_size}"
+                             " is not supported yet: quantise with tensor_parallel_size=1, or split the float model")
 
 
 @dataclass
@@ -104,16 +110,25 @@ class LLMEngine:
         self.config = config
         quantizer = LoadQuantizer(config.quantization, config.quant_group_size, config.quantize_vision) \
             if config.quantization else None
-        self.model, self.cfg = load_model(self.model_dir, dtype=self.dtype, device=self.device, quantizer=quantizer)
+        self.tp = None
+        if config.tensor_parallel_size > 1:
+            from ..distributed.group import TensorParallelGroup
+            self.tp = TensorParallelGroup(self.model_dir, self.dtype, self.device, config.tensor_parallel_size)
+            self.model, self.cfg = self.tp.model, self.tp.cfg
+        else:
+            self.model, self.cfg = load_model(self.model_dir, dtype=self.dtype, device=self.device, quantizer=quantizer)
         self.tokenizer = Tokenizer.from_dir(self.model_dir)
         self.preprocessor = PreprocessorConfig.from_dir(self.model_dir)
         text = self.cfg.text
         self.max_model_len = config.max_model_len or text.max_position_embeddings
+        kv_heads = self.tp.num_local_kv_heads if self.tp else text.num_key_value_heads   # per rank's shard
         per_block = PagedKVPool.bytes_per_block(text.num_hidden_layers, config.block_size,
-                                                text.num_key_value_heads, text.head_dim, self.dtype)
+                                                kv_heads, text.head_dim, self.dtype)
         num_blocks = config.num_kv_blocks or int(min(MAX_KV_BLOCKS, max(8, config.kv_cache_gb * (1 << 30) // per_block)))
-        pool = PagedKVPool(text.num_hidden_layers, num_blocks, config.block_size, text.num_key_value_heads,
+        pool = PagedKVPool(text.num_hidden_layers, num_blocks, config.block_size, kv_heads,
                            text.head_dim, self.dtype, self.device)
+        if self.tp:
+            self.tp.allocate_kv(num_blocks, config.block_size)
         for t in pool.k + pool.v:
             t.fill_(0)        # touch every page now: the KV memory is reserved up front, RSS stays flat after
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
@@ -129,6 +144,11 @@ class LLMEngine:
         self.sampler = MaskedSampler(self.sampler, self.grammar_mask)       # release() frees both
         self.runner = ModelRunner(self.model, pool, self.sampler, self.encoder_cache, attn_impl=config.attn_impl)
         self._requests: dict[str, _Request] = {}
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel worker processes, if any (idempotent; also done at garbage collection)."""
+        if self.tp is not None:
+            self.tp.shutdown()
 
     # ---------------------------------------------------------------- requests
     def prepare(self, messages, chat_template_kwargs: dict | None = None,

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 # At or below this many (token, expert) pairs the gather plan reads less memory than the grouped plan.
-_GATHER_MAX_PAIRS = 16
+GATHER_MAX_PAIRS = 16
 
 
 def route(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,7 +42,7 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """x[N, H], weights[N, k], ids[N, k] -> sum over k of weight * expert(x), [N, H]."""
-        if ids.numel() <= _GATHER_MAX_PAIRS:
+        if ids.numel() <= GATHER_MAX_PAIRS:
             return self._gathered(x, weights, ids)
         return self._grouped(x, weights, ids)
 

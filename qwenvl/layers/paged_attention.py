@@ -73,6 +73,7 @@ class PagedAttention:
                 raise ValueError(f"sequence {i}: query_len={q}, context_len={c}, {len(bt)} blocks of {bs}")
         self.pool = pool
         self.impl = impl
+        self.block_tables = block_tables      # kept for tensor-parallel workers, which rebuild this step on their pools
         self.scale = scale
         self.context_lens = list(context_lens)
         self.query_lens = list(query_lens)

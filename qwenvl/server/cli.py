@@ -45,6 +45,8 @@ def add_serve_subcommand(subparsers) -> argparse.ArgumentParser:
                    help="weight-only quantisation of the language model at load (default: none, the checkpoint dtype)")
     p.add_argument("--quantize-vision", action="store_true",
                    help="with --quantization, the vision tower too (less memory, no speed-up)")
+    p.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="split the language model over N processes, one GPU each (gloo on CPU; see README)")
     p.set_defaults(func=run_serve_command)
     return p
 
@@ -68,6 +70,8 @@ def run_serve_command(args) -> int:
     if getattr(args, "quantization", None) is not None:
         engine_options["quantization"] = args.quantization
         engine_options["quantize_vision"] = bool(getattr(args, "quantize_vision", False))
+    if getattr(args, "tensor_parallel_size", 1) != 1:
+        engine_options["tensor_parallel_size"] = args.tensor_parallel_size
     return serve(settings_from_args(args), engine_options=engine_options)
 
 
