@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from ..loader import LoadError, canonical_key, refuse_prequantized, weight_files
+from ..loader import LoadError, canonical_key, prequantized_weights, weight_files
 from ..models import build_model
 from ..safetensors_reader import SafetensorsReader
 from .comm import Communicator
@@ -97,7 +97,9 @@ def load_shard(model_dir: str | Path, comm: Communicator, dtype: torch.dtype,
     """This rank's model, filled strictly from the checkpoint: every parameter from its slice of the file."""
     model_dir = Path(model_dir)
     cfg = ModelConfig.from_dir(model_dir)
-    refuse_prequantized(model_dir)
+    if prequantized_weights(model_dir, dtype) is not None:
+        raise LoadError(f"{model_dir}: a pre-quantised checkpoint (quantization_config) cannot be split over "
+                        "processes yet; load it with tensor_parallel_size=1")
     rank = comm.rank
     check_tensor_parallel(cfg, comm.world)
     with torch.device("meta"):
