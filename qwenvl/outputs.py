@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .grounding import parse_boxes_multi
+from .reasoning import split_reasoning
+
 
 @dataclass
 class RequestOutput:
@@ -28,3 +31,13 @@ class RequestOutput:
     @property
     def completion_tokens(self) -> int:
         return len(self.token_ids)
+
+
+def answer_boxes(text: str, family: str, vision: list, reasoning_opened: bool = False) -> list[dict]:
+    """The grounding boxes of a finished answer, in original-image pixels, from the answer only: a Thinking
+    model's reasoning may draft boxes it then rejects. `vision` is the prompt's VisionItems."""
+    images = [v for v in vision if v.kind == "image"]
+    answer = split_reasoning(text, reasoning_opened).content
+    if not images or not answer:
+        return []
+    return parse_boxes_multi(answer, family, [v.input_size for v in images], [v.original_size for v in images])

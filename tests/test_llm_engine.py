@@ -176,3 +176,17 @@ def test_stop_string_cuts_the_text_and_ends_the_request(ckpt):
     assert cut.finish_reason == "stop"
     assert cut.text == text[: text.index(stop)]
     assert stop not in cut.text
+
+
+def test_a_stop_string_completed_by_the_last_allowed_token_is_a_stop(ckpt):
+    """Finishing is decided in one place: a stop string in the text the max_tokens-th token adds wins over
+    the length limit (the request stopped because of the string, and its text is cut)."""
+    llm = fresh(ckpt)
+    conv = ask(image(8), "say something")
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    full = llm.chat(conv, params)
+    last = llm.engine.tokenizer.decode(full.token_ids[-1:])
+    assert full.finish_reason == "length" and last and full.text.endswith(last)
+    cut = llm.chat(conv, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, stop=[last]))
+    assert cut.finish_reason == "stop" and cut.token_ids == full.token_ids
+    assert cut.text == full.text[:full.text.index(last)]

@@ -109,3 +109,17 @@ def test_chat_template_kwargs_may_not_override_the_conversation(thinking_llm):
     msgs = [{"role": "user", "content": "hello"}]
     with pytest.raises(ValueError, match="messages"):
         thinking_llm.engine.prepare(msgs, chat_template_kwargs={"messages": []})
+
+
+def test_boxes_come_from_the_answer_only():
+    from types import SimpleNamespace
+
+    from qwenvl.outputs import answer_boxes
+
+    img = [SimpleNamespace(kind="image", input_size=(1000, 1000), original_size=(1000, 1000))]
+    draft = "<|object_ref_start|>cat<|object_ref_end|><|box_start|>(1,1),(2,2)<|box_end|>"
+    final = "<|object_ref_start|>dog<|object_ref_end|><|box_start|>(100,100),(500,500)<|box_end|>"
+    boxes = answer_boxes(f"<think>maybe {draft}</think>\n\n{final}", "qwen2_vl", img)
+    assert [b["label"] for b in boxes] == ["dog"]
+    assert [b["label"] for b in answer_boxes(f"{draft}\n</think>\n{final}", "qwen2_vl", img, reasoning_opened=True)] == ["dog"]
+    assert answer_boxes(f"<think>{draft}", "qwen2_vl", img) == []          # cut inside the reasoning: no answer yet

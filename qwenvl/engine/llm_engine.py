@@ -11,13 +11,11 @@ from pathlib import Path
 
 import torch
 
-from ..grounding import parse_boxes_multi
-from ..reasoning import split_reasoning
 from ..hub import resolve_model
 from ..inputs import PreprocessorConfig, PromptInputs, build_inputs
 from ..layers.paged_attention import PagedKVPool
 from ..loader import load_model
-from ..outputs import RequestOutput
+from ..outputs import RequestOutput, answer_boxes
 from ..quantize import LoadQuantizer, check_quantization
 from ..sampling_params import SamplingParams
 from ..structured.logits_mask import GrammarMask, MaskedSampler
@@ -195,7 +193,7 @@ class LLMEngine:
         """Schedule, run the model once, sample, detokenise; one output per request that advanced."""
         plan = self.scheduler.schedule()
         sampled, logprobs = self.runner.step(plan.chunks)
-        finished = {s.request_id for s in self.scheduler.postprocess(plan, sampled, logprobs)}
+        finished = {s.request_id for s in self.scheduler.postprocess(plan, sampled, logprobs, decide=self._decide)}
         outputs = []
         for seq in plan.failed:
             req = self._requests.pop(seq.request_id, None)
@@ -204,27 +202,34 @@ class LLMEngine:
                 out = self._output(req, final=True)
                 out.error = seq.error
                 outputs.append(out)
-        for rid, token in sampled.items():
+        for rid in sampled:
             req = self._requests.get(rid)
             if req is None:
                 continue                               # aborted during the step
-            seq = req.seq
-            piece = req.detok.push(token)
-            if seq.finish_reason == "length":
-                piece += req.detok.flush()             # bytes held back for a character never completed
-            # A token that stopped generation (eos, stop_token_ids) is in token_ids but never in the text.
-            if piece and seq.finish_reason != "stop":
-                req.text += piece
-                cut = find_stop_string(req.text, seq.params.stop, len(piece)) if seq.params.stop else None
-                if cut is not None:
-                    req.text = req.text[:cut]
-                    self.scheduler.finish(seq, "stop")
-                    finished.add(rid)
             if rid in finished:
                 self._requests.pop(rid)
                 self.sampler.release(rid)
             outputs.append(self._output(req, final=rid in finished))
         return outputs
+
+    def _decide(self, seq, token: int) -> str | None:
+        """Every finish decision for a sampled token, in one place: the token-level stops (eos, stop ids,
+        max_tokens, the context), then stop strings on the text the token adds (cut just before them)."""
+        reason = self.scheduler.token_stop(seq, token)
+        req = self._requests.get(seq.request_id)
+        if req is None:
+            return reason
+        piece = req.detok.push(token)
+        if reason == "length":
+            piece += req.detok.flush()                 # bytes held back for a character never completed
+        # A token that stopped generation (eos, stop_token_ids) is in token_ids but never in the text.
+        if piece and reason != "stop":
+            req.text += piece
+            cut = find_stop_string(req.text, seq.params.stop, len(piece)) if seq.params.stop else None
+            if cut is not None:
+                req.text = req.text[:cut]
+                reason = "stop"
+        return reason
 
     def _output(self, req: _Request, final: bool) -> RequestOutput:
         seq = req.seq
@@ -244,17 +249,8 @@ class LLMEngine:
             video_tokens=sum(v.num_tokens for v in req.prompt.vision if v.kind == "video"),
             cached_tokens=seq.num_cached_tokens)
         if final:
-            out.boxes = self._boxes(req)
+            out.boxes = answer_boxes(req.text, self.cfg.model_type, req.prompt.vision, req.prompt.reasoning_opened)
         return out
-
-    def _boxes(self, req: _Request) -> list[dict]:
-        """Boxes of the answer only: a Thinking model's reasoning may draft boxes it then rejects."""
-        images = [v for v in req.prompt.vision if v.kind == "image"]
-        answer = split_reasoning(req.text, req.prompt.reasoning_opened).content
-        if not images or not answer:
-            return []
-        return parse_boxes_multi(answer, self.cfg.model_type, [v.input_size for v in images],
-                                 [v.original_size for v in images])
 
     # ------------------------------------------------------------------- stats
     def stats(self) -> dict:

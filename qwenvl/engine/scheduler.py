@@ -121,6 +121,13 @@ class Scheduler:
         self._release(seq, SequenceStatus.ABORTED, "abort")
         return seq
 
+    def token_stop(self, seq: Sequence, token: int) -> str | None:
+        """Token-level stops after `token` was appended: eos / stop_token_ids, max_tokens, the context."""
+        reason = check_stop_token(token, seq.num_output_tokens, seq.params, self.eos_token_ids)
+        if reason is None and self.max_model_len is not None and seq.num_tokens >= self.max_model_len:
+            reason = "length"
+        return reason
+
     def finish(self, seq: Sequence, reason: str) -> None:
         """Mark a running request finished (e.g. a stop string found by the engine) and free it."""
         if seq.request_id in self.requests:
@@ -244,11 +251,14 @@ class Scheduler:
 
     # ------------------------------------------------------------ after step
     def postprocess(self, out: SchedulerOutput, sampled: dict[str, int],
-                    logprobs: dict[str, dict[int, float]] | None = None) -> list[Sequence]:
+                    logprobs: dict[str, dict[int, float]] | None = None, decide=None) -> list[Sequence]:
         """Advance progress after the runner computed `out`, append the sampled tokens (by request
-        id, for chunks that needed a sample), apply token-level stops (eos, stop_token_ids,
-        max_tokens) and free finished requests. Returns the sequences finished in this step
-        (stop strings are the engine's job: it calls `finish(seq, "stop")`)."""
+        id, for chunks that needed a sample), decide which requests finish and free them. Returns the
+        sequences finished in this step.
+
+        `decide(seq, token) -> reason | None` is the one place a finish is decided; the engine passes its
+        own (token-level stops plus stop strings on the detokenised text); without it, token-level only."""
+        decide = decide or self.token_stop
         finished: list[Sequence] = list(out.failed)
         for c in out.chunks:
             seq = c.seq
@@ -260,9 +270,7 @@ class Scheduler:
                 continue
             tok = sampled[seq.request_id]
             seq.append_token(tok, (logprobs or {}).get(seq.request_id))
-            reason = check_stop_token(tok, seq.num_output_tokens, seq.params, self.eos_token_ids)
-            if reason is None and self.max_model_len is not None and seq.num_tokens >= self.max_model_len:
-                reason = "length"
+            reason = decide(seq, tok)
             if reason is not None:
                 self.finish(seq, reason)
                 finished.append(seq)
