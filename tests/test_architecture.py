@@ -81,3 +81,16 @@ def test_front_ends_catch_engine_errors_by_type_not_by_name():
     for room in ("server", "web"):
         for path in (PKG / room).rglob("*.py"):
             assert '__name__ == "QueueFull"' not in path.read_text(), f"{path} matches an error by its class name"
+
+
+def test_no_function_is_longer_than_sixty_lines():
+    """Long bodies become named steps; only the command line's argument table may run longer."""
+    long = []
+    for path in PKG.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                rel = str(path.relative_to(PKG))
+                if lines > 60 and (rel, node.name) != ("cli.py", "build_parser"):
+                    long.append(f"{rel}:{node.name} ({lines} lines)")
+    assert not long, "functions over 60 lines:\n" + "\n".join(long)

@@ -55,12 +55,8 @@ def build_inputs(messages, tokenizer, model_cfg: ModelConfig, pre_cfg: Preproces
                  tools: list[dict] | None = None) -> PromptInputs:
     """`chat_template_kwargs` (e.g. {"enable_thinking": False}) are passed to the template as variables;
     `tools` (OpenAI shape, already checked) are rendered by the template, or by qwenvl where it cannot."""
-    conv = normalize_messages(messages)
     extra = _template_kwargs(chat_template_kwargs)
-    if tools or any(m["role"] == "tool" or m.get("tool_calls") for m in conv):
-        renders = template_renders_tools(tokenizer.chat_template or "")
-        conv = prepare_tool_messages(conv, tools, renders)
-        extra["tools"] = (tools or None) if renders else None
+    conv = _with_tools(normalize_messages(messages), tools, tokenizer, extra)
     media = [p for m in conv for p in m["content"] if isinstance(m["content"], list) and p["type"] in ("image", "video")]
     processed = [_process(p, pre_cfg) for p in media]      # (Processed, original size, frame times | None)
     text = tokenizer.apply_chat_template(conv, add_generation_prompt=add_generation_prompt, **extra)
@@ -112,6 +108,16 @@ def build_inputs(messages, tokenizer, model_cfg: ModelConfig, pre_cfg: Preproces
     positions, next_position = mrope_positions(len(out), spans, pre_cfg.merge_size)
     return PromptInputs(token_ids=out, positions=positions, next_position=next_position, vision=items,
                         reasoning_opened=add_generation_prompt and prompt_opens_reasoning(text))
+
+
+def _with_tools(conv: list[dict], tools: list[dict] | None, tokenizer, extra: dict) -> list[dict]:
+    """Tools and tool turns as the template can render them (set into `extra`), or written as text where
+    the template knows no tools (Qwen2-VL's)."""
+    if not tools and not any(m["role"] == "tool" or m.get("tool_calls") for m in conv):
+        return conv
+    renders = template_renders_tools(tokenizer.chat_template or "")
+    extra["tools"] = (tools or None) if renders else None
+    return prepare_tool_messages(conv, tools, renders)
 
 
 _RESERVED_TEMPLATE_VARS = {"messages", "add_generation_prompt"}
