@@ -23,7 +23,7 @@ from qwenvl import LLM, SamplingParams  # noqa: E402
 from qwenvl.inputs import PreprocessorConfig  # noqa: E402
 from qwenvl.inputs.preprocess import smart_resize  # noqa: E402
 from qwenvl.synthetic import messages, to_grid  # noqa: E402
-from qwenvl.training.task_eval import grid_to_pixels, heldout_set, iou, parse_grid_boxes  # noqa: E402
+from qwenvl.evaluation.task_eval import grid_to_pixels, heldout_set, iou, parse_grid_boxes  # noqa: E402
 
 
 def main() -> None:

@@ -18,7 +18,7 @@ try:
 except fonts.MissingAssetError as e:  # pragma: no cover - depends on the machine
     pytest.skip(f"synthetic data needs fonts and a word list: {e}", allow_module_level=True)
 
-from qwenvl.training import task_eval  # noqa: E402
+from qwenvl.evaluation import task_eval  # noqa: E402
 from qwenvl.synthetic import (  # noqa: E402
     LANGS, TASKS, SyntheticDataset, grounding_answer, make_sample, messages, to_grid)
 from qwenvl.synthetic.scenes import COLORS_ZH, GAP, MIN_SHAPE, SHAPES, SHAPES_ZH  # noqa: E402
@@ -281,7 +281,7 @@ def test_followups_are_unambiguous_answers_about_the_same_image():
     from collections import Counter
 
     from qwenvl.synthetic.followups import conversation, followups
-    from qwenvl.training.task_eval import score
+    from qwenvl.evaluation.task_eval import score
     seen = Counter()
     for i in range(60):
         s = make_sample(4, i, task=TASKS[i % len(TASKS)], lang=("en", "zh")[i % 2])

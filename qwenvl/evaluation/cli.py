@@ -72,7 +72,7 @@ def _tasks(args) -> int:
 
     from qwenvl import LLM
     from qwenvl.synthetic import LANGS, TASKS
-    from qwenvl.training.task_eval import evaluate_model, scores_table
+    from qwenvl.evaluation.task_eval import evaluate_model, scores_table
 
     if args.n < 1:
         raise DatasetError(f"--n must be at least 1, got {args.n}")
