@@ -117,3 +117,22 @@ def test_cli_chat_takes_a_hub_id_and_a_revision(hub_cache):
     out = subprocess.run([*run, "--model", "Org/Missing", "Hello"], capture_output=True, text=True,
                          timeout=300, env=env)
     assert out.returncode == 2 and "hf download Org/Missing" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_serve_takes_a_hub_id_and_a_revision(hub_cache):
+    import argparse
+    import asyncio
+
+    from qwenvl.server.cli import add_serve_subcommand, build_engine, settings_from_args
+
+    add_snapshot(hub_cache, "Org/Tiny", COMMIT_B, sorted(BUNDLED_MODEL_DIR.iterdir()), ref="v2")
+    parser = argparse.ArgumentParser()
+    add_serve_subcommand(parser.add_subparsers(dest="command"))
+    settings = settings_from_args(parser.parse_args(["serve", "--model", "Org/Tiny", "--revision", "v2",
+                                                     "--device", "cpu"]))
+    engine = build_engine(settings)
+    try:
+        assert engine.info().model_name and settings.revision == "v2"
+        assert COMMIT_B in str(resolve_model("Org/Tiny", "v2"))
+    finally:
+        asyncio.run(engine.shutdown(grace_s=1))

@@ -79,3 +79,61 @@ def test_cli_chat_reads_a_pdf_and_its_pages(tmp_path):
     out = subprocess.run([*run, "--pages", "7", "What is on this page?"], capture_output=True, text=True,
                          timeout=300, cwd=root)
     assert out.returncode == 2 and "outside 1-5" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_pdf_in_a_message_becomes_its_pages(tmp_path):
+    """LLM.chat: a `.pdf` path or data:application/pdf where an image goes; `pages` picks them."""
+    import base64
+
+    from qwenvl.llm import LLM
+
+    path = tmp_path / "report.pdf"
+    path.write_bytes(make_pdf())
+    llm = LLM(device="cpu")
+    url = "data:application/pdf;base64," + base64.b64encode(make_pdf()).decode()
+    prompts = {name: llm.engine.prepare([{"role": "user", "content": [part, {"text": "Summarise."}]}])
+               for name, part in [("all", {"image": str(path)}), ("two", {"image": url, "pages": "2-3"}),
+                                  ("one", {"type": "image_url", "image_url": {"url": url}, "pages": 5})]}
+    assert [len(prompts[k].vision) for k in ("all", "two", "one")] == [5, 2, 1]
+    assert [aspect(v.original_size) > 1 for v in prompts["two"].vision] == [True, False]     # pages 2 and 3
+    with pytest.raises(InputError, match="outside 1-5"):
+        llm.engine.prepare([{"role": "user", "content": [{"image": str(path), "pages": "4-9"}]}])
+
+
+def test_the_server_renders_a_pdf_sent_in_a_message(tmp_path):
+    import asyncio
+    import base64
+
+    import httpx
+    import openai
+    from test_server_fake_engine import DS_PATH, run_server
+
+    from qwenvl.engine.async_engine import AsyncEngine
+    from qwenvl.engine.llm_engine import LLMEngine
+    from qwenvl.server.app import create_app
+    from qwenvl.server.settings import ServerSettings
+
+    engine = AsyncEngine(LLMEngine(None, device="cpu"), max_queue=4)
+    url = "data:application/pdf;base64," + base64.b64encode(make_pdf()).decode()
+    try:
+        with run_server(create_app(engine, ServerSettings(max_images=3))) as base:
+            client = openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0)
+            msgs = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}, "pages": "1,3"},
+                                                 {"type": "text", "text": "What is in it?"}]}]
+            r = client.chat.completions.create(model="m", messages=msgs, max_tokens=2)
+            one = client.chat.completions.create(model="m", max_tokens=2, messages=[{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": url}, "pages": "1"}, {"type": "text", "text": "What is in it?"}]}])
+            images = [x.usage.model_dump()["prompt_tokens_details"]["image_tokens"] for x in (r, one)]
+            assert images[0] > images[1] > 0
+            ds = httpx.post(base + DS_PATH, json={"input": {"messages": [{"role": "user", "content": [
+                {"image": url, "pages": "2"}, {"text": "Read it."}]}]}, "parameters": {"max_tokens": 2}})
+            assert ds.status_code == 200, ds.text
+            too_many = httpx.post(base + "/v1/chat/completions", json={"messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": url}}]}]})
+            assert too_many.status_code == 400 and "5 pages selected, more than the limit of 3" in too_many.text
+            broken = httpx.post(base + "/v1/chat/completions", json={"messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": "data:application/pdf;base64," +
+                                                    base64.b64encode(b"%PDF-1.4 broken").decode()}}]}]})
+            assert broken.status_code == 400 and "cannot open the PDF" in broken.text
+    finally:
+        asyncio.run(engine.shutdown(grace_s=1))

@@ -42,7 +42,7 @@ class MediaRef:
     message: int
     part: int
     frame: int | None                         # index in a frame list; None for an image or a video file
-    kind: str                                 # "image" | "video_file" | "frame"
+    kind: str                                 # "image" | "document" (a PDF) | "video_file" | "frame"
     source: object
     where: str                                # the field's path, for error messages
 
@@ -58,8 +58,8 @@ class Admitted:
         conv = Conversation({**m, "content": [_copy(p) for p in m["content"]]} for m in self.conversation)
         for ref, data in zip(self.media, loaded):
             part = conv[ref.message]["content"][ref.part]
-            if ref.kind == "image":
-                part["image"] = data
+            if ref.kind in ("image", "document"):
+                part[ref.kind] = data
             elif ref.kind == "video_file":
                 part["video"] = data
             else:
@@ -75,7 +75,7 @@ def admit(messages, policy: AdmissionPolicy, high_resolution: bool = False, wher
     """Normalise once and apply the policy: media counts, each image's pixel budget, video frame caps.
     Raises InputError naming the field; never changes the caller's messages."""
     conv = normalize_messages(list(messages) if isinstance(messages, Conversation) else messages)
-    _count(conv, policy)
+    count_media(conv, policy)
     cap, default = policy.pixel_cap(high_resolution), policy.default_pixels(high_resolution)
     out, media = Conversation(), []
     for i, msg in enumerate(conv):
@@ -83,11 +83,11 @@ def admit(messages, policy: AdmissionPolicy, high_resolution: bool = False, wher
         for j, part in enumerate(msg["content"]):
             at = f"{where}messages[{i}].content[{j}]"
             part = dict(part)
-            if part["type"] == "image":
+            if part["type"] in ("image", "document"):
                 part["max_pixels"] = min(part.get("max_pixels", default), cap)
                 if part.get("min_pixels", 0) > part["max_pixels"]:
                     part["min_pixels"] = part["max_pixels"]
-                media.append(MediaRef(i, j, None, "image", part["image"], at))
+                media.append(MediaRef(i, j, None, part["type"], part[part["type"]], at))
             elif part["type"] == "video" and not isinstance(part["video"], list):
                 _cap_video_frames(part, policy.max_video_frames, at)
                 media.append(MediaRef(i, j, None, "video_file", part["video"], f"{at}.video"))
@@ -98,11 +98,12 @@ def admit(messages, policy: AdmissionPolicy, high_resolution: bool = False, wher
     return Admitted(out, media)
 
 
-def _count(conv: list[dict], policy: AdmissionPolicy) -> None:
+def count_media(conv: list[dict], policy: AdmissionPolicy) -> None:
+    """Images (a document counts once until its pages are rendered; count again after) and frames."""
     images = frames = 0
     for msg in conv:
         for part in msg["content"]:
-            if part["type"] == "image":
+            if part["type"] in ("image", "document"):
                 images += 1
             elif part["type"] == "video" and isinstance(part["video"], list):
                 frames += len(part["video"])

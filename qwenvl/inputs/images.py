@@ -91,7 +91,13 @@ def _check_shape(image: Image.Image, name: str) -> None:
                          f"{MAX_ASPECT_RATIO}; crop or pad the image")
 
 
-def _read_bytes(source, name: str) -> bytes:
+def read_source(source, name: str, media: str = "image") -> bytes:
+    """The bytes of a local source (path, file:// or data: URL, bytes); `media` is the data URL type expected
+    ("image" for image/..., "pdf" for application/pdf)."""
+    return _read_bytes(source, name, media)
+
+
+def _read_bytes(source, name: str, media: str = "image") -> bytes:
     if isinstance(source, (bytes, bytearray, memoryview)):
         return bytes(source)
     if isinstance(source, Path):
@@ -104,7 +110,7 @@ def _read_bytes(source, name: str) -> bytes:
         raise InputError(f"{name}: http(s) image URLs are fetched by the HTTP server's fetcher, not by "
                          "load_image; download the image first or pass a path, data: URL or bytes")
     if lower.startswith("data:"):
-        return _decode_data_url(source, name)
+        return _decode_data_url(source, name, media)
     if lower.startswith("file:"):
         parsed = urllib.parse.urlparse(source)
         # file:///abs/path and file://localhost/abs/path are local; file://relative/path is read as written.
@@ -124,14 +130,18 @@ def _read_file(path: Path, name: str) -> bytes:
     return path.read_bytes()
 
 
-def _decode_data_url(url: str, name: str) -> bytes:
+_DATA_TYPES = {"image": ("image/", "an image", "image/..."), "pdf": ("application/pdf", "a PDF", "application/pdf")}
+
+
+def _decode_data_url(url: str, name: str, kind: str = "image") -> bytes:
     # data:[<mediatype>][;base64],<data>
+    prefix, what, expected = _DATA_TYPES[kind]
     head, sep, payload = url.partition(",")
     if not sep:
-        raise InputError(f"{name}: malformed data URL (no comma); expected data:image/png;base64,<data>")
+        raise InputError(f"{name}: malformed data URL (no comma); expected data:{expected};base64,<data>")
     media = head[5:].split(";")
-    if media[0] and not media[0].lower().startswith("image/"):
-        raise InputError(f"{name}: data URL media type {media[0]!r} is not an image; expected image/...")
+    if media[0] and not media[0].lower().startswith(prefix):
+        raise InputError(f"{name}: data URL media type {media[0]!r} is not {what}; expected {expected}")
     if "base64" not in (m.lower() for m in media[1:]):
         return urllib.parse.unquote_to_bytes(payload)
     try:

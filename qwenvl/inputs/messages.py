@@ -3,6 +3,7 @@
 Canonical: {"role", "content": [part, ...]} with parts
   {"type": "text", "text": str}
   {"type": "image", "image": source, "min_pixels"?: int, "max_pixels"?: int}
+  {"type": "document", "document": PDF source, "pages"?: "1-3,5", "max_pixels"?: int}   (pages become images)
   {"type": "video", "video": [frame sources] | file source, "fps"?: float, "min_pixels"?, "max_pixels"?,
    "nframes"?, "total_pixels"?, "min_frames"?, "max_frames"?, "video_start"?, "video_end"?}
 Image and video sources are left as given (URL, path, PIL image, bytes); loading happens when the prompt is
@@ -15,6 +16,7 @@ from __future__ import annotations
 from pathlib import PurePath
 
 from .errors import InputError
+from .pdf import is_pdf_source
 from .video import OPTION_KEYS, VideoOptions
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -101,7 +103,13 @@ def _image(part: dict, value, where: str, nested: bool) -> dict:
         value, where = value["url"], f"{where}.url"
     if value is None or (isinstance(value, str) and not value.strip()):
         raise InputError(f"{where}: empty image source; give a URL, path or data: URL")
-    out = {"type": "image", "image": value}
+    if is_pdf_source(value):
+        # A PDF where an image goes: its pages become images (inputs/pdf.py), `pages` picks them.
+        out = {"type": "document", "document": value}
+        if part.get("pages") is not None:
+            out["pages"] = part["pages"]
+    else:
+        out = {"type": "image", "image": value}
     out.update(_pixels({**extra, **{k: part[k] for k in _PIXEL_KEYS if k in part}}, where))
     return out
 

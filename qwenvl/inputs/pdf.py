@@ -10,9 +10,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from pathlib import PurePath
+
 from PIL import Image
 
 from .errors import InputError
+from .images import read_source
 
 
 class PdfError(InputError):
@@ -27,6 +30,48 @@ class PdfLimits:
 
 def is_pdf(data: bytes) -> bool:
     return data[:1024].lstrip().startswith(b"%PDF-")
+
+
+def is_pdf_source(source) -> bool:
+    """A PDF where an image may go: a data:application/pdf URL, a path or URL ending in .pdf, or PDF bytes."""
+    if isinstance(source, (bytes, bytearray)):
+        return is_pdf(bytes(source[:1024]))
+    if isinstance(source, PurePath):
+        source = str(source)
+    if not isinstance(source, str):
+        return False
+    head = source[:40].lower()
+    if head.startswith("data:"):
+        return head.startswith("data:application/pdf")
+    return source.split("?", 1)[0].split("#", 1)[0].lower().endswith(".pdf")
+
+
+def expand_documents(conv: list[dict], max_pixels: int, max_pages: int = PdfLimits.max_pages) -> list[dict]:
+    """The conversation with every document part replaced by its chosen pages as image parts, in page order
+    (a new list; parts without documents are kept as they are). Each page is rendered to fit the part's
+    max_pixels (else `max_pixels`); sources are local (path, file://, data: URL) or the fetched bytes."""
+    if not any(p["type"] == "document" for m in conv for p in m["content"]):
+        return conv
+    out = type(conv)() if isinstance(conv, list) else []
+    for m in conv:
+        parts = []
+        for p in m["content"]:
+            if p["type"] != "document":
+                parts.append(p)
+                continue
+            name = _name(p["document"])
+            budget = p.get("max_pixels", max_pixels)
+            pages = render_pdf(read_source(p["document"], name, media="pdf"), name, p.get("pages"),
+                               PdfLimits(max_pages=max_pages, max_pixels=budget))
+            parts += [{"type": "image", "image": page, "max_pixels": budget} for page in pages]
+        out.append({**m, "content": parts})
+    return out
+
+
+def _name(source) -> str:
+    if isinstance(source, (bytes, bytearray)):
+        return f"PDF bytes ({len(source)} bytes)"
+    return f"data URL ({source[:30]}...)" if str(source)[:5].lower() == "data:" else str(source)
 
 
 def parse_pages(spec: str | int | list[int] | None, n_pages: int) -> list[int]:

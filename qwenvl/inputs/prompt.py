@@ -21,6 +21,7 @@ from ..structured.tool_prompt import prepare_tool_messages, template_renders_too
 from .errors import InputError
 from .images import load_image
 from .messages import normalize_messages
+from .pdf import expand_documents
 from .mrope import VisionSpan, mrope_positions, video_time_interval
 from .preprocess import PreprocessorConfig, Processed, preprocess_image, preprocess_sized_frames, preprocess_video
 from .video import VideoOptions, read_video
@@ -56,7 +57,8 @@ def build_inputs(messages, tokenizer, model_cfg: ModelConfig, pre_cfg: Preproces
     """`chat_template_kwargs` (e.g. {"enable_thinking": False}) are passed to the template as variables;
     `tools` (OpenAI shape, already checked) are rendered by the template, or by qwenvl where it cannot."""
     extra = _template_kwargs(chat_template_kwargs)
-    conv = _with_tools(normalize_messages(messages), tools, tokenizer, extra)
+    conv = expand_documents(normalize_messages(messages), pre_cfg.max_pixels)     # PDF pages become images
+    conv = _with_tools(conv, tools, tokenizer, extra)
     media = [p for m in conv for p in m["content"] if isinstance(m["content"], list) and p["type"] in ("image", "video")]
     processed = [_process(p, pre_cfg) for p in media]      # (Processed, original size, frame times | None)
     text = tokenizer.apply_chat_template(conv, add_generation_prompt=add_generation_prompt, **extra)

@@ -23,7 +23,8 @@ def add_serve_subcommand(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("serve", help="serve the OpenAI- and DashScope-compatible HTTP APIs",
                               description="Serve one model over HTTP: OpenAI /v1/chat/completions, DashScope "
                               "multimodal-generation, /health, /metrics and the web UI at /.")
-    p.add_argument("--model", default=None, help="checkpoint folder (default: the bundled model)")
+    p.add_argument("--model", default=None, help="checkpoint folder or Hugging Face Hub id (default: the bundled model)")
+    p.add_argument("--revision", default=None, help="with a Hub id: branch, tag or commit (default: main)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $QWENVL_API_KEY)")
@@ -53,7 +54,7 @@ def add_serve_subcommand(subparsers) -> argparse.ArgumentParser:
 
 def settings_from_args(args) -> ServerSettings:
     return ServerSettings(
-        model=args.model, host=args.host, port=args.port,
+        model=args.model, revision=args.revision, host=args.host, port=args.port,
         api_key=args.api_key or os.environ.get("QWENVL_API_KEY") or None,
         served_model_name=args.served_model_name, dtype=args.dtype, device=args.device,
         allowed_local_media_path=args.allowed_local_media_path, allow_private_urls=args.allow_private_urls,
@@ -80,7 +81,7 @@ def build_engine(settings: ServerSettings, engine_options: dict | None = None):
     from ..engine.llm_engine import EngineConfig, LLMEngine
 
     engine = LLMEngine(settings.model, dtype=settings.dtype, device=settings.device,
-                       config=EngineConfig(**(engine_options or {})))
+                       config=EngineConfig(**(engine_options or {})), revision=settings.revision)
     return AsyncEngine(engine, max_queue=settings.max_queue)
 
 

@@ -17,6 +17,8 @@ from fastapi import Request
 
 from ..engine.errors import EngineFull
 from ..inputs import AdmissionPolicy, InputError, MediaRef, admit
+from ..inputs.admission import count_media
+from ..inputs.pdf import expand_documents
 from .errors import APIError, bad_request
 from .media import MediaFetcher
 from .metrics import Metrics
@@ -63,7 +65,10 @@ async def prepare(state: ServerState, req: ChatRequest, where: str = ""):
         if isinstance(r, BaseException):
             raise r
     try:
-        prompt = await state.engine.prepare(admitted.with_media(results), chat_template_kwargs=req.chat_template_kwargs,
+        conv = admitted.with_media(results)
+        if any(ref.kind == "document" for ref in admitted.media):
+            conv = await asyncio.get_running_loop().run_in_executor(None, _render_documents, conv, state.policy)
+        prompt = await state.engine.prepare(conv, chat_template_kwargs=req.chat_template_kwargs,
                                             tools=list(req.tools.tools) if req.tools is not None else None)
     except InputError as e:
         raise bad_request(f"{where}{e}") from None
@@ -71,10 +76,20 @@ async def prepare(state: ServerState, req: ChatRequest, where: str = ""):
 
 
 def _fetch(fetcher: MediaFetcher, ref: MediaRef):
-    """A video file's bytes (inputs/video.py samples them), or an image's / a frame's checked bytes."""
+    """A video file's bytes (inputs/video.py samples them), a PDF's bytes, or an image's / a frame's checked
+    bytes."""
     if ref.kind == "video_file":
         return fetcher.load_video(ref.source, ref.where)
+    if ref.kind == "document":
+        return fetcher.load_document(ref.source, ref.where)
     return fetcher.load(ref.source, ref.where)
+
+
+def _render_documents(conv, policy: AdmissionPolicy):
+    """PDF pages as images (each at its part's pixel budget), then the image count again, pages included."""
+    conv = expand_documents(conv, policy.default_pixels(False), max_pages=policy.max_images)
+    count_media(conv, policy)
+    return conv
 
 
 def _size_max_tokens(state: ServerState, req: ChatRequest, n: int, image_tokens: int):

@@ -28,6 +28,7 @@ from pathlib import Path
 import httpx
 from PIL import Image, UnidentifiedImageError
 
+from ..inputs.pdf import is_pdf
 from .errors import APIError, bad_request
 
 FORMATS = {"PNG", "JPEG", "MPO", "WEBP", "GIF", "BMP", "TIFF"}
@@ -86,21 +87,32 @@ class MediaFetcher:
 
     async def load_video(self, source, where: str) -> bytes:
         """Video file source (data:video/..., http(s)://, file://) -> its bytes, under max_video_bytes."""
+        return await self._load_file(source, where, "video", "data:video/... URL")
+
+    async def load_document(self, source, where: str) -> bytes:
+        """PDF source (data:application/pdf, http(s)://, file://) -> its bytes, under max_video_bytes (the cap
+        of every file that is not an image)."""
+        data = await self._load_file(source, where, "application", "data:application/pdf URL")
+        if not is_pdf(data):
+            raise bad_request(f"{where}: not a PDF (no %PDF- header)", where)
+        return data
+
+    async def _load_file(self, source, where: str, data_kind: str, data_example: str) -> bytes:
         if not isinstance(source, str):
-            raise bad_request(f"{where}: a video must be a URL string (data:, http(s)://, file://) or a list of "
-                              f"frame URLs, got {type(source).__name__}", where)
+            raise bad_request(f"{where}: must be a URL string (data:, http(s)://, file://), got "
+                              f"{type(source).__name__}", where)
         src = source.strip()
         scheme = src.split(":", 1)[0].lower() if ":" in src[:12] else ""
         cap = self.policy.max_video_bytes
         if scheme == "data":
-            return decode_data_url(src, where, cap, kind="video")
+            return decode_data_url(src, where, cap, kind=data_kind)
         if scheme in ("http", "https"):
             return await self.fetch(src, where, cap)
         if scheme == "file":
             return self.read_local(src, where, cap)
         if scheme:
             raise bad_request(f"{where}: unsupported URL scheme {scheme!r}; use data:, http(s):// or file://", where)
-        raise bad_request(f"{where}: {describe(src)!r} is not a URL; send a data:video/... URL, an http(s):// URL, "
+        raise bad_request(f"{where}: {describe(src)!r} is not a URL; send a {data_example}, an http(s):// URL, "
                           "or a file:// URL under the server's --allowed-local-media-path", where)
 
     # ------------------------------------------------------------------ file://
@@ -225,7 +237,7 @@ def forbidden_reason(address: str) -> str | None:
 def decode_data_url(url: str, where: str, max_bytes: int, kind: str = "image") -> bytes:
     """kind "image" wants data:image/..., "video" wants data:video/... (or a typeless data: URL)."""
     head, sep, payload = url.partition(",")
-    example = "image/png" if kind == "image" else "video/mp4"
+    example = {"image": "image/png", "video": "video/mp4"}.get(kind, "application/pdf")
     if not sep:
         raise bad_request(f"{where}: malformed data URL (no comma); expected data:{example};base64,<data>", where)
     media = head[5:].split(";")

@@ -110,9 +110,10 @@ class TextPart(_Open):
 
 class ImagePart(_Open):
     type: Literal["image_url"]
-    image_url: ImageURL
+    image_url: ImageURL                        # an image, or a PDF (data:application/pdf, *.pdf): its pages
     min_pixels: int | None = Field(None, ge=1)
     max_pixels: int | None = Field(None, ge=1)
+    pages: str | int | list[int] | None = None  # a PDF's pages, "1-3,5" (1-based)
 
 
 class VideoURLPart(_Open):
@@ -236,9 +237,10 @@ class DSText(_Open):
 
 
 class DSImage(_Open):
-    image: str
+    image: str                                 # an image, or a PDF (data:application/pdf, *.pdf): its pages
     min_pixels: int | None = Field(None, ge=1)
     max_pixels: int | None = Field(None, ge=1)
+    pages: str | int | list[int] | None = None
 
 
 class DSVideo(_Open):

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class ServerSettings:
-    model: str | None = None                   # checkpoint folder; None = the bundled model
+    model: str | None = None                   # checkpoint folder or Hub id; None = the bundled model
+    revision: str | None = None                # with a Hub id: branch, tag or commit
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None                 # None: no auth (QWENVL_API_KEY is read by from_env/cli)
