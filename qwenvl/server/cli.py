@@ -45,6 +45,16 @@ def add_serve_subcommand(subparsers) -> argparse.ArgumentParser:
                    help="weight-only quantisation of the language model at load (default: none, the checkpoint dtype)")
     p.add_argument("--quantize-vision", action="store_true",
                    help="with --quantization, the vision tower too (less memory, no speed-up)")
+    g = p.add_argument_group("replicas (Ray Serve; pip install 'qwenvl[cluster]')")
+    g.add_argument("--replicas", type=int, default=None,
+                   help="run N engine replicas on Ray Serve behind this server (default: one engine in-process)")
+    g.add_argument("--ray-address", default=None,
+                   help="join this Ray cluster (default: start a local one bound to 127.0.0.1)")
+    g.add_argument("--ray-dashboard", action="store_true", help="local cluster: start the Ray dashboard on 127.0.0.1")
+    g.add_argument("--cpus-per-replica", type=float, default=None,
+                   help="Ray CPUs per replica (default: 1 with a GPU, else the cores shared out)")
+    g.add_argument("--ray-object-store-mb", type=int, default=None,
+                   help="local cluster: object store size (default: Ray's)")
     p.set_defaults(func=run_serve_command)
     return p
 
@@ -68,6 +78,12 @@ def run_serve_command(args) -> int:
     if getattr(args, "quantization", None) is not None:
         engine_options["quantization"] = args.quantization
         engine_options["quantize_vision"] = bool(getattr(args, "quantize_vision", False))
+    if getattr(args, "replicas", None) is not None or getattr(args, "ray_address", None) is not None:
+        from .replicas import ClusterOptions, serve_replicas
+
+        cluster = ClusterOptions(replicas=args.replicas or 1, address=args.ray_address, dashboard=args.ray_dashboard,
+                                 cpus_per_replica=args.cpus_per_replica, object_store_mb=args.ray_object_store_mb)
+        return serve_replicas(settings_from_args(args), engine_options, cluster)
     return serve(settings_from_args(args), engine_options=engine_options)
 
 
@@ -81,8 +97,9 @@ def build_engine(settings: ServerSettings, engine_options: dict | None = None):
 
 
 def serve(settings: ServerSettings, engine_options: dict | None = None, async_engine=None,
-          mount_ui=None, ready: threading.Event | None = None) -> int:
-    """Load the model (unless an engine is given), serve until SIGTERM/SIGINT, drain, return 0."""
+          mount_ui=None, ready: threading.Event | None = None, extend_app=None) -> int:
+    """Load the model (unless an engine is given), serve until SIGTERM/SIGINT, drain, return 0.
+    `extend_app(app)`, when given, is called on the finished app (replicas add their response header)."""
     import uvicorn
 
     from .app import create_app
@@ -92,6 +109,8 @@ def serve(settings: ServerSettings, engine_options: dict | None = None, async_en
     if mount_ui is None:
         mount_ui = _default_ui()
     app = create_app(async_engine, settings, mount_ui=mount_ui or None)     # mount_ui=False: no UI
+    if extend_app is not None:
+        extend_app(app)
     state = app.state.qwenvl
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
                             timeout_graceful_shutdown=5, access_log=False)
