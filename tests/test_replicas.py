@@ -92,6 +92,77 @@ def test_without_ray_the_command_says_how_to_install_it(tmp_path):
     assert len(lines) == 1, r.stderr
 
 
+class _FakeHandle:
+    """The slice of a Ray Serve DeploymentHandle that ReplicaEngine uses, scripted."""
+
+    def __init__(self, name: str, dead: bool = False, tokens: int = 3):
+        self.name, self.dead, self.tokens = name, dead, tokens
+        self.generated: list[str] = []
+        self.aborted: list[str] = []
+        self.cancelled = 0
+        self.generate = SimpleNamespace(remote=self._generate)
+        self.abort = SimpleNamespace(remote=self.aborted.append)
+        self.stats = SimpleNamespace(remote=lambda: SimpleNamespace(result=self._stats))
+
+    def options(self, stream: bool):
+        return self
+
+    def _stats(self, timeout_s):
+        if self.dead:
+            raise TimeoutError("no answer")
+        return {"kv_blocks_total": 10}
+
+    def _generate(self, prompt, params, rid):
+        from ray.exceptions import ActorDiedError
+
+        from qwenvl.outputs import RequestOutput
+
+        handle = self
+
+        async def outputs():
+            if handle.dead:
+                raise ActorDiedError()
+            handle.generated.append(rid)
+            for i in range(handle.tokens):
+                await asyncio.sleep(0)
+                yield RequestOutput(rid, text="x" * (i + 1), delta_text="x", token_ids=list(range(i + 1)),
+                                    finish_reason="length" if i == handle.tokens - 1 else None)
+
+        class Stream:
+            def __aiter__(self):
+                return outputs()
+
+            def cancel(self):
+                handle.cancelled += 1
+
+        return Stream()
+
+
+def test_a_dead_replica_is_skipped_and_an_early_exit_cancels_the_stream():
+    pytest.importorskip("ray")
+    from qwenvl.server.replica_proxy import ReplicaEngine
+
+    alive, dead = _FakeHandle("replica-1"), _FakeHandle("replica-0", dead=True)
+    engine = ReplicaEngine({"replica-0": dead, "replica-1": alive}, info=None, poll_s=60)
+    prompt = SimpleNamespace(vision=[])
+
+    async def run():
+        outs = [o async for o in engine.generate(prompt, None, "a")]       # idle tie: replica-0 first, dead
+        agen = engine.generate(prompt, None, "b")
+        first = await agen.__anext__()
+        engine.abort("b")
+        await agen.aclose()                                                 # the client left after one token
+        return outs, first
+
+    outs, first = asyncio.run(run())
+    assert outs[-1].finished and alive.generated == ["a", "b"] and first.text == "x"
+    assert alive.aborted == ["b"] and alive.cancelled == 1
+    stats = engine.stats()
+    assert stats["replicas"]["replica-0"]["up"] == 0 and stats["replicas"]["replica-1"]["requests_served"] == 1
+    assert stats["num_active"] == 0
+    asyncio.run(engine.shutdown(grace_s=0))
+
+
 # ------------------------------------------------------------------ the real command on a local cluster
 def _image(seed: int) -> str:
     from PIL import Image
@@ -231,6 +302,38 @@ def test_the_local_cluster_listens_on_loopback_only(served):
             if not name.startswith("ray::ServeReplica"):
                 exposed.append((name, conn.laddr))
     assert exposed == []
+
+
+def _metric(url: str, name: str, replica: str) -> float | None:
+    m = re.search(rf'{name}{{replica="{replica}"}} (\S+)', httpx.get(url + "/metrics", timeout=10).text)
+    return float(m.group(1)) if m else None
+
+
+def test_a_killed_replica_is_replaced_while_the_other_keeps_answering(served):
+    import psutil
+
+    victims = [p for p in _descendants(served.proc.pid) if psutil.pid_exists(p)
+               and psutil.Process(p).name().startswith("ray::ServeReplica:qwenvl-replica-1")]
+    assert len(victims) == 1
+    os.kill(victims[0], signal.SIGKILL)
+
+    async def burst():
+        async with httpx.AsyncClient(base_url=served.url, timeout=120) as client:
+            return await asyncio.gather(*(client.post("/v1/chat/completions", json=_chat()) for _ in range(6)))
+
+    answers = asyncio.run(burst())
+    # every request is answered: by replica-0, or by the new replica-1 once Serve has it up (a request the
+    # dead one refuses before its first token is retried elsewhere)
+    assert [r.status_code for r in answers] == [200] * 6
+    assert "replica-0" in {r.headers["x-qwenvl-replica"] for r in answers}
+    deadline = time.monotonic() + 90                 # Ray Serve starts a new replica-1, which loads the model
+    while _metric(served.url, "qwenvl_replica_up", "replica-1") != 1.0 \
+            or _metric(served.url, "qwenvl_replica_pid", "replica-1") == victims[0]:
+        assert time.monotonic() < deadline, "replica-1 was not replaced"
+        time.sleep(1)
+    answers = asyncio.run(burst())
+    assert [r.status_code for r in answers] == [200] * 6
+    assert {r.headers["x-qwenvl-replica"] for r in answers} == {"replica-0", "replica-1"}
 
 
 def test_sigterm_stops_the_command_and_every_ray_process_it_started(served):

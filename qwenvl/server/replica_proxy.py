@@ -89,44 +89,71 @@ class ReplicaEngine:
         return sum(self._running.values())
 
     async def prepare(self, messages, chat_template_kwargs: dict | None = None, tools: list[dict] | None = None):
-        name = pick_replica(self.names, None, self._running, self.spill, self._up)
-        _note("prepare", name)
-        try:
-            return await self._handles[name].prepare.remote(messages, chat_template_kwargs, tools)
-        except Exception as e:  # noqa: BLE001 - re-raised as the replica's own exception
-            raise _unwrap(e) from None
+        skip: set[str] = set()
+        while True:
+            name = self._pick(None, skip)
+            _note("prepare", name)
+            try:
+                return await self._handles[name].prepare.remote(messages, chat_template_kwargs, tools)
+            except Exception as e:  # noqa: BLE001 - re-raised as the replica's own exception
+                if self._retry_elsewhere(name, e, skip):
+                    continue
+                raise _unwrap(e) from None
 
     async def generate(self, prompt, params, request_id: str | None = None) -> AsyncIterator:
+        """Stream from one replica. A replica found dead before its first output (killed, restarting) is
+        marked down and the request goes to another; after that, a failure ends the request with an error."""
         if self._stopping:
             raise EngineFull("the server is shutting down")
         key = prompt.vision[0].content_hash if prompt.vision else None
-        name = pick_replica(self.names, key, self._running, self.spill, self._up)
-        if self._running[name] >= self.max_queue:
-            raise EngineFull(f"replica {name} has {self._running[name]} requests in flight (limit {self.max_queue})")
         rid = request_id or f"req-{next(_ids)}"
-        _note("generate", name)
-        self._running[name] += 1
-        self._owner[rid] = name
-        stream = self._handles[name].options(stream=True).generate.remote(prompt, params, rid)
-        finished = False
-        try:
-            async for out in stream:
-                finished = out.finished
-                yield out
+        skip: set[str] = set()
+        while True:
+            name = self._pick(key, skip)
+            if self._running[name] >= self.max_queue:
+                raise EngineFull(f"replica {name} has {self._running[name]} requests in flight "
+                                 f"(limit {self.max_queue})")
+            _note("generate", name)
+            self._running[name] += 1
+            self._owner[rid] = name
+            stream = self._handles[name].options(stream=True).generate.remote(prompt, params, rid)
+            started = finished = False
+            try:
+                async for out in stream:
+                    started, finished = True, out.finished
+                    yield out
+                    if finished:
+                        return
+                return
+            except (GeneratorExit, asyncio.CancelledError):
+                raise
+            except Exception as e:  # noqa: BLE001
+                if not started and self._retry_elsewhere(name, e, skip):
+                    continue
+                self._failed[name] += 1
+                raise _unwrap(e) from None
+            finally:
+                self._running[name] -= 1
+                self._owner.pop(rid, None)
                 if finished:
-                    return
-        except (GeneratorExit, asyncio.CancelledError):
-            raise
-        except Exception as e:  # noqa: BLE001
-            self._failed[name] += 1
-            raise _unwrap(e) from None
-        finally:
-            self._running[name] -= 1
-            self._owner.pop(rid, None)
-            if finished:
-                self._served[name] += 1
-            else:                                  # the caller left early: stop the replica's work too
-                stream.cancel()
+                    self._served[name] += 1
+                else:                              # the caller left early: stop the replica's work too
+                    stream.cancel()
+
+    def _pick(self, key: str | None, skip: set[str]) -> str:
+        names = [n for n in self.names if n not in skip] or self.names
+        return pick_replica(names, key, self._running, self.spill, self._up)
+
+    def _retry_elsewhere(self, name: str, exc: BaseException, skip: set[str]) -> bool:
+        """True when `exc` says the replica itself is gone (not that the request was bad) and another is left."""
+        from ray.exceptions import ActorUnavailableError, RayActorError
+
+        if not isinstance(exc, (RayActorError, ActorUnavailableError)):
+            return False
+        log.warning("replica %s is gone (%s); marking it down", name, type(exc).__name__)
+        self._up[name] = False
+        skip.add(name)
+        return len(skip) < len(self.names)
 
     def abort(self, request_id: str) -> None:
         name = self._owner.get(request_id)
