@@ -146,9 +146,10 @@ class ReplicaEngine:
 
     def _retry_elsewhere(self, name: str, exc: BaseException, skip: set[str]) -> bool:
         """True when `exc` says the replica itself is gone (not that the request was bad) and another is left."""
-        from ray.exceptions import ActorUnavailableError, RayActorError
+        from ray import exceptions
 
-        if not isinstance(exc, (RayActorError, ActorUnavailableError)):
+        gone = tuple(getattr(exceptions, n) for n in ("RayActorError", "ActorUnavailableError") if hasattr(exceptions, n))
+        if not isinstance(exc, gone):
             return False
         log.warning("replica %s is gone (%s); marking it down", name, type(exc).__name__)
         self._up[name] = False

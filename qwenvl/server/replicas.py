@@ -129,6 +129,9 @@ def _deploy(serve, settings: ServerSettings, engine_options: dict, n: int, actor
         health_check_period_s=5, health_check_timeout_s=30, graceful_shutdown_timeout_s=5,
         logging_config={"enable_access_log": False, "log_level": "WARNING"})
     names = replica_names(n)
+    if not hasattr(serve, "run_many"):             # Ray Serve before run_many: one application at a time
+        return {name: serve.run(deployment.bind(settings, engine_options), name=APP_PREFIX + name,
+                                route_prefix=None) for name in names}
     targets = [serve.RunTarget(target=deployment.bind(settings, engine_options), name=APP_PREFIX + name,
                                route_prefix=None) for name in names]
     return dict(zip(names, serve.run_many(targets, wait_for_applications_running=True)))
