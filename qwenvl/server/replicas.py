@@ -78,6 +78,12 @@ def serve_replicas(settings: ServerSettings, engine_options: dict, cluster: Clus
     try:
         gpus = _gpus_per_replica(ray, settings.device, cluster)
         cpus = cluster.cpus_per_replica or (1 if gpus else max(1, (os.cpu_count() or 1) // cluster.replicas))
+        shortfall = _shortfall(ray, cluster.replicas, cpus, gpus)
+        if shortfall and cluster.address is None:      # a local cluster will not grow: the deploy would hang
+            print(f"qwenvl serve --replicas: {shortfall}", file=sys.stderr)
+            return 2
+        if shortfall:
+            log.warning("%s; waiting for the cluster to provide them", shortfall)
         serve.start(proxy_location="Disabled", http_options={"host": "127.0.0.1"})
         handles = _deploy(serve, settings, engine_options, cluster.replicas, {"num_cpus": cpus, "num_gpus": gpus})
         info = handles["replica-0"].info.remote().result()
@@ -119,6 +125,15 @@ def _gpus_per_replica(ray, device: str, cluster: ClusterOptions) -> int:
     import torch
 
     return 1 if torch.cuda.is_available() else 0
+
+
+def _shortfall(ray, n: int, cpus: float, gpus: int) -> str | None:
+    have = ray.cluster_resources()
+    kind, each = ("GPU", gpus) if gpus else ("CPU", cpus)
+    if n * each > have.get(kind, 0):
+        return (f"{n} replicas need {n * each:g} {kind}s ({each:g} each) but the cluster has {have.get(kind, 0):g}; "
+                "lower --replicas" + (" or --cpus-per-replica" if kind == "CPU" else ""))
+    return None
 
 
 def _deploy(serve, settings: ServerSettings, engine_options: dict, n: int, actor_options: dict) -> dict:
