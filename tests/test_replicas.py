@@ -281,6 +281,13 @@ def test_dashscope_route_and_errors_carry_the_replica_header(served):
     assert ds.status_code == 200 and ds.headers["x-qwenvl-replica"] in ("replica-0", "replica-1")
     bad = httpx.post(served.url + "/v1/chat/completions", json={"model": "m", "messages": []}, timeout=30)
     assert bad.status_code == 400 and bad.headers["x-qwenvl-replica"] == "none"
+    # a prompt the replica's tokenizer refuses: its InputError crosses Ray and is still a 400 naming the field
+    r = httpx.post(served.url + "/v1/chat/completions", timeout=30, json={
+        "model": "m", "max_tokens": 2, "messages": [{"role": "user", "content": "a <|image_pad|> here"}]})
+    assert r.status_code == 400 and "image/video slots" in r.json()["error"]["message"], r.text
+    assert r.headers["x-qwenvl-replica"] in ("replica-0", "replica-1")
+    r = httpx.post(served.url + "/v1/chat/completions", json={**_chat(), "max_tokens": 5000}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
 
 
 def test_the_local_cluster_listens_on_loopback_only(served):
