@@ -64,6 +64,7 @@ def test_cli_hands_every_engine_flag_to_the_replicas(monkeypatch):
     assert (s.model, s.dtype, s.device, s.max_queue) == ("/ckpt", "bfloat16", "cuda", 7)
     assert o == {"kv_cache_gb": 2.5, "max_model_len": 4096, "quantization": "int8", "quantize_vision": True}
     assert (c.replicas, c.address, c.dashboard) == (3, "10.0.0.5:6379", False)
+    assert s.drain_grace_s == 20.0             # SIGTERM drain + Ray shutdown stay within 30 s
 
 
 def test_a_replica_builds_its_engine_from_the_flags(tiny_checkpoint):

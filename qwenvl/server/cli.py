@@ -35,7 +35,9 @@ def add_serve_subcommand(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-body-mb", type=float, default=50.0, help="request body limit in MB")
     p.add_argument("--max-queue", type=int, default=256, help="requests in flight before answering 429")
     p.add_argument("--max-image-pixels", type=int, default=8192 * 8192, help="pixels per image (from the header)")
-    p.add_argument("--drain-grace", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
+    p.add_argument("--drain-grace", type=float, default=None,
+                   help="seconds in-flight requests get on SIGTERM (default 30; 20 with --replicas, whose Ray "
+                        "shutdown takes up to 10 more)")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bfloat16, or float32 "
                                                  "on a CPU without fast bfloat16 products)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU) | cpu | cuda | cuda:N")
@@ -66,7 +68,14 @@ def settings_from_args(args) -> ServerSettings:
         served_model_name=args.served_model_name, dtype=args.dtype, device=args.device,
         allowed_local_media_path=args.allowed_local_media_path, allow_private_urls=args.allow_private_urls,
         max_images=args.max_images, max_body_mb=args.max_body_mb, max_queue=args.max_queue,
-        max_image_pixels=args.max_image_pixels, drain_grace_s=args.drain_grace)
+        max_image_pixels=args.max_image_pixels, drain_grace_s=_drain_grace(args))
+
+
+def _drain_grace(args) -> float:
+    if args.drain_grace is not None:
+        return args.drain_grace
+    replicas = getattr(args, "replicas", None) is not None or getattr(args, "ray_address", None) is not None
+    return 20.0 if replicas else 30.0          # replicas: SIGTERM to exit stays within 30 s
 
 
 def run_serve_command(args) -> int:
