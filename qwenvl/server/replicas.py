@@ -109,7 +109,9 @@ def _start_ray(ray, cluster: ClusterOptions) -> None:
     cores = os.cpu_count() or 1
     wanted = math.ceil((cluster.cpus_per_replica or 1) * cluster.replicas)
     path = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
-    ray.init(_node_ip_address="127.0.0.1", num_cpus=max(cores, wanted), include_dashboard=cluster.dashboard,
+    # address="local": always a new cluster of our own, never one found in RAY_ADDRESS or /tmp/ray (which
+    # the shutdown below would take down).
+    ray.init(address="local", _node_ip_address="127.0.0.1", num_cpus=max(cores, wanted), include_dashboard=cluster.dashboard,
              dashboard_host="127.0.0.1",
              object_store_memory=cluster.object_store_mb * 2**20 if cluster.object_store_mb else None,
              runtime_env={"env_vars": {"PYTHONPATH": path}}, logging_level=logging.WARNING)
