@@ -58,9 +58,10 @@ def serve_replicas(settings: ServerSettings, engine_options: dict, cluster: Clus
                    ready: threading.Event | None = None) -> int:
     """Start (or join) Ray, deploy the replicas, serve HTTP until SIGTERM, then remove what was started."""
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"     # before Ray starts: no usage reports leave the machine
-    if cluster.address is None:
+    if cluster.address is None or _is_loopback(cluster.address):
         # Ray >= 2.4x resolves a node IP of 127.0.0.1 to the machine's external address unless it runs as a
-        # single-machine cluster; this switch (read when ray is imported) keeps every server on loopback.
+        # single-machine cluster; this switch (read when ray is imported) keeps every server on loopback
+        # (and lets us join a cluster that itself listens on loopback only).
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     try:
         import ray
@@ -100,11 +101,18 @@ def serve_replicas(settings: ServerSettings, engine_options: dict, cluster: Clus
         _stop(ray, serve, cluster)
 
 
+def _is_loopback(address: str) -> bool:
+    host = address.split("://")[-1].rsplit(":", 1)[0].strip("[]")
+    return host == "localhost" or host.startswith("127.") or host == "::1"
+
+
 def _start_ray(ray, cluster: ClusterOptions) -> None:
-    # The replicas run the same qwenvl as this process (a local cluster shares its file system).
+    # The replicas run the same qwenvl as this process: a local cluster shares its file system; to a joined
+    # cluster the package is shipped (py_modules; its nodes need qwenvl's dependencies installed).
     here = str(Path(__file__).resolve().parents[2])
     if cluster.address is not None:
-        ray.init(address=cluster.address, logging_level=logging.WARNING)
+        ray.init(address=cluster.address, logging_level=logging.WARNING,
+                 runtime_env={"py_modules": [str(Path(__file__).resolve().parents[1])]})
         return
     cores = os.cpu_count() or 1
     wanted = math.ceil((cluster.cpus_per_replica or 1) * cluster.replicas)
