@@ -42,6 +42,15 @@ class Tokenizer:
         self._drop = frozenset(i for i in self.special_ids.values() if i not in keep)
         self._template = _compile(chat_template) if chat_template else None
 
+    # A compiled jinja template does not pickle; the source does. Engine replicas (`serve --replicas`) send
+    # their tokenizer to the HTTP front in EngineInfo, so it crosses a process boundary.
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_template"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._template = _compile(self.chat_template) if self.chat_template else None
+
     # -- loading -------------------------------------------------------------------------------------
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> "Tokenizer":

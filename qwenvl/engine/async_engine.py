@@ -51,6 +51,11 @@ class AsyncEngine:
             None, self.engine.prepare, messages, chat_template_kwargs, tools)
 
     @property
+    def alive(self) -> bool:
+        """Whether the engine thread still runs (a health check for supervisors such as Ray Serve)."""
+        return self._thread.is_alive()
+
+    @property
     def num_active(self) -> int:
         return len(self._streams)
 

@@ -36,7 +36,9 @@ def add_serve_subcommand(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-body-mb", type=float, default=50.0, help="request body limit in MB")
     p.add_argument("--max-queue", type=int, default=256, help="requests in flight before answering 429")
     p.add_argument("--max-image-pixels", type=int, default=8192 * 8192, help="pixels per image (from the header)")
-    p.add_argument("--drain-grace", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
+    p.add_argument("--drain-grace", type=float, default=None,
+                   help="seconds in-flight requests get on SIGTERM (default 30; 20 with --replicas, whose Ray "
+                        "shutdown takes up to 10 more)")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bfloat16, or float32 "
                                                  "on a CPU without fast bfloat16 products)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU) | cpu | cuda | cuda:N")
@@ -48,6 +50,16 @@ def add_serve_subcommand(subparsers) -> argparse.ArgumentParser:
                    help="with --quantization, the vision tower too (less memory, no speed-up)")
     p.add_argument("--tensor-parallel-size", type=int, default=1,
                    help="split the language model over N processes, one GPU each (gloo on CPU; see README)")
+    g = p.add_argument_group("replicas (Ray Serve; pip install 'qwenvl[cluster]')")
+    g.add_argument("--replicas", type=int, default=None,
+                   help="run N engine replicas on Ray Serve behind this server (default: one engine in-process)")
+    g.add_argument("--ray-address", default=None,
+                   help="join this Ray cluster (default: start a local one bound to 127.0.0.1)")
+    g.add_argument("--ray-dashboard", action="store_true", help="local cluster: start the Ray dashboard on 127.0.0.1")
+    g.add_argument("--cpus-per-replica", type=float, default=None,
+                   help="Ray CPUs per replica (default: 1 with a GPU, else the cores shared out)")
+    g.add_argument("--ray-object-store-mb", type=int, default=None,
+                   help="local cluster: object store size (default: Ray's)")
     p.set_defaults(func=run_serve_command)
     return p
 
@@ -59,7 +71,14 @@ def settings_from_args(args) -> ServerSettings:
         served_model_name=args.served_model_name, dtype=args.dtype, device=args.device,
         allowed_local_media_path=args.allowed_local_media_path, allow_private_urls=args.allow_private_urls,
         max_images=args.max_images, max_body_mb=args.max_body_mb, max_queue=args.max_queue,
-        max_image_pixels=args.max_image_pixels, drain_grace_s=args.drain_grace)
+        max_image_pixels=args.max_image_pixels, drain_grace_s=_drain_grace(args))
+
+
+def _drain_grace(args) -> float:
+    if args.drain_grace is not None:
+        return args.drain_grace
+    replicas = getattr(args, "replicas", None) is not None or getattr(args, "ray_address", None) is not None
+    return 20.0 if replicas else 30.0          # replicas: SIGTERM to exit stays within 30 s
 
 
 def run_serve_command(args) -> int:
@@ -73,6 +92,12 @@ def run_serve_command(args) -> int:
         engine_options["quantize_vision"] = bool(getattr(args, "quantize_vision", False))
     if getattr(args, "tensor_parallel_size", 1) != 1:
         engine_options["tensor_parallel_size"] = args.tensor_parallel_size
+    if getattr(args, "replicas", None) is not None or getattr(args, "ray_address", None) is not None:
+        from .replicas import ClusterOptions, serve_replicas
+
+        cluster = ClusterOptions(replicas=args.replicas or 1, address=args.ray_address, dashboard=args.ray_dashboard,
+                                 cpus_per_replica=args.cpus_per_replica, object_store_mb=args.ray_object_store_mb)
+        return serve_replicas(settings_from_args(args), engine_options, cluster)
     return serve(settings_from_args(args), engine_options=engine_options)
 
 
@@ -86,8 +111,9 @@ def build_engine(settings: ServerSettings, engine_options: dict | None = None):
 
 
 def serve(settings: ServerSettings, engine_options: dict | None = None, async_engine=None,
-          mount_ui=None, ready: threading.Event | None = None) -> int:
-    """Load the model (unless an engine is given), serve until SIGTERM/SIGINT, drain, return 0."""
+          mount_ui=None, ready: threading.Event | None = None, extend_app=None) -> int:
+    """Load the model (unless an engine is given), serve until SIGTERM/SIGINT, drain, return 0.
+    `extend_app(app)`, when given, is called on the finished app (replicas add their response header)."""
     import uvicorn
 
     from .app import create_app
@@ -97,6 +123,8 @@ def serve(settings: ServerSettings, engine_options: dict | None = None, async_en
     if mount_ui is None:
         mount_ui = _default_ui()
     app = create_app(async_engine, settings, mount_ui=mount_ui or None)     # mount_ui=False: no UI
+    if extend_app is not None:
+        extend_app(app)
     state = app.state.qwenvl
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
                             timeout_graceful_shutdown=5, access_log=False)

@@ -33,6 +33,7 @@ class _EngineCollector:
                 g = GaugeMetricFamily(f"qwenvl_engine_{key}", f"engine.stats()['{key}']")
                 g.add_metric([], float(value))
                 yield g
+        yield from _replica_metrics(stats.get("replicas"))
         rates = {
             "prefix": (stats.get("prefix_cache_hit_tokens"), stats.get("prefix_cache_queried_tokens")),
             "encoder": (stats.get("encoder_cache_hits"),
@@ -42,6 +43,21 @@ class _EngineCollector:
             g = GaugeMetricFamily(f"qwenvl_{name}_cache_hit_rate", f"{name} cache hits / lookups since start")
             g.add_metric([], float(hits) / total if hits is not None and total else 0.0)
             yield g
+
+
+def _replica_metrics(replicas):
+    """`serve --replicas`: each replica's numeric stats as qwenvl_replica_<key>{replica="name"}."""
+    if not isinstance(replicas, dict):
+        return
+    def numeric(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    keys = sorted({k for s in replicas.values() for k, v in s.items() if numeric(v)})
+    for key in keys:
+        g = GaugeMetricFamily(f"qwenvl_replica_{key}", f"per engine replica: stats()['{key}']", labels=["replica"])
+        for name, s in sorted(replicas.items()):
+            if numeric(s.get(key)):
+                g.add_metric([name], float(s[key]))
+        yield g
 
 
 class Metrics:
