@@ -24,7 +24,8 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 # torch first, pinned, so that nothing below pulls a newer multi-gigabyte build.
 .venv/bin/python -m pip install -q --disable-pip-version-check "torch==${QWENVL_TORCH_VERSION:-2.13.0}"
-.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[serve,eval,test]"
+# QWENVL_EXTRAS adds optional extras (CI adds "cluster", Ray Serve, so the replica tests run).
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[${QWENVL_EXTRAS:-serve,eval,test}]"
 
 if [ -z "${QWENVL_SKIP_DEMO:-}" ]; then
   echo
