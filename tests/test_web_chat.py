@@ -195,3 +195,30 @@ def test_render_shows_a_tool_call_as_a_call():
                 answer='Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>')
     shown = render([turn])[-1]["content"][0]
     assert shown == 'Let me check.\n\n🔧 **get_weather**`({"city": "Oslo"})`' and "<tool_call>" not in shown
+
+
+def test_a_video_and_a_pdf_upload_go_to_the_model(tmp_path):
+    import io as _io
+
+    import pypdfium2 as pdfium
+    from video_files import write_video
+
+    clip = write_video(tmp_path / "clip.mp4", seconds=1, fps=4)
+    doc = pdfium.PdfDocument.new()
+    for w, h in ((612, 792), (792, 612)):
+        doc.new_page(w, h)
+    buf = _io.BytesIO()
+    doc.save(buf)
+    pdf = tmp_path / "report.pdf"
+    pdf.write_bytes(buf.getvalue())
+    engine = FakeEngine()
+    turns = [Turn("What happens, and what does the report say?", [str(clip), str(pdf)])]
+    run(ChatSession(engine, Limits()), turns)
+    assert turns[0].error is None
+    kinds = [p["type"] for p in engine.messages[0]["content"]]
+    assert kinds == ["video", "image", "image", "text"]            # the PDF's two pages, in order
+    assert engine.messages[0]["content"][0]["video"] == str(clip)
+    small = Limits(AdmissionPolicy(max_images=1))
+    turns = [Turn("Read it.", [str(pdf)])]
+    run(ChatSession(FakeEngine(), small), turns)
+    assert "2 pages selected, more than the limit of 1" in turns[0].error

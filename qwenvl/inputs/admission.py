@@ -23,6 +23,7 @@ class AdmissionPolicy:
     max_video_frames: int = 256               # frames per request over frame lists; frames sampled per video file
     max_image_bytes: int = 20 * 1024 * 1024   # decode guard, per image
     max_image_pixels: int = 8192 * 8192       # decode guard, per image (read from the header)
+    max_video_bytes: int = 64 * 1024 * 1024   # per video file or PDF
     pixel_factor: int = 28                    # one vision token covers factor x factor pixels
     default_max_pixels: int | None = None     # the checkpoint's own preprocessor limit
 

@@ -71,6 +71,7 @@ def _server_state(async_engine, settings: ServerSettings) -> ServerState:
         max_model_len=info.max_model_len,
         policy=AdmissionPolicy(max_images=settings.max_images, max_video_frames=settings.max_video_frames,
                                max_image_bytes=settings.max_image_bytes, max_image_pixels=settings.max_image_pixels,
+                               max_video_bytes=settings.max_video_bytes,
                                pixel_factor=info.pixel_factor, default_max_pixels=info.default_max_pixels),
         api_key=settings.resolved_api_key(), api_prefixes=API_PREFIXES)
     state.metrics = Metrics(async_engine.stats, lambda: state.inflight)    # reads the live count at scrape time

@@ -87,8 +87,8 @@ def _layout(gr, model_name: str, device: str, dtype: str, max_tokens_cap: int) -
     turns = gr.State([])
     chatbot = gr.Chatbot(elem_id="qwenvl-chat", height=640, show_label=False, feedback_options=None,
                          buttons=["copy"], placeholder="Attach an image and ask a question.")
-    box = gr.MultimodalTextbox(elem_id="qwenvl-input", file_types=["image"], file_count="multiple",
-                               placeholder="Ask about the images (attach with the clip, or drop them here)",
+    box = gr.MultimodalTextbox(elem_id="qwenvl-input", file_types=["image", "video", ".pdf"], file_count="multiple",
+                               placeholder="Ask about images, a video or a PDF (attach with the clip, or drop them here)",
                                show_label=False, autofocus=True)
     with gr.Row():
         retry = gr.Button("Retry", elem_id="qwenvl-retry", size="sm")

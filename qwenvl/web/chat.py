@@ -22,6 +22,7 @@ from PIL import Image
 from ..drawing import draw_boxes
 from ..engine.errors import EngineFull
 from ..inputs import AdmissionPolicy, InputError, admit, load_image
+from ..inputs.pdf import PdfLimits, render_pdf
 from ..sampling_params import SamplingParams
 
 log = logging.getLogger("qwenvl.web")
@@ -38,7 +39,7 @@ class Limits:
 @dataclass
 class Turn:
     text: str
-    images: list[str] = field(default_factory=list)      # paths of the user's images, in order
+    images: list[str] = field(default_factory=list)      # paths of the user's uploads (images, videos, PDFs)
     answer: str = ""                                      # raw model text (grounding markers kept)
     annotated: list[str] = field(default_factory=list)   # paths of images with the answer's boxes drawn
     error: str | None = None                              # shown instead of an answer; turn left out of history
@@ -56,6 +57,35 @@ class Options:
 
 class ChatError(Exception):
     """A problem the user can fix; its message is shown in the chat."""
+
+
+VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".mov", ".avi", ".m4v")
+
+
+def upload_kind(path: str) -> str:
+    suffix = os.path.splitext(path)[1].lower()
+    return "video" if suffix in VIDEO_SUFFIXES else "pdf" if suffix == ".pdf" else "image"
+
+
+def check_size(path: str, limit: int) -> None:
+    name = os.path.basename(path)
+    try:
+        size = os.path.getsize(path)
+    except OSError:
+        raise ChatError(f"{name}: the upload is gone; attach the file again") from None
+    if size > limit:
+        raise ChatError(f"{name}: the file is {size / 2**20:.1f} MB, over the limit of {limit / 2**20:.0f} MB")
+
+
+def render_upload_pdf(path: str, limits: Limits, high_resolution: bool) -> list[Image.Image]:
+    """A PDF's pages as images, each rendered to the policy's pixel budget (pages count as images)."""
+    check_size(path, limits.policy.max_video_bytes)
+    try:
+        with open(path, "rb") as f:
+            return render_pdf(f.read(), os.path.basename(path), limits=PdfLimits(
+                max_pages=limits.policy.max_images, max_pixels=limits.policy.default_pixels(high_resolution)))
+    except InputError as e:
+        raise ChatError(str(e)) from None
 
 
 def check_image(path: str, limits: Limits) -> Image.Image:
@@ -92,9 +122,14 @@ def build_messages(turns: list[Turn], limits: Limits, high_resolution: bool) -> 
     for i, turn in enumerate(turns):
         content = []
         for path in turn.images:
-            image = check_image(path, limits)
-            images.append(image)
-            content.append({"image": image})
+            kind = upload_kind(path)
+            if kind == "video":                    # sampled and sized by inputs/video.py, as on the APIs
+                check_size(path, limits.policy.max_video_bytes)
+                content.append({"video": path})
+                continue
+            pages = render_upload_pdf(path, limits, high_resolution) if kind == "pdf" else [check_image(path, limits)]
+            images += pages
+            content += [{"image": page} for page in pages]
         if turn.text:
             content.append({"text": turn.text})
         messages.append({"role": "user", "content": content})
