@@ -46,6 +46,13 @@ class LLM:
         return self.generate([messages], params, chat_template_kwargs=chat_template_kwargs,
                              tools=tools, tool_choice=tool_choice)[0]
 
+    def choices(self, messages: list[dict], params: SamplingParams | None = None, n: int = 2,
+                **chat_options) -> list[RequestOutput]:
+        """n answers to one conversation, batched (the prompt's prefix cache serves the later ones); choice i
+        samples with seed + i (OpenAI's and DashScope's `n`). `chat_options` as for chat()."""
+        params = params or SamplingParams()
+        return self.generate([messages] * n, params.for_choices(n), **chat_options)
+
     def generate(self, conversations: list[list[dict]], params: SamplingParams | list[SamplingParams] | None = None,
                  chat_template_kwargs: dict | None = None, tools: list[dict] | None = None,
                  tool_choice: str | dict | None = None) -> list[RequestOutput]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 from dataclasses import dataclass, field
@@ -59,3 +60,12 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    def for_choices(self, n: int) -> list["SamplingParams"]:
+        """Params for n choices of one prompt: choice i samples with seed + i, so a seeded request gives n
+        different, reproducible choices (unseeded ones differ anyway)."""
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        if n == 1 or self.seed is None:
+            return [self] * n
+        return [dataclasses.replace(self, seed=self.seed + i) for i in range(n)]

@@ -93,3 +93,14 @@ def test_bad_tools_and_tool_choice_name_the_field(llm):
     with pytest.raises(InvalidStructuredOutputError, match="tools: must be a list"):
         llm.chat(MSGS, tools={"name": "x"})
     assert llm.engine.stats()["num_running"] == 0
+
+
+def test_llm_choices_are_n_seeded_answers_with_top_logprobs(llm):
+    params = SamplingParams(temperature=1.0, seed=5, max_tokens=6, logprobs=3)
+    outs = llm.choices(MSGS, params, n=3)
+    again = llm.choices(MSGS, params, n=3)
+    assert [o.token_ids for o in outs] == [o.token_ids for o in again]          # reproducible
+    assert len({tuple(o.token_ids) for o in outs}) > 1                          # but not all the same
+    assert all(len(lp) >= 3 for o in outs for lp in o.logprobs)
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        llm.choices(MSGS, params, n=0)

@@ -7,7 +7,6 @@ serve the later ones. With n == 1 this is exactly one request under the response
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from typing import AsyncIterator
 
 from fastapi import Request
@@ -18,13 +17,6 @@ from . import generation as gen
 
 def choice_id(response_id: str, index: int, n: int) -> str:
     return response_id if n == 1 else f"{response_id}-{index}"
-
-
-def choice_params(params, n: int) -> list:
-    """Choice i samples with seed + i, so a seeded request gives n different, reproducible choices."""
-    if n == 1 or params.seed is None:
-        return [params] * n
-    return [dataclasses.replace(params, seed=params.seed + i) for i in range(n)]
 
 
 class Choices:
@@ -41,7 +33,7 @@ class Choices:
         # Only choice 0 watches the client: one reader of the connection's receive channel.
         results = await asyncio.gather(
             *(gen.start(self.state, prompt, p, self.id(i), request if i == 0 else None)
-              for i, p in enumerate(choice_params(params, self.n))), return_exceptions=True)
+              for i, p in enumerate(params.for_choices(self.n))), return_exceptions=True)
         failed = [r for r in results if isinstance(r, BaseException)]
         if failed:
             for i, r in enumerate(results):
