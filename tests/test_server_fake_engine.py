@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import signal
 import socket
@@ -294,3 +295,51 @@ def test_reasoning_content_split_on_both_apis_whole_and_streamed():
         ds_message = ds["output"]["choices"][0]["message"]
         assert ds_message["reasoning_content"] == "Two red squares." and ds_message["content"] == [{"text": "There are two."}]
     assert engine.template_kwargs[:3] == [{"enable_thinking": True}, None, {"enable_thinking": False}]
+
+
+class _Records(logging.Handler):
+    """Every record the server's and uvicorn's loggers emit while a test runs."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+    def __enter__(self):
+        self.levels = {}
+        for name in ("qwenvl.server", "uvicorn.error", "uvicorn"):
+            self.levels[name] = logging.getLogger(name).level
+            logging.getLogger(name).setLevel(logging.INFO)
+            logging.getLogger(name).addHandler(self)
+        return self
+
+    def __exit__(self, *exc):
+        for name, level in self.levels.items():
+            logging.getLogger(name).removeHandler(self)
+            logging.getLogger(name).setLevel(level)
+
+
+def _wait_for(predicate, timeout=5.0):
+    deadline = time.time() + timeout
+    while not predicate() and time.time() < deadline:
+        time.sleep(0.02)
+    return predicate()
+
+
+def test_client_hangup_is_499_not_a_logged_500():
+    engine = FakeAsyncEngine(pieces=["tok"] * 200, delay=0.02)
+    with _Records() as logs, run_server(create_app(engine, ServerSettings())) as url:
+        with pytest.raises(httpx.ReadTimeout):                # abandoned mid-answer
+            httpx.post(url + "/v1/chat/completions", json=_chat(), timeout=0.3)
+        assert _wait_for(lambda: engine.aborted)
+        with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))) as s:   # abandoned mid-upload
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 5000\r\n\r\n{\"messages\": [")
+            time.sleep(0.2)
+        route = 'qwenvl_http_requests_total{route="/v1/chat/completions",status="499"} 2.0'
+        assert _wait_for(lambda: route in httpx.get(url + "/metrics").text), httpx.get(url + "/metrics").text
+        assert 'status="500"' not in httpx.get(url + "/metrics").text
+    assert not [r for r in logs.records if r.exc_info or r.levelno >= logging.ERROR]
+    assert sum("disconnected" in r.getMessage() for r in logs.records) == 2

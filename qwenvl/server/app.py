@@ -17,6 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from ..inputs.admission import AdmissionPolicy
 from . import dashscope_routes, openai_routes
@@ -34,6 +35,7 @@ OPENAI_CHAT = "/v1/chat/completions"
 COMPAT_CHAT = "/compatible-mode/v1/chat/completions"
 DASHSCOPE_GEN = "/api/v1/services/aigc/multimodal-generation/generation"
 API_PREFIXES = ("/v1/", "/api/", "/compatible-mode/")
+CLIENT_CLOSED = 499     # nginx's "client closed request": what the metrics count for a hang-up
 ROUTES = (OPENAI_CHAT, COMPAT_CHAT, DASHSCOPE_GEN, "/v1/models", "/compatible-mode/v1/models")
 
 
@@ -103,6 +105,9 @@ def _guarded(handler):
             return await handler(request)
         except APIError as e:
             return error_response(e, request.url.path, _request_id(request))
+        except ClientDisconnect:         # the client hung up (mid-upload or mid-answer): not a server error
+            log.info("client disconnected from %s; request %s aborted", request.url.path, _request_id(request))
+            return Response(status_code=CLIENT_CLOSED)     # never reaches the client; counted as 499
         except Exception:  # noqa: BLE001 - a bug is a 500 in the route's shape, the trace stays in the log
             log.exception("unexpected error on %s", request.url.path)
             return error_response(APIError(500, "internal server error; the request was not completed"),

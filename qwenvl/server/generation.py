@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, AsyncIterator
 
 from fastapi import Request
+from starlette.requests import ClientDisconnect
 
 from ..engine.errors import EngineFull
 from ..inputs import AdmissionPolicy, InputError, MediaRef, admit
@@ -114,7 +115,7 @@ async def start(state: ServerState, prompt, params, request_id: str, request: Re
         await close_quietly(agen)
         state.engine.abort(request_id)
         if watcher is not None and watcher.done():          # the client left; nobody reads this answer
-            raise APIError(400, "the client disconnected before the first token") from None
+            raise ClientDisconnect() from None
         raise
     except StopAsyncIteration:
         raise APIError(500, "the engine ended the request without output") from None
@@ -192,6 +193,10 @@ async def until_disconnect(request: Request, work):
     watcher = asyncio.create_task(watch_disconnect(request, task))
     try:
         return await task
+    except asyncio.CancelledError:
+        if watcher.done():               # the client left (not a server shutdown): nobody reads this answer
+            raise ClientDisconnect() from None
+        raise
     finally:
         watcher.cancel()
 
