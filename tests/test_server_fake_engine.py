@@ -267,11 +267,13 @@ def test_serve_subcommand_flags(monkeypatch):
     add_serve_subcommand(parser.add_subparsers(dest="command"))
     monkeypatch.setenv("QWENVL_API_KEY", "from-env")
     args = parser.parse_args(["serve", "--port", "9001", "--allow-private-urls", "--max-images", "3",
-                              "--max-body-mb", "2", "--max-queue", "5", "--allowed-local-media-path", "/tmp"])
+                              "--max-body-mb", "2", "--max-queue", "5", "--allowed-local-media-path", "/tmp",
+                              "--fetch-total-timeout", "7"])
     s = settings_from_args(args)
     assert (s.host, s.port, s.api_key, s.allow_private_urls, s.max_images, s.max_queue) == \
         ("127.0.0.1", 9001, "from-env", True, 3, 5)
     assert s.max_body_bytes == 2 * 1024 * 1024 and s.allowed_local_media_path == "/tmp" and callable(args.func)
+    assert s.fetch_total_timeout_s == 7
 
 
 THINKING = ("<think>", "Two red", " squares.\n", "</think>", "\n\nThere are", " two.")

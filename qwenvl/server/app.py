@@ -65,6 +65,7 @@ def _server_state(async_engine, settings: ServerSettings) -> ServerState:
     fetcher = MediaFetcher(MediaPolicy(
         allowed_local_media_path=settings.allowed_local_media_path, allow_private_urls=settings.allow_private_urls,
         connect_timeout_s=settings.fetch_connect_timeout_s, read_timeout_s=settings.fetch_read_timeout_s,
+        total_timeout_s=settings.fetch_total_timeout_s,
         max_bytes=settings.max_image_bytes, max_video_bytes=settings.max_video_bytes, max_pixels=settings.max_image_pixels,
         max_redirects=settings.max_redirects))
     state = ServerState(

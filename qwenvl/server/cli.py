@@ -31,6 +31,8 @@ def add_serve_subcommand(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--allowed-local-media-path", default=None, help="allow file:// image URLs under this folder")
     p.add_argument("--allow-private-urls", action="store_true",
                    help="allow image URLs that resolve to loopback/private/link-local addresses")
+    p.add_argument("--fetch-total-timeout", type=float, default=30.0,
+                   help="seconds one remote image/video fetch may take in all")
     p.add_argument("--max-images", type=int, default=16, help="images per request")
     p.add_argument("--max-body-mb", type=float, default=50.0, help="request body limit in MB")
     p.add_argument("--max-queue", type=int, default=256, help="requests in flight before answering 429")
@@ -58,7 +60,8 @@ def settings_from_args(args) -> ServerSettings:
         served_model_name=args.served_model_name, dtype=args.dtype, device=args.device,
         allowed_local_media_path=args.allowed_local_media_path, allow_private_urls=args.allow_private_urls,
         max_images=args.max_images, max_body_mb=args.max_body_mb, max_queue=args.max_queue,
-        max_image_pixels=args.max_image_pixels, drain_grace_s=args.drain_grace)
+        max_image_pixels=args.max_image_pixels, drain_grace_s=args.drain_grace,
+        fetch_total_timeout_s=args.fetch_total_timeout)
 
 
 def run_serve_command(args) -> int:

@@ -39,6 +39,7 @@ class MediaPolicy:
     allow_private_urls: bool = False
     connect_timeout_s: float = 5.0
     read_timeout_s: float = 15.0
+    total_timeout_s: float = 30.0         # the whole fetch: a host sending a byte a second never hits read_timeout
     max_bytes: int = 20 * 1024 * 1024
     max_video_bytes: int = 64 * 1024 * 1024
     max_pixels: int = 8192 * 8192
@@ -125,6 +126,17 @@ class MediaFetcher:
 
     # ------------------------------------------------------------------ http(s)
     async def fetch(self, url: str, where: str, cap: int | None = None) -> bytes:
+        """The body of an http(s) URL, redirects followed and checked, within the total deadline."""
+        limit = self.policy.total_timeout_s
+        try:
+            async with asyncio.timeout(limit):
+                return await self._fetch(url, where, cap)
+        except TimeoutError:
+            raise bad_request(f"{where}: fetching {describe(url)} took longer than the server's {limit:g} s limit "
+                              "per media URL (fetch_total_timeout_s); send a smaller file or a faster host",
+                              where) from None
+
+    async def _fetch(self, url: str, where: str, cap: int | None) -> bytes:
         for _ in range(self.policy.max_redirects + 1):
             parsed = urllib.parse.urlsplit(url)
             if parsed.scheme not in ("http", "https") or not parsed.hostname:

@@ -20,6 +20,7 @@ class ServerSettings:
     allow_private_urls: bool = False               # allow http(s) URLs resolving to private/loopback/...
     fetch_connect_timeout_s: float = 5.0
     fetch_read_timeout_s: float = 15.0
+    fetch_total_timeout_s: float = 30.0            # per fetched URL, redirects included (a trickling host)
     max_image_bytes: int = 20 * 1024 * 1024        # per fetched image / data URL payload
     max_video_bytes: int = 64 * 1024 * 1024        # per fetched video file / data URL payload
     max_redirects: int = 3
