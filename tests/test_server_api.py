@@ -125,7 +125,8 @@ def test_openai_models_and_errors(client, servers):
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=servers["main"] + "/v1", api_key="wrong", max_retries=0).chat.completions.create(
             model="m", messages=[{"role": "user", "content": "hi"}])
-    r = httpx.post(servers["main"] + "/v1/chat/completions", content=b"{not json", headers=AUTH)
+    r = httpx.post(servers["main"] + "/v1/chat/completions", content=b"{not json",
+                   headers={**AUTH, "Content-Type": "application/json"})
     assert r.status_code == 400 and set(r.json()["error"]) >= {"message", "type", "code"}
     assert "JSON" in r.json()["error"]["message"]
     r = httpx.post(servers["main"] + "/v1/chat/completions", json={"messages": "hi"}, headers=AUTH)
@@ -174,7 +175,7 @@ def test_dashscope_plain_and_streams(ds, servers):
 def test_dashscope_errors(ds, servers):
     r = ds.call(model="m", api_key="wrong", messages=[{"role": "user", "content": [{"text": "hi"}]}])
     assert r.status_code == 401 and r.code == "InvalidApiKey"
-    r = httpx.post(servers["main"] + DS_PATH, content=b"[1,", headers=AUTH)
+    r = httpx.post(servers["main"] + DS_PATH, content=b"[1,", headers={**AUTH, "Content-Type": "application/json"})
     assert r.status_code == 400 and set(r.json()) == {"code", "message", "request_id"}
     r = httpx.post(servers["main"] + DS_PATH, headers=AUTH, json={
         "model": "m", "input": {"messages": [{"role": "user", "content": [{"text": "hi"}]}]},

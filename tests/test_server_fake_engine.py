@@ -268,12 +268,12 @@ def test_serve_subcommand_flags(monkeypatch):
     monkeypatch.setenv("QWENVL_API_KEY", "from-env")
     args = parser.parse_args(["serve", "--port", "9001", "--allow-private-urls", "--max-images", "3",
                               "--max-body-mb", "2", "--max-queue", "5", "--allowed-local-media-path", "/tmp",
-                              "--fetch-total-timeout", "7"])
+                              "--fetch-total-timeout", "7", "--cors-origins", "https://a.example, https://b.example"])
     s = settings_from_args(args)
     assert (s.host, s.port, s.api_key, s.allow_private_urls, s.max_images, s.max_queue) == \
         ("127.0.0.1", 9001, "from-env", True, 3, 5)
     assert s.max_body_bytes == 2 * 1024 * 1024 and s.allowed_local_media_path == "/tmp" and callable(args.func)
-    assert s.fetch_total_timeout_s == 7
+    assert s.fetch_total_timeout_s == 7 and s.cors_origins == ("https://a.example", "https://b.example")
 
 
 THINKING = ("<think>", "Two red", " squares.\n", "</think>", "\n\nThere are", " two.")
@@ -345,3 +345,36 @@ def test_client_hangup_is_499_not_a_logged_500():
         assert 'status="500"' not in httpx.get(url + "/metrics").text
     assert not [r for r in logs.records if r.exc_info or r.levelno >= logging.ERROR]
     assert sum("disconnected" in r.getMessage() for r in logs.records) == 2
+
+
+def test_json_routes_want_application_json_in_each_shape():
+    with run_server(create_app(FakeAsyncEngine(), ServerSettings())) as url:
+        body = json.dumps(_chat()).encode()
+        r = httpx.post(url + "/v1/chat/completions", content=body, headers={"Content-Type": "text/plain"})
+        assert r.status_code == 415 and "application/json" in r.json()["error"]["message"]
+        assert r.json()["error"]["code"] == "unsupported_media_type"
+        r = httpx.post(url + DS_PATH, content=json.dumps({"input": {"messages": [{"role": "user", "content": "hi"}]}}))
+        assert r.status_code == 415 and set(r.json()) == {"code", "message", "request_id"}
+        r = httpx.post(url + "/compatible-mode/v1/chat/completions", content=body,
+                       headers={"Content-Type": "application/x-www-form-urlencoded"})
+        assert r.status_code == 415 and "error" in r.json()
+        r = httpx.post(url + "/v1/chat/completions", content=body,
+                       headers={"Content-Type": "application/json; charset=utf-8"})
+        assert r.status_code == 200, r.text
+
+
+def test_cors_headers_only_for_allowed_origins():
+    origin = {"Origin": "https://app.example"}
+    with run_server(create_app(FakeAsyncEngine(), ServerSettings())) as url:            # none by default
+        assert "access-control-allow-origin" not in httpx.get(url + "/v1/models", headers=origin).headers
+        r = httpx.options(url + "/v1/chat/completions", headers={**origin, "Access-Control-Request-Method": "POST"})
+        assert "access-control-allow-origin" not in r.headers
+    settings = ServerSettings(api_key="k", cors_origins=("https://app.example",))
+    with run_server(create_app(FakeAsyncEngine(), settings)) as url:
+        r = httpx.get(url + "/v1/models", headers={**origin, "Authorization": "Bearer k"})
+        assert r.headers["access-control-allow-origin"] == "https://app.example"
+        r = httpx.options(url + "/v1/chat/completions", headers={
+            **origin, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization"})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://app.example"
+        r = httpx.get(url + "/v1/models", headers={"Origin": "https://evil.example", "Authorization": "Bearer k"})
+        assert "access-control-allow-origin" not in r.headers

@@ -17,6 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect
 
 from ..inputs.admission import AdmissionPolicy
@@ -57,6 +58,9 @@ def create_app(async_engine, settings: ServerSettings | None = None,
     if mount_ui is not None:
         mount_ui(app)
     app.add_middleware(_Gate, state=state)
+    if state.settings.cors_origins:      # outermost: a browser's preflight needs no key
+        app.add_middleware(CORSMiddleware, allow_origins=list(state.settings.cors_origins),
+                           allow_methods=["GET", "POST"], allow_headers=["*"])
     return app
 
 
