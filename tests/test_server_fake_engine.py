@@ -378,3 +378,26 @@ def test_cors_headers_only_for_allowed_origins():
         assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://app.example"
         r = httpx.get(url + "/v1/models", headers={"Origin": "https://evil.example", "Authorization": "Bearer k"})
         assert "access-control-allow-origin" not in r.headers
+
+
+@pytest.mark.parametrize("with_ui", [False, True])
+def test_wrong_path_or_method_answers_in_the_api_family_shape(with_ui):
+    from starlette.responses import PlainTextResponse
+
+    async def catch_all(scope, receive, send):          # a UI mounted at "/" (as Gradio is) sees every path
+        await PlainTextResponse("ui page")(scope, receive, send)
+    mount = (lambda app: app.mount("/", catch_all)) if with_ui else None
+    with run_server(create_app(FakeAsyncEngine(), ServerSettings(), mount_ui=mount)) as url:
+        for path in ("/v1/nope", "/compatible-mode/v1/nope", "/v1"):
+            r = httpx.get(url + path)
+            assert r.status_code == 404 and r.json()["error"]["code"] == "not_found", (path, r.text)
+        r = httpx.post(url + "/api/v1/services/nope", json={})
+        assert r.status_code == 404 and set(r.json()) == {"code", "message", "request_id"}
+        assert r.json()["code"] == "NotFound"
+        r = httpx.get(url + "/v1/chat/completions")
+        assert r.status_code == 405 and r.headers["allow"] == "POST" and r.json()["error"]["code"] == "method_not_allowed"
+        r = httpx.post(url + "/v1/models", json={})
+        assert r.status_code == 405 and r.headers["allow"] == "GET" and "error" in r.json()
+        r = httpx.delete(url + DS_PATH)
+        assert r.status_code == 405 and r.headers["allow"] == "POST" and r.json()["code"] == "MethodNotAllowed"
+        assert 'route="other",status="404"' in httpx.get(url + "/metrics").text

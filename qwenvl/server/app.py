@@ -37,7 +37,10 @@ COMPAT_CHAT = "/compatible-mode/v1/chat/completions"
 DASHSCOPE_GEN = "/api/v1/services/aigc/multimodal-generation/generation"
 API_PREFIXES = ("/v1/", "/api/", "/compatible-mode/")
 CLIENT_CLOSED = 499     # nginx's "client closed request": what the metrics count for a hang-up
-ROUTES = (OPENAI_CHAT, COMPAT_CHAT, DASHSCOPE_GEN, "/v1/models", "/compatible-mode/v1/models")
+# every API route and its methods: the gate answers a wrong path or method itself, in the family's shape,
+# so a UI mounted at "/" never answers for the API prefixes
+ROUTES = {OPENAI_CHAT: ("POST",), COMPAT_CHAT: ("POST",), DASHSCOPE_GEN: ("POST",),
+          "/v1/models": ("GET", "HEAD"), "/compatible-mode/v1/models": ("GET", "HEAD")}
 
 
 def create_app(async_engine, settings: ServerSettings | None = None,
@@ -96,7 +99,8 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
         message = exc.detail if isinstance(exc.detail, str) else "request failed"
-        return error_response(APIError(exc.status_code, message), request.url.path, _request_id(request))
+        return error_response(APIError(exc.status_code, message, headers=exc.headers), request.url.path,
+                              _request_id(request))
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
@@ -150,6 +154,17 @@ def _add_service_routes(app: FastAPI, state: ServerState) -> None:
         return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
+def _route_error(path: str, method: str) -> APIError | None:
+    """404 for a path no API route serves, 405 (with Allow) for a method it does not take, else None."""
+    methods = ROUTES.get(path)
+    if methods is None:
+        return APIError(404, f"no API route at {path}; see /openapi.json for the routes")
+    if method not in methods:
+        allowed = ", ".join(m for m in methods if m != "HEAD")
+        return APIError(405, f"{path} does not take {method}; use {allowed}", headers={"Allow": allowed})
+    return None
+
+
 class _Gate:
     """Pure ASGI (no BaseHTTPMiddleware: it would buffer streams and hide client disconnects)."""
 
@@ -159,7 +174,7 @@ class _Gate:
 
     async def __call__(self, scope, receive, send):
         path = scope.get("path", "")
-        if scope["type"] != "http" or not path.startswith(API_PREFIXES):
+        if scope["type"] != "http" or not (path.startswith(API_PREFIXES) or path + "/" in API_PREFIXES):
             await self.app(scope, receive, send)
             return
         state = self.state
@@ -184,6 +199,8 @@ class _Gate:
                 check_api_key(headers, state.api_key)
             except APIError as e:
                 error = e
+            else:
+                error = _route_error(path, scope["method"])
         if error is not None:
             response = error_response(error, path, request_id if is_dashscope_path(path) else None)
             await response(scope, receive, send_wrapper)
