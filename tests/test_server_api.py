@@ -248,10 +248,11 @@ def test_limits_in_both_shapes(servers, case, status, needle):
     assert needle in r.json()["message"] and r.json()["request_id"]
 
 
-def test_health_and_metrics_without_key(servers, client):
+def test_health_without_key_metrics_with_it(servers, client):
     client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
     assert httpx.get(servers["main"] + "/health").json()["status"] == "ok"
-    m = httpx.get(servers["main"] + "/metrics")
+    assert httpx.get(servers["main"] + "/metrics").status_code == 401
+    m = httpx.get(servers["main"] + "/metrics", headers=AUTH)
     assert m.status_code == 200
     for name in ("qwenvl_http_requests_total", "qwenvl_time_to_first_token_seconds_bucket",
                  "qwenvl_request_latency_seconds_bucket", "qwenvl_prompt_tokens_total",

@@ -188,7 +188,7 @@ def test_boxes_and_metrics_with_fake_engine():
         assert [e["output"]["choices"][0]["finish_reason"] for e in events] == ["null", "null", "stop"]
         assert "boxes" not in events[0]["output"]["choices"][0]["message"]
         assert events[-1]["output"]["choices"][0]["message"]["boxes"][0]["label"] == "cat"
-        m = httpx.get(url + "/metrics").text                   # no key needed
+        m = httpx.get(url + "/metrics", headers=h).text
         assert 'qwenvl_http_requests_total{route="/v1/chat/completions",status="200"} 2.0' in m
         assert "qwenvl_engine_kv_blocks_used 7.0" in m and "qwenvl_queue_depth 2.0" in m
         assert "qwenvl_prefix_cache_hit_rate 0.25" in m and "qwenvl_encoder_cache_hit_rate 0.25" in m
@@ -268,12 +268,13 @@ def test_serve_subcommand_flags(monkeypatch):
     monkeypatch.setenv("QWENVL_API_KEY", "from-env")
     args = parser.parse_args(["serve", "--port", "9001", "--allow-private-urls", "--max-images", "3",
                               "--max-body-mb", "2", "--max-queue", "5", "--allowed-local-media-path", "/tmp",
-                              "--fetch-total-timeout", "7", "--cors-origins", "https://a.example, https://b.example"])
+                              "--fetch-total-timeout", "7", "--cors-origins", "https://a.example, https://b.example",
+                              "--metrics-public"])
     s = settings_from_args(args)
     assert (s.host, s.port, s.api_key, s.allow_private_urls, s.max_images, s.max_queue) == \
         ("127.0.0.1", 9001, "from-env", True, 3, 5)
     assert s.max_body_bytes == 2 * 1024 * 1024 and s.allowed_local_media_path == "/tmp" and callable(args.func)
-    assert s.fetch_total_timeout_s == 7 and s.cors_origins == ("https://a.example", "https://b.example")
+    assert s.fetch_total_timeout_s == 7 and s.metrics_public and s.cors_origins == ("https://a.example", "https://b.example")
 
 
 THINKING = ("<think>", "Two red", " squares.\n", "</think>", "\n\nThere are", " two.")
@@ -401,3 +402,15 @@ def test_wrong_path_or_method_answers_in_the_api_family_shape(with_ui):
         r = httpx.delete(url + DS_PATH)
         assert r.status_code == 405 and r.headers["allow"] == "POST" and r.json()["code"] == "MethodNotAllowed"
         assert 'route="other",status="404"' in httpx.get(url + "/metrics").text
+
+
+def test_metrics_need_the_api_key_unless_public():
+    with run_server(create_app(FakeAsyncEngine(), ServerSettings(api_key="k"))) as url:
+        r = httpx.get(url + "/metrics")
+        assert r.status_code == 401 and "API key" in r.json()["error"]["message"]
+        assert httpx.get(url + "/metrics", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        r = httpx.get(url + "/metrics", headers={"Authorization": "Bearer k"})
+        assert r.status_code == 200 and "qwenvl_http_requests_total" in r.text
+        assert httpx.get(url + "/health").status_code == 200                  # liveness stays open
+    with run_server(create_app(FakeAsyncEngine(), ServerSettings(api_key="k", metrics_public=True))) as url:
+        assert httpx.get(url + "/metrics").status_code == 200

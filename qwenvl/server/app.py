@@ -134,7 +134,8 @@ def _add_api_routes(app: FastAPI) -> None:
 
 
 def _add_service_routes(app: FastAPI, state: ServerState) -> None:
-    """/openapi.json, /health and /metrics: outside the API prefixes, so no key and no request counting."""
+    """/openapi.json, /health and /metrics: outside the API prefixes, so no request counting; /metrics asks
+    for the key itself (unless metrics_public)."""
     document = openapi_document("qwenvl", "1", {
         "openai_chat": OPENAI_CHAT, "compat_chat": COMPAT_CHAT, "dashscope": DASHSCOPE_GEN,
         "models": "/v1/models", "compat_models": "/compatible-mode/v1/models"})
@@ -150,7 +151,12 @@ def _add_service_routes(app: FastAPI, state: ServerState) -> None:
         return {"status": "ok", "model": state.model_name, "uptime_s": round(time.time() - state.started, 1)}
 
     @app.get("/metrics")
-    async def metrics_endpoint():
+    async def metrics_endpoint(request: Request):
+        if not state.settings.metrics_public:    # request counts and queue depth are not for everyone
+            try:
+                check_api_key({k.lower(): v for k, v in request.headers.items()}, state.api_key)
+            except APIError as e:
+                return error_response(e, request.url.path)
         return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 

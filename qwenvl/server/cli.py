@@ -28,6 +28,7 @@ def add_serve_subcommand(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $QWENVL_API_KEY)")
     p.add_argument("--served-model-name", default=None, help="model id listed by /v1/models")
+    p.add_argument("--metrics-public", action="store_true", help="serve /metrics without the API key")
     p.add_argument("--cors-origins", default="", help="comma list of browser origins sent CORS headers (default: none)")
     p.add_argument("--allowed-local-media-path", default=None, help="allow file:// image URLs under this folder")
     p.add_argument("--allow-private-urls", action="store_true",
@@ -62,7 +63,8 @@ def settings_from_args(args) -> ServerSettings:
         allowed_local_media_path=args.allowed_local_media_path, allow_private_urls=args.allow_private_urls,
         max_images=args.max_images, max_body_mb=args.max_body_mb, max_queue=args.max_queue,
         max_image_pixels=args.max_image_pixels, drain_grace_s=args.drain_grace,
-        fetch_total_timeout_s=args.fetch_total_timeout, cors_origins=_comma_list(args.cors_origins))
+        fetch_total_timeout_s=args.fetch_total_timeout, cors_origins=_comma_list(args.cors_origins),
+        metrics_public=args.metrics_public)
 
 
 def _comma_list(text: str | None) -> tuple[str, ...]:

@@ -13,6 +13,7 @@ class ServerSettings:
     port: int = 8000
     api_key: str | None = None                 # None: no auth (QWENVL_API_KEY is read by from_env/cli)
     served_model_name: str | None = None       # what /v1/models lists; default: the engine's model name
+    metrics_public: bool = False                   # /metrics without the API key (it needs it when one is set)
     cors_origins: tuple[str, ...] = ()             # browser origins sent CORS headers; none by default
     dtype: str | None = None
     device: str = "auto"
