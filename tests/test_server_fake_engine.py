@@ -113,7 +113,7 @@ class FakeAsyncEngine:
 
 
 def _chat(stream=False):
-    return {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": stream}
+    return {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}], "stream": stream}
 
 
 def test_queue_full_is_429_with_retry_after_in_each_shape():
@@ -121,7 +121,7 @@ def test_queue_full_is_429_with_retry_after_in_each_shape():
         r = httpx.post(url + "/v1/chat/completions", json=_chat())
         assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
         assert r.json()["error"]["type"] == "rate_limit_error"
-        r = httpx.post(url + DS_PATH, json={"model": "m", "input": {"messages": [{"role": "user", "content": "hi"}]}},
+        r = httpx.post(url + DS_PATH, json={"model": "fake-model", "input": {"messages": [{"role": "user", "content": "hi"}]}},
                        headers={"X-DashScope-SSE": "enable"})
         assert r.status_code == 429 and "retry-after" in r.headers
         assert r.json()["code"] == "Throttling" and r.json()["request_id"]
@@ -134,7 +134,7 @@ def test_unexpected_exception_is_500_without_trace():
         assert r.status_code == 500
         err = r.json()["error"]
         assert set(err) >= {"message", "type", "code"} and "secret" not in r.text and "Traceback" not in r.text
-        r = httpx.post(url + DS_PATH, json={"model": "m", "input": {"messages": [{"role": "user", "content": "hi"}]}})
+        r = httpx.post(url + DS_PATH, json={"model": "fake-model", "input": {"messages": [{"role": "user", "content": "hi"}]}})
         assert r.status_code == 500 and set(r.json()) == {"code", "message", "request_id"}
         assert "secret" not in r.text
 
@@ -171,7 +171,7 @@ def test_boxes_and_metrics_with_fake_engine():
         r = httpx.post(url + "/v1/chat/completions", json=_chat(), headers=h).json()
         assert r["choices"][0]["message"]["boxes"][0]["label"] == "cat"
         assert r["choices"][0]["message"]["content"] == "Hello world!"
-        r = httpx.post(url + DS_PATH, json={"model": "m", "input": {"messages": [{"role": "user", "content": [
+        r = httpx.post(url + DS_PATH, json={"model": "fake-model", "input": {"messages": [{"role": "user", "content": [
             {"text": "hi"}]}]}}, headers=h).json()
         assert r["output"]["choices"][0]["message"]["boxes"][0]["x2"] == 3
         assert r["usage"]["input_tokens_details"] == {"image_tokens": 4, "text_tokens": 6}
@@ -180,7 +180,7 @@ def test_boxes_and_metrics_with_fake_engine():
         last = json.loads(lines[-1][6:])["choices"][0]
         assert last["finish_reason"] == "stop" and last["delta"]["boxes"][0]["label"] == "cat"
         assert last["message"]["boxes"] == last["delta"]["boxes"]
-        raw = httpx.post(url + DS_PATH, json={"model": "m", "input": {"messages": [{"role": "user", "content": "hi"}]},
+        raw = httpx.post(url + DS_PATH, json={"model": "fake-model", "input": {"messages": [{"role": "user", "content": "hi"}]},
                                               "parameters": {"incremental_output": True}},
                          headers={**h, "X-DashScope-SSE": "enable"}).text
         events = [json.loads(f.split("\ndata:", 1)[1]) for f in raw.split("\n\n") if f.strip()]
@@ -285,11 +285,11 @@ def test_reasoning_content_split_on_both_apis_whole_and_streamed():
     with run_server(create_app(engine, ServerSettings())) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
         msgs = [{"role": "user", "content": "How many?"}]
-        r = client.chat.completions.create(model="m", messages=msgs, max_tokens=50,
+        r = client.chat.completions.create(model="fake-model", messages=msgs, max_tokens=50,
                                            extra_body={"chat_template_kwargs": {"enable_thinking": True}})
         message = r.choices[0].message
         assert message.content == "There are two." and message.model_extra["reasoning_content"] == "Two red squares."
-        chunks = list(client.chat.completions.create(model="m", messages=msgs, max_tokens=50, stream=True))
+        chunks = list(client.chat.completions.create(model="fake-model", messages=msgs, max_tokens=50, stream=True))
         deltas = [c.choices[0].delta for c in chunks if c.choices]
         assert "".join(d.model_extra.get("reasoning_content") or "" for d in deltas) == "Two red squares."
         assert "".join(d.content or "" for d in deltas) == "There are two."
@@ -414,3 +414,23 @@ def test_metrics_need_the_api_key_unless_public():
         assert httpx.get(url + "/health").status_code == 200                  # liveness stays open
     with run_server(create_app(FakeAsyncEngine(), ServerSettings(api_key="k", metrics_public=True))) as url:
         assert httpx.get(url + "/metrics").status_code == 200
+
+
+def test_unknown_model_is_404_and_served_names_are_aliases():
+    hi = [{"role": "user", "content": "hi"}]
+    with run_server(create_app(FakeAsyncEngine(), ServerSettings(served_model_name="qwen-vl-plus, qwenvl"))) as url:
+        assert [m["id"] for m in httpx.get(url + "/v1/models").json()["data"]] == ["qwen-vl-plus", "qwenvl"]
+        for name in ("qwen-vl-plus", "qwenvl", None):
+            body = {"messages": hi} if name is None else {"model": name, "messages": hi}
+            r = httpx.post(url + "/v1/chat/completions", json=body)
+            assert r.status_code == 200 and r.json()["model"] == (name or "qwen-vl-plus"), r.text
+        r = httpx.post(url + "/v1/chat/completions", json={"model": "gpt-4o", "messages": hi})
+        err = r.json()["error"]
+        assert r.status_code == 404 and err["code"] == "model_not_found" and err["param"] == "model"
+        assert "gpt-4o" in err["message"] and "qwen-vl-plus" in err["message"]
+        r = httpx.post(url + DS_PATH, json={"model": "qwen-max", "input": {"messages": hi}})
+        assert r.status_code == 404 and r.json()["code"] == "ModelNotFound" and "qwen-max" in r.json()["message"]
+        assert httpx.post(url + DS_PATH, json={"model": "qwenvl", "input": {"messages": hi}}).status_code == 200
+    with run_server(create_app(FakeAsyncEngine(), ServerSettings())) as url:      # default: the engine's name
+        assert httpx.post(url + "/v1/chat/completions", json={"model": "fake-model", "messages": hi}).status_code == 200
+        assert httpx.post(url + "/v1/chat/completions", json={"model": "other", "messages": hi}).status_code == 404

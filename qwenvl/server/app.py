@@ -77,7 +77,7 @@ def _server_state(async_engine, settings: ServerSettings) -> ServerState:
         max_redirects=settings.max_redirects))
     state = ServerState(
         engine=async_engine, settings=settings, fetcher=fetcher,
-        model_name=settings.served_model_name or info.model_name or "qwenvl", info=info,
+        model_names=settings.served_model_names or (info.model_name or "qwenvl",), info=info,
         max_model_len=info.max_model_len,
         policy=AdmissionPolicy(max_images=settings.max_images, max_video_frames=settings.max_video_frames,
                                max_image_bytes=settings.max_image_bytes, max_image_pixels=settings.max_image_pixels,

@@ -27,7 +27,8 @@ def add_serve_subcommand(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $QWENVL_API_KEY)")
-    p.add_argument("--served-model-name", default=None, help="model id listed by /v1/models")
+    p.add_argument("--served-model-name", default=None,
+                   help="model id(s), comma-separated aliases, listed by /v1/models (others get 404)")
     p.add_argument("--metrics-public", action="store_true", help="serve /metrics without the API key")
     p.add_argument("--cors-origins", default="", help="comma list of browser origins sent CORS headers (default: none)")
     p.add_argument("--allowed-local-media-path", default=None, help="allow file:// image URLs under this folder")

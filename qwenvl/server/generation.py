@@ -35,7 +35,7 @@ class ServerState:
     engine: object                         # AsyncEngine (or a test double with the same methods)
     settings: ServerSettings
     fetcher: MediaFetcher
-    model_name: str
+    model_names: tuple[str, ...]           # the served names (aliases); the first is the default
     max_model_len: int | None
     info: EngineInfo | None = None         # the engine's typed facts (device, dtype, tokenizer, ...)
     policy: AdmissionPolicy = field(default_factory=AdmissionPolicy)   # media limits, shared with the web demo
@@ -45,6 +45,17 @@ class ServerState:
     inflight: int = 0
     started: float = field(default_factory=time.time)
     metrics: Metrics = field(init=False)   # set by the app right after: its in-flight gauge reads this state
+
+    @property
+    def model_name(self) -> str:
+        return self.model_names[0]
+
+
+def check_model(state: ServerState, name: str | None, param: str = "model") -> None:
+    """vLLM's rule: a request may leave the model out, but a model it names must be one this server serves."""
+    if name and name not in state.model_names:
+        raise APIError(404, f"{param}: the model {name[:100]!r} does not exist on this server; it serves "
+                       f"{', '.join(state.model_names)} (see /v1/models)", param=param, code="model_not_found")
 
 
 def is_queue_full(exc: BaseException) -> bool:
