@@ -112,6 +112,9 @@ class FakeAsyncEngine:
         pass
 
 
+HI = [{"role": "user", "content": "hi"}]
+
+
 def _chat(stream=False):
     return {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}], "stream": stream}
 
@@ -121,7 +124,7 @@ def test_queue_full_is_429_with_retry_after_in_each_shape():
         r = httpx.post(url + "/v1/chat/completions", json=_chat())
         assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
         assert r.json()["error"]["type"] == "rate_limit_error"
-        r = httpx.post(url + DS_PATH, json={"model": "fake-model", "input": {"messages": [{"role": "user", "content": "hi"}]}},
+        r = httpx.post(url + DS_PATH, json={"model": "fake-model", "input": {"messages": HI}},
                        headers={"X-DashScope-SSE": "enable"})
         assert r.status_code == 429 and "retry-after" in r.headers
         assert r.json()["code"] == "Throttling" and r.json()["request_id"]
@@ -134,7 +137,7 @@ def test_unexpected_exception_is_500_without_trace():
         assert r.status_code == 500
         err = r.json()["error"]
         assert set(err) >= {"message", "type", "code"} and "secret" not in r.text and "Traceback" not in r.text
-        r = httpx.post(url + DS_PATH, json={"model": "fake-model", "input": {"messages": [{"role": "user", "content": "hi"}]}})
+        r = httpx.post(url + DS_PATH, json={"model": "fake-model", "input": {"messages": HI}})
         assert r.status_code == 500 and set(r.json()) == {"code", "message", "request_id"}
         assert "secret" not in r.text
 
@@ -180,7 +183,7 @@ def test_boxes_and_metrics_with_fake_engine():
         last = json.loads(lines[-1][6:])["choices"][0]
         assert last["finish_reason"] == "stop" and last["delta"]["boxes"][0]["label"] == "cat"
         assert last["message"]["boxes"] == last["delta"]["boxes"]
-        raw = httpx.post(url + DS_PATH, json={"model": "fake-model", "input": {"messages": [{"role": "user", "content": "hi"}]},
+        raw = httpx.post(url + DS_PATH, json={"model": "fake-model", "input": {"messages": HI},
                                               "parameters": {"incremental_output": True}},
                          headers={**h, "X-DashScope-SSE": "enable"}).text
         events = [json.loads(f.split("\ndata:", 1)[1]) for f in raw.split("\n\n") if f.strip()]
@@ -274,7 +277,8 @@ def test_serve_subcommand_flags(monkeypatch):
     assert (s.host, s.port, s.api_key, s.allow_private_urls, s.max_images, s.max_queue) == \
         ("127.0.0.1", 9001, "from-env", True, 3, 5)
     assert s.max_body_bytes == 2 * 1024 * 1024 and s.allowed_local_media_path == "/tmp" and callable(args.func)
-    assert s.fetch_total_timeout_s == 7 and s.metrics_public and s.cors_origins == ("https://a.example", "https://b.example")
+    assert s.fetch_total_timeout_s == 7 and s.metrics_public
+    assert s.cors_origins == ("https://a.example", "https://b.example")
 
 
 THINKING = ("<think>", "Two red", " squares.\n", "</think>", "\n\nThere are", " two.")
@@ -396,7 +400,8 @@ def test_wrong_path_or_method_answers_in_the_api_family_shape(with_ui):
         assert r.status_code == 404 and set(r.json()) == {"code", "message", "request_id"}
         assert r.json()["code"] == "NotFound"
         r = httpx.get(url + "/v1/chat/completions")
-        assert r.status_code == 405 and r.headers["allow"] == "POST" and r.json()["error"]["code"] == "method_not_allowed"
+        assert r.status_code == 405 and r.headers["allow"] == "POST"
+        assert r.json()["error"]["code"] == "method_not_allowed"
         r = httpx.post(url + "/v1/models", json={})
         assert r.status_code == 405 and r.headers["allow"] == "GET" and "error" in r.json()
         r = httpx.delete(url + DS_PATH)
@@ -434,3 +439,18 @@ def test_unknown_model_is_404_and_served_names_are_aliases():
     with run_server(create_app(FakeAsyncEngine(), ServerSettings())) as url:      # default: the engine's name
         assert httpx.post(url + "/v1/chat/completions", json={"model": "fake-model", "messages": hi}).status_code == 200
         assert httpx.post(url + "/v1/chat/completions", json={"model": "other", "messages": hi}).status_code == 404
+
+
+@pytest.mark.parametrize("api_key", [None, "k"])
+def test_openapi_json_is_the_apis_own_with_the_web_demo_mounted(api_key):
+    pytest.importorskip("gradio")
+    from qwenvl.web.app import mount
+
+    with run_server(create_app(FakeAsyncEngine(), ServerSettings(api_key=api_key), mount_ui=mount)) as url:
+        assert httpx.get(url + "/").status_code == (200 if api_key is None else 401)     # the demo is there
+        r = httpx.get(url + "/openapi.json")
+        assert r.status_code == 200, r.text[:300]
+        doc = r.json()
+        assert doc["openapi"] == "3.1.0" and doc["info"]["title"] == "qwenvl"
+        assert {"/v1/chat/completions", DS_PATH, "/v1/models"} <= set(doc["paths"])
+        assert not any("gradio" in p or p.startswith("/gradio_api") for p in doc["paths"])
