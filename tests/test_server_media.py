@@ -14,7 +14,8 @@ from PIL import Image
 
 from qwenvl.server.app import create_app
 from qwenvl.server.errors import APIError
-from qwenvl.server.media import MediaFetcher, MediaPolicy, check_header, decode_data_url, forbidden_reason
+from qwenvl.server.media import (MediaFetcher, MediaPolicy, always_forbidden_reason, check_header, decode_data_url,
+                                 forbidden_reason)
 from qwenvl.server.settings import ServerSettings
 from test_server_fake_engine import FakeAsyncEngine, run_server
 
@@ -199,3 +200,32 @@ def test_fetch_has_a_total_deadline_through_the_server():
     err = r.json()["error"]
     assert "0.6 s" in err["message"] and err["param"] and err["param"] in err["message"]
     assert took < 5
+
+
+@pytest.mark.parametrize("target, reason", [
+    ("http://169.254.169.254/latest/meta-data/", "link-local"), ("http://[fe80::1]/x.png", "link-local"),
+    ("http://100.100.100.200/latest/meta-data/", "cloud metadata"),
+    ("http://[fd00:ec2::254]/latest/meta-data/", "cloud metadata"),
+    ("http://[::ffff:169.254.169.254]/", "link-local")])
+def test_allow_private_urls_still_refuses_link_local_and_metadata_on_every_hop(target, reason):
+    def redirect(conn):
+        conn.sendall(f"HTTP/1.1 302 Found\r\nLocation: {target}\r\nContent-Length: 0\r\n\r\n".encode())
+    hop = _LocalHTTP(redirect)
+    settings = ServerSettings(allow_private_urls=True, fetch_connect_timeout_s=0.5)
+    try:
+        with run_server(create_app(FakeAsyncEngine(), settings)) as url:
+            r = httpx.post(url + "/v1/chat/completions", json=_image_chat(f"http://127.0.0.1:{hop.port}/cat.png"))
+    finally:
+        hop.close()
+    assert hop.hits == 1                                   # the loopback hop itself is allowed
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["code"] == "forbidden_url" and reason in err["message"], err
+
+
+@pytest.mark.parametrize("address, reason", [
+    ("169.254.169.254", "link-local"), ("fe80::1", "link-local"), ("100.100.100.200", "cloud metadata"),
+    ("fd00:ec2::254", "cloud metadata"), ("::ffff:169.254.1.1", "link-local"),
+    ("127.0.0.1", None), ("10.0.0.5", None), ("100.100.100.201", None), ("93.184.216.34", None)])
+def test_always_forbidden_addresses(address, reason):
+    assert always_forbidden_reason(address) == reason
