@@ -33,9 +33,10 @@ def add_serve_subcommand(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--cors-origins", default="", help="comma list of browser origins sent CORS headers (default: none)")
     p.add_argument("--allowed-local-media-path", default=None, help="allow file:// image URLs under this folder")
     p.add_argument("--allow-private-urls", action="store_true",
-                   help="allow image URLs that resolve to loopback/private/link-local addresses")
+                   help="allow media URLs that resolve to loopback/private addresses (never link-local or "
+                        "cloud metadata ones)")
     p.add_argument("--fetch-total-timeout", type=float, default=30.0,
-                   help="seconds one remote image/video fetch may take in all")
+                   help="seconds one remote image/video fetch may take in all (default: 30)")
     p.add_argument("--max-images", type=int, default=16, help="images per request")
     p.add_argument("--max-body-mb", type=float, default=50.0, help="request body limit in MB")
     p.add_argument("--max-queue", type=int, default=256, help="requests in flight before answering 429")
