@@ -1,8 +1,9 @@
 """create_app(async_engine, settings): the FastAPI app serving both APIs, /health and /metrics.
 
 A small ASGI gate in front of the API routes does what every request needs before any route code runs:
-refuse new work while draining (503), check the API key (401), count requests in flight, and record
-requests by route and status. `/` is left free: `mount_ui(app)` (the web UI) is called last.
+refuse new work while draining (503), check the API key (401), answer a wrong path or method in the API
+family's shape (404/405), count requests in flight, and record requests by route and status (a client that
+hung up counts as 499). `/` is left free: `mount_ui(app)` (the web UI) is called last.
 """
 
 from __future__ import annotations
@@ -164,10 +165,10 @@ def _route_error(path: str, method: str) -> APIError | None:
     """404 for a path no API route serves, 405 (with Allow) for a method it does not take, else None."""
     methods = ROUTES.get(path)
     if methods is None:
-        return APIError(404, f"no API route at {path}; see /openapi.json for the routes")
+        return APIError(404, f"no API route at {path[:200]}; see /openapi.json for the routes")
     if method not in methods:
         allowed = ", ".join(m for m in methods if m != "HEAD")
-        return APIError(405, f"{path} does not take {method}; use {allowed}", headers={"Allow": allowed})
+        return APIError(405, f"{path[:200]} does not take {method[:20]}; use {allowed}", headers={"Allow": allowed})
     return None
 
 
