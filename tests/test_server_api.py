@@ -25,6 +25,7 @@ from qwenvl.server.app import create_app
 from qwenvl.server.settings import ServerSettings
 from test_server_fake_engine import DS_PATH, run_server
 
+MODEL = "qwen2_vl-current-0"      # the tiny checkpoint's folder: the name the server serves by default
 KEY = "sk-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
@@ -97,7 +98,7 @@ def ds_messages(url: str, text="Describe the image."):
 # ------------------------------------------------------------------ OpenAI
 def test_openai_plain_and_stream_agree(client):
     msgs = oa_messages(data_url(png()))
-    r = client.chat.completions.create(model="qwenvl", messages=msgs, max_tokens=6, temperature=0,
+    r = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=6, temperature=0,
                                        logprobs=True, top_logprobs=2)
     choice = r.choices[0]
     assert choice.finish_reason in ("stop", "length")
@@ -106,7 +107,7 @@ def test_openai_plain_and_stream_agree(client):
     assert len(choice.logprobs.content) == r.usage.completion_tokens
     assert all(len(t.top_logprobs) == 2 for t in choice.logprobs.content)
 
-    chunks = list(client.chat.completions.create(model="qwenvl", messages=msgs, max_tokens=6, temperature=0,
+    chunks = list(client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=6, temperature=0,
                                                  stream=True, stream_options={"include_usage": True}))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == choice.message.content
@@ -119,13 +120,14 @@ def test_openai_models_and_errors(client, servers):
     models = client.models.list().data
     assert len(models) == 1 and models[0].id.startswith("qwen2_vl") and models[0].model_extra["max_model_len"] == 160
     with pytest.raises(openai.BadRequestError, match=r"n: must be in \[1, 8\], got 9"):
-        client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], n=9)
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], n=9)
     with pytest.raises(openai.BadRequestError, match="temperature"):
-        client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], temperature="hot")
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], temperature="hot")
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=servers["main"] + "/v1", api_key="wrong", max_retries=0).chat.completions.create(
-            model="m", messages=[{"role": "user", "content": "hi"}])
-    r = httpx.post(servers["main"] + "/v1/chat/completions", content=b"{not json", headers=AUTH)
+            model=MODEL, messages=[{"role": "user", "content": "hi"}])
+    r = httpx.post(servers["main"] + "/v1/chat/completions", content=b"{not json",
+                   headers={**AUTH, "Content-Type": "application/json"})
     assert r.status_code == 400 and set(r.json()["error"]) >= {"message", "type", "code"}
     assert "JSON" in r.json()["error"]["message"]
     r = httpx.post(servers["main"] + "/v1/chat/completions", json={"messages": "hi"}, headers=AUTH)
@@ -138,7 +140,7 @@ def test_openai_models_and_errors(client, servers):
 # ------------------------------------------------------------------ DashScope
 def test_dashscope_plain_and_streams(ds, servers):
     msgs = ds_messages(data_url(png()))
-    r = ds.call(model="qwen-vl-plus", api_key=KEY, messages=msgs, max_tokens=6, temperature=0)
+    r = ds.call(model=MODEL, api_key=KEY, messages=msgs, max_tokens=6, temperature=0)
     assert r.status_code == 200 and r.request_id
     text = r.output.choices[0].message.content[0]["text"]
     assert r.output.choices[0].finish_reason in ("stop", "length") and r.output.choices[0].message.boxes == []
@@ -146,16 +148,16 @@ def test_dashscope_plain_and_streams(ds, servers):
     assert u.input_tokens_details["image_tokens"] == u.image_tokens > 0
     assert u.total_tokens == u.input_tokens + u.output_tokens
 
-    events = list(ds.call(model="qwen-vl-plus", api_key=KEY, messages=msgs, max_tokens=6, temperature=0,
+    events = list(ds.call(model=MODEL, api_key=KEY, messages=msgs, max_tokens=6, temperature=0,
                           stream=True, incremental_output=True))
     assert "".join(e.output.choices[0].message.content[0]["text"] for e in events) == text
     assert [e.output.choices[0].finish_reason for e in events][:-1] == ["null"] * (len(events) - 1)
     # incremental_output=False: the SDK asks for deltas and merges them itself; the raw API sends full text.
-    events = list(ds.call(model="qwen-vl-plus", api_key=KEY, messages=msgs, max_tokens=6, temperature=0,
+    events = list(ds.call(model=MODEL, api_key=KEY, messages=msgs, max_tokens=6, temperature=0,
                           stream=True, incremental_output=False))
     assert events[-1].output.choices[0].message.content[0]["text"] == text
 
-    body = {"model": "qwen-vl-plus", "input": {"messages": msgs},
+    body = {"model": MODEL, "input": {"messages": msgs},
             "parameters": {"max_tokens": 6, "temperature": 0, "incremental_output": False}}
     raw = httpx.post(servers["main"] + DS_PATH, json=body, headers={**AUTH, "X-DashScope-SSE": "enable"}).text
     frames = [f for f in raw.split("\n\n") if f.strip()]
@@ -172,41 +174,41 @@ def test_dashscope_plain_and_streams(ds, servers):
 
 
 def test_dashscope_errors(ds, servers):
-    r = ds.call(model="m", api_key="wrong", messages=[{"role": "user", "content": [{"text": "hi"}]}])
+    r = ds.call(model=MODEL, api_key="wrong", messages=[{"role": "user", "content": [{"text": "hi"}]}])
     assert r.status_code == 401 and r.code == "InvalidApiKey"
-    r = httpx.post(servers["main"] + DS_PATH, content=b"[1,", headers=AUTH)
+    r = httpx.post(servers["main"] + DS_PATH, content=b"[1,", headers={**AUTH, "Content-Type": "application/json"})
     assert r.status_code == 400 and set(r.json()) == {"code", "message", "request_id"}
     r = httpx.post(servers["main"] + DS_PATH, headers=AUTH, json={
-        "model": "m", "input": {"messages": [{"role": "user", "content": [{"text": "hi"}]}]},
+        "model": MODEL, "input": {"messages": [{"role": "user", "content": [{"text": "hi"}]}]},
         "parameters": {"top_p": "x"}})
     assert r.status_code == 400 and "parameters.top_p" in r.json()["message"]
-    r = ds.call(model="m", api_key=KEY, messages=ds_messages("data:image/png;base64," + base64.b64encode(
+    r = ds.call(model=MODEL, api_key=KEY, messages=ds_messages("data:image/png;base64," + base64.b64encode(
         b"this is not an image at all").decode()))
     assert r.status_code == 400 and r.code == "InvalidParameter" and "format" in r.message
 
 
 # ------------------------------------------------------------------ media and limits
 def test_http_image_allowed_only_with_allow_private_urls(servers, client):
-    r = client.chat.completions.create(model="m", messages=oa_messages(servers["image_url"]), max_tokens=2)
+    r = client.chat.completions.create(model=MODEL, messages=oa_messages(servers["image_url"]), max_tokens=2)
     assert r.usage.prompt_tokens > 0
     strict = openai.OpenAI(base_url=servers["strict"] + "/v1", api_key="none", max_retries=0)
     with pytest.raises(openai.BadRequestError, match="loopback.*allow-private-urls"):
-        strict.chat.completions.create(model="m", messages=oa_messages(servers["image_url"]), max_tokens=2)
+        strict.chat.completions.create(model=MODEL, messages=oa_messages(servers["image_url"]), max_tokens=2)
     dashscope.base_http_api_url = servers["strict"] + "/api/v1"
-    r = dashscope.MultiModalConversation.call(model="m", api_key="x", messages=ds_messages(servers["image_url"]))
+    r = dashscope.MultiModalConversation.call(model=MODEL, api_key="x", messages=ds_messages(servers["image_url"]))
     assert r.status_code == 400 and "loopback" in r.message
 
 
 def test_file_urls_only_under_the_allowed_folder(servers, client):
     ok = (servers["media"] / "red.png").as_uri()
-    assert client.chat.completions.create(model="m", messages=oa_messages(ok), max_tokens=2).usage.prompt_tokens
+    assert client.chat.completions.create(model=MODEL, messages=oa_messages(ok), max_tokens=2).usage.prompt_tokens
     for url in ((servers["outside"] / "secret.png").as_uri(), ok.replace("red.png", "../" + servers["outside"].name
                                                                           + "/secret.png")):
         with pytest.raises(openai.BadRequestError, match="outside"):
-            client.chat.completions.create(model="m", messages=oa_messages(url), max_tokens=2)
+            client.chat.completions.create(model=MODEL, messages=oa_messages(url), max_tokens=2)
     strict = openai.OpenAI(base_url=servers["strict"] + "/v1", api_key="none", max_retries=0)
     with pytest.raises(openai.BadRequestError, match="allowed-local-media-path"):
-        strict.chat.completions.create(model="m", messages=oa_messages(ok), max_tokens=2)
+        strict.chat.completions.create(model=MODEL, messages=oa_messages(ok), max_tokens=2)
 
 
 @pytest.mark.parametrize("case, status, needle", [
@@ -235,22 +237,23 @@ def test_limits_in_both_shapes(servers, case, status, needle):
         text = "The cat sits on the red mat near the window. " * 40
     elif case == "max_tokens":
         params = {"max_tokens": 150}
-    oa = {"model": "m", "messages": [{"role": "user", "content": [
+    oa = {"model": MODEL, "messages": [{"role": "user", "content": [
         *({"type": "image_url", "image_url": {"url": u}} for u in images), {"type": "text", "text": text}]}], **params}
     r = httpx.post(servers["main"] + "/v1/chat/completions", json=oa, headers=AUTH)
     assert r.status_code == status, r.text
     assert needle in r.json()["error"]["message"] and r.json()["error"]["type"] == "invalid_request_error"
-    ds_body = {"model": "m", "input": {"messages": [{"role": "user", "content": [
+    ds_body = {"model": MODEL, "input": {"messages": [{"role": "user", "content": [
         *({"image": u} for u in images), {"text": text}]}]}, "parameters": params}
     r = httpx.post(servers["main"] + DS_PATH, json=ds_body, headers=AUTH)
     assert r.status_code == status, r.text
     assert needle in r.json()["message"] and r.json()["request_id"]
 
 
-def test_health_and_metrics_without_key(servers, client):
-    client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+def test_health_without_key_metrics_with_it(servers, client):
+    client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
     assert httpx.get(servers["main"] + "/health").json()["status"] == "ok"
-    m = httpx.get(servers["main"] + "/metrics")
+    assert httpx.get(servers["main"] + "/metrics").status_code == 401
+    m = httpx.get(servers["main"] + "/metrics", headers=AUTH)
     assert m.status_code == 200
     for name in ("qwenvl_http_requests_total", "qwenvl_time_to_first_token_seconds_bucket",
                  "qwenvl_request_latency_seconds_bucket", "qwenvl_prompt_tokens_total",
@@ -265,11 +268,11 @@ def test_health_and_metrics_without_key(servers, client):
 def test_non_finite_numbers_are_refused_on_both_apis(servers, field, value):
     """Python's json reads NaN / Infinity; a sampler fed them answers garbage with 200 (issue 29 item 4)."""
     msgs = '[{"role": "user", "content": "hi"}]'
-    body = f'{{"model": "m", "messages": {msgs}, "max_tokens": 2, "{field}": {value}}}'
+    body = f'{{"model": "{MODEL}", "messages": {msgs}, "max_tokens": 2, "{field}": {value}}}'
     r = httpx.post(servers["main"] + "/v1/chat/completions", content=body.encode(),
                    headers={**AUTH, "Content-Type": "application/json"})
     assert r.status_code == 400 and field in r.json()["error"]["message"] and "finite" in r.json()["error"]["message"]
-    body = (f'{{"model": "m", "input": {{"messages": [{{"role": "user", "content": [{{"text": "hi"}}]}}]}}, '
+    body = (f'{{"model": "{MODEL}", "input": {{"messages": [{{"role": "user", "content": [{{"text": "hi"}}]}}]}}, '
             f'"parameters": {{"max_tokens": 2, "{field}": {value}}}}}')
     r = httpx.post(servers["main"] + DS_PATH, content=body.encode(), headers={**AUTH, "Content-Type": "application/json"})
     assert r.status_code == 400 and f"parameters.{field}" in r.json()["message"] and "finite" in r.json()["message"]
@@ -286,16 +289,16 @@ def test_sampling_params_refuse_non_finite_numbers():
 def test_unpaired_surrogates_are_a_400_naming_the_field(servers):
     """The tokenizer cannot encode "\\ud800"; it used to surface as a 500 (issue 29 item 2)."""
     headers = {**AUTH, "Content-Type": "application/json"}
-    body = b'{"model": "m", "max_tokens": 2, "messages": [{"role": "user", "content": "hi \\ud800"}]}'
+    body = b'{"max_tokens": 2, "messages": [{"role": "user", "content": "hi \\ud800"}]}'
     r = httpx.post(servers["main"] + "/v1/chat/completions", content=body, headers=headers)
     assert r.status_code == 400 and "messages[0].content" in r.json()["error"]["message"]
     assert "surrogate" in r.json()["error"]["message"]
-    body = (b'{"model": "m", "input": {"messages": [{"role": "user", "content": [{"text": "\\udfff x"}]}]},'
+    body = (b'{"input": {"messages": [{"role": "user", "content": [{"text": "\\udfff x"}]}]},'
             b' "parameters": {"max_tokens": 2}}')
     r = httpx.post(servers["main"] + DS_PATH, content=body, headers=headers)
     assert r.status_code == 400 and "surrogate" in r.json()["message"]
     r = httpx.post(servers["main"] + "/v1/chat/completions", headers=AUTH,
-                   json={"model": "m", "max_tokens": 2, "messages": [{"role": "user", "content": "still serving"}]})
+                   json={"model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": "still serving"}]})
     assert r.status_code == 200
 
 
@@ -315,13 +318,13 @@ def test_top_p_zero_is_greedy_on_both_apis(servers):
 
     def openai_text(**extra):
         r = httpx.post(servers["main"] + "/v1/chat/completions", headers=AUTH,
-                       json={"model": "m", "max_tokens": 8, "messages": msgs, **extra})
+                       json={"model": MODEL, "max_tokens": 8, "messages": msgs, **extra})
         assert r.status_code == 200, r.text
         return r.json()["choices"][0]["message"]["content"]
     greedy = openai_text(temperature=0)
     assert openai_text(temperature=1.5, top_p=0, seed=7) == greedy == openai_text(temperature=1.5, top_p=0, seed=8)
     r = httpx.post(servers["main"] + DS_PATH, headers=AUTH, json={
-        "model": "m", "input": {"messages": [{"role": "user", "content": [{"text": "Say something."}]}]},
+        "model": MODEL, "input": {"messages": [{"role": "user", "content": [{"text": "Say something."}]}]},
         "parameters": {"max_tokens": 8, "temperature": 1.5, "top_p": 0, "seed": 7}})
     assert r.status_code == 200, r.text
     assert r.json()["output"]["choices"][0]["message"]["content"][0]["text"] == greedy

@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import io
+import socket
+import threading
+import time
 
 import httpx
 import pytest
 from PIL import Image
 
+from qwenvl.server.app import create_app
 from qwenvl.server.errors import APIError
-from qwenvl.server.media import MediaFetcher, MediaPolicy, check_header, decode_data_url, forbidden_reason
+from qwenvl.server.media import (MediaFetcher, MediaPolicy, always_forbidden_reason, check_header, decode_data_url,
+                                 forbidden_reason)
+from qwenvl.server.settings import ServerSettings
+from test_server_fake_engine import FakeAsyncEngine, run_server
 
 
 def _png() -> bytes:
@@ -130,3 +137,95 @@ def test_video_urls_are_fetched_like_images_with_their_own_cap():
             _fetch_video(src, None)
     with pytest.raises(APIError, match="byte limit"):
         _fetch_video("data:video/mp4;base64," + encoded, None, max_video_bytes=100)
+
+
+class _LocalHTTP:
+    """A raw loopback HTTP server: `respond(conn)` writes each answer by hand (slow bodies, redirects)."""
+
+    def __init__(self, respond):
+        self.respond = respond
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.port = self.sock.getsockname()[1]
+        self.hits = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.hits += 1
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def _answer(self, conn):
+        with conn:
+            conn.recv(65536)
+            try:
+                self.respond(conn)
+            except OSError:            # the fetcher gave up and closed the connection
+                pass
+
+    def close(self):
+        self.sock.close()
+
+
+def _trickle(conn):
+    """A host that sends one byte every 0.1 s: never idle long enough for a read timeout."""
+    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: 100000\r\n\r\n")
+    for _ in range(200):
+        conn.sendall(b"x")
+        time.sleep(0.1)
+
+
+def _image_chat(url: str) -> dict:
+    return {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                      {"type": "text", "text": "what is it?"}]}]}
+
+
+def test_fetch_has_a_total_deadline_through_the_server():
+    slow = _LocalHTTP(_trickle)
+    settings = ServerSettings(allow_private_urls=True, fetch_total_timeout_s=0.6)
+    try:
+        with run_server(create_app(FakeAsyncEngine(), settings)) as url:
+            t0 = time.time()
+            r = httpx.post(url + "/v1/chat/completions", json=_image_chat(f"http://127.0.0.1:{slow.port}/a.png"),
+                           timeout=30)
+            took = time.time() - t0
+    finally:
+        slow.close()
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert "0.6 s" in err["message"] and err["param"] and err["param"] in err["message"]
+    assert took < 5
+
+
+@pytest.mark.parametrize("target, reason", [
+    ("http://169.254.169.254/latest/meta-data/", "link-local"), ("http://[fe80::1]/x.png", "link-local"),
+    ("http://100.100.100.200/latest/meta-data/", "cloud metadata"),
+    ("http://[fd00:ec2::254]/latest/meta-data/", "cloud metadata"),
+    ("http://[::ffff:169.254.169.254]/", "link-local")])
+def test_allow_private_urls_still_refuses_link_local_and_metadata_on_every_hop(target, reason):
+    def redirect(conn):
+        conn.sendall(f"HTTP/1.1 302 Found\r\nLocation: {target}\r\nContent-Length: 0\r\n\r\n".encode())
+    hop = _LocalHTTP(redirect)
+    settings = ServerSettings(allow_private_urls=True, fetch_connect_timeout_s=0.5)
+    try:
+        with run_server(create_app(FakeAsyncEngine(), settings)) as url:
+            r = httpx.post(url + "/v1/chat/completions", json=_image_chat(f"http://127.0.0.1:{hop.port}/cat.png"))
+    finally:
+        hop.close()
+    assert hop.hits == 1                                   # the loopback hop itself is allowed
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["code"] == "forbidden_url" and reason in err["message"], err
+
+
+@pytest.mark.parametrize("address, reason", [
+    ("169.254.169.254", "link-local"), ("fe80::1", "link-local"), ("100.100.100.200", "cloud metadata"),
+    ("fd00:ec2::254", "cloud metadata"), ("::ffff:169.254.1.1", "link-local"),
+    ("127.0.0.1", None), ("10.0.0.5", None), ("100.100.100.201", None), ("93.184.216.34", None)])
+def test_always_forbidden_addresses(address, reason):
+    assert always_forbidden_reason(address) == reason

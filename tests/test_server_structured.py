@@ -38,13 +38,15 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "description":
              "required": ["zone"], "additionalProperties": False}}}]
 ASK = [{"role": "user", "content": "Answer in JSON."}]
 
+MODEL = "qwenvl-test"          # the --served-model-name the test server answers to
+
 
 @pytest.fixture(scope="module")
 def url(tiny_checkpoint):
     engine = LLMEngine(tiny_checkpoint("qwen3_vl"), dtype="float32",
                        config=EngineConfig(kv_cache_gb=0.05, max_model_len=1024))
     async_engine = AsyncEngine(engine, max_queue=16)
-    with run_server(create_app(async_engine, ServerSettings())) as base:
+    with run_server(create_app(async_engine, ServerSettings(served_model_name=MODEL))) as base:
         yield base
     asyncio.run(async_engine.shutdown(grace_s=1))
 
@@ -59,18 +61,18 @@ def schema_format(schema):
 
 
 def test_openai_json_schema_plain_and_streamed(client):
-    r = client.chat.completions.create(model="m", messages=ASK, max_tokens=60, seed=1, temperature=1.0,
+    r = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=60, seed=1, temperature=1.0,
                                        response_format=schema_format(PERSON))
     assert r.choices[0].finish_reason == "stop", r.choices[0].message.content
     jsonschema.validate(json.loads(r.choices[0].message.content), PERSON)
-    chunks = client.chat.completions.create(model="m", messages=ASK, max_tokens=60, seed=2, temperature=1.0,
+    chunks = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=60, seed=2, temperature=1.0,
                                             response_format=schema_format(FLAGS), stream=True)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     jsonschema.validate(json.loads(text), FLAGS)
 
 
 def test_openai_json_object_is_rooted_at_an_object(client):
-    r = client.chat.completions.create(model="m", messages=ASK, max_tokens=80, seed=3, temperature=0.7,
+    r = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=80, seed=3, temperature=0.7,
                                        response_format={"type": "json_object"})
     if r.choices[0].finish_reason == "stop":
         assert isinstance(json.loads(r.choices[0].message.content), dict)
@@ -83,8 +85,8 @@ def test_four_schemas_in_one_batch_with_a_free_request(client):
 
     def ask(i):
         if i == len(schemas):
-            return client.chat.completions.create(model="m", messages=ASK, max_tokens=8, seed=i)
-        return client.chat.completions.create(model="m", messages=ASK, max_tokens=60, seed=i, temperature=1.0,
+            return client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=8, seed=i)
+        return client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=60, seed=i, temperature=1.0,
                                               response_format=schema_format(schemas[i]))
 
     with ThreadPoolExecutor(len(schemas) + 1) as pool:
@@ -96,7 +98,7 @@ def test_four_schemas_in_one_batch_with_a_free_request(client):
 
 
 def test_openai_tool_call_required_named_and_streamed(client):
-    r = client.chat.completions.create(model="m", messages=ASK, max_tokens=80, seed=4, tools=TOOLS,
+    r = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=80, seed=4, tools=TOOLS,
                                        tool_choice="required")
     choice = r.choices[0]
     assert choice.finish_reason == "tool_calls" and choice.message.content is None
@@ -106,7 +108,7 @@ def test_openai_tool_call_required_named_and_streamed(client):
     jsonschema.validate(json.loads(call.function.arguments), spec["parameters"])
 
     named = {"type": "function", "function": {"name": "get_time"}}
-    chunks = list(client.chat.completions.create(model="m", messages=ASK, max_tokens=80, seed=5, tools=TOOLS,
+    chunks = list(client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=80, seed=5, tools=TOOLS,
                                                  tool_choice=named, stream=True))
     deltas = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
     assert [d.index for d in deltas] == [0] and deltas[0].function.name == "get_time"
@@ -117,7 +119,7 @@ def test_openai_tool_call_required_named_and_streamed(client):
     follow = ASK + [r.choices[0].message.model_dump(exclude_none=True, include={"role", "content", "tool_calls"}),
                     {"role": "tool", "tool_call_id": call.id, "content": "sunny, 21 C"}]
     follow[1].setdefault("content", None)
-    again = client.chat.completions.create(model="m", messages=follow, max_tokens=5, tools=TOOLS,
+    again = client.chat.completions.create(model=MODEL, messages=follow, max_tokens=5, tools=TOOLS,
                                            tool_choice="none")
     assert again.choices[0].message.tool_calls is None and again.choices[0].finish_reason in ("stop", "length")
 
@@ -125,12 +127,12 @@ def test_openai_tool_call_required_named_and_streamed(client):
 def test_dashscope_response_format_and_tools(url):
     dashscope.base_http_api_url = url + "/api/v1"
     msgs = [{"role": "user", "content": [{"text": "Answer in JSON."}]}]
-    r = dashscope.MultiModalConversation.call(model="m", api_key="none", messages=msgs, max_tokens=80, seed=6,
+    r = dashscope.MultiModalConversation.call(model=MODEL, api_key="none", messages=msgs, max_tokens=80, seed=6,
                                               response_format={"type": "json_object"})
     assert r.status_code == 200, r.message
     text = r.output.choices[0].message.content[0]["text"]
     assert text.startswith("{")
-    r = dashscope.MultiModalConversation.call(model="m", api_key="none", messages=msgs, max_tokens=80, seed=7,
+    r = dashscope.MultiModalConversation.call(model=MODEL, api_key="none", messages=msgs, max_tokens=80, seed=7,
                                               tools=TOOLS, tool_choice="required")
     assert r.status_code == 200, r.message
     choice = r.output.choices[0]
@@ -162,7 +164,7 @@ def test_bad_structured_requests_are_400_naming_the_field(url, body, field):
 
 
 def test_openai_n_choices_plain_and_streamed_with_top_logprobs(client):
-    kw = dict(model="m", messages=ASK, max_tokens=6, temperature=1.0, seed=11, n=3, logprobs=True, top_logprobs=3)
+    kw = dict(model=MODEL, messages=ASK, max_tokens=6, temperature=1.0, seed=11, n=3, logprobs=True, top_logprobs=3)
     r = client.chat.completions.create(**kw)
     assert [c.index for c in r.choices] == [0, 1, 2]
     assert len({tuple(t.token for t in c.logprobs.content) for c in r.choices}) > 1   # own seed per choice

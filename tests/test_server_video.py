@@ -21,6 +21,8 @@ from video_files import write_video
 
 SMALL = {"min_pixels": 3136, "max_pixels": 3136}        # 56x56 frames: 4 tokens per temporal patch
 
+MODEL = "qwenvl-test"          # the --served-model-name the test server answers to
+
 
 def data_url(data: bytes, mime="video/mp4") -> str:
     return f"data:{mime};base64," + base64.b64encode(data).decode()
@@ -33,7 +35,8 @@ def server(tiny_checkpoint, tmp_path_factory):
     engine = LLMEngine(tiny_checkpoint("qwen2_vl"), dtype="float32",
                        config=EngineConfig(kv_cache_gb=0.02, max_model_len=256))
     async_engine = AsyncEngine(engine, max_queue=4)
-    app = create_app(async_engine, ServerSettings(allow_private_urls=True, allowed_local_media_path=str(media),
+    app = create_app(async_engine, ServerSettings(served_model_name=MODEL, allow_private_urls=True,
+                                                  allowed_local_media_path=str(media),
                                                   max_video_frames=8))
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(media))
     handler.log_message = lambda *a: None
@@ -48,14 +51,14 @@ def server(tiny_checkpoint, tmp_path_factory):
 
 def _ask(server, video_part: dict, route="/v1/chat/completions") -> httpx.Response:
     msgs = [{"role": "user", "content": [video_part, {"type": "text", "text": "What happens?"}]}]
-    return httpx.post(server["url"] + route, json={"model": "m", "messages": msgs, "max_tokens": 3,
+    return httpx.post(server["url"] + route, json={"model": MODEL, "messages": msgs, "max_tokens": 3,
                                                    "temperature": 0}, timeout=60)
 
 
 def test_openai_sdk_video_url_answers(server):
     clip = (server["media"] / "clip.mp4").read_bytes()
     client = openai.OpenAI(base_url=server["url"] + "/v1", api_key="none", max_retries=0)
-    r = client.chat.completions.create(model="m", max_tokens=3, temperature=0, messages=[{"role": "user", "content": [
+    r = client.chat.completions.create(model=MODEL, max_tokens=3, temperature=0, messages=[{"role": "user", "content": [
         {"type": "video_url", "video_url": {"url": data_url(clip), **SMALL}},
         {"type": "text", "text": "What happens?"}]}])
     assert r.choices[0].finish_reason in ("stop", "length") and r.usage.completion_tokens >= 1
@@ -69,7 +72,7 @@ def test_http_file_url_and_dashscope_video(server):
         r = _ask(server, {"type": "video_url", "video_url": {"url": src, **SMALL}})
         assert r.status_code == 200, r.text
         assert r.json()["usage"]["prompt_tokens_details"]["video_tokens"] == 8
-    body = {"model": "m", "input": {"messages": [{"role": "user", "content": [
+    body = {"model": MODEL, "input": {"messages": [{"role": "user", "content": [
         {"video": server["http"], **SMALL}, {"text": "What happens?"}]}]}, "parameters": {"max_tokens": 2}}
     r = httpx.post(server["url"] + DS_PATH, json=body, timeout=60)
     assert r.status_code == 200, r.text

@@ -1,8 +1,9 @@
 """create_app(async_engine, settings): the FastAPI app serving both APIs, /health and /metrics.
 
 A small ASGI gate in front of the API routes does what every request needs before any route code runs:
-refuse new work while draining (503), check the API key (401), count requests in flight, and record
-requests by route and status. `/` is left free: `mount_ui(app)` (the web UI) is called last.
+refuse new work while draining (503), check the API key (401), answer a wrong path or method in the API
+family's shape (404/405), count requests in flight, and record requests by route and status (a client that
+hung up counts as 499). `/` is left free: `mount_ui(app)` (the web UI) is called last.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import ClientDisconnect
 
 from ..inputs.admission import AdmissionPolicy
 from . import dashscope_routes, openai_routes
@@ -34,7 +37,11 @@ OPENAI_CHAT = "/v1/chat/completions"
 COMPAT_CHAT = "/compatible-mode/v1/chat/completions"
 DASHSCOPE_GEN = "/api/v1/services/aigc/multimodal-generation/generation"
 API_PREFIXES = ("/v1/", "/api/", "/compatible-mode/")
-ROUTES = (OPENAI_CHAT, COMPAT_CHAT, DASHSCOPE_GEN, "/v1/models", "/compatible-mode/v1/models")
+CLIENT_CLOSED = 499     # nginx's "client closed request": what the metrics count for a hang-up
+# every API route and its methods: the gate answers a wrong path or method itself, in the family's shape,
+# so a UI mounted at "/" never answers for the API prefixes
+ROUTES = {OPENAI_CHAT: ("POST",), COMPAT_CHAT: ("POST",), DASHSCOPE_GEN: ("POST",),
+          "/v1/models": ("GET", "HEAD"), "/compatible-mode/v1/models": ("GET", "HEAD")}
 
 
 def create_app(async_engine, settings: ServerSettings | None = None,
@@ -55,6 +62,9 @@ def create_app(async_engine, settings: ServerSettings | None = None,
     if mount_ui is not None:
         mount_ui(app)
     app.add_middleware(_Gate, state=state)
+    if state.settings.cors_origins:      # outermost: a browser's preflight needs no key
+        app.add_middleware(CORSMiddleware, allow_origins=list(state.settings.cors_origins),
+                           allow_methods=["GET", "POST"], allow_headers=["*"])
     return app
 
 
@@ -63,11 +73,12 @@ def _server_state(async_engine, settings: ServerSettings) -> ServerState:
     fetcher = MediaFetcher(MediaPolicy(
         allowed_local_media_path=settings.allowed_local_media_path, allow_private_urls=settings.allow_private_urls,
         connect_timeout_s=settings.fetch_connect_timeout_s, read_timeout_s=settings.fetch_read_timeout_s,
+        total_timeout_s=settings.fetch_total_timeout_s,
         max_bytes=settings.max_image_bytes, max_video_bytes=settings.max_video_bytes, max_pixels=settings.max_image_pixels,
         max_redirects=settings.max_redirects))
     state = ServerState(
         engine=async_engine, settings=settings, fetcher=fetcher,
-        model_name=settings.served_model_name or info.model_name or "qwenvl", info=info,
+        model_names=settings.served_model_names or (info.model_name or "qwenvl",), info=info,
         max_model_len=info.max_model_len,
         policy=AdmissionPolicy(max_images=settings.max_images, max_video_frames=settings.max_video_frames,
                                max_image_bytes=settings.max_image_bytes, max_image_pixels=settings.max_image_pixels,
@@ -90,7 +101,8 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
         message = exc.detail if isinstance(exc.detail, str) else "request failed"
-        return error_response(APIError(exc.status_code, message), request.url.path, _request_id(request))
+        return error_response(APIError(exc.status_code, message, headers=exc.headers), request.url.path,
+                              _request_id(request))
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
@@ -104,6 +116,9 @@ def _guarded(handler):
             return await handler(request)
         except APIError as e:
             return error_response(e, request.url.path, _request_id(request))
+        except ClientDisconnect:         # the client hung up (mid-upload or mid-answer): not a server error
+            log.info("client disconnected from %s; request %s aborted", request.url.path, _request_id(request))
+            return Response(status_code=CLIENT_CLOSED)     # never reaches the client; counted as 499
         except Exception:  # noqa: BLE001 - a bug is a 500 in the route's shape, the trace stays in the log
             log.exception("unexpected error on %s", request.url.path)
             return error_response(APIError(500, "internal server error; the request was not completed"),
@@ -121,7 +136,8 @@ def _add_api_routes(app: FastAPI) -> None:
 
 
 def _add_service_routes(app: FastAPI, state: ServerState) -> None:
-    """/openapi.json, /health and /metrics: outside the API prefixes, so no key and no request counting."""
+    """/openapi.json, /health and /metrics: outside the API prefixes, so no request counting; /metrics asks
+    for the key itself (unless metrics_public)."""
     document = openapi_document("qwenvl", "1", {
         "openai_chat": OPENAI_CHAT, "compat_chat": COMPAT_CHAT, "dashscope": DASHSCOPE_GEN,
         "models": "/v1/models", "compat_models": "/compatible-mode/v1/models"})
@@ -137,8 +153,24 @@ def _add_service_routes(app: FastAPI, state: ServerState) -> None:
         return {"status": "ok", "model": state.model_name, "uptime_s": round(time.time() - state.started, 1)}
 
     @app.get("/metrics")
-    async def metrics_endpoint():
+    async def metrics_endpoint(request: Request):
+        if not state.settings.metrics_public:    # request counts and queue depth are not for everyone
+            try:
+                check_api_key({k.lower(): v for k, v in request.headers.items()}, state.api_key)
+            except APIError as e:
+                return error_response(e, request.url.path)
         return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+def _route_error(path: str, method: str) -> APIError | None:
+    """404 for a path no API route serves, 405 (with Allow) for a method it does not take, else None."""
+    methods = ROUTES.get(path)
+    if methods is None:
+        return APIError(404, f"no API route at {path[:200]}; see /openapi.json for the routes")
+    if method not in methods:
+        allowed = ", ".join(m for m in methods if m != "HEAD")
+        return APIError(405, f"{path[:200]} does not take {method[:20]}; use {allowed}", headers={"Allow": allowed})
+    return None
 
 
 class _Gate:
@@ -150,7 +182,7 @@ class _Gate:
 
     async def __call__(self, scope, receive, send):
         path = scope.get("path", "")
-        if scope["type"] != "http" or not path.startswith(API_PREFIXES):
+        if scope["type"] != "http" or not (path.startswith(API_PREFIXES) or path + "/" in API_PREFIXES):
             await self.app(scope, receive, send)
             return
         state = self.state
@@ -175,6 +207,8 @@ class _Gate:
                 check_api_key(headers, state.api_key)
             except APIError as e:
                 error = e
+            else:
+                error = _route_error(path, scope["method"])
         if error is not None:
             response = error_response(error, path, request_id if is_dashscope_path(path) else None)
             await response(scope, receive, send_wrapper)

@@ -28,10 +28,16 @@ def add_serve_subcommand(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $QWENVL_API_KEY)")
-    p.add_argument("--served-model-name", default=None, help="model id listed by /v1/models")
+    p.add_argument("--served-model-name", default=None,
+                   help="model id(s), comma-separated aliases, listed by /v1/models (others get 404)")
+    p.add_argument("--metrics-public", action="store_true", help="serve /metrics without the API key")
+    p.add_argument("--cors-origins", default="", help="comma list of browser origins sent CORS headers (default: none)")
     p.add_argument("--allowed-local-media-path", default=None, help="allow file:// image URLs under this folder")
     p.add_argument("--allow-private-urls", action="store_true",
-                   help="allow image URLs that resolve to loopback/private/link-local addresses")
+                   help="allow media URLs that resolve to loopback/private addresses (never link-local or "
+                        "cloud metadata ones)")
+    p.add_argument("--fetch-total-timeout", type=float, default=30.0,
+                   help="seconds one remote image/video fetch may take in all (default: 30)")
     p.add_argument("--max-images", type=int, default=16, help="images per request")
     p.add_argument("--max-body-mb", type=float, default=50.0, help="request body limit in MB")
     p.add_argument("--max-queue", type=int, default=256, help="requests in flight before answering 429")
@@ -71,7 +77,9 @@ def settings_from_args(args) -> ServerSettings:
         served_model_name=args.served_model_name, dtype=args.dtype, device=args.device,
         allowed_local_media_path=args.allowed_local_media_path, allow_private_urls=args.allow_private_urls,
         max_images=args.max_images, max_body_mb=args.max_body_mb, max_queue=args.max_queue,
-        max_image_pixels=args.max_image_pixels, drain_grace_s=_drain_grace(args))
+        max_image_pixels=args.max_image_pixels, drain_grace_s=_drain_grace(args),
+        fetch_total_timeout_s=args.fetch_total_timeout, cors_origins=_comma_list(args.cors_origins),
+        metrics_public=args.metrics_public)
 
 
 def _drain_grace(args) -> float:
@@ -79,6 +87,10 @@ def _drain_grace(args) -> float:
         return args.drain_grace
     replicas = getattr(args, "replicas", None) is not None or getattr(args, "ray_address", None) is not None
     return 20.0 if replicas else 30.0          # replicas: SIGTERM to exit stays within 30 s
+
+
+def _comma_list(text: str | None) -> tuple[str, ...]:
+    return tuple(part.strip() for part in (text or "").split(",") if part.strip())
 
 
 def run_serve_command(args) -> int:

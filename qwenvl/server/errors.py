@@ -25,6 +25,9 @@ _KINDS = {
     503: ("server_error", "service_unavailable", "ServiceUnavailable"),
 }
 
+# OpenAI codes (APIError.code) that DashScope names more precisely than its per-status code
+_DASHSCOPE_CODES = {"model_not_found": "ModelNotFound"}
+
 
 class APIError(Exception):
     """An error answer: HTTP status, a message the client can act on, optional field name and headers."""
@@ -59,6 +62,7 @@ def openai_body(err: APIError) -> dict:
 
 def dashscope_body(err: APIError, request_id: str) -> dict:
     _, _, code = _KINDS.get(err.status, _KINDS[500] if err.status >= 500 else _KINDS[400])
+    code = _DASHSCOPE_CODES.get(err.code, code)
     return {"code": code, "message": err.message, "request_id": request_id}
 
 

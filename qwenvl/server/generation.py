@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, AsyncIterator
 
 from fastapi import Request
+from starlette.requests import ClientDisconnect
 
 from ..engine.errors import EngineFull
 from ..inputs import AdmissionPolicy, InputError, MediaRef, admit
@@ -36,7 +37,7 @@ class ServerState:
     engine: object                         # AsyncEngine (or a test double with the same methods)
     settings: ServerSettings
     fetcher: MediaFetcher
-    model_name: str
+    model_names: tuple[str, ...]           # the served names (aliases); the first is the default
     max_model_len: int | None
     info: EngineInfo | None = None         # the engine's typed facts (device, dtype, tokenizer, ...)
     policy: AdmissionPolicy = field(default_factory=AdmissionPolicy)   # media limits, shared with the web demo
@@ -46,6 +47,17 @@ class ServerState:
     inflight: int = 0
     started: float = field(default_factory=time.time)
     metrics: Metrics = field(init=False)   # set by the app right after: its in-flight gauge reads this state
+
+    @property
+    def model_name(self) -> str:
+        return self.model_names[0]
+
+
+def check_model(state: ServerState, name: str | None, param: str = "model") -> None:
+    """vLLM's rule: a request may leave the model out, but a model it names must be one this server serves."""
+    if name and name not in state.model_names:
+        raise APIError(404, f"{param}: the model {name[:100]!r} does not exist on this server; it serves "
+                       f"{', '.join(state.model_names)} (see /v1/models)", param=param, code="model_not_found")
 
 
 def is_queue_full(exc: BaseException) -> bool:
@@ -129,7 +141,7 @@ async def start(state: ServerState, prompt, params, request_id: str, request: Re
         await close_quietly(agen)
         state.engine.abort(request_id)
         if watcher is not None and watcher.done():          # the client left; nobody reads this answer
-            raise APIError(400, "the client disconnected before the first token") from None
+            raise ClientDisconnect() from None
         raise
     except StopAsyncIteration:
         raise APIError(500, "the engine ended the request without output") from None
@@ -207,6 +219,10 @@ async def until_disconnect(request: Request, work):
     watcher = asyncio.create_task(watch_disconnect(request, task))
     try:
         return await task
+    except asyncio.CancelledError:
+        if watcher.done():               # the client left (not a server shutdown): nobody reads this answer
+            raise ClientDisconnect() from None
+        raise
     finally:
         watcher.cancel()
 

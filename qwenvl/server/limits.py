@@ -10,7 +10,12 @@ from .errors import APIError, bad_request
 
 
 async def read_json_body(request: Request, max_bytes: int) -> dict:
-    """The body as a JSON object: 413 over `max_bytes` (checked while reading, not after), 400 for bad JSON."""
+    """The body as a JSON object: 415 unless sent as application/json, 413 over `max_bytes` (checked while
+    reading, not after), 400 for bad JSON."""
+    content_type = request.headers.get("content-type", "")
+    if content_type.split(";", 1)[0].strip().lower() != "application/json":
+        raise APIError(415, f"the body must be sent with 'Content-Type: application/json', got "
+                       f"{content_type[:60] or 'no Content-Type'!r}")
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > max_bytes:
         raise APIError(413, f"request body is {length} bytes, over the limit of {max_bytes} bytes "

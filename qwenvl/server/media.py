@@ -2,10 +2,11 @@
 
 - `data:` URLs are decoded here (payload size capped).
 - http(s) URLs: the host is resolved once, every address is checked (loopback, private, link-local,
-  multicast, reserved and unspecified addresses are refused unless `allow_private_urls`), and the
-  connection goes to that checked address (the Host header and TLS SNI keep the name), so a DNS answer
-  that changes between the check and the connect (DNS rebinding) cannot reach a forbidden host.
-  Redirects are followed by hand, each hop checked the same way; connect/read timeouts; a byte cap.
+  multicast, reserved and unspecified addresses are refused unless `allow_private_urls`; link-local and
+  cloud metadata addresses even with it), and the connection goes to that checked address (the Host
+  header and TLS SNI keep the name), so a DNS answer that changes between the check and the connect
+  (DNS rebinding) cannot reach a forbidden host. Redirects are followed by hand, each hop checked the
+  same way; connect/read timeouts and a total deadline per URL; a byte cap.
 - `file://` URLs only under `allowed_local_media_path`; bare local paths are refused (the Python API and
   CLI accept them, an HTTP client must not read the server's disk).
 Every image's header is read (PIL's Image.open decodes nothing) to refuse unknown formats and images with
@@ -40,6 +41,7 @@ class MediaPolicy:
     allow_private_urls: bool = False
     connect_timeout_s: float = 5.0
     read_timeout_s: float = 15.0
+    total_timeout_s: float = 30.0         # the whole fetch: a host sending a byte a second never hits read_timeout
     max_bytes: int = 20 * 1024 * 1024
     max_video_bytes: int = 64 * 1024 * 1024
     max_pixels: int = 8192 * 8192
@@ -137,6 +139,17 @@ class MediaFetcher:
 
     # ------------------------------------------------------------------ http(s)
     async def fetch(self, url: str, where: str, cap: int | None = None) -> bytes:
+        """The body of an http(s) URL, redirects followed and checked, within the total deadline."""
+        limit = self.policy.total_timeout_s
+        try:
+            async with asyncio.timeout(limit):
+                return await self._fetch(url, where, cap)
+        except TimeoutError:
+            raise bad_request(f"{where}: fetching {describe(url)} took longer than the server's {limit:g} s limit "
+                              "per media URL (fetch_total_timeout_s); send a smaller file or a faster host",
+                              where) from None
+
+    async def _fetch(self, url: str, where: str, cap: int | None) -> bytes:
         for _ in range(self.policy.max_redirects + 1):
             parsed = urllib.parse.urlsplit(url)
             if parsed.scheme not in ("http", "https") or not parsed.hostname:
@@ -197,6 +210,12 @@ class MediaFetcher:
             raise bad_request(f"{where}: cannot resolve host {host!r}", where) from None
         if not addresses:
             raise bad_request(f"{where}: host {host!r} has no address", where)
+        for a in addresses:
+            reason = always_forbidden_reason(a)
+            if reason:
+                raise APIError(400, f"{where}: host {host!r} resolves to a {reason} address ({a}); the server "
+                               "never fetches such addresses, not even with --allow-private-urls",
+                               param=where, code="forbidden_url")
         if not self.policy.allow_private_urls:
             for a in addresses:
                 reason = forbidden_reason(a)
@@ -217,13 +236,33 @@ async def _resolve(host: str, port: int) -> list[str]:
     return seen
 
 
-def forbidden_reason(address: str) -> str | None:
-    """Why an address must not be fetched by default, or None when it is a public unicast address."""
+# Cloud metadata services outside link-local space: Alibaba Cloud's, and AWS's IPv6 endpoint.
+METADATA_ADDRESSES = frozenset(ipaddress.ip_address(a) for a in ("100.100.100.200", "fd00:ec2::254"))
+
+
+def _unmapped(address: str):
+    """The address, with an IPv4-mapped or 6to4 IPv6 address read as the IPv4 address it carries."""
     ip = ipaddress.ip_address(address)
     if isinstance(ip, ipaddress.IPv6Address):
         mapped = ip.ipv4_mapped or ip.sixtofour
         if mapped is not None:
-            ip = mapped
+            return mapped
+    return ip
+
+
+def always_forbidden_reason(address: str) -> str | None:
+    """Why an address is refused even with allow_private_urls (credentials live there), or None."""
+    ip = _unmapped(address)
+    if ip.is_link_local:                 # 169.254.0.0/16 (169.254.169.254 and friends), fe80::/10
+        return "link-local"
+    if ip in METADATA_ADDRESSES:
+        return "cloud metadata"
+    return None
+
+
+def forbidden_reason(address: str) -> str | None:
+    """Why an address must not be fetched by default, or None when it is a public unicast address."""
+    ip = _unmapped(address)
     for attr, reason in (("is_loopback", "loopback"), ("is_link_local", "link-local"),
                          ("is_multicast", "multicast"), ("is_unspecified", "unspecified"),
                          ("is_reserved", "reserved"), ("is_private", "private")):

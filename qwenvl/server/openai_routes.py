@@ -77,6 +77,7 @@ async def chat_completions(request: Request):
     t0 = time.perf_counter()
     body = await read_json_body(request, state.settings.max_body_bytes)
     req = parse_openai(body)
+    gen.check_model(state, req.model)
     prompt, params = await gen.prepare(state, req)
     choices = Choices(state, f"chatcmpl-{uuid.uuid4().hex}", req.n)
     await choices.start(prompt, params, request)
@@ -148,5 +149,5 @@ def _choice_events(reply: _Reply, i: int, out, stream: AnswerStream, logprobs) -
 async def list_models(request: Request):
     state = request.app.state.qwenvl
     return JSONResponse({"object": "list", "data": [{
-        "id": state.model_name, "object": "model", "created": int(state.started), "owned_by": "qwenvl",
-        "max_model_len": state.max_model_len}]})
+        "id": name, "object": "model", "created": int(state.started), "owned_by": "qwenvl",
+        "max_model_len": state.max_model_len} for name in state.model_names]})

@@ -11,7 +11,10 @@ from pydantic.json_schema import models_json_schema
 from . import openapi_models as m
 
 _ERROR_STATUSES = {"400": "a field is wrong or the prompt does not fit; the message names the field",
-                   "401": "missing or wrong API key", "413": "the body is over the size limit",
+                   "401": "missing or wrong API key",
+                   "404": "the request names a model this server does not serve (code model_not_found)",
+                   "413": "the body is over the size limit",
+                   "415": "the body is not sent with Content-Type: application/json",
                    "429": "the queue is full; retry after Retry-After seconds",
                    "503": "the server is shutting down"}
 # One server-sent event: `data` holds a JSON chunk (OpenAI: chat.completion.chunk or "[DONE]"; DashScope: a

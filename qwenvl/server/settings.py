@@ -13,7 +13,10 @@ class ServerSettings:
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None                 # None: no auth (QWENVL_API_KEY is read by from_env/cli)
-    served_model_name: str | None = None       # what /v1/models lists; default: the engine's model name
+    served_model_name: str | None = None       # what /v1/models lists, comma-separated aliases; default: the
+                                               # engine's model name. A request naming another model gets 404
+    metrics_public: bool = False                   # /metrics without the API key (it needs it when one is set)
+    cors_origins: tuple[str, ...] = ()             # browser origins sent CORS headers; none by default
     dtype: str | None = None
     device: str = "auto"
     # media
@@ -21,6 +24,7 @@ class ServerSettings:
     allow_private_urls: bool = False               # allow http(s) URLs resolving to private/loopback/...
     fetch_connect_timeout_s: float = 5.0
     fetch_read_timeout_s: float = 15.0
+    fetch_total_timeout_s: float = 30.0            # per fetched URL, redirects included (a trickling host)
     max_image_bytes: int = 20 * 1024 * 1024        # per fetched image / data URL payload
     max_video_bytes: int = 64 * 1024 * 1024        # per fetched video file / data URL payload
     max_redirects: int = 3
@@ -38,6 +42,10 @@ class ServerSettings:
     @property
     def max_body_bytes(self) -> int:
         return int(self.max_body_mb * 1024 * 1024)
+
+    @property
+    def served_model_names(self) -> tuple[str, ...]:
+        return tuple(n.strip() for n in (self.served_model_name or "").split(",") if n.strip())
 
     def resolved_api_key(self) -> str | None:
         return self.api_key or os.environ.get("QWENVL_API_KEY") or None

@@ -191,5 +191,5 @@ def mount(app) -> None:
                         theme=theme, css=CSS)
     if state.api_key:
         app.add_middleware(WebAuthGate, api_key=state.api_key, open_prefixes=state.api_prefixes,
-                           open_paths=("/health", "/metrics"))
+                           open_paths=("/health", "/metrics", "/openapi.json"))    # the server checks /metrics
     log.info("web UI mounted at / (%s)", "sign-in with the API key" if state.api_key else "no auth")

@@ -4,7 +4,7 @@ Gradio's own `auth` guards the routes Gradio chose to guard; this gate sits in f
 (page, config, uploads, files, queue, SSE, websockets, static assets), so nothing of the UI answers
 without the key. A browser logs in once at `/login` with the key and gets an HttpOnly cookie (an HMAC of
 the key, so it stops working when the key changes); programs may send `Authorization: Bearer KEY`.
-The HTTP APIs, `/health` and `/metrics` pass through untouched: the server's own gate handles them.
+The HTTP APIs, `/health`, `/metrics` and `/openapi.json` pass through untouched: the server handles them.
 """
 
 from __future__ import annotations
