@@ -116,12 +116,12 @@ def test_the_server_renders_a_pdf_sent_in_a_message(tmp_path):
     engine = AsyncEngine(LLMEngine(None, device="cpu"), max_queue=4)
     url = "data:application/pdf;base64," + base64.b64encode(make_pdf()).decode()
     try:
-        with run_server(create_app(engine, ServerSettings(max_images=3))) as base:
+        with run_server(create_app(engine, ServerSettings(max_images=3, served_model_name="qwenvl-test"))) as base:
             client = openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0)
             msgs = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}, "pages": "1,3"},
                                                  {"type": "text", "text": "What is in it?"}]}]
-            r = client.chat.completions.create(model="m", messages=msgs, max_tokens=2)
-            one = client.chat.completions.create(model="m", max_tokens=2, messages=[{"role": "user", "content": [
+            r = client.chat.completions.create(model="qwenvl-test", messages=msgs, max_tokens=2)
+            one = client.chat.completions.create(model="qwenvl-test", max_tokens=2, messages=[{"role": "user", "content": [
                 {"type": "image_url", "image_url": {"url": url}, "pages": "1"}, {"type": "text", "text": "What is in it?"}]}])
             images = [x.usage.model_dump()["prompt_tokens_details"]["image_tokens"] for x in (r, one)]
             assert images[0] > images[1] > 0

@@ -179,7 +179,7 @@ def _chat(image: str | None = None, stream: bool = False) -> dict:
     content = [{"type": "text", "text": "describe"}]
     if image:
         content.insert(0, {"type": "image_url", "image_url": {"url": image}})
-    return {"model": "m", "messages": [{"role": "user", "content": content}], "max_tokens": 6, "temperature": 0,
+    return {"messages": [{"role": "user", "content": content}], "max_tokens": 6, "temperature": 0,
             "stream": stream}
 
 
@@ -277,14 +277,14 @@ def test_the_same_first_image_goes_to_the_same_replica(served):
 
 def test_dashscope_route_and_errors_carry_the_replica_header(served):
     ds = httpx.post(served.url + "/api/v1/services/aigc/multimodal-generation/generation", timeout=60,
-                    json={"model": "m", "input": {"messages": [{"role": "user", "content": [{"text": "hi"}]}]},
+                    json={"input": {"messages": [{"role": "user", "content": [{"text": "hi"}]}]},
                           "parameters": {"max_tokens": 4, "temperature": 0}})
     assert ds.status_code == 200 and ds.headers["x-qwenvl-replica"] in ("replica-0", "replica-1")
-    bad = httpx.post(served.url + "/v1/chat/completions", json={"model": "m", "messages": []}, timeout=30)
+    bad = httpx.post(served.url + "/v1/chat/completions", json={"messages": []}, timeout=30)
     assert bad.status_code == 400 and bad.headers["x-qwenvl-replica"] == "none"
     # a prompt the replica's tokenizer refuses: its InputError crosses Ray and is still a 400 naming the field
     r = httpx.post(served.url + "/v1/chat/completions", timeout=30, json={
-        "model": "m", "max_tokens": 2, "messages": [{"role": "user", "content": "a <|image_pad|> here"}]})
+        "max_tokens": 2, "messages": [{"role": "user", "content": "a <|image_pad|> here"}]})
     assert r.status_code == 400 and "image/video slots" in r.json()["error"]["message"], r.text
     assert r.headers["x-qwenvl-replica"] in ("replica-0", "replica-1")
     r = httpx.post(served.url + "/v1/chat/completions", json={**_chat(), "max_tokens": 5000}, timeout=30)
