@@ -24,11 +24,15 @@ import torch
 HIDDEN, EXPERTS, TOP_K, MOE_I, HEADS, KV, HEAD_DIM, VOCAB, FULL_LAYERS = 2048, 128, 8, 768, 32, 4, 128, 151936, 48
 
 
-def _config(layers: int) -> dict:
-    text = dict(model_type="qwen3_vl_moe_text", vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=6144,
+def _config(layers: int, dense_twin: bool = False) -> dict:
+    """The 30B-A3B shape; dense_twin: the same model with a dense MLP as wide as the k active experts together
+    (the decode cost sparsity should approach: bench/moe_vs_dense.py)."""
+    moe = {} if dense_twin else dict(moe_intermediate_size=MOE_I, num_local_experts=EXPERTS,
+                                     num_experts_per_tok=TOP_K, decoder_sparse_step=1, mlp_only_layers=[])
+    text = dict(model_type="qwen3_vl_text" if dense_twin else "qwen3_vl_moe_text", vocab_size=VOCAB,
+                hidden_size=HIDDEN, intermediate_size=TOP_K * MOE_I if dense_twin else 6144,
                 num_hidden_layers=layers, num_attention_heads=HEADS, num_key_value_heads=KV, head_dim=HEAD_DIM,
-                moe_intermediate_size=MOE_I, num_local_experts=EXPERTS, num_experts_per_tok=TOP_K,
-                decoder_sparse_step=1, mlp_only_layers=[], rms_norm_eps=1e-6, max_position_embeddings=4096,
+                **moe, rms_norm_eps=1e-6, max_position_embeddings=4096,
                 hidden_act="silu", attention_bias=False, tie_word_embeddings=False,
                 rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": [24, 20, 20],
                                  "mrope_interleaved": True})
@@ -36,19 +40,19 @@ def _config(layers: int) -> dict:
     vision = dict(depth=1, hidden_size=1152, intermediate_size=4304, num_heads=16, out_hidden_size=HIDDEN,
                   patch_size=16, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
                   hidden_act="gelu_pytorch_tanh", num_position_embeddings=2304, deepstack_visual_indexes=[0])
-    return dict(model_type="qwen3_vl_moe", text_config=text, vision_config=vision, image_token_id=151655,
+    return dict(model_type="qwen3_vl" if dense_twin else "qwen3_vl_moe", text_config=text, vision_config=vision, image_token_id=151655,
                 video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653,
                 tie_word_embeddings=False)
 
 
-def build(out: Path, layers: int) -> None:
+def build(out: Path, layers: int, dense_twin: bool = False) -> None:
     """Write the checkpoint: each shard's tensors are generated, saved and dropped before the next."""
     from safetensors.torch import save_file
 
     from qwenvl.config import ModelConfig
     from qwenvl.models import build_model
     out.mkdir(parents=True, exist_ok=True)
-    cfg_raw = _config(layers)
+    cfg_raw = _config(layers, dense_twin)
     (out / "config.json").write_text(json.dumps(cfg_raw))
     with torch.device("meta"):
         shapes = {k: (tuple(v.shape), v.dtype) for k, v in build_model(ModelConfig.from_hf(cfg_raw)).state_dict().items()}
@@ -97,9 +101,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--quantization", default="int4")
     ap.add_argument("--build-only", action="store_true")
+    ap.add_argument("--dense-twin", action="store_true", help="with --build-only: the dense twin")
     args = ap.parse_args()
     if args.build_only:
-        build(args.dir, args.layers)
+        build(args.dir, args.layers, args.dense_twin)
         return
     try:
         t0 = time.perf_counter()
