@@ -93,3 +93,43 @@ def test_chat_about_a_video_file_and_a_bad_one(tmp_path):
     out = qwenvl("chat", "--video", str(bad), "What happens?")
     assert out.returncode == 2
     assert "broken.mp4" in out.stderr and "not a video file" in out.stderr and "Traceback" not in out.stderr
+
+
+def _dashscope_stub():
+    """A real HTTP server that answers only DashScope's full route (anything else is 404), on a free port."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            ok = self.path == "/api/v1/services/aigc/multimodal-generation/generation"
+            body = json.dumps({"output": {"choices": [{"finish_reason": "stop", "message": {
+                "role": "assistant", "content": [{"text": "A"}]}}]}, "request_id": "r"} if ok else
+                {"code": "NotFound", "message": self.path, "request_id": "r"}).encode()
+            self.send_response(200 if ok else 404)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_eval_run_dashscope_endpoint_with_or_without_api_v1(tmp_path):
+    assert qwenvl("eval", "synth", "--benchmark", "ai2d", "--out", str(tmp_path)).returncode == 0
+    server = _dashscope_stub()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        for i, endpoint in enumerate((base, base + "/api/v1", base + "/api/v1/")):
+            out = qwenvl("eval", "run", "--benchmark", "ai2d", "--data", str(tmp_path / "ai2d"), "--api", "dashscope",
+                         "--endpoint", endpoint, "--limit", "1", "--no-progress", "--out", str(tmp_path / f"r{i}"))
+            assert out.returncode == 0, (endpoint, out.stderr)
+            assert "404" not in out.stderr
+    finally:
+        server.shutdown()

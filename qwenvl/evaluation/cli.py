@@ -110,7 +110,7 @@ def add_eval_subcommand(subparsers) -> None:
     rn.add_argument("--data", required=True, metavar="DIR", help="folder with the official release files")
     rn.add_argument("--model", metavar="DIR", help="local checkpoint folder (default: the bundled model)")
     rn.add_argument("--quantization", choices=("int8", "int4"), help="weight-only quantisation of the language model at load (default: none, the checkpoint dtype)")
-    rn.add_argument("--endpoint", metavar="URL", help="remote server base URL")
+    rn.add_argument("--endpoint", metavar="URL", help="remote server base URL (dashscope: with or without /api/v1)")
     rn.add_argument("--api", choices=("openai", "dashscope"), default="openai")
     rn.add_argument("--model-name", help="model name sent to the endpoint")
     rn.add_argument("--api-key", help="API key (default: $OPENAI_API_KEY or $DASHSCOPE_API_KEY)")
