@@ -58,10 +58,9 @@ def _expand_pdfs(images: list[str], pages: str | None, max_pixels: int) -> list:
 
 
 def _chat(args) -> int:
-    from .sampling_params import SamplingParams
     llm = _load(args)
-    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
-                            seed=args.seed)
+    params = llm.sampling_params(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
+                                 seed=args.seed)
     history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
     images = _expand_pdfs(list(args.image or []), args.pages, llm.engine.preprocessor.max_pixels)
     # Video files: frames sampled (--fps, default 2 a second) and sized as qwen-vl-utils does.
@@ -159,8 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a video file (mp4, mkv, webm, ...); frames are sampled as qwen-vl-utils does (repeatable)")
     p.add_argument("--fps", type=float, default=None, help="with --video: frames sampled per second (default 2)")
     p.add_argument("--system", default=None, help="a system prompt")
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=None,
+                   help="0 = greedy (default: the checkpoint's generation_config.json, else 1.0)")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="nucleus sampling mass (default: the checkpoint's generation_config.json, else 1.0)")
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--draw", metavar="OUT.png", help="write the image with the answer's boxes drawn")

@@ -10,7 +10,7 @@ from .engine.llm_engine import EngineConfig, LLMEngine
 from .grounding import declared_grounding_prompt, grounding_prompt
 from .ocr import OcrResult, ocr_messages, ocr_request, postprocess
 from .outputs import RequestOutput
-from .sampling_params import SamplingParams
+from .sampling_params import SamplingParams, with_defaults
 from .structured.tool_parser import parse_tool_calls
 from .structured.tools import parse_tool_use
 
@@ -56,7 +56,7 @@ class LLM:
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]          # one conversation passed bare
         if params is None or isinstance(params, SamplingParams):
-            params = [params or SamplingParams()] * len(conversations)
+            params = [params or self.sampling_params()] * len(conversations)
         if len(params) != len(conversations):
             raise ValueError(f"{len(params)} SamplingParams for {len(conversations)} conversations")
         use = parse_tool_use(tools, tool_choice)
@@ -82,6 +82,11 @@ class LLM:
             for out in outs:
                 out.tool_calls = parse_tool_calls(out.text)[1]
         return outs
+
+    def sampling_params(self, **given) -> SamplingParams:
+        """SamplingParams of `given` (None = not given) over the checkpoint's generation_config.json defaults
+        (temperature, top_p, top_k, repetition_penalty); what chat/generate use when `params` is None."""
+        return SamplingParams(**with_defaults(given, self.engine.generation_defaults))
 
     def ground(self, image, description: str, params: SamplingParams | None = None) -> RequestOutput:
         """Localise `description` in `image` with the checkpoint's declared grounding prompt, else its family's
