@@ -147,6 +147,7 @@ def _bench(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qwenvl", description="Qwen-VL models: chat, ground, ocr, serve, eval, train.")
+    parser.add_argument("--version", action="version", version=f"qwenvl {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("chat", help="ask about images and videos (one question, or a multi-turn chat on stdin)")
@@ -162,8 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="0 = greedy (default: the checkpoint's generation_config.json, else 1.0)")
     p.add_argument("--top-p", type=float, default=None,
                    help="nucleus sampling mass (default: the checkpoint's generation_config.json, else 1.0)")
-    p.add_argument("--max-tokens", type=int, default=256)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-tokens", type=int, default=256, help="most tokens an answer may have")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed: the same seed, the same answer")
     p.add_argument("--draw", metavar="OUT.png", help="write the image with the answer's boxes drawn")
     p.add_argument("--boxes", action="store_true", help="also print the boxes as JSON")
     p.add_argument("question", nargs="?", help="omit for a multi-turn chat on stdin")
@@ -171,14 +172,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("ground", help="localise a description in an image; prints the boxes as JSON")
     _model_args(p)
-    p.add_argument("image")
-    p.add_argument("description")
-    p.add_argument("--draw", metavar="OUT.png")
+    p.add_argument("image", help="an image path or URL")
+    p.add_argument("description", help="what to find, e.g. 'the red triangle'")
+    p.add_argument("--draw", metavar="OUT.png", help="write the image with the boxes drawn")
     p.set_defaults(func=_ground)
 
     p = sub.add_parser("ocr", help="an OCR task on an image: text, key fields, tables, documents, formulas, lines")
     _model_args(p)
-    p.add_argument("image")
+    p.add_argument("image", help="an image path or URL")
     p.add_argument("--task", default="text_recognition",
                    help="text_recognition (default), key_information_extraction, table_parsing, document_parsing, "
                         "formula_recognition, multi_lan, advanced_recognition")
@@ -203,26 +204,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="synthetic", help="'synthetic' or a JSONL file of {\"messages\": [...]}")
     p.add_argument("--from-scratch", action="store_true", help="new random weights with the folder's config")
     p.add_argument("--tasks", nargs="*", help="synthetic task subset (count color ground read chart table)")
-    p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--steps", type=int, default=1000, help="optimiser steps")
+    p.add_argument("--batch-size", type=int, default=16, help="examples per step (over --grad-accum micro-batches)")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches whose gradients add up to one step")
+    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate")
+    p.add_argument("--warmup", type=int, default=100, help="steps of linear learning-rate warm-up")
     p.add_argument("--lora-rank", type=int, default=0, help="0 = full fine-tuning")
-    p.add_argument("--eval-every", type=int, default=200)
-    p.add_argument("--save-every", type=int, default=500)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--eval-every", type=int, default=200, help="steps between held-out evaluations")
+    p.add_argument("--save-every", type=int, default=500, help="steps between checkpoints")
+    p.add_argument("--seed", type=int, default=0, help="seed for weights, data order and sampling")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--workers", type=int, default=0, help="data worker processes")
     p.add_argument("--max-minutes", type=float, default=0, help="stop and save after this long (0 = no limit)")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("bench", help="quick engine benchmark on the loaded model (see bench/ for the full ones)")
     _model_args(p)
-    p.add_argument("--requests", type=int, default=8)
-    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--requests", type=int, default=8, help="concurrent requests in the batch")
+    p.add_argument("--max-tokens", type=int, default=32, help="tokens generated per request")
     p.set_defaults(func=_bench)
+    _show_defaults(parser)
     return parser
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """'(default: X)' after each flag's help, except where there is nothing to show (None, a switch that is off)
+    or the help already says what the default is."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default in (None, False) or "default" in text.lower():
+            return text
+        return super()._get_help_string(action)
+
+
+def _show_defaults(parser: argparse.ArgumentParser) -> None:
+    """The formatter for every parser of the tree (argparse's subparsers do not inherit it)."""
+    parser.formatter_class = HelpFormatter
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _show_defaults(sub)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("qwenvl")
+    except PackageNotFoundError:           # run from a source tree that was never installed
+        return "(not installed)"
 
 
 def main(argv: list[str] | None = None) -> int:

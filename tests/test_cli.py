@@ -133,3 +133,46 @@ def test_eval_run_dashscope_endpoint_with_or_without_api_v1(tmp_path):
             assert "404" not in out.stderr
     finally:
         server.shutdown()
+
+
+def _parsers(parser, name="qwenvl"):
+    """Every parser of the command tree: ("qwenvl serve", parser), ..."""
+    import argparse
+    yield name, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub, p in action.choices.items():
+                yield from _parsers(p, f"{name} {sub}")
+
+
+def test_help_explains_every_flag_with_its_default_and_version_comes_from_the_package():
+    import argparse
+    from importlib.metadata import version
+
+    from qwenvl.cli import build_parser
+    for name, parser in _parsers(build_parser()):
+        unexplained = [a.dest for a in parser._actions if not a.help and not isinstance(a, argparse._SubParsersAction)]
+        assert not unexplained, f"{name}: flags without help: {unexplained}"
+    out = qwenvl("serve", "--help")
+    assert out.returncode == 0
+    flat = " ".join(out.stdout.split())
+    assert "--port PORT" in flat and "(default: 8000)" in flat and "(default: 127.0.0.1)" in flat
+    assert "(default: None)" not in flat
+    out = qwenvl("--version")
+    assert out.returncode == 0 and out.stdout.strip() == f"qwenvl {version('qwenvl')}"
+
+
+def test_serve_on_a_busy_port_fails_at_once_before_loading_the_model(tmp_path):
+    import socket
+    import time
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        t0 = time.monotonic()
+        # A model folder that does not exist: had the model loaded first, that would be the error.
+        out = qwenvl("serve", "--model", str(tmp_path / "no-such-model"), "--port", str(port), timeout=60)
+    assert out.returncode != 0
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: cannot listen on 127.0.0.1:" + str(port)), out.stderr
+    assert "no-such-model" not in out.stderr and time.monotonic() - t0 < 30
