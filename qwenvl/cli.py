@@ -61,38 +61,23 @@ def _chat(args) -> int:
     llm = _load(args)
     params = llm.sampling_params(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
                                  seed=args.seed)
-    history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
     images = _expand_pdfs(list(args.image or []), args.pages, llm.engine.preprocessor.max_pixels)
     # Video files: frames sampled (--fps, default 2 a second) and sized as qwen-vl-utils does.
     videos = [{"video": str(Path(p).resolve()) if Path(p).exists() else p,
                **({"fps": args.fps} if args.fps is not None else {})} for p in args.video or []]
-
-    def turn(question: str, with_images: list, with_videos: list = ()):
-        content = [{"image": str(Path(p).resolve()) if isinstance(p, str) and Path(p).exists() else p}
-                   for p in with_images] + list(with_videos)
-        history.append({"role": "user", "content": content + [{"text": question}]})
-        out = llm.chat(history, params)
-        history.append({"role": "assistant", "content": out.text})
-        return out
-
-    if args.question:
-        out = turn(args.question, images, videos)
-        print(out.text)
-        if out.boxes and args.boxes:
-            print(json.dumps(out.boxes, ensure_ascii=False))
-        if args.draw:
-            for path in _draw_all(out, images, args.draw):
-                print(f"[boxes drawn: {path}]", file=sys.stderr)
-        return 0
-    # No question: a multi-turn conversation on stdin; images and videos go with the first turn.
-    print(f"qwenvl chat ({llm.engine.model_name}); an empty line or Ctrl-D ends.", file=sys.stderr)
-    first = True
-    for line in sys.stdin:
-        if not line.strip():
-            break
-        out = turn(line.strip(), images if first else [], videos if first else [])
-        first = False
-        print(out.text, flush=True)
+    media = [{"image": str(Path(p).resolve()) if isinstance(p, str) and Path(p).exists() else p}
+             for p in images] + videos
+    if not args.question:      # an interactive session (qwenvl/chat_repl.py); the media go with the first turn
+        from .chat_repl import run_session
+        return run_session(llm, params, args.system, media)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    out = llm.chat(system + [{"role": "user", "content": media + [{"text": args.question}]}], params)
+    print(out.text)
+    if out.boxes and args.boxes:
+        print(json.dumps(out.boxes, ensure_ascii=False))
+    if args.draw:
+        for path in _draw_all(out, images, args.draw):
+            print(f"[boxes drawn: {path}]", file=sys.stderr)
     return 0
 
 
@@ -150,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"qwenvl {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("chat", help="ask about images and videos (one question, or a multi-turn chat on stdin)")
+    p = sub.add_parser("chat", help="ask about images and videos (one question, or an interactive session)")
     _model_args(p)
     p.add_argument("--image", action="append", metavar="IMG",
                    help="an image path or URL, or a .pdf whose pages are sent as images (repeatable)")
@@ -167,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="sampling seed: the same seed, the same answer")
     p.add_argument("--draw", metavar="OUT.png", help="write the image with the answer's boxes drawn")
     p.add_argument("--boxes", action="store_true", help="also print the boxes as JSON")
-    p.add_argument("question", nargs="?", help="omit for a multi-turn chat on stdin")
+    p.add_argument("question", nargs="?", help="omit for an interactive session: >>> prompt, streamed answers, "
+                   "/clear, /bye, Ctrl-C stops an answer")
     p.set_defaults(func=_chat)
 
     p = sub.add_parser("ground", help="localise a description in an image; prints the boxes as JSON")

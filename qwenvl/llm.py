@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from pathlib import Path
+from typing import Iterator
 
 from .engine.llm_engine import EngineConfig, LLMEngine
 from .grounding import declared_grounding_prompt, grounding_prompt
@@ -82,6 +83,24 @@ class LLM:
             for out in outs:
                 out.tool_calls = parse_tool_calls(out.text)[1]
         return outs
+
+    def stream(self, messages: list[dict], params: SamplingParams | None = None,
+               chat_template_kwargs: dict | None = None) -> Iterator[RequestOutput]:
+        """One conversation's outputs as the engine steps: `out.delta_text` is the new text, the last output
+        has `finish_reason` (and the boxes). Closing the iterator early, or Ctrl-C, aborts the request."""
+        prompt = self.engine.prepare(messages, chat_template_kwargs)
+        rid = f"llm-{next(_ids)}"
+        self.engine.add_request(rid, prompt, params or self.sampling_params())
+        finished = False
+        try:
+            while not finished:
+                for out in self.engine.step():
+                    if out.request_id == rid:
+                        finished = out.finished
+                        yield out
+        finally:
+            if not finished:
+                self.engine.abort(rid)       # its KV blocks are free again
 
     def sampling_params(self, **given) -> SamplingParams:
         """SamplingParams of `given` (None = not given) over the checkpoint's generation_config.json defaults

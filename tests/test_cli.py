@@ -176,3 +176,24 @@ def test_serve_on_a_busy_port_fails_at_once_before_loading_the_model(tmp_path):
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: cannot listen on 127.0.0.1:" + str(port)), out.stderr
     assert "no-such-model" not in out.stderr and time.monotonic() - t0 < 30
+
+
+def test_chat_interactive_prompt_readable_grounding_and_ctrl_c_twice_at_the_prompt_ends():
+    import signal
+    import time
+    proc = subprocess.Popen([sys.executable, "-m", "qwenvl.cli", "chat", "--image", str(EXAMPLE)], cwd=ROOT, text=True,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        proc.stdin.write("Locate the red triangle.\n")
+        proc.stdin.flush()
+        answer = proc.stdout.readline()
+        assert answer.startswith("**the red triangle** `[(") and "<|" not in answer, answer
+        time.sleep(1.0)                              # back at the prompt, waiting for a line
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert err.count(">>> ") == 3 and "Ctrl-C again" in err and "Traceback" not in err
