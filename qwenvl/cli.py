@@ -58,42 +58,26 @@ def _expand_pdfs(images: list[str], pages: str | None, max_pixels: int) -> list:
 
 
 def _chat(args) -> int:
-    from .sampling_params import SamplingParams
     llm = _load(args)
-    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
-                            seed=args.seed)
-    history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
+    params = llm.sampling_params(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
+                                 seed=args.seed)
     images = _expand_pdfs(list(args.image or []), args.pages, llm.engine.preprocessor.max_pixels)
     # Video files: frames sampled (--fps, default 2 a second) and sized as qwen-vl-utils does.
     videos = [{"video": str(Path(p).resolve()) if Path(p).exists() else p,
                **({"fps": args.fps} if args.fps is not None else {})} for p in args.video or []]
-
-    def turn(question: str, with_images: list, with_videos: list = ()):
-        content = [{"image": str(Path(p).resolve()) if isinstance(p, str) and Path(p).exists() else p}
-                   for p in with_images] + list(with_videos)
-        history.append({"role": "user", "content": content + [{"text": question}]})
-        out = llm.chat(history, params)
-        history.append({"role": "assistant", "content": out.text})
-        return out
-
-    if args.question:
-        out = turn(args.question, images, videos)
-        print(out.text)
-        if out.boxes and args.boxes:
-            print(json.dumps(out.boxes, ensure_ascii=False))
-        if args.draw:
-            for path in _draw_all(out, images, args.draw):
-                print(f"[boxes drawn: {path}]", file=sys.stderr)
-        return 0
-    # No question: a multi-turn conversation on stdin; images and videos go with the first turn.
-    print(f"qwenvl chat ({llm.engine.model_name}); an empty line or Ctrl-D ends.", file=sys.stderr)
-    first = True
-    for line in sys.stdin:
-        if not line.strip():
-            break
-        out = turn(line.strip(), images if first else [], videos if first else [])
-        first = False
-        print(out.text, flush=True)
+    media = [{"image": str(Path(p).resolve()) if isinstance(p, str) and Path(p).exists() else p}
+             for p in images] + videos
+    if not args.question:      # an interactive session (qwenvl/chat_repl.py); the media go with the first turn
+        from .chat_repl import run_session
+        return run_session(llm, params, args.system, media)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    out = llm.chat(system + [{"role": "user", "content": media + [{"text": args.question}]}], params)
+    print(out.text)
+    if out.boxes and args.boxes:
+        print(json.dumps(out.boxes, ensure_ascii=False))
+    if args.draw:
+        for path in _draw_all(out, images, args.draw):
+            print(f"[boxes drawn: {path}]", file=sys.stderr)
     return 0
 
 
@@ -148,9 +132,10 @@ def _bench(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qwenvl", description="Qwen-VL models: chat, ground, ocr, serve, eval, train.")
+    parser.add_argument("--version", action="version", version=f"qwenvl {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("chat", help="ask about images and videos (one question, or a multi-turn chat on stdin)")
+    p = sub.add_parser("chat", help="ask about images and videos (one question, or an interactive session)")
     _model_args(p)
     p.add_argument("--image", action="append", metavar="IMG",
                    help="an image path or URL, or a .pdf whose pages are sent as images (repeatable)")
@@ -159,25 +144,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a video file (mp4, mkv, webm, ...); frames are sampled as qwen-vl-utils does (repeatable)")
     p.add_argument("--fps", type=float, default=None, help="with --video: frames sampled per second (default 2)")
     p.add_argument("--system", default=None, help="a system prompt")
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--max-tokens", type=int, default=256)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=None,
+                   help="0 = greedy (default: the checkpoint's generation_config.json, else 1.0)")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="nucleus sampling mass (default: the checkpoint's generation_config.json, else 1.0)")
+    p.add_argument("--max-tokens", type=int, default=256, help="most tokens an answer may have")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed: the same seed, the same answer")
     p.add_argument("--draw", metavar="OUT.png", help="write the image with the answer's boxes drawn")
     p.add_argument("--boxes", action="store_true", help="also print the boxes as JSON")
-    p.add_argument("question", nargs="?", help="omit for a multi-turn chat on stdin")
+    p.add_argument("question", nargs="?", help="omit for an interactive session: >>> prompt, streamed answers, "
+                   "/clear, /bye, Ctrl-C stops an answer")
     p.set_defaults(func=_chat)
 
     p = sub.add_parser("ground", help="localise a description in an image; prints the boxes as JSON")
     _model_args(p)
-    p.add_argument("image")
-    p.add_argument("description")
-    p.add_argument("--draw", metavar="OUT.png")
+    p.add_argument("image", help="an image path or URL")
+    p.add_argument("description", help="what to find, e.g. 'the red triangle'")
+    p.add_argument("--draw", metavar="OUT.png", help="write the image with the boxes drawn")
     p.set_defaults(func=_ground)
 
     p = sub.add_parser("ocr", help="an OCR task on an image: text, key fields, tables, documents, formulas, lines")
     _model_args(p)
-    p.add_argument("image")
+    p.add_argument("image", help="an image path or URL")
     p.add_argument("--task", default="text_recognition",
                    help="text_recognition (default), key_information_extraction, table_parsing, document_parsing, "
                         "formula_recognition, multi_lan, advanced_recognition")
@@ -202,26 +190,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="synthetic", help="'synthetic' or a JSONL file of {\"messages\": [...]}")
     p.add_argument("--from-scratch", action="store_true", help="new random weights with the folder's config")
     p.add_argument("--tasks", nargs="*", help="synthetic task subset (count color ground read chart table)")
-    p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--steps", type=int, default=1000, help="optimiser steps")
+    p.add_argument("--batch-size", type=int, default=16, help="examples per step (over --grad-accum micro-batches)")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches whose gradients add up to one step")
+    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate")
+    p.add_argument("--warmup", type=int, default=100, help="steps of linear learning-rate warm-up")
     p.add_argument("--lora-rank", type=int, default=0, help="0 = full fine-tuning")
-    p.add_argument("--eval-every", type=int, default=200)
-    p.add_argument("--save-every", type=int, default=500)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--eval-every", type=int, default=200, help="steps between held-out evaluations")
+    p.add_argument("--save-every", type=int, default=500, help="steps between checkpoints")
+    p.add_argument("--seed", type=int, default=0, help="seed for weights, data order and sampling")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--workers", type=int, default=0, help="data worker processes")
     p.add_argument("--max-minutes", type=float, default=0, help="stop and save after this long (0 = no limit)")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("bench", help="quick engine benchmark on the loaded model (see bench/ for the full ones)")
     _model_args(p)
-    p.add_argument("--requests", type=int, default=8)
-    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--requests", type=int, default=8, help="concurrent requests in the batch")
+    p.add_argument("--max-tokens", type=int, default=32, help="tokens generated per request")
     p.set_defaults(func=_bench)
+    _show_defaults(parser)
     return parser
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """'(default: X)' after each flag's help, except where there is nothing to show (None, a switch that is off)
+    or the help already says what the default is."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default in (None, False) or "default" in text.lower():
+            return text
+        return super()._get_help_string(action)
+
+
+def _show_defaults(parser: argparse.ArgumentParser) -> None:
+    """The formatter for every parser of the tree (argparse's subparsers do not inherit it)."""
+    parser.formatter_class = HelpFormatter
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _show_defaults(sub)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("qwenvl")
+    except PackageNotFoundError:           # run from a source tree that was never installed
+        return "(not installed)"
 
 
 def main(argv: list[str] | None = None) -> int:

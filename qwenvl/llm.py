@@ -5,12 +5,13 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from pathlib import Path
+from typing import Iterator
 
 from .engine.llm_engine import EngineConfig, LLMEngine
 from .grounding import declared_grounding_prompt, grounding_prompt
 from .ocr import OcrResult, ocr_messages, ocr_request, postprocess
 from .outputs import RequestOutput
-from .sampling_params import SamplingParams
+from .sampling_params import SamplingParams, with_defaults
 from .structured.tool_parser import parse_tool_calls
 from .structured.tools import parse_tool_use
 
@@ -63,7 +64,7 @@ class LLM:
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]          # one conversation passed bare
         if params is None or isinstance(params, SamplingParams):
-            params = [params or SamplingParams()] * len(conversations)
+            params = [params or self.sampling_params()] * len(conversations)
         if len(params) != len(conversations):
             raise ValueError(f"{len(params)} SamplingParams for {len(conversations)} conversations")
         use = parse_tool_use(tools, tool_choice)
@@ -89,6 +90,29 @@ class LLM:
             for out in outs:
                 out.tool_calls = parse_tool_calls(out.text)[1]
         return outs
+
+    def stream(self, messages: list[dict], params: SamplingParams | None = None,
+               chat_template_kwargs: dict | None = None) -> Iterator[RequestOutput]:
+        """One conversation's outputs as the engine steps: `out.delta_text` is the new text, the last output
+        has `finish_reason` (and the boxes). Closing the iterator early, or Ctrl-C, aborts the request."""
+        prompt = self.engine.prepare(messages, chat_template_kwargs)
+        rid = f"llm-{next(_ids)}"
+        self.engine.add_request(rid, prompt, params or self.sampling_params())
+        finished = False
+        try:
+            while not finished:
+                for out in self.engine.step():
+                    if out.request_id == rid:
+                        finished = out.finished
+                        yield out
+        finally:
+            if not finished:
+                self.engine.abort(rid)       # its KV blocks are free again
+
+    def sampling_params(self, **given) -> SamplingParams:
+        """SamplingParams of `given` (None = not given) over the checkpoint's generation_config.json defaults
+        (temperature, top_p, top_k, repetition_penalty); what chat/generate use when `params` is None."""
+        return SamplingParams(**with_defaults(given, self.engine.generation_defaults))
 
     def ground(self, image, description: str, params: SamplingParams | None = None) -> RequestOutput:
         """Localise `description` in `image` with the checkpoint's declared grounding prompt, else its family's

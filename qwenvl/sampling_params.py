@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
-
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from .structured.spec import StructuredOutput
 
@@ -69,3 +70,39 @@ class SamplingParams:
         if n == 1 or self.seed is None:
             return [self] * n
         return [dataclasses.replace(self, seed=self.seed + i) for i in range(n)]
+
+# The sampling fields a checkpoint's generation_config.json may set for requests that leave them out (vLLM's
+# "generation config" defaults; max_tokens stays the request's own).
+CHECKPOINT_SAMPLING_KEYS = ("temperature", "top_p", "top_k", "repetition_penalty")
+
+
+def checkpoint_sampling_defaults(model_dir) -> dict:
+    """{field: value} from `model_dir`/generation_config.json for the keys above; {} when the file is absent.
+
+    `"do_sample": false` means greedy decoding, as transformers' generate() reads it, so temperature becomes 0.
+    A value SamplingParams refuses is a ValueError naming the file, at load rather than on every request.
+    """
+    path = Path(model_dir) / "generation_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: not readable JSON ({e})") from None
+    defaults = {k: config[k] for k in CHECKPOINT_SAMPLING_KEYS
+                if isinstance(config.get(k), (int, float)) and not isinstance(config.get(k), bool)}
+    if "top_k" in defaults:
+        defaults["top_k"] = int(defaults["top_k"])
+    if config.get("do_sample") is False:
+        defaults["temperature"] = 0.0
+    try:
+        SamplingParams(**defaults)
+    except ValueError as e:
+        raise ValueError(f"{path}: sampling defaults SamplingParams refuses: {e}") from None
+    return defaults
+
+
+def with_defaults(given: dict, defaults: dict | None) -> dict:
+    """SamplingParams keyword arguments: the request's values (None = not given) over the checkpoint's
+    defaults (checkpoint_sampling_defaults / EngineInfo.generation_defaults). The one place front ends merge them."""
+    return {**(defaults or {}), **{k: v for k, v in given.items() if v is not None}}

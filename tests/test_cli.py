@@ -93,3 +93,107 @@ def test_chat_about_a_video_file_and_a_bad_one(tmp_path):
     out = qwenvl("chat", "--video", str(bad), "What happens?")
     assert out.returncode == 2
     assert "broken.mp4" in out.stderr and "not a video file" in out.stderr and "Traceback" not in out.stderr
+
+
+def _dashscope_stub():
+    """A real HTTP server that answers only DashScope's full route (anything else is 404), on a free port."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            ok = self.path == "/api/v1/services/aigc/multimodal-generation/generation"
+            body = json.dumps({"output": {"choices": [{"finish_reason": "stop", "message": {
+                "role": "assistant", "content": [{"text": "A"}]}}]}, "request_id": "r"} if ok else
+                {"code": "NotFound", "message": self.path, "request_id": "r"}).encode()
+            self.send_response(200 if ok else 404)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_eval_run_dashscope_endpoint_with_or_without_api_v1(tmp_path):
+    assert qwenvl("eval", "synth", "--benchmark", "ai2d", "--out", str(tmp_path)).returncode == 0
+    server = _dashscope_stub()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        for i, endpoint in enumerate((base, base + "/api/v1", base + "/api/v1/")):
+            out = qwenvl("eval", "run", "--benchmark", "ai2d", "--data", str(tmp_path / "ai2d"), "--api", "dashscope",
+                         "--endpoint", endpoint, "--limit", "1", "--no-progress", "--out", str(tmp_path / f"r{i}"))
+            assert out.returncode == 0, (endpoint, out.stderr)
+            assert "404" not in out.stderr
+    finally:
+        server.shutdown()
+
+
+def _parsers(parser, name="qwenvl"):
+    """Every parser of the command tree: ("qwenvl serve", parser), ..."""
+    import argparse
+    yield name, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub, p in action.choices.items():
+                yield from _parsers(p, f"{name} {sub}")
+
+
+def test_help_explains_every_flag_with_its_default_and_version_comes_from_the_package():
+    import argparse
+    from importlib.metadata import version
+
+    from qwenvl.cli import build_parser
+    for name, parser in _parsers(build_parser()):
+        unexplained = [a.dest for a in parser._actions if not a.help and not isinstance(a, argparse._SubParsersAction)]
+        assert not unexplained, f"{name}: flags without help: {unexplained}"
+    out = qwenvl("serve", "--help")
+    assert out.returncode == 0
+    flat = " ".join(out.stdout.split())
+    assert "--port PORT" in flat and "(default: 8000)" in flat and "(default: 127.0.0.1)" in flat
+    assert "(default: None)" not in flat
+    out = qwenvl("--version")
+    assert out.returncode == 0 and out.stdout.strip() == f"qwenvl {version('qwenvl')}"
+
+
+def test_serve_on_a_busy_port_fails_at_once_before_loading_the_model(tmp_path):
+    import socket
+    import time
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        t0 = time.monotonic()
+        # A model folder that does not exist: had the model loaded first, that would be the error.
+        out = qwenvl("serve", "--model", str(tmp_path / "no-such-model"), "--port", str(port), timeout=60)
+    assert out.returncode != 0
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: cannot listen on 127.0.0.1:" + str(port)), out.stderr
+    assert "no-such-model" not in out.stderr and time.monotonic() - t0 < 30
+
+
+def test_chat_interactive_prompt_readable_grounding_and_ctrl_c_twice_at_the_prompt_ends():
+    import signal
+    import time
+    proc = subprocess.Popen([sys.executable, "-m", "qwenvl.cli", "chat", "--image", str(EXAMPLE)], cwd=ROOT, text=True,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        proc.stdin.write("Locate the red triangle.\n")
+        proc.stdin.flush()
+        answer = proc.stdout.readline()
+        assert answer.startswith("**the red triangle** `[(") and "<|" not in answer, answer
+        time.sleep(1.0)                              # back at the prompt, waiting for a line
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert err.count(">>> ") == 3 and "Ctrl-C again" in err and "Traceback" not in err

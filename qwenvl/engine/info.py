@@ -7,7 +7,7 @@ so the engine's internals can change without breaking them, and a new fact (a co
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -20,6 +20,9 @@ class EngineInfo:
     default_max_pixels: int | None = None   # the checkpoint's own preprocessor limit
     tokenizer: object | None = None         # for logprob token strings; None on test doubles
     family: str = "qwen2_vl"                # model_type: which prompt and box formats the model speaks
+    # the checkpoint's sampling defaults (generation_config.json) for fields a request leaves out;
+    # merge them with qwenvl.sampling_params.with_defaults
+    generation_defaults: dict = field(default_factory=dict)
 
 
 def engine_info(engine) -> EngineInfo:
@@ -28,4 +31,4 @@ def engine_info(engine) -> EngineInfo:
     return EngineInfo(model_name=engine.model_name, max_model_len=engine.max_model_len,
                       device=str(engine.device), dtype=str(engine.dtype).replace("torch.", ""),
                       pixel_factor=pre.factor, default_max_pixels=pre.max_pixels, tokenizer=engine.tokenizer,
-                      family=engine.cfg.model_type)
+                      family=engine.cfg.model_type, generation_defaults=dict(engine.generation_defaults))

@@ -17,7 +17,7 @@ from ..layers.paged_attention import PagedKVPool
 from ..loader import load_model
 from ..outputs import RequestOutput, answer_boxes
 from ..quantize import LoadQuantizer, check_quantization
-from ..sampling_params import SamplingParams
+from ..sampling_params import SamplingParams, checkpoint_sampling_defaults
 from ..structured.logits_mask import GrammarMask, MaskedSampler
 from ..tokenizer import IncrementalDetokenizer, Tokenizer
 from .block_manager import BlockManager
@@ -117,6 +117,8 @@ class LLMEngine:
             self.model, self.cfg = load_model(self.model_dir, dtype=self.dtype, device=self.device, quantizer=quantizer)
         self.tokenizer = Tokenizer.from_dir(self.model_dir)
         self.preprocessor = PreprocessorConfig.from_dir(self.model_dir)
+        # temperature/top_p/top_k/repetition_penalty for requests that leave them out
+        self.generation_defaults = checkpoint_sampling_defaults(self.model_dir)
         text = self.cfg.text
         self.max_model_len = config.max_model_len or text.max_position_embeddings
         kv_heads = self.tp.num_local_kv_heads if self.tp else text.num_key_value_heads   # per rank's shard

@@ -81,9 +81,10 @@ def dashscope_predictor(endpoint: str, model: str | None = None, api_key: str | 
                         max_tokens: int = 512, timeout: float = 600.0, retries: int = 3, http_client=None):
     import httpx
 
+    # The base URL may be given as DashScope's docs spell it (".../api/v1") or bare ("http://host:port").
     url = endpoint.rstrip("/")
     if not url.endswith("/generation"):
-        url += DASHSCOPE_ROUTE
+        url = url.removesuffix("/api/v1") + DASHSCOPE_ROUTE
     headers = {"Content-Type": "application/json"}
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"

@@ -11,9 +11,12 @@ import asyncio
 import logging
 import os
 import signal
+import socket
+import sys
 import threading
 import time
 
+from .access_log import AccessLog, ThroughputLog, TokenCounter
 from .settings import ServerSettings
 
 log = logging.getLogger("qwenvl.server")
@@ -23,10 +26,12 @@ def add_serve_subcommand(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("serve", help="serve the OpenAI- and DashScope-compatible HTTP APIs",
                               description="Serve one model over HTTP: OpenAI /v1/chat/completions, DashScope "
                               "multimodal-generation, /health, /metrics and the web UI at /.")
-    p.add_argument("--model", default=None, help="checkpoint folder or Hugging Face Hub id (default: the bundled model)")
+    p.add_argument("--model", default=None, help="checkpoint folder or Hugging Face Hub id (default: the bundled "
+                   "model); requests that leave out temperature/top_p/top_k/repetition_penalty get its "
+                   "generation_config.json values")
     p.add_argument("--revision", default=None, help="with a Hub id: branch, tag or commit (default: main)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port; a busy one fails at once, before the model loads")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $QWENVL_API_KEY)")
     p.add_argument("--served-model-name", default=None,
                    help="model id(s), comma-separated aliases, listed by /v1/models (others get 404)")
@@ -48,7 +53,7 @@ def add_serve_subcommand(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bfloat16, or float32 "
                                                  "on a CPU without fast bfloat16 products)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU) | cpu | cuda | cuda:N")
-    p.add_argument("--kv-cache-gb", type=float, default=None, help="KV cache memory")
+    p.add_argument("--kv-cache-gb", type=float, default=None, help="KV cache memory in GiB (default: 1.0)")
     p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     p.add_argument("--quantization", default=None, choices=("int8", "int4"),
                    help="weight-only quantisation of the language model at load (default: none, the checkpoint dtype)")
@@ -131,21 +136,47 @@ def serve(settings: ServerSettings, engine_options: dict | None = None, async_en
     from .app import create_app
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:                                   # a busy port fails in a second, not after minutes of model loading
+        sock = bind_socket(settings.host, settings.port)
+    except OSError as e:
+        print(f"error: cannot listen on {settings.host}:{settings.port}: {e.strerror or e} "
+              "(choose another --port or --host)", file=sys.stderr)
+        return 1
     async_engine = async_engine or build_engine(settings, engine_options)
     if mount_ui is None:
         mount_ui = _default_ui()
-    app = create_app(async_engine, settings, mount_ui=mount_ui or None)     # mount_ui=False: no UI
+    counter = TokenCounter(async_engine)
+    app = create_app(counter, settings, mount_ui=mount_ui or None)     # mount_ui=False: no UI
     if extend_app is not None:
         extend_app(app)
     state = app.state.qwenvl
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
+    config = uvicorn.Config(AccessLog(app), host=settings.host, port=settings.port, log_level="info",
                             timeout_graceful_shutdown=5, access_log=False)
     server = _DrainingServer(config, state, settings.drain_grace_s, ready)
     log.info("serving %s on http://%s:%d (auth %s)", state.model_name, settings.host, settings.port,
              "on" if state.api_key else "off")
-    server.run()
+    throughput = ThroughputLog(counter, async_engine.stats).start()
+    try:
+        server.run(sockets=[sock])
+    finally:
+        throughput.stop()
+        sock.close()
     asyncio.run(async_engine.shutdown(grace_s=1.0))
     return 0
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """The listening address, taken before the model loads (uvicorn serves on this socket)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
 
 
 def _default_ui():

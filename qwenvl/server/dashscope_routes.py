@@ -98,7 +98,8 @@ async def generation(request: Request):
     rid = request.state.request_id
     t0 = time.perf_counter()
     body = await read_json_body(request, state.settings.max_body_bytes)
-    req = parse_dashscope(body, request.headers.get("x-dashscope-sse", "").lower() == "enable")
+    req = parse_dashscope(body, request.headers.get("x-dashscope-sse", "").lower() == "enable",
+                          state.info.generation_defaults if state.info else None)
     gen.check_model(state, req.model)
     if req.n > 1 and req.result_format == "text":
         raise APIError(400, "parameters.n: several choices need result_format 'message'", param="parameters.n")

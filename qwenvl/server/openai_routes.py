@@ -76,7 +76,7 @@ async def chat_completions(request: Request):
     route = request.scope.get("route_label", request.url.path)
     t0 = time.perf_counter()
     body = await read_json_body(request, state.settings.max_body_bytes)
-    req = parse_openai(body)
+    req = parse_openai(body, state.info.generation_defaults if state.info else None)
     gen.check_model(state, req.model)
     prompt, params = await gen.prepare(state, req)
     choices = Choices(state, f"chatcmpl-{uuid.uuid4().hex}", req.n)

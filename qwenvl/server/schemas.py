@@ -11,7 +11,7 @@ import math
 import dataclasses
 from dataclasses import dataclass
 
-from ..sampling_params import SamplingParams
+from ..sampling_params import SamplingParams, with_defaults
 from ..structured.spec import InvalidStructuredOutputError, StructuredOutput
 from ..structured.tools import ToolUse, parse_tool_use
 from .errors import bad_request
@@ -107,7 +107,7 @@ def _messages(body: dict, where: str) -> list:
     return messages
 
 
-def sampling_params(p: dict, where: str, max_tokens, logprobs: int | None) -> SamplingParams:
+def sampling_params(p: dict, where: str, max_tokens, logprobs: int | None, defaults: dict | None = None) -> SamplingParams:
     args = dict(
         temperature=number(p, "temperature", where, 0, 2),
         top_p=number(p, "top_p", where, 0, 1),
@@ -129,7 +129,7 @@ def sampling_params(p: dict, where: str, max_tokens, logprobs: int | None) -> Sa
         args["temperature"], args["top_p"] = 0.0, 1.0
     if args["repetition_penalty"] == 0:
         raise bad_request(f"{where}repetition_penalty: must be > 0", f"{where}repetition_penalty")
-    args = {k: v for k, v in args.items() if v is not None}
+    args = with_defaults(args, defaults)     # what the request leaves out: the checkpoint's generation_config
     try:
         return SamplingParams(**args)
     except ValueError as e:
@@ -198,7 +198,7 @@ def _top_logprobs(p: dict, where: str) -> int | None:
 
 
 # ---------------------------------------------------------------- OpenAI
-def parse_openai(body: dict) -> ChatRequest:
+def parse_openai(body: dict, defaults: dict | None = None) -> ChatRequest:
     messages = _messages(body, "")
     n = integer(body, "n", "", 1, MAX_CHOICES) or 1
     max_tokens = integer(body, "max_completion_tokens", "", 1)
@@ -208,7 +208,7 @@ def parse_openai(body: dict) -> ChatRequest:
     options = obj_field(body, "stream_options") or {}
     include_usage = bool(boolean(options, "include_usage", "stream_options."))
     top = _top_logprobs(body, "")
-    params, tools = _constrained(body, "", sampling_params(body, "", max_tokens or 1, top))
+    params, tools = _constrained(body, "", sampling_params(body, "", max_tokens or 1, top, defaults))
     return ChatRequest(model=string(body, "model"), messages=messages, params=params,
                        max_tokens_given=max_tokens is not None, stream=stream, include_usage=include_usage,
                        logprobs=top is not None, high_resolution=bool(boolean(body, "vl_high_resolution_images")),
@@ -216,7 +216,7 @@ def parse_openai(body: dict) -> ChatRequest:
 
 
 # ---------------------------------------------------------------- DashScope
-def parse_dashscope(body: dict, sse_header: bool) -> ChatRequest:
+def parse_dashscope(body: dict, sse_header: bool, defaults: dict | None = None) -> ChatRequest:
     inp = obj_field(body, "input")
     if inp is None:
         raise bad_request("input: required, an object holding messages: {\"input\": {\"messages\": [...]}}", "input")
@@ -229,7 +229,7 @@ def parse_dashscope(body: dict, sse_header: bool) -> ChatRequest:
     if fmt not in ("message", "text"):
         raise bad_request(f"{w}result_format: must be 'message' or 'text', got {fmt!r}", f"{w}result_format")
     top = _top_logprobs(p, w)
-    params, tools = _constrained(p, w, sampling_params(p, w, max_tokens or 1, top))
+    params, tools = _constrained(p, w, sampling_params(p, w, max_tokens or 1, top, defaults))
     ocr = obj_field(p, "ocr_options", w) or {}
     task = string(ocr, "task", f"{w}ocr_options.")
     task_config = obj_field(ocr, "task_config", f"{w}ocr_options.") or {}

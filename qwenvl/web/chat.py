@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import tempfile
 import uuid
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from ..drawing import draw_boxes
 from ..engine.errors import EngineFull
 from ..inputs import AdmissionPolicy, InputError, admit, load_image
 from ..inputs.pdf import PdfLimits, render_pdf
+from ..readable import readable  # noqa: F401 - web/app.py imports it from here
 from ..sampling_params import SamplingParams
 
 log = logging.getLogger("qwenvl.web")
@@ -139,25 +139,6 @@ def build_messages(turns: list[Turn], limits: Limits, high_resolution: bool) -> 
         return admit(messages, limits.policy, high_resolution).conversation, images
     except InputError as e:
         raise ChatError(str(e)) from None
-
-
-_REF = re.compile(r"<\|object_ref_start\|>(.*?)<\|object_ref_end\|>", re.S)
-_BOX = re.compile(r"<\|box_start\|>(.*?)<\|box_end\|>", re.S)
-_QUAD = re.compile(r"<\|quad_start\|>(.*?)<\|quad_end\|>", re.S)
-_MARKER = re.compile(r"<\|[a-z_]+\|>")
-
-
-def readable(text: str) -> str:
-    """The answer for people: grounding markers become **label** `[(x1,y1),(x2,y2)]`; no raw tags (an
-    unfinished marker at the end of a stream is hidden until it completes)."""
-    text = _REF.sub(lambda m: f"**{m.group(1).strip()}** ", text)
-    text = _BOX.sub(lambda m: f"`[{m.group(1).strip()}]`", text)
-    text = _QUAD.sub(lambda m: f"`[{m.group(1).strip()}]`", text)
-    text = _MARKER.sub("", text)
-    cut = text.rfind("<|")
-    if cut != -1 and "|>" not in text[cut:]:
-        text = text[:cut]
-    return text.strip()
 
 
 def annotate(images: list[Image.Image], boxes: list[dict], out_dir: str) -> list[str]:
