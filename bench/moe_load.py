@@ -24,9 +24,13 @@ import torch
 HIDDEN, EXPERTS, TOP_K, MOE_I, HEADS, KV, HEAD_DIM, VOCAB, FULL_LAYERS = 2048, 128, 8, 768, 32, 4, 128, 151936, 48
 
 
-def _config(layers: int, dense_twin: bool = False) -> dict:
+DENSE_3B = dict(hidden_size=2048, intermediate_size=11008, num_attention_heads=16, num_key_value_heads=2)  # 36 layers
+
+
+def _config(layers: int, dense_twin: bool = False, dense_3b: bool = False) -> dict:
     """The 30B-A3B shape; dense_twin: the same model with a dense MLP as wide as the k active experts together
     (the decode cost sparsity should approach: bench/moe_vs_dense.py)."""
+    dense_twin = dense_twin or dense_3b
     moe = {} if dense_twin else dict(moe_intermediate_size=MOE_I, num_local_experts=EXPERTS,
                                      num_experts_per_tok=TOP_K, decoder_sparse_step=1, mlp_only_layers=[])
     text = dict(model_type="qwen3_vl_text" if dense_twin else "qwen3_vl_moe_text", vocab_size=VOCAB,
@@ -36,6 +40,8 @@ def _config(layers: int, dense_twin: bool = False) -> dict:
                 hidden_act="silu", attention_bias=False, tie_word_embeddings=False,
                 rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": [24, 20, 20],
                                  "mrope_interleaved": True})
+    if dense_3b:          # a ~3B dense model of the same family, the speed the MoE's 3B active should reach
+        text.update(DENSE_3B)
     # A one-block vision tower: this bench is about the language model's load path.
     vision = dict(depth=1, hidden_size=1152, intermediate_size=4304, num_heads=16, out_hidden_size=HIDDEN,
                   patch_size=16, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
@@ -45,14 +51,14 @@ def _config(layers: int, dense_twin: bool = False) -> dict:
                 tie_word_embeddings=False)
 
 
-def build(out: Path, layers: int, dense_twin: bool = False) -> None:
+def build(out: Path, layers: int, dense_twin: bool = False, dense_3b: bool = False) -> None:
     """Write the checkpoint: each shard's tensors are generated, saved and dropped before the next."""
     from safetensors.torch import save_file
 
     from qwenvl.config import ModelConfig
     from qwenvl.models import build_model
     out.mkdir(parents=True, exist_ok=True)
-    cfg_raw = _config(layers, dense_twin)
+    cfg_raw = _config(layers, dense_twin, dense_3b)
     (out / "config.json").write_text(json.dumps(cfg_raw))
     with torch.device("meta"):
         shapes = {k: (tuple(v.shape), v.dtype) for k, v in build_model(ModelConfig.from_hf(cfg_raw)).state_dict().items()}
@@ -102,14 +108,16 @@ def main() -> None:
     ap.add_argument("--quantization", default="int4")
     ap.add_argument("--build-only", action="store_true")
     ap.add_argument("--dense-twin", action="store_true", help="with --build-only: the dense twin")
+    ap.add_argument("--dense-3b", action="store_true",
+                    help="a ~3B dense model (hidden 2048, MLP 11008, 16/2 heads; use --layers 36) instead of the MoE")
     args = ap.parse_args()
     if args.build_only:
-        build(args.dir, args.layers, args.dense_twin)
+        build(args.dir, args.layers, args.dense_twin, args.dense_3b)
         return
     try:
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, __file__, "--build-only", "--layers", str(args.layers), "--dir", str(args.dir)],
-                       check=True)
+        subprocess.run([sys.executable, __file__, "--build-only", "--layers", str(args.layers), "--dir", str(args.dir)]
+                       + (["--dense-3b"] if args.dense_3b else []), check=True)
         disk_gib = sum(f.stat().st_size for f in args.dir.iterdir()) / 2**30
         print(f"built {args.layers} layers: {disk_gib:.1f} GiB on disk in {time.perf_counter() - t0:.0f} s")
         r = run(args.dir, args.steps, args.quantization)
@@ -118,6 +126,8 @@ def main() -> None:
     print(f"{args.quantization or 'bf16'} load {r['load_s']:.1f} s, peak RSS {r['peak_rss_gib']:.2f} GiB, "
           f"model in memory {r['model_gib']:.2f} GiB (peak/model {r['peak_rss_gib'] / r['model_gib']:.2f}x), "
           f"decode {r['tok_s']:.2f} tok/s")
+    if args.dense_3b:
+        return
     per_layer_s = 1 / r["tok_s"] / args.layers          # upper bound: counts head/embedding time as layer time
     print(f"extrapolated to {FULL_LAYERS} layers: load ~{r['load_s'] * FULL_LAYERS / args.layers:.0f} s, "
           f"decode >= {1 / (per_layer_s * FULL_LAYERS):.2f} tok/s")
