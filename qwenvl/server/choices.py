@@ -14,7 +14,6 @@ from fastapi import Request
 from . import generation as gen
 
 
-
 def choice_id(response_id: str, index: int, n: int) -> str:
     return response_id if n == 1 else f"{response_id}-{index}"
 
