@@ -130,22 +130,32 @@ def _read_file(path: Path, name: str) -> bytes:
     return path.read_bytes()
 
 
-_DATA_TYPES = {"image": ("image/", "an image", "image/..."), "pdf": ("application/pdf", "a PDF", "application/pdf")}
+# kind -> (accepted media type prefixes, what it is called, the type to name in errors)
+_DATA_TYPES = {"image": (("image/",), "an image", "image/..."),
+               "video": (("video/", "application/octet-stream"), "a video", "video/..."),
+               "pdf": (("application/pdf",), "a PDF", "application/pdf")}
+
+
+def decode_data_url(url: str, name: str, kind: str = "image") -> bytes:
+    """The payload of a `data:` URL of `kind` ("image", "video", "pdf"); InputError naming `name` otherwise.
+    Videos are decoded strictly (a damaged payload is refused, not decoded around)."""
+    return _decode_data_url(url, name, kind)
 
 
 def _decode_data_url(url: str, name: str, kind: str = "image") -> bytes:
     # data:[<mediatype>][;base64],<data>
     prefix, what, expected = _DATA_TYPES[kind]
+    example = "image/png" if kind == "image" else "video/mp4" if kind == "video" else expected
     head, sep, payload = url.partition(",")
     if not sep:
-        raise InputError(f"{name}: malformed data URL (no comma); expected data:{expected};base64,<data>")
+        raise InputError(f"{name}: malformed data URL (no comma); expected data:{example};base64,<data>")
     media = head[5:].split(";")
     if media[0] and not media[0].lower().startswith(prefix):
         raise InputError(f"{name}: data URL media type {media[0]!r} is not {what}; expected {expected}")
     if "base64" not in (m.lower() for m in media[1:]):
         return urllib.parse.unquote_to_bytes(payload)
     try:
-        return base64.b64decode("".join(payload.split()), validate=False)
+        return base64.b64decode("".join(payload.split()), validate=kind == "video")
     except (binascii.Error, ValueError):
         raise InputError(f"{name}: the data URL's base64 payload does not decode") from None
 

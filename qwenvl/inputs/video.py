@@ -18,8 +18,6 @@ decoding stops after the last one, so a clip never sits in memory whole.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import io
 import math
 import urllib.parse
@@ -31,6 +29,7 @@ import numpy as np
 import torch
 
 from .errors import InputError
+from .images import decode_data_url
 
 # qwen-vl-utils' constants (vision_process.py).
 DEFAULT_FPS = 2.0
@@ -371,7 +370,7 @@ def _open_arg(source, name: str):
         raise InputError(f"{name}: http(s) video URLs are fetched by the HTTP server, not here; download the "
                          "file first or pass a path, file:// or data: URL")
     if lower.startswith("data:"):
-        return _decode_data_url(source, name)
+        return decode_data_url(source, name, kind="video")
     if lower.startswith("file:"):
         parsed = urllib.parse.urlparse(source)
         host = "" if parsed.netloc in ("", "localhost") else parsed.netloc
@@ -387,21 +386,6 @@ def _checked_path(path: Path) -> str:
     if not path.is_file():
         raise InputError(f"{path} is not a file; pass the path of a video file")
     return str(path)
-
-
-def _decode_data_url(url: str, name: str) -> bytes:
-    head, sep, payload = url.partition(",")
-    if not sep:
-        raise InputError(f"{name}: malformed data URL (no comma); expected data:video/mp4;base64,<data>")
-    media = head[5:].split(";")
-    if media[0] and not media[0].lower().startswith(("video/", "application/octet-stream")):
-        raise InputError(f"{name}: data URL media type {media[0]!r} is not a video; expected video/...")
-    if "base64" not in (m.lower() for m in media[1:]):
-        return urllib.parse.unquote_to_bytes(payload)
-    try:
-        return base64.b64decode("".join(payload.split()), validate=True)
-    except (binascii.Error, ValueError):
-        raise InputError(f"{name}: the data URL's base64 payload does not decode") from None
 
 
 def describe(source) -> str:
