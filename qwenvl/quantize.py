@@ -166,12 +166,21 @@ class LoadQuantizer:
     def _quantized_buffers(self, weight_key: str, w: torch.Tensor) -> dict[str, torch.Tensor]:
         return _buffers(weight_key[: -len("weight")], w, *self._layers[weight_key])
 
+    def quantizes_experts(self, key: str) -> bool:
+        """Whether `key` is a fused expert tensor this quantiser turns into per-expert layers (the loader then
+        reads it one expert at a time and calls `convert_expert`, so the fused float tensor never exists)."""
+        return key in self._experts
+
+    def convert_expert(self, key: str, e: int, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Expert e's [out, in] slice of the fused tensor `key` -> its quantised buffers."""
+        modules, (mode, group) = self._experts[key]
+        return _buffers(f"{modules}.{e}.", w, mode, group)
+
     def _quantized_experts(self, key: str, fused: torch.Tensor) -> dict[str, torch.Tensor]:
         """fused[E, out, in] -> each expert's quantised buffers, as `<module list>.<e>.<buffer>`."""
-        modules, (mode, group) = self._experts[key]
         out: dict[str, torch.Tensor] = {}
         for e in range(fused.shape[0]):
-            out.update(_buffers(f"{modules}.{e}.", fused[e], mode, group))
+            out.update(self.convert_expert(key, e, fused[e]))
         return out
 
 
