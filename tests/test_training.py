@@ -422,8 +422,10 @@ def test_jsonl_eval_loss_is_held_out_or_named_a_training_loss(init_dir, tmp_path
     assert any("loss on training rows" in line for line in logs) and not any("held-out" in line for line in logs)
 
 
-def test_ctrl_c_during_training_saves_the_state_and_exits_cleanly(init_dir, tmp_path):
-    """SIGINT after the first logged step: train_state.pt is written, exit code 130, no traceback."""
+@pytest.mark.parametrize("workers", [0, 1])
+def test_ctrl_c_during_training_saves_the_state_and_exits_cleanly(init_dir, tmp_path, workers):
+    """SIGINT to the process group (what a terminal's Ctrl-C sends, data workers included) after the first
+    logged step: train_state.pt is written, exit code 130, no traceback."""
     import os
     import signal
     import subprocess
@@ -432,10 +434,10 @@ def test_ctrl_c_during_training_saves_the_state_and_exits_cleanly(init_dir, tmp_
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "qwenvl", "train", "--model", str(init_dir), "--out", str(out), "--from-scratch",
            "--data", str(EXAMPLES / "train.jsonl"), "--steps", "100000", "--batch-size", "2", "--eval-every", "1",
-           "--save-every", "0", "--warmup", "1"]
+           "--save-every", "0", "--warmup", "1", "--workers", str(workers)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            cwd=Path(__file__).resolve().parent.parent)
+                            cwd=Path(__file__).resolve().parent.parent, start_new_session=True)
     lines = []
     deadline = time.time() + 60
     while time.time() < deadline:
@@ -444,7 +446,7 @@ def test_ctrl_c_during_training_saves_the_state_and_exits_cleanly(init_dir, tmp_
             break
         lines.append(line)
         if line.startswith("step 1:"):
-            proc.send_signal(signal.SIGINT)
+            os.killpg(proc.pid, signal.SIGINT)
             break
     try:
         rest, err = proc.communicate(timeout=60)

@@ -199,6 +199,9 @@ def _one_thread(_worker_id: int) -> None:
     # Each data worker is one process on one core; torch's default thread pool per worker would
     # oversubscribe the machine many times over.
     torch.set_num_threads(1)
+    # Ctrl-C reaches the whole process group: the main process finishes its step and saves (_StopOnInterrupt),
+    # which needs the workers' batches; a worker that died on the signal would break that step instead.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class _Collate:
