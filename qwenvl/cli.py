@@ -186,8 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="supervised fine-tuning (full or LoRA) with the inference model classes")
     p.add_argument("--model", required=True, metavar="DIR", help="checkpoint folder to start from")
-    p.add_argument("--out", required=True, metavar="DIR", help="run folder (resumes when it holds train_state.pt)")
-    p.add_argument("--data", default="synthetic", help="'synthetic' or a JSONL file of {\"messages\": [...]}")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="run folder (resumes when it holds train_state.pt; Ctrl-C saves it and stops)")
+    p.add_argument("--data", default="synthetic", help="'synthetic' or a JSONL file of {\"messages\": [...]}, one per line; image paths are "
+                   "relative to the file (README 'Training data', examples/train.jsonl)")
     p.add_argument("--from-scratch", action="store_true", help="new random weights with the folder's config")
     p.add_argument("--tasks", nargs="*", help="synthetic task subset (count color ground read chart table)")
     p.add_argument("--steps", type=int, default=1000, help="optimiser steps")

@@ -354,3 +354,107 @@ def test_vision_probe_run_keeps_its_heads_out_of_the_checkpoint(init_dir, tmp_pa
     assert set(state["probe"]) == {f"{h}.{p}" for h in heads for p in ("weight", "bias")}
     model, _ = load_model(s["final_dir"], dtype=torch.float32)   # strict: no probe keys in the folder
     assert not any("colour" in k for k in model.state_dict())
+
+
+# --- JSONL data (issue 29 item 16) ----------------------------------------------------------------------------
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def _encoder(model_dir) -> Encoder:
+    mc, tok, pc = _parts(model_dir)
+    return Encoder(tok, mc, pc)
+
+
+def test_example_jsonl_reads_and_image_url_parts_resolve_like_image_parts(init_dir, tmp_path):
+    """examples/train.jsonl (the README's format) encodes every row; an OpenAI image_url part with a path
+    relative to the JSONL file gives the same example as an {"image": ...} part."""
+    from qwenvl.training.sft import JsonlConversations
+    data = JsonlConversations(_encoder(init_dir), str(EXAMPLES / "train.jsonl"))
+    assert len(data) == 4 and all(data[i].grid_thw.shape[0] == 1 for i in range(len(data)))
+    (tmp_path / "img").mkdir()
+    Image.open(EXAMPLES / "shapes.png").save(tmp_path / "img" / "s.png")
+    question = {"type": "text", "text": "What colour is the circle?"}
+    rows = [{"messages": [{"role": "user", "content": [part, question]}, {"role": "assistant", "content": "red"}]}
+            for part in ({"type": "image", "image": "img/s.png"},
+                         {"type": "image_url", "image_url": {"url": "img/s.png"}},
+                         {"image_url": {"url": "img/s.png"}})]
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    a, b, c = (JsonlConversations(_encoder(init_dir), str(path))[i] for i in range(3))
+    for other in (b, c):
+        assert torch.equal(a.token_ids, other.token_ids) and torch.equal(a.pixel_values, other.pixel_values)
+
+
+def test_a_missing_image_names_the_file_and_the_jsonl_line(init_dir, tmp_path):
+    from qwenvl.training.sft import JsonlConversations
+    good = (EXAMPLES / "train.jsonl").read_text(encoding="utf-8").splitlines()[0]
+    bad = good.replace("shapes.png", "shapse.png")
+    (tmp_path / "shapes.png").write_bytes((EXAMPLES / "shapes.png").read_bytes())
+    for broken in (bad, bad.replace('{"type": "image", "image": "shapse.png"}',
+                                    '{"type": "image_url", "image_url": {"url": "shapse.png"}}')):
+        path = tmp_path / "d.jsonl"
+        path.write_text(f"{good}\n\n{broken}\n", encoding="utf-8")
+        with pytest.raises(FileNotFoundError, match=r"line 3: no such file 'shapse.png'"):
+            JsonlConversations(_encoder(init_dir), str(path))
+    path.write_text(f"{good}\n{good[:-3]}\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="line 2: not JSON"):
+        JsonlConversations(_encoder(init_dir), str(path))
+
+
+def test_jsonl_eval_loss_is_held_out_or_named_a_training_loss(init_dir, tmp_path):
+    """A JSONL file with enough rows keeps every 20th out of training for the evaluation loss; a tiny one
+    says its evaluation loss is measured on training rows instead of calling it held-out."""
+    from qwenvl.training.sft import make_datasets
+    rows = (EXAMPLES / "train.jsonl").read_text(encoding="utf-8").splitlines()
+    path = tmp_path / "big.jsonl"
+    path.write_text("\n".join(rows * 10) + "\n", encoding="utf-8")
+    (tmp_path / "shapes.png").write_bytes((EXAMPLES / "shapes.png").read_bytes())
+    for name in ("word.png", "chart.png"):
+        (tmp_path / name).write_bytes((EXAMPLES / name).read_bytes())
+    train_set, eval_set = make_datasets(_config(init_dir, tmp_path / "o", data=str(path)), _encoder(init_dir))
+    train_lines = {n for n, _ in train_set.rows}
+    eval_lines = {n for n, _ in eval_set.rows}
+    assert len(eval_lines) == 2 and len(train_lines) == 38 and not train_lines & eval_lines
+    logs = []
+    train(_config(init_dir, tmp_path / "run", data=str(EXAMPLES / "train.jsonl"), steps=2, batch_size=2,
+                  eval_every=2, eval_batches=1), log=logs.append)
+    assert any("loss on training rows" in line for line in logs) and not any("held-out" in line for line in logs)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_ctrl_c_during_training_saves_the_state_and_exits_cleanly(init_dir, tmp_path, workers):
+    """SIGINT to the process group (what a terminal's Ctrl-C sends, data workers included) after the first
+    logged step: train_state.pt is written, exit code 130, no traceback."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "qwenvl", "train", "--model", str(init_dir), "--out", str(out), "--from-scratch",
+           "--data", str(EXAMPLES / "train.jsonl"), "--steps", "100000", "--batch-size", "2", "--eval-every", "1",
+           "--save-every", "0", "--warmup", "1", "--workers", str(workers)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            cwd=Path(__file__).resolve().parent.parent, start_new_session=True)
+    lines = []
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if line.startswith("step 1:"):
+            os.killpg(proc.pid, signal.SIGINT)
+            break
+    try:
+        rest, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert any(l.startswith("step 1:") for l in lines), (lines, err)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "Traceback" not in rest, err
+    assert "saved" in rest and (out / "train_state.pt").exists()
+    state = torch.load(out / "train_state.pt", map_location="cpu", weights_only=False)
+    assert state["step"] >= 1

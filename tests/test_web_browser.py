@@ -160,9 +160,43 @@ def test_chat_streams_and_draws_boxes_in_a_browser(server):
             page.wait_for_function("() => !document.querySelector('#qwenvl-chat .bot, #qwenvl-chat .user')")
 
             # an example fills the input with its prompt and image
-            page.get_by_role("button", name="Read text").click()
+            page.get_by_role("button", name="Count").click()
             page.wait_for_function("() => document.querySelector('#qwenvl-input textarea').value === "
-                                   "'What is written in the image?'")
+                                   "'How many triangles are there?'")
             page.wait_for_selector("#qwenvl-input img", state="attached")
+        finally:
+            browser.close()
+
+
+def test_first_screen_shows_title_input_and_examples_at_1280x900(server):
+    """A laptop-sized window opens at the top with the title, the input box and the examples all on the
+    first screen (the page used to open scrolled down, the title cut off); the bundled model is offered
+    only examples of what it was trained on (counting, colour, grounding)."""
+    url, _ = server
+    with playwright_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.set_default_timeout(60_000)
+            page.goto(url + "/login")
+            page.fill("#key", KEY)
+            page.click("button[type=submit]")
+            page.wait_for_selector("#qwenvl-input textarea")
+            page.wait_for_selector("#qwenvl-examples button")
+            page.wait_for_timeout(1000)                      # autofocus and late layout have had their go
+            assert page.evaluate("window.scrollY") == 0
+
+            def on_screen(selector: str) -> None:
+                box = page.locator(selector).first.bounding_box()
+                assert box is not None, selector
+                assert box["y"] >= 0 and box["y"] + box["height"] <= 900, (selector, box)
+                assert box["x"] >= 0 and box["x"] + box["width"] <= 1280, (selector, box)
+
+            on_screen("#qwenvl-header")
+            on_screen("#qwenvl-input")
+            on_screen("#qwenvl-examples")
+            labels = [b.strip() for b in page.locator("#qwenvl-examples button").all_inner_texts() if b.strip()]
+            assert {"Count", "Colour", "Locate"} <= set(labels), labels
+            assert not {"Read text", "Chart", "Describe"} & set(labels), labels
         finally:
             browser.close()

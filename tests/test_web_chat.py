@@ -222,3 +222,14 @@ def test_a_video_and_a_pdf_upload_go_to_the_model(tmp_path):
     turns = [Turn("Read it.", [str(pdf)])]
     run(ChatSession(FakeEngine(), small), turns)
     assert "2 pages selected, more than the limit of 1" in turns[0].error
+
+
+def test_the_bundled_model_is_offered_only_examples_it_was_trained_on():
+    """Counting, colour and grounding (in its own phrasing) for the bundled model; a real checkpoint gets all."""
+    from qwenvl.synthetic import QUESTIONS
+    from qwenvl.web.examples import examples
+    bundled, every = examples(bundled_model=True), examples()
+    trained = {QUESTIONS[("count", "en")].format(shape="triangle"), QUESTIONS[("color", "en")].format(shape="circle"),
+               QUESTIONS[("count", "zh")].format(shape="圆形"), "Locate the red triangle."}
+    assert {prompt for _, _, prompt in bundled} == trained
+    assert {label for label, _, _ in every} - {label for label, _, _ in bundled} == {"Describe", "Read text", "Chart"}

@@ -15,6 +15,8 @@ import json
 import math
 import os
 import random
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,6 +34,8 @@ from .lora import apply_lora, merge_lora
 from .packing import Encoder, PackedBatch, PixelUnpacker, pack, packed_loss
 
 CALIBRATION_STEPS = 60
+HOLDOUT_EVERY = 20                # a JSONL file's every 20th row is held out for the evaluation loss ...
+HOLDOUT_MIN_ROWS = 20             # ... when it has at least this many rows
 MAX_CONSECUTIVE_SKIPS = 20        # more non-finite steps in a row than this: the run has diverged
 CHECKPOINT_EXTRAS = ("config.json", "preprocessor_config.json", "generation_config.json") + TOKENIZER_FILES
 
@@ -99,26 +103,76 @@ class SyntheticConversations(Dataset):
 
 
 class JsonlConversations(Dataset):
-    """A JSONL file, one {"messages": [...]} per line; relative image paths are read beside the file."""
+    """A JSONL file, one {"messages": [...]} per line (README "Training data"). Relative image and video paths
+    ({"image": "a.png"}, {"type": "image_url", "image_url": {"url": "a.png"}}, {"video": "b.mp4"}) are read
+    beside the file. Every local file is checked when the file is read, so a typo fails before the first
+    step with the file's name and its JSONL line, not minutes into a run inside a data worker."""
 
-    def __init__(self, encoder: Encoder, path: str):
-        self.encoder, self.root = encoder, Path(path).resolve().parent
-        self.rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    def __init__(self, encoder: Encoder, path: str, rows: list[tuple[int, dict]] | None = None):
+        self.encoder, self.path, self.root = encoder, str(path), Path(path).resolve().parent
+        self.rows = rows if rows is not None else self._read(Path(path))
         if not self.rows:
             raise ValueError(f"{path}: no conversations")
+
+    def _read(self, path: Path) -> list[tuple[int, dict]]:
+        rows = []
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}, line {number}: not JSON ({e.msg}, column {e.colno})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("messages"), list):
+                raise ValueError(f'{path}, line {number}: expected {{"messages": [...]}}')
+            row = {"messages": [self._resolved(m, path, number) for m in row["messages"]]}
+            rows.append((number, row))
+        return rows
+
+    def _resolved(self, message, path: Path, number: int):
+        """The message with its relative media paths made absolute (beside the JSONL file), each checked."""
+        if not isinstance(message, dict) or not isinstance(message.get("content"), list):
+            return message
+        parts = []
+        for part in message["content"]:
+            if isinstance(part, dict):
+                part = dict(part)
+                for key in ("image", "video"):
+                    if isinstance(part.get(key), str):
+                        part[key] = self._local(part[key], path, number)
+                nested = part.get("image_url")
+                if isinstance(nested, dict) and isinstance(nested.get("url"), str):
+                    part["image_url"] = {**nested, "url": self._local(nested["url"], path, number)}
+                elif isinstance(nested, str):
+                    part["image_url"] = self._local(nested, path, number)
+            parts.append(part)
+        return {**message, "content": parts}
+
+    def _local(self, src: str, path: Path, number: int) -> str:
+        if "://" in src or src.startswith("data:"):
+            return src                     # URLs and inline data are fetched / decoded by the encoder
+        file = Path(src) if Path(src).is_absolute() else self.root / src
+        if not file.is_file():
+            raise FileNotFoundError(f"{path}, line {number}: no such file {src!r} (looked for {file})")
+        return str(file)
+
+    def split(self, every: int) -> tuple["JsonlConversations", "JsonlConversations"]:
+        """(training rows, held-out rows): every `every`-th row is held out."""
+        train = [r for i, r in enumerate(self.rows) if i % every != every - 1]
+        held = [r for i, r in enumerate(self.rows) if i % every == every - 1]
+        return JsonlConversations(self.encoder, self.path, train), JsonlConversations(self.encoder, self.path, held)
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, index: int):
-        msgs = self.rows[index % len(self.rows)]["messages"]
-        for m in msgs:
-            for part in m["content"] if isinstance(m["content"], list) else []:
-                src = part.get("image")
-                if isinstance(src, str) and "://" not in src and not src.startswith("data:") \
-                        and not Path(src).is_absolute():
-                    part["image"] = str(self.root / src)
-        return self.encoder(msgs)
+        number, row = self.rows[index % len(self.rows)]
+        try:
+            return self.encoder(row["messages"])
+        except OSError as e:                   # say which line it came from
+            raise FileNotFoundError(f"{self.path}, line {number}: {e}") from e
+        except ValueError as e:                # InputError included
+            raise ValueError(f"{self.path}, line {number}: {e}") from e
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -145,6 +199,9 @@ def _one_thread(_worker_id: int) -> None:
     # Each data worker is one process on one core; torch's default thread pool per worker would
     # oversubscribe the machine many times over.
     torch.set_num_threads(1)
+    # Ctrl-C reaches the whole process group: the main process finishes its step and saves (_StopOnInterrupt),
+    # which needs the workers' batches; a worker that died on the signal would break that step instead.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class _Collate:
@@ -172,7 +229,9 @@ def make_datasets(cfg: TrainConfig, encoder: Encoder) -> tuple[Dataset, Dataset]
                                        vision_labels=cfg.vision_probe > 0),
                 SyntheticConversations(encoder, cfg.seed + 1, "heldout", cfg.tasks))
     data = JsonlConversations(encoder, cfg.data)
-    return data, data
+    if len(data) < HOLDOUT_MIN_ROWS:
+        return data, data               # too few rows to spare any: the eval loss is a training loss (logged so)
+    return data.split(HOLDOUT_EVERY)
 
 
 def bf16_autocast(cfg: TrainConfig, device: torch.device):
@@ -361,6 +420,7 @@ def _train(cfg: TrainConfig, log) -> dict:
     run = _start_run(cfg, model_cfg, device, out / "train_state.pt", log)
 
     train_set, eval_set = make_datasets(cfg, encoder)
+    eval_name = "held-out loss" if eval_set is not train_set else "loss on training rows (too few to hold out)"
     batches = iter(make_loader(train_set, cfg, start=run.step * cfg.batch_size * cfg.grad_accum, unpack=unpack_cpu))
     eval_data = [pack([eval_set[i * cfg.batch_size + j] for j in range(cfg.batch_size)], unpack_cpu)
                  for i in range(cfg.eval_batches)]
@@ -371,7 +431,44 @@ def _train(cfg: TrainConfig, log) -> dict:
     from tqdm import tqdm
     bar = tqdm(total=cfg.steps, initial=run.step, desc="train", dynamic_ncols=True)
     progress = _Progress(start_step=run.step)
+    with _StopOnInterrupt(log) as interrupt:
+        _loop(run, cfg, batches, eval_data, eval_name, unpack, autocast, progress, bar, interrupt, log)
+    bar.close()
+    return _finish(run, cfg, out, progress)
+
+
+class _StopOnInterrupt:
+    """Ctrl-C (SIGINT) during training: the first one lets the current step finish, saves train_state.pt and
+    raises KeyboardInterrupt (the same command resumes); a second one stops at once, saving nothing. A step
+    is never cut in half, so the saved weights, optimiser and step count always agree."""
+
+    def __init__(self, log):
+        self.log, self.requested, self.previous = log, False, None
+
+    def __enter__(self) -> "_StopOnInterrupt":
+        if threading.current_thread() is threading.main_thread():   # signal handlers live in the main thread
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.log("interrupted: finishing this step and saving (Ctrl-C again to stop without saving)")
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+def _loop(run: _Run, cfg: TrainConfig, batches, eval_data, eval_name: str, unpack, autocast, progress: _Progress,
+          bar, interrupt: _StopOnInterrupt, log) -> None:
     while run.step < cfg.steps:
+        if interrupt.requested:
+            run.save(cfg)
+            log(f"interrupted at step {run.step} of {cfg.steps}: saved {run.state_path}; "
+                "run the same command again to resume")
+            raise KeyboardInterrupt
         for g in run.opt.param_groups:
             g["lr"] = lr_at(run.step, cfg)
         r = train_step(run.model, run.opt, run.params, batches, cfg, unpack, autocast, run.probe)
@@ -390,7 +487,7 @@ def _train(cfg: TrainConfig, log) -> dict:
             if not all(bool(torch.isfinite(p).all()) for p in run.params):
                 raise RuntimeError(f"step {run.step}: non-finite weights; {run.state_path} holds the last saved state")
             elapsed = max(elapsed, 1e-6)
-            log(f"step {run.step}: train loss {r['loss']:.4f}, held-out loss {record['eval_loss']:.4f}, "
+            log(f"step {run.step}: train loss {r['loss']:.4f}, {eval_name} {record['eval_loss']:.4f}, "
                 f"{progress.tokens / elapsed:.0f} tokens/s, {progress.data_wait / elapsed:.0%} waiting on data")
         run.history.append(record)
         if (cfg.save_every and run.step % cfg.save_every == 0) or run.step == cfg.steps or out_of_time:
@@ -398,8 +495,6 @@ def _train(cfg: TrainConfig, log) -> dict:
         if out_of_time:
             log(f"stopping at step {run.step} of {cfg.steps}: {limit} minutes reached")
             break
-    bar.close()
-    return _finish(run, cfg, out, progress)
 
 
 def _finish(run: _Run, cfg: TrainConfig, out: Path, progress: _Progress) -> dict:

@@ -18,6 +18,7 @@ from .examples import EXAMPLES_DIR, examples
 log = logging.getLogger("qwenvl.web")
 
 TITLE = "qwenvl"
+BUNDLED_NAME = "qwenvl-bundled"     # EngineInfo.model_name of the bundled demonstration model
 CSS = """
 #qwenvl-header {margin-bottom: 0}
 #qwenvl-chat .user img {max-height: 160px !important; width: auto !important}
@@ -58,11 +59,12 @@ def header(model_name: str, device: str, dtype: str) -> str:
             "answers stream as they are generated, and boxes the model names are drawn on the image.")
 
 
-def build_blocks(session: ChatSession, model_name: str, device: str, dtype: str, max_tokens_cap: int):
+def build_blocks(session: ChatSession, model_name: str, device: str, dtype: str, max_tokens_cap: int,
+                 bundled_model: bool = False):
     import gradio as gr
 
     with gr.Blocks(title=f"{TITLE} — {model_name}", analytics_enabled=False) as demo:
-        ui = _layout(gr, model_name, device, dtype, max_tokens_cap)
+        ui = _layout(gr, model_name, device, dtype, max_tokens_cap, bundled_model)
         _wire(ui, _Handlers(gr, session, n_buttons=len(ui.buttons)))
     return demo
 
@@ -82,14 +84,21 @@ class _UI:
         return [self.retry, self.undo, self.clear]
 
 
-def _layout(gr, model_name: str, device: str, dtype: str, max_tokens_cap: int) -> _UI:
+def _layout(gr, model_name: str, device: str, dtype: str, max_tokens_cap: int, bundled_model: bool) -> _UI:
     gr.Markdown(header(model_name, device, dtype), elem_id="qwenvl-header")
     turns = gr.State([])
-    chatbot = gr.Chatbot(elem_id="qwenvl-chat", height=640, show_label=False, feedback_options=None,
+    # Half the window's height, not a fixed 640 px: at 1280 x 900 a 640 px chat pushed the input and the
+    # examples below the fold, and the page opened scrolled to the focused input with the title cut off.
+    chatbot = gr.Chatbot(elem_id="qwenvl-chat", height="50vh", show_label=False, feedback_options=None,
                          buttons=["copy"], placeholder="Attach an image and ask a question.")
     box = gr.MultimodalTextbox(elem_id="qwenvl-input", file_types=["image", "video", ".pdf"], file_count="multiple",
                                placeholder="Ask about images, a video or a PDF (attach with the clip, or drop them here)",
                                show_label=False, autofocus=True)
+    found = examples(bundled_model=bundled_model)
+    if found:     # right under the input: on the first screen with the title and the box they fill
+        gr.Examples(examples=[[{"text": prompt, "files": [path]}] for _, path, prompt in found],
+                    example_labels=[label for label, _, _ in found], inputs=[box], label="Examples",
+                    elem_id="qwenvl-examples")
     with gr.Row():
         retry = gr.Button("Retry", elem_id="qwenvl-retry", size="sm")
         undo = gr.Button("Undo", elem_id="qwenvl-undo", size="sm")
@@ -103,10 +112,6 @@ def _layout(gr, model_name: str, device: str, dtype: str, max_tokens_cap: int) -
             high_res = gr.Checkbox(value=False, label="High resolution",
                                    info="up to 16,384 vision tokens per image instead of 1,280 "
                                    "(within the model's own limit)")
-    found = examples()
-    if found:
-        gr.Examples(examples=[[{"text": prompt, "files": [path]}] for _, path, prompt in found],
-                    example_labels=[label for label, _, _ in found], inputs=[box], label="Examples")
     return _UI(turns, chatbot, box, retry, undo, clear, [temperature, top_p, max_tokens, high_res])
 
 
@@ -181,7 +186,8 @@ def mount(app) -> None:
     limits = Limits(policy=state.policy, max_model_len=state.max_model_len)    # exactly the APIs' limits
     device, dtype = info.device, info.dtype
     cap = min(s.default_max_tokens, state.max_model_len or s.default_max_tokens)
-    demo = build_blocks(ChatSession(engine, limits), state.model_name, device, dtype, cap)
+    demo = build_blocks(ChatSession(engine, limits), state.model_name, device, dtype, cap,
+                        bundled_model=info.model_name == BUNDLED_NAME)
     demo.queue(default_concurrency_limit=None, max_size=s.max_queue)
     allowed = [str(EXAMPLES_DIR)] if EXAMPLES_DIR.is_dir() else []
     theme = gr.themes.Soft(font=["ui-sans-serif", "system-ui", "sans-serif"],
