@@ -98,48 +98,55 @@ def read_source(source, name: str, media: str = "image") -> bytes:
 
 
 def _read_bytes(source, name: str, media: str = "image") -> bytes:
+    src = local_source(source, name, media)
+    return src if isinstance(src, bytes) else src.read_bytes()
+
+
+# What a source of each kind may be (named when one is of an unsupported type), and its word in messages.
+_SOURCE_HINTS = {"image": ("a path, a file:// or data: URL, bytes or a PIL image", "an image"),
+                 "video": ("a path, a file:// or data:video/... URL, bytes, or a list of frames", "a video"),
+                 "pdf": ("a path, a file:// or data:application/pdf URL, or bytes", "a PDF")}
+
+
+def local_source(source, name: str, kind: str = "image") -> bytes | Path:
+    """A local media source as bytes (given, or a data: URL's payload) or the checked Path of a file (the
+    caller reads it whole or streams it); http(s) URLs are the HTTP server's fetcher's, never read here."""
+    hint, article = _SOURCE_HINTS[kind]
     if isinstance(source, (bytes, bytearray, memoryview)):
         return bytes(source)
     if isinstance(source, Path):
-        return _read_file(source, name)
+        return _checked_file(source, article)
     if not isinstance(source, str):
-        raise InputError(f"unsupported image source of type {type(source).__name__}; pass a path, a file:// "
-                         "or data: URL, bytes or a PIL image")
+        raise InputError(f"unsupported {kind} source of type {type(source).__name__}; pass {hint}")
     lower = source[:16].lower()
     if lower.startswith(("http://", "https://")):
-        raise InputError(f"{name}: http(s) image URLs are fetched by the HTTP server's fetcher, not by "
-                         "load_image; download the image first or pass a path, data: URL or bytes")
+        raise InputError(f"{name}: http(s) {kind} URLs are fetched by the HTTP server, not here; download the "
+                         "file first or pass a path, file:// or data: URL")
     if lower.startswith("data:"):
-        return _decode_data_url(source, name, media)
+        return _decode_data_url(source, name, kind)
     if lower.startswith("file:"):
         parsed = urllib.parse.urlparse(source)
         # file:///abs/path and file://localhost/abs/path are local; file://relative/path is read as written.
         host = "" if parsed.netloc in ("", "localhost") else parsed.netloc
-        return _read_file(Path(urllib.parse.unquote(host + parsed.path)), name)
+        return _checked_file(Path(urllib.parse.unquote(host + parsed.path)), article)
     if "://" in source[:12]:
         scheme = source.split("://", 1)[0]
         raise InputError(f"{name}: unsupported URL scheme {scheme!r}; use http(s)://, file:// or data:")
-    return _read_file(Path(source), name)
+    return _checked_file(Path(source), article)
 
 
-def _read_file(path: Path, name: str) -> bytes:
+def _checked_file(path: Path, article: str) -> Path:
     if not path.exists():
-        raise InputError(f"image file not found: {path}; check the path")
+        raise InputError(f"{article.split()[-1]} file not found: {path}; check the path")
     if not path.is_file():
-        raise InputError(f"{path} is not a file; pass the path of an image file")
-    return path.read_bytes()
+        raise InputError(f"{path} is not a file; pass the path of {article} file")
+    return path
 
 
 # kind -> (accepted media type prefixes, what it is called, the type to name in errors)
 _DATA_TYPES = {"image": (("image/",), "an image", "image/..."),
                "video": (("video/", "application/octet-stream"), "a video", "video/..."),
                "pdf": (("application/pdf",), "a PDF", "application/pdf")}
-
-
-def decode_data_url(url: str, name: str, kind: str = "image") -> bytes:
-    """The payload of a `data:` URL of `kind` ("image", "video", "pdf"); InputError naming `name` otherwise.
-    Videos are decoded strictly (a damaged payload is refused, not decoded around)."""
-    return _decode_data_url(url, name, kind)
 
 
 def _decode_data_url(url: str, name: str, kind: str = "image") -> bytes:
@@ -155,6 +162,7 @@ def _decode_data_url(url: str, name: str, kind: str = "image") -> bytes:
     if "base64" not in (m.lower() for m in media[1:]):
         return urllib.parse.unquote_to_bytes(payload)
     try:
+        # a video is decoded strictly: a damaged payload is refused, not decoded around
         return base64.b64decode("".join(payload.split()), validate=kind == "video")
     except (binascii.Error, ValueError):
         raise InputError(f"{name}: the data URL's base64 payload does not decode") from None

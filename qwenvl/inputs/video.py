@@ -20,16 +20,14 @@ from __future__ import annotations
 
 import io
 import math
-import urllib.parse
 from dataclasses import dataclass
-from pathlib import Path
 
 import av
 import numpy as np
 import torch
 
 from .errors import InputError
-from .images import decode_data_url
+from .images import local_source
 
 # qwen-vl-utils' constants (vision_process.py).
 DEFAULT_FPS = 2.0
@@ -356,36 +354,12 @@ def _reason(e: Exception) -> str:
 
 def _open_arg(source, name: str):
     """bytes (in memory) or a path string (PyAV reads the file in pieces)."""
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        if not len(source):
+    src = local_source(source, name, "video")
+    if isinstance(src, bytes):
+        if not src:
             raise InputError(f"{name}: empty video data")
-        return bytes(source)
-    if isinstance(source, Path):
-        return _checked_path(source)
-    if not isinstance(source, str):
-        raise InputError(f"unsupported video source of type {type(source).__name__}; pass a path, a file:// or "
-                         "data:video/... URL, bytes, or a list of frames")
-    lower = source[:16].lower()
-    if lower.startswith(("http://", "https://")):
-        raise InputError(f"{name}: http(s) video URLs are fetched by the HTTP server, not here; download the "
-                         "file first or pass a path, file:// or data: URL")
-    if lower.startswith("data:"):
-        return decode_data_url(source, name, kind="video")
-    if lower.startswith("file:"):
-        parsed = urllib.parse.urlparse(source)
-        host = "" if parsed.netloc in ("", "localhost") else parsed.netloc
-        return _checked_path(Path(urllib.parse.unquote(host + parsed.path)))
-    if "://" in source[:12]:
-        raise InputError(f"{name}: unsupported URL scheme {source.split('://', 1)[0]!r}; use file:// or data:")
-    return _checked_path(Path(source))
-
-
-def _checked_path(path: Path) -> str:
-    if not path.exists():
-        raise InputError(f"video file not found: {path}; check the path")
-    if not path.is_file():
-        raise InputError(f"{path} is not a file; pass the path of a video file")
-    return str(path)
+        return src
+    return str(src)
 
 
 def describe(source) -> str:
