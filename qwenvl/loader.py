@@ -49,6 +49,32 @@ def weight_files(model_dir: Path) -> list[Path]:
     return files
 
 
+def checkpoint_tensors(model_dir: Path, expected, skip=lambda key: False):
+    """(file, reader, raw key, our key) for every checkpoint tensor, strictly: a tensor the model does not
+    have or one seen twice is a LoadError naming it, and after the last file one the model needs but no file
+    held. `skip(key)` leaves a tensor out (a tied lm_head copy, another rank's tower). Freed heap pages go
+    back to the OS after each file."""
+    seen: set[str] = set()
+    for f in weight_files(model_dir):
+        with SafetensorsReader(f) as sf:
+            for raw_key in sf.keys():
+                key = canonical_key(raw_key)
+                if skip(key):
+                    continue
+                if key not in expected:
+                    raise LoadError(f"{f.name}: unexpected tensor {raw_key!r} (no such parameter in "
+                                    f"{model_dir.name}'s model); is config.json the right one for these weights?")
+                if key in seen:
+                    raise LoadError(f"{f.name}: tensor {raw_key!r} appears twice in the checkpoint")
+                seen.add(key)
+                yield f, sf, raw_key, key
+        release_freed_memory()
+    missing = [k for k in expected if k not in seen]
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise LoadError(f"{model_dir}: missing tensor(s) {', '.join(missing[:5])}{more}")
+
+
 def read_state_dict(model_dir: Path, expected: dict[str, torch.Tensor], ignore: set[str],
                     dtype: torch.dtype, device: torch.device,
                     quantizer: LoadQuantizer | None = None,
@@ -60,50 +86,33 @@ def read_state_dict(model_dir: Path, expected: dict[str, torch.Tensor], ignore: 
     transposed to the model's [E, out, in] before the shape check. `prequantized` takes the packed layers'
     tensors as stored (no cast: int32 words, fp16 scales, fp8 weights) and hands back the model's tensors."""
     state: dict[str, torch.Tensor] = {}
-    seen: set[str] = set()
-    for f in weight_files(model_dir):
-        with SafetensorsReader(f) as sf:
-            for raw_key in sf.keys():
-                key = canonical_key(raw_key)
-                if key in ignore:
-                    continue
-                if key not in expected:
-                    raise LoadError(f"{f.name}: unexpected tensor {raw_key!r} (no such parameter in "
-                                    f"{model_dir.name}'s model); is config.json the right one for these weights?")
-                if key in seen:
-                    raise LoadError(f"{f.name}: tensor {raw_key!r} appears twice in the checkpoint")
-                seen.add(key)
-                if quantizer is not None and quantizer.quantizes_experts(key) and \
-                        (prequantized is None or not prequantized.claims(key)):
-                    state.update(_read_experts_quantized(sf, raw_key, key, tuple(expected[key].shape), dtype,
-                                                         device, quantizer, experts_in_out))
-                    release_freed_memory()
-                    continue
-                t = sf.get_tensor(raw_key)
-                if experts_in_out and key.endswith(_EXPERT_SUFFIXES):
-                    t = t.transpose(1, 2)        # [E, in, out] -> [E, out, in]; made contiguous by the cast
-                want = tuple(expected[key].shape)
-                if tuple(t.shape) != want:
-                    raise LoadError(f"{f.name}: tensor {raw_key!r} has shape {tuple(t.shape)}, "
-                                    f"the model expects {want} (from config.json)")
-                if prequantized is not None and prequantized.claims(key):
-                    try:
-                        loaded = prequantized.convert(key, t)
-                    except LoadError as e:
-                        raise LoadError(f"{f.name}: {e}") from None
-                else:
-                    loaded = {key: t.to(dtype).contiguous() if t.is_floating_point() else t}
-                for k1, v1 in loaded.items():
-                    for k, v in (quantizer.convert(k1, v1) if quantizer else {k1: v1}).items():
-                        state[k] = v.to(device)
-                if quantizer is not None and t.numel() * t.element_size() > _TRIM_AFTER_BYTES:
-                    del t, loaded
-                    release_freed_memory()         # the float tensor and its quantising temporaries
+    for f, sf, raw_key, key in checkpoint_tensors(model_dir, expected, skip=ignore.__contains__):
+        if quantizer is not None and quantizer.quantizes_experts(key) and \
+                (prequantized is None or not prequantized.claims(key)):
+            state.update(_read_experts_quantized(sf, raw_key, key, tuple(expected[key].shape), dtype,
+                                                 device, quantizer, experts_in_out))
             release_freed_memory()
-    missing = [k for k in expected if k not in seen]
-    if missing:
-        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-        raise LoadError(f"{model_dir}: missing tensor(s) {', '.join(missing[:5])}{more}")
+            continue
+        t = sf.get_tensor(raw_key)
+        if experts_in_out and key.endswith(_EXPERT_SUFFIXES):
+            t = t.transpose(1, 2)        # [E, in, out] -> [E, out, in]; made contiguous by the cast
+        want = tuple(expected[key].shape)
+        if tuple(t.shape) != want:
+            raise LoadError(f"{f.name}: tensor {raw_key!r} has shape {tuple(t.shape)}, "
+                            f"the model expects {want} (from config.json)")
+        if prequantized is not None and prequantized.claims(key):
+            try:
+                loaded = prequantized.convert(key, t)
+            except LoadError as e:
+                raise LoadError(f"{f.name}: {e}") from None
+        else:
+            loaded = {key: t.to(dtype).contiguous() if t.is_floating_point() else t}
+        for k1, v1 in loaded.items():
+            for k, v in (quantizer.convert(k1, v1) if quantizer else {k1: v1}).items():
+                state[k] = v.to(device)
+        if quantizer is not None and t.numel() * t.element_size() > _TRIM_AFTER_BYTES:
+            del t, loaded
+            release_freed_memory()         # the float tensor and its quantising temporaries
     return state
 
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from ..loader import LoadError, canonical_key, prequantized_weights, weight_files
+from ..loader import LoadError, checkpoint_tensors, prequantized_weights
 from ..models import build_model
 from ..safetensors_reader import SafetensorsReader
 from .comm import Communicator
@@ -107,24 +107,14 @@ def load_shard(model_dir: str | Path, comm: Communicator, dtype: torch.dtype,
         shard_model(model, cfg, comm)
     expected = model.state_dict()
     ignored = ("lm_head.weight",) if cfg.text.tie_word_embeddings else ()
+    def skip(key: str) -> bool:
+        return key in ignored or (rank != 0 and key.startswith(VISION_PREFIX))
+
     state: dict[str, torch.Tensor] = {}
-    for f in weight_files(model_dir):
-        with SafetensorsReader(f) as sf:
-            for raw_key in sf.keys():
-                key = canonical_key(raw_key)
-                if key in ignored or (rank != 0 and key.startswith(VISION_PREFIX)):
-                    continue
-                if key not in expected:
-                    raise LoadError(f"{f.name}: unexpected tensor {raw_key!r} (no such parameter in "
-                                    f"{model_dir.name}'s model); is config.json the right one for these weights?")
-                if key in state:
-                    raise LoadError(f"{f.name}: tensor {raw_key!r} appears twice in the checkpoint")
-                in_out = cfg.text.experts_stored_in_out and key.endswith(EXPERT_SUFFIXES)
-                t = _read(sf, f, raw_key, key, model, tuple(expected[key].shape), in_out)
-                state[key] = (t.to(dtype) if t.is_floating_point() else t).contiguous().to(device)
-    missing = [k for k in expected if k not in state]
-    if missing:
-        raise LoadError(f"{model_dir}: missing tensor(s) {', '.join(missing[:5])}")
+    for f, sf, raw_key, key in checkpoint_tensors(model_dir, expected, skip):
+        in_out = cfg.text.experts_stored_in_out and key.endswith(EXPERT_SUFFIXES)
+        t = _read(sf, f, raw_key, key, model, tuple(expected[key].shape), in_out)
+        state[key] = (t.to(dtype) if t.is_floating_point() else t).contiguous().to(device)
     model.load_state_dict(state, strict=True, assign=True)
     lm = model.model.language_model
     head_weight = lm.embed_tokens.weight if cfg.text.tie_word_embeddings else model.lm_head.weight
