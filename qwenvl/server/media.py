@@ -211,18 +211,14 @@ class MediaFetcher:
         if not addresses:
             raise bad_request(f"{where}: host {host!r} has no address", where)
         for a in addresses:
-            reason = always_forbidden_reason(a)
-            if reason:
-                raise APIError(400, f"{where}: host {host!r} resolves to a {reason} address ({a}); the server "
-                               "never fetches such addresses, not even with --allow-private-urls",
-                               param=where, code="forbidden_url")
-        if not self.policy.allow_private_urls:
-            for a in addresses:
-                reason = forbidden_reason(a)
-                if reason:
-                    raise APIError(400, f"{where}: host {host!r} resolves to a {reason} address ({a}); the "
-                                   "server refuses such URLs (start it with --allow-private-urls to allow them)",
-                                   param=where, code="forbidden_url")
+            if reason := always_forbidden_reason(a):
+                why = "the server never fetches such addresses, not even with --allow-private-urls"
+            elif not self.policy.allow_private_urls and (reason := forbidden_reason(a)):
+                why = "the server refuses such URLs (start it with --allow-private-urls to allow them)"
+            else:
+                continue
+            raise APIError(400, f"{where}: host {host!r} resolves to a {reason} address ({a}); {why}",
+                           param=where, code="forbidden_url")
         return addresses[0]
 
 
