@@ -22,7 +22,7 @@ from .models import build_model
 from .prequantized import PrequantizedWeights
 from .quant_formats import UnsupportedQuantFormat
 from .quant_formats.spec import read_spec
-from .quantize import LoadQuantizer
+from .quantize import LoadQuantizer, use_cpu_int8_layout
 from .safetensors_reader import SafetensorsReader
 
 _EXPERT_SUFFIXES = (".experts.gate_up_proj", ".experts.down_proj")
@@ -203,7 +203,9 @@ def load_model(model_dir: str | Path, dtype: torch.dtype | str = torch.float32,
     if prequantized is not None:
         prequantized.install(model)
     model.load_state_dict(state, strict=True, assign=True)
+    del state
     leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if leftover:
         raise LoadError(f"{model_dir}: tensors left unloaded: {leftover[:5]}")
+    use_cpu_int8_layout(model)
     return model.eval(), cfg

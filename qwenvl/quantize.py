@@ -23,6 +23,7 @@ from torch import nn
 
 from .layers.moe import Experts
 from .layers.quantized_moe import QuantizedExperts
+from .layers.int8_vnni import int8_layout
 from .layers.quantized_linear import Int4Linear, Int8Linear, int4_group_size, quantize_int4, quantize_int8
 
 QUANTIZATION_MODES = ("int8", "int4")
@@ -112,7 +113,18 @@ def quantize_model(model: nn.Module, mode: str, group_size: int = 128, include_v
     tied = model.tied_output_weight()
     if tied is not None:
         model.use_output_head(quantized_linear(tied, None, mode, group_size))
+    use_cpu_int8_layout(model)
     return model
+
+
+def use_cpu_int8_layout(model: nn.Module) -> None:
+    """Where this CPU runs fbgemm's integer GEMM faster (layers/int8_vnni.py), move every int8 layer held on
+    the CPU into its layout, one layer at a time (so only one layer's weights are ever held twice)."""
+    if int8_layout() != "fbgemm":
+        return
+    for module in model.modules():
+        if isinstance(module, Int8Linear):
+            module.use_fbgemm_layout()
 
 
 class LoadQuantizer:

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .int8_vnni import FbgemmInt8Weight, per_channel_quantized
+
 DECODE_MAX_ROWS = 8                 # at most this many rows: PyTorch's packed matrix-vector kernels
 INT4_GROUP_SIZES = (256, 128, 64, 32)   # what _weight_int4pack_mm_for_cpu accepts
 _INT4_BLOCK_N = 64                  # the CPU int4 pack stores [N / 64, K, 32] bytes (see _unpack_cpu_int4)
@@ -123,6 +125,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("qweight", qweight.to(torch.int8).contiguous())          # [out, in]
         self.register_buffer("scales", scales.contiguous())                             # [out]
         self.register_buffer("bias", None if bias is None else bias.detach().to(scales.dtype))
+        self._fbgemm: FbgemmInt8Weight | None = None     # set by use_fbgemm_layout(): then qweight is None
 
     @classmethod
     def from_float(cls, linear: nn.Linear) -> "Int8Linear":
@@ -135,24 +138,40 @@ class Int8Linear(nn.Module):
             raise ValueError(f"int8: qweight {tuple(qweight.shape)} and scales {tuple(scales.shape)} do not fit")
         return cls(qweight, scales, bias)
 
+    def use_fbgemm_layout(self) -> None:
+        """Move the weights into fbgemm's packed layout (CPU; see int8_vnni.py for when and why). The plain
+        int8 matrix is dropped, so the layer keeps one copy of its weights."""
+        if self._fbgemm is None and self.qweight.device.type == "cpu":
+            quantized = per_channel_quantized(self.qweight, self.scales)
+            self.qweight = None                  # before packing: at most two copies of this layer at once
+            self._fbgemm = FbgemmInt8Weight(quantized, self.scales.dtype)
+
+    @property
+    def packed_weight_bytes(self) -> int:
+        """Bytes of weights held outside the module's buffers (the fbgemm layout), else 0."""
+        return 0 if self._fbgemm is None else self._fbgemm.nbytes()
+
     def dequantize(self) -> torch.Tensor:
-        return self.qweight.to(self.scales.dtype) * self.scales[:, None]
+        qweight = self.qweight if self._fbgemm is None else self._fbgemm.unpack()[0]
+        return qweight.to(self.scales.dtype) * self.scales[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)                                          # [R, in]
-        scales = self.scales.to(x.dtype)
-        if x.device.type == "cpu" and x2.shape[0] <= DECODE_MAX_ROWS:
-            y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.qweight, scales)
+        if self._fbgemm is not None:
+            y = self._fbgemm.matmul(x2).to(x.dtype)
+        elif x.device.type == "cpu" and x2.shape[0] <= DECODE_MAX_ROWS:
+            y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.qweight, self.scales.to(x.dtype))
         else:       # integers are exact in bf16: cast, multiply, then scale the output columns
             w = _scratch_matrix(self.out_features, self.in_features, x.dtype, x.device).copy_(self.qweight)
-            y = F.linear(x2, w).mul_(scales)
+            y = F.linear(x2, w).mul_(self.scales.to(x.dtype))
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
         return y.view(*lead, self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+        layout = "" if self._fbgemm is None else ", fbgemm layout"
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8{layout}"
 
 
 # ------------------------------------------------------------------------------------------- int4
