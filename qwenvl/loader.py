@@ -22,6 +22,7 @@ from .models import build_model
 from .prequantized import PrequantizedWeights
 from .quant_formats import UnsupportedQuantFormat
 from .quant_formats.spec import read_spec
+from .layers.side_by_side import fuse_side_by_side
 from .quantize import LoadQuantizer, use_cpu_int8_layout
 from .safetensors_reader import SafetensorsReader
 
@@ -172,14 +173,16 @@ def _read_experts_quantized(sf: SafetensorsReader, raw_key: str, key: str, want:
 
 
 def load_model(model_dir: str | Path, dtype: torch.dtype | str = torch.float32,
-               device: torch.device | str = "cpu", quantizer: LoadQuantizer | None = None
-               ) -> tuple[torch.nn.Module, ModelConfig]:
+               device: torch.device | str = "cpu", quantizer: LoadQuantizer | None = None,
+               fuse: bool = False) -> tuple[torch.nn.Module, ModelConfig]:
     """Build the checkpoint's model on `device` in `dtype` and fill it from its safetensors; -> (model, cfg).
 
     With a `quantizer` (qwenvl/quantize.py) the linears it targets are quantised tensor by tensor while
     reading; the strict checks still run against the checkpoint's own float names and shapes.
     A pre-quantised checkpoint (AWQ, GPTQ, FP8: qwenvl/prequantized.py) loads its packed layers into our
-    quantised layers; a `quantizer` then applies only to the linears that are float after that."""
+    quantised layers; a `quantizer` then applies only to the linears that are float after that.
+    `fuse` stacks q/k/v and gate/up into one product each (qwenvl/layers/side_by_side.py): for inference
+    only, since adapters and tensor-parallel shards address the separate layers."""
     model_dir = Path(model_dir)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
@@ -207,5 +210,7 @@ def load_model(model_dir: str | Path, dtype: torch.dtype | str = torch.float32,
     leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if leftover:
         raise LoadError(f"{model_dir}: tensors left unloaded: {leftover[:5]}")
+    if fuse:
+        fuse_side_by_side(model)              # before the int8 layout: stacking needs the plain matrices
     use_cpu_int8_layout(model)
     return model.eval(), cfg

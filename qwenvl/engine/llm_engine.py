@@ -114,7 +114,8 @@ class LLMEngine:
             self.tp = TensorParallelGroup(self.model_dir, self.dtype, self.device, config.tensor_parallel_size)
             self.model, self.cfg = self.tp.model, self.tp.cfg
         else:
-            self.model, self.cfg = load_model(self.model_dir, dtype=self.dtype, device=self.device, quantizer=quantizer)
+            self.model, self.cfg = load_model(self.model_dir, dtype=self.dtype, device=self.device, quantizer=quantizer,
+                                              fuse=True)
         self.tokenizer = Tokenizer.from_dir(self.model_dir)
         self.preprocessor = PreprocessorConfig.from_dir(self.model_dir)
         # temperature/top_p/top_k/repetition_penalty for requests that leave them out

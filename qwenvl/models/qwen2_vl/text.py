@@ -13,7 +13,10 @@ from torch import nn
 from ...config import TextConfig
 from ...layers.attention import AttentionBackend
 from ...layers.norms import RMSNorm
+from ...layers import side_by_side
 from ...layers.rotary import apply_rotary, mrope_cos_sin
+
+QKV, GATE_UP = ("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")
 
 
 class SelfAttention(nn.Module):
@@ -31,11 +34,15 @@ class SelfAttention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.qk_norm = cfg.qk_norm
 
+    def fuse_side_by_side(self) -> int:
+        return side_by_side.fuse(self, QKV, "qkv_proj")
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
         n = x.shape[0]
-        q = self.q_proj(x).view(n, self.num_heads, self.head_dim)             # [N, Hq, Dh]
-        k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)          # [N, Hkv, Dh]
-        v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
+        q, k, v = side_by_side.outputs(self, x, QKV, "qkv_proj")
+        q = q.view(n, self.num_heads, self.head_dim)                           # [N, Hq, Dh]
+        k = k.view(n, self.num_kv_heads, self.head_dim)                        # [N, Hkv, Dh]
+        v = v.view(n, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
@@ -50,9 +57,15 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(dim, hidden, bias=bias)
         self.down_proj = nn.Linear(hidden, dim, bias=bias)
 
+    def fuse_side_by_side(self) -> int:
+        return side_by_side.fuse(self, GATE_UP, "gate_up_proj")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled():                                            # training: autograd needs them
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if getattr(self, "gate_up_proj", None) is not None:                   # fused for inference
+            gate, up = self.gate_up_proj(x)
+            return self.down_proj(F.silu(gate, inplace=True).mul_(up))
         h = F.silu(self.gate_proj(x), inplace=True)                          # [N, I]: in place, so a long
         return self.down_proj(h.mul_(self.up_proj(x)))                        # prefill holds two [N, I], not four
 

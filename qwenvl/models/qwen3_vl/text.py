@@ -15,7 +15,10 @@ from torch import nn
 from qwenvl.config import TextConfig
 from qwenvl.layers.moe import SparseMoeBlock
 from qwenvl.layers.norms import RMSNorm
+from qwenvl.layers import side_by_side
 from qwenvl.layers.rotary import apply_rotary, mrope_cos_sin
+
+QKV, GATE_UP = ("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")
 
 
 class Attention(nn.Module):
@@ -32,11 +35,15 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
 
+    def fuse_side_by_side(self) -> int:
+        return side_by_side.fuse(self, QKV, "qkv_proj")
+
     def forward(self, x, cos, sin, attn) -> torch.Tensor:
         N = x.shape[0]
-        q = self.q_norm(self.q_proj(x).view(N, self.hq, self.hd))     # [N, Hq, hd]
-        k = self.k_norm(self.k_proj(x).view(N, self.hkv, self.hd))    # [N, Hkv, hd]
-        v = self.v_proj(x).view(N, self.hkv, self.hd)
+        q, k, v = side_by_side.outputs(self, x, QKV, "qkv_proj")
+        q = self.q_norm(q.view(N, self.hq, self.hd))                  # [N, Hq, hd]
+        k = self.k_norm(k.view(N, self.hkv, self.hd))                 # [N, Hkv, hd]
+        v = v.view(N, self.hkv, self.hd)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         out = attn.attend(self.layer_idx, q, k, v)                    # [N, Hq, hd]
         return self.o_proj(out.reshape(N, self.hq * self.hd))
@@ -51,8 +58,12 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
+    def fuse_side_by_side(self) -> int:
+        return side_by_side.fuse(self, GATE_UP, "gate_up_proj")
+
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = side_by_side.outputs(self, x, GATE_UP, "gate_up_proj")
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
