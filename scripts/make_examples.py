@@ -7,12 +7,14 @@
 
     .venv/bin/python scripts/make_examples.py
 
-Each file stays far under 100 KB. examples/shapes.png, chart.png and word.png come from the synthetic
-generator (qwenvl/synthetic/); examples/train.jsonl and predictions.jsonl are written by hand.
+Each file stays far under 100 KB. examples/chart.png and word.png are drawn by `python -m qwenvl.web.examples`,
+shapes.png is a synthetic scene (qwenvl/synthetic/); examples/train.jsonl and predictions.jsonl are written
+by hand.
 """
 
 import random
 import sys
+import time
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -52,7 +54,9 @@ def make_invoice() -> None:
 def make_pdf(table: Image.Image) -> None:
     pages = [Image.open(EXAMPLES / "shapes.png").convert("RGB"), Image.open(EXAMPLES / "chart.png").convert("RGB"),
              table.convert("RGB")]
-    pages[0].save(EXAMPLES / "report.pdf", save_all=True, append_images=pages[1:], resolution=72.0, quality=80)
+    when = time.gmtime(1704067200)                          # fixed dates (2024-01-01): the same bytes on every run
+    pages[0].save(EXAMPLES / "report.pdf", save_all=True, append_images=pages[1:], resolution=72.0, quality=80,
+                  title="qwenvl example report", creationDate=when, modDate=when)
 
 
 def make_clip(seconds: int = 2, fps: int = 8, size: tuple[int, int] = (224, 128)) -> None:
