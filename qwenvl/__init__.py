@@ -1,7 +1,7 @@
 """qwenvl: an open implementation of the Qwen-VL system.
 
     from qwenvl import LLM, SamplingParams
-    out = LLM().chat([{"role": "user", "content": [{"image": "cat.png"}, {"text": "What is this?"}]}])
+    out = LLM().chat([{"role": "user", "content": [{"image": "examples/shapes.png"}, {"text": "What color is the circle?"}]}])
 """
 
 from .sampling_params import SamplingParams

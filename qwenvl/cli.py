@@ -47,13 +47,14 @@ def _expand_pdfs(images: list[str], pages: str | None, max_pixels: int) -> list:
     """Each `.pdf` among the --image paths becomes its pages' images (in page order), rendered to fit."""
     from .inputs.pdf import PdfLimits, render_pdf
     out: list = []
+    pdfs = [src for src in images if src.lower().endswith(".pdf") and Path(src).is_file()]
+    if pages and not pdfs:
+        raise ValueError("--pages applies to a PDF given with --image; none was given")
     for src in images:
-        if src.lower().endswith(".pdf") and Path(src).is_file():
+        if src in pdfs:
             out.extend(render_pdf(Path(src).read_bytes(), src, pages, PdfLimits(max_pixels=max_pixels)))
         else:
             out.append(src)
-    if pages and len(out) == len(images):
-        raise ValueError("--pages applies to a PDF given with --image; none was given")
     return out
 
 

@@ -81,6 +81,18 @@ def test_cli_chat_reads_a_pdf_and_its_pages(tmp_path):
     assert out.returncode == 2 and "outside 1-5" in out.stderr and "Traceback" not in out.stderr
 
 
+def test_cli_pages_picks_one_page_and_needs_a_pdf(tmp_path):
+    """One page of one PDF is one image, as many as --image gave: still a PDF's page, not "no PDF given"."""
+    from qwenvl.cli import _expand_pdfs
+    report = tmp_path / "report.pdf"
+    report.write_bytes(make_pdf())
+    (page,) = _expand_pdfs([str(report)], "4", max_pixels=50_000)
+    assert aspect(page.size) == pytest.approx(aspect(SIZES[3]), rel=0.05)
+    assert len(_expand_pdfs([str(report), "a.png"], "2", max_pixels=50_000)) == 2
+    with pytest.raises(ValueError, match="--pages applies to a PDF"):
+        _expand_pdfs(["a.png"], "1", max_pixels=50_000)
+
+
 def test_a_pdf_in_a_message_becomes_its_pages(tmp_path):
     """LLM.chat: a `.pdf` path or data:application/pdf where an image goes; `pages` picks them."""
     import base64

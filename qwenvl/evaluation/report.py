@@ -8,8 +8,10 @@ from pathlib import Path
 COLUMNS = [("docvqa", "DocVQA"), ("chartqa", "ChartQA"), ("ai2d", "AI2D"), ("textvqa", "TextVQA"),
            ("mmmu", "MMMU"), ("mathvista", "MathVista"), ("mmbench_cn", "MM-Bench-CN")]
 
-SEED_SOURCE = ("/work/shared/seed-introducing-qwen-vl.md: the 'Introducing Qwen-VL' blog post "
-               "(2024-01-25), its benchmark table")
+# Cited by its public address: the copy this table was read from sat on a developer's machine, whose
+# path means nothing to a report's reader.
+SEED_SOURCE = ("the 'Introducing Qwen-VL' blog post (Qwen team, 2024-01-25, https://qwenlm.github.io/blog/qwen-vl/), "
+               "its benchmark table")
 # Every number below is copied from that table, row by row. Superscripts 1/2/3 there are printed
 # without explanation and are left out. The seed gives no numbers for the open Qwen-VL / Qwen-VL-Chat
 # models (only the API models Qwen-VL-Plus and Qwen-VL-Max), so none are shown for them.
@@ -17,7 +19,7 @@ REFERENCE_ROWS = [
     ("Other best open-source LVLM", [81.6, 68.4, 73.7, 76.1, 45.9, 36.7, 72.4],
      "CogAgent / CogAgent / Fuyu-Medium / CogAgent / Yi-VL-34B / SPHINX-V2 / InternLM-XComposer-VL"),
     ("Gemini Pro", [88.1, 74.1, 73.9, 74.6, 47.9, 45.2, 74.3], ""),
-    ("Gemini Ultra", [90.9, 80.8, 79.5, 82.3, 59.4, 53.0, None], "MM-Bench-CN: '-' in the seed"),
+    ("Gemini Ultra", [90.9, 80.8, 79.5, 82.3, 59.4, 53.0, None], "MM-Bench-CN: '-' in the post"),
     ("GPT-4V", [88.4, 78.5, 78.2, 78.0, 56.8, 49.9, 73.9], ""),
     ("Qwen-VL-Plus", [91.4, 78.1, 75.9, 78.9, 45.2, 43.3, 68.0], ""),
     ("Qwen-VL-Max", [93.1, 79.8, 79.3, 79.5, 51.4, 50.0, 75.1], ""),
@@ -47,7 +49,7 @@ def to_markdown(report: dict) -> str:
     model = report["rows"][0]
     n = ", ".join(f"{k}: {v}" for k, v in model["n"].items())
     lines += ["", f"{model['model']}: this run ({n} scored items; MM-Bench-CN counts circular groups).",
-              f"Reference rows: {SEED_SOURCE}. The seed gives no numbers for the open Qwen-VL / "
+              f"Reference rows: {SEED_SOURCE}. The post gives no numbers for the open Qwen-VL / "
               "Qwen-VL-Chat checkpoints, so no row is shown for them.",
               f"Other best open-source LVLM, per column: {REFERENCE_ROWS[0][2]}."]
     return "\n".join(lines) + "\n"
@@ -76,7 +78,7 @@ def plot(report: dict, path) -> None:
     ax.set_ylabel("score (%)")
     ax.set_ylim(0, 100)
     ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.08))
-    ax.set_title("Benchmarks of the Qwen-VL blog (reference rows from the seed) and this run")
+    ax.set_title("Benchmarks of the Qwen-VL blog post (reference rows) and this run")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

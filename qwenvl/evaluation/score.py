@@ -3,6 +3,7 @@ and the aggregate per benchmark."""
 
 import json
 import random
+from pathlib import Path
 from typing import Callable, Iterable, Optional
 
 from .metrics.anls import anls
@@ -80,6 +81,7 @@ def format_summary(summary: dict) -> str:
 
 
 def write_rows(rows: list[dict], path: str) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)     # `--per-record out/scores.jsonl` in a fresh clone
     with open(path, "w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")

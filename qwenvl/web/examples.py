@@ -11,8 +11,9 @@ from pathlib import Path
 EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "examples"
 
 # (label, image file, prompt, the bundled model can do it). The bundled demonstration model was trained on
-# counting, colour and grounding only (README "The bundled model"), in its own phrasing: offering it reading
-# or a chart would show a first-time user a wrong answer; any real checkpoint gets them all.
+# counting, colour and grounding only (README "The bundled model", docs/bundled-model.md), in its own
+# phrasing: offering it reading or a chart would show a first-time user a wrong answer; any real checkpoint
+# gets them all.
 EXAMPLES = [
     ("Count", "shapes.png", "How many triangles are there?", True),
     ("Colour", "shapes.png", "What color is the circle?", True),
