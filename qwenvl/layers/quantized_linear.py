@@ -1,6 +1,6 @@
 """Weight-only quantised linears with nn.Linear's interface: int8 per output channel, int4 group-wise.
 
-Which kernel runs, and why (measured on this repo's 2-core Xeon, AMX, torch 2.13, a 1536 -> 8960 product,
+Which kernel runs, and why (measured on a 2-core Xeon with AMX, torch 2.13, a 1536 -> 8960 product,
 bfloat16 activations; `python bench/throughput.py` re-measures the end-to-end effect):
 
   rows |  bf16 F.linear | _weight_int8pack_mm | _weight_int4pack_mm_for_cpu | cast to bf16 scratch + GEMM
@@ -14,6 +14,11 @@ once per token, so this is the decode speed-up) but scale linearly with rows, wh
 not: from `DECODE_MAX_ROWS + 1` rows on (prefill, vision-heavy prompts, large batches) the layer writes
 its integer weights into a reused bf16 scratch matrix and runs the GEMM, which costs ~7% over plain bf16
 for int8. On other devices (CUDA) the layer dequantises the same way: the math is identical.
+
+That table is the plain int8 layout. On CPUs with VNNI and no AMX (Zen 4 EPYC) the int8 kernel above is
+compute bound (~17 GB/s of int8, no faster than bf16), and the layer moves into fbgemm's packed layout
+after loading (`use_fbgemm_layout`, layers/int8_vnni.py), which serves every row count: 1.35-1.45x the
+plain layout's batch-1 decode there (`bench/int8_layouts.py --engine`).
 
 Conventions (the AWQ/GPTQ ones, so published checkpoints repack without re-quantising):
   int8: w[o, i] = q[o, i] * scale[o]                               q in -127..127
