@@ -3,7 +3,9 @@
 Every nn.Linear of the language model, and the output head, becomes the quantised layer of the same
 interface (qwenvl/layers/quantized_linear.py). The vision tower stays in its float dtype unless asked: it
 runs once per image over hundreds of rows, compute bound, where a quantised weight saves memory but no time.
-A tied output head is quantised as a copy of the embedding; the embedding lookup itself stays exact.
+A tied output head is quantised as a copy of the embedding. The embedding table itself is kept in int8
+rows (layers/quantized_embedding.py): a step reads only its new tokens' rows, so the table is memory, not
+speed, and each looked-up row is dequantised within half a step of the float row.
 The head takes the requested mode too: an int8 head under int4 (as llama.cpp's Q4_K_M keeps its output
 matrix at 6 bits) was measured and left out: no change in the bundled model's task scores, 15% slower
 decode at 2B widths, since PyTorch's int8 kernel is no faster than bf16 on a 151936-row matrix here.
@@ -24,12 +26,14 @@ from torch import nn
 from .layers.moe import Experts
 from .layers.quantized_moe import QuantizedExperts
 from .layers.int8_vnni import int8_layout
+from .layers.quantized_embedding import Int8Embedding
 from .layers.quantized_linear import Int4Linear, Int8Linear, int4_group_size, quantize_int4, quantize_int8
 
 QUANTIZATION_MODES = ("int8", "int4")
 _LANGUAGE_PREFIXES = ("model.language_model.", "lm_head")
 _VISION_PREFIX = "model.visual."
 _TIED_HEAD = "output_head"
+_EMBEDDING = "model.language_model.embed_tokens"
 
 
 def check_quantization(mode: str | None) -> str | None:
@@ -113,6 +117,7 @@ def quantize_model(model: nn.Module, mode: str, group_size: int = 128, include_v
     tied = model.tied_output_weight()
     if tied is not None:
         model.use_output_head(quantized_linear(tied, None, mode, group_size))
+    _replace(model, _EMBEDDING, Int8Embedding.from_float(model.get_submodule(_EMBEDDING).weight))
     use_cpu_int8_layout(model)
     return model
 
@@ -158,8 +163,10 @@ class LoadQuantizer:
         if tied is not None:
             model.use_output_head(_empty_quantized_linear(tied.shape[1], tied.shape[0], False, dtype,
                                                           self.mode, self.group_size))
-            self._tied_key = "model.language_model.embed_tokens.weight"
+            self._tied_key = f"{_EMBEDDING}.weight"
             self._layers[f"{_TIED_HEAD}.weight"] = self._layer_format(tied.shape[1])
+        emb = model.get_submodule(_EMBEDDING)
+        _replace(model, _EMBEDDING, Int8Embedding.empty(emb.num_embeddings, emb.embedding_dim, dtype))
 
     def _layer_format(self, in_features: int) -> tuple[str, int]:
         g = _int4_group(in_features, self.mode, self.group_size)
@@ -168,11 +175,14 @@ class LoadQuantizer:
     def convert(self, key: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
         if key in self._experts:
             return self._quantized_experts(key, tensor)
-        out = {} if key in self._layers else {key: tensor}
+        out = {} if key in self._layers or key == f"{_EMBEDDING}.weight" else {key: tensor}
         if key in self._layers:
             out.update(self._quantized_buffers(key, tensor))
         if key == self._tied_key:
             out.update(self._quantized_buffers(f"{_TIED_HEAD}.weight", tensor))
+        if key == f"{_EMBEDDING}.weight":
+            table = Int8Embedding.from_float(tensor)
+            out.update({f"{_EMBEDDING}.{name}": t for name, t in table.named_buffers()})
         return out
 
     def _quantized_buffers(self, weight_key: str, w: torch.Tensor) -> dict[str, torch.Tensor]:

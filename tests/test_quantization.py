@@ -184,3 +184,19 @@ def test_an_unreadable_prequantised_checkpoint_is_refused_by_name(ckpt, tmp_path
     (folder / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(LoadError, match=named):
         load_model(folder)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_the_embedding_table_is_int8_rows_within_half_a_step(ckpt, mode):
+    from qwenvl.layers.quantized_embedding import Int8Embedding
+    from qwenvl.quantize import LoadQuantizer
+    ref, _ = load_model(ckpt, dtype="float32")
+    table = ref.model.language_model.embed_tokens.weight.detach()
+    streamed, _ = load_model(ckpt, dtype="float32", quantizer=LoadQuantizer(mode))
+    emb = streamed.model.language_model.embed_tokens
+    assert isinstance(emb, Int8Embedding) and emb.qweight.dtype == torch.int8
+    ids = torch.tensor([0, 5, 17, table.shape[0] - 1])
+    step = table.abs().amax(dim=1) / 127
+    assert ((emb(ids) - table[ids]).abs() <= step[ids, None] / 2 + 1e-7).all()
+    swapped = quantize_model(load_model(ckpt, dtype="float32")[0], mode).model.language_model.embed_tokens
+    assert torch.equal(swapped(ids), emb(ids))

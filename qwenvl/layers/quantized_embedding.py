@@ -1,0 +1,44 @@
+"""An embedding table in int8, one scale per row, for quantised models.
+
+Why: the table is the largest single matrix of a small model (151936 x 1536 = 467 MB in bf16 at 2B widths,
+a fifth of the language model) but each step reads only the rows of its new tokens, so its size is all
+memory and no speed. The rows are quantised as an int8 layer quantises its output rows (symmetric, per
+row: qwenvl/layers/quantized_linear.py), and a looked-up row is dequantised, within half a step of the
+float row. For a tied model the output head keeps its own quantised copy, in the layout its kernel wants.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .quantized_linear import quantize_int8
+
+
+class Int8Embedding(nn.Module):
+    """nn.Embedding's lookup over int8 rows: table[ids] = qweight[ids] * scales[ids]."""
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = qweight.shape
+        self.register_buffer("qweight", qweight)                 # int8 [V, D]
+        self.register_buffer("scales", scales)                   # [V], the model dtype
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor) -> "Int8Embedding":
+        return cls(*quantize_int8(weight.detach()))
+
+    @classmethod
+    def empty(cls, num_embeddings: int, embedding_dim: int, dtype: torch.dtype) -> "Int8Embedding":
+        """Meta-device buffers of the right shapes, for the loader to fill."""
+        return cls(torch.empty(num_embeddings, embedding_dim, dtype=torch.int8, device="meta"),
+                   torch.empty(num_embeddings, dtype=dtype, device="meta"))
+
+    def dequantize(self) -> torch.Tensor:
+        return self.qweight.to(self.scales.dtype) * self.scales[:, None]
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.qweight[ids].to(self.scales.dtype).mul_(self.scales[ids].unsqueeze(-1))
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int8"
