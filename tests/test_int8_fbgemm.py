@@ -48,6 +48,12 @@ def test_a_rows_result_does_not_depend_on_its_batch():
         assert torch.equal(packed(x[i:i + 1]), batched[i:i + 1])
 
 
+def test_an_all_zero_row_gives_the_bias():
+    _, packed = _layers(torch.bfloat16)
+    y = packed(torch.zeros(2, 256, dtype=torch.bfloat16))
+    assert torch.equal(y, packed.bias.expand(2, -1))
+
+
 def test_the_layout_keeps_one_copy_and_dequantises_exactly():
     plain, packed = _layers(torch.bfloat16, out_f=192)
     assert packed.qweight is None and "qweight" not in packed.state_dict()

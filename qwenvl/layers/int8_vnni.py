@@ -103,8 +103,8 @@ def _split_rows(x: torch.Tensor, n_passes: int) -> tuple[torch.Tensor, torch.Ten
     """x [R, K] -> (passes [P*R, K] float32 whose values the GEMM rounds to integers in [-63, 63], the row
     scales m [R, 1]) with x = m * sum_p round(pass_p) / 126^p up to the last pass's rounding.
     Every step is one op writing in place: at decode these run ~200 times a token."""
-    row_scale = x.abs().amax(dim=1, keepdim=True).float().clamp_(min=torch.finfo(torch.float32).tiny)
-    row_scale.div_(_LEVEL)
+    row_scale = x.abs().amax(dim=1, keepdim=True).float().div_(_LEVEL)
+    row_scale.clamp_(min=torch.finfo(torch.float32).tiny)         # an all-zero row: 0 / tiny, not 0 / 0
     out = torch.empty(n_passes, *x.shape, dtype=torch.float32)
     passes = out.unbind(0)
     torch.div(x, row_scale, out=passes[0])
