@@ -229,7 +229,8 @@ def decode_weight_bytes(model) -> int:
     tensors = list(model.named_parameters()) + list(model.named_buffers())
     n = sum(t.numel() * t.element_size() for name, t in tensors if name.startswith(read))
     # int8 layers in fbgemm's layout (qwenvl/layers/int8_vnni.py) hold their weights outside the buffers
-    n += sum(getattr(m, "packed_weight_bytes", 0) for name, m in model.named_modules() if name.startswith(read))
+    n += sum(getattr(m, "packed_weight_bytes", 0) for name, m in model.named_modules()
+             if name.startswith(read) or name in ("lm_head", "output_head"))
     heads = {name.split(".")[0] for name, _ in tensors if name.startswith(("lm_head.", "output_head."))}
     if not heads:
         n += sum(t.numel() * t.element_size() for name, t in tensors

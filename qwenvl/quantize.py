@@ -122,14 +122,16 @@ def quantize_model(model: nn.Module, mode: str, group_size: int = 128, include_v
     return model
 
 
-def use_cpu_int8_layout(model: nn.Module) -> None:
+def use_cpu_int8_layout(model: nn.Module, after_each=lambda: None) -> None:
     """Where this CPU runs fbgemm's integer GEMM faster (layers/int8_vnni.py), move every int8 layer held on
-    the CPU into its layout, one layer at a time (so only one layer's weights are ever held twice)."""
+    the CPU into its layout, one layer at a time (so only one layer's weights are ever held twice), calling
+    `after_each()` after each (the loader returns the plain matrix's memory there)."""
     if int8_layout() != "fbgemm":
         return
     for module in model.modules():
         if isinstance(module, Int8Linear):
             module.use_fbgemm_layout()
+            after_each()
 
 
 class LoadQuantizer:
