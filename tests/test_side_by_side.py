@@ -70,7 +70,7 @@ def test_the_engine_fuses_and_answers_as_the_unfused_model(tiny_checkpoint, monk
     fused = LLM(ckpt, dtype="float32", quantization=quantization)
     names = {n.rsplit(".", 1)[-1] for n, _ in fused.engine.model.named_modules()}
     assert {"qkv_proj", "gate_up_proj"} <= names and not {"q_proj", "gate_proj"} & names
-    monkeypatch.setattr(loader, "fuse_side_by_side", lambda model: 0)
+    monkeypatch.setattr(loader, "fuse_side_by_side", lambda model, after_each: 0)
     unfused = LLM(ckpt, dtype="float32", quantization=quantization)
     assert any(n.endswith("q_proj") for n, _ in unfused.engine.model.named_modules())
     assert fused.chat(msgs, greedy).token_ids == unfused.chat(msgs, greedy).token_ids
