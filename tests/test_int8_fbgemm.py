@@ -98,3 +98,17 @@ def test_an_int8_model_loads_into_either_layout_and_answers_alike(tiny_checkpoin
         assert layers and all((m.packed_weight_bytes > 0) == (layout == "fbgemm") for m in layers)
         answers[layout] = llm.chat(msgs, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)).token_ids
     assert answers["plain"] == answers["fbgemm"] and len(answers["plain"]) == 6
+
+
+def test_a_quantised_vision_tower_keeps_the_plain_layout(tiny_checkpoint, monkeypatch):
+    monkeypatch.setenv(int8_vnni.LAYOUT_ENV, "fbgemm")
+    int8_vnni.int8_layout.cache_clear()
+    try:
+        llm = LLM(tiny_checkpoint("qwen2_vl"), quantization="int8", quantize_vision=True, dtype="float32")
+    finally:
+        int8_vnni.int8_layout.cache_clear()
+    layers = {n: m for n, m in llm.engine.model.named_modules() if isinstance(m, Int8Linear)}
+    vision = [m for n, m in layers.items() if n.startswith("model.visual.")]
+    language = [m for n, m in layers.items() if not n.startswith("model.visual.")]
+    assert vision and all(m.packed_weight_bytes == 0 for m in vision)
+    assert language and all(m.packed_weight_bytes > 0 for m in language)
