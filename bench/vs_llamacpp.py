@@ -1,0 +1,388 @@
+"""qwenvl against llama.cpp on the same weights: batch-1 decode and prefill tokens/s, one run.
+
+    .venv/bin/python bench/vs_llamacpp.py                  # build (once), convert (once), measure, print the table
+    .venv/bin/python bench/vs_llamacpp.py --build-only     # just fetch and build llama.cpp
+
+1. llama.cpp is built once under runs/llamacpp/ from the `llama-cpp-python` source package on PyPI (its
+   sdist vendors llama.cpp under vendor/llama.cpp): `pip download --no-binary :all: --no-deps`, a small
+   idempotent patch (see `patch_amx_tile_config`), then cmake: Release, CPU only, -march=native, the
+   plain tools llama-bench and llama-quantize.
+2. The language model of bench/throughput.py's random-weight Qwen2-VL-2B-widths checkpoint is converted
+   to GGUF with the converter from that same source tree (`convert_hf_to_gguf.py` + the `gguf` package):
+   BF16, then `llama-quantize` to Q8_0 and Q4_K_M. Converted once, cached beside the build.
+3. Measured in this one run, one after the other: the machine's read bandwidth (throughput.py's tensor
+   copy), llama.cpp's `llama-bench` (-t = torch's thread count) for each GGUF, decode (tg) and prefill (pp),
+   and qwenvl's batch-1 decode and text prefill of the same lengths for bf16 / int8 / int4, each qwenvl mode
+   in its own child process. One table: llama.cpp tok/s, qwenvl tok/s, ratio; each side's decode as a
+   fraction of its read roofline (bandwidth / bytes of weights read per token).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))       # throughput.py's builder and helpers, imported
+
+HOME = ROOT / "runs" / "llamacpp"
+PACKAGE = "llama-cpp-python"
+TOOLS = ("llama-bench", "llama-quantize")
+GGUF_TYPES = ("BF16", "Q8_0", "Q4_K_M")
+# which qwenvl mode stands beside which GGUF type (same bits per weight, or as close as the formats get)
+PAIRS = (("bf16", "BF16"), ("int8", "Q8_0"), ("int4", "Q4_K_M"))
+AMX_MARKER = "qwenvl bench/vs_llamacpp.py: keep the tile config stores"
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- llama.cpp: source and build
+def source_tree(home: Path, version: str | None) -> Path:
+    """vendor/llama.cpp of the llama-cpp-python sdist: downloaded from PyPI once (or the pinned version),
+    extracted beside it."""
+    home.mkdir(parents=True, exist_ok=True)
+    pattern = f"llama_cpp_python-{version}.tar.gz" if version else "llama_cpp_python-*.tar.gz"
+    sdists = sorted(home.glob(pattern), key=lambda p: p.stat().st_mtime)
+    if not sdists:
+        spec = f"{PACKAGE}=={version}" if version else PACKAGE
+        log(f"downloading the {spec} source package from PyPI ...")
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps",
+                        "--no-build-isolation", "--no-cache-dir", "-d", str(home), spec], check=True,
+                       stdout=subprocess.DEVNULL)
+        sdists = sorted(home.glob(pattern), key=lambda p: p.stat().st_mtime)
+        if not sdists:
+            raise SystemExit(f"pip download left no {pattern} in {home}")
+    sdist = sdists[-1]
+    root = home / sdist.name.removesuffix(".tar.gz")
+    tree = root / "vendor" / "llama.cpp"
+    if not (tree / "CMakeLists.txt").exists():
+        log(f"extracting {sdist.name} ...")
+        with tarfile.open(sdist) as tar:
+            tar.extractall(home, filter="data")
+        if not (tree / "CMakeLists.txt").exists():
+            raise SystemExit(f"{sdist.name} has no vendor/llama.cpp/CMakeLists.txt; not the layout this script knows")
+    return tree
+
+
+def patch_amx_tile_config(text: str) -> str:
+    """ggml's AMX kernels fill a local tile_config_t and hand its address to `_tile_loadconfig`. GCC 12's
+    builtin for it does not tell the compiler that the instruction reads that memory, so the stores that fill
+    the struct are dropped as dead and LDTILECFG loads an unconfigured tile palette: the first AMX Q8_0 tile
+    instruction then faults (seen on Intel CPUs with AMX). An empty asm with a memory clobber before the
+    load keeps the stores. Idempotent: a second call returns the text unchanged."""
+    if AMX_MARKER in text:
+        return text
+    call = "    _tile_loadconfig(&tc);\n"
+    start = text.find("ggml_tile_config_init(void)")
+    at = text.find(call, start) if start >= 0 else -1
+    if at < 0:
+        raise ValueError("ggml_tile_config_init's `_tile_loadconfig(&tc);` not found")
+    barrier = (f"    // {AMX_MARKER}: GCC 12 drops them otherwise (the builtin hides that it reads tc)\n"
+               "    __asm__ __volatile__(\"\" ::: \"memory\");\n")
+    return text[:at] + barrier + text[at:]
+
+
+def apply_amx_patch(tree: Path) -> None:
+    path = tree / "ggml" / "src" / "ggml-cpu" / "amx" / "mmq.cpp"
+    if not path.exists():
+        log(f"note: {path.relative_to(tree)} is not in this llama.cpp; no AMX patch needed")
+        return
+    text = path.read_text()
+    try:
+        patched = patch_amx_tile_config(text)
+    except ValueError as e:
+        log(f"warning: AMX patch not applied ({e}); only matters on a CPU with AMX built with GCC 12")
+        return
+    if patched != text:
+        path.write_text(patched)
+        log("patched ggml-cpu/amx/mmq.cpp (compiler barrier before _tile_loadconfig)")
+
+
+def ensure_build_tools() -> None:
+    """cmake and a C++ compiler; installed with apt-get where missing and allowed (root)."""
+    missing = [t for t in ("cmake", "c++", "make") if shutil.which(t) is None]
+    if not missing:
+        return
+    if shutil.which("apt-get") is None or os.geteuid() != 0:
+        raise SystemExit(f"missing build tools {missing}: install cmake and a C++ compiler (build-essential)")
+    log(f"installing cmake build-essential with apt-get (missing: {', '.join(missing)}) ...")
+    subprocess.run(["apt-get", "update"], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(["apt-get", "install", "-y", "cmake", "build-essential"], check=True, stdout=subprocess.DEVNULL)
+
+
+def build_llamacpp(tree: Path, build: Path, jobs: int) -> Path:
+    """Release, CPU only, -march=native (GGML_NATIVE), static; only the tools the bench runs. Once: a stamp
+    names the source it was built from."""
+    stamp = build / "BUILT_FROM"
+    bin_dir = build / "bin"
+    source = str(tree.resolve())
+    if stamp.exists() and stamp.read_text() == source and all((bin_dir / t).exists() for t in TOOLS):
+        return bin_dir
+    ensure_build_tools()
+    apply_amx_patch(tree)
+    t0 = time.perf_counter()
+    log(f"building llama.cpp ({', '.join(TOOLS)}) in {build} with -j{jobs}; about five minutes on two cores ...")
+    configure = ["cmake", "-S", str(tree), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON",
+                 "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
+                 "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF"]
+    subprocess.run(configure, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(["cmake", "--build", str(build), "--config", "Release", "-j", str(jobs), "--target", *TOOLS],
+                   check=True, stdout=subprocess.DEVNULL)
+    stamp.write_text(source)
+    log(f"  built in {time.perf_counter() - t0:.0f} s")
+    return bin_dir
+
+
+# --------------------------------------------------------------------------- GGUF conversion
+# Qwen2's pre-tokenizer split, as in Qwen2-VL's tokenizer.json (and bench/throughput.py's small BPE one).
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+               r"\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def pre_tokenizer_is_qwen2(tokenizer_json: dict) -> bool:
+    """True when the tokenizer splits text with Qwen2's regex before its byte-level BPE. llama.cpp's converter
+    names the pre-tokenizer by hashing the tokens of a test string, so a Qwen2-style tokenizer with another
+    vocabulary (the bench's 400-token one) is "not recognized"; this says that "qwen2" is still the truth."""
+    pre = tokenizer_json.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    splits = [s for s in steps if s.get("type") == "Split"]
+    return (len(splits) == 1 and splits[0].get("pattern", {}).get("Regex") == QWEN2_SPLIT
+            and any(s.get("type") == "ByteLevel" for s in steps))
+
+
+def converter_child(tree: Path, pre: str, argv: list[str]) -> None:
+    """Runs the tree's convert_hf_to_gguf.py in this process. With `pre` set, a tokenizer whose test-string
+    hash the converter does not know gets that pre-tokenizer name instead of NotImplementedError (known
+    hashes keep their own answer). The converter puts the tree's own gguf-py first on sys.path, as
+    upstream runs it: the `gguf` on PyPI (0.19.0 today) lags the tree and lacks what this converter uses."""
+    import runpy
+    sys.path[:0] = [str(tree), str(tree / "gguf-py")]
+    if pre:
+        from conversion.base import TextModel          # the converter's own package, from the tree
+        known = TextModel.get_vocab_base_pre
+
+        def get_vocab_base_pre(self, tokenizer) -> str:
+            try:
+                return known(self, tokenizer)
+            except NotImplementedError:
+                return pre
+        TextModel.get_vocab_base_pre = get_vocab_base_pre
+    script = str(tree / "convert_hf_to_gguf.py")
+    sys.argv = [script, *argv]
+    runpy.run_path(script, run_name="__main__")
+
+
+def convert(checkpoint: Path, tree: Path, bin_dir: Path, out: Path) -> dict[str, Path]:
+    """checkpoint -> {GGUF type: path}: BF16 by the converter (the language model only; the vision tower
+    would be a separate --mmproj file), Q8_0 and Q4_K_M by llama-quantize from the BF16 file. Each file is
+    written under a temporary name and renamed when complete, so a cached one is always whole."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {t: out / f"{t}.gguf" for t in GGUF_TYPES}
+    if not paths["BF16"].exists():
+        tok = checkpoint / "tokenizer.json"
+        pre = "qwen2" if tok.exists() and pre_tokenizer_is_qwen2(json.loads(tok.read_text())) else ""
+        t0 = time.perf_counter()
+        log(f"converting {checkpoint} to GGUF BF16 ..." + (" (pre-tokenizer: qwen2 where the hash is unknown)" if pre else ""))
+        part = paths["BF16"].with_suffix(".part")
+        subprocess.run([sys.executable, __file__, "--converter-child", str(tree), pre, "--",
+                        str(checkpoint), "--outtype", "bf16", "--outfile", str(part)],
+                       check=True, stdout=subprocess.DEVNULL)
+        part.rename(paths["BF16"])
+        log(f"  converted in {time.perf_counter() - t0:.0f} s")
+    for t in GGUF_TYPES[1:]:
+        if paths[t].exists():
+            continue
+        t0 = time.perf_counter()
+        log(f"llama-quantize BF16 -> {t} ...")
+        part = paths[t].with_suffix(".part")
+        subprocess.run([str(bin_dir / "llama-quantize"), str(paths["BF16"]), str(part), t],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        part.rename(paths[t])
+        log(f"  quantised in {time.perf_counter() - t0:.0f} s")
+    return paths
+
+
+def bytes_read_per_token(tensors: list[tuple[str, int]]) -> int:
+    """Bytes of the GGUF tensors a decode step reads: all of them, except that a separate `output.weight`
+    leaves the token embedding to a one-row lookup (tied embeddings: token_embd IS the output head)."""
+    names = {name for name, _ in tensors}
+    skip = {"token_embd.weight"} if "output.weight" in names else set()
+    return sum(n for name, n in tensors if name not in skip)
+
+
+def gguf_tensors(path: Path) -> list[tuple[str, int]]:
+    """(name, bytes) of every tensor in a GGUF file, read with the `gguf` package."""
+    from gguf import GGUFReader
+    return [(t.name, int(t.n_bytes)) for t in GGUFReader(path).tensors]
+
+
+# --------------------------------------------------------------------------- llama.cpp side
+def parse_llama_bench(records: list[dict]) -> dict[str, float]:
+    """llama-bench's `-o json` records -> {"prefill": tok/s, "decode": tok/s} (a pp test has n_gen 0, a tg
+    test n_prompt 0; avg_ts is the mean over its repetitions)."""
+    out = {}
+    for r in records:
+        if r.get("n_gen", 0) == 0 and r.get("n_prompt", 0) > 0:
+            out["prefill"] = float(r["avg_ts"])
+        elif r.get("n_prompt", 0) == 0 and r.get("n_gen", 0) > 0:
+            out["decode"] = float(r["avg_ts"])
+    if set(out) != {"prefill", "decode"}:
+        raise ValueError(f"llama-bench gave no pp and tg records: {records!r}")
+    return out
+
+
+def run_llama_bench(bin_dir: Path, gguf: Path, a) -> dict[str, float]:
+    cmd = [str(bin_dir / "llama-bench"), "-m", str(gguf), "-t", str(a.threads), "-p", str(a.prompt_tokens),
+           "-n", str(a.decode_tokens), "-r", str(a.repeats), "-o", "json"]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{res.stderr[-3000:]}")
+    return parse_llama_bench(json.loads(res.stdout))
+
+
+# --------------------------------------------------------------------------- qwenvl side (a child per mode)
+def prompt_of_length(llm, n: int):
+    """A text conversation whose prompt (chat template included) is at least n tokens, and its length:
+    words of throughput.py's corpus, added until the engine's own tokenisation reaches n."""
+    from throughput import CORPUS
+    words = " ".join(CORPUS).split()
+    k = n // 2
+    while True:
+        conv = [{"role": "user", "content": " ".join(words[i % len(words)] for i in range(k))}]
+        count = len(llm.engine.prepare(conv).token_ids)
+        if count >= n:
+            return conv, count
+        k += max(1, (n - count) // 2)
+
+
+def side_qwenvl(checkpoint: Path, mode: str, a) -> dict:
+    """Batch-1 decode (median step of one request) and prefill tok/s of a text prompt of about
+    --prompt-tokens (time to first token, median of --repeats; no prefix cache, so every run prefills it all)."""
+    import torch
+    from qwenvl import LLM
+
+    from throughput import compute_dtype, decode_weight_bytes, stream_request
+    torch.set_num_threads(a.threads)
+    llm = LLM(str(checkpoint), dtype=compute_dtype(a), kv_cache_gb=a.kv_cache_gb, enable_prefix_caching=False,
+              quantization=None if mode == "bf16" else mode)
+    short = [{"role": "user", "content": "Describe the picture."}]
+    stream_request(llm, short, 2)                      # one-time costs off the clock
+    _, times, _ = stream_request(llm, short, a.decode_tokens + 1)
+    steps = [t1 - t0 for t0, t1 in zip(times, times[1:])]
+    conv, n = prompt_of_length(llm, a.prompt_tokens)
+    stream_request(llm, conv, 1)                       # the prompt's shapes once, off the clock
+    ttft = statistics.median(stream_request(llm, conv, 1)[0] for _ in range(a.repeats))
+    return {"decode": 1 / statistics.median(steps), "prefill": n / ttft, "prompt_tokens": n,
+            "weight_bytes": decode_weight_bytes(llm.engine.model)}
+
+
+def run_child(checkpoint: Path, mode: str) -> dict:
+    cmd = [sys.executable, __file__, "--child", mode, "--checkpoint", str(checkpoint)] + \
+          [x for x in sys.argv[1:] if x not in ("--build-only",)]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        raise RuntimeError(f"the qwenvl {mode} child failed:\n{res.stderr[-4000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+# --------------------------------------------------------------------------- report
+def report(rows: list[dict], bandwidth: float, a) -> None:
+    print(f"\nbatch-1 decode ({a.decode_tokens} tokens) and prefill ({a.prompt_tokens}-token prompt), tokens/s; "
+          f"{a.threads} threads each side")
+    print(f"read roofline: {bandwidth / 1e9:.1f} GB/s (bench/throughput.py's 1 GiB tensor copy, read+write) / "
+          "bytes of weights read per token")
+    print(f"  {'mode':5s} {'GGUF':7s} | {'decode: llama.cpp':>17s} {'qwenvl':>7s} {'ratio':>6s} | "
+          f"{'prefill: llama.cpp':>18s} {'qwenvl':>7s} {'ratio':>6s} | {'GB/token: l.cpp':>15s} {'qwenvl':>6s} | "
+          f"{'roofline: l.cpp':>15s} {'qwenvl':>6s}")
+    for r in rows:
+        ld, qd = r["llama"]["decode"], r["qwenvl"]["decode"]
+        lp, qp = r["llama"]["prefill"], r["qwenvl"]["prefill"]
+        lb, qb = r["llama_bytes"], r["qwenvl"]["weight_bytes"]
+        print(f"  {r['mode']:5s} {r['gguf']:7s} | {ld:17.2f} {qd:7.2f} {qd / ld:5.2f}x | {lp:18.1f} {qp:7.1f} "
+              f"{qp / lp:5.2f}x | {lb / 1e9:15.2f} {qb / 1e9:6.2f} | {100 * ld * lb / bandwidth:14.0f}% "
+              f"{100 * qd * qb / bandwidth:5.0f}%")
+    n = {r["qwenvl"]["prompt_tokens"] for r in rows}
+    print(f"  (ratio = qwenvl / llama.cpp; qwenvl's prefill prompt: {', '.join(map(str, sorted(n)))} tokens, "
+          "chat template included, time to first token)")
+
+
+def main() -> None:
+    if len(sys.argv) > 3 and sys.argv[1] == "--converter-child":
+        tree, pre, rest = Path(sys.argv[2]), sys.argv[3], sys.argv[4:]
+        converter_child(tree, pre, rest[1:] if rest[:1] == ["--"] else rest)
+        return
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default=None,
+                   help="a Qwen2-VL checkpoint (default: bench/throughput.py's runs/bench_qwen2vl_2b, built if missing)")
+    p.add_argument("--llamacpp-home", default=str(HOME), help="where the sdist, the build and the GGUF files go")
+    p.add_argument("--llamacpp-version", default=None, help="llama-cpp-python version (default: cached, else newest)")
+    p.add_argument("--build-only", action="store_true", help="fetch and build llama.cpp, then stop")
+    p.add_argument("--jobs", type=int, default=os.cpu_count(), help="parallel compile jobs")
+    p.add_argument("--threads", type=int, default=None, help="threads of each side (default: torch's count)")
+    p.add_argument("--prompt-tokens", type=int, default=512)
+    p.add_argument("--decode-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3, help="llama-bench -r, and qwenvl's prefill runs")
+    p.add_argument("--kv-cache-gb", type=float, default=0.2)
+    p.add_argument("--modes", default="bf16,int8,int4", help="comma-separated, of " + ", ".join(m for m, _ in PAIRS))
+    p.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float32"), help="qwenvl's compute dtype")
+    p.add_argument("--child", choices=[m for m, _ in PAIRS], help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.threads is None:
+        import torch
+        a.threads = torch.get_num_threads()
+    checkpoint = Path(a.checkpoint) if a.checkpoint else default_checkpoint()
+    if a.child:
+        print(json.dumps(side_qwenvl(checkpoint, a.child, a)))
+        return
+
+    home = Path(a.llamacpp_home)
+    tree = source_tree(home, a.llamacpp_version)
+    bin_dir = build_llamacpp(tree, home / "build", a.jobs)
+    if a.build_only:
+        print(bin_dir)
+        return
+    pairs = [(m, g) for m, g in PAIRS if m in a.modes.split(",")]
+    if not pairs:
+        raise SystemExit(f"--modes {a.modes!r}: none of {', '.join(m for m, _ in PAIRS)}")
+    ggufs = convert(checkpoint, tree, bin_dir, home / "gguf" / checkpoint.resolve().name)
+
+    from throughput import copy_bandwidth
+    started = time.perf_counter()
+    bandwidth = copy_bandwidth()
+    rows = []
+    for mode, gtype in pairs:       # each pair back to back, so that a noisy neighbour hits both sides alike
+        log(f"measuring llama.cpp {gtype} ...")
+        llama = run_llama_bench(bin_dir, ggufs[gtype], a)
+        log(f"measuring qwenvl {mode} ...")
+        rows.append({"mode": mode, "gguf": gtype, "llama": llama, "qwenvl": run_child(checkpoint, mode),
+                     "llama_bytes": bytes_read_per_token(gguf_tensors(ggufs[gtype]))})
+    print(f"checkpoint {checkpoint}; llama.cpp from {tree.parent.parent.name}; measured in "
+          f"{time.perf_counter() - started:.0f} s")
+    report(rows, bandwidth, a)
+
+
+def default_checkpoint() -> Path:
+    """bench/throughput.py's Qwen2-VL-2B-widths random checkpoint, built by its own builder if missing."""
+    from throughput import build_checkpoint, checkpoint_dir
+    dims = argparse.Namespace(dir=None, hidden=1536, text_layers=28, heads=12, kv_heads=2, intermediate=8960,
+                              vocab=151936, vision_depth=32, vision_width=1280)     # throughput.py's defaults
+    path = checkpoint_dir(dims)
+    if not (path / "BENCH_COMPLETE").exists():
+        log(f"building the random checkpoint in {path} (bench/throughput.py's builder) ...")
+        build_checkpoint(path, dims)
+    return path
+
+
+if __name__ == "__main__":
+    main()
