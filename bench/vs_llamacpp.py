@@ -47,6 +47,15 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def run_logged(cmd: list[str], log_file: Path) -> None:
+    """Runs a tool with its (long) output in log_file; a failure raises with the log's tail."""
+    with open(log_file, "w") as f:
+        res = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, check=False)
+    if res.returncode != 0:
+        tail = log_file.read_text(errors="replace")[-3000:]
+        raise SystemExit(f"{' '.join(cmd)} failed (exit {res.returncode}); the end of {log_file}:\n{tail}")
+
+
 # --------------------------------------------------------------------------- llama.cpp: source and build
 def source_tree(home: Path, version: str | None) -> Path:
     """vendor/llama.cpp of the llama-cpp-python sdist: downloaded from PyPI once (or the pinned version),
@@ -58,7 +67,7 @@ def source_tree(home: Path, version: str | None) -> Path:
         spec = f"{PACKAGE}=={version}" if version else PACKAGE
         log(f"downloading the {spec} source package from PyPI ...")
         subprocess.run([sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps",
-                        "--no-build-isolation", "--no-cache-dir", "-d", str(home), spec], check=True,
+                        "--no-cache-dir", "-d", str(home), spec], check=True,
                        stdout=subprocess.DEVNULL)
         sdists = sorted(home.glob(pattern), key=lambda p: p.stat().st_mtime)
         if not sdists:
@@ -136,9 +145,10 @@ def build_llamacpp(tree: Path, build: Path, jobs: int) -> Path:
     configure = ["cmake", "-S", str(tree), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON",
                  "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
                  "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF"]
-    subprocess.run(configure, check=True, stdout=subprocess.DEVNULL)
-    subprocess.run(["cmake", "--build", str(build), "--config", "Release", "-j", str(jobs), "--target", *TOOLS],
-                   check=True, stdout=subprocess.DEVNULL)
+    build.mkdir(parents=True, exist_ok=True)
+    run_logged(configure, build / "configure.log")
+    run_logged(["cmake", "--build", str(build), "--config", "Release", "-j", str(jobs), "--target", *TOOLS],
+               build / "build.log")
     stamp.write_text(source)
     log(f"  built in {time.perf_counter() - t0:.0f} s")
     return bin_dir
@@ -195,9 +205,8 @@ def convert(checkpoint: Path, tree: Path, bin_dir: Path, out: Path) -> dict[str,
         t0 = time.perf_counter()
         log(f"converting {checkpoint} to GGUF BF16 ..." + (" (pre-tokenizer: qwen2 where the hash is unknown)" if pre else ""))
         part = paths["BF16"].with_suffix(".part")
-        subprocess.run([sys.executable, __file__, "--converter-child", str(tree), pre, "--",
-                        str(checkpoint), "--outtype", "bf16", "--outfile", str(part)],
-                       check=True, stdout=subprocess.DEVNULL)
+        run_logged([sys.executable, __file__, "--converter-child", str(tree), pre, "--",
+                    str(checkpoint), "--outtype", "bf16", "--outfile", str(part)], out / "convert.log")
         part.rename(paths["BF16"])
         log(f"  converted in {time.perf_counter() - t0:.0f} s")
     for t in GGUF_TYPES[1:]:
@@ -206,8 +215,7 @@ def convert(checkpoint: Path, tree: Path, bin_dir: Path, out: Path) -> dict[str,
         t0 = time.perf_counter()
         log(f"llama-quantize BF16 -> {t} ...")
         part = paths[t].with_suffix(".part")
-        subprocess.run([str(bin_dir / "llama-quantize"), str(paths["BF16"]), str(part), t],
-                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        run_logged([str(bin_dir / "llama-quantize"), str(paths["BF16"]), str(part), t], out / f"quantize-{t}.log")
         part.rename(paths[t])
         log(f"  quantised in {time.perf_counter() - t0:.0f} s")
     return paths
@@ -228,17 +236,21 @@ def gguf_tensors(path: Path) -> list[tuple[str, int]]:
 
 
 # --------------------------------------------------------------------------- llama.cpp side
-def parse_llama_bench(records: list[dict]) -> dict[str, float]:
-    """llama-bench's `-o json` records -> {"prefill": tok/s, "decode": tok/s} (a pp test has n_gen 0, a tg
-    test n_prompt 0; avg_ts is the mean over its repetitions)."""
+def parse_llama_bench(records: list[dict]) -> dict:
+    """llama-bench's `-o json` records -> {"prefill": tok/s, "decode": tok/s, "build": commit, "threads": n}.
+    A pp test has n_gen 0, a tg test n_prompt 0; samples_ts holds one tok/s per repetition, and the best one
+    is taken (on a shared machine a neighbour only ever slows a repetition down; qwenvl's side does the same)."""
     out = {}
     for r in records:
+        best = max(float(x) for x in r.get("samples_ts") or [r["avg_ts"]])
         if r.get("n_gen", 0) == 0 and r.get("n_prompt", 0) > 0:
-            out["prefill"] = float(r["avg_ts"])
+            out["prefill"] = best
         elif r.get("n_prompt", 0) == 0 and r.get("n_gen", 0) > 0:
-            out["decode"] = float(r["avg_ts"])
-    if set(out) != {"prefill", "decode"}:
+            out["decode"] = best
+    if not {"prefill", "decode"} <= set(out):
         raise ValueError(f"llama-bench gave no pp and tg records: {records!r}")
+    out["build"] = str(records[0].get("build_commit", "?"))
+    out["threads"] = int(records[0].get("n_threads", 0))
     return out
 
 
@@ -257,7 +269,7 @@ def prompt_of_length(llm, n: int):
     words of throughput.py's corpus, added until the engine's own tokenisation reaches n."""
     from throughput import CORPUS
     words = " ".join(CORPUS).split()
-    k = n // 2
+    k = 1
     while True:
         conv = [{"role": "user", "content": " ".join(words[i % len(words)] for i in range(k))}]
         count = len(llm.engine.prepare(conv).token_ids)
@@ -267,8 +279,10 @@ def prompt_of_length(llm, n: int):
 
 
 def side_qwenvl(checkpoint: Path, mode: str, a) -> dict:
-    """Batch-1 decode (median step of one request) and prefill tok/s of a text prompt of about
-    --prompt-tokens (time to first token, median of --repeats; no prefix cache, so every run prefills it all)."""
+    """What llama-bench measures, through the engine: batch-1 decode of --decode-tokens after a short prompt
+    (tokens / time from the first token to the last) and prefill of a text prompt of about --prompt-tokens
+    (tokens / time to first token; prefix caching off, so every run prefills it all); each the best of
+    --repeats runs, after one run of each off the clock."""
     import torch
     from qwenvl import LLM
 
@@ -277,13 +291,13 @@ def side_qwenvl(checkpoint: Path, mode: str, a) -> dict:
     llm = LLM(str(checkpoint), dtype=compute_dtype(a), kv_cache_gb=a.kv_cache_gb, enable_prefix_caching=False,
               quantization=None if mode == "bf16" else mode)
     short = [{"role": "user", "content": "Describe the picture."}]
-    stream_request(llm, short, 2)                      # one-time costs off the clock
-    _, times, _ = stream_request(llm, short, a.decode_tokens + 1)
-    steps = [t1 - t0 for t0, t1 in zip(times, times[1:])]
+    decode = []
+    for _ in range(a.repeats + 1):
+        _, times, _ = stream_request(llm, short, a.decode_tokens + 1)
+        decode.append(a.decode_tokens / (times[-1] - times[0]))
     conv, n = prompt_of_length(llm, a.prompt_tokens)
-    stream_request(llm, conv, 1)                       # the prompt's shapes once, off the clock
-    ttft = statistics.median(stream_request(llm, conv, 1)[0] for _ in range(a.repeats))
-    return {"decode": 1 / statistics.median(steps), "prefill": n / ttft, "prompt_tokens": n,
+    prefill = [n / stream_request(llm, conv, 1)[0] for _ in range(a.repeats + 1)]
+    return {"decode": max(decode[1:]), "prefill": max(prefill[1:]), "prompt_tokens": n,
             "weight_bytes": decode_weight_bytes(llm.engine.model)}
 
 
@@ -298,23 +312,25 @@ def run_child(checkpoint: Path, mode: str) -> dict:
 
 # --------------------------------------------------------------------------- report
 def report(rows: list[dict], bandwidth: float, a) -> None:
-    print(f"\nbatch-1 decode ({a.decode_tokens} tokens) and prefill ({a.prompt_tokens}-token prompt), tokens/s; "
-          f"{a.threads} threads each side")
-    print(f"read roofline: {bandwidth / 1e9:.1f} GB/s (bench/throughput.py's 1 GiB tensor copy, read+write) / "
-          "bytes of weights read per token")
-    print(f"  {'mode':5s} {'GGUF':7s} | {'decode: llama.cpp':>17s} {'qwenvl':>7s} {'ratio':>6s} | "
-          f"{'prefill: llama.cpp':>18s} {'qwenvl':>7s} {'ratio':>6s} | {'GB/token: l.cpp':>15s} {'qwenvl':>6s} | "
-          f"{'roofline: l.cpp':>15s} {'qwenvl':>6s}")
+    n = sorted({r["qwenvl"]["prompt_tokens"] for r in rows})
+    print(f"\nbest of {a.repeats} runs each; {a.threads} threads each side; ratio = qwenvl / llama.cpp")
+    print(f"read roofline = {bandwidth / 1e9:.1f} GB/s (bench/throughput.py's 1 GiB tensor copy, read+write, "
+          "this run) / bytes of weights read per token")
+    head = f"{'llama.cpp':>11s}{'qwenvl':>9s}{'ratio':>8s}"
+    print(f"\n  {'decode tok/s, batch 1':24s}{head}{'GB/token l.cpp':>16s}{'qwenvl':>8s}{'roofline l.cpp':>16s}{'qwenvl':>8s}")
     for r in rows:
-        ld, qd = r["llama"]["decode"], r["qwenvl"]["decode"]
+        ld, qd, lb, qb = r["llama"]["decode"], r["qwenvl"]["decode"], r["llama_bytes"], r["qwenvl"]["weight_bytes"]
+        label = f"{r['mode']} / {r['gguf']}"
+        print(f"  {label:24s}{ld:11.2f}{qd:9.2f}{qd / ld:7.2f}x{lb / 1e9:16.2f}{qb / 1e9:8.2f}"
+              f"{100 * ld * lb / bandwidth:15.0f}%{100 * qd * qb / bandwidth:7.0f}%")
+    print(f"\n  {'prefill tok/s':24s}{head}")
+    for r in rows:
         lp, qp = r["llama"]["prefill"], r["qwenvl"]["prefill"]
-        lb, qb = r["llama_bytes"], r["qwenvl"]["weight_bytes"]
-        print(f"  {r['mode']:5s} {r['gguf']:7s} | {ld:17.2f} {qd:7.2f} {qd / ld:5.2f}x | {lp:18.1f} {qp:7.1f} "
-              f"{qp / lp:5.2f}x | {lb / 1e9:15.2f} {qb / 1e9:6.2f} | {100 * ld * lb / bandwidth:14.0f}% "
-              f"{100 * qd * qb / bandwidth:5.0f}%")
-    n = {r["qwenvl"]["prompt_tokens"] for r in rows}
-    print(f"  (ratio = qwenvl / llama.cpp; qwenvl's prefill prompt: {', '.join(map(str, sorted(n)))} tokens, "
-          "chat template included, time to first token)")
+        label = f"{r['mode']} / {r['gguf']}"
+        print(f"  {label:24s}{lp:11.1f}{qp:9.1f}{qp / lp:7.2f}x")
+    print(f"\n  llama.cpp: llama-bench tg{a.decode_tokens} and pp{a.prompt_tokens} (random tokens); qwenvl: "
+          f"{a.decode_tokens} tokens after a short prompt, and a text prompt of {', '.join(map(str, n))} tokens "
+          "(chat template included) to its first token")
 
 
 def main() -> None:
@@ -367,8 +383,8 @@ def main() -> None:
         log(f"measuring qwenvl {mode} ...")
         rows.append({"mode": mode, "gguf": gtype, "llama": llama, "qwenvl": run_child(checkpoint, mode),
                      "llama_bytes": bytes_read_per_token(gguf_tensors(ggufs[gtype]))})
-    print(f"checkpoint {checkpoint}; llama.cpp from {tree.parent.parent.name}; measured in "
-          f"{time.perf_counter() - started:.0f} s")
+    print(f"checkpoint {checkpoint}; llama.cpp {rows[0]['llama']['build']} from {tree.parent.parent.name} "
+          f"(llama-bench -t {rows[0]['llama']['threads']} -r {a.repeats}); measured in {time.perf_counter() - started:.0f} s")
     report(rows, bandwidth, a)
 
 

@@ -62,9 +62,11 @@ def test_the_bench_tokenizer_is_recognised_as_qwen2_and_gpt2_is_not():
 
 
 def test_llama_bench_records_give_prefill_and_decode():
-    records = [{"n_prompt": 512, "n_gen": 0, "avg_ts": 61.5, "stddev_ts": 0.4},
-               {"n_prompt": 0, "n_gen": 64, "avg_ts": 16.7, "stddev_ts": 0.1}]
-    assert vs.parse_llama_bench(records) == {"prefill": 61.5, "decode": 16.7}
+    records = [{"n_prompt": 512, "n_gen": 0, "avg_ts": 60.0, "samples_ts": [58.5, 61.5], "build_commit": "0c1e570",
+                "n_threads": 2},
+               {"n_prompt": 0, "n_gen": 64, "avg_ts": 16.7, "build_commit": "0c1e570", "n_threads": 2}]
+    # the best repetition where llama-bench lists them, else its mean
+    assert vs.parse_llama_bench(records) == {"prefill": 61.5, "decode": 16.7, "build": "0c1e570", "threads": 2}
     with pytest.raises(ValueError, match="no pp and tg"):
         vs.parse_llama_bench(records[:1])
 
