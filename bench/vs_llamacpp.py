@@ -9,12 +9,15 @@
    plain tools llama-bench and llama-quantize.
 2. The language model of bench/throughput.py's random-weight Qwen2-VL-2B-widths checkpoint is converted
    to GGUF with the converter from that same source tree (`convert_hf_to_gguf.py` + the `gguf` package):
-   BF16, then `llama-quantize` to Q8_0 and Q4_K_M. Converted once, cached beside the build.
-3. Measured in this one run, one after the other: the machine's read bandwidth (throughput.py's tensor
-   copy), llama.cpp's `llama-bench` (-t = torch's thread count) for each GGUF, decode (tg) and prefill (pp),
-   and qwenvl's batch-1 decode and text prefill of the same lengths for bf16 / int8 / int4, each qwenvl mode
-   in its own child process. One table: llama.cpp tok/s, qwenvl tok/s, ratio; each side's decode as a
-   fraction of its read roofline (bandwidth / bytes of weights read per token).
+   BF16, then `llama-quantize` to Q8_0 and Q4_K_M. Converted once, cached beside the build. The bench's
+   tokenizer is a 400-token BPE with Qwen2's pre-tokenizer; the converter names pre-tokenizers by hashing a
+   test string's tokens, does not know this vocabulary's hash, and is told "qwen2" (see `converter_child`).
+3. Measured in this one run: the machine's bandwidth (throughput.py's tensor copy), then for each pair
+   (bf16 / BF16, int8 / Q8_0, int4 / Q4_K_M) back to back: llama.cpp's `llama-bench` decode (tg) and
+   prefill (pp), and qwenvl's batch-1 decode and text prefill of the same lengths in a child process of its
+   own. Same thread count on both sides (torch's); the best of --repeats runs on both sides. Two tables:
+   llama.cpp tok/s, qwenvl tok/s, ratio; and each side's decode as a fraction of its read roofline
+   (bandwidth / bytes of weights read per token, which differ: Q4_K_M keeps some tensors in Q6_K).
 """
 
 from __future__ import annotations
@@ -23,7 +26,6 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tarfile
@@ -203,7 +205,8 @@ def convert(checkpoint: Path, tree: Path, bin_dir: Path, out: Path) -> dict[str,
         tok = checkpoint / "tokenizer.json"
         pre = "qwen2" if tok.exists() and pre_tokenizer_is_qwen2(json.loads(tok.read_text())) else ""
         t0 = time.perf_counter()
-        log(f"converting {checkpoint} to GGUF BF16 ..." + (" (pre-tokenizer: qwen2 where the hash is unknown)" if pre else ""))
+        log(f"converting {checkpoint} to GGUF BF16 ..."
+            + (" (pre-tokenizer: qwen2 where the hash is unknown)" if pre else ""))
         part = paths["BF16"].with_suffix(".part")
         run_logged([sys.executable, __file__, "--converter-child", str(tree), pre, "--",
                     str(checkpoint), "--outtype", "bf16", "--outfile", str(part)], out / "convert.log")
@@ -317,7 +320,8 @@ def report(rows: list[dict], bandwidth: float, a) -> None:
     print(f"read roofline = {bandwidth / 1e9:.1f} GB/s (bench/throughput.py's 1 GiB tensor copy, read+write, "
           "this run) / bytes of weights read per token")
     head = f"{'llama.cpp':>11s}{'qwenvl':>9s}{'ratio':>8s}"
-    print(f"\n  {'decode tok/s, batch 1':24s}{head}{'GB/token l.cpp':>16s}{'qwenvl':>8s}{'roofline l.cpp':>16s}{'qwenvl':>8s}")
+    print(f"\n  {'decode tok/s, batch 1':24s}{head}{'GB/token l.cpp':>16s}{'qwenvl':>8s}"
+          f"{'roofline l.cpp':>16s}{'qwenvl':>8s}")
     for r in rows:
         ld, qd, lb, qb = r["llama"]["decode"], r["qwenvl"]["decode"], r["llama_bytes"], r["qwenvl"]["weight_bytes"]
         label = f"{r['mode']} / {r['gguf']}"
@@ -340,7 +344,7 @@ def main() -> None:
         return
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=None,
-                   help="a Qwen2-VL checkpoint (default: bench/throughput.py's runs/bench_qwen2vl_2b, built if missing)")
+                   help="a Qwen2-VL checkpoint (default: throughput.py's runs/bench_qwen2vl_2b, built if missing)")
     p.add_argument("--llamacpp-home", default=str(HOME), help="where the sdist, the build and the GGUF files go")
     p.add_argument("--llamacpp-version", default=None, help="llama-cpp-python version (default: cached, else newest)")
     p.add_argument("--build-only", action="store_true", help="fetch and build llama.cpp, then stop")
@@ -348,10 +352,11 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="threads of each side (default: torch's count)")
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--decode-tokens", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=3, help="llama-bench -r, and qwenvl's prefill runs")
+    p.add_argument("--repeats", type=int, default=3, help="llama-bench -r, and qwenvl's runs of each (best taken)")
     p.add_argument("--kv-cache-gb", type=float, default=0.2)
     p.add_argument("--modes", default="bf16,int8,int4", help="comma-separated, of " + ", ".join(m for m, _ in PAIRS))
-    p.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float32"), help="qwenvl's compute dtype")
+    p.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float32"),
+                   help="qwenvl's compute dtype")
     p.add_argument("--child", choices=[m for m, _ in PAIRS], help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.threads is None:
@@ -384,7 +389,8 @@ def main() -> None:
         rows.append({"mode": mode, "gguf": gtype, "llama": llama, "qwenvl": run_child(checkpoint, mode),
                      "llama_bytes": bytes_read_per_token(gguf_tensors(ggufs[gtype]))})
     print(f"checkpoint {checkpoint}; llama.cpp {rows[0]['llama']['build']} from {tree.parent.parent.name} "
-          f"(llama-bench -t {rows[0]['llama']['threads']} -r {a.repeats}); measured in {time.perf_counter() - started:.0f} s")
+          f"(llama-bench -t {rows[0]['llama']['threads']} -r {a.repeats}); "
+          f"measured in {time.perf_counter() - started:.0f} s")
     report(rows, bandwidth, a)
 
 
