@@ -87,11 +87,12 @@ def source_tree(home: Path, version: str | None) -> Path:
 
 
 def patch_amx_tile_config(text: str) -> str:
-    """ggml's AMX kernels fill a local tile_config_t and hand its address to `_tile_loadconfig`. GCC 12's
-    builtin for it does not tell the compiler that the instruction reads that memory, so the stores that fill
-    the struct are dropped as dead and LDTILECFG loads an unconfigured tile palette: the first AMX Q8_0 tile
-    instruction then faults (seen on Intel CPUs with AMX). An empty asm with a memory clobber before the
-    load keeps the stores. Idempotent: a second call returns the text unchanged."""
+    """ggml's AMX kernels fill a local 64-byte tile_config_t and hand its address to `_tile_loadconfig`. In
+    GCC 12's amxtileintrin.h that is an asm whose memory operand is `*(const void **)config`: the compiler
+    sees only the first 8 bytes read, may drop the stores of the rows / column widths as dead, and LDTILECFG
+    then loads an unconfigured palette, so the first AMX Q8_0 tile instruction crashes (seen on Intel CPUs
+    with AMX). An empty asm with a memory clobber before the call keeps every store. Idempotent: a second
+    call returns the text unchanged; a source without the call is a ValueError."""
     if AMX_MARKER in text:
         return text
     call = "    _tile_loadconfig(&tc);\n"
@@ -99,7 +100,7 @@ def patch_amx_tile_config(text: str) -> str:
     at = text.find(call, start) if start >= 0 else -1
     if at < 0:
         raise ValueError("ggml_tile_config_init's `_tile_loadconfig(&tc);` not found")
-    barrier = (f"    // {AMX_MARKER}: GCC 12 drops them otherwise (the builtin hides that it reads tc)\n"
+    barrier = (f"    // {AMX_MARKER}: GCC 12's _tile_loadconfig tells the compiler it reads 8 bytes of tc\n"
                "    __asm__ __volatile__(\"\" ::: \"memory\");\n")
     return text[:at] + barrier + text[at:]
 
