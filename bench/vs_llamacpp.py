@@ -389,14 +389,15 @@ def main() -> None:
 
     home = Path(a.llamacpp_home)
     tree = source_tree(home, a.llamacpp_version)
-    bin_dir = build_llamacpp(tree, home / "build", a.jobs)
+    source = tree.parent.parent.name               # llama_cpp_python-<version>: builds and GGUFs per version
+    bin_dir = build_llamacpp(tree, home / "build" / source, a.jobs)
     if a.build_only:
         print(bin_dir)
         return
     pairs = [(m, g) for m, g in PAIRS if m in a.modes.split(",")]
     if not pairs:
         raise SystemExit(f"--modes {a.modes!r}: none of {', '.join(m for m, _ in PAIRS)}")
-    ggufs = convert(checkpoint, tree, bin_dir, home / "gguf" / checkpoint.resolve().name)
+    ggufs = convert(checkpoint, tree, bin_dir, home / "gguf" / source / checkpoint.resolve().name)
 
     from throughput import copy_bandwidth
     started = time.perf_counter()
@@ -409,7 +410,7 @@ def main() -> None:
         log(f"measuring qwenvl {mode} ...")
         rows.append({"mode": mode, "gguf": gtype, "llama": llama, "qwenvl": run_child(checkpoint, mode),
                      "llama_bytes": bytes_read_per_token(gguf_tensors(ggufs[gtype]))})
-    print(f"checkpoint {checkpoint}; llama.cpp {rows[0]['llama']['build']} from {tree.parent.parent.name} "
+    print(f"checkpoint {checkpoint}; llama.cpp {rows[0]['llama']['build']} from {source} "
           f"(llama-bench -t {rows[0]['llama']['threads']} -r {a.repeats}); "
           f"measured in {time.perf_counter() - started:.0f} s")
     report(rows, bandwidth, copy, a)
