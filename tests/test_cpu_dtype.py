@@ -65,3 +65,8 @@ def test_training_autocast_follows_the_cpu_when_left_open(cpu_speed, slowdown, e
     with bf16_autocast(cfg, torch.device("cpu")):
         out = torch.randn(4, 8) @ torch.randn(8, 4)
     assert (out.dtype == torch.bfloat16) == expected
+
+
+def test_noise_around_parity_keeps_bfloat16(cpu_speed):
+    cpu_speed(1.3)                           # a native-bf16 CPU timed while a neighbour was busy
+    assert resolve_dtype(None, "cpu") == torch.bfloat16
