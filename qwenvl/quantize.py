@@ -27,7 +27,7 @@ from .layers.moe import Experts
 from .layers.quantized_moe import QuantizedExperts
 from .layers.int8_vnni import int8_layout
 from .layers.quantized_embedding import Int8Embedding
-from .layers.quantized_linear import Int4Linear, Int8Linear, int4_group_size, quantize_int4, quantize_int8
+from .layers.quantized_linear import Int4Linear, Int8Linear, int4_group_size, quantize_int8
 
 QUANTIZATION_MODES = ("int8", "int4")
 _LANGUAGE_PREFIXES = ("model.language_model.", "lm_head")
@@ -57,7 +57,7 @@ def quantized_linear(weight: torch.Tensor, bias: torch.Tensor | None, mode: str,
     """The quantised twin of the linear weight[out, in] (+ bias)."""
     g = _int4_group(weight.shape[1], mode, group_size)
     if g is not None:
-        return Int4Linear.from_int4(*quantize_int4(weight, g), g, bias)
+        return Int4Linear.from_weight(weight, g, bias)
     return Int8Linear.from_int8(*quantize_int8(weight), bias)
 
 

@@ -200,3 +200,13 @@ def test_the_embedding_table_is_int8_rows_within_half_a_step(ckpt, mode):
     assert ((emb(ids) - table[ids]).abs() <= step[ids, None] / 2 + 1e-7).all()
     swapped = quantize_model(load_model(ckpt, dtype="float32")[0], mode).model.language_model.embed_tokens
     assert torch.equal(swapped(ids), emb(ids))
+
+
+def test_int4_packed_a_block_of_rows_at_a_time_equals_packing_it_whole():
+    w = torch.randn(4096 + 100, 128)                     # two blocks; the last one padded to 64-row blocks
+    bias = torch.randn(4196)
+    whole = Int4Linear.from_int4(*quantize_int4(w, 32), 32, bias)
+    blocks = Int4Linear.from_weight(w, 32, bias)
+    for (name, a), (_, b) in zip(whole.named_buffers(), blocks.named_buffers()):
+        assert torch.equal(a, b), name
+    assert blocks.out_features == 4196 and blocks.packed.shape[0] == 4224

@@ -220,8 +220,17 @@ class Int4Linear(nn.Module):
 
     @classmethod
     def from_float(cls, linear: nn.Linear, group_size: int = 128) -> "Int4Linear":
-        q, s, z = quantize_int4(linear.weight.detach(), group_size)
-        return cls.from_int4(q, s, z, group_size, linear.bias)
+        return cls.from_weight(linear.weight.detach(), group_size, linear.bias)
+
+    @classmethod
+    def from_weight(cls, w: torch.Tensor, group_size: int, bias: torch.Tensor | None) -> "Int4Linear":
+        """Quantise and pack w[out, in] a block of rows at a time, so the whole matrix's 4-bit codes (a byte
+        each until packed) never exist at once: 233 MB for a 151936 x 1536 head, which set int4's load peak.
+        The blocks are whole multiples of the pack's 64-row blocks, so only the last one is padded."""
+        parts = [cls.from_int4(*quantize_int4(rows, group_size), group_size, None) for rows in w.split(_CHUNK_ROWS)]
+        b = None if bias is None else bias.detach().to(parts[0].packed.device, parts[0].scales_and_offsets.dtype)
+        return cls(torch.cat([p.packed for p in parts]), torch.cat([p.scales_and_offsets for p in parts], dim=1),
+                   w.shape[0], w.shape[1], group_size, b, None)
 
     @classmethod
     def from_int4(cls, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
