@@ -114,10 +114,13 @@ def quantize_model(model: nn.Module, mode: str, group_size: int = 128, include_v
         _replace(model, name, QuantizedExperts([quantized_linear(w, None, mode, group_size) for w in ex.gate_up_proj],
                                                [quantized_linear(w, None, mode, group_size) for w in ex.down_proj],
                                                ex.intermediate))
+    table = Int8Embedding.from_float(model.get_submodule(_EMBEDDING).weight)
     tied = model.tied_output_weight()
-    if tied is not None:
-        model.use_output_head(quantized_linear(tied, None, mode, group_size))
-    _replace(model, _EMBEDDING, Int8Embedding.from_float(model.get_submodule(_EMBEDDING).weight))
+    if tied is not None:       # an int8 head is the table's own per-row quantisation: shared, not redone
+        int8_head = _int4_group(tied.shape[1], mode, group_size) is None
+        model.use_output_head(Int8Linear.from_int8(table.qweight, table.scales, None) if int8_head
+                              else quantized_linear(tied, None, mode, group_size))
+    _replace(model, _EMBEDDING, table)
     use_cpu_int8_layout(model)
     return model
 
@@ -183,12 +186,19 @@ class LoadQuantizer:
         out = {} if key in self._layers or key == f"{_EMBEDDING}.weight" else {key: tensor}
         if key in self._layers:
             out.update(self._quantized_buffers(key, tensor))
-        if key == self._tied_key:
-            out.update(self._quantized_buffers(f"{_TIED_HEAD}.weight", tensor))
         if key == f"{_EMBEDDING}.weight":
             table = Int8Embedding.from_float(tensor)
             out.update({f"{_EMBEDDING}.{name}": t for name, t in table.named_buffers()})
+            if key == self._tied_key:
+                out.update(self._tied_head_buffers(table, tensor))
         return out
+
+    def _tied_head_buffers(self, table: Int8Embedding, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+        """An int8 head is the table's own per-row quantisation: shared, not computed and stored twice."""
+        head = f"{_TIED_HEAD}.weight"
+        if self._layers[head] == ("int8", 0):
+            return {f"{_TIED_HEAD}.qweight": table.qweight, f"{_TIED_HEAD}.scales": table.scales}
+        return self._quantized_buffers(head, tensor)
 
     def _quantized_buffers(self, weight_key: str, w: torch.Tensor) -> dict[str, torch.Tensor]:
         return _buffers(weight_key[: -len("weight")], w, *self._layers[weight_key])

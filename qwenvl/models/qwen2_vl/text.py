@@ -63,11 +63,8 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled():                                            # training: autograd needs them
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        if getattr(self, "gate_up_proj", None) is not None:                   # fused for inference
-            gate, up = self.gate_up_proj(x)
-            return self.down_proj(F.silu(gate, inplace=True).mul_(up))
-        h = F.silu(self.gate_proj(x), inplace=True)                          # [N, I]: in place, so a long
-        return self.down_proj(h.mul_(self.up_proj(x)))                        # prefill holds two [N, I], not four
+        gate, up = side_by_side.outputs(self, x, GATE_UP, "gate_up_proj")     # [N, I] each: in place below,
+        return self.down_proj(F.silu(gate, inplace=True).mul_(up))            # so a long prefill holds two, not four
 
 
 class DecoderLayer(nn.Module):
