@@ -91,20 +91,20 @@ class FbgemmInt8Weight:
         return self.out_features * self.in_features
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """x [R, in] float -> x @ (q * scale).T as float32 [R, out]."""
+        """x [R, in] float -> x @ (q * scale).T [R, out] in x's dtype."""
         rows, n_passes = x.shape[0], ACTIVATION_PASSES.get(x.dtype, 4)
         passes, row_scale = _split_rows(x, n_passes)
         y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(passes, 1.0, _ZERO_POINT,
                                                                                self._packed)
-        return _combine(y.view(n_passes, rows, self.out_features), row_scale)
+        return _combine(y, rows, row_scale, x.dtype)
 
 
+# At decode these run four times a layer per token, each step its own op: they are written for few ops.
 def _split_rows(x: torch.Tensor, n_passes: int) -> tuple[torch.Tensor, torch.Tensor]:
     """x [R, K] -> (passes [P*R, K] float32 whose values the GEMM rounds to integers in [-63, 63], the row
-    scales m [R, 1]) with x = m * sum_p round(pass_p) / 126^p up to the last pass's rounding.
-    Every step is one op writing in place: at decode these run ~200 times a token."""
-    row_scale = x.abs().amax(dim=1, keepdim=True).float().div_(_LEVEL)
-    row_scale.clamp_(min=torch.finfo(torch.float32).tiny)         # an all-zero row: 0 / tiny, not 0 / 0
+    scales m [R, 1]) with x = m * sum_p round(pass_p) / 126^p up to the last pass's rounding."""
+    row_scale = torch.linalg.vector_norm(x, float("inf"), dim=1, keepdim=True, dtype=torch.float32)   # max |x|
+    row_scale.div_(_LEVEL).clamp_(min=torch.finfo(torch.float32).tiny)   # an all-zero row: 0 / tiny, not 0 / 0
     out = torch.empty(n_passes, *x.shape, dtype=torch.float32)
     passes = out.unbind(0)
     torch.div(x, row_scale, out=passes[0])
@@ -116,10 +116,13 @@ def _split_rows(x: torch.Tensor, n_passes: int) -> tuple[torch.Tensor, torch.Ten
     return out.view(-1, x.shape[1]), row_scale
 
 
-def _combine(y: torch.Tensor, row_scale: torch.Tensor) -> torch.Tensor:
-    """y [P, R, N] (each pass's product) -> m * sum_p y_p / 126^p, Horner's way from the finest pass."""
-    parts = y.unbind(0)
+def _combine(y: torch.Tensor, rows: int, row_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """y [P*R, N] (each pass's product, pass-major) -> m * sum_p y_p / 126^p in `dtype`, Horner's way from
+    the finest pass; the last multiply writes the result's dtype directly."""
+    parts = y.view(-1, rows, y.shape[1]).unbind(0)
     acc = parts[-1]
     for part in reversed(parts[:-1]):
         acc = torch.add(part, acc, alpha=1.0 / _RADIX)
-    return acc.mul_(row_scale)
+    if dtype == torch.float32:
+        return acc.mul_(row_scale)
+    return torch.mul(acc, row_scale, out=torch.empty(acc.shape, dtype=dtype))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -15,11 +16,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        # Cast back before the weight multiply, as the checkpoints were trained that way.
-        return self.weight * xf.to(dtype)
+        # PyTorch's fused kernel takes the statistic in float32 and returns x's dtype: the same numbers as
+        # float(x) * rsqrt(mean(float(x)^2) + eps) cast back (bit for bit in bf16), in one op instead of
+        # seven, which counts at decode (two norms per layer per token). The weight multiplies after the
+        # cast back, as the checkpoints were trained.
+        return self.weight * F.rms_norm(x, self.weight.shape, None, self.eps)
 
 
 def layer_norm(dim: int) -> nn.LayerNorm:

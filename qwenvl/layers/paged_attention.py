@@ -118,8 +118,8 @@ class PagedAttention:
         assert q.shape[0] == self.num_tokens, (q.shape, self.num_tokens)
         kc = self.pool.k[layer_idx].view(-1, self.pool.num_kv_heads, self.pool.head_dim)   # [slots, Hkv, Dh]
         vc = self.pool.v[layer_idx].view(-1, self.pool.num_kv_heads, self.pool.head_dim)
-        kc.index_copy_(0, self.slot_mapping, k.to(kc.dtype))
-        vc.index_copy_(0, self.slot_mapping, v.to(vc.dtype))
+        kc.index_copy_(0, self.slot_mapping, k if k.dtype == kc.dtype else k.to(kc.dtype))
+        vc.index_copy_(0, self.slot_mapping, v if v.dtype == vc.dtype else v.to(vc.dtype))
         if self.impl == "reference":
             return self._attend_reference(q, kc, vc)
         return self._attend_fast(q, kc, vc)
@@ -142,6 +142,11 @@ class PagedAttention:
     def _attend_fast(self, q, kc, vc):
         Hq, Hkv = q.shape[1], kc.shape[1]
         gqa = Hq != Hkv
+        if not self.prefill_idx and q.device.type == "cpu":      # a decode-only step: its rows are in order
+            Bd, L = self.decode_slots.shape
+            kd = kc.index_select(0, self.decode_slots.view(-1)).view(Bd, L, Hkv, -1)
+            vd = vc.index_select(0, self.decode_slots.view(-1)).view(Bd, L, Hkv, -1)
+            return decode_attention_matmul(q, kd, vd, self.decode_mask, self.scale)
         out = torch.empty_like(q)
         if self.decode_idx:
             Bd, L = self.decode_slots.shape
@@ -177,15 +182,17 @@ def decode_attention_matmul(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
     runs the unfused math kernel; query head h reads kv head h // (Hq / Hkv), as SDPA's enable_gqa does.
     """
     B, Hq, Dh = q.shape
-    Hkv = k.shape[2]
-    qg = q.reshape(B, Hkv, Hq // Hkv, Dh).float()                             # [B, Hkv, G, Dh]
-    kf = k.transpose(1, 2).float()                                             # [B, Hkv, L, Dh]
-    vf = v.transpose(1, 2).float()
-    s = torch.matmul(qg, kf.transpose(-1, -2)) * (Dh ** -0.5 if scale is None else scale)   # [B, Hkv, G, L]
+    L, Hkv = k.shape[1], k.shape[2]
+    # Batches of one kv head each, [B * Hkv, ...]. k and v go head-major and float32 in one copy each, so
+    # that the products need no copy of their own.
+    qg = q.reshape(B * Hkv, Hq // Hkv, Dh).float()                            # [B*Hkv, G, Dh]
+    kf = k.transpose(1, 2).to(torch.float32, memory_format=torch.contiguous_format).reshape(B * Hkv, L, Dh)
+    vf = v.transpose(1, 2).to(torch.float32, memory_format=torch.contiguous_format).reshape(B * Hkv, L, Dh)
+    s = torch.bmm(qg, kf.transpose(1, 2)).mul_(Dh ** -0.5 if scale is None else scale)      # [B*Hkv, G, L]
     if mask is not None:
-        s.masked_fill_(~mask[:, None, None, :], float("-inf"))
-    o = torch.matmul(torch.softmax(s, dim=-1), vf)                             # [B, Hkv, G, Dh]
-    return o.reshape(B, Hq, Dh).to(q.dtype)
+        s.view(B, Hkv, -1, L).masked_fill_(~mask[:, None, None, :], float("-inf"))
+    o = torch.bmm(torch.softmax(s, dim=-1), vf)                                # [B*Hkv, G, Dh]
+    return o.view(B, Hq, Dh).to(q.dtype)
 
 
 def _causal_mask(q_len: int, ctx_len: int, device) -> torch.Tensor:

@@ -161,10 +161,13 @@ class Int8Linear(nn.Module):
         return qweight.to(self.scales.dtype) * self.scales[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._fbgemm is not None and x.dim() == 2:          # decode's case, in the fewest ops
+            y = self._fbgemm.matmul(x)
+            return y if self.bias is None else y.add_(self.bias.to(y.dtype))
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)                                          # [R, in]
         if self._fbgemm is not None:
-            y = self._fbgemm.matmul(x2).to(x.dtype)
+            y = self._fbgemm.matmul(x2)
         elif x.device.type == "cpu" and x2.shape[0] <= DECODE_MAX_ROWS:
             y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.qweight, self.scales.to(x.dtype))
         else:       # integers are exact in bf16: cast, multiply, then scale the output columns

@@ -20,14 +20,25 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x[N, ..., Dh], cos/sin[N, Dh] -> x rotated; the product is taken in float32.
+    """x[N, ..., Dh], cos/sin[N, Dh] -> x rotated; the product is taken in float32."""
+    return rotate(x, *rotary_halves(cos, sin, x.dim() - 2))
 
-    Equals x * cos + rotate_half(x) * sin exactly (cos/sin repeat their first half), computed on the halves
-    so that no negated copy of x and no full-width products are made.
-    """
+
+def rotary_halves(cos: torch.Tensor, sin: torch.Tensor, head_axes: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin[N, Dh] -> their first halves as [N, 1 (x head_axes), Dh/2], the tables `rotate` takes.
+
+    The second halves repeat the first; a decoder takes these once per step, not once per layer."""
+    half = cos.shape[-1] // 2
+    shape = (cos.shape[0],) + (1,) * head_axes + (half,)
+    return cos[:, :half].reshape(shape), sin[:, :half].reshape(shape)
+
+
+def rotate(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """x[N, ..., Dh] rotated by the half tables c/s[N, 1.., Dh/2] of `rotary_halves`, in float32.
+
+    Equals x * cos + rotate_half(x) * sin exactly, computed on the halves so that no negated copy of x and
+    no full-width products are made."""
     half = x.shape[-1] // 2
-    shape = (cos.shape[0],) + (1,) * (x.dim() - 2) + (half,)
-    c, s = cos[:, :half].reshape(shape), sin[:, :half].reshape(shape)     # [N, 1.., Dh/2]
     xf = x.float()
     x1, x2 = xf[..., :half], xf[..., half:]
     r1 = (x1 * c).sub_(x2 * s)                # in place where possible: the ViT's q/k are large

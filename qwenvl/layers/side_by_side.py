@@ -30,6 +30,10 @@ class SideBySide(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.layer(x).split(self.sizes, dim=-1)
 
+    def joined(self, x: torch.Tensor) -> torch.Tensor:
+        """The outputs side by side, unsplit: [..., sum(sizes)]."""
+        return self.layer(x)
+
 
 def _stacked_bias(layers: list[nn.Module], sizes: list[int]) -> torch.Tensor | None:
     biases = [layer.bias for layer in layers]
@@ -85,6 +89,12 @@ def outputs(module: nn.Module, x: torch.Tensor, names: tuple[str, ...], fused_na
     if fused is not None:
         return fused(x)
     return tuple(getattr(module, name)(x) for name in names)
+
+
+def joined_outputs(module: nn.Module, x: torch.Tensor, fused_name: str) -> torch.Tensor | None:
+    """The fused layer's outputs side by side in one tensor, or None when the module is not fused."""
+    fused = getattr(module, fused_name, None)
+    return None if fused is None else fused.joined(x)
 
 
 @torch.no_grad()

@@ -14,7 +14,7 @@ from ...config import TextConfig
 from ...layers.attention import AttentionBackend
 from ...layers.norms import RMSNorm
 from ...layers import side_by_side
-from ...layers.rotary import apply_rotary, mrope_cos_sin
+from ...layers.rotary import mrope_cos_sin, rotary_halves, rotate
 
 QKV, GATE_UP = ("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")
 
@@ -38,16 +38,20 @@ class SelfAttention(nn.Module):
         return side_by_side.fuse(self, QKV, "qkv_proj")
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
-        n = x.shape[0]
-        q, k, v = side_by_side.outputs(self, x, QKV, "qkv_proj")
-        q = q.view(n, self.num_heads, self.head_dim)                           # [N, Hq, Dh]
-        k = k.view(n, self.num_kv_heads, self.head_dim)                        # [N, Hkv, Dh]
-        v = v.view(n, self.num_kv_heads, self.head_dim)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        """x[N, D]; cos/sin: the step's rotary half tables (`rotary_halves`)."""
+        n, hq, hkv, dh = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = None if self.qk_norm else side_by_side.joined_outputs(self, x, "qkv_proj")
+        if qkv is not None:     # q and k side by side: rotated as one tensor (half the ops at decode)
+            qk = rotate(qkv[:, : (hq + hkv) * dh].view(n, hq + hkv, dh), cos, sin)
+            q, k, v = qk[:, :hq], qk[:, hq:], qkv[:, (hq + hkv) * dh:].view(n, hkv, dh)
+        else:
+            q, k, v = side_by_side.outputs(self, x, QKV, "qkv_proj")
+            q, k, v = q.view(n, hq, dh), k.view(n, hkv, dh), v.view(n, hkv, dh)      # [N, H, Dh]
+            if self.qk_norm:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         out = attn.attend(self.layer_idx, q, k, v)                             # [N, Hq, Dh]
-        return self.o_proj(out.reshape(n, self.num_heads * self.head_dim))
+        return self.o_proj(out.reshape(n, hq * dh))
 
 
 class MLP(nn.Module):
@@ -99,7 +103,8 @@ class TextModel(nn.Module):
         DeepStack (Qwen3-VL): after layer i, deepstack[i][K, D] is added to the K rows under visual_mask.
         """
         c = self.cfg
-        cos, sin = mrope_cos_sin(positions, c.head_dim, c.rope_theta, c.mrope_section, c.mrope_interleaved)
+        cos, sin = rotary_halves(*mrope_cos_sin(positions, c.head_dim, c.rope_theta, c.mrope_section,
+                                                c.mrope_interleaved))
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, attn)
             if i < len(deepstack):

@@ -16,7 +16,7 @@ from qwenvl.config import TextConfig
 from qwenvl.layers.moe import SparseMoeBlock
 from qwenvl.layers.norms import RMSNorm
 from qwenvl.layers import side_by_side
-from qwenvl.layers.rotary import apply_rotary, mrope_cos_sin
+from qwenvl.layers.rotary import mrope_cos_sin, rotary_halves, rotate
 
 QKV, GATE_UP = ("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")
 
@@ -44,7 +44,7 @@ class Attention(nn.Module):
         q = self.q_norm(q.view(N, self.hq, self.hd))                  # [N, Hq, hd]
         k = self.k_norm(k.view(N, self.hkv, self.hd))                 # [N, Hkv, hd]
         v = v.view(N, self.hkv, self.hd)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)                # cos/sin: rotary half tables
         out = attn.attend(self.layer_idx, q, k, v)                    # [N, Hq, hd]
         return self.o_proj(out.reshape(N, self.hq * self.hd))
 
@@ -99,8 +99,8 @@ class Qwen3VLTextModel(nn.Module):
         to the K rows where visual_mask[N] is set."""
         c = self.cfg
         # Interleaved for Qwen3-VL: every axis gets both high and low frequencies.
-        cos, sin = mrope_cos_sin(positions, c.head_dim, c.rope_theta, c.mrope_section,
-                                 c.mrope_interleaved)                          # [N, hd] float32
+        cos, sin = rotary_halves(*mrope_cos_sin(positions, c.head_dim, c.rope_theta, c.mrope_section,
+                                                c.mrope_interleaved))          # [N, 1, hd/2] float32
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, attn)
             if i < len(deepstack):
