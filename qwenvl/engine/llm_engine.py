@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from .. import huge_pages
 from ..hub import resolve_model
 from ..inputs import PreprocessorConfig, PromptInputs, build_inputs
 from ..layers.paged_attention import PagedKVPool
@@ -116,6 +117,8 @@ class LLMEngine:
         else:
             self.model, self.cfg = load_model(self.model_dir, dtype=self.dtype, device=self.device, quantizer=quantizer,
                                               fuse=True)
+            if huge_pages.requested() and self.device.type == "cpu":
+                huge_pages.collapse_resident_memory()       # the weights, before the KV pool joins them
         self.tokenizer = Tokenizer.from_dir(self.model_dir)
         self.preprocessor = PreprocessorConfig.from_dir(self.model_dir)
         # temperature/top_p/top_k/repetition_penalty for requests that leave them out
