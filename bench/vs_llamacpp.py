@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -333,9 +334,23 @@ def read_bandwidth(gib: float = 1.0, repeats: int = 7) -> float:
     return x.numel() * 4 / best
 
 
+def pair_row(mode: str, gtype: str, rounds: list[tuple[dict, dict]], llama_bytes: int) -> dict:
+    """One table row from --rounds (llama.cpp, qwenvl) measurements: each side's median, and the median of
+    the per-round ratios (each round's two sides ran minutes apart at most)."""
+    def median_of(side: int, key: str) -> float:
+        return statistics.median(r[side][key] for r in rounds)
+    row = {"mode": mode, "gguf": gtype, "llama_bytes": llama_bytes,
+           "llama": {**rounds[0][0], "decode": median_of(0, "decode"), "prefill": median_of(0, "prefill")},
+           "qwenvl": {**rounds[0][1], "decode": median_of(1, "decode"), "prefill": median_of(1, "prefill")}}
+    for key in ("decode", "prefill"):
+        row[f"{key}_ratios"] = [q[key] / l[key] for l, q in rounds]
+    return row
+
+
 def report(rows: list[dict], bandwidth: float, copy: float, a) -> None:
     n = sorted({r["qwenvl"]["prompt_tokens"] for r in rows})
-    print(f"\nbest of {a.repeats} runs each; {a.threads} threads each side; ratio = qwenvl / llama.cpp")
+    print(f"\nbest of {a.repeats} runs each; {a.threads} threads each side; ratio = qwenvl / llama.cpp"
+          + (f"; {a.rounds} alternating rounds: medians, and the median of the per-round ratios" if a.rounds > 1 else ""))
     print(f"read roofline = {bandwidth / 1e9:.1f} GB/s (best max over a 1 GiB float32 tensor, this run) / bytes of "
           f"weights read per token; throughput.py's 1 GiB copy (read+write): {copy / 1e9:.1f} GB/s")
     head = f"{'llama.cpp':>11s}{'qwenvl':>9s}{'ratio':>8s}"
@@ -344,13 +359,17 @@ def report(rows: list[dict], bandwidth: float, copy: float, a) -> None:
     for r in rows:
         ld, qd, lb, qb = r["llama"]["decode"], r["qwenvl"]["decode"], r["llama_bytes"], r["qwenvl"]["weight_bytes"]
         label = f"{r['mode']} / {r['gguf']}"
-        print(f"  {label:24s}{ld:11.2f}{qd:9.2f}{qd / ld:7.2f}x{lb / 1e9:16.2f}{qb / 1e9:8.2f}"
+        ratio = statistics.median(r["decode_ratios"])
+        print(f"  {label:24s}{ld:11.2f}{qd:9.2f}{ratio:7.2f}x{lb / 1e9:16.2f}{qb / 1e9:8.2f}"
               f"{100 * ld * lb / bandwidth:15.0f}%{100 * qd * qb / bandwidth:7.0f}%")
     print(f"\n  {'prefill tok/s':24s}{head}")
     for r in rows:
         lp, qp = r["llama"]["prefill"], r["qwenvl"]["prefill"]
         label = f"{r['mode']} / {r['gguf']}"
-        print(f"  {label:24s}{lp:11.1f}{qp:9.1f}{qp / lp:7.2f}x")
+        print(f"  {label:24s}{lp:11.1f}{qp:9.1f}{statistics.median(r['prefill_ratios']):7.2f}x")
+    if a.rounds > 1:
+        print("\n  per-round decode ratios: " + "; ".join(
+            f"{r['mode']} " + " ".join(f"{x:.2f}" for x in r["decode_ratios"]) for r in rows))
     print(f"\n  llama.cpp: llama-bench tg{a.decode_tokens} and pp{a.prompt_tokens} (random tokens); qwenvl: "
           f"{a.decode_tokens} tokens after a short prompt, and a text prompt of {', '.join(map(str, n))} tokens "
           "(chat template included) to its first token")
@@ -372,6 +391,7 @@ def main() -> None:
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--decode-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3, help="llama-bench -r, and qwenvl's runs of each (best taken)")
+    p.add_argument("--rounds", type=int, default=1, help="alternations of each llama.cpp / qwenvl pair (medians)")
     p.add_argument("--kv-cache-gb", type=float, default=0.2)
     p.add_argument("--modes", default="bf16,int8,int4", help="comma-separated, of " + ", ".join(m for m, _ in PAIRS))
     # bfloat16, not qwenvl's "auto": the comparison is with llama.cpp's BF16 on the same weights, and auto's
@@ -406,11 +426,13 @@ def main() -> None:
     copy, bandwidth = copy_bandwidth(), read_bandwidth()
     rows = []
     for mode, gtype in pairs:       # each pair back to back, so that a noisy neighbour hits both sides alike
-        log(f"measuring llama.cpp {gtype} ...")
-        llama = run_llama_bench(bin_dir, ggufs[gtype], a)
-        log(f"measuring qwenvl {mode} ...")
-        rows.append({"mode": mode, "gguf": gtype, "llama": llama, "qwenvl": run_child(checkpoint, mode),
-                     "llama_bytes": bytes_read_per_token(gguf_tensors(ggufs[gtype]))})
+        rounds = []
+        for r in range(a.rounds):   # and --rounds alternations of the pair: this VM's speed drifts by minutes
+            log(f"round {r + 1}/{a.rounds}: measuring llama.cpp {gtype} ...")
+            llama = run_llama_bench(bin_dir, ggufs[gtype], a)
+            log(f"round {r + 1}/{a.rounds}: measuring qwenvl {mode} ...")
+            rounds.append((llama, run_child(checkpoint, mode)))
+        rows.append(pair_row(mode, gtype, rounds, bytes_read_per_token(gguf_tensors(ggufs[gtype]))))
     print(f"checkpoint {checkpoint}; llama.cpp {rows[0]['llama']['build']} from {source} "
           f"(llama-bench -t {rows[0]['llama']['threads']} -r {a.repeats}); "
           f"measured in {time.perf_counter() - started:.0f} s")

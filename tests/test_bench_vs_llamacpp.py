@@ -90,3 +90,13 @@ def test_gguf_tensor_bytes_are_the_stored_sizes(tmp_path):
     w.close()
     sizes = dict(vs.gguf_tensors(path))
     assert sizes == {"blk.0.ffn_up.weight": 64 * 34, "output_norm.weight": 32 * 4}    # Q8_0: 34 bytes per 32
+
+
+def test_rounds_give_each_sides_median_and_the_median_of_the_per_round_ratios():
+    rounds = [({"decode": 10.0, "prefill": 100.0, "build": "x"}, {"decode": 12.0, "prefill": 90.0}),
+              ({"decode": 16.0, "prefill": 110.0, "build": "x"}, {"decode": 14.0, "prefill": 99.0}),
+              ({"decode": 14.0, "prefill": 120.0, "build": "x"}, {"decode": 15.0, "prefill": 96.0})]
+    row = vs.pair_row("int8", "Q8_0", rounds, 123)
+    assert row["llama"]["decode"] == 14.0 and row["qwenvl"]["decode"] == 14.0 and row["llama"]["build"] == "x"
+    assert row["decode_ratios"] == [1.2, 14.0 / 16.0, 15.0 / 14.0]          # its median, 15/14, is the ratio shown
+    assert row["prefill_ratios"][0] == 0.9 and row["llama_bytes"] == 123
