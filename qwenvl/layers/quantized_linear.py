@@ -58,6 +58,28 @@ def _scratch_matrix(rows: int, cols: int, dtype: torch.dtype, device: torch.devi
     return buf[: rows * cols].view(rows, cols)
 
 
+_PREFILL_BLOCK_ELEMENTS = 8 << 20      # weights dequantised at a time for a many-row product: 16 MB in bf16
+
+
+def _prefill_product(x2: torch.Tensor, n_rows: int, in_features: int, dequantize_rows) -> torch.Tensor:
+    """x2 [R, in] @ W.T for a quantised W [n_rows, in], dequantised into the scratch matrix a block of output
+    rows at a time: `dequantize_rows(r0, r1, out)` writes rows r0:r1 of W into out [r1 - r0, in] and returns it.
+
+    Why blocks: a whole matrix at once makes a 17920-row gate/up a 55 MB scratch, and the int4 unpacking and
+    the GEMM's weight reorder each take about as much again, all held at the process's peak. Blocks of
+    ~16 MB cut those transients (the peak RSS of an image request) while each block is still thousands of
+    rows, as compute bound as the whole product."""
+    block = max(_INT4_BLOCK_N, _PREFILL_BLOCK_ELEMENTS // in_features // _INT4_BLOCK_N * _INT4_BLOCK_N)
+    if block >= n_rows:
+        return F.linear(x2, dequantize_rows(0, n_rows, _scratch_matrix(n_rows, in_features, x2.dtype, x2.device)))
+    y = torch.empty(x2.shape[0], n_rows, dtype=x2.dtype, device=x2.device)
+    for r0 in range(0, n_rows, block):
+        r1 = min(r0 + block, n_rows)
+        y[:, r0:r1] = F.linear(x2, dequantize_rows(r0, r1, _scratch_matrix(r1 - r0, in_features, x2.dtype,
+                                                                             x2.device)))
+    return y
+
+
 # ---------------------------------------------------------------------------------------- quantisers
 _CHUNK_ROWS = 4096      # quantise this many output rows at a time: a 151936-row head in float32 at once
                         # would need ~3 float copies of itself (~2.8 GB at 1536 wide) on top of the model
@@ -171,8 +193,8 @@ class Int8Linear(nn.Module):
         elif x.device.type == "cpu" and x2.shape[0] <= DECODE_MAX_ROWS:
             y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.qweight, self.scales.to(x.dtype))
         else:       # integers are exact in bf16: cast, multiply, then scale the output columns
-            w = _scratch_matrix(self.out_features, self.in_features, x.dtype, x.device).copy_(self.qweight)
-            y = F.linear(x2, w).mul_(self.scales.to(x.dtype))
+            y = _prefill_product(x2, self.out_features, self.in_features,
+                                 lambda r0, r1, w: w.copy_(self.qweight[r0:r1])).mul_(self.scales.to(x.dtype))
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
         return y.view(*lead, self.out_features)
@@ -257,15 +279,17 @@ class Int4Linear(nn.Module):
         perm = None if in_perm is None else in_perm.to(device, torch.long)
         return cls(packed.to(device), sz.to(device), out_f, in_f, group_size, b, perm)
 
-    def _dequantize_permuted(self, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
-        """[N_pad, in] in the kernel's column order (in_perm applied)."""
-        n_pad = self.packed.shape[0]
-        q = _unpack_cpu_int4(self.packed, n_pad, self.in_features)                     # [N_pad, in]
+    def _dequantize_permuted(self, dtype: torch.dtype, out: torch.Tensor | None = None,
+                             rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """[N_pad, in] in the kernel's column order (in_perm applied); or only `rows` (r0, r1), multiples of 64."""
+        r0, r1 = rows if rows is not None else (0, self.packed.shape[0])
+        n = r1 - r0
+        q = _unpack_cpu_int4(self.packed[r0:r1], n, self.in_features)                   # [n, in]
         g = self.in_features // self.group_size
-        sz = self.scales_and_offsets.to(dtype)
-        w = out if out is not None else torch.empty(n_pad, self.in_features, dtype=dtype, device=q.device)
-        wg = w.view(n_pad, g, self.group_size)
-        wg.copy_(q.view(n_pad, g, self.group_size)).sub_(8)
+        sz = self.scales_and_offsets[:, r0:r1].to(dtype)
+        w = out if out is not None else torch.empty(n, self.in_features, dtype=dtype, device=q.device)
+        wg = w.view(n, g, self.group_size)
+        wg.copy_(q.view(n, g, self.group_size)).sub_(8)
         wg.mul_(sz[..., 0].T[..., None]).add_(sz[..., 1].T[..., None])
         return w
 
@@ -287,8 +311,8 @@ class Int4Linear(nn.Module):
             sz = self.scales_and_offsets.to(x.dtype)
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), self.packed, self.group_size, sz)
         else:
-            scratch = _scratch_matrix(self.packed.shape[0], self.in_features, x.dtype, x.device)
-            y = F.linear(x2, self._dequantize_permuted(x.dtype, out=scratch))
+            y = _prefill_product(x2, self.packed.shape[0], self.in_features,
+                                 lambda r0, r1, w: self._dequantize_permuted(x.dtype, out=w, rows=(r0, r1)))
         y = y[:, : self.out_features]
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
