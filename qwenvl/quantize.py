@@ -3,9 +3,10 @@
 Every nn.Linear of the language model, and the output head, becomes the quantised layer of the same
 interface (qwenvl/layers/quantized_linear.py). The vision tower stays in its float dtype unless asked: it
 runs once per image over hundreds of rows, compute bound, where a quantised weight saves memory but no time.
-A tied output head is quantised as a copy of the embedding. The embedding table itself is kept in int8
-rows (layers/quantized_embedding.py): a step reads only its new tokens' rows, so the table is memory, not
-speed, and each looked-up row is dequantised within half a step of the float row.
+A tied output head is quantised from the embedding. The embedding table itself is kept in int8 rows
+(layers/quantized_embedding.py): a step reads only its new tokens' rows, so the table is memory, not
+speed, and each looked-up row is dequantised within half a step of the float row. A tied int8 head is
+those same rows; under int4 the tied head is int4 and the embedding reads its rows (no table of its own).
 The head takes the requested mode too: an int8 head under int4 (as llama.cpp's Q4_K_M keeps its output
 matrix at 6 bits) was measured and left out: no change in the bundled model's task scores, 15% slower
 decode at 2B widths, since PyTorch's int8 kernel is no faster than bf16 on a 151936-row matrix here.
@@ -26,7 +27,7 @@ from torch import nn
 from .layers.moe import Experts
 from .layers.quantized_moe import QuantizedExperts
 from .layers.int8_vnni import int8_layout
-from .layers.quantized_embedding import Int8Embedding
+from .layers.quantized_embedding import Int8Embedding, TiedInt4Embedding
 from .layers.quantized_linear import Int4Linear, Int8Linear, int4_group_size, quantize_int8
 
 QUANTIZATION_MODES = ("int8", "int4")
@@ -114,13 +115,16 @@ def quantize_model(model: nn.Module, mode: str, group_size: int = 128, include_v
         _replace(model, name, QuantizedExperts([quantized_linear(w, None, mode, group_size) for w in ex.gate_up_proj],
                                                [quantized_linear(w, None, mode, group_size) for w in ex.down_proj],
                                                ex.intermediate))
-    table = Int8Embedding.from_float(model.get_submodule(_EMBEDDING).weight)
     tied = model.tied_output_weight()
-    if tied is not None:       # an int8 head is the table's own per-row quantisation: shared, not redone
-        int8_head = _int4_group(tied.shape[1], mode, group_size) is None
-        model.use_output_head(Int8Linear.from_int8(table.qweight, table.scales, None) if int8_head
-                              else quantized_linear(tied, None, mode, group_size))
-    _replace(model, _EMBEDDING, table)
+    if tied is not None and _int4_group(tied.shape[1], mode, group_size) is not None:
+        head = quantized_linear(tied, None, mode, group_size)
+        model.use_output_head(head)
+        _replace(model, _EMBEDDING, TiedInt4Embedding(head))
+    else:
+        table = Int8Embedding.from_float(model.get_submodule(_EMBEDDING).weight)
+        if tied is not None:   # an int8 head is the table's own per-row quantisation: shared, not redone
+            model.use_output_head(Int8Linear.from_int8(table.qweight, table.scales, None))
+        _replace(model, _EMBEDDING, table)
     use_cpu_int8_layout(model)
     return model
 
@@ -152,6 +156,7 @@ class LoadQuantizer:
         self.include_vision = include_vision
         self._layers: dict[str, tuple[str, int]] = {}  # "<module>.weight" -> (mode, group size) it was given
         self._tied_key: str | None = None
+        self._table_of_its_own = True       # False: a tied int4 head's rows serve the embedding
         self._experts: dict[str, tuple[str, tuple[str, int]]] = {}  # fused key -> (module list, format)
 
     def prepare(self, model: nn.Module, dtype: torch.dtype) -> None:
@@ -168,13 +173,17 @@ class LoadQuantizer:
             self._experts[f"{name}.gate_up_proj"] = (f"{name}.gate_up", self._layer_format(H))
             self._experts[f"{name}.down_proj"] = (f"{name}.down", self._layer_format(inter))
         tied = model.tied_output_weight()
+        emb = model.get_submodule(_EMBEDDING)
+        table = Int8Embedding.empty(emb.num_embeddings, emb.embedding_dim, dtype)
         if tied is not None:
-            model.use_output_head(_empty_quantized_linear(tied.shape[1], tied.shape[0], False, dtype,
-                                                          self.mode, self.group_size))
+            head = _empty_quantized_linear(tied.shape[1], tied.shape[0], False, dtype, self.mode, self.group_size)
+            model.use_output_head(head)
             self._tied_key = f"{_EMBEDDING}.weight"
             self._layers[f"{_TIED_HEAD}.weight"] = self._layer_format(tied.shape[1])
-        emb = model.get_submodule(_EMBEDDING)
-        _replace(model, _EMBEDDING, Int8Embedding.empty(emb.num_embeddings, emb.embedding_dim, dtype))
+            if isinstance(head, Int4Linear):    # the embedding reads the int4 head's rows: no table to fill
+                table = TiedInt4Embedding(head)
+        self._table_of_its_own = isinstance(table, Int8Embedding)
+        _replace(model, _EMBEDDING, table)
 
     def _layer_format(self, in_features: int) -> tuple[str, int]:
         g = _int4_group(in_features, self.mode, self.group_size)
@@ -187,16 +196,17 @@ class LoadQuantizer:
         if key in self._layers:
             out.update(self._quantized_buffers(key, tensor))
         if key == f"{_EMBEDDING}.weight":
-            table = Int8Embedding.from_float(tensor)
-            out.update({f"{_EMBEDDING}.{name}": t for name, t in table.named_buffers()})
+            table = Int8Embedding.from_float(tensor) if self._table_of_its_own else None
+            if table is not None:
+                out.update({f"{_EMBEDDING}.{name}": t for name, t in table.named_buffers()})
             if key == self._tied_key:
                 out.update(self._tied_head_buffers(table, tensor))
         return out
 
-    def _tied_head_buffers(self, table: Int8Embedding, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _tied_head_buffers(self, table: Int8Embedding | None, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
         """An int8 head is the table's own per-row quantisation: shared, not computed and stored twice."""
         head = f"{_TIED_HEAD}.weight"
-        if self._layers[head] == ("int8", 0):
+        if table is not None and self._layers[head] == ("int8", 0):
             return {f"{_TIED_HEAD}.qweight": table.qweight, f"{_TIED_HEAD}.scales": table.scales}
         return self._quantized_buffers(head, tensor)
 

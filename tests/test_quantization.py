@@ -210,3 +210,47 @@ def test_int4_packed_a_block_of_rows_at_a_time_equals_packing_it_whole():
     for (name, a), (_, b) in zip(whole.named_buffers(), blocks.named_buffers()):
         assert torch.equal(a, b), name
     assert blocks.out_features == 4196 and blocks.packed.shape[0] == 4224
+
+
+def test_int4_rows_read_from_the_packed_layout_equal_the_dequantised_matrix():
+    w = torch.randn(150, 256, dtype=torch.bfloat16)            # 150 rows: the last 64-row block padded
+    perm = torch.randperm(256)
+    for layer in (Int4Linear.from_weight(w, 64, None),
+                  Int4Linear.from_int4(*quantize_int4(w.float(), 64), 64, None, in_perm=perm)):
+        ids = torch.tensor([[0, 31, 32, 63], [64, 100, 149, 7]])
+        assert torch.equal(layer.dequantized_rows(ids), layer.dequantize()[ids])
+
+
+def test_a_tied_int4_model_embeds_with_its_heads_rows(tiny_checkpoint, tmp_path):
+    """Tied and int4: the embedding has no table of its own, it dequantises the int4 head's rows; the
+    loader's path and the module swap agree, and the engine answers."""
+    import json
+    import shutil
+    from safetensors.torch import load_file, save_file
+    from qwenvl.layers.quantized_embedding import TiedInt4Embedding
+    from qwenvl.quantize import LoadQuantizer
+    path = tmp_path / "tied"
+    shutil.copytree(tiny_checkpoint("qwen2_vl"), path)
+    raw = json.loads((path / "config.json").read_text())
+    raw["tie_word_embeddings"] = True
+    (path / "config.json").write_text(json.dumps(raw))
+    state = load_file(path / "model.safetensors")
+    state.pop("lm_head.weight", None)
+    save_file(state, path / "model.safetensors")
+
+    float_model, _ = load_model(path, dtype="float32")
+    table = float_model.model.language_model.embed_tokens.weight.detach()
+    streamed, _ = load_model(path, dtype="float32", quantizer=LoadQuantizer("int4"))
+    emb = streamed.model.language_model.embed_tokens
+    assert isinstance(emb, TiedInt4Embedding) and list(emb.buffers()) == []
+    assert not any(k.startswith("model.language_model.embed_tokens") for k in streamed.state_dict())
+    ids = torch.arange(table.shape[0])
+    assert torch.equal(emb(ids), streamed.output_head.dequantize()[ids])
+    groups = table.view(table.shape[0], -1, streamed.output_head.group_size)
+    half_step = ((groups.amax(-1) - groups.amin(-1)) / 15 / 2).repeat_interleave(groups.shape[-1], dim=1)
+    assert ((emb(ids) - table).abs() <= half_step + 1e-6).all()
+    swapped = quantize_model(float_model, "int4").model.language_model.embed_tokens
+    assert isinstance(swapped, TiedInt4Embedding) and torch.equal(swapped(ids), emb(ids))
+    out = LLM(str(path), quantization="int4", dtype="float32").chat(
+        [{"role": "user", "content": "count to five"}], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+    assert len(out.token_ids) == 4

@@ -293,6 +293,24 @@ class Int4Linear(nn.Module):
         wg.mul_(sz[..., 0].T[..., None]).add_(sz[..., 1].T[..., None])
         return w
 
+    def dequantized_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` of the weight [*ids.shape, in], dequantised straight from the packed layout (an
+        embedding lookup into a tied head: a few rows a step, read 32 bytes apart). Equal to dequantize()[ids]."""
+        flat = ids.reshape(-1)
+        b = self.packed.view(-1, self.in_features, _INT4_BLOCK_N // 2)                # [N_pad/64, in, 32]
+        j = flat % _INT4_BLOCK_N                                                        # row j of its 64-row block
+        byte = b[flat // _INT4_BLOCK_N, :, j % (_INT4_BLOCK_N // 2)]                    # [R, in]
+        q = torch.where((j < _INT4_BLOCK_N // 2)[:, None], byte & 0x0F, byte >> 4)
+        sz = self.scales_and_offsets[:, flat]                                           # [in/G, R, 2]
+        g = self.in_features // self.group_size
+        w = q.view(-1, g, self.group_size).to(sz.dtype).sub_(8)
+        w = w.mul_(sz[..., 0].T[..., None]).add_(sz[..., 1].T[..., None]).view(-1, self.in_features)
+        if self.in_perm is not None:
+            restored = torch.empty_like(w)
+            restored[:, self.in_perm] = w
+            w = restored
+        return w.view(*ids.shape, self.in_features)
+
     def dequantize(self) -> torch.Tensor:
         """[out, in] in the original input-column order."""
         w = self._dequantize_permuted(self.scales_and_offsets.dtype)[: self.out_features]
