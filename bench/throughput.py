@@ -272,7 +272,16 @@ def prompt_flops(model, n_patches: int, n_tokens: int) -> float:
 
 
 def maxrss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak resident set, MiB: VmHWM, the high-water mark of its own address space.
+
+    Not ru_maxrss: Linux carries ru_maxrss across exec, so a child started by a parent holding 2.3 GB (this
+    bench's bandwidth buffers) reported at least that much; the int4+vision child read 2306 MiB that way and
+    1981 MiB by VmHWM, the same run's memory."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def side_qwenvl(model_dir: Path, a) -> dict:
