@@ -139,20 +139,21 @@ class PagedAttention:
             out[s: s + qlen] = o.transpose(0, 1)
         return out
 
+    def _decode_keys(self, kc, vc) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decode rows' keys and values, padded to the longest: k/v [Bd, L, Hkv, Dh]."""
+        Bd, L = self.decode_slots.shape
+        slots = self.decode_slots.view(-1)
+        return (kc.index_select(0, slots).view(Bd, L, kc.shape[1], -1),
+                vc.index_select(0, slots).view(Bd, L, vc.shape[1], -1))
+
     def _attend_fast(self, q, kc, vc):
-        Hq, Hkv = q.shape[1], kc.shape[1]
-        gqa = Hq != Hkv
         if not self.prefill_idx and q.device.type == "cpu":      # a decode-only step: its rows are in order
-            Bd, L = self.decode_slots.shape
-            kd = kc.index_select(0, self.decode_slots.view(-1)).view(Bd, L, Hkv, -1)
-            vd = vc.index_select(0, self.decode_slots.view(-1)).view(Bd, L, Hkv, -1)
-            return decode_attention_matmul(q, kd, vd, self.decode_mask, self.scale)
+            return decode_attention_matmul(q, *self._decode_keys(kc, vc), self.decode_mask, self.scale)
+        gqa = q.shape[1] != kc.shape[1]
         out = torch.empty_like(q)
         if self.decode_idx:
-            Bd, L = self.decode_slots.shape
             qd = q.index_select(0, self.decode_rows)                                   # [Bd, Hq, Dh]
-            kd = kc.index_select(0, self.decode_slots.view(-1)).view(Bd, L, Hkv, -1)   # [Bd, L, Hkv, Dh]
-            vd = vc.index_select(0, self.decode_slots.view(-1)).view(Bd, L, Hkv, -1)
+            kd, vd = self._decode_keys(kc, vc)
             if q.device.type == "cpu":
                 od = decode_attention_matmul(qd, kd, vd, self.decode_mask, self.scale)
             else:
