@@ -53,10 +53,10 @@ def _libc():
     return libc
 
 
-def anonymous_regions(smaps_text: str) -> list[tuple[int, int]]:
+def anonymous_regions(maps_text: str) -> list[tuple[int, int]]:
     """(start, end) of the private, writable, anonymous mappings (the heap included) in /proc/<pid>/maps text."""
     out = []
-    for line in smaps_text.splitlines():
+    for line in maps_text.splitlines():
         fields = line.split()
         if len(fields) < 5 or "-" not in fields[0]:
             continue
