@@ -112,3 +112,23 @@ def test_a_quantised_vision_tower_keeps_the_plain_layout(tiny_checkpoint, monkey
     language = [m for n, m in layers.items() if not n.startswith("model.visual.")]
     assert vision and all(m.packed_weight_bytes == 0 for m in vision)
     assert language and all(m.packed_weight_bytes > 0 for m in language)
+
+
+def test_where_fbgemm_is_chosen_only_the_large_layers_move_into_it(tiny_checkpoint, monkeypatch):
+    """Chosen automatically (not forced), fbgemm's layout takes the layers of at least FBGEMM_MIN_WEIGHTS
+    weights; the smaller ones keep the plain layout, whose decode product costs fewer ops around it."""
+    monkeypatch.delenv(int8_vnni.LAYOUT_ENV, raising=False)
+
+    def language_layers(layout: str) -> list[Int8Linear]:
+        monkeypatch.setattr(int8_vnni, "int8_layout", lambda: layout)
+        llm = LLM(tiny_checkpoint("qwen2_vl"), quantization="int8", dtype="float32")
+        return [m for n, m in llm.engine.model.named_modules()
+                if isinstance(m, Int8Linear) and not n.startswith("model.visual.")]
+
+    sizes = sorted({m.out_features * m.in_features for m in language_layers("plain")})
+    threshold = sizes[len(sizes) // 2]                  # splits the model's layers into both kinds
+    monkeypatch.setattr(int8_vnni, "FBGEMM_MIN_WEIGHTS", threshold)
+    layers = language_layers("fbgemm")
+    packed = [m.packed_weight_bytes > 0 for m in layers]
+    assert any(packed) and not all(packed)
+    assert packed == [m.out_features * m.in_features >= threshold for m in layers]

@@ -6,10 +6,12 @@ import asyncio
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from qwenvl import LLM, SamplingParams
 from qwenvl.engine.async_engine import AsyncEngine
+from qwenvl.layers import int8_vnni
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 
@@ -32,11 +34,21 @@ def fresh(ckpt, **options) -> LLM:
     return LLM(ckpt, dtype="float32", **options)
 
 
-# The engine's bookkeeping must not care what the linears are: these run again on int8 weights.
-quantizations = pytest.mark.parametrize("quantization", [None, "int8"])
+@pytest.fixture(params=[None, "int8", "int8 fbgemm"])
+def quantization(request, monkeypatch):
+    """The engine's bookkeeping must not care what the linears are: these run again on int8 weights, in the
+    layout this CPU picks for a tiny model (plain: its layers are too small for fbgemm's) and with every
+    layer forced into fbgemm's layout, whose products big models use here."""
+    mode, _, layout = (request.param or "").partition(" ")
+    if layout:
+        if "fbgemm" not in torch.backends.quantized.supported_engines:
+            pytest.skip("this PyTorch build has no fbgemm")
+        monkeypatch.setenv(int8_vnni.LAYOUT_ENV, layout)
+        int8_vnni.int8_layout.cache_clear()
+        request.addfinalizer(int8_vnni.int8_layout.cache_clear)
+    return mode or None
 
 
-@quantizations
 def test_eight_concurrent_requests_match_each_alone(ckpt, quantization):
     convs = [ask(image(i, size=(56 + 28 * (i % 3), 56 + 28 * (i % 2))), f"question {i}?") for i in range(8)]
     batched = fresh(ckpt, quantization=quantization).generate(convs, GREEDY)
@@ -46,7 +58,6 @@ def test_eight_concurrent_requests_match_each_alone(ckpt, quantization):
         assert out.finish_reason == "length" and len(out.token_ids) == 12
 
 
-@quantizations
 def test_tiny_kv_pool_preempts_and_every_request_completes_unchanged(ckpt, quantization):
     convs = [ask(image(10 + i), f"describe {i}") for i in range(6)]
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
@@ -58,7 +69,6 @@ def test_tiny_kv_pool_preempts_and_every_request_completes_unchanged(ckpt, quant
     assert tight.stats()["kv_blocks_used"] == 0
 
 
-@quantizations
 def test_second_turn_reuses_the_prefix_cache_and_matches_uncached(ckpt, quantization):
     llm = fresh(ckpt, quantization=quantization)
     turn1 = ask(image(1), "What is in the picture?")

@@ -56,6 +56,22 @@ def int8_layout() -> str:
     return "fbgemm" if vnni and not amx else "plain"
 
 
+# Below this many weights a layer keeps the plain layout even where fbgemm's is chosen: its decode product
+# is too short for fbgemm's faster read to pay for the activation split and recombination around it
+# (~14 small ops, ~100 us a product in place). Measured at Qwen2-VL-2B widths (bench/int8_layouts.py):
+# a 1536 x 1536 product takes 0.16 ms plain, 0.19 ms in fbgemm's layout with its split, even alone.
+FBGEMM_MIN_WEIGHTS = 8 << 20
+
+
+def uses_fbgemm_layout(out_features: int, in_features: int) -> bool:
+    """Whether a language-model int8 layer of this shape moves into fbgemm's layout: under `int8_layout()`
+    "fbgemm", the layers of at least FBGEMM_MIN_WEIGHTS weights, or every layer when QWENVL_INT8_LAYOUT
+    forces "fbgemm" (tests and benchmarks compare the layouts on small models)."""
+    if int8_layout() != "fbgemm":
+        return False
+    return os.environ.get(LAYOUT_ENV) == "fbgemm" or out_features * in_features >= FBGEMM_MIN_WEIGHTS
+
+
 def per_channel_quantized(qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """int8 [out, in] + scales [out] -> the quantised tensor fbgemm's packer takes (a copy of qweight)."""
     with warnings.catch_warnings():

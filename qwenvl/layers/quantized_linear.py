@@ -16,9 +16,10 @@ its integer weights into a reused bf16 scratch matrix and runs the GEMM, which c
 for int8. On other devices (CUDA) the layer dequantises the same way: the math is identical.
 
 That table is the plain int8 layout. On CPUs with VNNI and no AMX (Zen 4 EPYC) the int8 kernel above is
-compute bound (~17 GB/s of int8, no faster than bf16), and the layer moves into fbgemm's packed layout
+compute bound (~17 GB/s of int8, no faster than bf16), and a large layer moves into fbgemm's packed layout
 after loading (`use_fbgemm_layout`, layers/int8_vnni.py), which serves every row count: 1.35-1.45x the
-plain layout's batch-1 decode there (`bench/int8_layouts.py --engine`).
+plain layout's batch-1 decode there (`bench/int8_layouts.py --engine`). Small layers (q/k/v and o at 2B
+widths) stay plain: around so short a product fbgemm's activation split costs more than its read saves.
 
 Conventions (the AWQ/GPTQ ones, so published checkpoints repack without re-quantising):
   int8: w[o, i] = q[o, i] * scale[o]                               q in -127..127
