@@ -55,7 +55,8 @@ def test_int8_layer_equals_linear_with_its_dequantised_weight(dtype, rows):
     ref = F.linear(x.float(), layer.dequantize().float(), lin.bias.float())
     tol = 1e-4 if dtype == torch.float32 else 3e-2 * ref.abs().max().item()
     torch.testing.assert_close(layer(x).float(), ref, atol=tol, rtol=0)
-    assert layer(x.view(1, rows, 256)).shape == (1, rows, 96)
+    batched = layer(x.view(1, rows, 256))            # 3-D: not the 2-D decode shortcut, the same numbers
+    assert batched.shape == (1, rows, 96) and torch.equal(batched[0], layer(x))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

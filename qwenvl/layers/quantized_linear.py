@@ -187,6 +187,11 @@ class Int8Linear(nn.Module):
         if self._fbgemm is not None and x.dim() == 2:          # decode's case, in the fewest ops
             y = self._fbgemm.matmul(x)
             return y if self.bias is None else y.add_(self.bias.to(y.dtype))
+        if self._fbgemm is None and x.dim() == 2 and x.shape[0] <= DECODE_MAX_ROWS and x.device.type == "cpu" \
+                and x.dtype == self.scales.dtype and x.is_contiguous():
+            # decode through a plain layer (q/k/v and o keep it): the product below, in the fewest ops
+            y = torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.scales)
+            return y if self.bias is None else y.add_(self.bias)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)                                          # [R, in]
         if self._fbgemm is not None:
