@@ -19,30 +19,16 @@ Not timed: `aten._dyn_quant_matmul_4bit`, KleidiAI's on Arm; on x86 its pack sto
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import throughput  # noqa: E402  (copy bandwidth)
+from int8_layouts import COLD_BYTES, best_seconds  # noqa: E402  (cold timing over distinct matrices)
 
 SHAPES = {"gate/up_proj": (8960, 1536), "down_proj": (1536, 8960)}
-COLD_BYTES = 256 << 20
 BAG_BLOCK = 128
-
-
-def per_call_seconds(calls, repeats: int = 5) -> float:
-    """Best of `repeats` passes over `calls` (each a different matrix), per call."""
-    for call in calls:
-        call()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for call in calls:
-            call()
-        best = min(best, (time.perf_counter() - t0) / len(calls))
-    return best
 
 
 def int4_linear(w: torch.Tensor):
@@ -103,7 +89,7 @@ def main() -> None:
             except RuntimeError as e:                     # a kernel this build or CPU does not offer
                 print(f"   {name:13s} {kind:32s} unavailable: {str(e).splitlines()[0][:80]}")
                 continue
-            s = per_call_seconds([lambda f=f: f(x) for f, _ in built])
+            s = best_seconds([lambda f=f: f(x) for f, _ in built])
             times[kind] = s
             print(f"   {name:13s} {kind:32s} {s * 1e3:7.3f} ms {built[0][1] / s / 1e9:6.1f} GB/s", flush=True)
             del built

@@ -30,7 +30,7 @@ SHAPES = {"q/o_proj": (1536, 1536), "k/v_proj": (256, 1536), "gate/up_proj": (89
 COLD_BYTES = 256 << 20
 
 
-def _best_seconds(calls, repeats: int = 5) -> float:
+def best_seconds(calls, repeats: int = 5) -> float:
     """Best of `repeats` passes over `calls` (each a different matrix), per call."""
     for call in calls:
         call()
@@ -68,7 +68,7 @@ def kernels(rows_list: list[int]) -> None:
             x = torch.randn(rows, in_f, dtype=torch.bfloat16)
             cells = []
             for kind in kinds:
-                s = _best_seconds([lambda m=m[kind]: m(x) for m in layers], repeats=3 if rows > 16 else 5)
+                s = best_seconds([lambda m=m[kind]: m(x) for m in layers], repeats=3 if rows > 16 else 5)
                 nbytes = out_f * in_f * {"bf16": 2, "int4": 0.5}.get(kind, 1)
                 cells.append(f"{s * 1e3:9.3f} {nbytes / s / 1e9:6.1f} GB/s")
             print(f"   {name:14s} {rows:4d} " + " ".join(cells), flush=True)
