@@ -41,13 +41,19 @@ _RADIX = 2.0 * _LEVEL           # a pass's rounding residual is in [-0.5, 0.5]: 
 LAYOUT_ENV = "QWENVL_INT8_LAYOUT"      # "plain" or "fbgemm": override the choice (benchmarks compare both)
 
 
+def forced_layout() -> str | None:
+    """The layout QWENVL_INT8_LAYOUT forces for every int8 layer, or None when it is not set."""
+    forced = os.environ.get(LAYOUT_ENV, "")
+    if forced and forced not in ("plain", "fbgemm"):
+        raise ValueError(f"{LAYOUT_ENV}={forced!r}: use 'plain' or 'fbgemm'")
+    return forced or None
+
+
 @functools.lru_cache(maxsize=None)
 def int8_layout() -> str:
-    """"fbgemm" where this CPU has VNNI and no AMX (and PyTorch has fbgemm), else "plain"."""
-    forced = os.environ.get(LAYOUT_ENV, "")
+    """"fbgemm" where this CPU has VNNI and no AMX (and PyTorch has fbgemm), else "plain"; or the forced one."""
+    forced = forced_layout()
     if forced:
-        if forced not in ("plain", "fbgemm"):
-            raise ValueError(f"{LAYOUT_ENV}={forced!r}: use 'plain' or 'fbgemm'")
         return forced
     if "fbgemm" not in torch.backends.quantized.supported_engines:
         return "plain"
@@ -69,7 +75,7 @@ def uses_fbgemm_layout(out_features: int, in_features: int) -> bool:
     forces "fbgemm" (tests and benchmarks compare the layouts on small models)."""
     if int8_layout() != "fbgemm":
         return False
-    return os.environ.get(LAYOUT_ENV) == "fbgemm" or out_features * in_features >= FBGEMM_MIN_WEIGHTS
+    return forced_layout() == "fbgemm" or out_features * in_features >= FBGEMM_MIN_WEIGHTS
 
 
 def per_channel_quantized(qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
