@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import throughput                                           # noqa: E402
 from qwenvl import LLM, SamplingParams                      # noqa: E402
-from qwenvl.huge_pages import collapse_resident_memory      # noqa: E402
+from qwenvl.checkpoints.huge_pages import collapse_resident_memory      # noqa: E402
 
 PROMPT = [{"role": "user", "content": "Tell me a long story about a cat."}]
 

@@ -32,13 +32,13 @@ BAG_BLOCK = 128
 
 
 def int4_linear(w: torch.Tensor):
-    from qwenvl.quantize import quantized_linear
+    from qwenvl.checkpoints.quantize import quantized_linear
     layer = quantized_linear(w, None, "int4")
     return lambda x: layer(x), w.numel() // 2
 
 
 def int4mm_packed(w: torch.Tensor):
-    from qwenvl.quantize import quantized_linear
+    from qwenvl.checkpoints.quantize import quantized_linear
     layer = quantized_linear(w, None, "int4")         # its packed weights and group parameters, as the kernel's
     group, packed, sz = torch.tensor(layer.group_size), layer.packed, layer.scales_and_offsets
     return lambda x: torch.ops.quantized.int4mm_packed_weight_cpu(x, packed, group, sz), w.numel() // 2
@@ -61,7 +61,7 @@ def embedding_bag_4bit(w: torch.Tensor):
 
 def int8_linear(w: torch.Tensor):
     from qwenvl.layers.int8_vnni import uses_fbgemm_layout
-    from qwenvl.quantize import quantized_linear
+    from qwenvl.checkpoints.quantize import quantized_linear
     layer = quantized_linear(w, None, "int8")
     if uses_fbgemm_layout(*w.shape):
         layer.use_fbgemm_layout()

@@ -45,7 +45,7 @@ def best_seconds(calls, repeats: int = 5) -> float:
 
 def _layers(out_f: int, in_f: int):
     """One layer of each kind with the same random weight: bf16, int8 plain, int8 fbgemm, int4."""
-    from qwenvl.quantize import quantized_linear
+    from qwenvl.checkpoints.quantize import quantized_linear
     lin = torch.nn.Linear(in_f, out_f, bias=False).to(torch.bfloat16)
     plain = quantized_linear(lin.weight.detach(), None, "int8")
     packed = quantized_linear(lin.weight.detach(), None, "int8")

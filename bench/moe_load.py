@@ -54,14 +54,13 @@ def _config(layers: int, dense_twin: bool = False, dense_3b: bool = False) -> di
 def build(out: Path, layers: int, dense_twin: bool = False, dense_3b: bool = False) -> None:
     """Write the checkpoint: each shard's tensors are generated, saved and dropped before the next."""
     from safetensors.torch import save_file
-
-    from qwenvl.config import ModelConfig
+    from qwenvl.models.registry import config_from_hf
     from qwenvl.models import build_model
     out.mkdir(parents=True, exist_ok=True)
     cfg_raw = _config(layers, dense_twin, dense_3b)
     (out / "config.json").write_text(json.dumps(cfg_raw))
     with torch.device("meta"):
-        shapes = {k: (tuple(v.shape), v.dtype) for k, v in build_model(ModelConfig.from_hf(cfg_raw)).state_dict().items()}
+        shapes = {k: (tuple(v.shape), v.dtype) for k, v in build_model(config_from_hf(cfg_raw)).state_dict().items()}
     groups: dict[str, list[str]] = {}
     for key in shapes:
         part = key.split(".layers.")[1].split(".")[0] if ".language_model.layers." in key else "rest"
@@ -80,8 +79,8 @@ def build(out: Path, layers: int, dense_twin: bool = False, dense_3b: bool = Fal
 
 def run(ckpt: Path, steps: int, quantization: str) -> dict:
     from qwenvl.layers.attention import ContiguousKVCache
-    from qwenvl.loader import load_model
-    from qwenvl.quantize import LoadQuantizer
+    from qwenvl.checkpoints.loader import load_model
+    from qwenvl.checkpoints.quantize import LoadQuantizer
     t0 = time.perf_counter()
     model, cfg = load_model(ckpt, dtype="bfloat16", quantizer=LoadQuantizer(quantization) if quantization else None)
     load_s = time.perf_counter() - t0

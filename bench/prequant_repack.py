@@ -13,7 +13,7 @@ import time
 import torch
 
 from qwenvl.layers.quantized_linear import Int4Linear, quantize_int4
-from qwenvl.quant_formats import awq, gptq
+from qwenvl.checkpoints.quant_formats import awq, gptq
 
 
 def _timed(fn):

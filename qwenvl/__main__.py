@@ -1,6 +1,6 @@
 """`python -m qwenvl ...` is the `qwenvl` command."""
 
-from qwenvl.cli import main
+from qwenvl.cli.main import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Iterator
 
 from .engine.llm_engine import EngineConfig, LLMEngine
-from .grounding import declared_grounding_prompt, grounding_prompt
-from .ocr import OcrResult, ocr_messages, ocr_request, postprocess
-from .outputs import RequestOutput
+from .answers.grounding import declared_grounding_prompt, grounding_prompt
+from .answers.ocr import OcrResult, ocr_messages, ocr_request, postprocess
+from .answers.outputs import RequestOutput
 from .sampling_params import SamplingParams, with_defaults
 from .structured.tool_parser import parse_tool_calls
 from .structured.tools import parse_tool_use

@@ -18,10 +18,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
-
-from qwenvl.config import ModelConfig  # noqa: E402
+from qwenvl.models.registry import config_from_dir  # noqa: E402
 from qwenvl.inputs import PreprocessorConfig  # noqa: E402
-from qwenvl.loader import load_model  # noqa: E402
+from qwenvl.checkpoints.loader import load_model  # noqa: E402
 from qwenvl.tokenizer import Tokenizer  # noqa: E402
 from qwenvl.training.packing import Encoder, PackedCausalAttention, PixelUnpacker, forward_tapped, pack  # noqa: E402
 from qwenvl.training.patch_labels import (BACKGROUND, EDGE_SCALE, LM_PROBE_LAYER, POSITION_SCALE,  # noqa: E402
@@ -37,7 +36,7 @@ def main() -> None:
     run = Path(args.run)
     d = run / "final"
     pre = PreprocessorConfig.from_dir(d)
-    encoder, unpack = Encoder(Tokenizer.from_dir(d), ModelConfig.from_dir(d), pre), PixelUnpacker(pre)
+    encoder, unpack = Encoder(Tokenizer.from_dir(d), config_from_dir(d), pre), PixelUnpacker(pre)
     model, model_cfg = load_model(d, dtype=torch.float32)
     state = torch.load(run / "train_state.pt", map_location="cpu", weights_only=False)
     probe = VisionProbe(model_cfg.text.hidden_size)

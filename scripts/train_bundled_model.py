@@ -101,8 +101,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
-
-from qwenvl.config import ModelConfig  # noqa: E402
+from qwenvl.models.registry import config_from_dir  # noqa: E402
 from qwenvl.inputs import PreprocessorConfig  # noqa: E402
 from qwenvl.tokenizer import Tokenizer  # noqa: E402
 from qwenvl.training.checkpoint import SmallModelDims, write_new_checkpoint_dir  # noqa: E402
@@ -115,7 +114,7 @@ from qwenvl.training.throughput import loader_rate, model_rate  # noqa: E402
 def measure(cfg: TrainConfig, seconds: float) -> None:
     """Print the data path's and the model's samples/s apart (each alone), before training."""
     d = cfg.model_dir
-    encoder = Encoder(Tokenizer.from_dir(d), ModelConfig.from_dir(d), PreprocessorConfig.from_dir(d))
+    encoder = Encoder(Tokenizer.from_dir(d), config_from_dir(d), PreprocessorConfig.from_dir(d))
     data = loader_rate(cfg, encoder, seconds)
     print(f"data: {data['samples_per_s']} samples/s from {cfg.workers} workers, "
           f"{data['bytes_per_sample'] / 1e6:.2f} MB/sample ({data})", flush=True)
@@ -146,7 +145,7 @@ def start_copy(src: Path, dst: Path, max_pixels: int | None, mrope_section: list
         config = json.loads(path.read_text(encoding="utf-8"))
         config["rope_scaling"]["mrope_section"] = mrope_section
         path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        ModelConfig.from_dir(dst)     # a section that does not fit the head exits here, before training
+        config_from_dir(dst)     # a section that does not fit the head exits here, before training
     return dst
 
 

@@ -20,8 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-
-from qwenvl.config import ModelConfig  # noqa: E402
+from qwenvl.models.registry import config_from_dir  # noqa: E402
 from qwenvl.inputs import PreprocessorConfig  # noqa: E402
 from qwenvl.models import build_model  # noqa: E402
 from qwenvl.tokenizer import Tokenizer  # noqa: E402
@@ -48,7 +47,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     args = ap.parse_args()
     torch.manual_seed(0)
-    cfg, pre = ModelConfig.from_dir(args.model), PreprocessorConfig.from_dir(args.model)
+    cfg, pre = config_from_dir(args.model), PreprocessorConfig.from_dir(args.model)
     encoder, unpack = Encoder(Tokenizer.from_dir(args.model), cfg, pre), PixelUnpacker(pre)
     model = build_model(cfg)
     init_weights(model)

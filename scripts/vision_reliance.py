@@ -17,11 +17,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
-
-from qwenvl.config import ModelConfig  # noqa: E402
+from qwenvl.models.registry import config_from_dir  # noqa: E402
 from qwenvl.engine.llm_engine import BUNDLED_MODEL_DIR  # noqa: E402
 from qwenvl.inputs import PreprocessorConfig  # noqa: E402
-from qwenvl.loader import load_model  # noqa: E402
+from qwenvl.checkpoints.loader import load_model  # noqa: E402
 from qwenvl.tokenizer import Tokenizer  # noqa: E402
 from qwenvl.training.packing import Encoder, PixelUnpacker, pack, packed_loss  # noqa: E402
 from qwenvl.synthetic import TASKS, make_sample, messages  # noqa: E402
@@ -36,7 +35,7 @@ def main() -> None:
     args = ap.parse_args()
     d = args.model
     pre = PreprocessorConfig.from_dir(d)
-    encoder, unpack = Encoder(Tokenizer.from_dir(d), ModelConfig.from_dir(d), pre), PixelUnpacker(pre)
+    encoder, unpack = Encoder(Tokenizer.from_dir(d), config_from_dir(d), pre), PixelUnpacker(pre)
     model, _ = load_model(d, dtype=torch.float32)
     print("| task | loss, real image | loss, blank image | gap |\n| --- | --- | --- | --- |")
     for task in TASKS:

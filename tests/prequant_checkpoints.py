@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from qwenvl.checkpoint_keys import canonical_key, legacy_key
+from qwenvl.checkpoints.checkpoint_keys import canonical_key, legacy_key
 from qwenvl.layers.quantized_linear import quantize_int4
-from qwenvl.quant_formats.awq import pack_awq
-from qwenvl.quant_formats.fp8 import quantize_fp8
-from qwenvl.quant_formats.gptq import pack_gptq
+from qwenvl.checkpoints.quant_formats.awq import pack_awq
+from qwenvl.checkpoints.quant_formats.fp8 import quantize_fp8
+from qwenvl.checkpoints.quant_formats.gptq import pack_gptq
 
 _DECODER_LINEAR = re.compile(r"model\.language_model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj\.weight$")
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 
 from qwenvl.layers.attention import ContiguousKVCache
-from qwenvl.loader import load_model
-from qwenvl.quantize import LoadQuantizer, quantize_model
+from qwenvl.checkpoints.loader import load_model
+from qwenvl.checkpoints.quantize import LoadQuantizer, quantize_model
 
 
 def tiny_logits(model, ids: torch.Tensor) -> torch.Tensor:

@@ -6,9 +6,9 @@ from __future__ import annotations
 import io
 
 from qwenvl import LLM, SamplingParams
-from qwenvl.chat_repl import run_session
-from qwenvl.outputs import RequestOutput
-from qwenvl.readable import ReadableStream
+from qwenvl.cli.chat_repl import run_session
+from qwenvl.answers.outputs import RequestOutput
+from qwenvl.answers.readable import ReadableStream
 
 
 class Lines(io.StringIO):

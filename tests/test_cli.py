@@ -15,7 +15,7 @@ EXAMPLE = ROOT / "examples" / "shapes.png"
 
 
 def qwenvl(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "qwenvl.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "qwenvl", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT)
 
 
@@ -149,7 +149,7 @@ def test_help_explains_every_flag_with_its_default_and_version_comes_from_the_pa
     import argparse
     from importlib.metadata import version
 
-    from qwenvl.cli import build_parser
+    from qwenvl.cli.main import build_parser
     for name, parser in _parsers(build_parser()):
         unexplained = [a.dest for a in parser._actions if not a.help and not isinstance(a, argparse._SubParsersAction)]
         assert not unexplained, f"{name}: flags without help: {unexplained}"
@@ -181,7 +181,7 @@ def test_serve_on_a_busy_port_fails_at_once_before_loading_the_model(tmp_path):
 def test_chat_interactive_prompt_readable_grounding_and_ctrl_c_twice_at_the_prompt_ends():
     import signal
     import time
-    proc = subprocess.Popen([sys.executable, "-m", "qwenvl.cli", "chat", "--image", str(EXAMPLE)], cwd=ROOT, text=True,
+    proc = subprocess.Popen([sys.executable, "-m", "qwenvl", "chat", "--image", str(EXAMPLE)], cwd=ROOT, text=True,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         proc.stdin.write("Locate the red triangle.\n")

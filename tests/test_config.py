@@ -6,15 +6,16 @@ import json
 
 import pytest
 
-from qwenvl.config import ConfigError, ModelConfig
+from qwenvl.models.config import ConfigError, ModelConfig
+from qwenvl.models.registry import config_from_dir, config_from_hf
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_both_layouts_give_the_same_config(tiny_checkpoint, family):
-    current = ModelConfig.from_dir(tiny_checkpoint(family))
-    flat = ModelConfig.from_dir(tiny_checkpoint(family, layout="flat"))
+    current = config_from_dir(tiny_checkpoint(family))
+    flat = config_from_dir(tiny_checkpoint(family, layout="flat"))
     assert current == flat
     assert current.model_type == family
 
@@ -22,7 +23,7 @@ def test_both_layouts_give_the_same_config(tiny_checkpoint, family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_token_ids_come_from_the_tokenizer(tiny_checkpoint, family):
     path = tiny_checkpoint(family)
-    cfg = ModelConfig.from_dir(path)
+    cfg = config_from_dir(path)
     vocab = json.loads((path / "tokenizer.json").read_text())["added_tokens"]
     ids = {t["content"]: t["id"] for t in vocab}
     assert cfg.image_token_id == ids["<|image_pad|>"]
@@ -34,7 +35,7 @@ def test_token_ids_come_from_the_tokenizer(tiny_checkpoint, family):
 
 
 def test_qwen2_vl_widths(tiny_checkpoint):
-    cfg = ModelConfig.from_dir(tiny_checkpoint("qwen2_vl", layout="flat"))
+    cfg = config_from_dir(tiny_checkpoint("qwen2_vl", layout="flat"))
     # vision_config.hidden_size is the LLM width in Qwen2-VL; embed_dim is the ViT width.
     assert (cfg.vision.width, cfg.vision.out_hidden_size, cfg.vision.intermediate_size) == (32, 64, 128)
     assert cfg.text.mrope_section == (2, 3, 3) and not cfg.text.mrope_interleaved
@@ -42,14 +43,14 @@ def test_qwen2_vl_widths(tiny_checkpoint):
 
 
 def test_qwen2_5_vl_window_fields(tiny_checkpoint):
-    cfg = ModelConfig.from_dir(tiny_checkpoint("qwen2_5_vl", layout="flat"))
+    cfg = config_from_dir(tiny_checkpoint("qwen2_5_vl", layout="flat"))
     v = cfg.vision
     assert (v.width, v.out_hidden_size, v.window_size, v.fullatt_block_indexes) == (32, 64, 112, (1, 3))
     assert v.hidden_act == "silu"
 
 
 def test_qwen3_vl_fields(tiny_checkpoint):
-    cfg = ModelConfig.from_dir(tiny_checkpoint("qwen3_vl", layout="flat"))
+    cfg = config_from_dir(tiny_checkpoint("qwen3_vl", layout="flat"))
     assert cfg.text.mrope_interleaved and cfg.text.qk_norm and not cfg.text.attention_bias
     assert cfg.vision.patch_size == 16 and cfg.vision.deepstack_visual_indexes == (0, 1)
     assert cfg.vision.num_position_embeddings == 64
@@ -60,18 +61,18 @@ def test_tie_word_embeddings_anywhere(tiny_checkpoint, where):
     raw = json.loads((tiny_checkpoint("qwen2_vl") / "config.json").read_text())
     raw.pop("tie_word_embeddings", None)
     (raw if where == "root" else raw["text_config"])["tie_word_embeddings"] = True
-    assert ModelConfig.from_hf(raw).text.tie_word_embeddings
+    assert config_from_hf(raw).text.tie_word_embeddings
 
 
 def test_errors_name_the_problem(tmp_path, tiny_checkpoint):
     with pytest.raises(ConfigError, match="config.json"):
-        ModelConfig.from_dir(tmp_path)
+        config_from_dir(tmp_path)
     raw = json.loads((tiny_checkpoint("qwen2_vl") / "config.json").read_text())
     with pytest.raises(ConfigError, match="llava"):
-        ModelConfig.from_hf({**raw, "model_type": "llava"})
+        config_from_hf({**raw, "model_type": "llava"})
     raw["text_config"].pop("rope_parameters")
     with pytest.raises(ConfigError, match="mrope_section"):
-        ModelConfig.from_hf(raw)
+        config_from_hf(raw)
 
 
 def test_each_family_reads_its_own_rules():
@@ -82,4 +83,4 @@ def test_each_family_reads_its_own_rules():
     assert FAMILIES["qwen3_vl"].text_defaults.qk_norm and not FAMILIES["qwen2_vl"].text_defaults.qk_norm
     assert FAMILIES["qwen2_5_vl"].video_time_in_positions and FAMILIES["qwen3_vl_moe"].video_timestamps
     with pytest.raises(ConfigError, match="model_type 'llava' is not supported; supported: qwen2_vl"):
-        ModelConfig.from_hf({"model_type": "llava"})
+        config_from_hf({"model_type": "llava"})

@@ -32,7 +32,7 @@ def test_unknown_device_is_a_clear_error():
 
 @no_cuda
 def test_cli_reports_the_cuda_problem_in_one_line(tiny_checkpoint, capsys):
-    from qwenvl.cli import main
+    from qwenvl.cli.main import main
     assert main(["chat", "--model", str(tiny_checkpoint("qwen2_vl")), "--device", "cuda", "hi"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: device 'cuda'") and "Traceback" not in err and len(err.splitlines()) == 1

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFont
 
-from qwenvl import drawing
-from qwenvl.drawing import PALETTE, draw_boxes, find_font
-from qwenvl.grounding import parse_boxes
+from qwenvl.answers import drawing
+from qwenvl.answers.drawing import PALETTE, draw_boxes, find_font
+from qwenvl.answers.grounding import parse_boxes
 
 WHITE = (255, 255, 255)
 

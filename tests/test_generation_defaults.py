@@ -86,6 +86,6 @@ def test_cli_chat_temperature_defaults_to_the_checkpoint(tiny_checkpoint, tmp_pa
     default, hot = qwenvl(*ask), qwenvl(*ask, "--temperature", "1.5")
     assert default.returncode == 0, default.stderr
     assert default.stdout == hot.stdout          # the same seeded draw at the checkpoint's temperature (not greedy)
-    from qwenvl.cli import build_parser
+    from qwenvl.cli.main import build_parser
     chat = build_parser()._subparsers._group_actions[0].choices["chat"]
     assert "generation_config.json" in chat.format_help()

@@ -3,7 +3,7 @@ multi-image assignment, prompts. Pure Python, no model."""
 
 import pytest
 
-from qwenvl.grounding import (FAMILIES, convert_box, declared_grounding_prompt, grounding_prompt, parse_boxes,
+from qwenvl.answers.grounding import (FAMILIES, convert_box, declared_grounding_prompt, grounding_prompt, parse_boxes,
                               parse_boxes_multi)
 
 # Qwen2.5-VL resized sizes, computed by hand with Qwen's smart_resize (factor 28):

@@ -16,7 +16,7 @@ import pytest
 
 from qwenvl import LLM, SamplingParams
 from qwenvl.engine.llm_engine import BUNDLED_MODEL_DIR
-from qwenvl.hub import ModelNotFoundError, is_hub_id, resolve_model
+from qwenvl.checkpoints.hub import ModelNotFoundError, is_hub_id, resolve_model
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMIT_A = "a" * 40
@@ -109,7 +109,7 @@ def test_what_counts_as_a_hub_id():
 
 def test_cli_chat_takes_a_hub_id_and_a_revision(hub_cache):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    run = [sys.executable, "-m", "qwenvl.cli", "chat", "--device", "cpu", "--max-tokens", "4"]
+    run = [sys.executable, "-m", "qwenvl", "chat", "--device", "cpu", "--max-tokens", "4"]
     out = subprocess.run([*run, "--model", "Org/Tiny", "--revision", "main", "Hello"],
                          capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr
@@ -123,7 +123,8 @@ def test_serve_takes_a_hub_id_and_a_revision(hub_cache):
     import argparse
     import asyncio
 
-    from qwenvl.server.cli import add_serve_subcommand, build_engine, settings_from_args
+    from qwenvl.server.cli import add_serve_subcommand, settings_from_args
+    from qwenvl.server.engine_factory import build_engine
 
     add_snapshot(hub_cache, "Org/Tiny", COMMIT_B, sorted(BUNDLED_MODEL_DIR.iterdir()), ref="v2")
     parser = argparse.ArgumentParser()

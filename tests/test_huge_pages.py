@@ -7,8 +7,8 @@ import sys
 import pytest
 import torch
 
-from qwenvl import huge_pages
-from qwenvl.huge_pages import HUGE_PAGE, anonymous_regions, collapse_resident_memory
+from qwenvl.checkpoints import huge_pages
+from qwenvl.checkpoints.huge_pages import HUGE_PAGE, anonymous_regions, collapse_resident_memory
 
 MAPS = """\
 55d0c0000000-55d0c0021000 r--p 00000000 fe:00 1234   /usr/bin/python3.11

@@ -1,4 +1,4 @@
-"""qwenvl.loader: strict loading of single, sharded, legacy-named and tied checkpoints; errors that name the key."""
+"""qwenvl.checkpoints.loader: strict loading of single, sharded, legacy-named and tied checkpoints; errors that name the key."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from qwenvl.loader import LoadError, canonical_key, load_model
+from qwenvl.checkpoints.loader import LoadError, canonical_key, load_model
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 

@@ -4,7 +4,7 @@ experts nobody chose never touched, and which layers are sparse."""
 import pytest
 import torch
 
-from qwenvl.config import TextConfig
+from qwenvl.models.config import TextConfig
 from qwenvl.layers.moe import Experts, SparseMoeBlock, route
 
 E, H, I, K = 6, 16, 8, 2

@@ -7,7 +7,7 @@ from qwenvl import LLM, SamplingParams
 from qwenvl.layers.moe import Experts
 from qwenvl.layers.quantized_linear import Int4Linear, Int8Linear
 from qwenvl.layers.quantized_moe import QuantizedExperts
-from qwenvl.loader import load_model
+from qwenvl.checkpoints.loader import load_model
 from quant_helpers import streamed_equals_swapped, tiny_logits
 
 

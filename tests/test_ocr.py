@@ -9,7 +9,7 @@ import sys
 import pytest
 from PIL import Image
 
-from qwenvl.ocr import OcrTaskError, apply_to_messages, ocr_request, postprocess
+from qwenvl.answers.ocr import OcrTaskError, apply_to_messages, ocr_request, postprocess
 
 FIELDS = {"invoice_number": "the invoice number", "seller": {"name": "seller name", "city": "seller city"}}
 

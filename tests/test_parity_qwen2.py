@@ -13,7 +13,7 @@ from PIL import Image
 
 from hf_reference import build_ref_inputs
 from qwenvl.layers.attention import ContiguousKVCache
-from qwenvl.loader import load_model
+from qwenvl.checkpoints.loader import load_model
 from tiny import load_hf_model
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl")

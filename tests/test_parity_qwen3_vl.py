@@ -28,7 +28,7 @@ from transformers import AutoTokenizer  # noqa: E402
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil  # noqa: E402
 
 from qwenvl.layers.attention import ContiguousKVCache  # noqa: E402
-from qwenvl.loader import load_model  # noqa: E402
+from qwenvl.checkpoints.loader import load_model  # noqa: E402
 from tiny import load_hf_model, make_checkpoint  # noqa: E402  (tests/ is on sys.path via conftest)
 
 TOL = 1e-4

@@ -77,10 +77,10 @@ def test_greedy_parity(moe_pair, layout, case):
 
 
 def test_layouts_are_read_from_the_config(moe_pair):
-    from qwenvl.config import ModelConfig
+    from qwenvl.models.registry import config_from_dir
     current, hub, _ = moe_pair
-    assert not ModelConfig.from_dir(current).text.experts_stored_in_out
-    assert ModelConfig.from_dir(hub).text.experts_stored_in_out
+    assert not config_from_dir(current).text.experts_stored_in_out
+    assert config_from_dir(hub).text.experts_stored_in_out
 
 
 def test_batched_equals_alone(moe_pair):
@@ -98,7 +98,7 @@ def test_strict_loader_refuses_a_missing_expert_tensor(moe_pair, tmp_path):
 
     from safetensors.torch import load_file, save_file
 
-    from qwenvl.loader import LoadError, load_model
+    from qwenvl.checkpoints.loader import LoadError, load_model
     current, _, _ = moe_pair
     broken = tmp_path / "broken"
     shutil.copytree(current, broken)

@@ -71,7 +71,7 @@ def test_cli_chat_reads_a_pdf_and_its_pages(tmp_path):
     root = Path(__file__).resolve().parent.parent
     report = tmp_path / "report.pdf"
     report.write_bytes(make_pdf())
-    run = [sys.executable, "-m", "qwenvl.cli", "chat", "--device", "cpu", "--max-tokens", "4", "--image", str(report)]
+    run = [sys.executable, "-m", "qwenvl", "chat", "--device", "cpu", "--max-tokens", "4", "--image", str(report)]
     out = subprocess.run([*run, "--pages", "1-2", "What is on these pages?"], capture_output=True, text=True,
                          timeout=300, cwd=root)
     assert out.returncode == 0, out.stderr
@@ -83,7 +83,7 @@ def test_cli_chat_reads_a_pdf_and_its_pages(tmp_path):
 
 def test_cli_pages_picks_one_page_and_needs_a_pdf(tmp_path):
     """One page of one PDF is one image, as many as --image gave: still a PDF's page, not "no PDF given"."""
-    from qwenvl.cli import _expand_pdfs
+    from qwenvl.cli.main import _expand_pdfs
     report = tmp_path / "report.pdf"
     report.write_bytes(make_pdf())
     (page,) = _expand_pdfs([str(report)], "4", max_pixels=50_000)

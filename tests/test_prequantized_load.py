@@ -17,11 +17,11 @@ from prequant_checkpoints import FORMATS, write_prequantized
 from quant_helpers import tiny_logits
 from qwenvl import LLM, SamplingParams
 from qwenvl.layers.quantized_linear import Int4Linear, Int8Linear
-from qwenvl.loader import LoadError, load_model
-from qwenvl.prequantized import PrequantizedWeights
-from qwenvl.quant_formats.awq import pack_awq
-from qwenvl.quant_formats.spec import QuantSpec
-from qwenvl.quantize import LoadQuantizer
+from qwenvl.checkpoints.loader import LoadError, load_model
+from qwenvl.checkpoints.prequantized import PrequantizedWeights
+from qwenvl.checkpoints.quant_formats.awq import pack_awq
+from qwenvl.checkpoints.quant_formats.spec import QuantSpec
+from qwenvl.checkpoints.quantize import LoadQuantizer
 
 # what each decoder linear becomes
 LAYER_KIND = {"awq": Int4Linear, "gptq4": Int4Linear, "gptq4-actorder-asym": Int4Linear, "gptq4-v2": Int4Linear,
@@ -106,7 +106,7 @@ def test_a_layers_parts_split_over_shards_load_the_same(written, fmt):
 
 def test_grouped_gptq8_layers_are_kept_float_with_a_note(written, caplog):
     quant, _ = written("gptq8-grouped")
-    with caplog.at_level(logging.WARNING, logger="qwenvl.loader"):
+    with caplog.at_level(logging.WARNING, logger="qwenvl.checkpoints.loader"):
         load_model(quant, dtype="float32")
     assert "14 pre-quantised (gptq) layer(s) loaded as float" in caplog.text
     assert "a scale per 32 columns, Int8Linear holds one per output row" in caplog.text
@@ -209,10 +209,10 @@ def test_in_bfloat16_as_close_to_the_float32_twin_as_the_bfloat16_twin_is(writte
 
 def _targets(tiny_checkpoint, qc: dict) -> set[str]:
     """The linears a quantization_config marks as packed in the tiny Qwen2-VL (read off the meta model)."""
-    from qwenvl.config import ModelConfig
+    from qwenvl.models.registry import config_from_dir
     from qwenvl.models import build_model
-    from qwenvl.quant_formats.spec import read_spec
-    cfg = ModelConfig.from_dir(tiny_checkpoint("qwen2_vl"))
+    from qwenvl.checkpoints.quant_formats.spec import read_spec
+    cfg = config_from_dir(tiny_checkpoint("qwen2_vl"))
     with torch.device("meta"):
         model = build_model(cfg)
     expected = PrequantizedWeights(read_spec({"quantization_config": qc}), torch.float32).prepare(

@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
-from qwenvl.config import ModelConfig
+from qwenvl.models.registry import config_from_dir
 from qwenvl.inputs import InputError, PreprocessorConfig, build_inputs
 from qwenvl.tokenizer import Tokenizer
 from tiny import make_checkpoint
@@ -16,7 +15,7 @@ from tiny import make_checkpoint
 @pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def ckpt(request, tmp_path_factory):
     d = make_checkpoint(tmp_path_factory.mktemp("ckpt"), request.param)
-    return request.param, d, Tokenizer.from_dir(d), ModelConfig.from_dir(d), PreprocessorConfig.from_dir(d)
+    return request.param, d, Tokenizer.from_dir(d), config_from_dir(d), PreprocessorConfig.from_dir(d)
 
 
 def _image(w, h, seed=0):

@@ -3,10 +3,10 @@ checkpoints cannot be downloaded here (no hub), so the layouts are built from th
 import pytest
 import torch
 
-from qwenvl.quant_formats import UnsupportedQuantFormat, quant_method
-from qwenvl.quant_formats.awq import dequantize_awq, pack_awq, unpack_awq
-from qwenvl.quant_formats.fp8 import dequantize_fp8, quantize_fp8
-from qwenvl.quant_formats.gptq import dequantize_gptq, pack_gptq, unpack_gptq
+from qwenvl.checkpoints.quant_formats import UnsupportedQuantFormat, quant_method
+from qwenvl.checkpoints.quant_formats.awq import dequantize_awq, pack_awq, unpack_awq
+from qwenvl.checkpoints.quant_formats.fp8 import dequantize_fp8, quantize_fp8
+from qwenvl.checkpoints.quant_formats.gptq import dequantize_gptq, pack_gptq, unpack_gptq
 
 
 def test_awq_round_trip_and_known_nibble_order():
@@ -96,7 +96,7 @@ def test_quant_method_read_from_config_and_unsupported_named():
 @pytest.mark.parametrize("desc_act", [False, True])
 def test_gptq_int4_repacks_into_int4linear(desc_act):
     from qwenvl.layers.quantized_linear import Int4Linear
-    from qwenvl.quant_formats.gptq import to_int4_linear_args
+    from qwenvl.checkpoints.quant_formats.gptq import to_int4_linear_args
     g = torch.Generator().manual_seed(5)
     inp, out, gs = 128, 64, 32
     q = torch.randint(0, 16, (inp, out), generator=g)
@@ -115,7 +115,7 @@ def test_gptq_int4_repacks_into_int4linear(desc_act):
 
 def test_awq_repacks_into_int4linear():
     from qwenvl.layers.quantized_linear import Int4Linear
-    from qwenvl.quant_formats.awq import to_int4_linear_args
+    from qwenvl.checkpoints.quant_formats.awq import to_int4_linear_args
     g = torch.Generator().manual_seed(6)
     inp, out, gs = 256, 64, 128
     q = torch.randint(0, 16, (inp, out), generator=g)
@@ -127,7 +127,7 @@ def test_awq_repacks_into_int4linear():
 
 
 def test_read_spec_takes_every_writers_spelling():
-    from qwenvl.quant_formats.spec import read_spec
+    from qwenvl.checkpoints.quant_formats.spec import read_spec
     assert read_spec({}) is None
     # AutoAWQ's own quant_config spelling
     s = read_spec({"quantization_config": {"quant_method": "awq", "w_bit": 4, "q_group_size": 64, "version": "GEMM"}})

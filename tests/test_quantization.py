@@ -12,8 +12,8 @@ from PIL import Image
 from qwenvl import LLM, SamplingParams
 from qwenvl.layers.quantized_linear import (Int4Linear, Int8Linear, _unpack_cpu_int4, int4_group_size,
                                             quantize_int4, quantize_int8)
-from qwenvl.loader import load_model
-from qwenvl.quantize import quantize_model
+from qwenvl.checkpoints.loader import load_model
+from qwenvl.checkpoints.quantize import quantize_model
 from quant_helpers import streamed_equals_swapped, tiny_logits
 
 ROWS = (1, 3, 8, 9, 40)          # both sides of DECODE_MAX_ROWS: packed kernel and dequantised GEMM
@@ -146,7 +146,7 @@ def test_unknown_quantization_is_a_clear_error(ckpt):
 
 
 def test_cli_quantization_flag(capsys):
-    from qwenvl.cli import build_parser, main
+    from qwenvl.cli.main import build_parser, main
     args = build_parser().parse_args(["chat", "--quantization", "int4", "--image", "x.png", "q"])
     assert args.quantization == "int4"
     with pytest.raises(SystemExit):
@@ -162,7 +162,7 @@ def test_quantising_while_loading_equals_quantising_the_loaded_model(ckpt, mode)
 
 
 def test_quantize_vision_covers_the_vision_tower(ckpt):
-    from qwenvl.quantize import LoadQuantizer
+    from qwenvl.checkpoints.quantize import LoadQuantizer
     model, _ = load_model(ckpt, dtype="float32", quantizer=LoadQuantizer("int8", include_vision=True))
     assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
 
@@ -177,7 +177,7 @@ def test_an_unreadable_prequantised_checkpoint_is_refused_by_name(ckpt, tmp_path
     # the readable formats load (tests/test_prequantized_load.py); the rest say what they are
     import json
     import shutil
-    from qwenvl.loader import LoadError
+    from qwenvl.checkpoints.loader import LoadError
     folder = tmp_path / "ckpt"
     shutil.copytree(ckpt, folder)
     cfg = json.loads((folder / "config.json").read_text())
@@ -190,7 +190,7 @@ def test_an_unreadable_prequantised_checkpoint_is_refused_by_name(ckpt, tmp_path
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_the_embedding_table_is_int8_rows_within_half_a_step(ckpt, mode):
     from qwenvl.layers.quantized_embedding import Int8Embedding
-    from qwenvl.quantize import LoadQuantizer
+    from qwenvl.checkpoints.quantize import LoadQuantizer
     ref, _ = load_model(ckpt, dtype="float32")
     table = ref.model.language_model.embed_tokens.weight.detach()
     streamed, _ = load_model(ckpt, dtype="float32", quantizer=LoadQuantizer(mode))
@@ -229,7 +229,7 @@ def test_a_tied_int4_model_embeds_with_its_heads_rows(tiny_checkpoint, tmp_path)
     import shutil
     from safetensors.torch import load_file, save_file
     from qwenvl.layers.quantized_embedding import TiedInt4Embedding
-    from qwenvl.quantize import LoadQuantizer
+    from qwenvl.checkpoints.quantize import LoadQuantizer
     path = tmp_path / "tied"
     shutil.copytree(tiny_checkpoint("qwen2_vl"), path)
     raw = json.loads((path / "config.json").read_text())

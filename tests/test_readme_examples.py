@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from qwenvl import cli
+import qwenvl.cli.main as cli
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")

@@ -3,7 +3,7 @@ import random
 
 import pytest
 
-from qwenvl.reasoning import ReasoningStream, Split, prompt_opens_reasoning, split_reasoning
+from qwenvl.answers.reasoning import ReasoningStream, Split, prompt_opens_reasoning, split_reasoning
 
 
 def test_complete_block():
@@ -114,7 +114,7 @@ def test_chat_template_kwargs_may_not_override_the_conversation(thinking_llm):
 def test_boxes_come_from_the_answer_only():
     from types import SimpleNamespace
 
-    from qwenvl.outputs import answer_boxes
+    from qwenvl.answers.outputs import answer_boxes
 
     img = [SimpleNamespace(kind="image", input_size=(1000, 1000), original_size=(1000, 1000))]
     draft = "<|object_ref_start|>cat<|object_ref_end|><|box_start|>(1,1),(2,2)<|box_end|>"

@@ -50,12 +50,12 @@ def test_no_key_goes_to_the_least_loaded_and_a_busy_home_spills():
 
 
 def test_cli_hands_every_engine_flag_to_the_replicas(monkeypatch):
-    from qwenvl import cli
+    import qwenvl.cli.main as cli
     from qwenvl.server import replicas
 
     seen = {}
     monkeypatch.setattr(replicas, "serve_replicas",
-                        lambda settings, options, cluster: seen.update(s=settings, o=options, c=cluster) or 0)
+                        lambda settings, options, cluster, serve_http: seen.update(s=settings, o=options, c=cluster) or 0)
     rc = cli.main(["serve", "--replicas", "3", "--ray-address", "10.0.0.5:6379", "--model", "/ckpt", "--dtype",
                    "bfloat16", "--device", "cuda", "--quantization", "int8", "--quantize-vision", "--kv-cache-gb",
                    "2.5", "--max-model-len", "4096", "--max-queue", "7"])
@@ -116,7 +116,7 @@ class _FakeHandle:
     def _generate(self, prompt, params, rid):
         from ray.exceptions import ActorDiedError
 
-        from qwenvl.outputs import RequestOutput
+        from qwenvl.answers.outputs import RequestOutput
 
         handle = self
 

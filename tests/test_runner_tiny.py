@@ -14,7 +14,7 @@ from qwenvl.engine.sequence import SamplingParams, Sequence
 from qwenvl.inputs import PreprocessorConfig, build_inputs
 from qwenvl.layers.attention import ContiguousKVCache
 from qwenvl.layers.paged_attention import PagedKVPool
-from qwenvl.loader import load_model
+from qwenvl.checkpoints.loader import load_model
 from qwenvl.tokenizer import Tokenizer
 
 STEPS = 6

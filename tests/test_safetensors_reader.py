@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from qwenvl.safetensors_reader import SafetensorsError, SafetensorsReader
+from qwenvl.checkpoints.safetensors_reader import SafetensorsError, SafetensorsReader
 
 
 def test_reads_every_dtype_and_shape_the_writer_wrote(tmp_path):

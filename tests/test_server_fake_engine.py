@@ -25,7 +25,7 @@ import uvicorn
 
 from qwenvl.engine.errors import EngineFull
 from qwenvl.engine.info import EngineInfo
-from qwenvl.outputs import RequestOutput
+from qwenvl.answers.outputs import RequestOutput
 from qwenvl.server.app import create_app
 from qwenvl.server.settings import ServerSettings
 

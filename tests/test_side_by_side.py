@@ -9,9 +9,9 @@ import torch
 from qwenvl import LLM, SamplingParams
 from qwenvl.layers.quantized_linear import Int4Linear, Int8Linear
 from qwenvl.layers.side_by_side import SideBySide, fuse, outputs, stack_linears
-from qwenvl import loader
-from qwenvl.loader import load_model
-from qwenvl.quantize import quantized_linear
+from qwenvl.checkpoints import loader
+from qwenvl.checkpoints.loader import load_model
+from qwenvl.checkpoints.quantize import quantized_linear
 
 SIZES = (128, 64, 64)
 

@@ -19,8 +19,8 @@ from safetensors.torch import save_file
 from qwenvl import LLM, SamplingParams
 from qwenvl.distributed.group import TensorParallelError
 from qwenvl.distributed.shard import load_shard
-from qwenvl.loader import load_model
-from qwenvl.safetensors_reader import SafetensorsReader
+from qwenvl.checkpoints.loader import load_model
+from qwenvl.checkpoints.safetensors_reader import SafetensorsReader
 
 PARAMS = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=2)
 
@@ -178,7 +178,7 @@ def test_slices_are_read_straight_from_the_file(tmp_path, dim):
 
 
 def test_serve_flag_reaches_the_engine_config(monkeypatch):
-    from qwenvl.cli import build_parser
+    from qwenvl.cli.main import build_parser
     from qwenvl.server import cli as server_cli
 
     seen = {}

@@ -17,10 +17,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
-from qwenvl.config import ModelConfig
+from qwenvl.models.registry import config_from_dir
 from qwenvl.inputs import PreprocessorConfig
-from qwenvl.loader import load_model
+from qwenvl.checkpoints.loader import load_model
 from qwenvl.models import build_model
 from qwenvl.tokenizer import Tokenizer
 from qwenvl.training.checkpoint import SmallModelDims, init_weights, write_new_checkpoint_dir
@@ -60,7 +59,7 @@ def scratch_run(init_dir, tmp_path_factory) -> dict:
 
 
 def _parts(model_dir):
-    return ModelConfig.from_dir(model_dir), Tokenizer.from_dir(model_dir), PreprocessorConfig.from_dir(model_dir)
+    return config_from_dir(model_dir), Tokenizer.from_dir(model_dir), PreprocessorConfig.from_dir(model_dir)
 
 
 def _noise_image(w: int, h: int, seed: int) -> Image.Image:
@@ -316,7 +315,7 @@ def test_resplit_mrope_sections_mean_the_same_in_transformers(scratch_run, tmp_p
     assert sum(config["rope_scaling"]["mrope_section"]) == 8        # TINY's head_dim 16
     config["rope_scaling"]["mrope_section"] = [1, 2, 5]
     (folder / "config.json").write_text(json.dumps(config))
-    assert ModelConfig.from_dir(folder).text.mrope_section == (1, 2, 5)
+    assert config_from_dir(folder).text.mrope_section == (1, 2, 5)
     _assert_transformers_gives_our_logits(folder)
 
 

@@ -49,7 +49,7 @@ def server(tmp_path_factory):
                OMP_NUM_THREADS="2", PYTHONUNBUFFERED="1")
     env.pop("QWENVL_API_KEY", None)
     log = open(tmp / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "qwenvl.cli", "serve", "--port", str(port), "--api-key", KEY,
+    proc = subprocess.Popen([sys.executable, "-m", "qwenvl", "serve", "--port", str(port), "--api-key", KEY,
                              "--drain-grace", "1"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 240

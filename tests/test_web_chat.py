@@ -10,7 +10,7 @@ from PIL import Image
 
 from qwenvl.engine.errors import EngineFull
 from qwenvl.inputs import AdmissionPolicy
-from qwenvl.outputs import RequestOutput
+from qwenvl.answers.outputs import RequestOutput
 from qwenvl.web.auth import COOKIE, WebAuthGate, session_token
 from qwenvl.web.chat import ChatSession, Limits, Options, Turn, readable
 

@@ -19,7 +19,7 @@ import json
 import re
 from dataclasses import dataclass, field
 
-from .structured.spec import StructuredOutput
+from ..structured.spec import StructuredOutput
 
 TASKS = ("text_recognition", "key_information_extraction", "table_parsing", "document_parsing",
          "formula_recognition", "multi_lan", "advanced_recognition")

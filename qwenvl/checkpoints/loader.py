@@ -16,13 +16,14 @@ from pathlib import Path
 import torch
 
 from .checkpoint_keys import canonical_key
-from .config import ModelConfig
+from ..models.config import ModelConfig
+from ..models.registry import config_from_dir
 from .load_error import LoadError
-from .models import build_model
+from ..models import build_model
 from .prequantized import PrequantizedWeights
 from .quant_formats import UnsupportedQuantFormat
 from .quant_formats.spec import read_spec
-from .layers.side_by_side import fuse_side_by_side
+from ..layers.side_by_side import fuse_side_by_side
 from .quantize import LoadQuantizer, use_cpu_int8_layout
 from .safetensors_reader import SafetensorsReader
 
@@ -187,7 +188,7 @@ def load_model(model_dir: str | Path, dtype: torch.dtype | str = torch.float32,
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     device = torch.device(device)
-    cfg = ModelConfig.from_dir(model_dir)
+    cfg = config_from_dir(model_dir)
     prequantized = prequantized_weights(model_dir, dtype)
     with torch.device("meta"):
         model = build_model(cfg)

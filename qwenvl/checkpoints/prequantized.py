@@ -34,13 +34,13 @@ import torch
 from torch import nn
 
 from .checkpoint_keys import canonical_key, legacy_key
-from .layers.moe import Experts
-from .layers.quantized_linear import INT4_GROUP_SIZES, Int4Linear, Int8Linear
+from ..layers.moe import Experts
+from ..layers.quantized_linear import INT4_GROUP_SIZES, Int4Linear, Int8Linear
 from .load_error import LoadError
 from .quant_formats import awq, fp8, gptq
 from .quant_formats.spec import QuantSpec
 
-log = logging.getLogger("qwenvl.loader")
+log = logging.getLogger("qwenvl.checkpoints.loader")
 
 _DECODER_BLOCKS = "model.language_model.layers"
 _HEAD = "lm_head"

@@ -24,11 +24,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers.moe import Experts
-from .layers.quantized_moe import QuantizedExperts
-from .layers.int8_vnni import uses_fbgemm_layout
-from .layers.quantized_embedding import Int8Embedding, TiedInt4Embedding
-from .layers.quantized_linear import Int4Linear, Int8Linear, int4_group_size, quantize_int8
+from ..layers.moe import Experts
+from ..layers.quantized_moe import QuantizedExperts
+from ..layers.int8_vnni import uses_fbgemm_layout
+from ..layers.quantized_embedding import Int8Embedding, TiedInt4Embedding
+from ..layers.quantized_linear import Int4Linear, Int8Linear, int4_group_size, quantize_int8
 
 QUANTIZATION_MODES = ("int8", "int4")
 _LANGUAGE_PREFIXES = ("model.language_model.", "lm_head")

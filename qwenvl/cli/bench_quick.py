@@ -8,7 +8,7 @@ import time
 import numpy as np
 from PIL import Image
 
-from .sampling_params import SamplingParams
+from ..sampling_params import SamplingParams
 
 
 def _image(seed: int, size: int = 448) -> Image.Image:

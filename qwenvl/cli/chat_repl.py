@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 
-from .readable import ReadableStream
+from ..answers.readable import ReadableStream
 
 HELP = "commands: /clear (forget the conversation), /bye (end); Ctrl-C stops an answer"
 

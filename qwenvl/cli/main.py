@@ -23,7 +23,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args):
-    from .llm import LLM
+    from ..llm import LLM
     return LLM(args.model, dtype=args.dtype, device=args.device, revision=args.revision,
                quantization=args.quantization,
                quantize_vision=args.quantize_vision)
@@ -31,8 +31,8 @@ def _load(args):
 
 def _draw_all(out, images: list, path: str) -> list[str]:
     """Draw each image's boxes; one image -> `path`, several -> path-1.png, path-2.png, ..."""
-    from .drawing import draw_boxes
-    from .inputs import load_image
+    from ..answers.drawing import draw_boxes
+    from ..inputs import load_image
     written = []
     target = Path(path)
     for i, src in enumerate(images):
@@ -45,7 +45,7 @@ def _draw_all(out, images: list, path: str) -> list[str]:
 
 def _expand_pdfs(images: list[str], pages: str | None, max_pixels: int) -> list:
     """Each `.pdf` among the --image paths becomes its pages' images (in page order), rendered to fit."""
-    from .inputs.pdf import PdfLimits, render_pdf
+    from ..inputs.pdf import PdfLimits, render_pdf
     out: list = []
     pdfs = [src for src in images if src.lower().endswith(".pdf") and Path(src).is_file()]
     if pages and not pdfs:
@@ -94,7 +94,7 @@ def _ground(args) -> int:
 
 
 def _ocr(args) -> int:
-    from .ocr import TASKS
+    from ..answers.ocr import TASKS
     if args.task not in TASKS:
         raise ValueError(f"--task: unknown OCR task {args.task!r}; use one of {', '.join(TASKS)}")
     schema = None
@@ -114,7 +114,7 @@ def _ocr(args) -> int:
 
 
 def _train(args) -> int:
-    from .training.sft import TrainConfig, train
+    from ..training.sft import TrainConfig, train
     cfg = TrainConfig(model_dir=args.model, out_dir=args.out, data=args.data, steps=args.steps,
                       batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, warmup=args.warmup,
                       lora_rank=args.lora_rank, eval_every=args.eval_every, save_every=args.save_every,
@@ -175,14 +175,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_ocr)
 
     try:
-        from .server.cli import add_serve_subcommand
+        from ..server.cli import add_serve_subcommand
         add_serve_subcommand(sub)
     except ImportError as e:          # the serve extra is not installed
         missing = str(e)
         p = sub.add_parser("serve", help="HTTP server (needs: pip install 'qwenvl[serve]')")
         p.set_defaults(func=lambda _a: sys.exit(f"qwenvl serve needs the server packages: {missing}"))
 
-    from .evaluation.cli import add_eval_subcommand
+    from ..evaluation.cli import add_eval_subcommand
     add_eval_subcommand(sub)
 
     p = sub.add_parser("train", help="supervised fine-tuning (full or LoRA) with the inference model classes")

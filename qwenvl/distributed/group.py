@@ -22,8 +22,7 @@ from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
-
-from ..config import ModelConfig
+from ..models.registry import config_from_dir
 from .comm import Communicator
 from .shard import check_tensor_parallel, load_shard, local_kv_heads
 from .worker import StepInputs, WorkerSpec, worker_main
@@ -38,7 +37,7 @@ class TensorParallelError(RuntimeError):
 
 class TensorParallelGroup:
     def __init__(self, model_dir: str | Path, dtype: torch.dtype, device: torch.device, world: int):
-        cfg = ModelConfig.from_dir(model_dir)
+        cfg = config_from_dir(model_dir)
         check_tensor_parallel(cfg, world)        # a ValueError before any process starts
         if device.type == "cuda":
             first = device.index or 0

@@ -14,10 +14,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..config import ModelConfig
-from ..loader import LoadError, checkpoint_tensors, prequantized_weights
+from ..models.config import ModelConfig
+from ..models.registry import config_from_dir
+from ..checkpoints.loader import LoadError, checkpoint_tensors, prequantized_weights
 from ..models import build_model
-from ..safetensors_reader import SafetensorsReader
+from ..checkpoints.safetensors_reader import SafetensorsReader
 from .comm import Communicator
 from .layers import (ColumnParallelLinear, ParallelExperts, RowParallelLinear, VocabParallelEmbedding,
                      VocabParallelHead, split_range)
@@ -96,7 +97,7 @@ def load_shard(model_dir: str | Path, comm: Communicator, dtype: torch.dtype,
                device: torch.device) -> tuple[nn.Module, ModelConfig]:
     """This rank's model, filled strictly from the checkpoint: every parameter from its slice of the file."""
     model_dir = Path(model_dir)
-    cfg = ModelConfig.from_dir(model_dir)
+    cfg = config_from_dir(model_dir)
     if prequantized_weights(model_dir, dtype) is not None:
         raise LoadError(f"{model_dir}: a pre-quantised checkpoint (quantization_config) cannot be split over "
                         "processes yet; load it with tensor_parallel_size=1")

@@ -14,7 +14,7 @@ import time
 from typing import AsyncIterator
 
 from ..inputs import PromptInputs
-from ..outputs import RequestOutput
+from ..answers.outputs import RequestOutput
 from ..sampling_params import SamplingParams
 from .errors import EngineFull
 from .info import EngineInfo, engine_info

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import torch
 
-from .. import huge_pages
-from ..hub import resolve_model
+from ..checkpoints import huge_pages
+from ..checkpoints.hub import resolve_model
 from ..inputs import PreprocessorConfig, PromptInputs, build_inputs
 from ..layers.paged_attention import PagedKVPool
-from ..loader import load_model
-from ..outputs import RequestOutput, answer_boxes
-from ..quantize import LoadQuantizer, check_quantization
+from ..checkpoints.loader import load_model
+from ..answers.outputs import RequestOutput, answer_boxes
+from ..checkpoints.quantize import LoadQuantizer, check_quantization
 from ..sampling_params import SamplingParams, checkpoint_sampling_defaults
 from ..structured.logits_mask import GrammarMask, MaskedSampler
 from ..tokenizer import IncrementalDetokenizer, Tokenizer

@@ -1,4 +1,4 @@
-"""`qwenvl eval score|run|synth`. The lead wires `add_eval_subcommand` into qwenvl/cli.py;
+"""`qwenvl eval score|run|synth`. The lead wires `add_eval_subcommand` into qwenvl/cli/main.py;
 `python -m qwenvl.evaluation.cli ...` works on its own."""
 
 import argparse

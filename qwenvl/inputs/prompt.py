@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..config import ModelConfig
-from ..reasoning import prompt_opens_reasoning
+from ..models.config import ModelConfig
+from ..answers.reasoning import prompt_opens_reasoning
 from ..structured.tool_prompt import prepare_tool_messages, template_renders_tools
 from .errors import InputError
 from .images import load_image

@@ -98,21 +98,9 @@ class ModelConfig:
         return self.model_type
 
     @classmethod
-    def from_dir(cls, model_dir: str | Path) -> "ModelConfig":
-        path = Path(model_dir) / "config.json"
-        if not path.is_file():
-            raise ConfigError(f"{path}: not found; a checkpoint folder must hold config.json")
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
-        return cls.from_hf(raw, source=str(path))
-
-    @classmethod
-    def from_hf(cls, raw: dict, source: str = "config.json") -> "ModelConfig":
-        # The families read their own fields; imported here, as their modules use this one's dataclasses.
-        from .models.registry import family_of
-        family = family_of(raw.get("model_type"), source)
+    def from_hf(cls, raw: dict, family, source: str = "config.json") -> "ModelConfig":
+        """Read a `config.json` dict of any layout for `family` (a models/family.py Family: the registry looks
+        it up from `model_type` in `registry.config_from_hf`, so this module needs no family of its own)."""
         # Nested text_config wins; the original flat files keep every text field at the root.
         text_raw = {**raw, **raw.get("text_config", {})}
         text = _read_text(raw, text_raw, family, source)
@@ -128,6 +116,17 @@ class ModelConfig:
             eos_token_ids=eos_ids, video_timestamps=family.video_timestamps,
             video_time_in_positions=family.video_time_in_positions,
         )
+
+
+def read_config_json(model_dir: str | Path) -> tuple[dict, str]:
+    """(the parsed config.json of a checkpoint folder, its path for error messages)."""
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"{path}: not found; a checkpoint folder must hold config.json")
+    try:
+        return json.loads(path.read_text(encoding="utf-8")), str(path)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
 
 
 def _read_text(raw: dict, text_raw: dict, family, source: str) -> TextConfig:

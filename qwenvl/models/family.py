@@ -11,7 +11,7 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ..config import ConfigError, VisionConfig, require
+from .config import ConfigError, VisionConfig, require
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,11 @@
-"""The model families qwenvl runs: one line each (the family's own folder says the rest)."""
+"""The model families qwenvl runs: one line each (the family's own folder says the rest), and the readers of
+`config.json` that pick a family by its `model_type`."""
 
 from __future__ import annotations
 
-from ..config import ConfigError
+from pathlib import Path
+
+from .config import ConfigError, ModelConfig, read_config_json
 from .family import Family
 from .qwen2_5_vl.family import FAMILY as QWEN2_5_VL
 from .qwen2_vl.family import FAMILY as QWEN2_VL
@@ -17,3 +20,14 @@ def family_of(model_type, source: str = "config.json") -> Family:
     if family is None:
         raise ConfigError(f"{source}: model_type {model_type!r} is not supported; supported: {', '.join(FAMILIES)}")
     return family
+
+
+def config_from_hf(raw: dict, source: str = "config.json") -> ModelConfig:
+    """A `config.json` dict of any layout -> ModelConfig, read by the family its `model_type` names."""
+    return ModelConfig.from_hf(raw, family_of(raw.get("model_type"), source), source)
+
+
+def config_from_dir(model_dir: str | Path) -> ModelConfig:
+    """The ModelConfig of a checkpoint folder (its config.json)."""
+    raw, source = read_config_json(model_dir)
+    return config_from_hf(raw, source)

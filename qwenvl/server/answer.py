@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..reasoning import ReasoningStream, split_reasoning
+from ..answers.reasoning import ReasoningStream, split_reasoning
 from ..structured.tool_parser import ToolCall, ToolCallStreamParser, parse_tool_calls
 from ..structured.tools import ToolUse
 

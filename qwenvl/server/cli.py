@@ -17,6 +17,7 @@ import threading
 import time
 
 from .access_log import AccessLog, ThroughputLog, TokenCounter
+from .engine_factory import build_engine
 from .settings import ServerSettings
 
 log = logging.getLogger("qwenvl.server")
@@ -114,17 +115,8 @@ def run_serve_command(args) -> int:
 
         cluster = ClusterOptions(replicas=args.replicas or 1, address=args.ray_address, dashboard=args.ray_dashboard,
                                  cpus_per_replica=args.cpus_per_replica, object_store_mb=args.ray_object_store_mb)
-        return serve_replicas(settings_from_args(args), engine_options, cluster)
+        return serve_replicas(settings_from_args(args), engine_options, cluster, serve_http=serve)
     return serve(settings_from_args(args), engine_options=engine_options)
-
-
-def build_engine(settings: ServerSettings, engine_options: dict | None = None):
-    from ..engine.async_engine import AsyncEngine
-    from ..engine.llm_engine import EngineConfig, LLMEngine
-
-    engine = LLMEngine(settings.model, dtype=settings.dtype, device=settings.device,
-                       config=EngineConfig(**(engine_options or {})), revision=settings.revision)
-    return AsyncEngine(engine, max_queue=settings.max_queue)
 
 
 def serve(settings: ServerSettings, engine_options: dict | None = None, async_engine=None,

@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from . import generation as gen
 from .answer import AnswerStream, final_answer
 from .choices import Choices, usage_totals
-from ..ocr import OcrTaskError, apply_to_messages, ocr_request, postprocess
+from ..answers.ocr import OcrTaskError, apply_to_messages, ocr_request, postprocess
 from .errors import APIError, bad_request, dashscope_body
 from .limits import read_json_body
 from .schemas import parse_dashscope

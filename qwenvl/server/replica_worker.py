@@ -1,7 +1,7 @@
 """One engine replica as Ray Serve runs it: a full LLMEngine behind an AsyncEngine, in its own Ray actor.
 
 Plain class (no Ray import here): `replicas.deploy` wraps it with `serve.deployment`. Every replica is built
-by `cli.build_engine` from the same settings and engine options as a single-process `qwenvl serve`, so each
+by `engine_factory.build_engine` from the same settings and engine options as a single-process `qwenvl serve`, so each
 engine flag reaches each replica unchanged.
 """
 
@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import os
 
+from .engine_factory import build_engine
 from .settings import ServerSettings
 
 
 class EngineReplica:
     def __init__(self, settings: ServerSettings, engine_options: dict):
-        from .cli import build_engine
-
         self.engine = build_engine(settings, engine_options)
 
     def info(self):

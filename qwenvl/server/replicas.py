@@ -54,9 +54,11 @@ def replica_names(n: int) -> list[str]:
     return [f"replica-{i}" for i in range(n)]
 
 
-def serve_replicas(settings: ServerSettings, engine_options: dict, cluster: ClusterOptions,
+def serve_replicas(settings: ServerSettings, engine_options: dict, cluster: ClusterOptions, serve_http,
                    ready: threading.Event | None = None) -> int:
-    """Start (or join) Ray, deploy the replicas, serve HTTP until SIGTERM, then remove what was started."""
+    """Start (or join) Ray, deploy the replicas, serve HTTP until SIGTERM, then remove what was started.
+    `serve_http(settings, async_engine=, ready=, extend_app=)` is the caller's HTTP server (server/cli.py's
+    `serve`), passed in so that this module and the command line do not import each other."""
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"     # before Ray starts: no usage reports leave the machine
     if cluster.address is None or _is_loopback(cluster.address):
         # Ray >= 2.4x resolves a node IP of 127.0.0.1 to the machine's external address unless it runs as a
@@ -72,8 +74,6 @@ def serve_replicas(settings: ServerSettings, engine_options: dict, cluster: Clus
     if cluster.replicas < 1:
         print(f"--replicas must be at least 1, got {cluster.replicas}", file=sys.stderr)
         return 2
-    from .cli import serve as serve_http
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _start_ray(ray, cluster)
     try:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..config import ModelConfig
+from ..models.config import ModelConfig
 from ..inputs import InputError, PreprocessorConfig, build_inputs, load_image, normalize_messages, smart_resize
 from ..inputs.mrope import VisionSpan, mrope_positions
 from ..tokenizer import Tokenizer

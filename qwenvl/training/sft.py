@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..config import ModelConfig
+from ..models.config import ModelConfig
+from ..models.registry import config_from_dir
 from ..engine.cpu_dtype import cpu_bfloat16_is_fast
 from ..inputs import PreprocessorConfig
 from ..models import build_model
@@ -311,7 +312,7 @@ def _start_run(cfg: TrainConfig, model_cfg: ModelConfig, device: torch.device, s
     """A fresh run, or the one saved in state_path."""
     resume = torch.load(state_path, map_location="cpu", weights_only=False) if state_path.exists() else None
     if resume is None and not cfg.from_scratch:
-        from ..loader import load_model
+        from ..checkpoints.loader import load_model
         model, _ = load_model(cfg.model_dir, dtype=torch.float32, device=device)
     else:
         model = build_model(model_cfg).to(device)
@@ -412,7 +413,7 @@ def _train(cfg: TrainConfig, log) -> dict:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(cfg.device)
-    model_cfg = ModelConfig.from_dir(cfg.model_dir)
+    model_cfg = config_from_dir(cfg.model_dir)
     pre_cfg = PreprocessorConfig.from_dir(cfg.model_dir)
     encoder = Encoder(Tokenizer.from_dir(cfg.model_dir), model_cfg, pre_cfg)
     unpack_cpu = PixelUnpacker(pre_cfg)

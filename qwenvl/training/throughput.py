@@ -15,8 +15,7 @@ import time
 from dataclasses import replace
 
 import torch
-
-from ..config import ModelConfig
+from ..models.registry import config_from_dir
 from ..inputs import PreprocessorConfig
 from ..tokenizer import Tokenizer
 from .packing import Encoder, PixelUnpacker, pack
@@ -114,7 +113,7 @@ def main() -> None:
     ap.add_argument("--task", action="append", default=[])
     args = ap.parse_args()
     torch.set_num_threads(1)
-    model_cfg = ModelConfig.from_dir(args.model)
+    model_cfg = config_from_dir(args.model)
     tokenizer = Tokenizer.from_dir(args.model)
     pre_cfg = PreprocessorConfig.from_dir(args.model)
     cfg = TrainConfig(model_dir=args.model, out_dir="", workers=args.workers, batch_size=args.batch_size,

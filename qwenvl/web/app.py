@@ -10,7 +10,7 @@ import logging
 import os
 from dataclasses import dataclass
 
-from ..reasoning import split_reasoning
+from ..answers.reasoning import split_reasoning
 from ..structured.tool_parser import parse_tool_calls
 from .chat import ChatSession, Limits, Options, Turn, readable
 from .examples import EXAMPLES_DIR, examples

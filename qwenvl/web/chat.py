@@ -18,11 +18,11 @@ from typing import AsyncIterator
 
 from PIL import Image
 
-from ..drawing import draw_boxes
+from ..answers.drawing import draw_boxes
 from ..engine.errors import EngineFull
 from ..inputs import AdmissionPolicy, InputError, admit, load_image
 from ..inputs.pdf import PdfLimits, render_pdf
-from ..readable import readable  # noqa: F401 - web/app.py imports it from here
+from ..answers.readable import readable  # noqa: F401 - web/app.py imports it from here
 from ..sampling_params import SamplingParams
 
 log = logging.getLogger("qwenvl.web")

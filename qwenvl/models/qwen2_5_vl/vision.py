@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...config import VisionConfig
+from ..config import VisionConfig
 from ...layers.norms import RMSNorm
 from ...layers.rotary import vision_cos_sin, vision_patch_coords
 from ..qwen2_vl.vision import PatchEmbed, PatchMerger, VisionAttention, frame_cu_seqlens

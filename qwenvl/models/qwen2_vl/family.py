@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ...config import VisionConfig, require
+from ..config import VisionConfig, require
 from ..family import Family
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ...config import ModelConfig
+from ..config import ModelConfig
 from ..common import LMHead
 from ...layers.attention import AttentionBackend
 from .text import TextModel

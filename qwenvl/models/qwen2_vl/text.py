@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...config import TextConfig
+from ..config import TextConfig
 from ...layers.attention import AttentionBackend
 from ...layers.norms import RMSNorm
 from ...layers import side_by_side

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...config import VisionConfig
+from ..config import VisionConfig
 from ...layers.attention import segment_attention
 from ...layers.norms import layer_norm
 from ...layers.rotary import apply_rotary, vision_cos_sin, vision_patch_coords

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qwenvl.config import ModelConfig
+from qwenvl.models.config import ModelConfig
 from qwenvl.models.common import LMHead
 
 from .text import Qwen3VLTextModel

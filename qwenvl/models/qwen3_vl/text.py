@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qwenvl.config import TextConfig
+from qwenvl.models.config import TextConfig
 from qwenvl.layers.moe import SparseMoeBlock
 from qwenvl.layers.norms import RMSNorm
 from qwenvl.layers import side_by_side

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qwenvl.config import VisionConfig
+from qwenvl.models.config import VisionConfig
 from qwenvl.layers.attention import segment_attention
 from qwenvl.layers.rotary import apply_rotary, vision_cos_sin, vision_patch_coords
 
