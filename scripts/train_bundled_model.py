@@ -105,7 +105,9 @@ from qwenvl.models.registry import config_from_dir  # noqa: E402
 from qwenvl.inputs import PreprocessorConfig  # noqa: E402
 from qwenvl.tokenizer import Tokenizer  # noqa: E402
 from qwenvl.training.checkpoint import SmallModelDims, write_new_checkpoint_dir  # noqa: E402
+from qwenvl.synthetic import TASKS  # noqa: E402
 from qwenvl.training.corpus import build_tokenizer  # noqa: E402
+from qwenvl.training.grow import grow_depth  # noqa: E402
 from qwenvl.training.packing import Encoder  # noqa: E402
 from qwenvl.training.sft import TrainConfig, train  # noqa: E402
 from qwenvl.training.throughput import loader_rate, model_rate  # noqa: E402
@@ -160,6 +162,18 @@ def parse_section(text: str) -> list[int]:
     return parts
 
 
+def parse_growth(items: list[str]) -> dict[str, int]:
+    """["vision_depth=8", "num_hidden_layers=6"] -> grow_depth's keyword arguments; a bad item exits."""
+    names = {"vision_depth": "vision_depth", "num_hidden_layers": "text_layers"}
+    growth = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        if name not in names or not value.isdigit() or int(value) < 1:
+            sys.exit(f"--grow {item!r}: expected vision_depth=N or num_hidden_layers=N with N >= 1")
+        growth[names[name]] = int(value)
+    return growth
+
+
 def with_dims(dims: SmallModelDims, overrides: list[str]) -> SmallModelDims:
     """`dims` with fields replaced from NAME=INT strings; an unknown name or a non-integer exits with a message."""
     fields = {f.name for f in dataclasses.fields(SmallModelDims)}
@@ -189,6 +203,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--task", action="append", default=[],
                     help="train on these synthetic tasks only (repeatable; a task named twice gets twice the images)")
+    ap.add_argument("--eval-every", type=int, default=250, help="steps between held-out losses (and at the end)")
+    ap.add_argument("--eval-batches", type=int, default=4, help="batches of held-out images in each held-out loss")
     ap.add_argument("--measure-seconds", type=float, default=15.0,
                     help="time the DataLoader alone this long before training; 0 skips the measurement")
     ap.add_argument("--followups", type=int, default=4,
@@ -201,16 +217,30 @@ def main() -> None:
     ap.add_argument("--mrope-section", type=parse_section, metavar="T,H,W",
                     help="re-split the start checkpoint's M-RoPE rotary pairs between time, height and width "
                          "(they must sum to head_dim/2), e.g. 1,2,13")
+    ap.add_argument("--grow", action="append", default=[], metavar="NAME=INT",
+                    help="deepen the start checkpoint without changing its answers (qwenvl/training/grow.py): "
+                         "vision_depth=N and/or num_hidden_layers=N (repeatable)")
+    ap.add_argument("--echo", type=int, default=1,
+                    help="up to this many steps on one batch, repeats only while the next batch is not ready "
+                         "(qwenvl/training/echo.py: for an accelerator that outruns its data workers)")
+    ap.add_argument("--snapshot-dir",
+                    help="also pack the model into DIR/model.tar every --snapshot-every seconds and at the end, "
+                         "and log metrics.jsonl there (for a machine whose command is killed at a time limit)")
+    ap.add_argument("--snapshot-every", type=float, default=60.0, help="seconds between snapshots (default 60)")
     ap.add_argument("--small", action="store_true", help="a very small model, for a smoke run")
     ap.add_argument("--dim", action="append", default=[], metavar="NAME=INT",
                     help="override one SmallModelDims field of a new model, e.g. --dim vision_depth=4 (repeatable)")
     args = ap.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit(f"--device {args.device}: CUDA is not available here; use --device cpu for a smoke run")
+    unknown = [t for t in args.task if t not in TASKS]
+    if unknown:
+        sys.exit(f"--task {unknown[0]!r}: expected one of {', '.join(TASKS)}")
+    growth = parse_growth(args.grow)
 
     out = Path(args.out)
     init = out / "init"
-    if not (init / "config.json").exists():
+    if not args.init_from and not (init / "config.json").exists():
         t = time.time()
         build_tokenizer(out / "tokenizer")
         dims = SmallModelDims(hidden_size=64, num_hidden_layers=2, intermediate_size=128, vision_width=32,
@@ -221,12 +251,17 @@ def main() -> None:
     start = args.init_from or str(init)
     if args.max_pixels or args.mrope_section:
         start = str(start_copy(Path(start), out / "start", args.max_pixels, args.mrope_section))
+    if growth:
+        if not args.init_from:
+            sys.exit("--grow deepens trained weights: give --init-from (a new model takes its depth from --dim)")
+        start = str(grow_depth(start, out / "grown", **growth))
     cfg = TrainConfig(model_dir=start, out_dir=str(out), from_scratch=not args.init_from, steps=args.steps,
-                      batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, eval_every=250,
-                      eval_batches=4, save_every=500, seed=args.seed, device=args.device,
+                      batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, eval_every=args.eval_every,
+                      eval_batches=args.eval_batches, save_every=500, seed=args.seed, device=args.device,
                       workers=args.workers, max_minutes=args.minutes,
                       sitting_minutes=args.sitting_minutes, max_shard_mb=12,
-                      followups=args.followups, tasks=args.task, vision_probe=args.vision_probe)
+                      followups=args.followups, tasks=args.task, vision_probe=args.vision_probe,
+                      snapshot_dir=args.snapshot_dir or "", snapshot_every_s=args.snapshot_every, echo=args.echo)
     if args.measure_seconds > 0 and not (out / "train_state.pt").exists():
         measure(cfg, args.measure_seconds)
     summary = train(cfg)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from PIL import Image, ImageDraw
 
-from qwenvl.training.patch_labels import (BACKGROUND, IGNORE, POSITION_SCALE, VisionProbe, shape_boxes, token_labels,
-                                          token_places, unlabelled)
+from qwenvl.training.patch_labels import (BACKGROUND, CHAR_POINTS, IGNORE, LABEL_COLUMNS, POSITION_SCALE, VisionProbe,
+                                          shape_boxes, token_labels, token_places, unlabelled)
 from qwenvl.synthetic.scenes import SHAPES, Shape, draw_shape
 from qwenvl.synthetic.style import COLORS
 
@@ -19,7 +19,7 @@ def test_filled_square_labels_the_tokens_it_covers_and_nothing_else():
     # 112 x 84 canvas seen at its own size: patch 14, merge 2 -> a 3 x 4 grid of 28-px tokens.
     red = Shape("square", "red", (28, 28, 56, 56), (255, 0, 0), filled=True)
     labels = token_labels([red], (112, 84), (6, 8), 14, 2)
-    assert labels.shape == (12, 7)
+    assert labels.shape == (12, LABEL_COLUMNS)
     red_class, square_class = 1 + COLORS.index("red"), 1 + SHAPES.index("square")
     colour = _grid(labels, 3, 4, 0)
     assert colour[1][1] == red_class and _grid(labels, 3, 4, 1)[1][1] == square_class
@@ -27,6 +27,7 @@ def test_filled_square_labels_the_tokens_it_covers_and_nothing_else():
     assert labels[5, 2:6].tolist() == [5, 5, 5, 5]       # half a token from its centre to each edge
     assert labels[5, 6].item() == 1                                  # the only square in the scene
     assert (labels[0, 2:] == IGNORE).all()                            # background tokens: no box, no count
+    assert (labels[:, 7:] == IGNORE).all()                            # a shape scene has no characters
 
 
 def test_each_shape_token_counts_the_shapes_of_its_own_kind():
@@ -58,7 +59,7 @@ def test_edge_distances_are_from_each_token_centre_in_tenths_of_a_token():
     assert edges[0, 3].tolist() == [15, 5, 15, 15]
     assert (edges[:, [0, 1, 5, 6, 7]] == IGNORE).all()  # background: no edges
     # the same scene at half the resolution: distances are in tokens of the image the model sees
-    small = token_labels([bar], (224, 56), (2, 8), 14, 2).view(1, 4, 7)
+    small = token_labels([bar], (224, 56), (2, 8), 14, 2).view(1, 4, LABEL_COLUMNS)
     assert small[0, 1, 2:6].tolist() == [5, 5, 10, 5]
 
 
@@ -79,8 +80,9 @@ def test_probe_loss_ignores_unlabelled_tokens_and_trains_every_head():
     probe = VisionProbe(8)
     vision = torch.randn(5, 8, requires_grad=True)
     assert probe.loss(vision, unlabelled(5)).item() == 0.0
-    labels = torch.tensor([[0, 0, -1, -1, -1, -1, -1], [3, 2, 5, -1, 25, 15, 2], [IGNORE] * 7,
-                           [1, 1, 5, 5, 5, 5, 1], [0, 0, -1, -1, -1, -1, -1]])
+    shape_columns = torch.tensor([[0, 0, -1, -1, -1, -1, -1], [3, 2, 5, -1, 25, 15, 2], [IGNORE] * 7,
+                                  [1, 1, 5, 5, 5, 5, 1], [0, 0, -1, -1, -1, -1, -1]])
+    labels = torch.cat([shape_columns, torch.full((5, CHAR_POINTS), IGNORE)], 1)      # no reading scene here
     loss = probe.loss(vision, labels)
     loss.backward()
     assert loss.item() > 0

@@ -22,7 +22,6 @@ import io
 import math
 from dataclasses import dataclass
 
-import av
 import numpy as np
 import torch
 
@@ -232,6 +231,8 @@ def read_video(source, opts: VideoOptions | None = None, patch_size: int = 14, m
 
 
 def _open(data, name: str):
+    import av     # here, not at the top: a machine that reads no video (a GPU box training on
+                  # stills) may lack PyAV, and images must not need it
     try:
         if isinstance(data, bytes):
             data = io.BytesIO(data)
@@ -254,6 +255,7 @@ def _video_stream(container, name: str):
 def _probe(data, name: str) -> tuple[int, float, tuple[int, int]]:
     """(frame count, average fps, (w, h)) from the container; frames are counted from packets (no
     decoding) when the header does not say."""
+    import av     # lazily: see _open
     with _open(data, name) as container:
         stream = _video_stream(container, name)
         w, h = stream.codec_context.width, stream.codec_context.height
@@ -294,6 +296,7 @@ def _decode(data, name: str, indices: list[int], h: int, w: int, total: int, fps
 
 
 def _decode_counting(data, name: str, indices: list[int], h: int, w: int) -> tuple[dict, int]:
+    import av     # lazily: see _open
     wanted: dict[int, np.ndarray] = {}
     need, last, seen = set(indices), indices[-1], 0
     with _open(data, name) as container:
@@ -314,6 +317,7 @@ def _decode_counting(data, name: str, indices: list[int], h: int, w: int) -> tup
 
 def _decode_seeking(data, name: str, indices: list[int], h: int, w: int, fps: float) -> dict | None:
     """None when the stream is not plainly constant-rate or a wanted frame was not met on the way."""
+    import av     # lazily: see _open
     wanted: dict[int, np.ndarray] = {}
     with _open(data, name) as container:
         stream = _video_stream(container, name)

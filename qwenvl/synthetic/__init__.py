@@ -129,9 +129,9 @@ def make_sample(seed: int, index: int, task: str | None = None, lang: str | None
         boxes = [target.box]
         meta.update(shapes=shapes, target=target)
     elif task == "read":
-        img, text, box = read_scene(rng, split)
+        img, text, box, spans = read_scene(rng, split)
         question, answer = q, text
-        meta["text_box"] = box
+        meta.update(text_box=box, char_spans=spans)
     elif task == "chart":
         img, labels, values, written = chart_scene(rng, split)
         i = rng.randrange(len(labels))

@@ -76,8 +76,10 @@ def _fit_font(rng: random.Random, text: str, limit: int):
         size = max(MIN_TEXT_PX, int(size * 0.85))
 
 
-def read_scene(rng: random.Random, split: str) -> tuple[Image.Image, str, tuple[int, int, int, int]]:
-    """A word or number drawn once at a random place; returns (image, text, its pixel box)."""
+def read_scene(rng: random.Random, split: str) -> tuple[Image.Image, str, tuple[int, int, int, int],
+                                                      list[tuple[float, float]]]:
+    """A word or number drawn once at a random place; returns (image, text, its pixel box, each character's
+    horizontal span in pixels: where the pen starts and ends it, kerning included)."""
     text = random_text(rng, split)
     margin = rng.randint(4, 30)
     font, bbox = _fit_font(rng, text, MAX_SIDE - 2 * margin)
@@ -93,7 +95,9 @@ def read_scene(rng: random.Random, split: str) -> tuple[Image.Image, str, tuple[
     x = rng.randint(0, max(0, W - tw - 2 * margin)) + margin if W >= tw + 2 * margin else max(0, (W - tw) // 2)
     y = rng.randint(margin, max(margin, H - th - margin))
     draw.text((x - bbox[0], y - bbox[1]), text, font=font, fill=ink)
-    return img, text, (x, y, x + tw, y + th)
+    pen = [font.getlength(text[:i]) for i in range(len(text) + 1)]
+    spans = [(x - bbox[0] + pen[i], x - bbox[0] + pen[i + 1]) for i in range(len(text))]
+    return img, text, (x, y, x + tw, y + th), spans
 
 
 def _decorate(rng: random.Random, draw: ImageDraw.ImageDraw, size: tuple[int, int]) -> None:

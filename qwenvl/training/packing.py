@@ -35,7 +35,7 @@ class Example:
     pixel_values: torch.Tensor    # compact: uint8 [P, C, F, ps, ps] (F = 1 for stills, else T);
                                   # reference: float32 [P, C*T*ps*ps]; P may be 0
     grid_thw: torch.Tensor        # LongTensor[n_images, 3]
-    vision_labels: torch.Tensor | None = None   # LongTensor[M, 7] per merged image token (patch_labels.py)
+    vision_labels: torch.Tensor | None = None   # LongTensor[M, LABEL_COLUMNS] per merged image token (patch_labels.py)
 
 
 class PixelUnpacker:
@@ -171,7 +171,7 @@ class PackedBatch:
     segment_ids: torch.Tensor     # [N]: which conversation each token belongs to (0, 1, ... in order)
     pixel_values: torch.Tensor    # uint8 [P, C, F, ps, ps] or float32 [P, C*T*ps*ps] (see Example)
     grid_thw: torch.Tensor        # [n, 3]
-    vision_labels: torch.Tensor   # [M, 7] per merged image token, or empty when the examples carry none
+    vision_labels: torch.Tensor   # [M, LABEL_COLUMNS] per merged image token, or empty when the examples carry none
 
     @property
     def num_tokens(self) -> int:

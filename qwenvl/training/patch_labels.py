@@ -27,6 +27,12 @@ LM_PROBE_LAYER and learns where on the image that token is, and, on a shape toke
 fractions of the image's width and height (what the 0..1000-grid answer writes). Nothing else asks those
 first layers to turn rotary phases into positions before the answer needs them.
 
+On a reading scene (one word or number) every image token on the text's rows learns which character is under
+each of four evenly spaced points across it (7 px apart at the model's 28-px tokens; a character narrower than
+that, an i or an apostrophe at the smallest sizes, takes the point nearest its centre), or background
+between and beside the characters: the reading counterpart of the shape labels, so the tower learns letters
+from the first step instead of only through the answer's few tokens.
+
 `VisionProbe` holds the linear heads; they live only in training (saved in train_state.pt for resume,
 never in the exported checkpoint).
 """
@@ -51,8 +57,13 @@ MIN_PIXELS_PER_TOKEN = 20   # a token shows a shape when at least this many of i
 BACKGROUND_WEIGHT = 0.2     # background tokens are most of an image; they count less in the loss
 EDGE_WEIGHT = 1.0           # the edge head's L1 error is in tokens (a few), the classes' cross-entropy ~1
 EDGE_SCALE = 10             # edge distances are stored in tenths of a token (integer labels)
-LABEL_COLUMNS = 7           # colour class, kind class, distances to the left, top, right and bottom edge
-                            # (tenths of a token), same-kind count (edges and count IGNORE off shapes)
+CHAR_POINTS = 4             # points across a token whose character is labelled (reading scenes)
+SHAPE_COLUMNS = 7
+LABEL_COLUMNS = SHAPE_COLUMNS + CHAR_POINTS   # colour class, kind class, distances to the left, top, right and
+                            # bottom edge (tenths of a token), same-kind count (edges and count IGNORE off
+                            # shapes); then the character under each of CHAR_POINTS points (reading scenes)
+CHARS = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ'"
+OTHER_CHAR = 1 + len(CHARS)  # character classes: 0 background, 1 + index in CHARS, then any other character
 MAX_SAME_KIND = 8           # count classes 0..8 (a scene holds at most 8 shapes)
 LM_PROBE_LAYER = 1          # the position heads read the output of this decoder layer (0-based)
 POSITION_SCALE = 10         # positions are learnt in tenths of the image's width or height
@@ -60,9 +71,10 @@ POSITION_SCALE = 10         # positions are learnt in tenths of the image's widt
 
 def token_labels(shapes: list[Shape], image_size: tuple[int, int], grid_hw: tuple[int, int],
                  patch_size: int, merge_size: int) -> torch.Tensor:
-    """LongTensor[M, 7] (colour class, kind class, distances from the token's centre to its shape's left, top,
-    right and bottom edge in tenths of a token, number of shapes of its kind in the scene) per merged token,
-    in the merger's raster order; a background token's edges and count are IGNORE. A distance is negative
+    """LongTensor[M, LABEL_COLUMNS] (colour class, kind class, distances from the token's centre to its shape's
+    left, top, right and bottom edge in tenths of a token, number of shapes of its kind in the scene; the
+    character columns IGNORE) per merged token, in the merger's raster order; a background token's edges and
+    count are IGNORE. A distance is negative
     when the token's centre lies outside its shape's box (a token counts as showing a shape from a corner).
 
     `image_size` is the original (W, H); `grid_hw` the patch grid of the resized image the model sees. The
@@ -97,7 +109,8 @@ def token_labels(shapes: list[Shape], image_size: tuple[int, int], grid_hw: tupl
         edge = torch.from_numpy(np.where(shown[:, None], edges, IGNORE))
         count_of = np.array([sum(o.kind == s.kind for o in shapes) for s in shapes])
         same_kind = torch.from_numpy(np.where(shown, count_of[best], IGNORE))[:, None]
-    return torch.cat([torch.stack([colour, kind], 1), edge, same_kind], 1)
+    no_text = torch.full((len(blocks), CHAR_POINTS), IGNORE, dtype=torch.long)
+    return torch.cat([torch.stack([colour, kind], 1), edge, same_kind, no_text], 1)
 
 
 def _edge_distances(boxes: np.ndarray, image_size: tuple[int, int], tokens_hw: tuple[int, int]) -> np.ndarray:
@@ -119,11 +132,55 @@ def unlabelled(num_tokens: int) -> torch.Tensor:
 
 def sample_labels(sample: Sample, grid_thw: torch.Tensor, pre_cfg) -> torch.Tensor:
     """The labels of a synthetic sample's image tokens, seen as `grid_thw` ([1, 3]) patches; unlabelled
-    when the sample is not a shape scene. `pre_cfg`: the checkpoint's PreprocessorConfig."""
+    when the sample is neither a shape nor a reading scene. `pre_cfg`: the checkpoint's PreprocessorConfig."""
     _, gh, gw = (int(v) for v in grid_thw[0])
-    if "shapes" not in sample.meta:
-        return unlabelled(gh * gw // pre_cfg.merge_size ** 2)
-    return token_labels(sample.meta["shapes"], sample.image.size, (gh, gw), pre_cfg.patch_size, pre_cfg.merge_size)
+    if "shapes" in sample.meta:
+        return token_labels(sample.meta["shapes"], sample.image.size, (gh, gw), pre_cfg.patch_size,
+                            pre_cfg.merge_size)
+    labels = unlabelled(gh * gw // pre_cfg.merge_size ** 2)
+    if "char_spans" in sample.meta:
+        labels[:, SHAPE_COLUMNS:] = text_labels(sample.answer, sample.meta["char_spans"], sample.meta["text_box"],
+                                                sample.image.size, (gh, gw), pre_cfg.patch_size, pre_cfg.merge_size)
+    return labels
+
+
+def char_class(c: str) -> int:
+    i = CHARS.find(c)
+    return OTHER_CHAR if i < 0 else 1 + i
+
+
+def text_labels(text: str, spans: list[tuple[float, float]], box: tuple[int, int, int, int],
+                image_size: tuple[int, int], grid_hw: tuple[int, int], patch_size: int,
+                merge_size: int) -> torch.Tensor:
+    """LongTensor[M, CHAR_POINTS] per merged token (raster order): the class of the character whose pen span
+    holds each of CHAR_POINTS evenly spaced points across the token, BACKGROUND where none does or the token is
+    off the text's rows (it must cover at least half the text's height, or half its own, to be on them).
+    `spans` and `box` are in pixels of the original image of `image_size`; `grid_hw` the resized patch grid."""
+    W, H = image_size
+    gh, gw = grid_hw
+    rows, cols = gh // merge_size, gw // merge_size
+    sx, sy = gw * patch_size / W, gh * patch_size / H                # original -> resized pixels
+    top, bottom = box[1] * sy, box[3] * sy
+    side = patch_size * merge_size
+    row_top = np.arange(rows) * side
+    overlap = np.minimum(row_top + side, bottom) - np.maximum(row_top, top)
+    on_text = overlap >= 0.5 * min(bottom - top, side)                # [rows]
+    column_x = (np.arange(cols * CHAR_POINTS) + 0.5) * side / CHAR_POINTS       # every point, left to right
+    starts = np.array([a for a, _ in spans]) * sx
+    ends = np.array([b for _, b in spans]) * sx
+    inside = (column_x[:, None] >= starts[None]) & (column_x[:, None] < ends[None])      # [points, chars]
+    which = np.where(inside.any(1), inside.argmax(1), -1)                             # [points] char index
+    # a character narrower than the points' spacing (i, l, ' at the smallest sizes) can fall between two
+    # points: it takes the point nearest its centre from a neighbour that holds more than one
+    for j in np.flatnonzero(~inside.any(0)):
+        p = int(np.abs(column_x - (starts[j] + ends[j]) / 2).argmin())
+        if which[p] < 0 or (which == which[p]).sum() > 1:
+            which[p] = j
+    classes = np.array([char_class(c) for c in text])
+    under = np.where(which >= 0, classes[which], BACKGROUND)
+    per_token = under.reshape(cols, CHAR_POINTS)
+    labels = np.where(on_text[:, None, None], per_token[None], BACKGROUND)          # [rows, cols, CHAR_POINTS]
+    return torch.from_numpy(labels.reshape(rows * cols, CHAR_POINTS).astype(np.int64))
 
 
 def token_places(grid_thw: torch.Tensor, merge_size: int) -> torch.Tensor:
@@ -140,7 +197,7 @@ def token_places(grid_thw: torch.Tensor, merge_size: int) -> torch.Tensor:
 
 
 def shape_boxes(labels: torch.Tensor, places: torch.Tensor) -> torch.Tensor:
-    """labels[M, 7] of shape tokens, places[M, 4] (token_places) -> float[M, 4]: each token's shape's box
+    """labels[M, LABEL_COLUMNS] of shape tokens, places[M, 4] (token_places) -> float[M, 4]: each token's shape's box
     (x1, y1, x2, y2) as fractions of the image's width and height, from the token's centre and its edges."""
     edges = labels[:, 2:6].float() / EDGE_SCALE                                   # tokens: left, top, right, bottom
     size = places[:, 2:4].repeat(1, 2)                                            # cols, rows, cols, rows
@@ -161,9 +218,10 @@ class VisionProbe(nn.Module):
         self.count = nn.Linear(width, 1 + MAX_SAME_KIND)
         self.place = nn.Linear(width, 2)      # language-model side: the token's own x, y
         self.box = nn.Linear(width, 4)        # language-model side: its shape's x1, y1, x2, y2
+        self.chars = nn.Linear(width, CHAR_POINTS * (OTHER_CHAR + 1))   # the characters under its points
 
     def position_loss(self, hidden: torch.Tensor, labels: torch.Tensor, places: torch.Tensor) -> torch.Tensor:
-        """hidden[M, D] (language model, image tokens), labels[M, 7], places[M, 4] (token_places) -> L1 error
+        """hidden[M, D] (language model, image tokens), labels[M, LABEL_COLUMNS], places[M, 4] (token_places) -> L1 error
         in tenths of the image side of every labelled token's place, plus its shape's box on shape tokens."""
         keep = labels[:, 0] != IGNORE
         if not bool(keep.any()):
@@ -178,7 +236,19 @@ class VisionProbe(nn.Module):
         return error.mean()
 
     def loss(self, vision: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """vision[M, D], labels[M, 7] -> weighted cross-entropy of the class heads plus, on shape tokens,
+        """vision[M, D], labels[M, LABEL_COLUMNS] -> the shape scenes' loss (shape_loss) plus the reading scenes'
+        weighted cross-entropy of the characters under each token's points (each 0 when no token of its kind is labelled)."""
+        total = self.shape_loss(vision, labels)
+        on_text = labels[:, SHAPE_COLUMNS] != IGNORE
+        if bool(on_text.any()):
+            y = labels[on_text, SHAPE_COLUMNS:].reshape(-1)                        # [T * CHAR_POINTS]
+            logits = self.chars(vision[on_text].float()).reshape(len(y), OTHER_CHAR + 1)
+            weight = torch.where(y == BACKGROUND, BACKGROUND_WEIGHT, 1.0)
+            total = total + (F.cross_entropy(logits, y, reduction="none") * weight).sum() / weight.sum()
+        return total
+
+    def shape_loss(self, vision: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """vision[M, D], labels[M, LABEL_COLUMNS] -> weighted cross-entropy of the class heads plus, on shape tokens,
         the count head's cross-entropy and the edge head's L1 error in tokens (0 when nothing is labelled)."""
         keep = labels[:, 0] != IGNORE
         if not bool(keep.any()):

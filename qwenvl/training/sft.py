@@ -5,8 +5,10 @@ Data workers send compact batches (uint8 patches, one frame per still image: see
 are unpacked to the model's float32 pixel_values on the training device. A step whose loss or gradient is
 not finite is skipped, so one bad batch never reaches the weights.
 
-A run lives in one folder: `train_state.pt` (weights, optimiser, step) for resuming, and `final/` (or
-`step-N/`), ordinary checkpoint folders that `LLM(dir)` and transformers load.
+A run lives in one folder: `train_state.pt` (weights, optimiser, step) for resuming, `metrics.jsonl` (a line
+per step), and `final/` (or `step-N/`), ordinary checkpoint folders that `LLM(dir)` and transformers load.
+With `snapshot_dir`, the model is also packed there as one `model.tar` every `snapshot_every_s` seconds
+(snapshots.py), for a machine whose command is killed at a time limit.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ from ..tokenizer import Tokenizer
 from .checkpoint import TOKENIZER_FILES, init_weights, save_weights
 from .lora import apply_lora, merge_lora
 from .packing import Encoder, PackedBatch, PixelUnpacker, pack, packed_loss
+from .echo import EchoingBatches
+from .snapshots import METRICS_LOG, MetricsLog, Snapshots
 
 CALIBRATION_STEPS = 60
 HOLDOUT_EVERY = 20                # a JSONL file's every 20th row is held out for the evaluation loss ...
@@ -71,6 +75,12 @@ class TrainConfig:
     max_shard_mb: int = 0             # split saved weights into shards of at most this size; 0 = one file
     vision_probe: float = 0.0         # weight of the per-token colour/kind/box/count loss on shape scenes
                                       # (patch_labels.py); 0 = off
+    snapshot_dir: str = ""            # also pack the current model into this folder's model.tar (snapshots.py)
+    snapshot_every_s: float = 0       # ... this often (seconds of training) and at the end; 0 = at the end only
+    metrics_log: str = ""             # a JSONL line per step; "" = metrics.jsonl in snapshot_dir, else out_dir
+    echo: int = 1                     # up to this many steps on one batch, the repeats only while the next batch
+                                      # is not ready ("data echoing", echo.py): a GPU that outruns its data
+                                      # workers trains instead of waiting; 1 = every step a new batch
 
 
 class SyntheticConversations(Dataset):
@@ -328,7 +338,10 @@ def _start_run(cfg: TrainConfig, model_cfg: ModelConfig, device: torch.device, s
         from .patch_labels import VisionProbe
         probe = VisionProbe(model_cfg.text.hidden_size).to(device)
         if resume is not None and resume.get("probe"):
-            probe.load_state_dict(resume["probe"])
+            # a run saved before a head was added resumes with that head new; anything else must match
+            missing, unexpected = probe.load_state_dict(resume["probe"], strict=False)
+            if unexpected:
+                raise ValueError(f"{state_path}: probe heads this version does not have: {unexpected}")
     params = [p for p in model.parameters() if p.requires_grad] + (list(probe.parameters()) if probe else [])
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
@@ -422,7 +435,10 @@ def _train(cfg: TrainConfig, log) -> dict:
 
     train_set, eval_set = make_datasets(cfg, encoder)
     eval_name = "held-out loss" if eval_set is not train_set else "loss on training rows (too few to hold out)"
+    # (with echo a resumed run skips more indices than it drew: never an image twice, some never at all)
     batches = iter(make_loader(train_set, cfg, start=run.step * cfg.batch_size * cfg.grad_accum, unpack=unpack_cpu))
+    if cfg.echo > 1:
+        batches = EchoingBatches(batches, cfg.echo)
     eval_data = [pack([eval_set[i * cfg.batch_size + j] for j in range(cfg.batch_size)], unpack_cpu)
                  for i in range(cfg.eval_batches)]
 
@@ -432,10 +448,21 @@ def _train(cfg: TrainConfig, log) -> dict:
     from tqdm import tqdm
     bar = tqdm(total=cfg.steps, initial=run.step, desc="train", dynamic_ncols=True)
     progress = _Progress(start_step=run.step)
-    with _StopOnInterrupt(log) as interrupt:
-        _loop(run, cfg, batches, eval_data, eval_name, unpack, autocast, progress, bar, interrupt, log)
-    bar.close()
-    return _finish(run, cfg, out, progress)
+    metrics = MetricsLog(cfg.metrics_log or Path(cfg.snapshot_dir or out) / METRICS_LOG)
+    snapshots = (Snapshots(cfg.snapshot_dir, cfg.snapshot_every_s, lambda folder: export(run.model, cfg, folder), log)
+                 if cfg.snapshot_dir else None)
+    try:
+        with _StopOnInterrupt(log) as interrupt:
+            _loop(run, cfg, batches, eval_data, eval_name, unpack, autocast, progress, bar, interrupt, log,
+                  metrics, snapshots)
+        bar.close()
+        summary = _finish(run, cfg, out, progress)
+        if snapshots is not None:
+            snapshots.take(run.step)
+        metrics.write({"event": "finished", **{k: v for k, v in summary.items() if k != "history"}})
+        return summary
+    finally:
+        metrics.close()
 
 
 class _StopOnInterrupt:
@@ -463,7 +490,7 @@ class _StopOnInterrupt:
 
 
 def _loop(run: _Run, cfg: TrainConfig, batches, eval_data, eval_name: str, unpack, autocast, progress: _Progress,
-          bar, interrupt: _StopOnInterrupt, log) -> None:
+          bar, interrupt: _StopOnInterrupt, log, metrics: MetricsLog, snapshots: Snapshots | None) -> None:
     while run.step < cfg.steps:
         if interrupt.requested:
             run.save(cfg)
@@ -491,8 +518,17 @@ def _loop(run: _Run, cfg: TrainConfig, batches, eval_data, eval_name: str, unpac
             log(f"step {run.step}: train loss {r['loss']:.4f}, {eval_name} {record['eval_loss']:.4f}, "
                 f"{progress.tokens / elapsed:.0f} tokens/s, {progress.data_wait / elapsed:.0%} waiting on data")
         run.history.append(record)
-        if (cfg.save_every and run.step % cfg.save_every == 0) or run.step == cfg.steps or out_of_time:
+        line = {**record, "elapsed_s": round(elapsed, 2), "samples": progress.samples,
+                "samples_per_s": round(progress.samples / max(elapsed, 1e-6), 1), "data_wait_s": round(progress.data_wait, 2)}
+        if isinstance(batches, EchoingBatches):
+            line["echoed_steps"] = batches.echoed         # steps that reused a batch (samples counts them too)
+        metrics.write(line)
+        due = snapshots is not None and snapshots.due() and not (run.step == cfg.steps or out_of_time)
+        if (cfg.save_every and run.step % cfg.save_every == 0) or run.step == cfg.steps or out_of_time or due:
             run.save(cfg)
+        if due:                           # the end's snapshot is taken after the final export
+            snapshots.take(run.step)
+            metrics.write({"event": "snapshot", "step": run.step, "elapsed_s": round(progress.elapsed, 2)})
         if out_of_time:
             log(f"stopping at step {run.step} of {cfg.steps}: {limit} minutes reached")
             break
