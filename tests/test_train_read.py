@@ -69,13 +69,15 @@ def test_shape_scenes_carry_no_character_labels_and_the_char_head_trains_on_read
     assert vision.grad[len(shape_labels):].abs().sum() > 0
     # a head that already knows the characters has a lower loss than a random one
     x = vision.detach()
-    before = float(probe.loss(x, labels) - probe.shape_loss(x, labels))
+    with torch.no_grad():
+        before = float(probe.loss(x, labels) - probe.shape_loss(x, labels))
     opt = torch.optim.Adam(probe.chars.parameters(), lr=0.05)
     for _ in range(50):
         opt.zero_grad()
         (probe.loss(x, labels) - probe.shape_loss(x, labels)).backward()
         opt.step()
-    assert float(probe.loss(x, labels) - probe.shape_loss(x, labels)) < 0.5 * before
+    with torch.no_grad():
+        assert float(probe.loss(x, labels) - probe.shape_loss(x, labels)) < 0.5 * before
 
 
 def test_grown_model_answers_exactly_as_the_original(tmp_path):

@@ -345,11 +345,12 @@ def test_vision_probe_run_keeps_its_heads_out_of_the_checkpoint(init_dir, tmp_pa
     shapes, text = data[0], data[1]
     assert shapes.vision_labels.shape == (int(shapes.grid_thw.prod()) // 4, LABEL_COLUMNS)
     assert (shapes.vision_labels[:, 0] > 0).any()               # some token shows the shape
-    assert (text.vision_labels == -1).all()                     # a reading image is not labelled
+    assert (text.vision_labels[:, :7] == -1).all()              # a reading image has no shape labels ...
+    assert (text.vision_labels[:, 7:] > 0).any()                # ... but its characters (test_train_read.py)
     s = train(_config(init_dir, tmp_path, steps=3, eval_every=0, batch_size=4, vision_probe=1.0),
               log=lambda *_: None)
     state = torch.load(tmp_path / "train_state.pt", weights_only=False)
-    heads = ("colour", "kind", "edges", "count", "place", "box")
+    heads = ("colour", "kind", "edges", "count", "place", "box", "chars")
     assert set(state["probe"]) == {f"{h}.{p}" for h in heads for p in ("weight", "bias")}
     model, _ = load_model(s["final_dir"], dtype=torch.float32)   # strict: no probe keys in the folder
     assert not any("colour" in k for k in model.state_dict())

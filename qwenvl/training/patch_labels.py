@@ -221,8 +221,8 @@ class VisionProbe(nn.Module):
         self.chars = nn.Linear(width, CHAR_POINTS * (OTHER_CHAR + 1))   # the characters under its points
 
     def position_loss(self, hidden: torch.Tensor, labels: torch.Tensor, places: torch.Tensor) -> torch.Tensor:
-        """hidden[M, D] (language model, image tokens), labels[M, LABEL_COLUMNS], places[M, 4] (token_places) -> L1 error
-        in tenths of the image side of every labelled token's place, plus its shape's box on shape tokens."""
+        """hidden[M, D] (language model, image tokens), labels[M, LABEL_COLUMNS], places[M, 4] (token_places) -> L1
+        error in tenths of the image side of every labelled token's place, plus its shape's box on shape tokens."""
         keep = labels[:, 0] != IGNORE
         if not bool(keep.any()):
             return hidden.sum() * 0.0
@@ -237,7 +237,8 @@ class VisionProbe(nn.Module):
 
     def loss(self, vision: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """vision[M, D], labels[M, LABEL_COLUMNS] -> the shape scenes' loss (shape_loss) plus the reading scenes'
-        weighted cross-entropy of the characters under each token's points (each 0 when no token of its kind is labelled)."""
+        weighted cross-entropy of the characters under each token's points (each 0 when no token of its kind is
+        labelled)."""
         total = self.shape_loss(vision, labels)
         on_text = labels[:, SHAPE_COLUMNS] != IGNORE
         if bool(on_text.any()):

@@ -519,7 +519,8 @@ def _loop(run: _Run, cfg: TrainConfig, batches, eval_data, eval_name: str, unpac
                 f"{progress.tokens / elapsed:.0f} tokens/s, {progress.data_wait / elapsed:.0%} waiting on data")
         run.history.append(record)
         line = {**record, "elapsed_s": round(elapsed, 2), "samples": progress.samples,
-                "samples_per_s": round(progress.samples / max(elapsed, 1e-6), 1), "data_wait_s": round(progress.data_wait, 2)}
+                "samples_per_s": round(progress.samples / max(elapsed, 1e-6), 1),
+                "data_wait_s": round(progress.data_wait, 2)}
         if isinstance(batches, EchoingBatches):
             line["echoed_steps"] = batches.echoed         # steps that reused a batch (samples counts them too)
         metrics.write(line)
