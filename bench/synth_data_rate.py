@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from qwenvl.config import ModelConfig  # noqa: E402
+from qwenvl.models.registry import config_from_dir  # noqa: E402
 from qwenvl.inputs import PreprocessorConfig  # noqa: E402
 from qwenvl.tokenizer import Tokenizer  # noqa: E402
 from qwenvl.training.packing import Encoder  # noqa: E402
@@ -53,7 +53,7 @@ def main() -> None:
     ap.add_argument("--task", action="append", default=[], help="the mix to time as well (repeatable)")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    encoder = Encoder(Tokenizer.from_dir(args.model), ModelConfig.from_dir(args.model),
+    encoder = Encoder(Tokenizer.from_dir(args.model), config_from_dir(args.model),
                       PreprocessorConfig.from_dir(args.model))
     report = {}
     mixes = [[t] for t in SHAPE_AND_READ] + ([args.task] if args.task else [])

@@ -57,11 +57,11 @@ def test_device_script_dry_run_on_cpu_trains_snapshots_and_scores_the_model_it_r
     assert "| count |" in (out / "eval.txt").read_text()
 
     from qwenvl import LLM, SamplingParams
-    from qwenvl.config import ModelConfig
+    from qwenvl.models.registry import config_from_dir
     from qwenvl.synthetic import make_sample, messages
     from qwenvl.training.snapshots import read_model_tar
     model = read_model_tar(out, tmp_path / "back")
-    config = ModelConfig.from_dir(model)
+    config = config_from_dir(model)
     assert config.vision.depth == 5 and config.text.num_hidden_layers == 5
     llm = LLM(str(model), device="cpu")
     sample = make_sample(0, 0, task="count", split="heldout")

@@ -81,17 +81,17 @@ def test_shape_scenes_carry_no_character_labels_and_the_char_head_trains_on_read
 
 
 def test_grown_model_answers_exactly_as_the_original(tmp_path):
-    from qwenvl.config import ModelConfig
-    from qwenvl.loader import load_model
+    from qwenvl.models.registry import config_from_dir
+    from qwenvl.checkpoints.loader import load_model
     from qwenvl.synthetic import messages
     from qwenvl.tokenizer import Tokenizer
     from qwenvl.training.grow import grow_depth
     from qwenvl.training.packing import Encoder, PixelUnpacker, pack, packed_loss
     grown = grow_depth(BUNDLED, tmp_path / "grown", vision_depth=6, text_layers=5)
-    cfg = ModelConfig.from_dir(grown)
+    cfg = config_from_dir(grown)
     assert cfg.vision.depth == 6 and cfg.text.num_hidden_layers == 5
     pre = PreprocessorConfig.from_dir(BUNDLED)
-    encoder = Encoder(Tokenizer.from_dir(BUNDLED), ModelConfig.from_dir(BUNDLED), pre)
+    encoder = Encoder(Tokenizer.from_dir(BUNDLED), config_from_dir(BUNDLED), pre)
     batch = pack([encoder(messages(make_sample(3, i, task=t))) for i, t in enumerate(("read", "count", "ground"))],
                  PixelUnpacker(pre))
     losses = []
