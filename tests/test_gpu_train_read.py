@@ -51,6 +51,7 @@ def test_device_script_dry_run_on_cpu_trains_snapshots_and_scores_the_model_it_r
     assert lines[-1]["event"] == "finished" and lines[-1]["steps"] == len(steps)
     first, last = steps[0]["loss"], sum(r["loss"] for r in steps[-2:]) / 2
     assert last < 0.9 * first, [r["loss"] for r in steps]                # the loss falls
+    assert set(steps[-1]["eval_by_task"]) == {"read", "count", "ground", "color"}   # each task's held-out loss
 
     scores = json.loads((out / "eval.json").read_text())
     assert set(scores["scores"]) == {"count/en", "count/zh"} and scores["n_per_task_lang"] == 1

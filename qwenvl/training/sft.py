@@ -410,6 +410,31 @@ class _Progress:
         run.schedule_fitted = True
 
 
+@dataclass
+class _HeldOut:
+    """What the held-out loss is taken on: `batches`, named `name` in the log; with a synthetic mix of several
+    tasks also one batch per task (`by_task`), so each task's loss is seen apart: a mix's overall loss hides a
+    task that stalls or one that is being forgotten."""
+    batches: list
+    name: str
+    by_task: dict = field(default_factory=dict)
+
+
+def _held_out(cfg: TrainConfig, encoder: Encoder, train_set: Dataset, eval_set: Dataset, unpack) -> _HeldOut:
+    batches = [pack([eval_set[i * cfg.batch_size + j] for j in range(cfg.batch_size)], unpack)
+               for i in range(cfg.eval_batches)]
+    if eval_set is train_set:
+        return _HeldOut(batches, "loss on training rows (too few to hold out)")
+    tasks = sorted(set(cfg.tasks))
+    by_task = {}
+    if cfg.data == "synthetic" and len(tasks) > 1:
+        n = max(8, cfg.batch_size // len(tasks))
+        for t in tasks:
+            data = SyntheticConversations(encoder, cfg.seed + 2, "heldout", [t])
+            by_task[t] = pack([data[i] for i in range(n)], unpack)
+    return _HeldOut(batches, "held-out loss", by_task)
+
+
 def _evaluate(model, eval_data: list, unpack, autocast) -> float:
     model.eval()
     total, count = 0.0, 0
@@ -434,13 +459,11 @@ def _train(cfg: TrainConfig, log) -> dict:
     run = _start_run(cfg, model_cfg, device, out / "train_state.pt", log)
 
     train_set, eval_set = make_datasets(cfg, encoder)
-    eval_name = "held-out loss" if eval_set is not train_set else "loss on training rows (too few to hold out)"
     # (with echo a resumed run skips more indices than it drew: never an image twice, some never at all)
     batches = iter(make_loader(train_set, cfg, start=run.step * cfg.batch_size * cfg.grad_accum, unpack=unpack_cpu))
     if cfg.echo > 1:
         batches = EchoingBatches(batches, cfg.echo)
-    eval_data = [pack([eval_set[i * cfg.batch_size + j] for j in range(cfg.batch_size)], unpack_cpu)
-                 for i in range(cfg.eval_batches)]
+    held = _held_out(cfg, encoder, train_set, eval_set, unpack_cpu)
 
     def autocast():
         return bf16_autocast(cfg, device)
@@ -453,8 +476,7 @@ def _train(cfg: TrainConfig, log) -> dict:
                  if cfg.snapshot_dir else None)
     try:
         with _StopOnInterrupt(log) as interrupt:
-            _loop(run, cfg, batches, eval_data, eval_name, unpack, autocast, progress, bar, interrupt, log,
-                  metrics, snapshots)
+            _loop(run, cfg, batches, held, unpack, autocast, progress, bar, interrupt, log, metrics, snapshots)
         bar.close()
         summary = _finish(run, cfg, out, progress)
         if snapshots is not None:
@@ -489,7 +511,7 @@ class _StopOnInterrupt:
             signal.signal(signal.SIGINT, self.previous)
 
 
-def _loop(run: _Run, cfg: TrainConfig, batches, eval_data, eval_name: str, unpack, autocast, progress: _Progress,
+def _loop(run: _Run, cfg: TrainConfig, batches, held: _HeldOut, unpack, autocast, progress: _Progress,
           bar, interrupt: _StopOnInterrupt, log, metrics: MetricsLog, snapshots: Snapshots | None) -> None:
     while run.step < cfg.steps:
         if interrupt.requested:
@@ -511,12 +533,17 @@ def _loop(run: _Run, cfg: TrainConfig, batches, eval_data, eval_name: str, unpac
         limit = cfg.sitting_minutes or cfg.max_minutes
         out_of_time = limit and elapsed > limit * 60
         if cfg.eval_every and (run.step % cfg.eval_every == 0 or run.step == cfg.steps or out_of_time):
-            record["eval_loss"] = round(_evaluate(run.model, eval_data, unpack, autocast), 4)
+            record["eval_loss"] = round(_evaluate(run.model, held.batches, unpack, autocast), 4)
+            if held.by_task:
+                record["eval_by_task"] = {t: round(_evaluate(run.model, [b], unpack, autocast), 4)
+                                          for t, b in held.by_task.items()}
             if not all(bool(torch.isfinite(p).all()) for p in run.params):
                 raise RuntimeError(f"step {run.step}: non-finite weights; {run.state_path} holds the last saved state")
             elapsed = max(elapsed, 1e-6)
-            log(f"step {run.step}: train loss {r['loss']:.4f}, {eval_name} {record['eval_loss']:.4f}, "
-                f"{progress.tokens / elapsed:.0f} tokens/s, {progress.data_wait / elapsed:.0%} waiting on data")
+            each = ", ".join(f"{t} {v:.3f}" for t, v in record.get("eval_by_task", {}).items())
+            log(f"step {run.step}: train loss {r['loss']:.4f}, {held.name} {record['eval_loss']:.4f}"
+                f"{f' ({each})' if each else ''}, {progress.tokens / elapsed:.0f} tokens/s, "
+                f"{progress.data_wait / elapsed:.0%} waiting on data")
         run.history.append(record)
         line = {**record, "elapsed_s": round(elapsed, 2), "samples": progress.samples,
                 "samples_per_s": round(progress.samples / max(elapsed, 1e-6), 1),
