@@ -17,7 +17,7 @@
 # train.log, eval.txt, eval.json: five files, under the tool's eight.
 #
 # Everything is an environment variable, so the same script is the CPU dry run of the test
-# (tests/test_gpu_train_read.py: DEVICE=cpu MINUTES=0.4 WORKERS=1 BATCH=8 EVAL_N=2 ...).
+# (tests/test_gpu_train_read.py: DEVICE=cpu MINUTES=0.35 WORKERS=1 BATCH=8 EVAL_N=1 EVAL_TASKS=count ...).
 # It installs nothing: training and `eval tasks` import, beyond the standard library, only torch (and what it
 # imports), numpy, pillow, safetensors, tokenizers, jinja2 and tqdm, all in the device's python3 (KINDS.md);
 # tests/test_gpu_train_read.py runs this script with the packages the device lacks made unimportable.
