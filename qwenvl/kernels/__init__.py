@@ -1,0 +1,99 @@
+"""qwenvl's own CPU kernels for quantised decode (C++ SIMD, csrc/), and the switch between them and PyTorch's.
+
+    available()  whether the kernels run here (compiled on first use, see build.py)
+    isa()        "avx512" (AVX-512 VNNI) or "avx2" (AVX2 + FMA), None when they do not run
+    int4_matmul(x, packed, params, group_size, out_features)   the int4 decode product (int4_layout.py)
+    quantize_activations(x, block)                             its activation quantisation, for tests
+
+QWENVL_KERNELS picks: "auto" (default: the best ISA this CPU has), "avx512", "avx2" (the AVX2 build even on
+an AVX-512 CPU, so both are tested on one machine) or "off" (PyTorch's kernels, as without a compiler).
+Where the kernels cannot run (no compiler, a failed build, a CPU without AVX2) one warning names the cause
+and the callers keep PyTorch's path. reference.py holds the same arithmetic in plain PyTorch.
+
+This package imports only torch and the standard library (a lower layer, beside qwenvl/layers).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+
+import torch
+
+from . import build
+
+MODE_ENV = "QWENVL_KERNELS"
+MODES = ("auto", "avx512", "avx2", "off")
+
+
+def mode() -> str:
+    """QWENVL_KERNELS, checked: one of MODES ("auto" when unset)."""
+    value = os.environ.get(MODE_ENV, "") or "auto"
+    if value not in MODES:
+        raise ValueError(f"{MODE_ENV}={value!r}: use one of {', '.join(MODES)}")
+    return value
+
+
+def isa() -> str | None:
+    """The instruction set the kernels run with under the current QWENVL_KERNELS, or None (off, unavailable)."""
+    return _isa_for(mode())
+
+
+def available() -> bool:
+    return isa() is not None
+
+
+@functools.lru_cache(maxsize=None)
+def _isa_for(requested: str) -> str | None:
+    if requested == "off":
+        return None
+    module = _module()
+    if module is None:
+        return None
+    for candidate in (("avx512", "avx2") if requested == "auto" else (requested,)):
+        if module.cpu_supports(candidate):
+            return candidate
+    _warn_once(f"this CPU lacks {'AVX2 + FMA' if requested == 'auto' else requested}")
+    return None
+
+
+def _module():
+    module, cause = build.load()
+    if module is None:
+        _warn_once(cause)
+    return module
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(cause: str) -> None:
+    if cause not in _warned:
+        _warned.add(cause)
+        warnings.warn(f"qwenvl: CPU kernels unavailable ({cause}); using PyTorch's kernels instead",
+                      RuntimeWarning, stacklevel=3)
+
+
+def _checked_isa(isa_name: str | None) -> tuple[object, str]:
+    chosen = isa_name or isa()
+    if chosen is None:
+        raise RuntimeError("qwenvl kernels are not available here (see the warning, or QWENVL_KERNELS)")
+    return build.load()[0], chosen
+
+
+def int4_matmul(x: torch.Tensor, packed: torch.Tensor, params: torch.Tensor, group_size: int,
+                out_features: int, isa_name: str | None = None) -> torch.Tensor:
+    """x [R, K] (float32 or bfloat16, contiguous) @ W.T -> [R, out_features] in x's dtype, W in the int4 tile
+    layout (int4_layout.py): packed uint8 [N_pad, K/2], params [N_pad/16, K/G, 2, 16] (scale, min) float32 or
+    bfloat16. Each row of x is quantised to int8 per group on its own, so rows do not affect each other.
+    `isa_name` forces "avx512" or "avx2" (tests); by default the one isa() gives."""
+    module, chosen = _checked_isa(isa_name)
+    return module.int4_matmul(x, packed, params, group_size, out_features, chosen)
+
+
+def quantize_activations(x: torch.Tensor, block: int, isa_name: str | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The kernels' activation quantisation of x [R, K]: (a int8 [R, K], d [R, K/block], xs [R, K/block])."""
+    module, chosen = _checked_isa(isa_name)
+    return tuple(module.quantize_activations(x, block, chosen))

@@ -1,0 +1,119 @@
+// The Python face of the compiled kernels (module qwenvl_kernels_<hash>, loaded by qwenvl/kernels/build.py):
+// checks tensors, picks the ISA namespace, quantises the activations, runs the tiles on torch's threads.
+// Compiled for the baseline x86-64 target: it calls AVX2/AVX-512 code only after checking the CPU.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <string>
+#include <vector>
+
+#include "kernels.hpp"
+
+namespace {
+
+using qwenvl_kernels::ActivationBlocks;
+using qwenvl_kernels::Int4MatmulArgs;
+
+constexpr int64_t kTileN = 16, kBlockK = 32;
+
+bool cpu_supports(const std::string& feature) {
+  __builtin_cpu_init();
+  if (feature == "avx2") return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (feature == "avx512")      // what the int4 and int8 kernels' AVX-512 build needs
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("avx512vnni");
+  if (feature == "avx512bf16") return __builtin_cpu_supports("avx512bf16");
+  TORCH_CHECK(false, "qwenvl kernels: unknown CPU feature '", feature, "' (avx2, avx512, avx512bf16)");
+}
+
+enum class Isa { kAvx2, kAvx512 };
+
+Isa checked_isa(const std::string& isa) {
+  TORCH_CHECK(isa == "avx2" || isa == "avx512", "qwenvl kernels: isa '", isa, "' is not one of avx2, avx512");
+  TORCH_CHECK(cpu_supports(isa), "qwenvl kernels: this CPU lacks ", isa);
+  return isa == "avx512" ? Isa::kAvx512 : Isa::kAvx2;
+}
+
+void check_activations(const torch::Tensor& x, int64_t block) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.is_contiguous(),
+              "qwenvl kernels: x must be a contiguous 2-D CPU tensor, got ", x.sizes(), " on ", x.device());
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16,
+              "qwenvl kernels: x must be float32 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK(block > 0 && block % kBlockK == 0 && x.size(1) % block == 0, "qwenvl kernels: block ", block,
+              " must be a multiple of 32 dividing the row length ", x.size(1));
+}
+
+// Quantised activations in per-thread buffers reused across calls (a decode step makes hundreds of calls).
+struct Scratch {
+  std::vector<int8_t> a;
+  std::vector<float> d, xs;
+};
+
+ActivationBlocks quantize(Isa isa, const torch::Tensor& x, int64_t block, Scratch& s) {
+  const int64_t rows = x.size(0), K = x.size(1), blocks = K / block;
+  s.a.resize(rows * K);
+  s.d.resize(rows * blocks);
+  s.xs.resize(rows * blocks);
+  const bool bf16 = x.scalar_type() == torch::kBFloat16;
+  auto fn = isa == Isa::kAvx512 ? qwenvl_avx512::quantize_activation_blocks : qwenvl_avx2::quantize_activation_blocks;
+  fn(x.data_ptr(), bf16, rows, K, block, s.a.data(), s.d.data(), s.xs.data());
+  return {s.a.data(), s.d.data(), s.xs.data()};
+}
+
+// (a int8 [rows, K], d float32 [rows, K/block], xs float32 [rows, K/block]): what int4_matmul uses, for tests.
+std::vector<torch::Tensor> quantize_activations(const torch::Tensor& x, int64_t block, const std::string& isa) {
+  check_activations(x, block);
+  Scratch s;
+  quantize(checked_isa(isa), x, block, s);
+  const int64_t rows = x.size(0), K = x.size(1), blocks = K / block;
+  auto a = torch::from_blob(s.a.data(), {rows, K}, torch::kInt8).clone();
+  auto d = torch::from_blob(s.d.data(), {rows, blocks}, torch::kFloat32).clone();
+  auto xs = torch::from_blob(s.xs.data(), {rows, blocks}, torch::kFloat32).clone();
+  return {a, d, xs};
+}
+
+// y [rows, N] = x [rows, K] @ W.T in x's dtype, W [N, K] in the int4 tile layout (see kernels.hpp).
+torch::Tensor int4_matmul(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& params,
+                          int64_t group_size, int64_t out_features, const std::string& isa_name) {
+  const Isa isa = checked_isa(isa_name);
+  check_activations(x, group_size);
+  const int64_t rows = x.size(0), K = x.size(1), groups = K / group_size;
+  const int64_t tiles = (out_features + kTileN - 1) / kTileN;
+  TORCH_CHECK(rows >= 1, "qwenvl int4_matmul: x has no rows");
+  TORCH_CHECK(packed.scalar_type() == torch::kUInt8 && packed.is_contiguous() && packed.dim() == 2 &&
+                  packed.size(0) == tiles * kTileN && packed.size(1) == K / 2,
+              "qwenvl int4_matmul: packed must be contiguous uint8 [", tiles * kTileN, ", ", K / 2, "], got ",
+              packed.scalar_type(), " ", packed.sizes());
+  TORCH_CHECK((params.scalar_type() == torch::kFloat32 || params.scalar_type() == torch::kBFloat16) &&
+                  params.is_contiguous() && params.dim() == 4 && params.size(0) == tiles &&
+                  params.size(1) == groups && params.size(2) == 2 && params.size(3) == kTileN,
+              "qwenvl int4_matmul: params must be contiguous float32/bfloat16 [", tiles, ", ", groups,
+              ", 2, 16], got ", params.scalar_type(), " ", params.sizes());
+  thread_local Scratch scratch;
+  auto y = torch::empty({rows, out_features}, x.options());
+  Int4MatmulArgs args{quantize(isa, x, group_size, scratch),
+                      packed.data_ptr<uint8_t>(),
+                      params.data_ptr(),
+                      params.scalar_type() == torch::kBFloat16,
+                      y.data_ptr(),
+                      x.scalar_type() == torch::kBFloat16,
+                      rows, K, group_size, out_features};
+  auto fn = isa == Isa::kAvx512 ? qwenvl_avx512::int4_matmul_tiles : qwenvl_avx2::int4_matmul_tiles;
+  // Each tile is computed whole by one thread, in a fixed order: the result does not depend on the number
+  // of threads. A grain of ~64 KB of weights keeps small products on the calling thread.
+  const int64_t grain = std::max<int64_t>(1, (64 << 10) / (K * kTileN / 2));
+  at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) { fn(args, begin, end); });
+  return y;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "qwenvl's CPU kernels for quantised decode (qwenvl/kernels)";
+  m.def("cpu_supports", &cpu_supports, "whether this CPU has a feature set: avx2, avx512, avx512bf16");
+  m.def("quantize_activations", &quantize_activations, "x, block, isa -> (a int8, d, xs)",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("int4_matmul", &int4_matmul, "x, packed, params, group_size, out_features, isa -> y",
+        py::call_guard<py::gil_scoped_release>());
+}

@@ -1,0 +1,63 @@
+// Vector types and operations for AVX2 + FMA: 8 lanes of 32 bits, the same interface as
+// cpu_types_avx512.hpp (see there). No VNNI: a 4-byte dot product is vpmaddubsw (u8 x s8 pairs summed into
+// int16) then vpmaddwd against ones (pairs of int16 summed into int32). vpmaddubsw saturates, but the
+// weights are nibbles: |2 * 15 * 127| = 3810 is far from 32767, so the sums stay exact.
+#pragma once
+#include <immintrin.h>
+#include <cstdint>
+#include <cstring>
+
+namespace QWENVL_ISA_NS {
+
+constexpr int kLanes = 8;
+
+struct FVec { __m256 v; };
+struct IVec { __m256i v; };
+
+inline FVec fzero() { return {_mm256_setzero_ps()}; }
+inline IVec izero() { return {_mm256_setzero_si256()}; }
+inline FVec fbroadcast(float x) { return {_mm256_set1_ps(x)}; }
+inline FVec fadd(FVec a, FVec b) { return {_mm256_add_ps(a.v, b.v)}; }
+inline FVec fmul(FVec a, FVec b) { return {_mm256_mul_ps(a.v, b.v)}; }
+inline FVec fmadd(FVec a, FVec b, FVec c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
+inline FVec to_float(IVec a) { return {_mm256_cvtepi32_ps(a.v)}; }
+inline void fstore(float* p, FVec a) { _mm256_storeu_ps(p, a.v); }
+inline FVec fload(const float* p) { return {_mm256_loadu_ps(p)}; }
+inline FVec fload(const uint16_t* p) {
+  __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return {_mm256_castsi256_ps(_mm256_slli_epi32(w, 16))};
+}
+
+inline void load_nibbles(const uint8_t* p, IVec& lo, IVec& hi) {
+  const __m256i mask = _mm256_set1_epi8(0x0F);
+  __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  lo.v = _mm256_and_si256(b, mask);
+  hi.v = _mm256_and_si256(_mm256_srli_epi16(b, 4), mask);
+}
+
+inline IVec dot4_accumulate(IVec acc, IVec w_u8, int32_t a4) {
+  __m256i pairs = _mm256_maddubs_epi16(w_u8.v, _mm256_set1_epi32(a4));
+  return {_mm256_add_epi32(acc.v, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))};
+}
+
+inline FVec fmax_(FVec a, FVec b) { return {_mm256_max_ps(a.v, b.v)}; }
+inline float hmax(FVec a) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(a.v), _mm256_extractf128_ps(a.v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_movehdup_ps(m));
+  return _mm_cvtss_f32(m);
+}
+inline FVec fabs_(FVec a) { return {_mm256_andnot_ps(_mm256_set1_ps(-0.0f), a.v)}; }
+
+inline int32_t round_store_i8(FVec x, int8_t* out) {
+  alignas(32) int32_t q[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(q), _mm256_cvtps_epi32(x.v));
+  int32_t sum = 0;
+  for (int i = 0; i < 8; ++i) {
+    out[i] = static_cast<int8_t>(q[i]);
+    sum += q[i];
+  }
+  return sum;
+}
+
+}  // namespace QWENVL_ISA_NS

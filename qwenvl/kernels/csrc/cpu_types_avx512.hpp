@@ -1,0 +1,57 @@
+// Vector types and operations for AVX-512 (F, BW, VL, VNNI, BF16): 16 lanes of 32 bits.
+// Included only by translation units compiled for this ISA (see isa_avx512.hpp). No torch headers here:
+// every inline function in this file is compiled with AVX-512 enabled, and must never be linked into code
+// that runs on a CPU without it.
+#pragma once
+#include <immintrin.h>
+#include <cstdint>
+#include <cstring>
+
+namespace QWENVL_ISA_NS {
+
+constexpr int kLanes = 16;          // 32-bit lanes per vector
+
+struct FVec { __m512 v; };          // float32 x 16
+struct IVec { __m512i v; };         // int32 x 16 (or 64 bytes)
+
+inline FVec fzero() { return {_mm512_setzero_ps()}; }
+inline IVec izero() { return {_mm512_setzero_si512()}; }
+inline FVec fbroadcast(float x) { return {_mm512_set1_ps(x)}; }
+inline FVec fadd(FVec a, FVec b) { return {_mm512_add_ps(a.v, b.v)}; }
+inline FVec fmul(FVec a, FVec b) { return {_mm512_mul_ps(a.v, b.v)}; }
+inline FVec fmadd(FVec a, FVec b, FVec c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
+inline FVec to_float(IVec a) { return {_mm512_cvtepi32_ps(a.v)}; }
+inline void fstore(float* p, FVec a) { _mm512_storeu_ps(p, a.v); }
+inline FVec fload(const float* p) { return {_mm512_loadu_ps(p)}; }
+// bf16 -> float32 is exact: the bf16 bits are the float's upper half.
+inline FVec fload(const uint16_t* p) {
+  __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return {_mm512_castsi512_ps(_mm512_slli_epi32(w, 16))};
+}
+
+// 4 * kLanes bytes of packed nibbles -> (low nibbles, high nibbles), each a vector of bytes 0..15.
+inline void load_nibbles(const uint8_t* p, IVec& lo, IVec& hi) {
+  const __m512i mask = _mm512_set1_epi8(0x0F);
+  __m512i b = _mm512_loadu_si512(p);
+  lo.v = _mm512_and_si512(b, mask);
+  hi.v = _mm512_and_si512(_mm512_srli_epi16(b, 4), mask);
+}
+
+// acc[lane] += sum_{j<4} u8(w[4 lane + j]) * s8(a4 byte j): one VNNI vpdpbusd. Exact (|sum| < 2^31).
+inline IVec dot4_accumulate(IVec acc, IVec w_u8, int32_t a4) {
+  return {_mm512_dpbusd_epi32(acc.v, w_u8.v, _mm512_set1_epi32(a4))};
+}
+
+inline FVec fmax_(FVec a, FVec b) { return {_mm512_max_ps(a.v, b.v)}; }
+inline float hmax(FVec a) { return _mm512_reduce_max_ps(a.v); }
+inline FVec fabs_(FVec a) { return {_mm512_abs_ps(a.v)}; }
+
+// Round to nearest even (the default MXCSR mode, as torch.round), store as int8 (|values| <= 127 by
+// construction), and return the lanes' sum.
+inline int32_t round_store_i8(FVec x, int8_t* out) {
+  __m512i q = _mm512_cvtps_epi32(x.v);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm512_cvtepi32_epi8(q));
+  return _mm512_reduce_add_epi32(q);
+}
+
+}  // namespace QWENVL_ISA_NS

@@ -1,0 +1,146 @@
+// The int4 decode product and the activation quantisation, written once over the vector interface of
+// cpu_types_<isa>.hpp and compiled once per ISA (int4_avx512.cpp, int4_avx2.cpp) inside QWENVL_ISA_NS.
+//
+// Weight tile layout (built by qwenvl/kernels/int4_layout.py): 16 output rows by 32 inputs are 256 bytes,
+// four chunks of 64; chunk c holds inputs 8c..8c+7 of the 16 rows, row n in bytes 4n..4n+3, byte j with
+// input 8c+j in its low nibble and 8c+4+j in its high one. So one 64-byte load and two masks give the
+// bytes of 4 consecutive inputs for each of 16 rows, exactly vpdpbusd's operand (16 lanes x 4 u8), against
+// 4 activation bytes broadcast: 16 outputs advance by 4 inputs per instruction, with no horizontal sums.
+// A tile's blocks are contiguous along K, tiles one after the other: each thread streams its tiles.
+#pragma once
+#include <cstring>
+#include "kernels.hpp"
+
+namespace QWENVL_ISA_NS {
+
+using qwenvl_kernels::Int4MatmulArgs;
+
+constexpr int kTileN = 16;                          // output rows per tile
+constexpr int kBlockK = 32;                         // inputs per 256-byte block
+constexpr int kBlockBytes = kTileN * kBlockK / 2;
+// Rows of x computed per pass over a tile: each needs an int32 and a float accumulator in registers
+// (32 zmm / 16 ymm). More rows take further passes over the same tile, then in the L1/L2 cache.
+constexpr int kMaxRowBlock = kLanes == 16 ? 8 : 4;
+
+
+inline int32_t load_i32(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+inline uint16_t float_to_bf16(float f) {            // round to nearest even, as torch's .to(bfloat16)
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);      // NaN
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+// One tile (16 outputs) for RB rows of x starting at r0, into out[RB][16] (float32).
+template <int RB, typename ParamT>
+inline void tile_product(const Int4MatmulArgs& p, const uint8_t* w, const ParamT* prm, int64_t r0,
+                         float* out) {
+  const int64_t K = p.K, G = p.G, groups = K / G, blocks_per_group = G / kBlockK;
+  const int8_t* a = p.x.a + r0 * K;
+  const float* d = p.x.d + r0 * groups;
+  const float* xs = p.x.xs + r0 * groups;
+  for (int h = 0; h < kTileN / kLanes; ++h) {      // AVX2: the tile's two 8-row halves in turn
+    FVec acc[RB];
+    for (int r = 0; r < RB; ++r) acc[r] = fzero();
+    const uint8_t* wb = w + h * kLanes * 4;
+    for (int64_t g = 0; g < groups; ++g) {
+      IVec isum[RB];
+      for (int r = 0; r < RB; ++r) isum[r] = izero();
+      for (int64_t b = 0; b < blocks_per_group; ++b, wb += kBlockBytes) {
+        const int64_t k0 = g * G + b * kBlockK;
+        for (int c = 0; c < 4; ++c) {
+          IVec lo, hi;
+          load_nibbles(wb + c * 64, lo, hi);
+          for (int r = 0; r < RB; ++r) {
+            const int8_t* ar = a + r * K + k0 + c * 8;
+            isum[r] = dot4_accumulate(isum[r], lo, load_i32(ar));
+            isum[r] = dot4_accumulate(isum[r], hi, load_i32(ar + 4));
+          }
+        }
+      }
+      const FVec s = fload(prm + g * 2 * kTileN + h * kLanes);
+      const FVec m = fload(prm + (g * 2 + 1) * kTileN + h * kLanes);
+      for (int r = 0; r < RB; ++r) {
+        acc[r] = fmadd(fmul(s, fbroadcast(d[r * groups + g])), to_float(isum[r]), acc[r]);
+        acc[r] = fmadd(m, fbroadcast(xs[r * groups + g]), acc[r]);
+      }
+    }
+    for (int r = 0; r < RB; ++r) fstore(out + r * kTileN + h * kLanes, acc[r]);
+  }
+}
+
+template <typename ParamT, int RB = 1>
+inline void tile_rows(int rb, const Int4MatmulArgs& p, const uint8_t* w, const ParamT* prm, int64_t r0,
+                      float* out) {
+  if constexpr (RB <= kMaxRowBlock) {
+    if (rb == RB) return tile_product<RB, ParamT>(p, w, prm, r0, out);
+    tile_rows<ParamT, RB + 1>(rb, p, w, prm, r0, out);
+  }
+}
+
+template <typename ParamT>
+void matmul_tiles(const Int4MatmulArgs& p, int64_t tile_begin, int64_t tile_end) {
+  const int64_t groups = p.K / p.G, tile_bytes = p.K * kTileN / 2;
+  alignas(64) float out[kMaxRowBlock * kTileN];
+  for (int64_t t = tile_begin; t < tile_end; ++t) {
+    const uint8_t* w = p.w + t * tile_bytes;
+    const ParamT* prm = static_cast<const ParamT*>(p.params) + t * groups * 2 * kTileN;
+    const int64_t n0 = t * kTileN, n_here = p.N - n0 < kTileN ? p.N - n0 : kTileN;
+    for (int64_t r0 = 0; r0 < p.rows; r0 += kMaxRowBlock) {
+      const int rb = static_cast<int>(p.rows - r0 < kMaxRowBlock ? p.rows - r0 : kMaxRowBlock);
+      tile_rows<ParamT>(rb, p, w, prm, r0, out);
+      for (int r = 0; r < rb; ++r) {
+        const float* o = out + r * kTileN;
+        if (p.y_bf16) {
+          uint16_t* y = static_cast<uint16_t*>(p.y) + (r0 + r) * p.N + n0;
+          for (int64_t n = 0; n < n_here; ++n) y[n] = float_to_bf16(o[n]);
+        } else {
+          std::memcpy(static_cast<float*>(p.y) + (r0 + r) * p.N + n0, o, n_here * sizeof(float));
+        }
+      }
+    }
+  }
+}
+
+void int4_matmul_tiles(const Int4MatmulArgs& p, int64_t tile_begin, int64_t tile_end) {
+  if (p.params_bf16)
+    matmul_tiles<uint16_t>(p, tile_begin, tile_end);
+  else
+    matmul_tiles<float>(p, tile_begin, tile_end);
+}
+
+template <typename T>
+void quantize_rows(const T* x, int64_t rows, int64_t K, int64_t block, int8_t* a, float* d, float* xs) {
+  const int64_t blocks = K / block;
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t off = r * K + b * block;
+      FVec mx = fzero();
+      for (int64_t i = 0; i < block; i += kLanes) mx = fmax_(mx, fabs_(fload(x + off + i)));
+      const float amax = hmax(mx);
+      const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+      const float step = amax / 127.0f;
+      const FVec vinv = fbroadcast(inv);
+      int32_t sum = 0;
+      for (int64_t i = 0; i < block; i += kLanes) sum += round_store_i8(fmul(fload(x + off + i), vinv), a + off + i);
+      d[r * blocks + b] = step;
+      xs[r * blocks + b] = step * static_cast<float>(sum);
+    }
+  }
+}
+
+void quantize_activation_blocks(const void* x, bool x_bf16, int64_t rows, int64_t K, int64_t block,
+                                int8_t* a, float* d, float* xs) {
+  if (x_bf16)
+    quantize_rows(static_cast<const uint16_t*>(x), rows, K, block, a, d, xs);
+  else
+    quantize_rows(static_cast<const float*>(x), rows, K, block, a, d, xs);
+}
+
+}  // namespace QWENVL_ISA_NS

@@ -1,0 +1,114 @@
+"""The int4 tile layout the kernels read, packed and unpacked in plain PyTorch.
+
+A weight W [N, K] is w[n, k] = q[n, k] * scale[n, g] + min[n, g], q in 0..15, g = k // G, for any group size
+G that is a multiple of 32 dividing K (Int4Linear offers 32, 64, 128 and 256). This one form holds both
+conventions that ship: AWQ/GPTQ's integer zero points (min = -zero * scale) and llama.cpp's Q4_K
+sub-blocks of 32 (scale = d * sc, min = -dmin * m); Q4_0 is scale = d, min = -8 d.
+
+  packed  uint8 [N_pad, K / 2]          N_pad = N rounded up to 16; as bytes it is [N_pad/16][K/32][4][64]:
+          a tile of 16 rows holds its K inputs in blocks of 32, each 4 chunks of 64 bytes; chunk c holds
+          inputs 8c..8c+7 of the block, row n's 4 bytes at 4n, byte j with input 8c+j in its low nibble and
+          8c+4+j in its high one (csrc/int4_kernel.hpp says why).
+  params  float32 or bfloat16 [N_pad/16, K/G, 2, 16]: per tile and group, the 16 rows' scales, then their
+          mins. bfloat16 where every value is exactly a bfloat16 (qwenvl's own quantiser, 4.25 bits a weight at
+          G = 128), else float32 (AWQ/GPTQ's fp16 scales and their mins, Q4_K's products: no second rounding).
+  Padded rows have q = 0, scale = min = 0.
+"""
+
+from __future__ import annotations
+
+import torch
+
+TILE_N = 16         # output rows per tile: a 512-bit vector of int32 sums
+BLOCK_K = 32        # inputs per 256-byte block of a tile
+_CHUNK_ROWS = 4096  # pack this many rows at a time (a 151936-row head's int64 temporaries stay small)
+
+
+def padded_rows(n: int) -> int:
+    return -(-n // TILE_N) * TILE_N
+
+
+def check_group_size(in_features: int, group_size: int) -> None:
+    if group_size <= 0 or group_size % BLOCK_K or in_features % group_size:
+        raise ValueError(f"int4 tile layout: group size {group_size} must be a multiple of {BLOCK_K} dividing "
+                         f"in_features {in_features}")
+
+
+def pack(q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: int,
+         param_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """q uint8 0..15 [N, K], scales / mins [N, K/G] -> (packed [N_pad, K/2], params [N_pad/16, K/G, 2, 16])."""
+    n, k = q.shape
+    check_group_size(k, group_size)
+    if scales.shape != (n, k // group_size) or mins.shape != scales.shape:
+        raise ValueError(f"int4 tile layout: scales {tuple(scales.shape)} / mins {tuple(mins.shape)} do not fit "
+                         f"q {tuple(q.shape)} in groups of {group_size}")
+    n_pad = padded_rows(n)
+    packed = torch.empty(n_pad, k // 2, dtype=torch.uint8)
+    for r0 in range(0, n_pad, _CHUNK_ROWS):
+        r1 = min(r0 + _CHUNK_ROWS, n_pad)
+        rows = torch.zeros(r1 - r0, k, dtype=torch.uint8)
+        rows[: max(0, min(r1, n) - r0)] = q[r0:min(r1, n)]
+        packed[r0:r1] = _pack_tiles(rows)
+    params = torch.zeros(n_pad, 2, k // group_size, dtype=param_dtype)
+    params[:n, 0] = scales.to(param_dtype)
+    params[:n, 1] = mins.to(param_dtype)
+    # [N_pad, 2, G] -> [tiles, 16, 2, G] -> [tiles, G, 2, 16]
+    params = params.view(n_pad // TILE_N, TILE_N, 2, -1).permute(0, 3, 2, 1).contiguous()
+    return packed, params
+
+
+def _pack_tiles(q: torch.Tensor) -> torch.Tensor:
+    """q uint8 [16 T, K] -> [16 T, K/2] bytes in tile order."""
+    n, k = q.shape
+    t = q.view(n // TILE_N, TILE_N, k // BLOCK_K, 4, 2, 4)         # tile, row, block, chunk, nibble, byte
+    t = t.permute(0, 2, 3, 1, 5, 4)                                   # tile, block, chunk, row, byte, nibble
+    return (t[..., 0] | (t[..., 1] << 4)).reshape(n, k // 2)
+
+
+def unpack(packed: torch.Tensor, in_features: int) -> torch.Tensor:
+    """packed [16 T, K/2] (whole tiles) -> q uint8 [16 T, K]."""
+    n, k = packed.shape[0], in_features
+    b = packed.view(n // TILE_N, k // BLOCK_K, 4, TILE_N, 4)          # tile, block, chunk, row, byte
+    q = torch.stack([b & 0x0F, b >> 4], dim=-1)                       # ..., byte, nibble
+    return q.permute(0, 3, 1, 2, 5, 4).reshape(n, k)                  # tile, row, block, chunk, nibble, byte
+
+
+def unpack_params(params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """params [T, K/G, 2, 16] -> (scales, mins), each [16 T, K/G] in params' dtype."""
+    t, g = params.shape[:2]
+    rows = params.permute(0, 3, 2, 1).reshape(t * TILE_N, 2, g)
+    return rows[:, 0], rows[:, 1]
+
+
+def gather_rows(packed: torch.Tensor, params: torch.Tensor, in_features: int, ids: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows `ids` (1-D) straight from the layout: (q uint8 [R, K], scales [R, K/G], mins [R, K/G])."""
+    k = in_features
+    tiles = packed.view(-1, k // BLOCK_K, 4, TILE_N, 4)
+    tile, lane = ids // TILE_N, ids % TILE_N
+    b = tiles[tile, :, :, lane]                                       # [R, block, chunk, byte]
+    q = torch.stack([b & 0x0F, b >> 4], dim=-2).reshape(ids.shape[0], k)   # [R, block, chunk, nibble, byte]
+    p = params[tile, :, :, lane]                                      # [R, K/G, 2]
+    return q, p[..., 0], p[..., 1]
+
+
+def dequantize(packed: torch.Tensor, params: torch.Tensor, in_features: int, group_size: int,
+               dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """W [16 T, K] in `dtype` (into `out` when given) from whole tiles: q * scale + min, computed in float32."""
+    q = unpack(packed, in_features)
+    scales, mins = unpack_params(params)
+    return _dequantized(q, scales, mins, group_size, dtype, out)
+
+
+def dequantize_rows(packed: torch.Tensor, params: torch.Tensor, in_features: int, group_size: int,
+                    ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return _dequantized(*gather_rows(packed, params, in_features, ids), group_size, dtype, None)
+
+
+def _dequantized(q, scales, mins, group_size, dtype, out):
+    n, k = q.shape
+    w = q.view(n, k // group_size, group_size).float()
+    w = w.mul_(scales.float()[..., None]).add_(mins.float()[..., None]).view(n, k)
+    if out is None:
+        return w.to(dtype)
+    return out.copy_(w)
