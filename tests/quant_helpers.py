@@ -29,3 +29,13 @@ def streamed_equals_swapped(path, mode: str):
     for k in a:
         assert torch.equal(a[k], b[k]), k
     return streamed
+
+
+def activation_rounding_bound(x: torch.Tensor, w: torch.Tensor, group: int) -> torch.Tensor:
+    """[R, N]: how far an int4 product through qwenvl's kernel may be from x @ w.T in exact arithmetic
+    because the kernel rounds each row's group of x to int8 steps d = max|x_g| / 127 (an error of at most
+    d / 2 an input): sum_g d_g / 2 * sum_{k in g} |w[n, k]| (qwenvl/kernels/reference.py has the rest)."""
+    rows, k = x.shape
+    d = x.float().abs().view(rows, k // group, group).amax(dim=2) / 127              # [R, G]
+    wabs = w.float().abs().view(w.shape[0], k // group, group).sum(dim=2)             # [N, G]
+    return d @ wabs.T / 2

@@ -34,11 +34,13 @@ def fresh(ckpt, **options) -> LLM:
     return LLM(ckpt, dtype="float32", **options)
 
 
-@pytest.fixture(params=[None, "int8", "int8 fbgemm"])
+@pytest.fixture(params=[None, "int8", "int8 fbgemm", "int4"])
 def quantization(request, monkeypatch):
     """The engine's bookkeeping must not care what the linears are: these run again on int8 weights, in the
     layout this CPU picks for a tiny model (plain: its layers are too small for fbgemm's) and with every
-    layer forced into fbgemm's layout, whose products big models use here."""
+    layer forced into fbgemm's layout, whose products big models use here; and on int4 weights through
+    qwenvl's own kernels where they build (tests/test_kernels_int4.py checks they do here), whose
+    activation rounding is per row, so batched rows still equal each row alone."""
     mode, _, layout = (request.param or "").partition(" ")
     if layout:
         if "fbgemm" not in torch.backends.quantized.supported_engines:

@@ -7,6 +7,7 @@ from qwenvl.checkpoints.quant_formats import UnsupportedQuantFormat, quant_metho
 from qwenvl.checkpoints.quant_formats.awq import dequantize_awq, pack_awq, unpack_awq
 from qwenvl.checkpoints.quant_formats.fp8 import dequantize_fp8, quantize_fp8
 from qwenvl.checkpoints.quant_formats.gptq import dequantize_gptq, pack_gptq, unpack_gptq
+from quant_helpers import activation_rounding_bound
 
 
 def test_awq_round_trip_and_known_nibble_order():
@@ -110,7 +111,11 @@ def test_gptq_int4_repacks_into_int4linear(desc_act):
     ref = dequantize_gptq(qweight, qzeros, s, g_idx.int(), 4)
     torch.testing.assert_close(layer.dequantize().float(), ref, rtol=1e-2, atol=1e-2)  # bf16 storage
     x = torch.randn(3, inp, generator=g).to(torch.bfloat16)
-    torch.testing.assert_close(layer(x).float(), x.float() @ ref.t(), rtol=3e-2, atol=3e-2)
+    # qwenvl's int4 kernel also rounds x to int8 per group (in the layer's column order): that bound on top
+    cols = layer.in_perm if layer.in_perm is not None else torch.arange(inp)
+    bound = activation_rounding_bound(x[:, cols], ref[:, cols], gs) if layer.layout == "tiles" else 0
+    want = x.float() @ ref.t()
+    assert ((layer(x).float() - want).abs() <= bound + 3e-2 + 3e-2 * want.abs()).all()
 
 
 def test_awq_repacks_into_int4linear():

@@ -10,13 +10,14 @@ import torch.nn.functional as F
 from PIL import Image
 
 from qwenvl import LLM, SamplingParams
-from qwenvl.layers.quantized_linear import (Int4Linear, Int8Linear, _unpack_cpu_int4, int4_group_size,
-                                            quantize_int4, quantize_int8)
+from qwenvl.layers.quantized_linear import (LAYOUT_INT4PACK, LAYOUT_TILES, Int4Linear, Int8Linear,
+                                            _unpack_cpu_int4, int4_group_size, quantize_int4, quantize_int8)
 from qwenvl.checkpoints.loader import load_model
 from qwenvl.checkpoints.quantize import quantize_model
-from quant_helpers import streamed_equals_swapped, tiny_logits
+from quant_helpers import activation_rounding_bound, streamed_equals_swapped, tiny_logits
 
-ROWS = (1, 3, 8, 9, 40)          # both sides of DECODE_MAX_ROWS: packed kernel and dequantised GEMM
+ROWS = (1, 3, 8, 9, 16, 40)      # both sides of DECODE_MAX_ROWS and INT4_KERNEL_MAX_ROWS: kernels and GEMM
+LAYOUTS = (LAYOUT_TILES, LAYOUT_INT4PACK)
 
 
 def _weight(out_f=96, in_f=256, seed=0) -> torch.Tensor:
@@ -61,13 +62,19 @@ def test_int8_layer_equals_linear_with_its_dequantised_weight(dtype, rows):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", ROWS)
-def test_int4_layer_equals_linear_with_its_dequantised_weight(dtype, rows):
-    lin = torch.nn.Linear(256, 100, bias=True).to(dtype)     # 100 rows: the pack pads to 128
-    layer = Int4Linear.from_float(lin, group_size=64)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_int4_layer_equals_linear_with_its_dequantised_weight(dtype, rows, layout):
+    """Against the dequantised weight in float32; qwenvl's kernel (tiles, <= 16 rows) also rounds the
+    activations to int8 per group, which `activation_rounding_bound` bounds."""
+    lin = torch.nn.Linear(256, 100, bias=True).to(dtype)     # 100 rows: the packs pad to 112 / 128
+    layer = Int4Linear.from_float(lin, group_size=64, layout=layout)
+    assert layer.layout == layout
     x = torch.randn(rows, 256, dtype=dtype)
-    ref = F.linear(x.float(), layer.dequantize().float(), lin.bias.float())
+    w = layer.dequantize().float()
+    ref = F.linear(x.float(), w, lin.bias.float())
     tol = 1e-4 if dtype == torch.float32 else 3e-2 * ref.abs().max().item()
-    torch.testing.assert_close(layer(x).float(), ref, atol=tol, rtol=0)
+    bound = activation_rounding_bound(x, w, 64) if layout == LAYOUT_TILES and rows <= 16 else 0
+    assert ((layer(x).float() - ref).abs() <= bound + tol).all()
 
 
 def test_int4_from_published_integers_and_act_order_permutation():
@@ -81,11 +88,13 @@ def test_int4_from_published_integers_and_act_order_permutation():
     perm = torch.randperm(in_f)
     w = torch.empty(out_f, in_f)
     w[:, perm] = w_perm.view(out_f, in_f)                                              # original order
-    layer = Int4Linear.from_int4(q, s, z, g, None, in_perm=perm)
-    torch.testing.assert_close(layer.dequantize(), w, atol=1e-6, rtol=0)
-    for rows in (1, 20):
-        x = torch.randn(rows, in_f)
-        torch.testing.assert_close(layer(x), x @ w.T, atol=1e-4, rtol=0)
+    for layout in LAYOUTS:
+        layer = Int4Linear.from_int4(q, s, z, g, None, in_perm=perm, layout=layout)
+        torch.testing.assert_close(layer.dequantize(), w, atol=1e-6, rtol=0)
+        for rows in (1, 20):
+            x = torch.randn(rows, in_f)
+            bound = activation_rounding_bound(x[:, perm], w[:, perm], g) if layout == LAYOUT_TILES and rows <= 16 else 0
+            assert ((layer(x) - x @ w.T).abs() <= bound + 1e-4).all()
 
 
 def test_int4_group_size_keeps_four_groups_a_row_or_falls_back():
@@ -203,21 +212,23 @@ def test_the_embedding_table_is_int8_rows_within_half_a_step(ckpt, mode):
     assert torch.equal(swapped(ids), emb(ids))
 
 
-def test_int4_packed_a_block_of_rows_at_a_time_equals_packing_it_whole():
-    w = torch.randn(4096 + 100, 128)                     # two blocks; the last one padded to 64-row blocks
+@pytest.mark.parametrize("layout,padded", [(LAYOUT_TILES, 4208), (LAYOUT_INT4PACK, 4224)])
+def test_int4_packed_a_block_of_rows_at_a_time_equals_packing_it_whole(layout, padded):
+    w = torch.randn(4096 + 100, 128)                     # two blocks; the last one padded to 16- / 64-row blocks
     bias = torch.randn(4196)
-    whole = Int4Linear.from_int4(*quantize_int4(w, 32), 32, bias)
-    blocks = Int4Linear.from_weight(w, 32, bias)
+    whole = Int4Linear.from_int4(*quantize_int4(w, 32), 32, bias, layout=layout)
+    blocks = Int4Linear.from_weight(w, 32, bias, layout=layout)
     for (name, a), (_, b) in zip(whole.named_buffers(), blocks.named_buffers()):
         assert torch.equal(a, b), name
-    assert blocks.out_features == 4196 and blocks.packed.shape[0] == 4224
+    assert blocks.out_features == 4196 and blocks.packed.shape[0] == padded
 
 
-def test_int4_rows_read_from_the_packed_layout_equal_the_dequantised_matrix():
-    w = torch.randn(150, 256, dtype=torch.bfloat16)            # 150 rows: the last 64-row block padded
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_int4_rows_read_from_the_packed_layout_equal_the_dequantised_matrix(layout):
+    w = torch.randn(150, 256, dtype=torch.bfloat16)            # 150 rows: the last row block padded
     perm = torch.randperm(256)
-    for layer in (Int4Linear.from_weight(w, 64, None),
-                  Int4Linear.from_int4(*quantize_int4(w.float(), 64), 64, None, in_perm=perm)):
+    for layer in (Int4Linear.from_weight(w, 64, None, layout=layout),
+                  Int4Linear.from_int4(*quantize_int4(w.float(), 64), 64, None, in_perm=perm, layout=layout)):
         ids = torch.tensor([[0, 31, 32, 63], [64, 100, 149, 7]])
         assert torch.equal(layer.dequantized_rows(ids), layer.dequantize()[ids])
 

@@ -71,9 +71,7 @@ def _empty_quantized_linear(in_f: int, out_f: int, bias: bool, dtype: torch.dtyp
     if g is None:
         return Int8Linear(torch.empty(out_f, in_f, dtype=torch.int8, **meta),
                           torch.empty(out_f, dtype=dtype, **meta), b)
-    n_pad = -(-out_f // 64) * 64
-    return Int4Linear(torch.empty(n_pad, in_f // 2, dtype=torch.uint8, **meta),
-                      torch.empty(in_f // g, n_pad, 2, dtype=dtype, **meta), out_f, in_f, g, b, None)
+    return Int4Linear.empty(out_f, in_f, g, dtype, bias)
 
 
 def _targets(model: nn.Module, include_vision: bool) -> list[str]:

@@ -82,18 +82,25 @@ def _checked_isa(isa_name: str | None) -> tuple[object, str]:
     return build.load()[0], chosen
 
 
+# Activation passes per dtype (reference.py): one int8 pass for bfloat16, as llama.cpp quantises its
+# activations once per product; float32 takes three, finer than its own rounding relative to a group's
+# largest input (2^-8 / 254^2 ~ 6e-8), so a float32 model keeps float32 answers (at ~3x the arithmetic).
+ACTIVATION_PASSES = {torch.bfloat16: 1, torch.float32: 3}
+
+
 def int4_matmul(x: torch.Tensor, packed: torch.Tensor, params: torch.Tensor, group_size: int,
                 out_features: int, isa_name: str | None = None) -> torch.Tensor:
     """x [R, K] (float32 or bfloat16, contiguous) @ W.T -> [R, out_features] in x's dtype, W in the int4 tile
     layout (int4_layout.py): packed uint8 [N_pad, K/2], params [N_pad/16, K/G, 2, 16] (scale, min) float32 or
-    bfloat16. Each row of x is quantised to int8 per group on its own, so rows do not affect each other.
-    `isa_name` forces "avx512" or "avx2" (tests); by default the one isa() gives."""
+    bfloat16. Each row of x is quantised to int8 per group on its own (ACTIVATION_PASSES), so rows do not
+    affect each other. 1 to 16 rows. `isa_name` forces "avx512" or "avx2" (tests); by default isa()'s."""
     module, chosen = _checked_isa(isa_name)
-    return module.int4_matmul(x, packed, params, group_size, out_features, chosen)
+    return module.int4_matmul(x, packed, params, group_size, out_features, ACTIVATION_PASSES[x.dtype], chosen)
 
 
-def quantize_activations(x: torch.Tensor, block: int, isa_name: str | None = None
+def quantize_activations(x: torch.Tensor, block: int, passes: int = 1, isa_name: str | None = None
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The kernels' activation quantisation of x [R, K]: (a int8 [R, K], d [R, K/block], xs [R, K/block])."""
+    """The kernels' activation quantisation of x [R, K]: (a int8 [R P, K], d [R P, K/block], xs [R P, K/block]),
+    row r's pass p at r P + p."""
     module, chosen = _checked_isa(isa_name)
-    return tuple(module.quantize_activations(x, block, chosen))
+    return tuple(module.quantize_activations(x, block, passes, chosen))

@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import kernels
+from ..kernels import int4_layout
 from .int8_vnni import FbgemmInt8Weight, per_channel_quantized
 
 DECODE_MAX_ROWS = 8                 # at most this many rows: PyTorch's packed matrix-vector kernels
@@ -234,61 +236,157 @@ def _pack_cpu_int4(q: torch.Tensor, n_pad: int) -> torch.Tensor:
     return torch.cat(parts)
 
 
+INT4_KERNEL_MAX_ROWS = 16     # at most this many rows: qwenvl's int4 kernel (it reads the weights once for all)
+LAYOUT_TILES = "tiles"          # qwenvl's own kernel layout (qwenvl/kernels/int4_layout.py)
+LAYOUT_INT4PACK = "int4pack"    # PyTorch's _weight_int4pack_mm_for_cpu layout, where our kernels do not run
+
+
+def default_int4_layout() -> str:
+    """The layout a new Int4Linear takes: qwenvl's tiles where its kernels run (QWENVL_KERNELS, a compiler),
+    else PyTorch's int4pack, run by `_weight_int4pack_mm_for_cpu` as before the kernels existed."""
+    return LAYOUT_TILES if kernels.available() else LAYOUT_INT4PACK
+
+
+def _tile_param_dtype(scale_dtype: torch.dtype) -> torch.dtype:
+    """bfloat16 scales keep bfloat16 group parameters (their mins rounded to bfloat16, as int4pack's offsets
+    always were): 4.25 bits a weight at group 128. Any other scale dtype (AWQ/GPTQ's float16, GGUF's
+    products) gets float32, where scales and mins are exact: no second rounding."""
+    return torch.bfloat16 if scale_dtype == torch.bfloat16 else torch.float32
+
+
 class Int4Linear(nn.Module):
-    """y = x[..., in_perm] @ ((q - zero) * scale).T + bias, 4-bit weights in groups along the input.
+    """y = x[..., in_perm] @ W.T + bias, w = q * scale + min per group of `group_size` inputs, q in 0..15.
 
-    Stored in the CPU kernel's packed layout, output rows padded to a multiple of 64; the kernel's own
-    form of the group parameters is w = (q - 8) * scale + offset, so offset = (8 - zero) * scale."""
+    Two layouts, chosen at construction (`default_int4_layout()`), both dequantising to the same matrix:
+      tiles     qwenvl's kernel (qwenvl/kernels): packed uint8 [N_pad16, in/2] and group_params
+                [N_pad16/16, in/G, 2, 16] (scales, mins); decode products of up to 16 rows run there.
+      int4pack  PyTorch's CPU kernel: packed uint8 [N_pad64, in/2] and scales_and_offsets [in/G, N_pad64, 2]
+                in its form w = (q - 8) * scale + offset, offset = 8 * scale + min; up to 8 rows.
+    More rows (prefill) dequantise blocks into a bf16 scratch and run the GEMM, in both layouts.
+    AWQ/GPTQ's integer zero points are min = -zero * scale (`from_int4`); llama.cpp's Q4_K sub-blocks are
+    scale = d * sc, min = -dmin * m (`from_scales_and_mins`)."""
 
-    def __init__(self, packed: torch.Tensor, scales_and_offsets: torch.Tensor, out_features: int,
-                 in_features: int, group_size: int, bias: torch.Tensor | None, in_perm: torch.Tensor | None):
+    def __init__(self, packed: torch.Tensor, params: torch.Tensor, out_features: int, in_features: int,
+                 group_size: int, bias: torch.Tensor | None, in_perm: torch.Tensor | None,
+                 dtype: torch.dtype | None = None):
         super().__init__()
         self.out_features, self.in_features, self.group_size = out_features, in_features, group_size
+        self.layout = LAYOUT_TILES if params.dim() == 4 else LAYOUT_INT4PACK
+        # the model's dtype: dequantised rows and matrices come out in it (float32 group parameters do not say)
+        self.weight_dtype = dtype or params.dtype
         self.register_buffer("packed", packed)                                        # uint8 [N_pad, in/2]
-        self.register_buffer("scales_and_offsets", scales_and_offsets)                # [in/G, N_pad, 2]
+        self.register_buffer("group_params" if self.layout == LAYOUT_TILES else "scales_and_offsets", params)
         self.register_buffer("bias", bias)
         self.register_buffer("in_perm", in_perm)
 
-    @classmethod
-    def from_float(cls, linear: nn.Linear, group_size: int = 128) -> "Int4Linear":
-        return cls.from_weight(linear.weight.detach(), group_size, linear.bias)
+    @property
+    def params(self) -> torch.Tensor:
+        return self.group_params if self.layout == LAYOUT_TILES else self.scales_and_offsets
+
+    @property
+    def row_block(self) -> int:
+        """Output rows are padded to a multiple of this (concatenating layers needs whole blocks)."""
+        return int4_layout.TILE_N if self.layout == LAYOUT_TILES else _INT4_BLOCK_N
 
     @classmethod
-    def from_weight(cls, w: torch.Tensor, group_size: int, bias: torch.Tensor | None) -> "Int4Linear":
+    def empty(cls, out_features: int, in_features: int, group_size: int, dtype: torch.dtype, bias: bool,
+              layout: str | None = None) -> "Int4Linear":
+        """Meta-device buffers of the shapes `from_weight` gives for a `dtype` weight, for the loader to fill."""
+        layout = layout or default_int4_layout()
+        meta = dict(device="meta")
+        b = torch.empty(out_features, dtype=dtype, **meta) if bias else None
+        groups = in_features // group_size
+        if layout == LAYOUT_TILES:
+            n_pad = int4_layout.padded_rows(out_features)
+            params = torch.empty(n_pad // int4_layout.TILE_N, groups, 2, int4_layout.TILE_N,
+                                 dtype=_tile_param_dtype(dtype), **meta)
+        else:
+            n_pad = -(-out_features // _INT4_BLOCK_N) * _INT4_BLOCK_N
+            params = torch.empty(groups, n_pad, 2, dtype=dtype, **meta)
+        return cls(torch.empty(n_pad, in_features // 2, dtype=torch.uint8, **meta), params, out_features,
+                   in_features, group_size, b, None, dtype)
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, group_size: int = 128, layout: str | None = None) -> "Int4Linear":
+        return cls.from_weight(linear.weight.detach(), group_size, linear.bias, layout)
+
+    @classmethod
+    def from_weight(cls, w: torch.Tensor, group_size: int, bias: torch.Tensor | None,
+                    layout: str | None = None) -> "Int4Linear":
         """Quantise and pack w[out, in] a block of rows at a time, so the whole matrix's 4-bit codes (a byte
         each until packed) never exist at once: 233 MB for a 151936 x 1536 head, which set int4's load peak.
-        The blocks are whole multiples of the pack's 64-row blocks, so only the last one is padded."""
-        parts = [cls.from_int4(*quantize_int4(rows, group_size), group_size, None) for rows in w.split(_CHUNK_ROWS)]
-        b = None if bias is None else bias.detach().to(parts[0].packed.device, parts[0].scales_and_offsets.dtype)
-        return cls(torch.cat([p.packed for p in parts]), torch.cat([p.scales_and_offsets for p in parts], dim=1),
-                   w.shape[0], w.shape[1], group_size, b, None)
+        The blocks are whole multiples of both layouts' row blocks, so only the last one is padded."""
+        layout = layout or default_int4_layout()
+        parts = [cls.from_int4(*quantize_int4(rows, group_size), group_size, None, layout=layout)
+                 for rows in w.split(_CHUNK_ROWS)]
+        b = None if bias is None else bias.detach().to(parts[0].packed.device, w.dtype)
+        params_dim = 0 if layout == LAYOUT_TILES else 1
+        return cls(torch.cat([p.packed for p in parts]), torch.cat([p.params for p in parts], dim=params_dim),
+                   w.shape[0], w.shape[1], group_size, b, None, w.dtype)
 
     @classmethod
     def from_int4(cls, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
-                  bias: torch.Tensor | None, in_perm: torch.Tensor | None = None) -> "Int4Linear":
+                  bias: torch.Tensor | None, in_perm: torch.Tensor | None = None,
+                  layout: str | None = None) -> "Int4Linear":
+        """AWQ/GPTQ's form: w = (q - zero) * scale, q uint8 [out, in], scales / zeros [out, in/G]."""
+        if zeros.shape != scales.shape:
+            raise ValueError(f"int4: zeros {tuple(zeros.shape)} do not fit scales {tuple(scales.shape)}")
+        mins = -(zeros.float().cpu() * scales.float().cpu())          # exact in float32 (4 bits x 24)
+        return cls.from_scales_and_mins(qweight, scales, mins, group_size, bias, in_perm, layout,
+                                        dtype=scales.dtype)
+
+    @classmethod
+    def from_scales_and_mins(cls, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
+                             group_size: int, bias: torch.Tensor | None, in_perm: torch.Tensor | None = None,
+                             layout: str | None = None, dtype: torch.dtype | None = None) -> "Int4Linear":
+        """w = q * scale + min: q uint8 0..15 [out, in], scales / mins [out, in/G]; `dtype` the model's
+        (default the scales'). The tile layout keeps float32 scales and mins exactly (bfloat16 ones too)."""
         out_f, in_f = qweight.shape
-        groups = in_f // group_size
+        groups = in_f // group_size if group_size else 0
         if group_size not in INT4_GROUP_SIZES or in_f % group_size:
             raise ValueError(f"int4: group size {group_size} with in_features {in_f} is not supported "
                              f"(need one of {INT4_GROUP_SIZES} dividing in_features)")
-        if scales.shape != (out_f, groups) or zeros.shape != (out_f, groups):
-            raise ValueError(f"int4: scales {tuple(scales.shape)} / zeros {tuple(zeros.shape)} do not fit "
+        if scales.shape != (out_f, groups) or mins.shape != (out_f, groups):
+            raise ValueError(f"int4: scales {tuple(scales.shape)} / mins {tuple(mins.shape)} do not fit "
                              f"qweight {tuple(qweight.shape)} in groups of {group_size}")
-        dtype, device = scales.dtype, qweight.device
-        n_pad = -(-out_f // _INT4_BLOCK_N) * _INT4_BLOCK_N
-        packed = _pack_cpu_int4(qweight.cpu(), n_pad)
-        sz = torch.zeros(groups, n_pad, 2, dtype=dtype)                 # padded rows: scale 0 -> weight 0
-        sf = scales.float().cpu()
-        sz[:, :out_f, 0] = sf.T.to(dtype)
-        sz[:, :out_f, 1] = ((8.0 - zeros.float().cpu()) * sf).T.to(dtype)
+        layout = layout or default_int4_layout()
+        dtype, device = dtype or scales.dtype, qweight.device
+        if layout == LAYOUT_TILES:
+            packed, params = int4_layout.pack(qweight.cpu(), scales.cpu(), mins.cpu(), group_size,
+                                              _tile_param_dtype(scales.dtype))
+        else:
+            n_pad = -(-out_f // _INT4_BLOCK_N) * _INT4_BLOCK_N
+            packed = _pack_cpu_int4(qweight.cpu(), n_pad)
+            params = torch.zeros(groups, n_pad, 2, dtype=dtype)             # padded rows: scale 0 -> weight 0
+            sf = scales.float().cpu()
+            params[:, :out_f, 0] = sf.T.to(dtype)
+            params[:, :out_f, 1] = (8.0 * sf + mins.float().cpu()).T.to(dtype)
         b = None if bias is None else bias.detach().to(device, dtype)
         perm = None if in_perm is None else in_perm.to(device, torch.long)
-        return cls(packed.to(device), sz.to(device), out_f, in_f, group_size, b, perm)
+        return cls(packed.to(device), params.to(device), out_f, in_f, group_size, b, perm, dtype)
+
+    @classmethod
+    def stacked(cls, layers: list["Int4Linear"], bias: torch.Tensor | None) -> "Int4Linear | None":
+        """One layer whose outputs are `layers`' side by side (fused q/k/v, gate/up), or None where they
+        cannot be concatenated: different layouts or group sizes, input permutations, padded rows."""
+        first = layers[0]
+        if any(layer.in_perm is not None or layer.out_features % layer.row_block or layer.layout != first.layout
+               or layer.group_size != first.group_size for layer in layers):
+            return None
+        params_dim = 0 if first.layout == LAYOUT_TILES else 1
+        return cls(torch.cat([layer.packed for layer in layers]),
+                   torch.cat([layer.params for layer in layers], dim=params_dim),
+                   sum(layer.out_features for layer in layers), first.in_features, first.group_size, bias, None,
+                   first.weight_dtype)
 
     def _dequantize_permuted(self, dtype: torch.dtype, out: torch.Tensor | None = None,
                              rows: tuple[int, int] | None = None) -> torch.Tensor:
         """[N_pad, in] in the kernel's column order (in_perm applied); or only `rows` (r0, r1), multiples of 64."""
         r0, r1 = rows if rows is not None else (0, self.packed.shape[0])
+        if self.layout == LAYOUT_TILES:
+            tile = int4_layout.TILE_N
+            return int4_layout.dequantize(self.packed[r0:r1], self.group_params[r0 // tile: -(-r1 // tile)],
+                                          self.in_features, self.group_size, dtype, out)
         n = r1 - r0
         q = _unpack_cpu_int4(self.packed[r0:r1], n, self.in_features)                   # [n, in]
         g = self.in_features // self.group_size
@@ -301,16 +399,20 @@ class Int4Linear(nn.Module):
 
     def dequantized_rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` of the weight [*ids.shape, in], dequantised straight from the packed layout (an
-        embedding lookup into a tied head: a few rows a step, read 32 bytes apart). Equal to dequantize()[ids]."""
+        embedding lookup into a tied head: a few rows a step). Equal to dequantize()[ids]."""
         flat = ids.reshape(-1)
-        b = self.packed.view(-1, self.in_features, _INT4_BLOCK_N // 2)                # [N_pad/64, in, 32]
-        j = flat % _INT4_BLOCK_N                                                        # row j of its 64-row block
-        byte = b[flat // _INT4_BLOCK_N, :, j % (_INT4_BLOCK_N // 2)]                    # [R, in]
-        q = torch.where((j < _INT4_BLOCK_N // 2)[:, None], byte & 0x0F, byte >> 4)
-        sz = self.scales_and_offsets[:, flat]                                           # [in/G, R, 2]
-        g = self.in_features // self.group_size
-        w = q.view(-1, g, self.group_size).to(sz.dtype).sub_(8)
-        w = w.mul_(sz[..., 0].T[..., None]).add_(sz[..., 1].T[..., None]).view(-1, self.in_features)
+        if self.layout == LAYOUT_TILES:
+            w = int4_layout.dequantize_rows(self.packed, self.group_params, self.in_features, self.group_size,
+                                            flat, self.weight_dtype)
+        else:
+            b = self.packed.view(-1, self.in_features, _INT4_BLOCK_N // 2)            # [N_pad/64, in, 32]
+            j = flat % _INT4_BLOCK_N                                                    # row j of its 64-row block
+            byte = b[flat // _INT4_BLOCK_N, :, j % (_INT4_BLOCK_N // 2)]                # [R, in]
+            q = torch.where((j < _INT4_BLOCK_N // 2)[:, None], byte & 0x0F, byte >> 4)
+            sz = self.scales_and_offsets[:, flat]                                       # [in/G, R, 2]
+            g = self.in_features // self.group_size
+            w = q.view(-1, g, self.group_size).to(sz.dtype).sub_(8)
+            w = w.mul_(sz[..., 0].T[..., None]).add_(sz[..., 1].T[..., None]).view(-1, self.in_features)
         if self.in_perm is not None:
             restored = torch.empty_like(w)
             restored[:, self.in_perm] = w
@@ -318,8 +420,8 @@ class Int4Linear(nn.Module):
         return w.view(*ids.shape, self.in_features)
 
     def dequantize(self) -> torch.Tensor:
-        """[out, in] in the original input-column order."""
-        w = self._dequantize_permuted(self.scales_and_offsets.dtype)[: self.out_features]
+        """[out, in] in the original input-column order, in the model's dtype."""
+        w = self._dequantize_permuted(self.weight_dtype)[: self.out_features]
         if self.in_perm is None:
             return w
         restored = torch.empty_like(w)
@@ -331,16 +433,23 @@ class Int4Linear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if self.in_perm is not None:
             x2 = x2.index_select(1, self.in_perm)
-        if x.device.type == "cpu" and x2.shape[0] <= DECODE_MAX_ROWS:
+        rows, cpu = x2.shape[0], x.device.type == "cpu"
+        if self.layout == LAYOUT_TILES and cpu and rows <= INT4_KERNEL_MAX_ROWS \
+                and x.dtype in (torch.bfloat16, torch.float32) and kernels.available():
+            y = kernels.int4_matmul(x2.contiguous(), self.packed, self.group_params, self.group_size,
+                                    self.out_features)
+        elif self.layout == LAYOUT_INT4PACK and cpu and rows <= DECODE_MAX_ROWS:
             sz = self.scales_and_offsets.to(x.dtype)
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), self.packed, self.group_size, sz)
+            y = y[:, : self.out_features]
         else:
             y = _prefill_product(x2, self.packed.shape[0], self.in_features,
                                  lambda r0, r1, w: self._dequantize_permuted(x.dtype, out=w, rows=(r0, r1)))
-        y = y[:, : self.out_features]
+            y = y[:, : self.out_features]
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int4 group {self.group_size}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, int4 group {self.group_size}, "
+                f"{self.layout} layout")

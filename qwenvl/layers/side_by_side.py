@@ -17,9 +17,6 @@ from torch import nn
 
 from .quantized_linear import Int4Linear, Int8Linear
 
-_INT4_ROW_BLOCK = 64        # Int4Linear pads its rows to this: only unpadded layers stack by concatenation
-
-
 class SideBySide(nn.Module):
     """One layer computing several linears' outputs at once; forward returns them as a tuple (views)."""
 
@@ -61,12 +58,8 @@ def stack_linears(layers: list[nn.Module]) -> nn.Module | None:
     if kind is Int8Linear and all(layer.qweight is not None for layer in layers):
         return Int8Linear.from_int8(torch.cat([layer.qweight for layer in layers]),
                                     torch.cat([layer.scales for layer in layers]), bias)
-    if kind is Int4Linear and all(layer.in_perm is None and layer.out_features % _INT4_ROW_BLOCK == 0
-                                  for layer in layers) and len({layer.group_size for layer in layers}) == 1:
-        first = layers[0]
-        return Int4Linear(torch.cat([layer.packed for layer in layers]),
-                          torch.cat([layer.scales_and_offsets for layer in layers], dim=1),
-                          sum(sizes), first.in_features, first.group_size, bias, None)
+    if kind is Int4Linear:
+        return Int4Linear.stacked(layers, bias)
     return None
 
 

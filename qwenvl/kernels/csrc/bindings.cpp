@@ -50,23 +50,26 @@ struct Scratch {
   std::vector<float> d, xs;
 };
 
-ActivationBlocks quantize(Isa isa, const torch::Tensor& x, int64_t block, Scratch& s) {
+ActivationBlocks quantize(Isa isa, const torch::Tensor& x, int64_t block, int64_t passes, Scratch& s) {
+  TORCH_CHECK(passes >= 1 && passes <= qwenvl_kernels::kMaxPasses, "qwenvl kernels: passes ", passes,
+              " is not in 1..", qwenvl_kernels::kMaxPasses);
   const int64_t rows = x.size(0), K = x.size(1), blocks = K / block;
-  s.a.resize(rows * K);
-  s.d.resize(rows * blocks);
-  s.xs.resize(rows * blocks);
+  s.a.resize(rows * passes * K);
+  s.d.resize(rows * passes * blocks);
+  s.xs.resize(rows * passes * blocks);
   const bool bf16 = x.scalar_type() == torch::kBFloat16;
   auto fn = isa == Isa::kAvx512 ? qwenvl_avx512::quantize_activation_blocks : qwenvl_avx2::quantize_activation_blocks;
-  fn(x.data_ptr(), bf16, rows, K, block, s.a.data(), s.d.data(), s.xs.data());
-  return {s.a.data(), s.d.data(), s.xs.data()};
+  fn(x.data_ptr(), bf16, rows, K, block, passes, s.a.data(), s.d.data(), s.xs.data());
+  return {s.a.data(), s.d.data(), s.xs.data(), passes};
 }
 
-// (a int8 [rows, K], d float32 [rows, K/block], xs float32 [rows, K/block]): what int4_matmul uses, for tests.
-std::vector<torch::Tensor> quantize_activations(const torch::Tensor& x, int64_t block, const std::string& isa) {
+// (a int8 [rows * passes, K], d float32 [rows * passes, K/block], xs likewise): what int4_matmul uses, for tests.
+std::vector<torch::Tensor> quantize_activations(const torch::Tensor& x, int64_t block, int64_t passes,
+                                                const std::string& isa) {
   check_activations(x, block);
   Scratch s;
-  quantize(checked_isa(isa), x, block, s);
-  const int64_t rows = x.size(0), K = x.size(1), blocks = K / block;
+  quantize(checked_isa(isa), x, block, passes, s);
+  const int64_t rows = x.size(0) * passes, K = x.size(1), blocks = K / block;
   auto a = torch::from_blob(s.a.data(), {rows, K}, torch::kInt8).clone();
   auto d = torch::from_blob(s.d.data(), {rows, blocks}, torch::kFloat32).clone();
   auto xs = torch::from_blob(s.xs.data(), {rows, blocks}, torch::kFloat32).clone();
@@ -75,12 +78,12 @@ std::vector<torch::Tensor> quantize_activations(const torch::Tensor& x, int64_t 
 
 // y [rows, N] = x [rows, K] @ W.T in x's dtype, W [N, K] in the int4 tile layout (see kernels.hpp).
 torch::Tensor int4_matmul(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& params,
-                          int64_t group_size, int64_t out_features, const std::string& isa_name) {
+                          int64_t group_size, int64_t out_features, int64_t passes, const std::string& isa_name) {
   const Isa isa = checked_isa(isa_name);
   check_activations(x, group_size);
   const int64_t rows = x.size(0), K = x.size(1), groups = K / group_size;
   const int64_t tiles = (out_features + kTileN - 1) / kTileN;
-  TORCH_CHECK(rows >= 1, "qwenvl int4_matmul: x has no rows");
+  TORCH_CHECK(rows >= 1 && rows <= 16, "qwenvl int4_matmul: x has ", rows, " rows; the kernel takes 1 to 16");
   TORCH_CHECK(packed.scalar_type() == torch::kUInt8 && packed.is_contiguous() && packed.dim() == 2 &&
                   packed.size(0) == tiles * kTileN && packed.size(1) == K / 2,
               "qwenvl int4_matmul: packed must be contiguous uint8 [", tiles * kTileN, ", ", K / 2, "], got ",
@@ -92,7 +95,7 @@ torch::Tensor int4_matmul(const torch::Tensor& x, const torch::Tensor& packed, c
               ", 2, 16], got ", params.scalar_type(), " ", params.sizes());
   thread_local Scratch scratch;
   auto y = torch::empty({rows, out_features}, x.options());
-  Int4MatmulArgs args{quantize(isa, x, group_size, scratch),
+  Int4MatmulArgs args{quantize(isa, x, group_size, passes, scratch),
                       packed.data_ptr<uint8_t>(),
                       params.data_ptr(),
                       params.scalar_type() == torch::kBFloat16,
@@ -112,8 +115,8 @@ torch::Tensor int4_matmul(const torch::Tensor& x, const torch::Tensor& packed, c
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "qwenvl's CPU kernels for quantised decode (qwenvl/kernels)";
   m.def("cpu_supports", &cpu_supports, "whether this CPU has a feature set: avx2, avx512, avx512bf16");
-  m.def("quantize_activations", &quantize_activations, "x, block, isa -> (a int8, d, xs)",
+  m.def("quantize_activations", &quantize_activations, "x, block, passes, isa -> (a int8, d, xs)",
         py::call_guard<py::gil_scoped_release>());
-  m.def("int4_matmul", &int4_matmul, "x, packed, params, group_size, out_features, isa -> y",
+  m.def("int4_matmul", &int4_matmul, "x, packed, params, group_size, out_features, passes, isa -> y",
         py::call_guard<py::gil_scoped_release>());
 }

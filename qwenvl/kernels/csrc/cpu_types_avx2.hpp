@@ -18,6 +18,7 @@ inline FVec fzero() { return {_mm256_setzero_ps()}; }
 inline IVec izero() { return {_mm256_setzero_si256()}; }
 inline FVec fbroadcast(float x) { return {_mm256_set1_ps(x)}; }
 inline FVec fadd(FVec a, FVec b) { return {_mm256_add_ps(a.v, b.v)}; }
+inline FVec fsub(FVec a, FVec b) { return {_mm256_sub_ps(a.v, b.v)}; }
 inline FVec fmul(FVec a, FVec b) { return {_mm256_mul_ps(a.v, b.v)}; }
 inline FVec fmadd(FVec a, FVec b, FVec c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
 inline FVec to_float(IVec a) { return {_mm256_cvtepi32_ps(a.v)}; }
@@ -49,9 +50,11 @@ inline float hmax(FVec a) {
 }
 inline FVec fabs_(FVec a) { return {_mm256_andnot_ps(_mm256_set1_ps(-0.0f), a.v)}; }
 
-inline int32_t round_store_i8(FVec x, int8_t* out) {
+inline int32_t round_store_i8(FVec x, int8_t* out, FVec& rounded) {
+  const __m256i qv = _mm256_cvtps_epi32(x.v);
+  rounded.v = _mm256_cvtepi32_ps(qv);
   alignas(32) int32_t q[8];
-  _mm256_store_si256(reinterpret_cast<__m256i*>(q), _mm256_cvtps_epi32(x.v));
+  _mm256_store_si256(reinterpret_cast<__m256i*>(q), qv);
   int32_t sum = 0;
   for (int i = 0; i < 8; ++i) {
     out[i] = static_cast<int8_t>(q[i]);

@@ -18,6 +18,7 @@ inline FVec fzero() { return {_mm512_setzero_ps()}; }
 inline IVec izero() { return {_mm512_setzero_si512()}; }
 inline FVec fbroadcast(float x) { return {_mm512_set1_ps(x)}; }
 inline FVec fadd(FVec a, FVec b) { return {_mm512_add_ps(a.v, b.v)}; }
+inline FVec fsub(FVec a, FVec b) { return {_mm512_sub_ps(a.v, b.v)}; }
 inline FVec fmul(FVec a, FVec b) { return {_mm512_mul_ps(a.v, b.v)}; }
 inline FVec fmadd(FVec a, FVec b, FVec c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
 inline FVec to_float(IVec a) { return {_mm512_cvtepi32_ps(a.v)}; }
@@ -47,10 +48,11 @@ inline float hmax(FVec a) { return _mm512_reduce_max_ps(a.v); }
 inline FVec fabs_(FVec a) { return {_mm512_abs_ps(a.v)}; }
 
 // Round to nearest even (the default MXCSR mode, as torch.round), store as int8 (|values| <= 127 by
-// construction), and return the lanes' sum.
-inline int32_t round_store_i8(FVec x, int8_t* out) {
+// construction), give the rounded values back as floats, and return the lanes' sum.
+inline int32_t round_store_i8(FVec x, int8_t* out, FVec& rounded) {
   __m512i q = _mm512_cvtps_epi32(x.v);
   _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm512_cvtepi32_epi8(q));
+  rounded.v = _mm512_cvtepi32_ps(q);
   return _mm512_reduce_add_epi32(q);
 }
 

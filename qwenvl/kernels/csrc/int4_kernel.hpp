@@ -86,23 +86,28 @@ inline void tile_rows(int rb, const Int4MatmulArgs& p, const uint8_t* w, const P
 
 template <typename ParamT>
 void matmul_tiles(const Int4MatmulArgs& p, int64_t tile_begin, int64_t tile_end) {
-  const int64_t groups = p.K / p.G, tile_bytes = p.K * kTileN / 2;
-  alignas(64) float out[kMaxRowBlock * kTileN];
+  const int64_t groups = p.K / p.G, tile_bytes = p.K * kTileN / 2, passes = p.x.passes;
+  const int64_t vrows = p.rows * passes;
+  alignas(64) float out[16 * qwenvl_kernels::kMaxPasses * kTileN];       // [virtual row][16]
   for (int64_t t = tile_begin; t < tile_end; ++t) {
     const uint8_t* w = p.w + t * tile_bytes;
     const ParamT* prm = static_cast<const ParamT*>(p.params) + t * groups * 2 * kTileN;
     const int64_t n0 = t * kTileN, n_here = p.N - n0 < kTileN ? p.N - n0 : kTileN;
-    for (int64_t r0 = 0; r0 < p.rows; r0 += kMaxRowBlock) {
-      const int rb = static_cast<int>(p.rows - r0 < kMaxRowBlock ? p.rows - r0 : kMaxRowBlock);
-      tile_rows<ParamT>(rb, p, w, prm, r0, out);
-      for (int r = 0; r < rb; ++r) {
-        const float* o = out + r * kTileN;
-        if (p.y_bf16) {
-          uint16_t* y = static_cast<uint16_t*>(p.y) + (r0 + r) * p.N + n0;
-          for (int64_t n = 0; n < n_here; ++n) y[n] = float_to_bf16(o[n]);
-        } else {
-          std::memcpy(static_cast<float*>(p.y) + (r0 + r) * p.N + n0, o, n_here * sizeof(float));
-        }
+    for (int64_t r0 = 0; r0 < vrows; r0 += kMaxRowBlock) {
+      const int rb = static_cast<int>(vrows - r0 < kMaxRowBlock ? vrows - r0 : kMaxRowBlock);
+      tile_rows<ParamT>(rb, p, w, prm, r0, out + r0 * kTileN);
+    }
+    for (int64_t r = 0; r < p.rows; ++r) {
+      const float* v = out + r * passes * kTileN;
+      float o[kTileN];
+      for (int n = 0; n < kTileN; ++n) o[n] = v[(passes - 1) * kTileN + n];
+      for (int64_t q = passes - 2; q >= 0; --q)         // the passes summed from the finest, in a fixed order
+        for (int n = 0; n < kTileN; ++n) o[n] = v[q * kTileN + n] + o[n];
+      if (p.y_bf16) {
+        uint16_t* y = static_cast<uint16_t*>(p.y) + r * p.N + n0;
+        for (int64_t n = 0; n < n_here; ++n) y[n] = float_to_bf16(o[n]);
+      } else {
+        std::memcpy(static_cast<float*>(p.y) + r * p.N + n0, o, n_here * sizeof(float));
       }
     }
   }
@@ -116,31 +121,43 @@ void int4_matmul_tiles(const Int4MatmulArgs& p, int64_t tile_begin, int64_t tile
 }
 
 template <typename T>
-void quantize_rows(const T* x, int64_t rows, int64_t K, int64_t block, int8_t* a, float* d, float* xs) {
+void quantize_rows(const T* x, int64_t rows, int64_t K, int64_t block, int64_t passes, int8_t* a, float* d,
+                   float* xs) {
   const int64_t blocks = K / block;
+  const FVec radix = fbroadcast(qwenvl_kernels::kPassRadix);
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t b = 0; b < blocks; ++b) {
-      const int64_t off = r * K + b * block;
+      const T* xb = x + r * K + b * block;
       FVec mx = fzero();
-      for (int64_t i = 0; i < block; i += kLanes) mx = fmax_(mx, fabs_(fload(x + off + i)));
+      for (int64_t i = 0; i < block; i += kLanes) mx = fmax_(mx, fabs_(fload(xb + i)));
       const float amax = hmax(mx);
-      const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-      const float step = amax / 127.0f;
-      const FVec vinv = fbroadcast(inv);
-      int32_t sum = 0;
-      for (int64_t i = 0; i < block; i += kLanes) sum += round_store_i8(fmul(fload(x + off + i), vinv), a + off + i);
-      d[r * blocks + b] = step;
-      xs[r * blocks + b] = step * static_cast<float>(sum);
+      const FVec inv = fbroadcast(amax > 0.0f ? 127.0f / amax : 0.0f);
+      int32_t sums[qwenvl_kernels::kMaxPasses] = {0, 0, 0, 0};
+      for (int64_t i = 0; i < block; i += kLanes) {
+        FVec v = fmul(fload(xb + i), inv);
+        for (int64_t q = 0; q < passes; ++q) {
+          int8_t* out = a + (r * passes + q) * K + b * block + i;
+          FVec rounded;
+          sums[q] += round_store_i8(v, out, rounded);
+          v = fmul(fsub(v, rounded), radix);
+        }
+      }
+      float step = amax / 127.0f;
+      for (int64_t q = 0; q < passes; ++q) {
+        d[(r * passes + q) * blocks + b] = step;
+        xs[(r * passes + q) * blocks + b] = step * static_cast<float>(sums[q]);
+        step = step / qwenvl_kernels::kPassRadix;
+      }
     }
   }
 }
 
 void quantize_activation_blocks(const void* x, bool x_bf16, int64_t rows, int64_t K, int64_t block,
-                                int8_t* a, float* d, float* xs) {
+                                int64_t passes, int8_t* a, float* d, float* xs) {
   if (x_bf16)
-    quantize_rows(static_cast<const uint16_t*>(x), rows, K, block, a, d, xs);
+    quantize_rows(static_cast<const uint16_t*>(x), rows, K, block, passes, a, d, xs);
   else
-    quantize_rows(static_cast<const float*>(x), rows, K, block, a, d, xs);
+    quantize_rows(static_cast<const float*>(x), rows, K, block, passes, a, d, xs);
 }
 
 }  // namespace QWENVL_ISA_NS

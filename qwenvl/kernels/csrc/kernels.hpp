@@ -7,16 +7,22 @@
 
 namespace qwenvl_kernels {
 
-// Activations quantised to int8 per block of `block` inputs of a row (each row on its own):
-//   d = max|x| / 127, a = round_half_even(x * (127 / max|x|)) (0 where the block is all zero),
-//   xs = d * sum(a), the block's quantised sum (folds in a weight group's min).
+// Activations quantised to int8 per block of `block` inputs of a row (each row on its own), in `passes`
+// passes (1 for bfloat16 activations, more where float32 precision is wanted), each pass a virtual row:
+//   pass 0: d0 = max|x| / 127, v = x * (127 / max|x|) (0 where the block is all zero), a0 = round(v)
+//   pass p: d_p = d_{p-1} / 254, v = (v - a_{p-1}) * 254, a_p = round(v)     (|v| <= 127 again)
+// rounding half to even; xs_p = d_p * sum(a_p), the block's quantised sum (folds in a weight group's min).
+// x = sum_p d_p a_p up to the last pass's rounding, d_P / 2: 2^-8 / 254^(P-1) of the block's max.
+constexpr int64_t kMaxPasses = 4;
+constexpr float kPassRadix = 254.0f;
 struct ActivationBlocks {
-  const int8_t* a;      // [rows, K]
-  const float* d;       // [rows, K / block]
-  const float* xs;      // [rows, K / block]
+  const int8_t* a;      // [rows * passes, K], row r's pass p at r * passes + p
+  const float* d;       // [rows * passes, K / block]
+  const float* xs;      // [rows * passes, K / block]
+  int64_t passes;
 };
 
-// y[r, n] = sum_g s[n, g] * d[r, g] * sum_{k in g} q[n, k] * a[r, k] + m[n, g] * xs[r, g]
+// y[r, n] = sum_p sum_g s[n, g] * d[rp, g] * sum_{k in g} q[n, k] * a[rp, k] + m[n, g] * xs[rp, g], rp = r's pass p
 // for the int4 tile layout (qwenvl/kernels/int4_layout.py): w = q * s + m, q in 0..15, groups of G inputs.
 struct Int4MatmulArgs {
   ActivationBlocks x;           // quantised with block == G
@@ -25,7 +31,7 @@ struct Int4MatmulArgs {
   bool params_bf16;
   void* y;                      // [rows, N], float32 or bfloat16 (rounded to nearest even)
   bool y_bf16;
-  int64_t rows, K, G, N;
+  int64_t rows, K, G, N;        // rows of x (each `x.passes` virtual rows)
 };
 
 }  // namespace qwenvl_kernels
@@ -35,7 +41,7 @@ struct Int4MatmulArgs {
   /* x: [rows, K] float32 or bfloat16; a, d, xs as in ActivationBlocks; K a multiple of block, block a  \
      multiple of 16 */                                                                                  \
   void quantize_activation_blocks(const void* x, bool x_bf16, int64_t rows, int64_t K, int64_t block,  \
-                                  int8_t* a, float* d, float* xs);                                      \
+                                  int64_t passes, int8_t* a, float* d, float* xs);                      \
   /* output tiles [tile_begin, tile_end) of 16 rows each, every row of x; one thread per call */        \
   void int4_matmul_tiles(const qwenvl_kernels::Int4MatmulArgs& args, int64_t tile_begin,               \
                          int64_t tile_end);                                                             \
