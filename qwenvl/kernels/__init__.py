@@ -95,7 +95,7 @@ def int4_matmul(x: torch.Tensor, packed: torch.Tensor, params: torch.Tensor, gro
     bfloat16. Each row of x is quantised to int8 per group on its own (ACTIVATION_PASSES), so rows do not
     affect each other. 1 to 16 rows. `isa_name` forces "avx512" or "avx2" (tests); by default isa()'s."""
     module, chosen = _checked_isa(isa_name)
-    return module.int4_matmul(x, packed, params, group_size, out_features, ACTIVATION_PASSES[x.dtype], chosen)
+    return module.int4_matmul(x, packed, params, group_size, out_features, ACTIVATION_PASSES.get(x.dtype, 1), chosen)
 
 
 def quantize_activations(x: torch.Tensor, block: int, passes: int = 1, isa_name: str | None = None

@@ -1,0 +1,293 @@
+"""qwenvl's int4 CPU kernel (qwenvl/kernels) against the plain-PyTorch reference of the same arithmetic
+(qwenvl/kernels/reference.py): the activation quantisation and the integer sums bit-exact, the float
+result within the bound the reference derives, both ISA builds, any thread count, every row independent of
+its batch; the layout round trip; the switch (QWENVL_KERNELS) and the fallback with its one warning; the
+model's int4 layers (dense and MoE experts) running through it.
+
+The first test compiles the kernels into the cache (~1-2 min on 2 cores, once per machine); the suite
+must run the compiled kernels, so a failed build fails here rather than silently testing the fallback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+from qwenvl import kernels
+from qwenvl.kernels import build, int4_layout, reference
+from qwenvl.layers.quantized_linear import LAYOUT_INT4PACK, LAYOUT_TILES, Int4Linear
+
+GROUPS = (32, 64, 128, 256)
+ISAS = ("avx512", "avx2")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compiled():
+    if kernels.mode() == "off":
+        pytest.skip("QWENVL_KERNELS=off")
+    module, cause = build.load()
+    assert module is not None, f"the kernels did not build: {cause}"
+    assert kernels.isa() in ISAS
+    return module
+
+
+@pytest.fixture(params=ISAS)
+def isa(request, compiled):
+    """Both builds where this CPU runs them (an AVX2-only machine skips the AVX-512 cases)."""
+    if not compiled.cpu_supports(request.param):
+        pytest.skip(f"this CPU lacks {request.param}")
+    return request.param
+
+
+def _layer_tensors(n, k, group, param_dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=g)
+    scales = (torch.rand(n, k // group, generator=g) * 0.02 + 1e-3).to(param_dtype)
+    mins = (-torch.rand(n, k // group, generator=g) * 0.15).to(param_dtype)
+    return q, scales, mins
+
+
+def _x(rows, k, dtype, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, k, generator=g)
+    x[:, 5] *= 40                           # an outlier channel: its group's step is 40x the others'
+    if k >= 64:
+        x[0, 32:64] = 0                     # an all-zero group (G = 32): d = 0, no division by zero
+    return x.to(dtype)
+
+
+# ------------------------------------------------------------------------------------------ layout
+def test_pack_unpack_round_trip_and_rows():
+    q, s, m = _layer_tensors(37, 96, 32)
+    packed, params = int4_layout.pack(q, s, m, 32, torch.float32)
+    assert packed.shape == (48, 48) and params.shape == (3, 3, 2, 16)
+    assert torch.equal(int4_layout.unpack(packed, 96)[:37], q)
+    assert (int4_layout.unpack(packed, 96)[37:] == 0).all()
+    scales, mins = int4_layout.unpack_params(params)
+    assert torch.equal(scales[:37], s) and torch.equal(mins[:37], m) and (scales[37:] == 0).all()
+    w = int4_layout.dequantize(packed, params, 96, 32, torch.float32)[:37]
+    torch.testing.assert_close(w, (q.float().view(37, 3, 32) * s[..., None] + m[..., None]).view(37, 96))
+    ids = torch.tensor([0, 15, 16, 36, 3])
+    assert torch.equal(int4_layout.dequantize_rows(packed, params, 96, 32, ids, torch.float32), w[ids])
+
+
+def test_the_byte_layout_is_the_documented_one():
+    """Row n, input k of a tile: block k // 32, chunk (k % 32) // 8, byte 4n + k % 4, high nibble when
+    k % 8 >= 4 (csrc/int4_kernel.hpp reads it this way)."""
+    q = torch.zeros(16, 64, dtype=torch.uint8)
+    q[9, 45] = 7                                   # block 1, chunk 1, input 5 of the chunk: byte 1, high
+    packed, _ = int4_layout.pack(q, torch.ones(16, 2), torch.zeros(16, 2), 32, torch.float32)
+    flat = packed.reshape(-1)
+    (index,) = flat.nonzero()[:, 0].tolist()
+    assert index == 1 * 256 + 1 * 64 + 9 * 4 + 1 and flat[index] == 7 << 4
+
+
+def test_bad_group_sizes_are_refused_by_name():
+    q, s, m = _layer_tensors(16, 96, 32)
+    with pytest.raises(ValueError, match="group size 48"):
+        int4_layout.pack(q, s[:, :2], m[:, :2], 48, torch.float32)
+
+
+# ------------------------------------------------------------------------ activation quantisation
+@pytest.mark.parametrize("group", GROUPS)
+@pytest.mark.parametrize("dtype,passes", [(torch.bfloat16, 1), (torch.float32, 1), (torch.float32, 3)])
+def test_activation_quantisation_is_bit_exact(isa, group, dtype, passes):
+    x = _x(5, 512, dtype)
+    got = kernels.quantize_activations(x, group, passes, isa_name=isa)
+    want = reference.quantize_activations(x, group, passes)
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    a = got[0].view(5, passes, 512)
+    assert a.abs().max() <= 127 and (a[0, 0, 32:64] == 0).all()
+
+
+# ------------------------------------------------------------------------------------- the product
+@pytest.mark.parametrize("n,k,group", [(1, 32, 32), (15, 96, 32), (17, 192, 64), (100, 256, 128),
+                                       (33, 768, 256), (48, 512, 128)])
+@pytest.mark.parametrize("rows", [1, 5, 16])
+def test_product_within_the_derived_bound(isa, n, k, group, rows):
+    q, s, m = _layer_tensors(n, k, group)
+    packed, params = int4_layout.pack(q, s, m, group, torch.float32)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = _x(rows, k, dtype)
+        y = kernels.int4_matmul(x, packed, params, group, n, isa_name=isa)
+        assert y.shape == (rows, n) and y.dtype == dtype
+        want, bound = reference.int4_matmul(x, packed, params, group, n, kernels.ACTIVATION_PASSES[dtype])
+        # a bfloat16 result is the float32 one rounded to nearest even: half a bfloat16 step more
+        slack = want.abs() * 2.0 ** -8 if dtype == torch.bfloat16 else 0
+        assert ((y.double() - want).abs() <= bound + slack).all()
+
+
+@pytest.mark.parametrize("rows", range(1, 17))
+def test_every_row_count_and_each_row_equals_itself_alone(isa, rows):
+    """1..16 rows (row blocks of 8 / 4 and their remainders); a row's bytes never depend on its batch."""
+    q, s, m = _layer_tensors(40, 256, 64, torch.bfloat16)
+    packed, params = int4_layout.pack(q, s, m, 64, torch.bfloat16)
+    for dtype in (torch.bfloat16, torch.float32):
+        x = _x(rows, 256, dtype, seed=rows)
+        y = kernels.int4_matmul(x, packed, params, 64, 40, isa_name=isa)
+        want, bound = reference.int4_matmul(x, packed, params, 64, 40, kernels.ACTIVATION_PASSES[dtype])
+        slack = want.abs() * 2.0 ** -8 if dtype == torch.bfloat16 else 0
+        assert ((y.double() - want).abs() <= bound + slack).all()
+        for r in range(rows):
+            assert torch.equal(kernels.int4_matmul(x[r:r + 1], packed, params, 64, 40, isa_name=isa), y[r:r + 1])
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_integer_sums_are_exact(isa, group):
+    """Integer activations whose group maximum is 127 quantise to themselves (d = 1), and with scale 1 and
+    min 0 the output is the integer dot product itself: exact in float32 below 2^24."""
+    n, k = 24, 512
+    q, _, _ = _layer_tensors(n, k, group)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(-127, 128, (3, k), generator=g).float()
+    x.view(3, -1, group)[..., 0] = 127                               # every group's maximum is 127
+    packed, params = int4_layout.pack(q, torch.ones(n, k // group), torch.zeros(n, k // group), group,
+                                      torch.float32)
+    y = kernels.int4_matmul(x, packed, params, group, n, isa_name=isa)
+    assert torch.equal(y.double(), x.double() @ q.double().T)
+
+
+def test_both_builds_give_the_same_bytes(compiled):
+    if not compiled.cpu_supports("avx512"):
+        pytest.skip("this CPU lacks avx512")
+    q, s, m = _layer_tensors(70, 384, 128, torch.bfloat16)
+    packed, params = int4_layout.pack(q, s, m, 128, torch.bfloat16)
+    for dtype in (torch.bfloat16, torch.float32):
+        x = _x(11, 384, dtype)
+        assert torch.equal(kernels.int4_matmul(x, packed, params, 128, 70, isa_name="avx512"),
+                           kernels.int4_matmul(x, packed, params, 128, 70, isa_name="avx2"))
+
+
+def test_one_and_two_threads_give_the_same_bytes(isa):
+    q, s, m = _layer_tensors(1000, 2048, 128, torch.bfloat16)       # 63 tiles of 16 KB: split over threads
+    packed, params = int4_layout.pack(q, s, m, 128, torch.bfloat16)
+    x = _x(8, 2048, torch.bfloat16)
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            results.append(kernels.int4_matmul(x, packed, params, 128, 1000, isa_name=isa))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(results[0], results[1])
+
+
+def test_bad_arguments_are_clear_errors():
+    q, s, m = _layer_tensors(16, 128, 32)
+    packed, params = int4_layout.pack(q, s, m, 32, torch.float32)
+    x = torch.randn(2, 128)
+    with pytest.raises(RuntimeError, match="packed must be contiguous uint8"):
+        kernels.int4_matmul(x, packed[:, :32].contiguous(), params, 32, 16)
+    with pytest.raises(RuntimeError, match="params must be"):
+        kernels.int4_matmul(x, packed, params.double(), 32, 16)
+    with pytest.raises(RuntimeError, match="1 to 16"):
+        kernels.int4_matmul(torch.randn(17, 128), packed, params, 32, 16)
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        kernels.int4_matmul(x.half(), packed, params, 32, 16)
+
+
+# ----------------------------------------------------------------------------- switch and fallback
+def test_the_mode_switch(monkeypatch, compiled):
+    monkeypatch.setenv(kernels.MODE_ENV, "off")
+    assert kernels.isa() is None and not kernels.available()
+    assert Int4Linear.from_weight(torch.randn(32, 128), 32, None).layout == LAYOUT_INT4PACK
+    monkeypatch.setenv(kernels.MODE_ENV, "avx2")
+    assert kernels.isa() == "avx2"
+    layer = Int4Linear.from_weight(torch.randn(40, 128), 32, None)
+    assert layer.layout == LAYOUT_TILES
+    x = torch.randn(3, 128, dtype=torch.float32)
+    assert torch.equal(layer(x), kernels.int4_matmul(x, layer.packed, layer.group_params, 32, 40, isa_name="avx2"))
+    monkeypatch.setenv(kernels.MODE_ENV, "fast")
+    with pytest.raises(ValueError, match="QWENVL_KERNELS='fast'.*auto, avx512, avx2, off"):
+        kernels.isa()
+
+
+def test_hidden_module_warns_once_and_falls_back_to_the_same_answers(monkeypatch):
+    w = torch.randn(200, 256) * 0.05
+    x = torch.randn(4, 256)
+    with_kernels = Int4Linear.from_weight(w, 64, None)
+    assert with_kernels.layout == LAYOUT_TILES
+    monkeypatch.setattr(build, "_loaded", (None, "hidden by the test"))
+    monkeypatch.setattr(kernels, "_warned", set())
+    kernels._isa_for.cache_clear()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fallback = Int4Linear.from_weight(w, 64, None)
+            fallback(x)
+            Int4Linear.from_weight(w, 64, None)(x)
+        assert [str(c.message) for c in caught] == [
+            "qwenvl: CPU kernels unavailable (hidden by the test); using PyTorch's kernels instead"]
+        assert fallback.layout == LAYOUT_INT4PACK
+        torch.testing.assert_close(fallback.dequantize(), with_kernels.dequantize(), rtol=0, atol=1e-6)
+        # float32 activations: the kernel's three passes are within ~1e-6 of the exact product
+        torch.testing.assert_close(fallback(x), with_kernels(x), rtol=0, atol=2e-5)
+        # a layer built with the kernels still answers (through the dequantised GEMM) once they are gone
+        torch.testing.assert_close(with_kernels(x), fallback(x), rtol=0, atol=2e-5)
+    finally:
+        kernels._isa_for.cache_clear()
+
+
+def test_no_compiler_is_one_warning_naming_it(tmp_path):
+    """A fresh process whose compiler is missing and whose cache is empty: one warning with the cause,
+    then PyTorch's int4 kernel with the same answers."""
+    script = (
+        "import warnings, torch\n"
+        "warnings.simplefilter('always')\n"
+        "from qwenvl.layers.quantized_linear import Int4Linear\n"
+        "torch.manual_seed(0)\n"
+        "w, x = torch.randn(64, 128), torch.randn(2, 128)\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    layer = Int4Linear.from_weight(w, 32, None)\n"
+        "    y = layer(x)\n"
+        "print(layer.layout)\n"
+        "print([str(c.message) for c in caught])\n"
+        "torch.save(y, %r)\n" % str(tmp_path / "y.pt"))
+    env = dict(os.environ, CXX="/nonexistent/g++", QWENVL_KERNELS_CACHE=str(tmp_path / "cache"))
+    env.pop(kernels.MODE_ENV, None)
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    layout, messages = out.stdout.strip().splitlines()[-2:]
+    assert layout == LAYOUT_INT4PACK
+    assert messages == str(["qwenvl: CPU kernels unavailable (no C++ compiler (/nonexistent/g++) on PATH); "
+                            "using PyTorch's kernels instead"])
+    torch.manual_seed(0)
+    w, x = torch.randn(64, 128), torch.randn(2, 128)
+    ours = Int4Linear.from_weight(w, 32, None)
+    assert ours.layout == LAYOUT_TILES
+    torch.testing.assert_close(torch.load(tmp_path / "y.pt"), ours(x), rtol=0, atol=2e-5)
+
+
+# ----------------------------------------------------------------------------------- model level
+def test_every_int4_layer_of_a_moe_model_runs_the_kernel(tiny_checkpoint, monkeypatch):
+    """Qwen3-VL MoE under int4: the attention, the experts and the head are tile-layout Int4Linears, and a
+    decode step's products go through the kernel (counted), in bfloat16 (one activation pass) too."""
+    from qwenvl.layers.quantized_moe import QuantizedExperts
+    from qwenvl.loader import load_model
+    from qwenvl.quantize import LoadQuantizer
+    from quant_helpers import tiny_logits
+
+    model, _ = load_model(tiny_checkpoint("qwen3_vl_moe"), dtype="bfloat16", quantizer=LoadQuantizer("int4"))
+    layers = [m for m in model.modules() if isinstance(m, Int4Linear)]
+    assert layers and all(m.layout == LAYOUT_TILES for m in layers)
+    experts = [lin for m in model.modules() if isinstance(m, QuantizedExperts) for lin in (*m.gate_up, *m.down)]
+    assert experts and all(isinstance(lin, Int4Linear) for lin in experts)
+    dense = {m.packed.data_ptr() for m in layers} - {lin.packed.data_ptr() for lin in experts}
+    called = []
+    real = kernels.int4_matmul
+
+    def counted(x, packed, *args, **kw):
+        called.append(packed.data_ptr())
+        return real(x, packed, *args, **kw)
+    monkeypatch.setattr(kernels, "int4_matmul", counted)
+    logits = tiny_logits(model, torch.tensor([3, 17, 60]))          # 3 rows: every product in the kernel
+    assert torch.isfinite(logits).all()
+    assert dense <= set(called)                                     # attention, dense layers, the head
+    assert set(called) - dense                                      # and the experts the router chose
