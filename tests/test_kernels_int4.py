@@ -270,8 +270,8 @@ def test_every_int4_layer_of_a_moe_model_runs_the_kernel(tiny_checkpoint, monkey
     """Qwen3-VL MoE under int4: the attention, the experts and the head are tile-layout Int4Linears, and a
     decode step's products go through the kernel (counted), in bfloat16 (one activation pass) too."""
     from qwenvl.layers.quantized_moe import QuantizedExperts
-    from qwenvl.loader import load_model
-    from qwenvl.quantize import LoadQuantizer
+    from qwenvl.checkpoints.loader import load_model
+    from qwenvl.checkpoints.quantize import LoadQuantizer
     from quant_helpers import tiny_logits
 
     model, _ = load_model(tiny_checkpoint("qwen3_vl_moe"), dtype="bfloat16", quantizer=LoadQuantizer("int4"))

@@ -11,7 +11,8 @@ Patterns match our module names and the original Hub names (`visual.*`, `model.l
 
 How each format lands, without a float round trip where an exact repack exists:
   * AWQ int4, GPTQ int4 (act-order too) -> Int4Linear.from_int4: the same integers, scales and integer
-    zero points, repacked for `_weight_int4pack_mm_for_cpu`; a group size the kernel lacks is split into
+    zero points, repacked for qwenvl's int4 kernel (float32 group parameters: no second rounding) or, where
+    it does not run, for `_weight_int4pack_mm_for_cpu`; a group size the kernel lacks is split into
     kernel-sized groups with repeated scales (exact) when it can be, else that layer becomes float.
   * GPTQ int8 -> Int8Linear when each output row has one scale and one zero point (group_size -1) so that
     q - zero is an int8 per-channel weight, exactly; with groups (Qwen's use 128 columns) the layer is
@@ -223,9 +224,12 @@ class PrequantizedWeights:
             return self._float(layer, dequantized(), bias,
                                f"group size {group} has no divisor among the int4 kernel's {INT4_GROUP_SIZES}")
         k = max(fits)
-        scales = args["scales"].to(self.dtype).repeat_interleave(group // k, dim=1)     # [out, in/k]
-        zeros = args["zeros"].to(self.dtype).repeat_interleave(group // k, dim=1)
-        return Int4Linear.from_int4(args["qweight"], scales, zeros, k, _cast(bias, self.dtype), args["in_perm"])
+        # the checkpoint's own scales (float16): qwenvl's tile layout keeps them and their mins exactly in
+        # float32; PyTorch's int4pack layout stores them in the model's dtype
+        scales = args["scales"].repeat_interleave(group // k, dim=1)                     # [out, in/k]
+        zeros = args["zeros"].float().repeat_interleave(group // k, dim=1)
+        return Int4Linear.from_int4(args["qweight"], scales, zeros, k, _cast(bias, self.dtype), args["in_perm"],
+                                    dtype=self.dtype)
 
     def _int8_or_float(self, layer: str, got: dict, bias, dequantized) -> nn.Module:
         """GPTQ 8-bit: Int8Linear (q - zero, one scale per output row) when the row has one scale and one

@@ -327,13 +327,14 @@ class Int4Linear(nn.Module):
     @classmethod
     def from_int4(cls, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
                   bias: torch.Tensor | None, in_perm: torch.Tensor | None = None,
-                  layout: str | None = None) -> "Int4Linear":
-        """AWQ/GPTQ's form: w = (q - zero) * scale, q uint8 [out, in], scales / zeros [out, in/G]."""
+                  layout: str | None = None, dtype: torch.dtype | None = None) -> "Int4Linear":
+        """AWQ/GPTQ's form: w = (q - zero) * scale, q uint8 [out, in], scales / zeros [out, in/G]; `dtype` the
+        model's (default the scales')."""
         if zeros.shape != scales.shape:
             raise ValueError(f"int4: zeros {tuple(zeros.shape)} do not fit scales {tuple(scales.shape)}")
         mins = -(zeros.float().cpu() * scales.float().cpu())          # exact in float32 (4 bits x 24)
         return cls.from_scales_and_mins(qweight, scales, mins, group_size, bias, in_perm, layout,
-                                        dtype=scales.dtype)
+                                        dtype=dtype or scales.dtype)
 
     @classmethod
     def from_scales_and_mins(cls, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
