@@ -21,6 +21,7 @@ inline FVec fadd(FVec a, FVec b) { return {_mm512_add_ps(a.v, b.v)}; }
 inline FVec fsub(FVec a, FVec b) { return {_mm512_sub_ps(a.v, b.v)}; }
 inline FVec fmul(FVec a, FVec b) { return {_mm512_mul_ps(a.v, b.v)}; }
 inline FVec fmadd(FVec a, FVec b, FVec c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
+inline IVec iadd(IVec a, IVec b) { return {_mm512_add_epi32(a.v, b.v)}; }
 inline FVec to_float(IVec a) { return {_mm512_cvtepi32_ps(a.v)}; }
 inline void fstore(float* p, FVec a) { _mm512_storeu_ps(p, a.v); }
 inline FVec fload(const float* p) { return {_mm512_loadu_ps(p)}; }

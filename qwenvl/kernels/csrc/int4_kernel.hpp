@@ -37,10 +37,13 @@ inline uint16_t float_to_bf16(float f) {            // round to nearest even, as
   return static_cast<uint16_t>(u >> 16);
 }
 
-// One tile (16 outputs) for RB rows of x starting at r0, into out[RB][16] (float32).
+// One tile (16 outputs) for RB rows of x starting at r0, into out[RB][16] (float32). Each row's integer
+// sums run in kChains independent chains: a dot product instruction waits ~5 cycles for its accumulator,
+// so a single row with one chain would be bound by that latency, not by the reads.
 template <int RB, typename ParamT>
 inline void tile_product(const Int4MatmulArgs& p, const uint8_t* w, const ParamT* prm, int64_t r0,
                          float* out) {
+  constexpr int kChains = RB >= 8 ? 1 : 8 / RB;
   const int64_t K = p.K, G = p.G, groups = K / G, blocks_per_group = G / kBlockK;
   const int8_t* a = p.x.a + r0 * K;
   const float* d = p.x.d + r0 * groups;
@@ -50,8 +53,9 @@ inline void tile_product(const Int4MatmulArgs& p, const uint8_t* w, const ParamT
     for (int r = 0; r < RB; ++r) acc[r] = fzero();
     const uint8_t* wb = w + h * kLanes * 4;
     for (int64_t g = 0; g < groups; ++g) {
-      IVec isum[RB];
-      for (int r = 0; r < RB; ++r) isum[r] = izero();
+      IVec isum[RB][kChains];
+      for (int r = 0; r < RB; ++r)
+        for (int j = 0; j < kChains; ++j) isum[r][j] = izero();
       for (int64_t b = 0; b < blocks_per_group; ++b, wb += kBlockBytes) {
         const int64_t k0 = g * G + b * kBlockK;
         for (int c = 0; c < 4; ++c) {
@@ -59,15 +63,19 @@ inline void tile_product(const Int4MatmulArgs& p, const uint8_t* w, const ParamT
           load_nibbles(wb + c * 64, lo, hi);
           for (int r = 0; r < RB; ++r) {
             const int8_t* ar = a + r * K + k0 + c * 8;
-            isum[r] = dot4_accumulate(isum[r], lo, load_i32(ar));
-            isum[r] = dot4_accumulate(isum[r], hi, load_i32(ar + 4));
+            IVec& s_lo = isum[r][(2 * c) % kChains];
+            s_lo = dot4_accumulate(s_lo, lo, load_i32(ar));
+            IVec& s_hi = isum[r][(2 * c + 1) % kChains];
+            s_hi = dot4_accumulate(s_hi, hi, load_i32(ar + 4));
           }
         }
       }
+      for (int r = 0; r < RB; ++r)          // integer sums: exact in any order
+        for (int j = 1; j < kChains; ++j) isum[r][0] = iadd(isum[r][0], isum[r][j]);
       const FVec s = fload(prm + g * 2 * kTileN + h * kLanes);
       const FVec m = fload(prm + (g * 2 + 1) * kTileN + h * kLanes);
       for (int r = 0; r < RB; ++r) {
-        acc[r] = fmadd(fmul(s, fbroadcast(d[r * groups + g])), to_float(isum[r]), acc[r]);
+        acc[r] = fmadd(fmul(s, fbroadcast(d[r * groups + g])), to_float(isum[r][0]), acc[r]);
         acc[r] = fmadd(m, fbroadcast(xs[r * groups + g]), acc[r]);
       }
     }
