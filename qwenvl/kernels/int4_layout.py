@@ -13,6 +13,30 @@ sub-blocks of 32 (scale = d * sc, min = -dmin * m); Q4_0 is scale = d, min = -8 
           mins. bfloat16 where every value is exactly a bfloat16 (qwenvl's own quantiser, 4.25 bits a weight at
           G = 128), else float32 (AWQ/GPTQ's fp16 scales and their mins, Q4_K's products: no second rounding).
   Padded rows have q = 0, scale = min = 0.
+
+Why this layout. A decode product is a read of the whole matrix per step, so the kernel has to stay ahead
+of memory with the fewest instructions per byte, for 1 row and for a batch of up to 16:
+  - 16 rows x 4 inputs per 64-byte chunk is exactly one vpdpbusd's unsigned operand (16 int32 lanes, 4 bytes
+    each) against 4 activation bytes broadcast, so 16 outputs advance together with no horizontal sums
+    (ggml's Q4_K x Q8_K dot product reduces each row's vector horizontally at the end of the row instead);
+    the same bytes are two 8-lane halves for the AVX2 build, which gives the identical result.
+  - input 8c+j in the low nibble and 8c+4+j in the high one: one load, an AND and a shift-AND give the two
+    vectors of consecutive inputs; the nibbles are the unsigned operand, the int8 activations the signed
+    one, and the min folds in once per group from the activations' block sum (no zero point per weight).
+  - every row of a batch reuses a weight vector while it is in a register (8 rows a pass with AVX-512, 4
+    with AVX2); more rows take another pass over the tile from L1/L2, not from memory.
+  - the group parameters are a second stream, 8 or 4 bytes per 16 x 128 weights: the scales in bfloat16
+    where that is exact, float32 where bfloat16 would round the checkpoint's own.
+Measured (Xeon with AVX-512 VNNI, shared 2-core VM, one thread, a 1024 x 1536 matrix hot in L2, so the
+kernel's arithmetic rather than memory; same process, medians of 5 alternating rounds, GB/s of weights):
+    rows          1      2      4      8     16
+    AVX-512    52.1   39.2   26.5   14.9    7.7
+    AVX2       29.0   17.9    8.9    4.5    1.1
+Two cores' arithmetic for one row (~100 GB/s) is ~3x the 28-35 GB/s copy bandwidth bench/README.md records
+for this machine when quiet, so one row is bound by memory; eight rows (~30 GB/s on two cores) are about
+at memory's pace, which is what lets a decode step of 8 sequences cost little more than a step of one.
+bench/int4_kernels.py times cold matrices, with the copy bandwidth and PyTorch's kernels beside them.
+Not measured: other interleavings (e.g. 8-row tiles, or ggml's row-major blocks) on this machine.
 """
 
 from __future__ import annotations

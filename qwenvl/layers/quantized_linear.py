@@ -15,6 +15,10 @@ not: from `DECODE_MAX_ROWS + 1` rows on (prefill, vision-heavy prompts, large ba
 its integer weights into a reused bf16 scratch matrix and runs the GEMM, which costs ~7% over plain bf16
 for int8. On other devices (CUDA) the layer dequantises the same way: the math is identical.
 
+int4 decode no longer runs `_weight_int4pack_mm_for_cpu` where qwenvl's own kernels build (qwenvl/kernels:
+int8 activations per group, VNNI integer dot products on a tile layout, up to 16 rows reading the weights
+once; qwenvl/kernels/int4_layout.py says why and what it measured); that kernel stays where ours do not.
+
 That table is the plain int8 layout. On CPUs with VNNI and no AMX (Zen 4 EPYC) the int8 kernel above is
 compute bound (~17 GB/s of int8, no faster than bf16), and a large layer moves into fbgemm's packed layout
 after loading (`use_fbgemm_layout`, layers/int8_vnni.py), which serves every row count: 1.35-1.45x the
