@@ -1,6 +1,7 @@
 """Every int4 matrix-vector product this PyTorch offers on a CPU, and qwenvl's own, against the int8 layer.
 
     .venv/bin/python bench/int4_kernels.py [--rounds 3]   # Qwen2-VL-2B's gate/up and down shapes (~2 min)
+    .venv/bin/python bench/int4_kernels.py --step         # a decode step's products, 1 and 8 rows (~1 min)
 
 Why: int4 decode can only beat int8 decode by the ratio of their products' times, and that ratio is set by
 the kernels, not by the engine. Each candidate multiplies bf16 rows (1, a single sequence's decode step, and
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -159,5 +161,43 @@ def main() -> None:
         del built
 
 
+# A decode step's linears at Qwen2-VL-2B widths, fused as the engine fuses them (q/k/v, gate/up), 28 layers.
+STEP_LAYER = {"qkv": (2048, 1536), "o": (1536, 1536), "gate/up": (17920, 1536), "down": (1536, 8960)}
+STEP_LAYERS = 28
+
+
+def decode_step(rounds: int) -> None:
+    """Every int4 product of a decode step (no attention, no head) in each layout, for 1 and 8 rows: what the
+    issue's "a step of 8 sequences costs <= 1.4x a step of one" asks of the kernels."""
+    from qwenvl import kernels
+    layouts = ["tiles", "int4pack"] if kernels.isa() else ["int4pack"]
+    steps = {}
+    for layout in layouts:
+        layers = [_int4_layer(torch.randn(o, i, dtype=torch.bfloat16) * 0.02, layout)
+                  for _ in range(STEP_LAYERS) for o, i in STEP_LAYER.values()]
+        steps[layout] = (layers, sum(_nbytes(l.packed, l.params) for l in layers))
+    times: dict[tuple[str, int], list[float]] = {}
+    for _ in range(rounds):
+        for layout, (layers, _) in steps.items():
+            for rows in ROWS:
+                xs = {i: torch.randn(rows, i, dtype=torch.bfloat16) for i in (1536, 8960)}
+                calls = [lambda layer=layer: layer(xs[layer.in_features]) for layer in layers]
+                for call in calls:
+                    call()
+                t0 = time.perf_counter()
+                for call in calls:
+                    call()
+                times.setdefault((layout, rows), []).append(time.perf_counter() - t0)
+    for (layout, rows), ss in times.items():
+        s, nbytes = statistics.median(ss), steps[layout][1]
+        ratio = f"   {rows}-row / 1-row {s / statistics.median(times[(layout, 1)]):.2f}x" if rows > 1 else ""
+        print(f"   decode step, {layout:9s} rows {rows}: {s * 1e3:7.2f} ms, {nbytes / s / 1e9:5.1f} GB/s{ratio}")
+
+
 if __name__ == "__main__":
-    main()
+    if "--step" in sys.argv:
+        torch.backends.mkldnn.enabled = False
+        print(f"copy bandwidth {throughput.copy_bandwidth() / 1e9:.1f} GB/s (read + write)")
+        decode_step(int(sys.argv[sys.argv.index("--rounds") + 1]) if "--rounds" in sys.argv else 5)
+    else:
+        main()
