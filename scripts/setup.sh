@@ -26,6 +26,9 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q --disable-pip-version-check "torch==${QWENVL_TORCH_VERSION:-2.13.0}"
 # QWENVL_EXTRAS adds optional extras (CI adds "cluster", Ray Serve, so the replica tests run).
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[${QWENVL_EXTRAS:-serve,eval,test}]"
+# qwenvl's CPU kernels (qwenvl/kernels), compiled once into ~/.cache/qwenvl/kernels (1-2 min); without a
+# compiler this only warns, and the first use falls back to PyTorch's kernels the same way.
+.venv/bin/python -c "import qwenvl.kernels as k; print('qwenvl CPU kernels:', k.isa() or 'not available')" || true
 
 if [ -z "${QWENVL_SKIP_DEMO:-}" ]; then
   echo
