@@ -215,7 +215,7 @@ def test_hidden_module_warns_once_and_falls_back_to_the_same_answers(monkeypatch
     assert with_kernels.layout == LAYOUT_TILES
     monkeypatch.setattr(build, "_loaded", (None, "hidden by the test"))
     monkeypatch.setattr(kernels, "_warned", set())
-    kernels._isa_for.cache_clear()
+    kernels._forget()
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -231,7 +231,7 @@ def test_hidden_module_warns_once_and_falls_back_to_the_same_answers(monkeypatch
         # a layer built with the kernels still answers (through the dequantised GEMM) once they are gone
         torch.testing.assert_close(with_kernels(x), fallback(x), rtol=0, atol=2e-5)
     finally:
-        kernels._isa_for.cache_clear()
+        kernels._forget()
 
 
 def test_no_compiler_is_one_warning_naming_it(tmp_path):

@@ -15,7 +15,6 @@ This package imports only torch and the standard library (a lower layer, beside 
 
 from __future__ import annotations
 
-import functools
 import os
 import warnings
 
@@ -37,14 +36,34 @@ def mode() -> str:
 
 def isa() -> str | None:
     """The instruction set the kernels run with under the current QWENVL_KERNELS, or None (off, unavailable)."""
-    return _isa_for(mode())
+    runner = _runner()
+    return None if runner is None else runner[1]
 
 
 def available() -> bool:
-    return isa() is not None
+    return _runner() is not None
 
 
-@functools.lru_cache(maxsize=None)
+# QWENVL_KERNELS's value -> (the compiled module, its ISA) or None: a decode step asks hundreds of times,
+# so the answer is one dictionary lookup after the first (the variable is read each time: tests change it)
+_resolved: dict[str, tuple[object, str] | None] = {}
+
+
+def _runner() -> tuple[object, str] | None:
+    value = os.environ.get(MODE_ENV, "")
+    try:
+        return _resolved[value]
+    except KeyError:
+        chosen = _isa_for(mode())
+        runner = _resolved[value] = None if chosen is None else (build.load()[0], chosen)
+        return runner
+
+
+def _forget() -> None:
+    """Drop the cached choice (tests that hide the compiled module)."""
+    _resolved.clear()
+
+
 def _isa_for(requested: str) -> str | None:
     if requested == "off":
         return None
@@ -72,14 +91,14 @@ def _warn_once(cause: str) -> None:
     if cause not in _warned:
         _warned.add(cause)
         warnings.warn(f"qwenvl: CPU kernels unavailable ({cause}); using PyTorch's kernels instead",
-                      RuntimeWarning, stacklevel=3)
+                      RuntimeWarning, stacklevel=4)
 
 
-def _checked_isa(isa_name: str | None) -> tuple[object, str]:
-    chosen = isa_name or isa()
-    if chosen is None:
+def _checked_runner(isa_name: str | None) -> tuple[object, str]:
+    runner = _runner()
+    if runner is None:
         raise RuntimeError("qwenvl kernels are not available here (see the warning, or QWENVL_KERNELS)")
-    return build.load()[0], chosen
+    return runner if isa_name is None else (runner[0], isa_name)
 
 
 # Activation passes per dtype (reference.py): one int8 pass for bfloat16, as llama.cpp quantises its
@@ -94,7 +113,7 @@ def int4_matmul(x: torch.Tensor, packed: torch.Tensor, params: torch.Tensor, gro
     layout (int4_layout.py): packed uint8 [N_pad, K/2], params [N_pad/16, K/G, 2, 16] (scale, min) float32 or
     bfloat16. Each row of x is quantised to int8 per group on its own (ACTIVATION_PASSES), so rows do not
     affect each other. 1 to 16 rows. `isa_name` forces "avx512" or "avx2" (tests); by default isa()'s."""
-    module, chosen = _checked_isa(isa_name)
+    module, chosen = _checked_runner(isa_name)
     return module.int4_matmul(x, packed, params, group_size, out_features, ACTIVATION_PASSES.get(x.dtype, 1), chosen)
 
 
@@ -102,5 +121,5 @@ def quantize_activations(x: torch.Tensor, block: int, passes: int = 1, isa_name:
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The kernels' activation quantisation of x [R, K]: (a int8 [R P, K], d [R P, K/block], xs [R P, K/block]),
     row r's pass p at r P + p."""
-    module, chosen = _checked_isa(isa_name)
+    module, chosen = _checked_runner(isa_name)
     return tuple(module.quantize_activations(x, block, passes, chosen))
