@@ -76,7 +76,10 @@ def _load() -> tuple[object | None, str | None]:
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
         return None, f"no C++ compiler ({compiler}) on PATH"
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return None, f"the cache folder {directory} cannot be made ({e.strerror}); set {CACHE_ENV}"
     print(f"qwenvl: compiling the CPU kernels into {directory} (once per machine) ...", end="",
           file=sys.stderr, flush=True)
     start = time.perf_counter()

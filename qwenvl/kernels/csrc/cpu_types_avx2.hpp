@@ -9,6 +9,7 @@
 
 namespace QWENVL_ISA_NS {
 
+constexpr int kDotChains = 1;       // independent accumulators a row wants (int4_kernel.hpp)
 constexpr int kLanes = 8;
 
 struct FVec { __m256 v; };

@@ -9,6 +9,7 @@
 
 namespace QWENVL_ISA_NS {
 
+constexpr int kDotChains = 8;       // independent accumulators a row wants (int4_kernel.hpp)
 constexpr int kLanes = 16;          // 32-bit lanes per vector
 
 struct FVec { __m512 v; };          // float32 x 16

@@ -38,12 +38,13 @@ inline uint16_t float_to_bf16(float f) {            // round to nearest even, as
 }
 
 // One tile (16 outputs) for RB rows of x starting at r0, into out[RB][16] (float32). Each row's integer
-// sums run in kChains independent chains: a dot product instruction waits ~5 cycles for its accumulator,
-// so a single row with one chain would be bound by that latency, not by the reads.
+// sums run in kChains independent chains where the ISA's dot product accumulates in place (vpdpbusd waits
+// ~5 cycles for its accumulator: one row with one chain would be bound by that latency, not by the
+// reads); AVX2's product feeds a 1-cycle add, so it keeps one chain and its 16 registers for rows.
 template <int RB, typename ParamT>
 inline void tile_product(const Int4MatmulArgs& p, const uint8_t* w, const ParamT* prm, int64_t r0,
                          float* out) {
-  constexpr int kChains = RB >= 8 ? 1 : 8 / RB;
+  constexpr int kChains = kDotChains / RB > 1 ? kDotChains / RB : 1;
   const int64_t K = p.K, G = p.G, groups = K / G, blocks_per_group = G / kBlockK;
   const int8_t* a = p.x.a + r0 * K;
   const float* d = p.x.d + r0 * groups;
