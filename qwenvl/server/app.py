@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect
 
+from ..engine.errors import EngineStopped
 from ..inputs.admission import AdmissionPolicy
 from . import dashscope_routes, openai_routes
 from .auth import check_api_key
@@ -116,6 +117,9 @@ def _guarded(handler):
             return await handler(request)
         except APIError as e:
             return error_response(e, request.url.path, _request_id(request))
+        except EngineStopped as e:       # the drain's grace ran out while this request was being answered
+            return error_response(APIError(503, f"{e}; retry on another replica", headers={"Retry-After": "5"}),
+                                  request.url.path, _request_id(request))
         except ClientDisconnect:         # the client hung up (mid-upload or mid-answer): not a server error
             log.info("client disconnected from %s; request %s aborted", request.url.path, _request_id(request))
             return Response(status_code=CLIENT_CLOSED)     # never reaches the client; counted as 499
@@ -150,6 +154,13 @@ def _add_service_routes(app: FastAPI, state: ServerState) -> None:
     async def health():
         if state.draining:
             return JSONResponse({"status": "draining"}, status_code=503)
+        stalled = getattr(state.engine, "stalled_for", None)
+        stalled_s = stalled() if stalled is not None else 0.0
+        if stalled_s > state.settings.health_stall_s:   # a stuck step: let the load balancer route around it
+            return JSONResponse({"status": "stalled", "model": state.model_name,
+                                 "reason": f"the engine has not stepped for {stalled_s:.0f} s while requests wait "
+                                           f"(limit {state.settings.health_stall_s:g} s, --health-stall-timeout)"},
+                                status_code=503)
         return {"status": "ok", "model": state.model_name, "uptime_s": round(time.time() - state.started, 1)}
 
     @app.get("/metrics")

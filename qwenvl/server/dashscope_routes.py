@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from ..engine.errors import EngineStopped
 from . import generation as gen
 from .answer import AnswerStream, final_answer
 from .choices import Choices, usage_totals
@@ -74,7 +75,8 @@ def _with_ocr_task(req, family: str):
         if params.structured is not None:
             raise bad_request(f"{where}task: {req.ocr_task} cannot be combined with response_format or a forced "
                               "tool call", f"{where}task")
-        params = dataclasses.replace(params, structured=task.structured)
+        params = dataclasses.replace(params, structured=dataclasses.replace(
+            task.structured, source=f"{where}task_config.result_schema"))
     return dataclasses.replace(req, messages=messages, params=params)
 
 
@@ -152,6 +154,8 @@ async def _events(req, prompt, choices: Choices, tokenizer, k: int, route: str, 
                 n += 1
                 usage = _usage([c.latest for c in streams if c.latest is not None])
                 yield _event(n, "result", 200, {"output": output, "usage": usage, "request_id": rid})
+    except EngineStopped as e:          # the drain's grace ran out: say so in-band
+        yield _event(n + 1, "error", 503, dashscope_body(APIError(503, f"{e}; the answer is incomplete"), rid))
     except Exception:  # noqa: BLE001 - headers are sent: report in-band, never a trace
         gen.log.exception("stream %s failed", rid)
         yield _event(n + 1, "error", 500, dashscope_body(APIError(500, "internal error while generating"), rid))

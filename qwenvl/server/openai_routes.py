@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from ..engine.errors import EngineStopped
 from . import generation as gen
 from .answer import AnswerStream, final_answer, openai_delta_calls
 from .choices import Choices, usage_totals
@@ -120,6 +121,9 @@ async def _events(reply: _Reply, route: str, t0: float):
                 finals[i] = out
         if reply.req.include_usage:
             yield _sse(reply.usage_chunk(finals))
+    except EngineStopped as e:          # the drain's grace ran out: say so in-band
+        yield _sse(openai_body(APIError(503, f"{e}; the answer is incomplete")))
+        return
     except Exception:  # noqa: BLE001 - headers are sent: report in-band, never a trace
         gen.log.exception("stream %s failed", reply.id)
         yield _sse(openai_body(APIError(500, "internal error while generating")))

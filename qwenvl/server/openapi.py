@@ -10,13 +10,16 @@ from pydantic.json_schema import models_json_schema
 
 from . import openapi_models as m
 
-_ERROR_STATUSES = {"400": "a field is wrong or the prompt does not fit; the message names the field",
+_ERROR_STATUSES = {"400": "a field is wrong or the prompt does not fit; the message names the field. A "
+                          "response_format / tools / result_schema schema past a size limit (--max-schema-bytes, "
+                          "--max-schema-properties, --max-schema-depth) is a 400 naming the limit",
                    "401": "missing or wrong API key",
                    "404": "the request names a model this server does not serve (code model_not_found)",
                    "413": "the body is over the size limit",
                    "415": "the body is not sent with Content-Type: application/json",
                    "429": "the queue is full; retry after Retry-After seconds",
-                   "503": "the server is shutting down"}
+                   "503": "the server is shutting down, or a schema's grammar did not compile within "
+                          "--grammar-compile-timeout seconds (code grammar_compile_timeout)"}
 # One server-sent event: `data` holds a JSON chunk (OpenAI: chat.completion.chunk or "[DONE]"; DashScope: a
 # response with the answer so far or its delta).
 _SSE = {"text/event-stream": {"schema": {
@@ -75,7 +78,9 @@ def openapi_document(title: str, version: str, paths: dict[str, str]) -> dict:
             paths["compat_models"]: _models(),
             "/health": {"get": {"summary": "liveness", "responses": {
                 "200": {"description": "serving", "content": _json(m.Health)},
-                "503": {"description": "draining", "content": _json(m.Health)}}}},
+                "503": {"description": "draining (SIGTERM), or stalled: the engine has not stepped for "
+                                       "--health-stall-timeout seconds while requests wait",
+                        "content": _json(m.Health)}}}},
         },
         "components": {"schemas": defs.get("$defs", {})},
     }

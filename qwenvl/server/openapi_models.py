@@ -329,6 +329,7 @@ class DashScopeError(_Open):
 
 
 class Health(_Open):
-    status: Literal["ok", "draining"]
+    status: Literal["ok", "draining", "stalled"]
     model: str | None = None
     uptime_s: float | None = None
+    reason: str | None = None                  # status "stalled": how long the engine has not stepped

@@ -153,7 +153,7 @@ def _response_format(p: dict, where: str) -> StructuredOutput | None:
     if spec is None or "schema" not in spec:
         raise bad_request(f"{at}json_schema: required, {{\"name\": ..., \"schema\": {{...}}}}", f"{at}json_schema")
     try:
-        return StructuredOutput.json_schema(spec["schema"])
+        return dataclasses.replace(StructuredOutput.json_schema(spec["schema"]), source=f"{at}json_schema.schema")
     except InvalidStructuredOutputError as e:
         raise bad_request(f"{at}json_schema.schema: {e}", f"{at}json_schema.schema") from None
 
@@ -177,6 +177,9 @@ def _constrained(p: dict, where: str, params: SamplingParams) -> tuple[SamplingP
             params = use.constrain(params)
         except InvalidStructuredOutputError as e:
             raise bad_request(f"{where}{e}", f"{where}tool_choice") from None
+        if use.forced_output() is not None:      # errors in the forced call's grammar name the tools
+            params = dataclasses.replace(params, structured=dataclasses.replace(params.structured,
+                                                                                source=f"{where}tools"))
     return params, use
 
 

@@ -7,19 +7,27 @@ InvalidStructuredOutputError, a ValueError, to a 400 naming the field) and never
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 KINDS = ("json_object", "json_schema", "tool_call")
 
 
 class InvalidStructuredOutputError(ValueError):
-    """The requested structure cannot be compiled: the message names what is wrong."""
+    """The requested structure cannot be compiled: the message names what is wrong, `param` the request field
+    (when known)."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass(frozen=True)
 class StructuredOutput:
     kind: str                       # "json_object" (rooted at an object), "json_schema" or "tool_call"
     schema_json: str | None = None  # compact JSON text of the schema: hashable, the compile-cache key
+    # the request field the structure came from ("response_format.json_schema.schema", "tools", ...), for
+    # error messages; not part of the cache key
+    source: str = field(default="", compare=False)
     # tool_call: the output is one `<tool_call>\n{"name": N, "arguments": A}\n</tool_call>` block whose
     # body matches schema_json (one branch per allowed tool, arguments = that tool's parameters).
 
