@@ -107,6 +107,12 @@ def test_limits_cover_forced_tool_calls_and_dashscope_ocr_schemas(server, client
     tools = [{"type": "function", "function": {"name": "f", "parameters": big}}]
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=5, tools=tools, tool_choice="required")
+    assert "--max-schema-properties" in _error(e.value)["message"]
+    assert _error(e.value)["param"] == "tools[0].function.parameters"
+    half = {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(600)}}
+    tools = [{"type": "function", "function": {"name": n, "parameters": half}} for n in ("f", "g")]
+    with pytest.raises(openai.BadRequestError) as e:     # each is fine, the forced call's grammar is not
+        client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=5, tools=tools, tool_choice="required")
     assert "--max-schema-properties" in _error(e.value)["message"] and _error(e.value)["param"] == "tools"
     body = {"model": MODEL, "input": {"messages": [{"role": "user", "content": [{"image": _png()}, {"text": "read"}]}]},
             "parameters": {"ocr_options": {"task": "key_information_extraction",

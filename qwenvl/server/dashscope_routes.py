@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import time
@@ -61,11 +62,11 @@ def _text_output(req, text: str | None, finish: str, out) -> dict:
     return o
 
 
-def _with_ocr_task(req, family: str):
+def _with_ocr_task(req, family: str, limits):
     """The request with the OCR task's prompt in place of the user's text and the task's grammar, if any."""
     where = "parameters.ocr_options."
     try:
-        task = ocr_request(req.ocr_task, family, req.ocr_result_schema, where)
+        task = ocr_request(req.ocr_task, family, req.ocr_result_schema, where, limits)
         messages = apply_to_messages(req.messages, task.prompt)
     except OcrTaskError as e:
         message = str(e)
@@ -100,13 +101,16 @@ async def generation(request: Request):
     rid = request.state.request_id
     t0 = time.perf_counter()
     body = await read_json_body(request, state.settings.max_body_bytes)
-    req = parse_dashscope(body, request.headers.get("x-dashscope-sse", "").lower() == "enable",
-                          state.info.generation_defaults if state.info else None)
+    sse = request.headers.get("x-dashscope-sse", "").lower() == "enable"
+    # off the event loop: a large schema's metaschema check takes a second or more (see openai_routes)
+    req = await asyncio.to_thread(parse_dashscope, body, sse, state.info.generation_defaults if state.info else None,
+                                  state.settings.schema_limits)
     gen.check_model(state, req.model)
     if req.n > 1 and req.result_format == "text":
         raise APIError(400, "parameters.n: several choices need result_format 'message'", param="parameters.n")
     if req.ocr_task is not None:
-        req = _with_ocr_task(req, state.info.family if state.info else "qwen2_vl")
+        req = await asyncio.to_thread(_with_ocr_task, req, state.info.family if state.info else "qwen2_vl",
+                                      state.settings.schema_limits)
     prompt, params = await gen.prepare(state, req, where="input.")
     choices = Choices(state, rid, req.n)
     await choices.start(prompt, params, request)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -77,7 +78,10 @@ async def chat_completions(request: Request):
     route = request.scope.get("route_label", request.url.path)
     t0 = time.perf_counter()
     body = await read_json_body(request, state.settings.max_body_bytes)
-    req = parse_openai(body, state.info.generation_defaults if state.info else None)
+    # off the event loop: checking a large schema against its metaschema takes a second or more (pure Python,
+    # so it shares the GIL, but the loop keeps serving the other requests meanwhile)
+    req = await asyncio.to_thread(parse_openai, body, state.info.generation_defaults if state.info else None,
+                                  state.settings.schema_limits)
     gen.check_model(state, req.model)
     prompt, params = await gen.prepare(state, req)
     choices = Choices(state, f"chatcmpl-{uuid.uuid4().hex}", req.n)

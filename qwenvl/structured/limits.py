@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from .spec import InvalidStructuredOutputError
+from .errors import InvalidStructuredOutputError
 
 
 @dataclass(frozen=True)
@@ -33,17 +33,19 @@ class SchemaTooLargeError(InvalidStructuredOutputError):
     """A schema past one of the limits; the message names the limit and the server flag that sets it."""
 
 
-def check_schema_limits(schema_json: str, limits: SchemaLimits, where: str = "schema") -> None:
+def check_schema_limits(schema_json: str, limits: SchemaLimits, where: str = "") -> None:
+    """Raise SchemaTooLargeError naming the first limit `schema_json` is past; `where` prefixes the message."""
+    at = f"{where}: " if where else ""
     size = len(schema_json.encode("utf-8"))
     if size > limits.max_bytes:
-        raise SchemaTooLargeError(f"{where}: the schema is {size} bytes as compact JSON, over the limit of "
+        raise SchemaTooLargeError(f"{at}the schema is {size} bytes as compact JSON, over the limit of "
                                   f"{limits.max_bytes} bytes (--max-schema-bytes)")
     properties, depth = _measure(json.loads(schema_json))
     if depth > limits.max_depth:
-        raise SchemaTooLargeError(f"{where}: the schema nests {depth} levels of objects/arrays, over the limit of "
+        raise SchemaTooLargeError(f"{at}the schema nests {depth} levels of objects/arrays, over the limit of "
                                   f"{limits.max_depth} (--max-schema-depth)")
     if properties > limits.max_properties:
-        raise SchemaTooLargeError(f"{where}: the schema declares {properties} properties, over the limit of "
+        raise SchemaTooLargeError(f"{at}the schema declares {properties} properties, over the limit of "
                                   f"{limits.max_properties} (--max-schema-properties)")
 
 
