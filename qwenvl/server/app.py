@@ -42,7 +42,9 @@ CLIENT_CLOSED = 499     # nginx's "client closed request": what the metrics coun
 # every API route and its methods: the gate answers a wrong path or method itself, in the family's shape,
 # so a UI mounted at "/" never answers for the API prefixes
 ROUTES = {OPENAI_CHAT: ("POST",), COMPAT_CHAT: ("POST",), DASHSCOPE_GEN: ("POST",),
-          "/v1/models": ("GET", "HEAD"), "/compatible-mode/v1/models": ("GET", "HEAD")}
+          "/v1/models": ("GET", "HEAD"), "/compatible-mode/v1/models": ("GET", "HEAD"),
+          "/v1/models/{model}": ("GET", "HEAD"), "/compatible-mode/v1/models/{model}": ("GET", "HEAD")}
+MODEL_PREFIXES = ("/v1/models/", "/compatible-mode/v1/models/")     # the openai SDK's models.retrieve(id)
 
 
 def create_app(async_engine, settings: ServerSettings | None = None,
@@ -136,6 +138,8 @@ def _add_api_routes(app: FastAPI) -> None:
     app.add_api_route(COMPAT_CHAT, _guarded(openai_routes.chat_completions), methods=["POST"])
     app.add_api_route("/v1/models", _guarded(openai_routes.list_models), methods=["GET"])
     app.add_api_route("/compatible-mode/v1/models", _guarded(openai_routes.list_models), methods=["GET"])
+    for prefix in MODEL_PREFIXES:                 # a Hub id holds a slash: the rest of the path is the id
+        app.add_api_route(prefix + "{model:path}", _guarded(openai_routes.retrieve_model), methods=["GET"])
     app.add_api_route(DASHSCOPE_GEN, _guarded(dashscope_routes.generation), methods=["POST"])
 
 
@@ -173,9 +177,19 @@ def _add_service_routes(app: FastAPI, state: ServerState) -> None:
         return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
+def route_key(path: str) -> str:
+    """The ROUTES key serving `path` ("other" when none): the path itself, or a templated one."""
+    if path in ROUTES:
+        return path
+    for prefix in MODEL_PREFIXES:
+        if path.startswith(prefix) and len(path) > len(prefix):
+            return prefix + "{model}"
+    return "other"
+
+
 def _route_error(path: str, method: str) -> APIError | None:
     """404 for a path no API route serves, 405 (with Allow) for a method it does not take, else None."""
-    methods = ROUTES.get(path)
+    methods = ROUTES.get(route_key(path))
     if methods is None:
         return APIError(404, f"no API route at {path[:200]}; see /openapi.json for the routes")
     if method not in methods:
@@ -197,7 +211,7 @@ class _Gate:
             await self.app(scope, receive, send)
             return
         state = self.state
-        route = path if path in ROUTES else "other"
+        route = route_key(path)
         scope["route_label"] = route
         request_id = new_request_id()
         scope.setdefault("state", {})["request_id"] = request_id

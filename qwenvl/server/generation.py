@@ -57,9 +57,17 @@ class ServerState:
 
 def check_model(state: ServerState, name: str | None, param: str = "model") -> None:
     """vLLM's rule: a request may leave the model out, but a model it names must be one this server serves."""
+    if name == "":
+        raise APIError(400, f"{param}: must not be empty; leave it out for the served model, or name one of "
+                       f"{', '.join(state.model_names)}", param=param)
     if name and name not in state.model_names:
-        raise APIError(404, f"{param}: the model {name[:100]!r} does not exist on this server; it serves "
+        raise APIError(404, f"{param}: the model {_shown(name)} does not exist on this server; it serves "
                        f"{', '.join(state.model_names)} (see /v1/models)", param=param, code="model_not_found")
+
+
+def _shown(name: str, most: int = 64) -> str:
+    """A client's string for a message: quoted, and cut when long (an error must not echo a megabyte back)."""
+    return repr(name) if len(name) <= most else f"{name[:most]!r}... ({len(name)} characters)"
 
 
 def is_queue_full(exc: BaseException) -> bool:

@@ -154,8 +154,19 @@ def _choice_events(reply: _Reply, i: int, out, stream: AnswerStream, logprobs) -
     return events
 
 
+def _model_card(state, name: str) -> dict:
+    return {"id": name, "object": "model", "created": int(state.started), "owned_by": "qwenvl",
+            "max_model_len": state.max_model_len}
+
+
 async def list_models(request: Request):
     state = request.app.state.qwenvl
-    return JSONResponse({"object": "list", "data": [{
-        "id": name, "object": "model", "created": int(state.started), "owned_by": "qwenvl",
-        "max_model_len": state.max_model_len} for name in state.model_names]})
+    return JSONResponse({"object": "list", "data": [_model_card(state, name) for name in state.model_names]})
+
+
+async def retrieve_model(request: Request):
+    """GET /v1/models/{id}: one served model (the openai SDK's models.retrieve), else 404 model_not_found."""
+    state = request.app.state.qwenvl
+    name = request.path_params["model"]
+    gen.check_model(state, name)
+    return JSONResponse(_model_card(state, name))
