@@ -10,6 +10,7 @@ import asyncio
 import base64
 import io
 import json
+import re
 import os
 import signal
 import subprocess
@@ -255,3 +256,12 @@ def test_sigterm_during_a_compile_exits_within_the_drain_with_json_503s():
             proc.kill()
         output = proc.stdout.read()
     assert "Traceback" not in output, output[-3000:]
+
+
+def test_a_compiler_error_is_a_400_without_the_compilers_internals(client):
+    bad = {"type": "object", "properties": {"n": {"type": "integer", "maximum": 10 ** 20}}, "required": ["n"]}
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=5, response_format=schema_format(bad))
+    err = _error(e.value)
+    assert err["param"] == "response_format.json_schema.schema" and "exceeds maximum" in err["message"], err
+    assert ".cc" not in err["message"] and not re.search(r"\[\d\d:\d\d:\d\d\]", err["message"]), err

@@ -108,3 +108,49 @@ def test_a_tool_call_cut_by_max_tokens_after_its_json_is_still_a_call(client, st
 def test_a_reversed_page_range_says_so():
     with pytest.raises(PdfError, match=r"'3-1' is a reversed range; write the first page first, '1-3'"):
         parse_pages("3-1", 5)
+
+
+# ------------------------------------------------------------------------------------------- schemas
+def _schema_format(schema):
+    return {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
+
+
+SELF = {"type": "object", "properties": {"child": {"$ref": "#/$defs/node"}}, "required": ["child"]}
+
+
+@pytest.mark.parametrize("schema, why", [
+    ({"$ref": "https://example.com/person.json"}, "only local references"),
+    ({"$ref": "file:///etc/passwd"}, "only local references"),
+    ({"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}, "points to nothing"),
+    ({"type": "object", "required": ["id"], "additionalProperties": False, "properties": {"name": {}}},
+     "no object can satisfy it"),
+    ({"$defs": {"node": SELF}, "$ref": "#/$defs/node"}, "requires itself"),
+])
+def test_schemas_that_cannot_be_honoured_are_a_400(client, schema, why):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="qwen-vl", messages=HI, response_format=_schema_format(schema))
+    assert why in _error(e.value)["message"] and _error(e.value)["param"] == "response_format.json_schema.schema"
+
+
+def test_an_optionally_recursive_schema_is_fine(client):
+    linked = {"$defs": {"node": {"type": "object", "properties": {"next": {"$ref": "#/$defs/node"}}}},
+              "$ref": "#/$defs/node"}
+    assert client.chat.completions.create(model="qwen-vl", messages=HI, max_tokens=1,
+                                          response_format=_schema_format(linked)).choices
+
+
+def test_numbers_are_bounded_unless_the_schema_bounds_them():
+    import xgrammar as xgr
+    from xgrammar.testing import _is_grammar_accept_string as accepts
+
+    from qwenvl.structured.grammar import _json_grammar
+    schema = {"type": "object", "properties": {"i": {"type": "integer"}, "x": {"type": "number"}},
+              "required": ["i", "x"], "additionalProperties": False}
+    g = _json_grammar(__import__("json").dumps(schema))
+    assert accepts(g, '{"i":-1234567890123456,"x":0.1234567890123456e-123}')
+    assert not accepts(g, '{"i":12345678901234567,"x":1}')          # 17 digits
+    assert not accepts(g, '{"i":1,"x":1.12345678901234567}')        # a 17-digit fraction
+    assert not accepts(g, '{"i":1,"x":1e1000}')                     # a 4-digit exponent
+    wide = {"type": "integer", "minimum": 0, "maximum": 10 ** 18}   # the schema's own bounds win
+    assert accepts(_json_grammar(__import__("json").dumps(wide)), str(10 ** 17))      # 18 digits
+    assert isinstance(g, xgr.Grammar)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from .errors import InvalidStructuredOutputError
 from .limits import SchemaLimits, check_schema_limits
+from .satisfiable import check_satisfiable
 
 __all__ = ["InvalidStructuredOutputError", "StructuredOutput", "check_schema"]
 
@@ -95,3 +96,4 @@ def check_schema(schema_json: str | None) -> None:
     except jsonschema.SchemaError as e:
         where = "/".join(str(p) for p in e.absolute_path) or "(root)"
         raise InvalidStructuredOutputError(f"invalid json_schema at {where}: {e.message}") from None
+    check_satisfiable(schema)
