@@ -154,3 +154,33 @@ def test_numbers_are_bounded_unless_the_schema_bounds_them():
     wide = {"type": "integer", "minimum": 0, "maximum": 10 ** 18}   # the schema's own bounds win
     assert accepts(_json_grammar(__import__("json").dumps(wide)), str(10 ** 17))      # 18 digits
     assert isinstance(g, xgr.Grammar)
+
+
+# ------------------------------------------------------------------------------- the OpenAPI document
+def test_the_document_and_the_server_agree(url):
+    doc = httpx.get(url + "/openapi.json").json()
+    schemas = doc["components"]["schemas"]
+    assert "/v1/models/{model}" in doc["paths"] and "/compatible-mode/v1/models/{model}" in doc["paths"]
+    tokens = schemas["ChatCompletionRequest"]["properties"]["max_completion_tokens"]["anyOf"]
+    assert {"type": "integer", "minimum": 1} in tokens
+    assert {"type": "string", "minLength": 1} in schemas["ChatCompletionRequest"]["properties"]["model"]["anyOf"]
+    for name in ("OpenAIMessage", "DSMessage"):
+        assert {"type": "string"} in schemas[name]["properties"]["tool_call_id"]["anyOf"]
+    # what the document says, the server does
+    r = httpx.post(url + "/v1/chat/completions", json={"messages": HI, "max_completion_tokens": 2.5})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_completion_tokens"
+    tool_turn = [*HI, {"role": "tool", "tool_call_id": 7, "content": "12:00"}]
+    r = httpx.post(url + "/v1/chat/completions", json={"messages": tool_turn})
+    assert r.status_code == 400 and "tool_call_id: must be a string" in r.json()["error"]["message"]
+    body = {"input": {"messages": HI}}
+    r = httpx.post(url + DS_PATH, json=body, headers={"X-DashScope-SSE": "yes"})
+    assert r.status_code == 400 and "X-DashScope-SSE" in r.json()["message"] and r.json()["code"] == "InvalidParameter"
+    assert httpx.post(url + DS_PATH, json=body, headers={"X-DashScope-SSE": "disable"}).status_code == 200
+    for method, path in [("POST", "/health"), ("PUT", "/openapi.json"), ("DELETE", "/metrics"),
+                         ("POST", "/v1/models"), ("GET", "/v1/chat/completions"), ("PUT", DS_PATH)]:
+        r = httpx.request(method, url + path)
+        assert r.status_code == 405 and r.headers["allow"], (method, path)
+        body = r.json()
+        assert (body["code"] == "MethodNotAllowed") if path == DS_PATH else (body["error"]["code"] == "method_not_allowed")
+        assert method in (body.get("message") or body["error"]["message"])
+    assert httpx.head(url + "/health").status_code == 200

@@ -104,6 +104,8 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
         message = exc.detail if isinstance(exc.detail, str) else "request failed"
+        if exc.status_code == 405 and exc.headers and "Allow" in exc.headers:     # say what the route takes
+            message = f"{request.url.path[:200]} does not take {request.method[:20]}; use {exc.headers['Allow']}"
         return error_response(APIError(exc.status_code, message, headers=exc.headers), request.url.path,
                               _request_id(request))
 
@@ -150,11 +152,11 @@ def _add_service_routes(app: FastAPI, state: ServerState) -> None:
         "openai_chat": OPENAI_CHAT, "compat_chat": COMPAT_CHAT, "dashscope": DASHSCOPE_GEN,
         "models": "/v1/models", "compat_models": "/compatible-mode/v1/models"})
 
-    @app.get("/openapi.json", include_in_schema=False)
+    @app.api_route("/openapi.json", include_in_schema=False, methods=["GET", "HEAD"])
     async def openapi_json():
         return JSONResponse(document)
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
         if state.draining:
             return JSONResponse({"status": "draining"}, status_code=503)
@@ -167,7 +169,7 @@ def _add_service_routes(app: FastAPI, state: ServerState) -> None:
                                 status_code=503)
         return {"status": "ok", "model": state.model_name, "uptime_s": round(time.time() - state.started, 1)}
 
-    @app.get("/metrics")
+    @app.api_route("/metrics", methods=["GET", "HEAD"])
     async def metrics_endpoint(request: Request):
         if not state.settings.metrics_public:    # request counts and queue depth are not for everyone
             try:

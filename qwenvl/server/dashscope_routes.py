@@ -101,7 +101,10 @@ async def generation(request: Request):
     rid = request.state.request_id
     t0 = time.perf_counter()
     body = await read_json_body(request, state.settings.max_body_bytes)
-    sse = request.headers.get("x-dashscope-sse", "").lower() == "enable"
+    sse_header = request.headers.get("x-dashscope-sse", "").lower()
+    if sse_header not in ("", "enable", "disable"):
+        raise bad_request(f"X-DashScope-SSE: must be 'enable' or 'disable', got {sse_header[:40]!r}", "X-DashScope-SSE")
+    sse = sse_header == "enable"
     # off the event loop: a large schema's metaschema check takes a second or more (see openai_routes)
     req = await asyncio.to_thread(parse_dashscope, body, sse, state.info.generation_defaults if state.info else None,
                                   state.settings.schema_limits)

@@ -148,7 +148,7 @@ class StreamOptions(_Open):
 
 
 class ChatCompletionRequest(SamplingFields):
-    model: str | None = None
+    model: str | None = Field(None, min_length=1)   # "" is a 400; leave it out instead
     messages: list[OpenAIMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
@@ -251,6 +251,7 @@ class DSVideo(_Open):
 class DSMessage(_Open):
     role: Role
     content: str | list[Union[DSText, DSImage, DSVideo]] | None = None
+    name: str | None = None
     tool_calls: list[ToolCallIn] | None = None
     tool_call_id: str | None = None
 
@@ -278,7 +279,7 @@ class DSParameters(SamplingFields):
 
 
 class DashScopeRequest(_Open):
-    model: str | None = None
+    model: str | None = Field(None, min_length=1)   # "" is a 400; leave it out instead
     input: DSInput
     parameters: DSParameters | None = None
 
