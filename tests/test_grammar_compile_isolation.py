@@ -265,3 +265,19 @@ def test_a_compiler_error_is_a_400_without_the_compilers_internals(client):
     err = _error(e.value)
     assert err["param"] == "response_format.json_schema.schema" and "exceeds maximum" in err["message"], err
     assert ".cc" not in err["message"] and not re.search(r"\[\d\d:\d\d:\d\d\]", err["message"]), err
+
+
+def test_the_limits_are_flags_of_qwenvl_serve():
+    import argparse
+
+    from qwenvl.server.cli import add_serve_subcommand, settings_from_args
+    parser = argparse.ArgumentParser()
+    serve = add_serve_subcommand(parser.add_subparsers())
+    text = serve.format_help()
+    for flag in ("--max-schema-bytes", "--max-schema-properties", "--max-schema-depth", "--grammar-compile-timeout",
+                 "--health-stall-timeout"):
+        assert flag in text
+    settings = settings_from_args(parser.parse_args(["serve", "--max-schema-properties", "50",
+                                                     "--grammar-compile-timeout", "2.5"]))
+    assert settings.schema_limits.max_properties == 50 and settings.schema_limits.compile_timeout_s == 2.5
+    assert settings.schema_limits.max_bytes == 65536 and settings.schema_limits.max_depth == 32

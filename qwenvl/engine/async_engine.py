@@ -151,6 +151,11 @@ class AsyncEngine:
         self._send(("stop",))
         await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 5.0)
 
+    def stop_workers(self) -> None:
+        """Stop the engine's worker processes (tensor parallelism), for a process about to leave without the
+        garbage collection that would otherwise do it; call after shutdown()."""
+        self.engine.shutdown()
+
     # ---------------------------------------------------------- engine thread
     def _send(self, command: tuple) -> None:
         self._commands.put(command)

@@ -51,20 +51,7 @@ def add_serve_subcommand(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--drain-grace", type=float, default=None,
                    help="seconds in-flight requests get on SIGTERM (default 30; 20 with --replicas, whose Ray "
                         "shutdown takes up to 10 more)")
-    s = p.add_argument_group("structured output limits (response_format json_schema, forced tool calls, OCR "
-                             "key-information schemas; past one a request gets 400, past the deadline 503)")
-    s.add_argument("--max-schema-bytes", type=int, default=64 * 1024,
-                   help="a schema's size as compact JSON (default: 65536)")
-    s.add_argument("--max-schema-properties", type=int, default=1000,
-                   help="properties declared in one schema, all levels together (default: 1000)")
-    s.add_argument("--max-schema-depth", type=int, default=32,
-                   help="objects/arrays nested in one schema document (default: 32)")
-    s.add_argument("--grammar-compile-timeout", type=float, default=10.0,
-                   help="seconds a schema's grammar may take to compile; it compiles beside the running "
-                        "requests, never stalling them (default: 10)")
-    p.add_argument("--health-stall-timeout", type=float, default=60.0,
-                   help="/health answers 503 when the engine has not stepped for this many seconds while "
-                        "requests wait (default: 60)")
+    _add_structured_output_limits(p)
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bfloat16, or float32 "
                                                  "on a CPU without fast bfloat16 products)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU) | cpu | cuda | cuda:N")
@@ -88,6 +75,23 @@ def add_serve_subcommand(subparsers) -> argparse.ArgumentParser:
                    help="local cluster: object store size (default: Ray's)")
     p.set_defaults(func=run_serve_command)
     return p
+
+
+def _add_structured_output_limits(p) -> None:
+    s = p.add_argument_group("structured output limits (response_format json_schema, forced tool calls, OCR "
+                             "key-information schemas; past one a request gets 400, past the deadline 503)")
+    s.add_argument("--max-schema-bytes", type=int, default=64 * 1024,
+                   help="a schema's size as compact JSON (default: 65536)")
+    s.add_argument("--max-schema-properties", type=int, default=1000,
+                   help="properties declared in one schema, all levels together (default: 1000)")
+    s.add_argument("--max-schema-depth", type=int, default=32,
+                   help="objects/arrays nested in one schema document (default: 32)")
+    s.add_argument("--grammar-compile-timeout", type=float, default=10.0,
+                   help="seconds a schema's grammar may take to compile; it compiles beside the running "
+                        "requests, never stalling them (default: 10)")
+    p.add_argument("--health-stall-timeout", type=float, default=60.0,
+                   help="/health answers 503 when the engine has not stepped for this many seconds while "
+                        "requests wait (default: 60)")
 
 
 def settings_from_args(args) -> ServerSettings:
@@ -183,9 +187,7 @@ def _exit_if_compiling(async_engine) -> None:
     grammars = getattr(async_engine, "grammars", None)
     if grammars is not None and grammars.running:
         log.info("exiting while %d grammar compile(s) still run; their results are not needed", grammars.running)
-        engine = getattr(async_engine, "engine", None)
-        if engine is not None and hasattr(engine, "shutdown"):
-            engine.shutdown()                  # tensor-parallel workers, which garbage collection would stop
+        async_engine.stop_workers()            # tensor-parallel workers, which garbage collection would stop
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()
