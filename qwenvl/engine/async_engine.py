@@ -97,7 +97,8 @@ class AsyncEngine:
             while True:
                 item = await stream.get()
                 if isinstance(item, BaseException):
-                    finished = True
+                    # not marked finished: the abort below is a no-op for a request the engine refused, and
+                    # frees one a shutdown failed just as the engine admitted it
                     raise item
                 finished = item.finished
                 yield item
