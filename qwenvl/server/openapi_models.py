@@ -70,7 +70,11 @@ class ToolCallOut(_Open):
 
 class JsonSchemaSpec(_Open):
     name: str | None = None
-    schema_: dict = Field(alias="schema")
+    schema_: dict = Field(alias="schema", description=(
+        "a JSON Schema the answer follows (grammar-constrained). Bounded by --max-schema-bytes (65536), "
+        "--max-schema-properties (1000) and --max-schema-depth (32): past one, a 400 naming it; a compile past "
+        "--grammar-compile-timeout (10 s) is a 503. Numbers have at most 16 digits before and after the point "
+        "and 3 in the exponent unless minimum/maximum say otherwise; only local $refs ('#/$defs/...')."))
     strict: bool | None = None
 
 
