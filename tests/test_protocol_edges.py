@@ -183,4 +183,4 @@ def test_the_document_and_the_server_agree(url):
         body = r.json()
         assert (body["code"] == "MethodNotAllowed") if path == DS_PATH else (body["error"]["code"] == "method_not_allowed")
         assert method in (body.get("message") or body["error"]["message"])
-    assert httpx.head(url + "/health").status_code == 200
+    assert httpx.head(url + "/health").status_code == 200 and httpx.head(url + "/v1/models/qwen-vl").status_code == 200

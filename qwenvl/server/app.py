@@ -138,10 +138,10 @@ def _guarded(handler):
 def _add_api_routes(app: FastAPI) -> None:
     app.add_api_route(OPENAI_CHAT, _guarded(openai_routes.chat_completions), methods=["POST"])
     app.add_api_route(COMPAT_CHAT, _guarded(openai_routes.chat_completions), methods=["POST"])
-    app.add_api_route("/v1/models", _guarded(openai_routes.list_models), methods=["GET"])
-    app.add_api_route("/compatible-mode/v1/models", _guarded(openai_routes.list_models), methods=["GET"])
+    app.add_api_route("/v1/models", _guarded(openai_routes.list_models), methods=["GET", "HEAD"])
+    app.add_api_route("/compatible-mode/v1/models", _guarded(openai_routes.list_models), methods=["GET", "HEAD"])
     for prefix in MODEL_PREFIXES:                 # a Hub id holds a slash: the rest of the path is the id
-        app.add_api_route(prefix + "{model:path}", _guarded(openai_routes.retrieve_model), methods=["GET"])
+        app.add_api_route(prefix + "{model:path}", _guarded(openai_routes.retrieve_model), methods=["GET", "HEAD"])
     app.add_api_route(DASHSCOPE_GEN, _guarded(dashscope_routes.generation), methods=["POST"])
 
 
