@@ -19,6 +19,7 @@ import json
 import re
 from dataclasses import dataclass, field
 
+from ..structured.limits import SchemaTooLargeError
 from ..structured.spec import StructuredOutput
 
 TASKS = ("text_recognition", "key_information_extraction", "table_parsing", "document_parsing",
@@ -75,15 +76,19 @@ class OcrResult:
         return item
 
 
-def ocr_request(task, family: str, result_schema=None, where: str = "") -> OcrRequest:
+def ocr_request(task, family: str, result_schema=None, where: str = "", limits=None) -> OcrRequest:
+    """`limits` (a SchemaLimits): the server's bounds on the key-information schema."""
     if task not in TASKS:
         raise OcrTaskError(f"{where}task: unknown OCR task {task!r}; use one of {', '.join(TASKS)}")
     if task == "key_information_extraction":
         if not isinstance(result_schema, dict) or not result_schema:
             raise OcrTaskError(f"{where}task_config.result_schema: key_information_extraction needs an object "
                                "of the fields to extract, e.g. {\"invoice_number\": \"the invoice number\"}")
-        return OcrRequest(task, _KIE_PROMPT.format(schema=json.dumps(result_schema, ensure_ascii=False)),
-                          StructuredOutput.json_schema(_kie_schema(result_schema)))
+        try:
+            structured = StructuredOutput.json_schema(_kie_schema(result_schema), limits)
+        except SchemaTooLargeError as e:
+            raise OcrTaskError(f"{where}task_config.result_schema: {e}") from None
+        return OcrRequest(task, _KIE_PROMPT.format(schema=json.dumps(result_schema, ensure_ascii=False)), structured)
     if task == "advanced_recognition":
         return OcrRequest(task, _LINES_PROMPT["qwen2_vl" if family == "qwen2_vl" else "json"])
     return OcrRequest(task, _PROMPTS[task])

@@ -163,14 +163,20 @@ class LLMEngine:
         return build_inputs(messages, self.tokenizer, self.cfg, self.preprocessor,
                             chat_template_kwargs=chat_template_kwargs, tools=tools)
 
-    def add_request(self, request_id: str, prompt: PromptInputs, params: SamplingParams) -> None:
+    def compile_grammar(self, spec):
+        """The compiled grammar of a StructuredOutput (cached); raises InvalidStructuredOutputError. Callable
+        from any thread, so a slow compile can run beside the step loop and its result go to add_request."""
+        return self.grammar_mask.compile(spec)
+
+    def add_request(self, request_id: str, prompt: PromptInputs, params: SamplingParams, grammar=None) -> None:
         """Queue a prepared prompt; raises ValueError when it can never fit (too long for the context or
-        the KV cache) or the id is taken."""
+        the KV cache) or the id is taken. `grammar`: params.structured already compiled (compile_grammar);
+        without it a structured request compiles here, on the caller's thread."""
         seq = Sequence(request_id, prompt.token_ids, params, prompt.positions, prompt.next_position, prompt.vision)
         if params.structured is not None:
             if request_id in self._requests:
                 raise ValueError(f"request id {request_id!r} is already in use")
-            self.grammar_mask.add(request_id, params.structured)   # a bad schema raises before queueing
+            self.grammar_mask.add(request_id, params.structured, grammar)   # a bad schema raises before queueing
         try:
             self.scheduler.add(seq)
         except ValueError:

@@ -41,6 +41,9 @@ def normalize_messages(messages) -> list[dict]:
         role = msg.get("role")
         if role not in ROLES:
             raise InputError(f"{where}.role: {role!r} is not a known role; use one of {', '.join(ROLES)}")
+        for key in ("tool_call_id", "name"):       # strings where given (the API documents them so)
+            if msg.get(key) is not None and not isinstance(msg[key], str):
+                raise InputError(f"{where}.{key}: must be a string, got {type(msg[key]).__name__}")
         content = msg.get("content")
         if content is None:
             parts = []     # an assistant turn that only holds tool_calls

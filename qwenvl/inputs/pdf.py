@@ -87,6 +87,8 @@ def parse_pages(spec: str | int | list[int] | None, n_pages: int) -> list[int]:
         if not (first.isdigit() and (not last or last.isdigit())):
             raise PdfError(f"pages {spec!r}: write page numbers like '1-3,5' (1-based)")
         lo, hi = int(first), int(last or first)
+        if lo > hi:
+            raise PdfError(f"pages {spec!r}: '{part}' is a reversed range; write the first page first, '{hi}-{lo}'")
         if not 1 <= lo <= hi <= n_pages:
             raise PdfError(f"pages {spec!r}: the document has {n_pages} page(s); '{part}' is outside 1-{n_pages}")
         pages.extend(range(lo - 1, hi))

@@ -61,7 +61,9 @@ class AnswerStream:
         step = self._tools.feed(content)
         out = AnswerDelta(reasoning, step.content, list(step.tool_calls))
         if finished:
-            out.content += self._tools.finish().content
+            end = self._tools.finish()
+            out.content += end.content
+            out.calls += end.tool_calls
         return out
 
     @property

@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect
 
+from ..engine.errors import EngineStopped
 from ..inputs.admission import AdmissionPolicy
 from . import dashscope_routes, openai_routes
 from .auth import check_api_key
@@ -41,7 +42,9 @@ CLIENT_CLOSED = 499     # nginx's "client closed request": what the metrics coun
 # every API route and its methods: the gate answers a wrong path or method itself, in the family's shape,
 # so a UI mounted at "/" never answers for the API prefixes
 ROUTES = {OPENAI_CHAT: ("POST",), COMPAT_CHAT: ("POST",), DASHSCOPE_GEN: ("POST",),
-          "/v1/models": ("GET", "HEAD"), "/compatible-mode/v1/models": ("GET", "HEAD")}
+          "/v1/models": ("GET", "HEAD"), "/compatible-mode/v1/models": ("GET", "HEAD"),
+          "/v1/models/{model}": ("GET", "HEAD"), "/compatible-mode/v1/models/{model}": ("GET", "HEAD")}
+MODEL_PREFIXES = ("/v1/models/", "/compatible-mode/v1/models/")     # the openai SDK's models.retrieve(id)
 
 
 def create_app(async_engine, settings: ServerSettings | None = None,
@@ -101,6 +104,8 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
         message = exc.detail if isinstance(exc.detail, str) else "request failed"
+        if exc.status_code == 405 and exc.headers and "Allow" in exc.headers:     # say what the route takes
+            message = f"{request.url.path[:200]} does not take {request.method[:20]}; use {exc.headers['Allow']}"
         return error_response(APIError(exc.status_code, message, headers=exc.headers), request.url.path,
                               _request_id(request))
 
@@ -116,6 +121,9 @@ def _guarded(handler):
             return await handler(request)
         except APIError as e:
             return error_response(e, request.url.path, _request_id(request))
+        except EngineStopped as e:       # the drain's grace ran out while this request was being answered
+            return error_response(APIError(503, f"{e}; retry on another replica", headers={"Retry-After": "5"}),
+                                  request.url.path, _request_id(request))
         except ClientDisconnect:         # the client hung up (mid-upload or mid-answer): not a server error
             log.info("client disconnected from %s; request %s aborted", request.url.path, _request_id(request))
             return Response(status_code=CLIENT_CLOSED)     # never reaches the client; counted as 499
@@ -130,8 +138,10 @@ def _guarded(handler):
 def _add_api_routes(app: FastAPI) -> None:
     app.add_api_route(OPENAI_CHAT, _guarded(openai_routes.chat_completions), methods=["POST"])
     app.add_api_route(COMPAT_CHAT, _guarded(openai_routes.chat_completions), methods=["POST"])
-    app.add_api_route("/v1/models", _guarded(openai_routes.list_models), methods=["GET"])
-    app.add_api_route("/compatible-mode/v1/models", _guarded(openai_routes.list_models), methods=["GET"])
+    app.add_api_route("/v1/models", _guarded(openai_routes.list_models), methods=["GET", "HEAD"])
+    app.add_api_route("/compatible-mode/v1/models", _guarded(openai_routes.list_models), methods=["GET", "HEAD"])
+    for prefix in MODEL_PREFIXES:                 # a Hub id holds a slash: the rest of the path is the id
+        app.add_api_route(prefix + "{model:path}", _guarded(openai_routes.retrieve_model), methods=["GET", "HEAD"])
     app.add_api_route(DASHSCOPE_GEN, _guarded(dashscope_routes.generation), methods=["POST"])
 
 
@@ -142,17 +152,24 @@ def _add_service_routes(app: FastAPI, state: ServerState) -> None:
         "openai_chat": OPENAI_CHAT, "compat_chat": COMPAT_CHAT, "dashscope": DASHSCOPE_GEN,
         "models": "/v1/models", "compat_models": "/compatible-mode/v1/models"})
 
-    @app.get("/openapi.json", include_in_schema=False)
+    @app.api_route("/openapi.json", include_in_schema=False, methods=["GET", "HEAD"])
     async def openapi_json():
         return JSONResponse(document)
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
         if state.draining:
             return JSONResponse({"status": "draining"}, status_code=503)
+        stalled = getattr(state.engine, "stalled_for", None)
+        stalled_s = stalled() if stalled is not None else 0.0
+        if stalled_s > state.settings.health_stall_s:   # a stuck step: let the load balancer route around it
+            return JSONResponse({"status": "stalled", "model": state.model_name,
+                                 "reason": f"the engine has not stepped for {stalled_s:.0f} s while requests wait "
+                                           f"(limit {state.settings.health_stall_s:g} s, --health-stall-timeout)"},
+                                status_code=503)
         return {"status": "ok", "model": state.model_name, "uptime_s": round(time.time() - state.started, 1)}
 
-    @app.get("/metrics")
+    @app.api_route("/metrics", methods=["GET", "HEAD"])
     async def metrics_endpoint(request: Request):
         if not state.settings.metrics_public:    # request counts and queue depth are not for everyone
             try:
@@ -162,9 +179,19 @@ def _add_service_routes(app: FastAPI, state: ServerState) -> None:
         return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
+def route_key(path: str) -> str:
+    """The ROUTES key serving `path` ("other" when none): the path itself, or a templated one."""
+    if path in ROUTES:
+        return path
+    for prefix in MODEL_PREFIXES:
+        if path.startswith(prefix) and len(path) > len(prefix):
+            return prefix + "{model}"
+    return "other"
+
+
 def _route_error(path: str, method: str) -> APIError | None:
     """404 for a path no API route serves, 405 (with Allow) for a method it does not take, else None."""
-    methods = ROUTES.get(path)
+    methods = ROUTES.get(route_key(path))
     if methods is None:
         return APIError(404, f"no API route at {path[:200]}; see /openapi.json for the routes")
     if method not in methods:
@@ -186,7 +213,7 @@ class _Gate:
             await self.app(scope, receive, send)
             return
         state = self.state
-        route = path if path in ROUTES else "other"
+        route = route_key(path)
         scope["route_label"] = route
         request_id = new_request_id()
         scope.setdefault("state", {})["request_id"] = request_id

@@ -51,6 +51,7 @@ def add_serve_subcommand(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--drain-grace", type=float, default=None,
                    help="seconds in-flight requests get on SIGTERM (default 30; 20 with --replicas, whose Ray "
                         "shutdown takes up to 10 more)")
+    _add_structured_output_limits(p)
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bfloat16, or float32 "
                                                  "on a CPU without fast bfloat16 products)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU) | cpu | cuda | cuda:N")
@@ -76,6 +77,23 @@ def add_serve_subcommand(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def _add_structured_output_limits(p) -> None:
+    s = p.add_argument_group("structured output limits (response_format json_schema, forced tool calls, OCR "
+                             "key-information schemas; past one a request gets 400, past the deadline 503)")
+    s.add_argument("--max-schema-bytes", type=int, default=64 * 1024,
+                   help="a schema's size as compact JSON (default: 65536)")
+    s.add_argument("--max-schema-properties", type=int, default=1000,
+                   help="properties declared in one schema, all levels together (default: 1000)")
+    s.add_argument("--max-schema-depth", type=int, default=32,
+                   help="objects/arrays nested in one schema document (default: 32)")
+    s.add_argument("--grammar-compile-timeout", type=float, default=10.0,
+                   help="seconds a schema's grammar may take to compile; it compiles beside the running "
+                        "requests, never stalling them (default: 10)")
+    p.add_argument("--health-stall-timeout", type=float, default=60.0,
+                   help="/health answers 503 when the engine has not stepped for this many seconds while "
+                        "requests wait (default: 60)")
+
+
 def settings_from_args(args) -> ServerSettings:
     return ServerSettings(
         model=args.model, revision=args.revision, host=args.host, port=args.port,
@@ -85,7 +103,9 @@ def settings_from_args(args) -> ServerSettings:
         max_images=args.max_images, max_body_mb=args.max_body_mb, max_queue=args.max_queue,
         max_image_pixels=args.max_image_pixels, drain_grace_s=_drain_grace(args),
         fetch_total_timeout_s=args.fetch_total_timeout, cors_origins=_comma_list(args.cors_origins),
-        metrics_public=args.metrics_public)
+        metrics_public=args.metrics_public, max_schema_bytes=args.max_schema_bytes,
+        max_schema_properties=args.max_schema_properties, max_schema_depth=args.max_schema_depth,
+        grammar_compile_timeout_s=args.grammar_compile_timeout, health_stall_s=args.health_stall_timeout)
 
 
 def _drain_grace(args) -> float:
@@ -116,13 +136,14 @@ def run_serve_command(args) -> int:
         cluster = ClusterOptions(replicas=args.replicas or 1, address=args.ray_address, dashboard=args.ray_dashboard,
                                  cpus_per_replica=args.cpus_per_replica, object_store_mb=args.ray_object_store_mb)
         return serve_replicas(settings_from_args(args), engine_options, cluster, serve_http=serve)
-    return serve(settings_from_args(args), engine_options=engine_options)
+    return serve(settings_from_args(args), engine_options=engine_options, hard_exit=True)
 
 
 def serve(settings: ServerSettings, engine_options: dict | None = None, async_engine=None,
-          mount_ui=None, ready: threading.Event | None = None, extend_app=None) -> int:
+          mount_ui=None, ready: threading.Event | None = None, extend_app=None, hard_exit: bool = False) -> int:
     """Load the model (unless an engine is given), serve until SIGTERM/SIGINT, drain, return 0.
-    `extend_app(app)`, when given, is called on the finished app (replicas add their response header)."""
+    `extend_app(app)`, when given, is called on the finished app (replicas add their response header).
+    `hard_exit` (the CLI): leave the process at once when a grammar compile still runs at the end."""
     import uvicorn
 
     from .app import create_app
@@ -154,7 +175,23 @@ def serve(settings: ServerSettings, engine_options: dict | None = None, async_en
         throughput.stop()
         sock.close()
     asyncio.run(async_engine.shutdown(grace_s=1.0))
+    if hard_exit:
+        _exit_if_compiling(async_engine)
     return 0
+
+
+def _exit_if_compiling(async_engine) -> None:
+    """A grammar compile cannot be interrupted, and the compiler's C++ teardown at interpreter exit waits for
+    it or aborts the process (measured: 'terminate called', SIGABRT). Nothing of ours is left to clean up
+    (the engine is shut down), so a process that still compiles leaves at once with status 0."""
+    grammars = getattr(async_engine, "grammars", None)
+    if grammars is not None and grammars.running:
+        log.info("exiting while %d grammar compile(s) still run; their results are not needed", grammars.running)
+        async_engine.stop_workers()            # tensor-parallel workers, which garbage collection would stop
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -180,6 +217,12 @@ def _default_ui():
     return mount_ui
 
 
+def _wait_idle(state, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while state.inflight > 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 class _DrainingServer:
     """uvicorn.Server whose first SIGTERM/SIGINT drains instead of closing the socket at once."""
 
@@ -197,9 +240,14 @@ class _DrainingServer:
                 threading.Thread(target=self._drain, daemon=True).start()
 
             def _drain(self):
-                deadline = time.monotonic() + grace_s
-                while state.inflight > 0 and time.monotonic() < deadline:
-                    time.sleep(0.05)
+                _wait_idle(state, grace_s)
+                # Past the grace: end what is left (queued, compiling, generating) ourselves, so each gets a
+                # JSON 503 (or an in-band error on a started stream), not uvicorn's plain-text 500 at exit.
+                fail_all = getattr(state.engine, "fail_all", None)
+                if state.inflight > 0 and fail_all is not None:
+                    log.info("drain: %d request(s) still in flight after %.0f s; ending them with 503",
+                             fail_all("the server is shutting down"), grace_s)
+                    _wait_idle(state, 3.0)
                 self.should_exit = True
 
             async def startup(self, sockets=None):

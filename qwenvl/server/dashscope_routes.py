@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import time
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from ..engine.errors import EngineStopped
 from . import generation as gen
 from .answer import AnswerStream, final_answer
 from .choices import Choices, usage_totals
@@ -60,11 +62,11 @@ def _text_output(req, text: str | None, finish: str, out) -> dict:
     return o
 
 
-def _with_ocr_task(req, family: str):
+def _with_ocr_task(req, family: str, limits):
     """The request with the OCR task's prompt in place of the user's text and the task's grammar, if any."""
     where = "parameters.ocr_options."
     try:
-        task = ocr_request(req.ocr_task, family, req.ocr_result_schema, where)
+        task = ocr_request(req.ocr_task, family, req.ocr_result_schema, where, limits)
         messages = apply_to_messages(req.messages, task.prompt)
     except OcrTaskError as e:
         message = str(e)
@@ -74,7 +76,8 @@ def _with_ocr_task(req, family: str):
         if params.structured is not None:
             raise bad_request(f"{where}task: {req.ocr_task} cannot be combined with response_format or a forced "
                               "tool call", f"{where}task")
-        params = dataclasses.replace(params, structured=task.structured)
+        params = dataclasses.replace(params, structured=dataclasses.replace(
+            task.structured, source=f"{where}task_config.result_schema"))
     return dataclasses.replace(req, messages=messages, params=params)
 
 
@@ -98,13 +101,19 @@ async def generation(request: Request):
     rid = request.state.request_id
     t0 = time.perf_counter()
     body = await read_json_body(request, state.settings.max_body_bytes)
-    req = parse_dashscope(body, request.headers.get("x-dashscope-sse", "").lower() == "enable",
-                          state.info.generation_defaults if state.info else None)
+    sse_header = request.headers.get("x-dashscope-sse", "").lower()
+    if sse_header not in ("", "enable", "disable"):
+        raise bad_request(f"X-DashScope-SSE: must be 'enable' or 'disable', got {sse_header[:40]!r}", "X-DashScope-SSE")
+    sse = sse_header == "enable"
+    # off the event loop: a large schema's metaschema check takes a second or more (see openai_routes)
+    req = await asyncio.to_thread(parse_dashscope, body, sse, state.info.generation_defaults if state.info else None,
+                                  state.settings.schema_limits)
     gen.check_model(state, req.model)
     if req.n > 1 and req.result_format == "text":
         raise APIError(400, "parameters.n: several choices need result_format 'message'", param="parameters.n")
     if req.ocr_task is not None:
-        req = _with_ocr_task(req, state.info.family if state.info else "qwen2_vl")
+        req = await asyncio.to_thread(_with_ocr_task, req, state.info.family if state.info else "qwen2_vl",
+                                      state.settings.schema_limits)
     prompt, params = await gen.prepare(state, req, where="input.")
     choices = Choices(state, rid, req.n)
     await choices.start(prompt, params, request)
@@ -152,6 +161,8 @@ async def _events(req, prompt, choices: Choices, tokenizer, k: int, route: str, 
                 n += 1
                 usage = _usage([c.latest for c in streams if c.latest is not None])
                 yield _event(n, "result", 200, {"output": output, "usage": usage, "request_id": rid})
+    except EngineStopped as e:          # the drain's grace ran out: say so in-band
+        yield _event(n + 1, "error", 503, dashscope_body(APIError(503, f"{e}; the answer is incomplete"), rid))
     except Exception:  # noqa: BLE001 - headers are sent: report in-band, never a trace
         gen.log.exception("stream %s failed", rid)
         yield _event(n + 1, "error", 500, dashscope_body(APIError(500, "internal error while generating"), rid))

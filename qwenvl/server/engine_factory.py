@@ -13,4 +13,4 @@ def build_engine(settings: ServerSettings, engine_options: dict | None = None):
 
     engine = LLMEngine(settings.model, dtype=settings.dtype, device=settings.device,
                        config=EngineConfig(**(engine_options or {})), revision=settings.revision)
-    return AsyncEngine(engine, max_queue=settings.max_queue)
+    return AsyncEngine(engine, max_queue=settings.max_queue, grammar_timeout_s=settings.grammar_compile_timeout_s)

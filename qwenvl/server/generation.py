@@ -16,10 +16,12 @@ from typing import TYPE_CHECKING, AsyncIterator
 from fastapi import Request
 from starlette.requests import ClientDisconnect
 
-from ..engine.errors import EngineFull
+from ..engine.errors import EngineFull, EngineStopped, GrammarCompileTimeout
 from ..inputs import AdmissionPolicy, InputError, MediaRef, admit
 from ..inputs.admission import count_media
 from ..inputs.pdf import expand_documents
+from ..structured.limits import check_schema_limits
+from ..structured.spec import InvalidStructuredOutputError
 from .errors import APIError, bad_request
 from .media import MediaFetcher
 from .metrics import Metrics
@@ -55,9 +57,17 @@ class ServerState:
 
 def check_model(state: ServerState, name: str | None, param: str = "model") -> None:
     """vLLM's rule: a request may leave the model out, but a model it names must be one this server serves."""
+    if name == "":
+        raise APIError(400, f"{param}: must not be empty; leave it out for the served model, or name one of "
+                       f"{', '.join(state.model_names)}", param=param)
     if name and name not in state.model_names:
-        raise APIError(404, f"{param}: the model {name[:100]!r} does not exist on this server; it serves "
+        raise APIError(404, f"{param}: the model {_shown(name)} does not exist on this server; it serves "
                        f"{', '.join(state.model_names)} (see /v1/models)", param=param, code="model_not_found")
+
+
+def _shown(name: str, most: int = 64) -> str:
+    """A client's string for a message: quoted, and cut when long (an error must not echo a megabyte back)."""
+    return repr(name) if len(name) <= most else f"{name[:most]!r}... ({len(name)} characters)"
 
 
 def is_queue_full(exc: BaseException) -> bool:
@@ -65,8 +75,9 @@ def is_queue_full(exc: BaseException) -> bool:
 
 
 async def prepare(state: ServerState, req: ChatRequest, where: str = ""):
-    """Admit the messages (the policy's limits), fetch their media, build the prompt, size max_tokens;
-    return (prompt, params)."""
+    """Admit the messages (the policy's limits) and the output's schema (its size limits), fetch the media,
+    build the prompt, size max_tokens; return (prompt, params)."""
+    check_structured(state, req.params.structured)
     try:
         admitted = admit(req.messages, state.policy, req.high_resolution, where)
     except InputError as e:
@@ -85,6 +96,31 @@ async def prepare(state: ServerState, req: ChatRequest, where: str = ""):
     except InputError as e:
         raise bad_request(f"{where}{e}") from None
     return prompt, _size_max_tokens(state, req, len(prompt.token_ids), sum(v.num_tokens for v in prompt.vision))
+
+
+def check_structured(state: ServerState, spec) -> None:
+    """A 400 naming the limit for a schema past the size limits: its grammar would take too long to compile."""
+    if spec is None or spec.schema_json is None:
+        return
+    try:
+        check_schema_limits(spec.schema_json, state.settings.schema_limits, spec.source or "schema")
+    except InvalidStructuredOutputError as e:
+        raise bad_request(str(e), spec.source or None) from None
+
+
+def structured_error(e: BaseException, params) -> APIError | None:
+    """The answer for a structured request's grammar that failed to compile, or None for other errors."""
+    spec = params.structured
+    source = (spec.source if spec is not None else "") or "schema"
+    if isinstance(e, GrammarCompileTimeout):
+        return APIError(503, f"{source}: the schema's grammar {e} (--grammar-compile-timeout); simplify the "
+                        "schema (fewer properties, less nesting, fewer anyOf branches)", param=source,
+                        code="grammar_compile_timeout")
+    if isinstance(e, InvalidStructuredOutputError):
+        message = str(e)
+        return APIError(400, message if message.startswith(source) else f"{source}: {message}",
+                        param=e.param or source)
+    return None
 
 
 def _fetch(fetcher: MediaFetcher, ref: MediaRef):
@@ -147,6 +183,11 @@ async def start(state: ServerState, prompt, params, request_id: str, request: Re
         raise APIError(500, "the engine ended the request without output") from None
     except Exception as e:
         await close_quietly(agen)
+        if isinstance(e, EngineStopped):
+            raise APIError(503, f"{e}; retry on another replica", headers={"Retry-After": "5"}) from None
+        structured = structured_error(e, params)
+        if structured is not None:
+            raise structured from None
         if is_queue_full(e):
             retry = state.settings.retry_after_s
             raise APIError(429, f"the server is busy ({e}); retry in {retry} s", headers={"Retry-After": str(retry)}) \

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -10,6 +11,7 @@ from dataclasses import dataclass, field
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from ..engine.errors import EngineStopped
 from . import generation as gen
 from .answer import AnswerStream, final_answer, openai_delta_calls
 from .choices import Choices, usage_totals
@@ -76,7 +78,10 @@ async def chat_completions(request: Request):
     route = request.scope.get("route_label", request.url.path)
     t0 = time.perf_counter()
     body = await read_json_body(request, state.settings.max_body_bytes)
-    req = parse_openai(body, state.info.generation_defaults if state.info else None)
+    # off the event loop: checking a large schema against its metaschema takes a second or more (pure Python,
+    # so it shares the GIL, but the loop keeps serving the other requests meanwhile)
+    req = await asyncio.to_thread(parse_openai, body, state.info.generation_defaults if state.info else None,
+                                  state.settings.schema_limits)
     gen.check_model(state, req.model)
     prompt, params = await gen.prepare(state, req)
     choices = Choices(state, f"chatcmpl-{uuid.uuid4().hex}", req.n)
@@ -120,6 +125,9 @@ async def _events(reply: _Reply, route: str, t0: float):
                 finals[i] = out
         if reply.req.include_usage:
             yield _sse(reply.usage_chunk(finals))
+    except EngineStopped as e:          # the drain's grace ran out: say so in-band
+        yield _sse(openai_body(APIError(503, f"{e}; the answer is incomplete")))
+        return
     except Exception:  # noqa: BLE001 - headers are sent: report in-band, never a trace
         gen.log.exception("stream %s failed", reply.id)
         yield _sse(openai_body(APIError(500, "internal error while generating")))
@@ -146,8 +154,19 @@ def _choice_events(reply: _Reply, i: int, out, stream: AnswerStream, logprobs) -
     return events
 
 
+def _model_card(state, name: str) -> dict:
+    return {"id": name, "object": "model", "created": int(state.started), "owned_by": "qwenvl",
+            "max_model_len": state.max_model_len}
+
+
 async def list_models(request: Request):
     state = request.app.state.qwenvl
-    return JSONResponse({"object": "list", "data": [{
-        "id": name, "object": "model", "created": int(state.started), "owned_by": "qwenvl",
-        "max_model_len": state.max_model_len} for name in state.model_names]})
+    return JSONResponse({"object": "list", "data": [_model_card(state, name) for name in state.model_names]})
+
+
+async def retrieve_model(request: Request):
+    """GET /v1/models/{id}: one served model (the openai SDK's models.retrieve), else 404 model_not_found."""
+    state = request.app.state.qwenvl
+    name = request.path_params["model"]
+    gen.check_model(state, name)
+    return JSONResponse(_model_card(state, name))

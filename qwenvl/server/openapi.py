@@ -10,13 +10,17 @@ from pydantic.json_schema import models_json_schema
 
 from . import openapi_models as m
 
-_ERROR_STATUSES = {"400": "a field is wrong or the prompt does not fit; the message names the field",
+_ERROR_STATUSES = {"400": "a field is wrong or the prompt does not fit; the message names the field. A "
+                          "response_format / tools / result_schema schema past a size limit (--max-schema-bytes, "
+                          "--max-schema-properties, --max-schema-depth) is a 400 naming the limit",
                    "401": "missing or wrong API key",
                    "404": "the request names a model this server does not serve (code model_not_found)",
                    "413": "the body is over the size limit",
+                   "405": "the route does not take this method (the Allow header lists those it takes)",
                    "415": "the body is not sent with Content-Type: application/json",
                    "429": "the queue is full; retry after Retry-After seconds",
-                   "503": "the server is shutting down"}
+                   "503": "the server is shutting down, or a schema's grammar did not compile within "
+                          "--grammar-compile-timeout seconds (code grammar_compile_timeout)"}
 # One server-sent event: `data` holds a JSON chunk (OpenAI: chat.completion.chunk or "[DONE]"; DashScope: a
 # response with the answer so far or its delta).
 _SSE = {"text/event-stream": {"schema": {
@@ -46,20 +50,36 @@ def _chat(summary: str, request, response, error, extra_params=()) -> dict:
                       **_errors(error)}}}
 
 
+_AUTH_AND_METHOD = {"401": {"description": "missing or wrong API key", "content": _json(m.OpenAIError)},
+                    "405": {"description": "a method other than GET or HEAD", "content": _json(m.OpenAIError)}}
+
+
 def _models() -> dict:
     return {"get": {"summary": "the served model and its context length",
                     "responses": {"200": {"description": "one model", "content": _json(m.ModelList)},
-                                  "401": {"description": "missing or wrong API key", "content": _json(m.OpenAIError)}}}}
+                                  **_AUTH_AND_METHOD}}}
+
+
+def _model() -> dict:
+    """GET .../models/{model}: the openai SDK's models.retrieve."""
+    return {"get": {"summary": "one served model (a Hub id keeps its slash: /v1/models/Org/Name)",
+                    "parameters": [{"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}],
+                    "responses": {"200": {"description": "the model", "content": _json(m.ModelCard)},
+                                  "404": {"description": "not a model this server serves (code model_not_found)",
+                                          "content": _json(m.OpenAIError)},
+                                  **_AUTH_AND_METHOD}}}
 
 
 def openapi_document(title: str, version: str, paths: dict[str, str]) -> dict:
     """`paths` maps each route kind ("openai_chat", "compat_chat", "dashscope", "models", "compat_models")
     to its path."""
     requests = [m.ChatCompletionRequest, m.DashScopeRequest]
-    responses = [m.ChatCompletion, m.ModelList, m.OpenAIError, m.DashScopeResponse, m.DashScopeError, m.Health]
+    responses = [m.ChatCompletion, m.ModelList, m.ModelCard, m.OpenAIError, m.DashScopeResponse, m.DashScopeError, m.Health]
     _, defs = models_json_schema([(x, "validation") for x in requests] + [(x, "serialization") for x in responses],
                                  ref_template="#/components/schemas/{model}")
     sse_header = {"name": "X-DashScope-SSE", "in": "header", "required": False,
+                  "description": "enable: answer as server-sent events; disable (or absent): one JSON answer; any "
+                                 "other value is a 400",
                   "schema": {"type": "string", "enum": ["enable", "disable"]}}
     return {
         "openapi": "3.1.0",
@@ -73,9 +93,14 @@ def openapi_document(title: str, version: str, paths: dict[str, str]) -> dict:
                                       m.DashScopeError, [sse_header]),
             paths["models"]: _models(),
             paths["compat_models"]: _models(),
+            paths["models"] + "/{model}": _model(),
+            paths["compat_models"] + "/{model}": _model(),
             "/health": {"get": {"summary": "liveness", "responses": {
                 "200": {"description": "serving", "content": _json(m.Health)},
-                "503": {"description": "draining", "content": _json(m.Health)}}}},
+                "405": {"description": "a method other than GET or HEAD", "content": _json(m.OpenAIError)},
+                "503": {"description": "draining (SIGTERM), or stalled: the engine has not stepped for "
+                                       "--health-stall-timeout seconds while requests wait",
+                        "content": _json(m.Health)}}}},
         },
         "components": {"schemas": defs.get("$defs", {})},
     }

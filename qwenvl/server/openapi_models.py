@@ -70,7 +70,11 @@ class ToolCallOut(_Open):
 
 class JsonSchemaSpec(_Open):
     name: str | None = None
-    schema_: dict = Field(alias="schema")
+    schema_: dict = Field(alias="schema", description=(
+        "a JSON Schema the answer follows (grammar-constrained). Bounded by --max-schema-bytes (65536), "
+        "--max-schema-properties (1000) and --max-schema-depth (32): past one, a 400 naming it; a compile past "
+        "--grammar-compile-timeout (10 s) is a 503. Numbers have at most 16 digits before and after the point "
+        "and 3 in the exponent unless minimum/maximum say otherwise; only local $refs ('#/$defs/...')."))
     strict: bool | None = None
 
 
@@ -148,7 +152,7 @@ class StreamOptions(_Open):
 
 
 class ChatCompletionRequest(SamplingFields):
-    model: str | None = None
+    model: str | None = Field(None, min_length=1)   # "" is a 400; leave it out instead
     messages: list[OpenAIMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
@@ -251,6 +255,7 @@ class DSVideo(_Open):
 class DSMessage(_Open):
     role: Role
     content: str | list[Union[DSText, DSImage, DSVideo]] | None = None
+    name: str | None = None
     tool_calls: list[ToolCallIn] | None = None
     tool_call_id: str | None = None
 
@@ -278,7 +283,7 @@ class DSParameters(SamplingFields):
 
 
 class DashScopeRequest(_Open):
-    model: str | None = None
+    model: str | None = Field(None, min_length=1)   # "" is a 400; leave it out instead
     input: DSInput
     parameters: DSParameters | None = None
 
@@ -329,6 +334,7 @@ class DashScopeError(_Open):
 
 
 class Health(_Open):
-    status: Literal["ok", "draining"]
+    status: Literal["ok", "draining", "stalled"]
     model: str | None = None
     uptime_s: float | None = None
+    reason: str | None = None                  # status "stalled": how long the engine has not stepped

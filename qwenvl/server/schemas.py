@@ -12,6 +12,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from ..sampling_params import SamplingParams, with_defaults
+from ..structured.limits import SchemaLimits, SchemaTooLargeError
 from ..structured.spec import InvalidStructuredOutputError, StructuredOutput
 from ..structured.tools import ToolUse, parse_tool_use
 from .errors import bad_request
@@ -136,7 +137,7 @@ def sampling_params(p: dict, where: str, max_tokens, logprobs: int | None, defau
         raise bad_request(f"{where.rstrip('.') or 'request'}: {e}") from None
 
 
-def _response_format(p: dict, where: str) -> StructuredOutput | None:
+def _response_format(p: dict, where: str, limits: SchemaLimits | None) -> StructuredOutput | None:
     """OpenAI's (and DashScope's) response_format -> the output's grammar; None for plain text."""
     rf = obj_field(p, "response_format", where)
     if rf is None:
@@ -153,30 +154,37 @@ def _response_format(p: dict, where: str) -> StructuredOutput | None:
     if spec is None or "schema" not in spec:
         raise bad_request(f"{at}json_schema: required, {{\"name\": ..., \"schema\": {{...}}}}", f"{at}json_schema")
     try:
-        return StructuredOutput.json_schema(spec["schema"])
+        return dataclasses.replace(StructuredOutput.json_schema(spec["schema"], limits),
+                                   source=f"{at}json_schema.schema")
     except InvalidStructuredOutputError as e:
         raise bad_request(f"{at}json_schema.schema: {e}", f"{at}json_schema.schema") from None
 
 
-def _tools(p: dict, where: str) -> ToolUse | None:
+def _tools(p: dict, where: str, limits: SchemaLimits | None) -> ToolUse | None:
     try:
-        return parse_tool_use(p.get("tools"), p.get("tool_choice"), where)
+        return parse_tool_use(p.get("tools"), p.get("tool_choice"), where, limits)
     except InvalidStructuredOutputError as e:
         message = str(e)
-        raise bad_request(message, message.split(":", 1)[0]) from None
+        raise bad_request(message, e.param or message.split(":", 1)[0]) from None
 
 
-def _constrained(p: dict, where: str, params: SamplingParams) -> tuple[SamplingParams, ToolUse | None]:
+def _constrained(p: dict, where: str, params: SamplingParams,
+                 limits: SchemaLimits | None) -> tuple[SamplingParams, ToolUse | None]:
     """Add the response_format grammar, or the one tool_choice forces, to params."""
-    structured = _response_format(p, where)
+    structured = _response_format(p, where, limits)
     if structured is not None:
         params = dataclasses.replace(params, structured=structured)
-    use = _tools(p, where)
+    use = _tools(p, where, limits)
     if use is not None:
         try:
             params = use.constrain(params)
+        except SchemaTooLargeError as e:         # the forced call's grammar: every allowed tool's schema
+            raise bad_request(f"{where}tools: {e}", f"{where}tools") from None
         except InvalidStructuredOutputError as e:
             raise bad_request(f"{where}{e}", f"{where}tool_choice") from None
+        if params.structured is not None and params.structured.kind == "tool_call":
+            params = dataclasses.replace(params, structured=dataclasses.replace(params.structured,
+                                                                                source=f"{where}tools"))
     return params, use
 
 
@@ -198,7 +206,8 @@ def _top_logprobs(p: dict, where: str) -> int | None:
 
 
 # ---------------------------------------------------------------- OpenAI
-def parse_openai(body: dict, defaults: dict | None = None) -> ChatRequest:
+def parse_openai(body: dict, defaults: dict | None = None, limits: SchemaLimits | None = None) -> ChatRequest:
+    """`limits`: the server's schema size limits (checked before any schema work)."""
     messages = _messages(body, "")
     n = integer(body, "n", "", 1, MAX_CHOICES) or 1
     max_tokens = integer(body, "max_completion_tokens", "", 1)
@@ -208,7 +217,7 @@ def parse_openai(body: dict, defaults: dict | None = None) -> ChatRequest:
     options = obj_field(body, "stream_options") or {}
     include_usage = bool(boolean(options, "include_usage", "stream_options."))
     top = _top_logprobs(body, "")
-    params, tools = _constrained(body, "", sampling_params(body, "", max_tokens or 1, top, defaults))
+    params, tools = _constrained(body, "", sampling_params(body, "", max_tokens or 1, top, defaults), limits)
     return ChatRequest(model=string(body, "model"), messages=messages, params=params,
                        max_tokens_given=max_tokens is not None, stream=stream, include_usage=include_usage,
                        logprobs=top is not None, high_resolution=bool(boolean(body, "vl_high_resolution_images")),
@@ -216,7 +225,8 @@ def parse_openai(body: dict, defaults: dict | None = None) -> ChatRequest:
 
 
 # ---------------------------------------------------------------- DashScope
-def parse_dashscope(body: dict, sse_header: bool, defaults: dict | None = None) -> ChatRequest:
+def parse_dashscope(body: dict, sse_header: bool, defaults: dict | None = None,
+                    limits: SchemaLimits | None = None) -> ChatRequest:
     inp = obj_field(body, "input")
     if inp is None:
         raise bad_request("input: required, an object holding messages: {\"input\": {\"messages\": [...]}}", "input")
@@ -229,7 +239,7 @@ def parse_dashscope(body: dict, sse_header: bool, defaults: dict | None = None) 
     if fmt not in ("message", "text"):
         raise bad_request(f"{w}result_format: must be 'message' or 'text', got {fmt!r}", f"{w}result_format")
     top = _top_logprobs(p, w)
-    params, tools = _constrained(p, w, sampling_params(p, w, max_tokens or 1, top, defaults))
+    params, tools = _constrained(p, w, sampling_params(p, w, max_tokens or 1, top, defaults), limits)
     ocr = obj_field(p, "ocr_options", w) or {}
     task = string(ocr, "task", f"{w}ocr_options.")
     task_config = obj_field(ocr, "task_config", f"{w}ocr_options.") or {}

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from ..structured.limits import SchemaLimits
+
 
 @dataclass(frozen=True)
 class ServerSettings:
@@ -38,6 +40,18 @@ class ServerSettings:
     retry_after_s: int = 1
     drain_grace_s: float = 30.0                    # SIGTERM: time given to in-flight requests
     default_max_tokens: int = 2048                 # when a request gives none (clamped to the context)
+    # structured output (response_format json_schema, forced tool calls, OCR key-information schemas)
+    max_schema_bytes: int = SchemaLimits.max_bytes
+    max_schema_properties: int = SchemaLimits.max_properties
+    max_schema_depth: int = SchemaLimits.max_depth
+    grammar_compile_timeout_s: float = SchemaLimits.compile_timeout_s
+    health_stall_s: float = 60.0                   # /health is 503 when the engine has not stepped this long
+                                                   # while requests wait on it
+
+    @property
+    def schema_limits(self) -> SchemaLimits:
+        return SchemaLimits(self.max_schema_bytes, self.max_schema_properties, self.max_schema_depth,
+                            self.grammar_compile_timeout_s)
 
     @property
     def max_body_bytes(self) -> int:

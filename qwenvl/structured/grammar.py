@@ -10,15 +10,18 @@ could not give it without transformers), so it lost on correctness before speed.
 The vocabulary comes from the checkpoint's own tokenizer as exact bytes per id; special tokens (turn
 markers, vision pads) map to b"" so the grammar never admits them, and the eos ids are the stop tokens,
 allowed only where the grammar is complete. Output is bounded: no free whitespace (compact separators),
-and json_object is rooted at an object.
+numbers of at most 16 digits (and 3 of exponent) where the schema does not bound them, and json_object is
+rooted at an object.
 """
 
 from __future__ import annotations
 
 import functools
+import re
 
 import xgrammar as xgr
 
+from qwenvl.structured.number_bounds import bound_numbers
 from qwenvl.structured.spec import InvalidStructuredOutputError, StructuredOutput
 
 JSON_OBJECT_SCHEMA = '{"type":"object"}'
@@ -38,20 +41,36 @@ class GrammarCompiler:
         self.compile = functools.lru_cache(maxsize=256)(self._compile)
 
     def _compile(self, spec: StructuredOutput) -> xgr.CompiledGrammar:
-        compact = {"any_whitespace": False, "separators": (",", ":"), "strict_mode": True}
         try:
             if spec.kind == "json_object":
-                return self._compiler.compile_json_schema(JSON_OBJECT_SCHEMA, **compact)
+                return self._compiler.compile_grammar(_json_grammar(JSON_OBJECT_SCHEMA))
+            body = _json_grammar(spec.schema_json)
             if spec.kind == "json_schema":
-                return self._compiler.compile_json_schema(spec.schema_json, **compact)
-            body = xgr.Grammar.from_json_schema(spec.schema_json, **compact)
+                return self._compiler.compile_grammar(body)
             grammar = xgr.Grammar.concat(_literal(TOOL_OPEN), body, _literal(TOOL_CLOSE))
             return self._compiler.compile_grammar(grammar)
         except (RuntimeError, ValueError) as e:       # xgrammar reports unsupported/invalid schemas so
-            raise InvalidStructuredOutputError(f"cannot compile {spec.kind}: {e}") from None
+            raise InvalidStructuredOutputError(f"cannot compile the schema: {compiler_message(e)}") from None
 
     def matcher(self, spec: StructuredOutput) -> xgr.GrammarMatcher:
         return xgr.GrammarMatcher(self.compile(spec))
+
+
+def _json_grammar(schema_json: str) -> xgr.Grammar:
+    """The schema's grammar with compact separators and bounded number digits (number_bounds.py)."""
+    grammar = xgr.Grammar.from_json_schema(schema_json, any_whitespace=False, separators=(",", ":"),
+                                           strict_mode=True)
+    return xgr.Grammar.from_ebnf(bound_numbers(str(grammar)))
+
+
+# xgrammar's messages start with its log prefix: "[08:40:15] /project/cpp/json_schema_converter.cc:5088: "
+_LOG_PREFIX = re.compile(r"\[\d{2}:\d{2}:\d{2}\] \S+\.(?:cc|h|cpp|hpp):\d+: ")
+
+
+def compiler_message(e: BaseException) -> str:
+    """The compiler's error for a client: no timestamp, no C++ source path, one line, bounded."""
+    text = " ".join(_LOG_PREFIX.sub("", str(e)).split())
+    return text[:500] or type(e).__name__
 
 
 def _has_control_bytes(token: bytes) -> bool:

@@ -10,6 +10,7 @@ ever shrank is replayed from a reset matcher.
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -32,12 +33,23 @@ class GrammarMask:
         self._compiler = None          # built on the first structured request (0.2 s at a 152k vocabulary)
         self._states: dict[str, _State] = {}
 
-    def add(self, request_id: str, spec: StructuredOutput) -> None:
-        """Compile (cached) and start a matcher; raises InvalidStructuredOutputError before anything is queued."""
-        if self._compiler is None:
-            from qwenvl.structured.grammar import GrammarCompiler
-            self._compiler = GrammarCompiler(self._tokenizer, self.vocab_size)
-        self._states[request_id] = _State(self._compiler.matcher(spec))
+        self._compiler_lock = threading.Lock()
+
+    def compile(self, spec: StructuredOutput):
+        """The compiled grammar (cached); raises InvalidStructuredOutputError. Safe from any thread: the async
+        engine compiles on its own threads (qwenvl/engine/grammar_compiles.py), never on the step loop."""
+        with self._compiler_lock:
+            if self._compiler is None:
+                from qwenvl.structured.grammar import GrammarCompiler
+                self._compiler = GrammarCompiler(self._tokenizer, self.vocab_size)
+        return self._compiler.compile(spec)
+
+    def add(self, request_id: str, spec: StructuredOutput, compiled=None) -> None:
+        """Start a matcher on `compiled` (compiling `spec` here when not given); raises
+        InvalidStructuredOutputError before anything is queued."""
+        import xgrammar as xgr
+
+        self._states[request_id] = _State(xgr.GrammarMatcher(compiled if compiled is not None else self.compile(spec)))
 
     def release(self, request_id: str) -> None:
         self._states.pop(request_id, None)

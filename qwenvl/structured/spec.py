@@ -7,19 +7,26 @@ InvalidStructuredOutputError, a ValueError, to a 400 naming the field) and never
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from .errors import InvalidStructuredOutputError
+from .limits import SchemaLimits, check_schema_limits
+from .satisfiable import check_satisfiable
+
+__all__ = ["InvalidStructuredOutputError", "StructuredOutput", "check_schema"]
 
 KINDS = ("json_object", "json_schema", "tool_call")
 
 
-class InvalidStructuredOutputError(ValueError):
-    """The requested structure cannot be compiled: the message names what is wrong."""
 
 
 @dataclass(frozen=True)
 class StructuredOutput:
     kind: str                       # "json_object" (rooted at an object), "json_schema" or "tool_call"
     schema_json: str | None = None  # compact JSON text of the schema: hashable, the compile-cache key
+    # the request field the structure came from ("response_format.json_schema.schema", "tools", ...), for
+    # error messages; not part of the cache key
+    source: str = field(default="", compare=False)
     # tool_call: the output is one `<tool_call>\n{"name": N, "arguments": A}\n</tool_call>` block whose
     # body matches schema_json (one branch per allowed tool, arguments = that tool's parameters).
 
@@ -28,16 +35,21 @@ class StructuredOutput:
         return cls("json_object")
 
     @classmethod
-    def json_schema(cls, schema: dict | str) -> "StructuredOutput":
+    def json_schema(cls, schema: dict | str, limits: SchemaLimits | None = None) -> "StructuredOutput":
+        """`limits`: checked before the (slow, for a large schema) metaschema check."""
         if isinstance(schema, str):
             try:
                 schema = json.loads(schema)
             except json.JSONDecodeError as e:
                 raise InvalidStructuredOutputError(f"json_schema is not valid JSON: {e}") from None
-        return cls("json_schema", json.dumps(schema, separators=(",", ":")))   # key order kept: it is the output order
+        text = json.dumps(schema, separators=(",", ":"))       # key order kept: it is the output order
+        if limits is not None:
+            check_schema_limits(text, limits)
+        return cls("json_schema", text)
 
     @classmethod
-    def tool_call(cls, tools: list[dict], name: str | None = None) -> "StructuredOutput":
+    def tool_call(cls, tools: list[dict], name: str | None = None,
+                  limits: SchemaLimits | None = None) -> "StructuredOutput":
         """Force a call: to the tool `name`, or (tool_choice "required") to any of `tools` (OpenAI shape)."""
         branches = []
         for i, tool in enumerate(tools):
@@ -53,7 +65,10 @@ class StructuredOutput:
                 f"tool_choice names {name!r}, which is not among the declared tools" if name
                 else "tool_choice 'required' needs at least one tool")
         schema = branches[0] if len(branches) == 1 else {"anyOf": branches}
-        return cls("tool_call", json.dumps(schema, sort_keys=True, separators=(",", ":")))
+        text = json.dumps(schema, sort_keys=True, separators=(",", ":"))
+        if limits is not None:
+            check_schema_limits(text, limits)
+        return cls("tool_call", text)
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -81,3 +96,4 @@ def check_schema(schema_json: str | None) -> None:
     except jsonschema.SchemaError as e:
         where = "/".join(str(p) for p in e.absolute_path) or "(root)"
         raise InvalidStructuredOutputError(f"invalid json_schema at {where}: {e.message}") from None
+    check_satisfiable(schema)

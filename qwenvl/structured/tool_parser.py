@@ -99,10 +99,19 @@ class ToolCallStreamParser:
                 self.calls.append(call)
 
     def finish(self) -> StreamDelta:
-        """End of generation: whatever is held (a partial tag, an unclosed block) is content."""
-        rest = (OPEN if self._inside else "") + self._buf
+        """End of generation: a block left open (max_tokens cut it before `</tool_call>`) whose body is already
+        a complete call is that call, as Hermes-style parsers take it; whatever else is held (a partial tag,
+        an unfinished body) is content."""
+        out = StreamDelta()
+        body = self._buf[:len(self._buf) - _held_prefix_len(self._buf, CLOSE)]     # a cut `</tool_ca`
+        call = _call_from_body(body) if self._inside else None
+        if call is not None:
+            out.tool_calls.append((len(self.calls), call))
+            self.calls.append(call)
+        else:
+            out.content = (OPEN if self._inside else "") + self._buf
         self._buf, self._inside = "", False
-        return StreamDelta(content=rest)
+        return out
 
 
 def _held_prefix_len(text: str, tag: str) -> int:

@@ -19,7 +19,7 @@ from typing import AsyncIterator
 from PIL import Image
 
 from ..answers.drawing import draw_boxes
-from ..engine.errors import EngineFull
+from ..engine.errors import EngineFull, EngineStopped
 from ..inputs import AdmissionPolicy, InputError, admit, load_image
 from ..inputs.pdf import PdfLimits, render_pdf
 from ..answers.readable import readable  # noqa: F401 - web/app.py imports it from here
@@ -203,7 +203,7 @@ class ChatSession:
         except ChatError as e:
             turn.error = str(e)
         except Exception as e:  # noqa: BLE001 - a full queue, an engine failure: a sentence, the trace to the log
-            if isinstance(e, EngineFull):
+            if isinstance(e, (EngineFull, EngineStopped)):
                 turn.error = f"the server is busy ({e}); press Retry in a moment"
             elif isinstance(e, ValueError):            # the engine refused the prompt (too long for the cache)
                 turn.error = f"{e}; press Clear to start a shorter conversation"
