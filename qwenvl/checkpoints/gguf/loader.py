@@ -1,0 +1,152 @@
+"""A GGUF language model + its mmproj -> our model, strictly (every parameter filled from the files, every
+tensor in the files used, shapes checked), following each tensor's type (weights.py).
+
+The model is built on the meta device from the config the metadata describes (metadata.py); float tensors
+are assigned, quantised linears replace their nn.Linear with the int4 / int8 layer made from the blocks.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ...models.config import ModelConfig
+from ...models.registry import config_from_hf
+from ...layers.quantized_embedding import Int8Embedding, TiedInt4Embedding
+from ...layers.quantized_linear import Int4Linear
+from ...layers.side_by_side import fuse_side_by_side
+from ..loader import release_freed_memory
+from ...models import build_model
+from ..quantize import quantize_model, use_cpu_int8_layout
+from .files import GGUFError, GGUFPair
+from .metadata import hf_config, tensor_shapes
+from .tensor_names import LM, expert_part, lm_name, vision_name
+from .tokenizer import GGUFVocabulary, gguf_vocabulary, token_ids
+from .weights import FLOAT_TYPES, float_tensor, linear_from, type_name
+
+EMBEDDING = LM + "embed_tokens"
+
+
+def gguf_config(pair: GGUFPair, vocabulary: GGUFVocabulary) -> ModelConfig:
+    raw = hf_config(pair, token_ids(pair.lm))
+    raw["text_config"]["eos_token_id"] = list(vocabulary.eos_token_ids)
+    return config_from_hf(raw, source=str(pair.model_path))
+
+
+def load_gguf_model(pair: GGUFPair, dtype: torch.dtype, device: torch.device, quantization: str | None = None,
+                    group_size: int = 128, quantize_vision: bool = False, fuse: bool = False
+                    ) -> tuple[nn.Module, ModelConfig, GGUFVocabulary]:
+    """(model, cfg, vocabulary) of the pair; the vocabulary makes the tokenizer (Tokenizer.from_gguf).
+    `quantization` ("int8" / "int4") applies to a float file only: a quantised file keeps its types."""
+    vocabulary = gguf_vocabulary(pair.lm, pair.model_path)
+    cfg = gguf_config(pair, vocabulary)
+    with torch.device("meta"):
+        model = build_model(cfg)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    quantised = [t.name for t in pair.lm.tensors if type_name(t) not in FLOAT_TYPES]
+    if quantised and quantization:
+        raise GGUFError(f"{pair.model_path}: quantization={quantization!r} asks to quantise a file that is "
+                        f"quantised already ({type_name(next(t for t in pair.lm.tensors if t.name == quantised[0]))}"
+                        f" and others); leave quantization unset: each tensor keeps the type it has in the file")
+    state: dict[str, torch.Tensor] = {}
+    _read_language_model(pair, model, expected, dtype, state)
+    _read_projector(pair, cfg, expected, dtype, state)
+    missing, unexpected = model.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=False,
+                                                assign=True)
+    del state
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if unexpected or left:
+        raise GGUFError(f"{pair.model_path} + {pair.mmproj_path.name}: tensors missing from the files: "
+                        f"{(left or unexpected)[:5]}")
+    model.to(device)
+    if quantization:
+        quantize_model(model, quantization, group_size, include_vision=quantize_vision)
+    if fuse:
+        fuse_side_by_side(model, after_each=release_freed_memory)
+    use_cpu_int8_layout(model, after_each=release_freed_memory)
+    return model.eval(), cfg, vocabulary
+
+
+def _checked_shape(t, key: str, expected: dict, path) -> tuple[int, ...]:
+    shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+    if key not in expected:
+        raise GGUFError(f"{path}: unexpected tensor {t.name!r} (our model has no {key})")
+    if shape != expected[key]:
+        raise GGUFError(f"{path}: tensor {t.name!r} has shape {shape}, the model the metadata describes "
+                        f"expects {expected[key]} for {key}")
+    return shape
+
+
+def _read_language_model(pair: GGUFPair, model: nn.Module, expected: dict, dtype: torch.dtype,
+                         state: dict) -> None:
+    path = pair.model_path
+    quantised = []
+    for t in pair.lm.tensors:
+        if expert_part(t.name) is not None:
+            raise GGUFError(f"{path}: {t.name}: mixture-of-experts GGUF files are not supported yet")
+        key = lm_name(t.name)
+        if key is None:
+            raise GGUFError(f"{path}: unexpected tensor {t.name!r} (not a Qwen-VL language model tensor)")
+        shape = _checked_shape(t, key, expected, path)
+        if type_name(t) in FLOAT_TYPES or len(shape) == 1:
+            state[key] = float_tensor(t, shape).to(dtype)
+        else:
+            quantised.append((key, t, shape))
+    for key, t, shape in quantised:       # after the floats: a linear's bias is in `state` by now
+        module = key.removesuffix(".weight")
+        bias = state.pop(module + ".bias", None)
+        layer = linear_from(t, shape, dtype, bias)
+        if module == EMBEDDING:
+            _install_embedding(model, layer)
+        else:
+            _replace(model, module, layer)
+        release_freed_memory()
+
+
+def _install_embedding(model: nn.Module, layer: nn.Module) -> None:
+    """A quantised token table: int4 rows are read by TiedInt4Embedding, int8 rows by Int8Embedding (sharing
+    the head's buffers); a tied model's head is the same layer."""
+    if isinstance(layer, Int4Linear):
+        table = TiedInt4Embedding(layer)
+        if not model.cfg.text.tie_word_embeddings:
+            table.add_module("rows", layer)      # its own table: registered, so it moves and counts with the model
+    else:
+        table = Int8Embedding(layer.qweight, layer.scales)
+    if model.cfg.text.tie_word_embeddings:
+        model.use_output_head(layer)
+    _replace(model, EMBEDDING, table)
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, module)
+
+
+def _read_projector(pair: GGUFPair, cfg: ModelConfig, expected: dict, dtype: torch.dtype, state: dict) -> None:
+    """Projector tensors as floats (the tower stays float, as qwenvl's own quantisation leaves it); the
+    converter's split tensors are joined back: q/k/v rows, the patch embedding's two temporal halves."""
+    path = pair.mmproj_path
+    parts: dict[str, dict[int, torch.Tensor]] = {}
+    for t in pair.mmproj.tensors:
+        named = vision_name(t.name, cfg.model_type, cfg.vision.deepstack_visual_indexes)
+        if named is None:
+            raise GGUFError(f"{path}: unexpected tensor {t.name!r} (not part of a {cfg.model_type} vision tower)")
+        key, part = named
+        if key not in expected:
+            raise GGUFError(f"{path}: unexpected tensor {t.name!r} (our model has no {key})")
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        value = float_tensor(t, shape).to(dtype)
+        if part is None:
+            _checked_shape(t, key, expected, path)
+            state[key] = value
+        else:
+            parts.setdefault(key, {})[part] = value
+    for key, pieces in parts.items():
+        if key.endswith("patch_embed.proj.weight"):
+            joined = torch.stack([pieces[i] for i in sorted(pieces)], dim=2)    # [out, C, T, ps, ps]
+        else:
+            joined = torch.cat([pieces[i] for i in sorted(pieces)])             # q, k, v rows
+        if tuple(joined.shape) != expected[key]:
+            raise GGUFError(f"{path}: the parts of {key} join to shape {tuple(joined.shape)}, the model "
+                            f"expects {expected[key]} (a part missing?)")
+        state[key] = joined
