@@ -295,12 +295,13 @@ def rewrite_arch(src: Path, dst: Path, arch: str) -> None:
     writer.close()
 
 
+@pytest.mark.slow
 def test_chat_command_takes_model_and_mmproj_files(converted):
     """`qwenvl chat --model FILE.gguf --mmproj FILE.gguf` as a user runs it (a real subprocess)."""
     folder, lm, mmproj = converted["qwen2_5_vl"]
     image = folder.parent / "cli.png"
     _image(3, (112, 84)).save(image)
-    args = ["--image", str(image), "--dtype", "float32", "--max-tokens", "6", "Describe this image."]
+    args = ["--image", str(image), "--dtype", "float32", "--max-tokens", "6", "--temperature", "0", "Describe this image."]
     run = lambda *model: subprocess.run([sys.executable, "-m", "qwenvl.cli", "chat", *model, *args],
                                         capture_output=True, text=True, timeout=300, cwd=ROOT)
     want, have = run("--model", str(folder)), run("--model", str(lm), "--mmproj", str(mmproj))
