@@ -50,7 +50,11 @@ class _Converted(dict):
 
     def __missing__(self, family: str) -> tuple[Path, Path, Path]:
         # The converter maps the merger's mlp.{i} only for i below the vision depth: Qwen2-VL's tiny tower needs 3.
-        folder = make_checkpoint(self.root, family, vision_overrides={"depth": 3} if family == "qwen2_vl" else None)
+        # It reads MoE experts in the Hub's [E, in, out] files ("flat") and has no dense layers among them.
+        moe = family == "qwen3_vl_moe"
+        folder = make_checkpoint(self.root, family, layout="flat" if moe else "current",
+                                 text_overrides={"mlp_only_layers": []} if moe else None,
+                                 vision_overrides={"depth": 3} if family == "qwen2_vl" else None)
         _hub_eos(folder)
         self[family] = (folder, *convert(folder, self.root))
         return self[family]
@@ -79,7 +83,7 @@ def _image(seed: int, size: tuple[int, int]) -> Image.Image:
 
 def _conversations(family: str) -> dict[str, list[dict]]:
     # Qwen3-VL's released budget starts at 65536 pixels (the GGUF's default); the tiny folder's at 4096.
-    size = (256, 256) if family == "qwen3_vl" else (112, 84)
+    size = (256, 256) if family.startswith("qwen3") else (112, 84)
     a, b = _image(1, size), _image(2, size)
     return {
         "image": [{"role": "user", "content": [{"image": a}, {"text": "Describe this image."}]}],
@@ -102,7 +106,8 @@ def _assert_same_answers(ref: LLM, got: LLM, conversations: dict, tol: float = 1
 
 
 @pytest.mark.parametrize("family", [pytest.param("qwen2_vl", marks=pytest.mark.slow), "qwen2_5_vl",
-                                    pytest.param("qwen3_vl", marks=pytest.mark.slow)])
+                                    pytest.param("qwen3_vl", marks=pytest.mark.slow),
+                                    pytest.param("qwen3_vl_moe", marks=pytest.mark.slow)])
 def test_float_gguf_answers_as_the_folder(converted, family):
     folder, lm, mmproj = converted[family]
     ref = LLM(folder, dtype="float32", **KV)
@@ -213,6 +218,32 @@ def test_quantised_layers_follow_each_tensor_type(wide, tmp_path):
     ids = torch.tensor([0, 5, 401])
     ref = torch.from_numpy(_int4_reference_rows(tensors["token_embd.weight"]))[ids]
     assert torch.allclose(emb(ids), ref, rtol=0, atol=4e-7 * ref.abs().max().item())
+
+
+@pytest.mark.slow
+def test_quantised_expert_stacks(converted, tmp_path):
+    """Qwen3-VL-MoE: each expert becomes its own int4 layer (gate and up side by side) from Q4_0 stacks, and
+    an int8 one from Q8_0 stacks; every expert's weights are gguf's dequantisation of its blocks."""
+    from gguf.quants import dequantize
+    from qwenvl.layers.quantized_moe import QuantizedExperts
+    folder, lm, mmproj = converted["qwen3_vl_moe"]
+    q = rewrite(lm, tmp_path / "moe-q.gguf",
+                lambda n, s: "Q4_0" if "_exps" in n and "down" not in n else "Q8_0" if "down_exps" in n else None)
+    pair = open_pair(q, mmproj)
+    model = load_gguf_model(pair, torch.float32, torch.device("cpu"))[0]
+    tensors = {t.name: t for t in pair.lm.tensors}
+    experts = model.model.language_model.layers[0].mlp.experts
+    assert isinstance(experts, QuantizedExperts) and isinstance(experts.gate_up[0], Int4Linear)
+    ref = lambda name: torch.from_numpy(dequantize(np.asarray(tensors[name].data), tensors[name].tensor_type))
+    gate_up = torch.cat([ref("blk.0.ffn_gate_exps.weight"), ref("blk.0.ffn_up_exps.weight")], dim=1)
+    down = ref("blk.0.ffn_down_exps.weight")
+    for e in range(experts.num_experts):
+        assert torch.allclose(experts.gate_up[e].dequantize(), gate_up[e], rtol=0, atol=4e-7 * gate_up.abs().max())
+        half_step = down[e].abs().amax(dim=1, keepdim=True) / 127 / 2
+        assert ((experts.down[e].dequantize() - down[e]).abs() <= half_step * 1.001 + 1e-8).all()
+    out = LLM(q, mmproj=mmproj, dtype="float32", **KV).chat(_conversations("qwen3_vl_moe")["image"],
+                                                             SamplingParams(temperature=0.0, max_tokens=4))
+    assert len(out.token_ids) == 4
 
 
 def _first_step_logprobs(llm: LLM, messages) -> dict[int, float]:

@@ -10,19 +10,20 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ...models.config import ModelConfig
-from ...models.registry import config_from_hf
 from ...layers.quantized_embedding import Int8Embedding, TiedInt4Embedding
 from ...layers.quantized_linear import Int4Linear
+from ...layers.quantized_moe import QuantizedExperts
 from ...layers.side_by_side import fuse_side_by_side
-from ..loader import release_freed_memory
 from ...models import build_model
+from ...models.config import ModelConfig
+from ...models.registry import config_from_hf
+from ..loader import release_freed_memory
 from ..quantize import quantize_model, use_cpu_int8_layout
 from .files import GGUFError, GGUFPair
 from .metadata import hf_config, tensor_shapes
 from .tensor_names import LM, expert_part, lm_name, vision_name
 from .tokenizer import GGUFVocabulary, gguf_vocabulary, token_ids
-from .weights import FLOAT_TYPES, float_tensor, linear_from, type_name
+from .weights import FLOAT_TYPES, float_tensor, linear_from, linears_from, type_name
 
 EMBEDDING = LM + "embed_tokens"
 
@@ -80,10 +81,12 @@ def _checked_shape(t, key: str, expected: dict, path) -> tuple[int, ...]:
 def _read_language_model(pair: GGUFPair, model: nn.Module, expected: dict, dtype: torch.dtype,
                          state: dict) -> None:
     path = pair.model_path
-    quantised = []
+    quantised, experts = [], {}
     for t in pair.lm.tensors:
-        if expert_part(t.name) is not None:
-            raise GGUFError(f"{path}: {t.name}: mixture-of-experts GGUF files are not supported yet")
+        part = expert_part(t.name)
+        if part is not None:
+            experts.setdefault(part[0], {})[part[1]] = t
+            continue
         key = lm_name(t.name)
         if key is None:
             raise GGUFError(f"{path}: unexpected tensor {t.name!r} (not a Qwen-VL language model tensor)")
@@ -101,6 +104,32 @@ def _read_language_model(pair: GGUFPair, model: nn.Module, expected: dict, dtype
         else:
             _replace(model, module, layer)
         release_freed_memory()
+    for layer, parts in experts.items():
+        _read_experts(path, model, expected, dtype, state, layer, parts)
+
+
+def _read_experts(path, model: nn.Module, expected: dict, dtype: torch.dtype, state: dict, layer: int,
+                  parts: dict) -> None:
+    """One layer's expert stacks: gate, up [E, I, H] and down [E, H, I] in the file; ours are gate_up
+    [E, 2I, H] (gate rows first) and down, as fused floats or one quantised layer per expert."""
+    prefix = f"{LM}layers.{layer}.mlp.experts"
+    if f"{prefix}.gate_up_proj" not in expected or set(parts) != {"gate", "up", "down"}:
+        raise GGUFError(f"{path}: layer {layer}: expert tensors {sorted(parts)} do not fit the model (it expects "
+                        f"gate, up and down stacks {'here' if f'{prefix}.gate_up_proj' in expected else 'nowhere'})")
+    e, two_i, h = expected[f"{prefix}.gate_up_proj"]
+    shapes = {k: tuple(int(d) for d in reversed(t.shape.tolist())) for k, t in parts.items()}
+    want = {"gate": (e, two_i // 2, h), "up": (e, two_i // 2, h), "down": (e, h, two_i // 2)}
+    if shapes != want:
+        raise GGUFError(f"{path}: layer {layer}: expert stacks of shapes {shapes}, the model expects {want}")
+    if all(type_name(t) in FLOAT_TYPES for t in parts.values()):
+        state[f"{prefix}.gate_up_proj"] = torch.cat([float_tensor(parts[k], want[k]) for k in ("gate", "up")],
+                                                    dim=1).to(dtype)
+        state[f"{prefix}.down_proj"] = float_tensor(parts["down"], want["down"]).to(dtype)
+        return
+    gate_up = linears_from([parts["gate"], parts["up"]], want["gate"], dtype)
+    down = linears_from([parts["down"]], want["down"], dtype)
+    _replace(model, prefix, QuantizedExperts(gate_up, down, two_i // 2))
+    release_freed_memory()
 
 
 def _install_embedding(model: nn.Module, layer: nn.Module) -> None:

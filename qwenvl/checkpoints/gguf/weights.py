@@ -7,6 +7,8 @@
                      the row is requantised from the exact float values (error below half a row step)
   any other type     dequantised by the `gguf` package (the reference), then a linear is requantised to
                      Int8Linear and an embedding to Int8Embedding; a 1-D tensor stays float
+  expert stacks      (Qwen3-VL-MoE, [E, out, in]) one quantised layer per expert by the same rules, gate
+                     and up side by side in one layer (QuantizedExperts); float stacks stay fused tensors
 
 Exactness, per block of 32 (all from the block layouts in ggml-common.h):
   Q4_0  w = d * (q - 8):       scale d (fp16), min -8d: both exact in float32, not in bfloat16
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from torch import nn
 
 from ...layers.quantized_linear import Int4Linear, Int8Linear, quantize_int8
 
@@ -37,9 +40,10 @@ def type_name(t) -> str:
 
 
 def raw_blocks(t) -> torch.Tensor:
-    """The tensor's bytes as uint8 [rows, bytes per row] (a copy: the file stays mapped read-only)."""
+    """The tensor's bytes as uint8 [rows, bytes per row], rows over every leading dimension (an expert
+    stack's E * out); a copy, as the file stays mapped read-only."""
     data = np.asarray(t.data)
-    return torch.from_numpy(np.array(data.reshape(data.shape[0] if data.ndim > 1 else 1, -1), copy=True))
+    return torch.from_numpy(np.array(data.reshape(-1, data.shape[-1]), copy=True))
 
 
 def float_tensor(t, shape: tuple[int, ...]) -> torch.Tensor:
@@ -65,7 +69,7 @@ def _f16(b: torch.Tensor) -> torch.Tensor:
 
 def int4_codes(t, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A Q4_0 / Q4_1 / Q4_K tensor -> (q uint8 [rows, cols] 0..15, scale [rows, cols/32], min [rows, cols/32])
-    float32, with w = q * scale + min exactly as ggml dequantises."""
+    float32, with w = q * scale + min exactly as ggml dequantises. `rows` counts every leading dimension."""
     kind, b = type_name(t), raw_blocks(t)
     if kind == "Q4_K":
         return _q4_k(b.view(rows, cols // QK_K, 144), rows, cols)
@@ -103,13 +107,23 @@ def q8_0_values(t, rows: int, cols: int) -> torch.Tensor:
 
 def linear_from(t, shape: tuple[int, int], dtype: torch.dtype, bias: torch.Tensor | None):
     """The layer for a quantised linear weight tensor of `shape` [out, in] (see the table above)."""
-    rows, cols = shape
-    kind = type_name(t)
-    if kind in INT4_TYPES:
-        q, scale, mins = int4_codes(t, rows, cols)
-        return int4_linear(q, scale.to(dtype), mins.to(dtype), bias)
-    w = q8_0_values(t, rows, cols) if kind in INT8_TYPES else float_tensor(t, shape)
-    return Int8Linear.from_int8(*quantize_int8(w, scale_dtype=dtype), bias)
+    return linears_from([t], shape, dtype, bias)[0]
+
+
+def linears_from(stacked: list, shape: tuple[int, ...], dtype: torch.dtype, bias: torch.Tensor | None = None,
+                 ) -> list[nn.Module]:
+    """The layers of quantised tensors of one `shape` ([out, in], or [E, out, in] for an expert stack: one
+    layer per expert), joined side by side along the output rows (an expert's gate and up in one layer).
+    All int4 types keep their codes; any other mix goes through the float values and int8."""
+    experts, (rows, cols) = (shape[0] if len(shape) == 3 else 1), shape[-2:]
+    kinds = {type_name(t) for t in stacked}
+    if kinds <= set(INT4_TYPES):
+        codes = [[c.view(experts, rows, -1) for c in int4_codes(t, experts * rows, cols)] for t in stacked]
+        q, scale, mins = (torch.cat(parts, dim=1) for parts in zip(*codes))        # [E, sum of rows, ...]
+        return [int4_linear(q[e], scale[e].to(dtype), mins[e].to(dtype), bias) for e in range(experts)]
+    w = torch.cat([(q8_0_values(t, experts * rows, cols) if type_name(t) in INT8_TYPES
+                    else float_tensor(t, (experts * rows, cols))).view(experts, rows, cols) for t in stacked], dim=1)
+    return [Int8Linear.from_int8(*quantize_int8(w[e], scale_dtype=dtype), bias) for e in range(experts)]
 
 
 def int4_linear(q: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor, bias: torch.Tensor | None) -> Int4Linear:
