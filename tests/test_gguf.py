@@ -333,8 +333,42 @@ def test_chat_command_takes_model_and_mmproj_files(converted):
     image = folder.parent / "cli.png"
     _image(3, (112, 84)).save(image)
     args = ["--image", str(image), "--dtype", "float32", "--max-tokens", "6", "--temperature", "0", "Describe this image."]
-    run = lambda *model: subprocess.run([sys.executable, "-m", "qwenvl.cli", "chat", *model, *args],
+    run = lambda *model: subprocess.run([sys.executable, "-m", "qwenvl", "chat", *model, *args],
                                         capture_output=True, text=True, timeout=300, cwd=ROOT)
     want, have = run("--model", str(folder)), run("--model", str(lm), "--mmproj", str(mmproj))
     assert want.returncode == 0 and have.returncode == 0, have.stderr[-2000:]
     assert have.stdout == want.stdout
+
+
+def _ollama_store(root: Path, name: str, layers: dict[str, Path]) -> None:
+    """An Ollama store under `root`: the manifest of library/<name>:latest and its blobs (links to the files)."""
+    import hashlib
+    entries = []
+    for media, path in layers.items():
+        digest = "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+        blob = root / "blobs" / digest.replace(":", "-")
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.symlink_to(path)
+        entries.append({"mediaType": media, "digest": digest, "size": path.stat().st_size})
+    manifest = root / "manifests" / "registry.ollama.ai" / "library" / name / "latest"
+    manifest.parent.mkdir(parents=True)
+    manifest.write_text(json.dumps({"schemaVersion": 2, "layers": entries}))
+
+
+def test_ollama_store(converted, tmp_path, monkeypatch):
+    """`ollama:NAME` resolves the manifest under OLLAMA_MODELS: a model + projector blob pair in llama.cpp's
+    layout loads; Ollama's own single-file layout is an error that says what differs."""
+    folder, lm, mmproj = converted["qwen2_5_vl"]
+    monkeypatch.setenv("OLLAMA_MODELS", str(tmp_path))
+    _ollama_store(tmp_path, "tinyvl", {"application/vnd.ollama.image.model": lm,
+                                       "application/vnd.ollama.image.projector": mmproj})
+    got = LLM("ollama:tinyvl", dtype="float32", **KV)
+    assert got.engine.model_name == "tinyvl"
+    _assert_same_answers(LLM(folder, dtype="float32", **KV), got, {"image": _conversations("qwen2_5_vl")["image"]})
+    single = tmp_path / "single.gguf"
+    rewrite_arch(lm, single, "qwen25vl")          # Ollama's architecture name for its one-file Qwen2.5-VL
+    _ollama_store(tmp_path, "onefile", {"application/vnd.ollama.image.model": single})
+    with pytest.raises(GGUFError, match="Ollama's own single-file layout.*'qwen25vl'"):
+        LLM("ollama:onefile:latest", dtype="float32", **KV)
+    with pytest.raises(GGUFError, match="no manifest"):
+        LLM("ollama:absent:7b", dtype="float32", **KV)

@@ -164,7 +164,7 @@ class LLMEngine:
             raise ValueError("tensor_parallel_size > 1 with a GGUF model is not supported: load it on one device")
         pair = gguf.open_pair(model, mmproj)
         self.model_dir = pair.folder                 # generation_config.json / grounding prompt, if placed beside
-        self.model_name = pair.model_path.stem
+        self.model_name = pair.name
         c = self.config
         self.model, self.cfg, vocabulary = gguf.load_gguf_model(
             pair, self.dtype, self.device, c.quantization, c.quant_group_size, c.quantize_vision, fuse=True)

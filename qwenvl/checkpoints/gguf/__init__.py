@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .files import GGUFError, GGUFPair, is_gguf_file, open_pair
+from .errors import GGUFError
+from .files import GGUFPair, is_gguf_file, open_pair
+from .ollama import is_ollama_name
 from .loader import load_gguf_model
 from .preprocessor import preprocessor_beside, preprocessor_config
 from .tokenizer import GGUFVocabulary
@@ -17,12 +19,14 @@ __all__ = ["GGUFError", "GGUFPair", "GGUFVocabulary", "is_gguf_file", "is_gguf_m
 
 
 def is_gguf_model(model: str | Path | None, mmproj: str | Path | None = None) -> bool:
-    """Whether `model` names a GGUF model: a GGUF file, `mmproj` given, or a folder of .gguf files without a
+    """Whether `model` names a GGUF model: a GGUF file, `mmproj` given, `ollama:NAME`, or a folder of .gguf files without a
     config.json (a Hugging Face folder with a stray .gguf stays a Hugging Face folder)."""
     if mmproj is not None:
         return True
     if model is None:
         return False
+    if is_ollama_name(model):
+        return True
     p = Path(model).expanduser()
     if p.is_file():
         return is_gguf_file(p)

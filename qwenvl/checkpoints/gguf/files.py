@@ -15,7 +15,8 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..load_error import LoadError
+from . import ollama
+from .errors import GGUFError
 
 GGUF_MAGIC = b"GGUF"
 # llama.cpp's architecture name -> the projector types that belong to it -> our family
@@ -27,10 +28,6 @@ FAMILY_OF = {
 }
 LM_ARCHITECTURES = sorted({a for a, _ in FAMILY_OF})
 PROJECTOR_TYPES = sorted({p for _, p in FAMILY_OF})
-
-
-class GGUFError(LoadError):
-    """A GGUF file (or pair of files) qwenvl cannot load; the message names the file and what is wrong."""
 
 
 def is_gguf_file(path: str | Path) -> bool:
@@ -81,6 +78,7 @@ class GGUFPair:
     lm: object              # gguf.GGUFReader of the language model
     mmproj: object          # gguf.GGUFReader of the projector
     family: str             # our model_type
+    name: str = ""          # what the API calls the model: the file's stem, or the Ollama name
 
     @property
     def folder(self) -> Path:
@@ -88,7 +86,16 @@ class GGUFPair:
 
 
 def find_files(model: str | Path, mmproj: str | Path | None) -> tuple[Path, Path]:
-    """(language model file, projector file) for a .gguf path plus `mmproj`, or for a folder of GGUFs."""
+    """(language model file, projector file) for a .gguf path plus `mmproj`, a folder of GGUFs, or an
+    `ollama:NAME[:TAG]` in Ollama's local store."""
+    if ollama.is_ollama_name(model):
+        blob, projector = ollama.resolve(model)
+        if mmproj is None and projector is None:
+            reader = open_reader(blob)
+            arch = field(reader, "general.architecture")
+            if arch not in LM_ARCHITECTURES or any(t.name.startswith("v.") for t in reader.tensors):
+                raise ollama.single_file_error(model, blob, arch)
+        return blob, Path(mmproj).expanduser() if mmproj is not None else projector
     model = Path(model).expanduser()
     if model.is_dir():
         found = sorted(model.glob("*.gguf"))
@@ -123,6 +130,8 @@ def _looks_like_projector(path: Path) -> bool:
 def open_pair(model: str | Path, mmproj: str | Path | None) -> GGUFPair:
     """Open and cross-check the two files; every GGUFError names the file and the mismatch."""
     model_path, mmproj_path = find_files(model, mmproj)
+    if mmproj_path is None:
+        raise GGUFError(f"{model}: a GGUF language model without its vision projector; pass mmproj=... (--mmproj)")
     lm, proj = open_reader(model_path), open_reader(mmproj_path)
     lm_kind, arch = _kind(lm)
     proj_kind, proj_arch = _kind(proj)
@@ -151,4 +160,5 @@ def open_pair(model: str | Path, mmproj: str | Path | None) -> GGUFPair:
         # The converter writes the same basename into both files of one checkpoint.
         warnings.warn(f"{mmproj_path.name} was converted from {proj_name!r} but {model_path.name} from "
                       f"{lm_name!r}: is the projector from another model?", stacklevel=3)
-    return GGUFPair(model_path, mmproj_path, lm, proj, family)
+    name = str(model)[len(ollama.PREFIX):] if ollama.is_ollama_name(model) else model_path.stem
+    return GGUFPair(model_path, mmproj_path, lm, proj, family, name)
