@@ -15,6 +15,8 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from . import ollama
 from .errors import GGUFError
 
@@ -45,12 +47,27 @@ def open_reader(path: Path):
         from gguf import GGUFReader
     except ImportError:
         raise GGUFError(f"{path}: reading GGUF files needs the `gguf` package: pip install 'qwenvl[gguf]'") from None
+
+    class Reader(GGUFReader):
+        """gguf's reader over a plain ndarray view of its memory map. The reader slices its map once per
+        metadata value (two slices per token of a 151k vocabulary); a slice of an np.memmap runs memmap's
+        Python __array_finalize__, a plain view's does not: opening a 2B-width Q4_K_M file (151936-token
+        vocabulary) took 8.7 s with the memmap, 2.5 s with the view (2-core VM, busy). Same bytes, still
+        paged in lazily by the OS."""
+
+        @property
+        def data(self):
+            return self._data
+
+        @data.setter
+        def data(self, value):
+            self._data = value.view(np.ndarray) if isinstance(value, np.memmap) else value
     if not path.is_file():
         raise GGUFError(f"{path}: no such file")
     if not is_gguf_file(path):
         raise GGUFError(f"{path}: not a GGUF file (it does not start with the GGUF magic bytes)")
     try:
-        return GGUFReader(path)
+        return Reader(path)
     except (ValueError, IndexError, OSError) as e:
         # The reader maps every tensor while reading the header: a file cut short fails there.
         raise GGUFError(f"{path}: truncated or corrupt GGUF file ({path.stat().st_size} bytes; "
