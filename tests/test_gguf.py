@@ -113,7 +113,8 @@ def test_float_gguf_answers_as_the_folder(converted, family):
     ref = LLM(folder, dtype="float32", **KV)
     got = LLM(lm, mmproj=mmproj, dtype="float32", **KV)
     assert got.family == family
-    assert dataclasses.replace(got.engine.cfg, eos_token_ids=()) == dataclasses.replace(ref.engine.cfg, eos_token_ids=())
+    without_eos = lambda cfg: dataclasses.replace(cfg, eos_token_ids=())     # the GGUF adds <|endoftext|>
+    assert without_eos(got.engine.cfg) == without_eos(ref.engine.cfg)
     _assert_same_answers(ref, got, _conversations(family))
 
 
@@ -300,6 +301,8 @@ def test_bad_files_are_named(converted, wide, tmp_path):
     notgguf.write_bytes(b"not a gguf file at all")
     assert "not a GGUF file" in error(notgguf, mmproj)
     assert "not a vision projector" in error(lm, lm)
+    holed = rewrite(lm, tmp_path / "holed.gguf", lambda n, s: "DROP" if n == "blk.1.ffn_up.weight" else None)
+    assert "missing tensor(s) for model.language_model.layers.1.mlp.up_proj.weight" in error(holed, mmproj)
     assert "another model size" in error(converted["qwen2_5_vl"][1], wide[2])     # 256-wide projector, 64-wide LM
     # Qwen2.5-VL's projector fits Qwen2-VL's architecture and (here) width: it loads, with a warning naming both
     with pytest.warns(UserWarning, match="from another model"):
@@ -332,7 +335,8 @@ def test_chat_command_takes_model_and_mmproj_files(converted):
     folder, lm, mmproj = converted["qwen2_5_vl"]
     image = folder.parent / "cli.png"
     _image(3, (112, 84)).save(image)
-    args = ["--image", str(image), "--dtype", "float32", "--max-tokens", "6", "--temperature", "0", "Describe this image."]
+    args = ["--image", str(image), "--dtype", "float32", "--max-tokens", "6", "--temperature", "0",
+            "Describe this image."]
     run = lambda *model: subprocess.run([sys.executable, "-m", "qwenvl", "chat", *model, *args],
                                         capture_output=True, text=True, timeout=300, cwd=ROOT)
     want, have = run("--model", str(folder)), run("--model", str(lm), "--mmproj", str(mmproj))

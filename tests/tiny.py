@@ -71,32 +71,35 @@ def _hf_config(family: str, vocab: int, ids: dict[str, int], text_overrides: dic
     def text(qwen3: bool, moe: dict | None = None) -> dict:
         return {**_text_kwargs(vocab, ids, qwen3), **(moe or {}), **(text_overrides or {})}
 
+    def vis(vision: dict) -> dict:
+        return {**vision, **(vision_overrides or {})}
+
     if family == "qwen2_vl":
         from transformers import Qwen2VLConfig
         vision = dict(depth=2, embed_dim=32, hidden_size=64, mlp_ratio=4, num_heads=2, in_channels=3,
                       patch_size=14, spatial_merge_size=2, temporal_patch_size=2, hidden_act="quick_gelu")
-        return Qwen2VLConfig(text_config=text(False), vision_config={**vision, **(vision_overrides or {})}, **common)
+        return Qwen2VLConfig(text_config=text(False), vision_config=vis(vision), **common)
     if family == "qwen2_5_vl":
         from transformers import Qwen2_5_VLConfig
         # window_size 112 px = 4 merged tokens a side; block 1 and 3 see the whole image.
         vision = dict(depth=4, hidden_size=32, intermediate_size=64, num_heads=2, in_channels=3,
                       out_hidden_size=64, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
                       hidden_act="silu", window_size=112, fullatt_block_indexes=[1, 3], tokens_per_second=2)
-        return Qwen2_5_VLConfig(text_config=text(False), vision_config={**vision, **(vision_overrides or {})}, **common)
+        return Qwen2_5_VLConfig(text_config=text(False), vision_config=vis(vision), **common)
     if family == "qwen3_vl":
         from transformers import Qwen3VLConfig
         vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, in_channels=3,
                       out_hidden_size=64, patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
                       hidden_act="gelu_pytorch_tanh", num_position_embeddings=64,
                       deepstack_visual_indexes=[0, 1])
-        return Qwen3VLConfig(text_config=text(True), vision_config={**vision, **(vision_overrides or {})}, **common)
+        return Qwen3VLConfig(text_config=text(True), vision_config=vis(vision), **common)
     if family == "qwen3_vl_moe":
         from transformers import Qwen3VLMoeConfig
         vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, in_channels=3,
                       out_hidden_size=64, patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
                       hidden_act="gelu_pytorch_tanh", num_position_embeddings=64, deepstack_visual_indexes=[0])
         return Qwen3VLMoeConfig(text_config=text(True, MOE_TEXT),
-                                vision_config={**vision, **(vision_overrides or {})}, **common)
+                                vision_config=vis(vision), **common)
     raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
 
 

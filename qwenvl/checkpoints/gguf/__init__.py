@@ -19,8 +19,8 @@ __all__ = ["GGUFError", "GGUFPair", "GGUFVocabulary", "is_gguf_file", "is_gguf_m
 
 
 def is_gguf_model(model: str | Path | None, mmproj: str | Path | None = None) -> bool:
-    """Whether `model` names a GGUF model: a GGUF file, `mmproj` given, `ollama:NAME`, or a folder of .gguf files without a
-    config.json (a Hugging Face folder with a stray .gguf stays a Hugging Face folder)."""
+    """Whether `model` names a GGUF model: a GGUF file, `mmproj` given, `ollama:NAME`, or a folder of .gguf
+    files without a config.json (a Hugging Face folder with a stray .gguf stays a Hugging Face folder)."""
     if mmproj is not None:
         return True
     if model is None:

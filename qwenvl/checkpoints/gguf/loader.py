@@ -21,7 +21,7 @@ from ..loader import release_freed_memory
 from ..quantize import quantize_model, use_cpu_int8_layout
 from .files import GGUFError, GGUFPair
 from .metadata import hf_config, tensor_shapes
-from .tensor_names import LM, expert_part, lm_name, vision_name
+from .tensor_names import LM, VIS, expert_part, lm_name, vision_name
 from .tokenizer import GGUFVocabulary, gguf_vocabulary, token_ids
 from .weights import FLOAT_TYPES, float_tensor, linear_from, linears_from, type_name
 
@@ -78,10 +78,11 @@ def _checked_shape(t, key: str, expected: dict, path) -> tuple[int, ...]:
     return shape
 
 
-def _read_language_model(pair: GGUFPair, model: nn.Module, expected: dict, dtype: torch.dtype,
-                         state: dict) -> None:
+def _plan_language_model(pair: GGUFPair, expected: dict) -> tuple[list, dict]:
+    """Every language-model tensor's key and shape checked from the header alone, and every parameter of ours
+    covered: (plain tensors [(key, tensor, shape)], expert stacks {layer: {"gate" | "up" | "down": tensor}})."""
     path = pair.model_path
-    quantised, experts = [], {}
+    plain, experts = [], {}
     for t in pair.lm.tensors:
         part = expert_part(t.name)
         if part is not None:
@@ -90,7 +91,21 @@ def _read_language_model(pair: GGUFPair, model: nn.Module, expected: dict, dtype
         key = lm_name(t.name)
         if key is None:
             raise GGUFError(f"{path}: unexpected tensor {t.name!r} (not a Qwen-VL language model tensor)")
-        shape = _checked_shape(t, key, expected, path)
+        plain.append((key, t, _checked_shape(t, key, expected, path)))
+    covered = {key for key, _, _ in plain}
+    covered |= {f"{LM}layers.{i}.mlp.experts.{n}" for i in experts for n in ("gate_up_proj", "down_proj")}
+    missing = [k for k in expected if k.startswith((LM, "lm_head.")) and k not in covered]
+    if missing:
+        raise GGUFError(f"{path}: missing tensor(s) for {', '.join(missing[:5])}"
+                        + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+    return plain, experts
+
+
+def _read_language_model(pair: GGUFPair, model: nn.Module, expected: dict, dtype: torch.dtype,
+                         state: dict) -> None:
+    plain, experts = _plan_language_model(pair, expected)
+    quantised = []
+    for key, t, shape in plain:
         if type_name(t) in FLOAT_TYPES or len(shape) == 1:
             state[key] = float_tensor(t, shape).to(dtype)
         else:
@@ -105,7 +120,7 @@ def _read_language_model(pair: GGUFPair, model: nn.Module, expected: dict, dtype
             _replace(model, module, layer)
         release_freed_memory()
     for layer, parts in experts.items():
-        _read_experts(path, model, expected, dtype, state, layer, parts)
+        _read_experts(pair.model_path, model, expected, dtype, state, layer, parts)
 
 
 def _read_experts(path, model: nn.Module, expected: dict, dtype: torch.dtype, state: dict, layer: int,
@@ -155,7 +170,7 @@ def _read_projector(pair: GGUFPair, cfg: ModelConfig, expected: dict, dtype: tor
     """Projector tensors as floats (the tower stays float, as qwenvl's own quantisation leaves it); the
     converter's split tensors are joined back: q/k/v rows, the patch embedding's two temporal halves."""
     path = pair.mmproj_path
-    parts: dict[str, dict[int, torch.Tensor]] = {}
+    whole, split = [], {}                  # checked from the header first: nothing is read before all fit
     for t in pair.mmproj.tensors:
         named = vision_name(t.name, cfg.model_type, cfg.vision.deepstack_visual_indexes)
         if named is None:
@@ -163,18 +178,24 @@ def _read_projector(pair: GGUFPair, cfg: ModelConfig, expected: dict, dtype: tor
         key, part = named
         if key not in expected:
             raise GGUFError(f"{path}: unexpected tensor {t.name!r} (our model has no {key})")
-        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-        value = float_tensor(t, shape).to(dtype)
         if part is None:
-            _checked_shape(t, key, expected, path)
-            state[key] = value
+            whole.append((key, t, _checked_shape(t, key, expected, path)))
         else:
-            parts.setdefault(key, {})[part] = value
-    for key, pieces in parts.items():
+            split.setdefault(key, {})[part] = t
+    covered = {key for key, _, _ in whole} | set(split)
+    missing = [k for k in expected if k.startswith(VIS) and k not in covered]
+    if missing:
+        raise GGUFError(f"{path}: missing tensor(s) for {', '.join(missing[:5])}"
+                        + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+    for key, t, shape in whole:
+        state[key] = float_tensor(t, shape).to(dtype)
+    for key, pieces in split.items():
+        values = [float_tensor(pieces[i], tuple(int(d) for d in reversed(pieces[i].shape.tolist()))).to(dtype)
+                  for i in sorted(pieces)]
         if key.endswith("patch_embed.proj.weight"):
-            joined = torch.stack([pieces[i] for i in sorted(pieces)], dim=2)    # [out, C, T, ps, ps]
+            joined = torch.stack(values, dim=2)             # [out, C, T, ps, ps]: the two temporal halves
         else:
-            joined = torch.cat([pieces[i] for i in sorted(pieces)])             # q, k, v rows
+            joined = torch.cat(values)                      # q, k, v rows
         if tuple(joined.shape) != expected[key]:
             raise GGUFError(f"{path}: the parts of {key} join to shape {tuple(joined.shape)}, the model "
                             f"expects {expected[key]} (a part missing?)")

@@ -81,7 +81,8 @@ def vision_name(name: str, family: str, deepstack_indexes: tuple[int, ...]) -> t
         block = int(m.group(1))
         if block not in deepstack_indexes:
             return None
-        return f"{VIS}deepstack_merger_list.{deepstack_indexes.index(block)}.{_DEEPSTACK[m.group(2)]}.{m.group(3)}", None
+        ours = f"deepstack_merger_list.{deepstack_indexes.index(block)}.{_DEEPSTACK[m.group(2)]}"
+        return f"{VIS}{ours}.{m.group(3)}", None
     head, _, suffix = name.rpartition(".")
     merger = _MERGER.get(fam, _MERGER["qwen2_vl"])
     if head in merger:
