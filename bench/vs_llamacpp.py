@@ -13,7 +13,8 @@
    tokenizer is a 400-token BPE with Qwen2's pre-tokenizer; the converter names pre-tokenizers by hashing a
    test string's tokens, does not know this vocabulary's hash, and is told "qwen2" (see `converter_child`).
 3. Measured in this one run: the machine's bandwidth (throughput.py's tensor copy), then for each pair
-   (bf16 / BF16, int8 / Q8_0, int4 / Q4_K_M) back to back: llama.cpp's `llama-bench` decode (tg) and
+   (bf16 / BF16, int8 / Q8_0, int4 / Q4_K_M, and gguf / Q4_K_M: qwenvl running llama.cpp's own Q4_K_M file
+   with the projector converted beside it) back to back: llama.cpp's `llama-bench` decode (tg) and
    prefill (pp), and qwenvl's batch-1 decode and text prefill of the same lengths in a child process of its
    own. Same thread count on both sides (torch's); the best of --repeats runs on both sides. Two tables:
    llama.cpp tok/s, qwenvl tok/s, ratio; and each side's decode as a fraction of its read roofline
@@ -42,7 +43,8 @@ PACKAGE = "llama-cpp-python"
 TOOLS = ("llama-bench", "llama-quantize")
 GGUF_TYPES = ("BF16", "Q8_0", "Q4_K_M")
 # which qwenvl mode stands beside which GGUF type (same bits per weight, or as close as the formats get)
-PAIRS = (("bf16", "BF16"), ("int8", "Q8_0"), ("int4", "Q4_K_M"))
+# "gguf": qwenvl running llama.cpp's own Q4_K_M file (with the projector converted beside it), issue 39
+PAIRS = (("bf16", "BF16"), ("int8", "Q8_0"), ("int4", "Q4_K_M"), ("gguf", "Q4_K_M"))
 AMX_MARKER = "qwenvl bench/vs_llamacpp.py: keep the tile config stores"
 
 
@@ -224,7 +226,33 @@ def convert(checkpoint: Path, tree: Path, bin_dir: Path, out: Path) -> dict[str,
         run_logged([str(bin_dir / "llama-quantize"), str(paths["BF16"]), str(part), t], out / f"quantize-{t}.log")
         part.rename(paths[t])
         log(f"  quantised in {time.perf_counter() - t0:.0f} s")
+    paths["mmproj"] = out / "mmproj-BF16.gguf"
+    if not paths["mmproj"].exists():       # the vision projector, for qwenvl's run of the GGUF itself
+        tok = checkpoint / "tokenizer.json"
+        pre = "qwen2" if tok.exists() and pre_tokenizer_is_qwen2(json.loads(tok.read_text())) else ""
+        part = paths["mmproj"].with_suffix(".part")
+        run_logged([sys.executable, __file__, "--converter-child", str(tree), pre, "--", str(checkpoint),
+                    "--mmproj", "--outtype", "bf16", "--outfile", str(part)], out / "convert-mmproj.log")
+        part.rename(paths["mmproj"])
     return paths
+
+
+def convert_pair(tree: Path, checkpoint: Path, out_dir: Path, outtype: str = "f32") -> tuple[Path, Path]:
+    """(language model GGUF, mmproj GGUF) of `checkpoint` by the tree's converter, both runs side by side in
+    child processes (tests/test_gguf.py and bench/gguf_load.py use this)."""
+    lm, mmproj = out_dir / f"{checkpoint.name}-{outtype}.gguf", out_dir / f"mmproj-{checkpoint.name}-{outtype}.gguf"
+    tok = checkpoint / "tokenizer.json"
+    pre = "qwen2" if tok.exists() and pre_tokenizer_is_qwen2(json.loads(tok.read_text())) else ""
+    runs = []
+    for out, extra in ((lm, []), (mmproj, ["--mmproj"])):
+        cmd = [sys.executable, __file__, "--converter-child", str(tree), pre, "--", str(checkpoint),
+               "--outtype", outtype, "--outfile", str(out), *extra]
+        runs.append((out, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)))
+    for out, proc in runs:
+        output, _ = proc.communicate()
+        if proc.returncode != 0 or not out.is_file():
+            raise RuntimeError(f"the converter failed for {out.name}:\n{output[-3000:]}")
+    return lm, mmproj
 
 
 def bytes_read_per_token(tensors: list[tuple[str, int]]) -> int:
@@ -294,8 +322,12 @@ def side_qwenvl(checkpoint: Path, mode: str, a) -> dict:
 
     from throughput import compute_dtype, decode_weight_bytes, stream_request
     torch.set_num_threads(a.threads)
-    llm = LLM(str(checkpoint), dtype=compute_dtype(a), kv_cache_gb=a.kv_cache_gb, enable_prefix_caching=False,
-              quantization=None if mode == "bf16" else mode)
+    if mode == "gguf":        # llama.cpp's Q4_K_M file and the projector, each tensor in its own type
+        llm = LLM(a.gguf_model, mmproj=a.gguf_mmproj, dtype=compute_dtype(a), kv_cache_gb=a.kv_cache_gb,
+                  enable_prefix_caching=False)
+    else:
+        llm = LLM(str(checkpoint), dtype=compute_dtype(a), kv_cache_gb=a.kv_cache_gb, enable_prefix_caching=False,
+                  quantization=None if mode == "bf16" else mode)
     short = [{"role": "user", "content": "Describe the picture."}]
     decode = []
     for _ in range(a.repeats + 1):
@@ -307,8 +339,9 @@ def side_qwenvl(checkpoint: Path, mode: str, a) -> dict:
             "weight_bytes": decode_weight_bytes(llm.engine.model)}
 
 
-def run_child(checkpoint: Path, mode: str) -> dict:
-    cmd = [sys.executable, __file__, "--child", mode, "--checkpoint", str(checkpoint)] + \
+def run_child(checkpoint: Path, mode: str, ggufs: dict[str, Path] | None = None) -> dict:
+    files = ["--gguf-model", str(ggufs["Q4_K_M"]), "--gguf-mmproj", str(ggufs["mmproj"])] if mode == "gguf" else []
+    cmd = [sys.executable, __file__, "--child", mode, "--checkpoint", str(checkpoint), *files] + \
           [x for x in sys.argv[1:] if x not in ("--build-only",)]
     res = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if res.returncode != 0:
@@ -393,12 +426,14 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3, help="llama-bench -r, and qwenvl's runs of each (best taken)")
     p.add_argument("--rounds", type=int, default=1, help="alternations of each llama.cpp / qwenvl pair (medians)")
     p.add_argument("--kv-cache-gb", type=float, default=0.2)
-    p.add_argument("--modes", default="bf16,int8,int4", help="comma-separated, of " + ", ".join(m for m, _ in PAIRS))
+    p.add_argument("--modes", default="bf16,int8,int4,gguf", help="comma-separated, of " + ", ".join(m for m, _ in PAIRS))
     # bfloat16, not qwenvl's "auto": the comparison is with llama.cpp's BF16 on the same weights, and auto's
     # one-off bf16-vs-fp32 probe can pick float32 on a busy machine (it did once here: 6.2 GB a token)
     p.add_argument("--dtype", default="bfloat16", choices=("auto", "bfloat16", "float32"),
                    help="qwenvl's compute dtype")
     p.add_argument("--child", choices=[m for m, _ in PAIRS], help=argparse.SUPPRESS)
+    p.add_argument("--gguf-model", help=argparse.SUPPRESS)
+    p.add_argument("--gguf-mmproj", help=argparse.SUPPRESS)
     a = p.parse_args()
     import torch
     if a.threads is None:
@@ -431,7 +466,7 @@ def main() -> None:
             log(f"round {r + 1}/{a.rounds}: measuring llama.cpp {gtype} ...")
             llama = run_llama_bench(bin_dir, ggufs[gtype], a)
             log(f"round {r + 1}/{a.rounds}: measuring qwenvl {mode} ...")
-            rounds.append((llama, run_child(checkpoint, mode)))
+            rounds.append((llama, run_child(checkpoint, mode, ggufs)))
         rows.append(pair_row(mode, gtype, rounds, bytes_read_per_token(gguf_tensors(ggufs[gtype]))))
     print(f"checkpoint {checkpoint}; llama.cpp {rows[0]['llama']['build']} from {source} "
           f"(llama-bench -t {rows[0]['llama']['threads']} -r {a.repeats}); "

@@ -23,7 +23,8 @@ class LLM:
 
     `LLM()` loads the bundled demonstration model; `LLM("path/to/checkpoint")` any Qwen2-VL, Qwen2.5-VL
     or Qwen3-VL folder as saved by Hugging Face, or a Hub id such as `LLM("Qwen/Qwen2.5-VL-3B-Instruct")`
-    (local Hub cache first, `revision` picks a branch/tag/commit; see qwenvl/hub.py). `dtype` defaults to bfloat16, except
+    (local Hub cache first, `revision` picks a branch/tag/commit; see qwenvl/hub.py), or llama.cpp's GGUF
+    files: `LLM("model-Q4_K_M.gguf", mmproj="mmproj-model-f16.gguf")` or a folder holding one of each. `dtype` defaults to bfloat16, except
     on a CPU without fast bfloat16 matrix products (most laptops), where it is float32.
     `tensor_parallel_size=N` splits the language model over N processes (GPUs 0..N-1 on CUDA; see README);
     `shutdown()` ends them.

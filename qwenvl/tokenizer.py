@@ -76,6 +76,11 @@ class Tokenizer:
                 eos.append(i)
         return cls(tok, template, tuple(eos), source=str(d))
 
+    @classmethod
+    def from_gguf(cls, vocabulary) -> "Tokenizer":
+        """The tokenizer a GGUF language model carries (qwenvl.checkpoints.gguf.GGUFVocabulary)."""
+        return cls(vocabulary.tokenizer, vocabulary.chat_template, vocabulary.eos_token_ids, vocabulary.source)
+
     # -- ids -----------------------------------------------------------------------------------------
     @property
     def vocab_size(self) -> int:

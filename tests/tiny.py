@@ -64,38 +64,42 @@ def _text_kwargs(vocab: int, ids: dict[str, int], qwen3: bool) -> dict:
     )
 
 
-def _hf_config(family: str, vocab: int, ids: dict[str, int], text_overrides: dict | None = None):
+def _hf_config(family: str, vocab: int, ids: dict[str, int], text_overrides: dict | None = None,
+               vision_overrides: dict | None = None):
     common = _special_ids(ids)
 
     def text(qwen3: bool, moe: dict | None = None) -> dict:
         return {**_text_kwargs(vocab, ids, qwen3), **(moe or {}), **(text_overrides or {})}
 
+    def vis(vision: dict) -> dict:
+        return {**vision, **(vision_overrides or {})}
+
     if family == "qwen2_vl":
         from transformers import Qwen2VLConfig
         vision = dict(depth=2, embed_dim=32, hidden_size=64, mlp_ratio=4, num_heads=2, in_channels=3,
                       patch_size=14, spatial_merge_size=2, temporal_patch_size=2, hidden_act="quick_gelu")
-        return Qwen2VLConfig(text_config=text(False), vision_config=vision, **common)
+        return Qwen2VLConfig(text_config=text(False), vision_config=vis(vision), **common)
     if family == "qwen2_5_vl":
         from transformers import Qwen2_5_VLConfig
         # window_size 112 px = 4 merged tokens a side; block 1 and 3 see the whole image.
         vision = dict(depth=4, hidden_size=32, intermediate_size=64, num_heads=2, in_channels=3,
                       out_hidden_size=64, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
                       hidden_act="silu", window_size=112, fullatt_block_indexes=[1, 3], tokens_per_second=2)
-        return Qwen2_5_VLConfig(text_config=text(False), vision_config=vision, **common)
+        return Qwen2_5_VLConfig(text_config=text(False), vision_config=vis(vision), **common)
     if family == "qwen3_vl":
         from transformers import Qwen3VLConfig
         vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, in_channels=3,
                       out_hidden_size=64, patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
                       hidden_act="gelu_pytorch_tanh", num_position_embeddings=64,
                       deepstack_visual_indexes=[0, 1])
-        return Qwen3VLConfig(text_config=text(True), vision_config=vision, **common)
+        return Qwen3VLConfig(text_config=text(True), vision_config=vis(vision), **common)
     if family == "qwen3_vl_moe":
         from transformers import Qwen3VLMoeConfig
         vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, in_channels=3,
                       out_hidden_size=64, patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
                       hidden_act="gelu_pytorch_tanh", num_position_embeddings=64, deepstack_visual_indexes=[0])
         return Qwen3VLMoeConfig(text_config=text(True, MOE_TEXT),
-                                vision_config=vision, **common)
+                                vision_config=vis(vision), **common)
     raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
 
 
@@ -182,12 +186,14 @@ def _transpose_experts(out: Path) -> None:
 
 
 def make_checkpoint(tmp_dir: str | Path, family: str, layout: str = "current", sharded: bool = False,
-                    seed: int = 0, text_overrides: dict | None = None, name: str | None = None) -> Path:
+                    seed: int = 0, text_overrides: dict | None = None, name: str | None = None,
+                    vision_overrides: dict | None = None) -> Path:
     """Build a complete tiny checkpoint folder under `tmp_dir` and return its path.
 
     layout: "current" (what transformers 5.x writes) or "flat" (the original Hub config.json layout).
     sharded: split the weights over several safetensors files with an index, as large checkpoints are.
-    text_overrides: text_config values to change (e.g. num_key_value_heads), in a folder called `name`.
+    text_overrides: text_config values to change (e.g. num_key_value_heads), in a folder called `name`;
+    vision_overrides the same for vision_config (e.g. depth).
     """
     if layout not in ("current", "flat"):
         raise ValueError(f"layout must be 'current' or 'flat', not {layout!r}")
@@ -195,7 +201,7 @@ def make_checkpoint(tmp_dir: str | Path, family: str, layout: str = "current", s
     out.mkdir(parents=True, exist_ok=True)
     tok = train_tokenizer(CORPUS, BPE_VOCAB)
     ids = save_tokenizer(tok, out, default_chat_template(family))
-    config = _hf_config(family, tok.get_vocab_size(), ids, text_overrides)
+    config = _hf_config(family, tok.get_vocab_size(), ids, text_overrides, vision_overrides)
     torch.manual_seed(seed)
     model = _hf_model_class(family)(config).eval()
     with torch.no_grad():

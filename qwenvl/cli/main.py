@@ -9,9 +9,12 @@ from pathlib import Path
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, metavar="DIR|ORG/NAME",
-                   help="a Hugging Face checkpoint folder or Hub id (Qwen2-VL, Qwen2.5-VL, Qwen3-VL); "
+    p.add_argument("--model", default=None, metavar="DIR|ORG/NAME|FILE.gguf",
+                   help="a Hugging Face checkpoint folder or Hub id (Qwen2-VL, Qwen2.5-VL, Qwen3-VL), a GGUF "
+                        "language model (with --mmproj) or a folder of one model and one mmproj GGUF; "
                         "default: the bundled model")
+    p.add_argument("--mmproj", default=None, metavar="FILE.gguf",
+                   help="with a GGUF --model: its vision projector GGUF (llama.cpp's mmproj file)")
     p.add_argument("--revision", default=None, help="with a Hub id: branch, tag or commit (default: main)")
     p.add_argument("--dtype", default=None, choices=("bfloat16", "float32", "float16"),
                    help="default: bfloat16, or float32 on a CPU without fast bfloat16 products")
@@ -25,7 +28,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 def _load(args):
     from ..llm import LLM
     return LLM(args.model, dtype=args.dtype, device=args.device, revision=args.revision,
-               quantization=args.quantization,
+               quantization=args.quantization, mmproj=args.mmproj,
                quantize_vision=args.quantize_vision)
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoints import huge_pages
+from ..checkpoints import gguf
 from ..checkpoints.hub import resolve_model
 from ..inputs import PreprocessorConfig, PromptInputs, build_inputs
 from ..layers.paged_attention import PagedKVPool
@@ -50,6 +51,7 @@ class EngineConfig:
     quantize_vision: bool = False          # also the vision tower's linears (saves memory, not time)
     quant_group_size: int = 128            # int4: input columns per scale/zero group (32, 64, 128 or 256)
     tensor_parallel_size: int = 1          # N > 1: the language model split over N processes (qwenvl/distributed/)
+    mmproj: str | None = None              # the vision projector GGUF of a GGUF model (qwenvl/checkpoints/gguf/)
 
     def __post_init__(self):
         check_quantization(self.quantization)
@@ -99,30 +101,15 @@ def resolve_dtype(dtype, device: str | torch.device) -> torch.dtype:
 class LLMEngine:
     def __init__(self, model_dir: str | Path | None = None, dtype=None, device: str | None = "auto",
                  config: EngineConfig = EngineConfig(), revision: str | None = None):
-        # A folder path or a Hugging Face Hub id (qwenvl/hub.py); a Hub id keeps its name for the API.
-        self.model_dir = resolve_model(model_dir, revision) if model_dir is not None else BUNDLED_MODEL_DIR
-        from_hub = model_dir is not None and self.model_dir != Path(model_dir).expanduser()
-        self.model_name = "qwenvl-bundled" if model_dir is None else \
-            str(model_dir) if from_hub else self.model_dir.name
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.config = config
-        quantizer = LoadQuantizer(config.quantization, config.quant_group_size, config.quantize_vision) \
-            if config.quantization else None
         self.tp = None
-        if config.tensor_parallel_size > 1:
-            from ..distributed.group import TensorParallelGroup
-            self.tp = TensorParallelGroup(self.model_dir, self.dtype, self.device, config.tensor_parallel_size)
-            self.model, self.cfg = self.tp.model, self.tp.cfg
+        if gguf.is_gguf_model(model_dir, config.mmproj):
+            # llama.cpp's files (qwenvl/checkpoints/gguf/): the model, tokenizer and pixels all come from them
+            self._load_gguf(model_dir, config.mmproj)
         else:
-            self.model, self.cfg = load_model(self.model_dir, dtype=self.dtype, device=self.device, quantizer=quantizer,
-                                              fuse=True)
-            if huge_pages.requested() and self.device.type == "cpu":
-                huge_pages.collapse_resident_memory()       # the weights, before the KV pool joins them
-        self.tokenizer = Tokenizer.from_dir(self.model_dir)
-        self.preprocessor = PreprocessorConfig.from_dir(self.model_dir)
-        # temperature/top_p/top_k/repetition_penalty for requests that leave them out
-        self.generation_defaults = checkpoint_sampling_defaults(self.model_dir)
+            self._load_folder(model_dir, revision)
         text = self.cfg.text
         self.max_model_len = config.max_model_len or text.max_position_embeddings
         kv_heads = self.tp.num_local_kv_heads if self.tp else text.num_key_value_heads   # per rank's shard
@@ -148,6 +135,46 @@ class LLMEngine:
         self.sampler = MaskedSampler(self.sampler, self.grammar_mask)       # release() frees both
         self.runner = ModelRunner(self.model, pool, self.sampler, self.encoder_cache, attn_impl=config.attn_impl)
         self._requests: dict[str, _Request] = {}
+
+    def _load_folder(self, model_dir, revision) -> None:
+        # A folder path or a Hugging Face Hub id (qwenvl/hub.py); a Hub id keeps its name for the API.
+        self.model_dir = resolve_model(model_dir, revision) if model_dir is not None else BUNDLED_MODEL_DIR
+        from_hub = model_dir is not None and self.model_dir != Path(model_dir).expanduser()
+        self.model_name = "qwenvl-bundled" if model_dir is None else \
+            str(model_dir) if from_hub else self.model_dir.name
+        config = self.config
+        quantizer = LoadQuantizer(config.quantization, config.quant_group_size, config.quantize_vision) \
+            if config.quantization else None
+        if config.tensor_parallel_size > 1:
+            from ..distributed.group import TensorParallelGroup
+            self.tp = TensorParallelGroup(self.model_dir, self.dtype, self.device, config.tensor_parallel_size)
+            self.model, self.cfg = self.tp.model, self.tp.cfg
+        else:
+            self.model, self.cfg = load_model(self.model_dir, dtype=self.dtype, device=self.device, quantizer=quantizer,
+                                              fuse=True)
+            if huge_pages.requested() and self.device.type == "cpu":
+                huge_pages.collapse_resident_memory()       # the weights, before the KV pool joins them
+        self.tokenizer = Tokenizer.from_dir(self.model_dir)
+        self.preprocessor = PreprocessorConfig.from_dir(self.model_dir)
+        # temperature/top_p/top_k/repetition_penalty for requests that leave them out
+        self.generation_defaults = checkpoint_sampling_defaults(self.model_dir)
+
+    def _load_gguf(self, model, mmproj) -> None:
+        if self.config.tensor_parallel_size > 1:
+            raise ValueError("tensor_parallel_size > 1 with a GGUF model is not supported: load it on one device")
+        pair = gguf.open_pair(model, mmproj)
+        self.model_dir = pair.folder                 # generation_config.json / grounding prompt, if placed beside
+        self.model_name = pair.name
+        c = self.config
+        self.model, self.cfg, vocabulary = gguf.load_gguf_model(
+            pair, self.dtype, self.device, c.quantization, c.quant_group_size, c.quantize_vision, fuse=True)
+        if huge_pages.requested() and self.device.type == "cpu":
+            huge_pages.collapse_resident_memory()
+        self.tokenizer = Tokenizer.from_gguf(vocabulary)
+        beside = gguf.preprocessor_beside(pair)
+        self.preprocessor = PreprocessorConfig.from_dir(beside) if beside else \
+            PreprocessorConfig.from_dict(gguf.preprocessor_config(pair))
+        self.generation_defaults = checkpoint_sampling_defaults(self.model_dir)
 
     def shutdown(self) -> None:
         """Stop the tensor-parallel worker processes, if any (idempotent; also done at garbage collection)."""

@@ -80,7 +80,7 @@ def _tasks(args) -> int:
         unknown = [v for v in given or () if v not in known]
         if unknown:
             raise DatasetError(f"{flag} {unknown[0]!r} is not one of {', '.join(known)}")
-    llm = LLM(args.model, quantization=args.quantization)
+    llm = LLM(args.model, quantization=args.quantization, mmproj=getattr(args, "mmproj", None))
     started = time.time()
     scores = evaluate_model(llm, args.n, args.task or TASKS, args.lang or LANGS)
     print(scores_table(scores))
@@ -131,6 +131,7 @@ def add_eval_subcommand(subparsers) -> None:
     tk = sub.add_parser("tasks", help="accuracy on held-out synthetic items of the bundled model's tasks "
                                       "(words never seen in training)")
     tk.add_argument("--model", metavar="DIR", help="local checkpoint folder (default: the bundled model)")
+    tk.add_argument("--mmproj", metavar="FILE.gguf", help="with a GGUF --model: its vision projector GGUF")
     tk.add_argument("--quantization", choices=("int8", "int4"), help="weight-only quantisation of the language model at load (default: none, the checkpoint dtype)")
     tk.add_argument("--n", type=int, default=200, help="items per task and language (default 200)")
     tk.add_argument("--task", action="append", help="only this task: count, color, ground, read, chart or table "

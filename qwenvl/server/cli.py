@@ -30,6 +30,8 @@ def add_serve_subcommand(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="checkpoint folder or Hugging Face Hub id (default: the bundled "
                    "model); requests that leave out temperature/top_p/top_k/repetition_penalty get its "
                    "generation_config.json values")
+    p.add_argument("--mmproj", default=None, metavar="FILE.gguf",
+                   help="with a GGUF --model: its vision projector GGUF (llama.cpp's mmproj file)")
     p.add_argument("--revision", default=None, help="with a Hub id: branch, tag or commit (default: main)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000, help="TCP port; a busy one fails at once, before the model loads")
@@ -125,6 +127,8 @@ def run_serve_command(args) -> int:
         engine_options["kv_cache_gb"] = args.kv_cache_gb
     if getattr(args, "max_model_len", None) is not None:
         engine_options["max_model_len"] = args.max_model_len
+    if getattr(args, "mmproj", None) is not None:
+        engine_options["mmproj"] = args.mmproj
     if getattr(args, "quantization", None) is not None:
         engine_options["quantization"] = args.quantization
         engine_options["quantize_vision"] = bool(getattr(args, "quantize_vision", False))

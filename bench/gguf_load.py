@@ -1,0 +1,155 @@
+"""Load time: a Q4_K_M GGUF pair of the bench model against qwenvl's own int4 load of the same checkpoint.
+
+    .venv/bin/python bench/gguf_load.py                          # the 2B-width model (throughput.py's)
+    .venv/bin/python bench/gguf_load.py --text-layers 6 --vision-depth 4 --rounds 3   # a quicker, smaller one
+    .venv/bin/python bench/gguf_load.py --llamacpp-home /work/llamacpp   # Q4_K_M by llama-quantize from there
+
+Targets (issue 39): the GGUF loads in at most 1.2x the time of `LLM(folder, quantization="int4")`'s model load
+and decodes at its speed (batch-1 decode through the engine, after the load timing).
+Both sides build the whole model (tower included) in bfloat16 through the same post-load steps (fusing,
+layouts); the tokenizer, KV pool and engine are left out, as they are the same for both.
+
+The GGUF side: the checkpoint is converted to BF16 by llama.cpp's converter (cached under
+runs/gguf_load/), then to Q4_K_M by `llama-quantize` when one is built (--llamacpp-home), else by
+bench/gguf_rewrite.py with llama-quantize's Q4_K_M choices approximated: Q4_K for every matrix, Q5_0 where
+llama.cpp puts Q6_K (the token table / tied head, half of the ffn_down and attn_v layers), since the `gguf`
+package quantises no K-type but our own Q4_K. Rounds alternate the two loads in one process (the machine's
+speed drifts); the best of each is reported with the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.util
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import torch  # noqa: E402
+
+
+def _module(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def q4_k_m_like(layers: int):
+    """llama-quantize's Q4_K_M rule, approximated with the types we can write (see the docstring)."""
+    def type_for(name: str, shape: tuple) -> str | None:
+        if len(shape) != 2:
+            return None
+        if name in ("token_embd.weight", "output.weight"):
+            return "Q5_0"
+        if name.endswith(("ffn_down.weight", "attn_v.weight")):
+            layer = int(name.split(".")[1])
+            # llama.cpp's use_more_bits: the first and last eighth of the layers, and every third between
+            if layer < layers // 8 or layer >= 7 * layers // 8 or (layer - layers // 8) % 3 == 2:
+                return "Q5_0"
+        return "Q4_K"
+    return type_for
+
+
+def q4_k_m_file(bf16: Path, out: Path, layers: int, llamacpp_home: str | None) -> Path:
+    if out.exists():
+        return out
+    part = out.with_suffix(".part")
+    quantize = next(Path(llamacpp_home).glob("build/**/bin/llama-quantize"), None) if llamacpp_home else None
+    if quantize is not None:
+        subprocess.run([str(quantize), str(bf16), str(part), "Q4_K_M"], check=True, capture_output=True)
+    else:
+        _module("gguf_rewrite").rewrite(bf16, part, q4_k_m_like(layers))
+    part.rename(out)
+    return out
+
+
+def load_int4(folder: Path):
+    from qwenvl.checkpoints.loader import load_model
+    from qwenvl.checkpoints.quantize import LoadQuantizer
+    return load_model(folder, torch.bfloat16, "cpu", quantizer=LoadQuantizer("int4"), fuse=True)[0]
+
+
+def load_gguf(lm: Path, mmproj: Path):
+    from qwenvl.checkpoints.gguf import load_gguf_model, open_pair
+    return load_gguf_model(open_pair(lm, mmproj), torch.bfloat16, torch.device("cpu"), fuse=True)[0]
+
+
+def timed(fn, *args) -> float:
+    gc.collect()
+    t0 = time.perf_counter()
+    model = fn(*args)
+    seconds = time.perf_counter() - t0
+    del model
+    gc.collect()
+    return seconds
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--hidden", type=int, default=1536)
+    p.add_argument("--text-layers", type=int, default=28)
+    p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--intermediate", type=int, default=8960)
+    p.add_argument("--vocab", type=int, default=151936)
+    p.add_argument("--vision-depth", type=int, default=32)
+    p.add_argument("--vision-width", type=int, default=1280)
+    p.add_argument("--dir", default=None, help="checkpoint folder (default: throughput.py's, built if missing)")
+    p.add_argument("--llamacpp-home", default=None, help="a llama.cpp build with llama-quantize (else gguf_rewrite)")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--decode-tokens", type=int, default=32, help="batch-1 decode tokens timed per run (0: skip)")
+    a = p.parse_args()
+    from throughput import build_checkpoint, checkpoint_dir
+    folder = checkpoint_dir(a)
+    if not (folder / "BENCH_COMPLETE").exists():
+        print(f"building {folder} ...", file=sys.stderr)
+        build_checkpoint(folder, a)
+    vs = _module("vs_llamacpp")
+    out = ROOT / "runs" / "gguf_load" / folder.name
+    out.mkdir(parents=True, exist_ok=True)
+    lm_bf16, mmproj = out / f"{folder.name}-bf16.gguf", out / f"mmproj-{folder.name}-bf16.gguf"
+    if not (lm_bf16.exists() and mmproj.exists()):
+        print("converting to BF16 GGUF ...", file=sys.stderr)
+        tree = vs.source_tree(Path.home() / ".cache" / "qwenvl" / "llama-cpp-python", None)
+        vs.convert_pair(tree, folder, out, "bf16")
+    lm = q4_k_m_file(lm_bf16, out / f"{folder.name}-Q4_K_M.gguf", a.text_layers, a.llamacpp_home)
+    print(f"threads {torch.get_num_threads()}; {lm.name}: {lm.stat().st_size / 2**20:.0f} MiB", file=sys.stderr)
+    ours, gguf = [], []
+    for r in range(a.rounds):
+        ours.append(timed(load_int4, folder))
+        gguf.append(timed(load_gguf, lm, mmproj))
+        print(f"round {r + 1}: int4 load {ours[-1]:.2f} s, Q4_K_M GGUF load {gguf[-1]:.2f} s", file=sys.stderr)
+    print(f"| {folder.name}, best of {a.rounds} | qwenvl int4 from bf16 safetensors | Q4_K_M GGUF + mmproj | ratio |")
+    print(f"| load | {min(ours):.2f} s | {min(gguf):.2f} s | {min(gguf) / min(ours):.2f}x |")
+    if a.decode_tokens:
+        ours, gguf = decode_rates(folder, lm, mmproj, a)
+        print(f"| batch-1 decode | {max(ours):.2f} tok/s | {max(gguf):.2f} tok/s | {max(gguf) / max(ours):.2f}x |")
+
+
+def decode_rates(folder: Path, lm: Path, mmproj: Path, a) -> tuple[list[float], list[float]]:
+    """Batch-1 decode tokens/s of both models through the engine, alternating runs (after one off the clock).
+    The GGUF's int4 layers have groups of 32 (the file's blocks), ours of 128: the int4 kernel's cost per group
+    is what this shows."""
+    from qwenvl import LLM
+    from throughput import stream_request
+    llms = [LLM(str(folder), dtype="bfloat16", quantization="int4", kv_cache_gb=0.1),
+            LLM(str(lm), mmproj=str(mmproj), dtype="bfloat16", kv_cache_gb=0.1)]
+    short = [{"role": "user", "content": "Describe the picture."}]
+    rates: tuple[list[float], list[float]] = ([], [])
+    for r in range(a.rounds + 1):
+        for side, llm in enumerate(llms):
+            _, times, _ = stream_request(llm, short, a.decode_tokens + 1)
+            if r:
+                rates[side].append(a.decode_tokens / (times[-1] - times[0]))
+    return rates
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""GGUF tensors -> our tensors and quantised layers, following each tensor's own type.
+
+  F32 / F16 / BF16   float, cast to the model dtype
+  Q4_0, Q4_1, Q4_K   Int4Linear, group 32, from the blocks' own codes: every 32 weights share a scale and
+                     a min, w = q * scale + min (q 0..15), which is the int4 layer's form
+  Q8_0               Int8Linear: one scale per 32 weights in the file, one per output row in our layer, so
+                     the row is requantised from the exact float values (error below half a row step)
+  any other type     dequantised by the `gguf` package (the reference), then a linear is requantised to
+                     Int8Linear and an embedding to Int8Embedding; a 1-D tensor stays float
+  expert stacks      (Qwen3-VL-MoE, [E, out, in]) one quantised layer per expert by the same rules, gate
+                     and up side by side in one layer (QuantizedExperts); float stacks stay fused tensors
+
+Exactness, per block of 32 (all from the block layouts in ggml-common.h):
+  Q4_0  w = d * (q - 8):       scale d (fp16), min -8d: both exact in float32, not in bfloat16
+  Q4_1  w = d * q + m:         scale d, min m (fp16): exact in float32, not in bfloat16
+  Q4_K  w = d*sc * q - dmin*m: d, dmin fp16 and sc, m 6-bit integers, so scale = d*sc and min = -dmin*m are
+                               products of an 11-bit and a 6-bit mantissa: exact in float32 (24 bits), not
+                               in bfloat16 (8 bits)
+Int4Linear keeps (scale, offset = min + 8 * scale) for PyTorch's kernel (w = (q - 8) * scale + offset), one
+more float32 rounding of the offset than the file's form; kern4's layout stores the min itself.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from ...layers.quantized_linear import Int4Linear, Int8Linear, quantize_int8
+
+FLOAT_TYPES = ("F32", "F16", "BF16")
+INT4_TYPES = ("Q4_0", "Q4_1", "Q4_K")
+INT8_TYPES = ("Q8_0",)
+QK = 32               # weights per block (Q4_0, Q4_1, Q8_0) and per Q4_K sub-block
+QK_K = 256            # weights per K-quant super-block
+
+
+def type_name(t) -> str:
+    return t.tensor_type.name
+
+
+def raw_blocks(t) -> torch.Tensor:
+    """The tensor's bytes as uint8 [rows, bytes per row], rows over every leading dimension (an expert
+    stack's E * out); a copy, as the file stays mapped read-only."""
+    data = np.asarray(t.data)
+    return torch.from_numpy(np.array(data.reshape(-1, data.shape[-1]), copy=True))
+
+
+def float_tensor(t, shape: tuple[int, ...]) -> torch.Tensor:
+    """The tensor as float32 (floats as stored; quantised types through gguf's own dequantisation)."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+    kind = type_name(t)
+    if kind == "F32":
+        out = torch.from_numpy(np.array(t.data, dtype=np.float32))
+    elif kind == "F16":
+        out = torch.from_numpy(np.array(t.data, dtype=np.float16)).float()
+    elif kind == "BF16":
+        out = torch.from_numpy(np.array(t.data).view(np.int16).copy()).view(torch.bfloat16).float()
+    else:
+        out = torch.from_numpy(dequantize(np.asarray(t.data), GGMLQuantizationType[kind]).astype(np.float32))
+    return out.reshape(shape)
+
+
+def _f16(b: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., 2] -> float32 [...] (little-endian fp16)."""
+    return b.contiguous().view(torch.float16)[..., 0].float()
+
+
+def int4_codes(t, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A Q4_0 / Q4_1 / Q4_K tensor -> (q uint8 [rows, cols] 0..15, scale [rows, cols/32], min [rows, cols/32])
+    float32, with w = q * scale + min exactly as ggml dequantises. `rows` counts every leading dimension."""
+    kind, b = type_name(t), raw_blocks(t)
+    if kind == "Q4_K":
+        return _q4_k(b.view(rows, cols // QK_K, 144), rows, cols)
+    size = 18 if kind == "Q4_0" else 20
+    blk = b.view(rows, cols // QK, size)
+    d = _f16(blk[..., 0:2])
+    qs = blk[..., size - 16:]
+    q = torch.cat([qs & 0x0F, qs >> 4], dim=-1).reshape(rows, cols)     # element j low nibble, j + 16 high
+    m = -8.0 * d if kind == "Q4_0" else _f16(blk[..., 2:4])
+    return q, d, m
+
+
+def _q4_k(blk: torch.Tensor, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q4_K super-blocks [rows, n, 144]: d, dmin fp16; 12 bytes of 6-bit (scale, min) for 8 sub-blocks;
+    128 bytes of nibbles, each 32 bytes holding sub-block 2i in the low nibbles and 2i+1 in the high ones."""
+    d, dmin = _f16(blk[..., 0:2]), _f16(blk[..., 2:4])
+    s = blk[..., 4:16].to(torch.int32)                                       # [rows, n, 12]
+    lo, hi = s[..., 0:4], s[..., 8:12]
+    sc = torch.cat([lo[..., 0:4] & 63, (hi & 0x0F) | ((lo >> 6) << 4)], dim=-1)              # [rows, n, 8]
+    mn = torch.cat([s[..., 4:8] & 63, (hi >> 4) | ((s[..., 4:8] >> 6) << 4)], dim=-1)
+    qs = blk[..., 16:].reshape(rows, -1, 4, 32)                              # [rows, n, 4 pairs, 32]
+    q = torch.stack([qs & 0x0F, qs >> 4], dim=3).reshape(rows, cols)       # pair i: sub-block 2i, then 2i+1
+    scale = (d[..., None] * sc.float()).reshape(rows, -1)
+    mins = (-dmin[..., None] * mn.float()).reshape(rows, -1)
+    return q, scale, mins
+
+
+def q8_0_values(t, rows: int, cols: int) -> torch.Tensor:
+    """A Q8_0 tensor's exact values, float32 [rows, cols] (d fp16 times int8: exact in float32)."""
+    blk = raw_blocks(t).view(rows, cols // QK, 34)
+    d = _f16(blk[..., 0:2])
+    q = blk[..., 2:].contiguous().view(torch.int8).float()
+    return (q * d[..., None]).reshape(rows, cols)
+
+
+def linear_from(t, shape: tuple[int, int], dtype: torch.dtype, bias: torch.Tensor | None):
+    """The layer for a quantised linear weight tensor of `shape` [out, in] (see the table above)."""
+    return linears_from([t], shape, dtype, bias)[0]
+
+
+def linears_from(stacked: list, shape: tuple[int, ...], dtype: torch.dtype, bias: torch.Tensor | None = None,
+                 ) -> list[nn.Module]:
+    """The layers of quantised tensors of one `shape` ([out, in], or [E, out, in] for an expert stack: one
+    layer per expert), joined side by side along the output rows (an expert's gate and up in one layer).
+    All int4 types keep their codes; any other mix goes through the float values and int8."""
+    experts, (rows, cols) = (shape[0] if len(shape) == 3 else 1), shape[-2:]
+    kinds = {type_name(t) for t in stacked}
+    if kinds <= set(INT4_TYPES):
+        codes = [[c.view(experts, rows, -1) for c in int4_codes(t, experts * rows, cols)] for t in stacked]
+        q, scale, mins = (torch.cat(parts, dim=1) for parts in zip(*codes))        # [E, sum of rows, ...]
+        return [int4_linear(q[e], scale[e].to(dtype), mins[e].to(dtype), bias) for e in range(experts)]
+    w = torch.cat([(q8_0_values(t, experts * rows, cols) if type_name(t) in INT8_TYPES
+                    else float_tensor(t, (experts * rows, cols))).view(experts, rows, cols) for t in stacked], dim=1)
+    return [Int8Linear.from_int8(*quantize_int8(w[e], scale_dtype=dtype), bias) for e in range(experts)]
+
+
+def int4_linear(q: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor, bias: torch.Tensor | None) -> Int4Linear:
+    """Int4Linear of w = q * scale + min per group of 32."""
+    return Int4Linear.from_scale_min(q, scale, mins, QK, bias)
