@@ -4,6 +4,8 @@
     isa()        "avx512" (AVX-512 VNNI) or "avx2" (AVX2 + FMA), None when they do not run
     int4_matmul(x, packed, params, group_size, out_features)   the int4 decode product (int4_layout.py)
     quantize_activations(x, block)                             its activation quantisation, for tests
+    int8_matmul(x, tiles, scales, bias, out_features)          the int8 decode product (int8_layout.py)
+    bf16_isa(), bf16_matmul(x, weight, bias)                   the bf16 decode product over nn.Linear's weight
 
 QWENVL_KERNELS picks: "auto" (default: the best ISA this CPU has), "avx512", "avx2" (the AVX2 build even on
 an AVX-512 CPU, so both are tested on one machine) or "off" (PyTorch's kernels, as without a compiler).
@@ -123,3 +125,37 @@ def quantize_activations(x: torch.Tensor, block: int, passes: int = 1, isa_name:
     row r's pass p at r P + p."""
     module, chosen = _checked_runner(isa_name)
     return tuple(module.quantize_activations(x, block, passes, chosen))
+
+
+def int8_matmul(x: torch.Tensor, tiles: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
+                out_features: int, isa_name: str | None = None) -> torch.Tensor:
+    """x [R, K] (float32 or bfloat16) @ (q * scale).T + bias -> [R, out_features] in x's dtype, q in the int8
+    tile layout (int8_layout.py): tiles int8 [N_pad/16, K_pad/4, 16, 4], scales float32 [N_pad], bias
+    float32 [out_features] or None. Each row of x is quantised to int8 per block of 32 on its own
+    (ACTIVATION_PASSES), so rows do not affect each other. 1 to 16 rows."""
+    module, chosen = _checked_isa(isa_name)
+    return module.int8_matmul(x, tiles, scales, bias, out_features, ACTIVATION_PASSES.get(x.dtype, 1), chosen)
+
+
+def bf16_isa() -> str | None:
+    """The build the bf16 product runs with: "avx512" where isa() is and the CPU has AVX512_BF16, else
+    "avx2" (an AVX-512 CPU without BF16 runs the AVX2 build), None where the kernels do not run."""
+    return _bf16_isa_for(mode())
+
+
+@functools.lru_cache(maxsize=None)
+def _bf16_isa_for(requested: str) -> str | None:
+    chosen = _isa_for(requested)
+    if chosen == "avx512" and not build.load()[0].cpu_supports("avx512bf16"):
+        return "avx2"
+    return chosen
+
+
+def bf16_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                isa_name: str | None = None) -> torch.Tensor:
+    """x [R, K] @ weight.T + bias, all bfloat16 (weight [N, K] as nn.Linear holds it), accumulated in
+    float32 and rounded to bfloat16 once: F.linear's arithmetic in another order. 1 to 16 rows."""
+    chosen = isa_name or bf16_isa()
+    if chosen is None:
+        raise RuntimeError("qwenvl kernels are not available here (see the warning, or QWENVL_KERNELS)")
+    return build.load()[0].bf16_matmul(x, weight, bias, chosen)

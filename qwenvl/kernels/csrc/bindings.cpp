@@ -12,7 +12,9 @@
 namespace {
 
 using qwenvl_kernels::ActivationBlocks;
+using qwenvl_kernels::Bf16MatmulArgs;
 using qwenvl_kernels::Int4MatmulArgs;
+using qwenvl_kernels::Int8MatmulArgs;
 
 constexpr int64_t kTileN = 16, kBlockK = 32;
 
@@ -110,6 +112,84 @@ torch::Tensor int4_matmul(const torch::Tensor& x, const torch::Tensor& packed, c
   return y;
 }
 
+// y [rows, N] = x [rows, K] @ (q * scale).T (+ bias) in x's dtype, q in the int8 tile layout (kernels.hpp).
+// A row length that is not a multiple of 32 is padded with zeros here (the tiles are padded alike).
+torch::Tensor int8_matmul(const torch::Tensor& x, const torch::Tensor& tiles, const torch::Tensor& scales,
+                          const c10::optional<torch::Tensor>& bias, int64_t out_features, int64_t passes,
+                          const std::string& isa_name) {
+  const Isa isa = checked_isa(isa_name);
+  TORCH_CHECK(x.dim() == 2, "qwenvl int8_matmul: x must be 2-D, got ", x.sizes());
+  const int64_t rows = x.size(0), k = x.size(1), k_pad = (k + kBlockK - 1) / kBlockK * kBlockK;
+  const int64_t tiles_n = (out_features + kTileN - 1) / kTileN;
+  TORCH_CHECK(rows >= 1 && rows <= 16, "qwenvl int8_matmul: x has ", rows, " rows; the kernel takes 1 to 16");
+  TORCH_CHECK(tiles.scalar_type() == torch::kInt8 && tiles.is_contiguous() && tiles.dim() == 4 &&
+                  tiles.size(0) == tiles_n && tiles.size(1) == k_pad / 4 && tiles.size(2) == kTileN &&
+                  tiles.size(3) == 4,
+              "qwenvl int8_matmul: tiles must be contiguous int8 [", tiles_n, ", ", k_pad / 4, ", 16, 4], got ",
+              tiles.scalar_type(), " ", tiles.sizes());
+  TORCH_CHECK(scales.scalar_type() == torch::kFloat32 && scales.is_contiguous() && scales.dim() == 1 &&
+                  scales.size(0) == tiles_n * kTileN,
+              "qwenvl int8_matmul: scales must be contiguous float32 [", tiles_n * kTileN, "], got ",
+              scales.scalar_type(), " ", scales.sizes());
+  TORCH_CHECK(!bias || (bias->scalar_type() == torch::kFloat32 && bias->is_contiguous() &&
+                        bias->numel() == out_features),
+              "qwenvl int8_matmul: bias must be contiguous float32 [", out_features, "]");
+  const torch::Tensor xp = k == k_pad ? x.contiguous()
+                                      : torch::constant_pad_nd(x, {0, k_pad - k}, 0).contiguous();
+  check_activations(xp, kBlockK);
+  thread_local Scratch scratch;
+  thread_local std::vector<int32_t> block_sums;
+  const ActivationBlocks a = quantize(isa, xp, kBlockK, passes, scratch);
+  block_sums.resize(rows * passes * (k_pad / kBlockK));
+  (isa == Isa::kAvx512 ? qwenvl_avx512::activation_block_sums : qwenvl_avx2::activation_block_sums)(
+      a.a, rows * passes, k_pad, block_sums.data());
+  auto y = torch::empty({rows, out_features}, x.options());
+  Int8MatmulArgs args{a, block_sums.data(), tiles.data_ptr<int8_t>(), scales.data_ptr<float>(),
+                      bias ? bias->data_ptr<float>() : nullptr, y.data_ptr(),
+                      x.scalar_type() == torch::kBFloat16, rows, k_pad, out_features};
+  auto fn = isa == Isa::kAvx512 ? qwenvl_avx512::int8_matmul_tiles : qwenvl_avx2::int8_matmul_tiles;
+  // one tile whole per thread, in a fixed order (the thread count does not change the bytes); a grain of
+  // ~64 KB of weights keeps small products on the calling thread
+  const int64_t grain = std::max<int64_t>(1, (64 << 10) / (k_pad * kTileN));
+  at::parallel_for(0, tiles_n, grain, [&](int64_t begin, int64_t end) { fn(args, begin, end); });
+  return y;
+}
+
+// y [rows, N] = x [rows, K] @ W.T (+ bias), all bfloat16, W [N, K] as nn.Linear holds it (rows contiguous).
+// isa "avx512" needs AVX512_BF16 (cpu_supports("avx512bf16")); "avx2" runs anywhere with AVX2 + FMA.
+torch::Tensor bf16_matmul(const torch::Tensor& x, const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias,
+                          const std::string& isa_name) {
+  const Isa isa = checked_isa(isa_name);
+  TORCH_CHECK(isa != Isa::kAvx512 || cpu_supports("avx512bf16"), "qwenvl bf16_matmul: this CPU lacks AVX512_BF16");
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.stride(1) == 1 && x.scalar_type() == torch::kBFloat16,
+              "qwenvl bf16_matmul: x must be a 2-D bfloat16 CPU tensor with contiguous rows, got ",
+              x.scalar_type(), " ", x.sizes());
+  TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= 16, "qwenvl bf16_matmul: x has ", x.size(0), " rows; the kernel takes 1 to 16");
+  TORCH_CHECK(weight.device().is_cpu() && weight.dim() == 2 && weight.stride(1) == 1 &&
+                  weight.scalar_type() == torch::kBFloat16 && weight.size(1) == x.size(1),
+              "qwenvl bf16_matmul: weight must be a bfloat16 [N, ", x.size(1), "] CPU tensor with contiguous rows, got ",
+              weight.scalar_type(), " ", weight.sizes());
+  TORCH_CHECK(!bias || (bias->scalar_type() == torch::kBFloat16 && bias->is_contiguous() &&
+                        bias->numel() == weight.size(0)),
+              "qwenvl bf16_matmul: bias must be contiguous bfloat16 [", weight.size(0), "]");
+  const int64_t rows = x.size(0), k = x.size(1), n = weight.size(0);
+  auto y = torch::empty({rows, n}, x.options());
+  Bf16MatmulArgs args{reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()),
+                      reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>()),
+                      bias ? reinterpret_cast<const uint16_t*>(bias->data_ptr<at::BFloat16>()) : nullptr,
+                      reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>()), x.stride(0), weight.stride(0),
+                      rows, k, n};
+  auto fn = isa == Isa::kAvx512 ? qwenvl_avx512bf16::bf16_matmul_rows : qwenvl_avx2::bf16_matmul_rows;
+  // chunks of 16 outputs, each whole on one thread; ~64 KB of weights per task at least
+  constexpr int64_t kChunk = 16;
+  const int64_t chunks = (n + kChunk - 1) / kChunk;
+  const int64_t grain = std::max<int64_t>(1, (64 << 10) / (k * kChunk * 2));
+  at::parallel_for(0, chunks, grain, [&](int64_t begin, int64_t end) {
+    fn(args, begin * kChunk, std::min(n, end * kChunk));
+  });
+  return y;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -119,4 +199,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("int4_matmul", &int4_matmul, "x, packed, params, group_size, out_features, passes, isa -> y",
         py::call_guard<py::gil_scoped_release>());
+  m.def("int8_matmul", &int8_matmul, "x, tiles, scales, bias, out_features, passes, isa -> y",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("bf16_matmul", &bf16_matmul, "x, weight, bias, isa -> y", py::call_guard<py::gil_scoped_release>());
 }

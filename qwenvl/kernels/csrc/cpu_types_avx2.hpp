@@ -66,3 +66,37 @@ inline int32_t round_store_i8(FVec x, int8_t* out, FVec& rounded) {
 }
 
 }  // namespace QWENVL_ISA_NS
+
+namespace QWENVL_ISA_NS {
+
+// ---- int8 x int8 dot products (int8_kernel.hpp). vpmaddubsw multiplies u8 by s8 into int16 pairs, which
+// would saturate for (w + 128) * a (2 * 255 * 127 > 32767). So the weights stay signed and a's sign moves
+// onto them: |a| * (w * sign(a)) = w * a, pairs at most 2 * 127 * 127 = 32258 < 32767: exact.
+inline IVec iload(const int8_t* p) { return {_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))}; }
+inline IVec ibroadcast(int32_t v) { return {_mm256_set1_epi32(v)}; }
+inline IVec s8_dot_operand(IVec w) { return w; }
+inline int32_t s8_dot_start(int32_t) { return 0; }
+inline IVec dot4_s8(IVec acc, IVec w, int32_t a4) {
+  const __m256i a = _mm256_set1_epi32(a4);
+  const __m256i pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(a), _mm256_sign_epi8(w.v, a));
+  return {_mm256_add_epi32(acc.v, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))};
+}
+
+// ---- bf16 dot products (bf16_kernel.hpp): bf16 widened to float (a 16-bit shift, exact), then FMA.
+constexpr int kBf16Step = 8;
+struct BVec { __m256 v; };
+inline BVec bload(const uint16_t* p) { return {fload(p).v}; }
+inline BVec bload_partial(const uint16_t* p, int n) {       // the first n < 8 values, zeros after
+  uint16_t tmp[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  std::memcpy(tmp, p, n * sizeof(uint16_t));
+  return bload(tmp);
+}
+inline FVec bdot(FVec acc, BVec w, BVec x) { return {_mm256_fmadd_ps(w.v, x.v, acc.v)}; }
+inline float hsum(FVec a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a.v), _mm256_extractf128_ps(a.v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+}  // namespace QWENVL_ISA_NS

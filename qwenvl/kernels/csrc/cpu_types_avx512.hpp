@@ -59,3 +59,34 @@ inline int32_t round_store_i8(FVec x, int8_t* out, FVec& rounded) {
 }
 
 }  // namespace QWENVL_ISA_NS
+
+namespace QWENVL_ISA_NS {
+
+// ---- int8 x int8 dot products (int8_kernel.hpp). vpdpbusd multiplies unsigned by signed bytes, so the
+// signed weights are flipped to w + 128 in the register (one xor per 64 bytes, shared by every activation
+// row) and the extra 128 * sum(a) of each activation block is started off as the accumulator's value.
+inline IVec iload(const int8_t* p) { return {_mm512_loadu_si512(p)}; }
+inline IVec ibroadcast(int32_t v) { return {_mm512_set1_epi32(v)}; }
+inline IVec s8_dot_operand(IVec w) { return {_mm512_xor_si512(w.v, _mm512_set1_epi8(static_cast<char>(0x80)))}; }
+inline int32_t s8_dot_start(int32_t block_sum_a) { return -128 * block_sum_a; }
+// acc[lane] += sum_{j<4} s8(w[4 lane + j]) * s8(a4 byte j), w given as s8_dot_operand(w). Exact in int32.
+inline IVec dot4_s8(IVec acc, IVec w_op, int32_t a4) {
+  return {_mm512_dpbusd_epi32(acc.v, w_op.v, _mm512_set1_epi32(a4))};
+}
+
+}  // namespace QWENVL_ISA_NS
+
+#ifdef QWENVL_WITH_AVX512_BF16      // set by bf16_avx512.cpp, whose target has AVX512_BF16
+namespace QWENVL_ISA_NS {
+// ---- bf16 dot products (bf16_kernel.hpp), only in the translation unit compiled with AVX512_BF16:
+// vdpbf16ps adds the products of 16 pairs of bf16 into 16 float lanes (32 inputs per step).
+constexpr int kBf16Step = 32;
+struct BVec { __m512bh v; };
+inline BVec bload(const uint16_t* p) { return {(__m512bh)_mm512_loadu_si512(p)}; }
+inline BVec bload_partial(const uint16_t* p, int n) {       // the first n < 32 values, zeros after
+  return {(__m512bh)_mm512_maskz_loadu_epi16(static_cast<__mmask32>((1u << n) - 1), p)};
+}
+inline FVec bdot(FVec acc, BVec w, BVec x) { return {_mm512_dpbf16_ps(acc.v, x.v, w.v)}; }
+inline float hsum(FVec a) { return _mm512_reduce_add_ps(a.v); }
+}  // namespace QWENVL_ISA_NS
+#endif

@@ -34,7 +34,38 @@ struct Int4MatmulArgs {
   int64_t rows, K, G, N;        // rows of x (each `x.passes` virtual rows)
 };
 
+// y[r, n] = scale[n] * sum_p sum_b d[rp, b] * sum_{k in b} q[n, k] * a[rp, k] (+ bias[n]), blocks b of 32
+// inputs, for the int8 tile layout (qwenvl/kernels/int8_layout.py): w = q * scale[n], q in -127..127.
+struct Int8MatmulArgs {
+  ActivationBlocks x;           // quantised with block == 32
+  const int32_t* block_sums;    // [rows * passes, K / 32]: sum of each block's a (activation_block_sums)
+  const int8_t* w;              // [N_pad / 16][K / 4][16][4]
+  const float* scales;          // [N_pad]
+  const float* bias;            // [N] or nullptr
+  void* y;                      // [rows, N], float32 or bfloat16 (rounded to nearest even)
+  bool y_bf16;
+  int64_t rows, K, N;           // K a multiple of 32
+};
+
+// y[r, n] = sum_k W[n, k] * x[r, k] (+ bias[n]), all bf16, accumulated in float32, y rounded to bf16.
+struct Bf16MatmulArgs {
+  const uint16_t* x;            // [rows, K], row stride ldx
+  const uint16_t* w;            // [N, K], row stride ldw
+  const uint16_t* bias;         // [N] or nullptr
+  uint16_t* y;                  // [rows, N]
+  int64_t ldx, ldw, rows, K, N;
+};
+
 }  // namespace qwenvl_kernels
+
+#define QWENVL_DECLARE_BF16_KERNELS(ns)                                                                 \
+  namespace ns {                                                                                        \
+  /* outputs [n_begin, n_end) for every row of x; one thread per call */                                \
+  void bf16_matmul_rows(const qwenvl_kernels::Bf16MatmulArgs& args, int64_t n_begin, int64_t n_end);    \
+  }
+
+QWENVL_DECLARE_BF16_KERNELS(qwenvl_avx512bf16)
+QWENVL_DECLARE_BF16_KERNELS(qwenvl_avx2)
 
 #define QWENVL_DECLARE_KERNELS(ns)                                                                      \
   namespace ns {                                                                                        \
@@ -45,6 +76,10 @@ struct Int4MatmulArgs {
   /* output tiles [tile_begin, tile_end) of 16 rows each, every row of x; one thread per call */        \
   void int4_matmul_tiles(const qwenvl_kernels::Int4MatmulArgs& args, int64_t tile_begin,               \
                          int64_t tile_end);                                                             \
+  /* the int8 tile layout's product: output tiles [tile_begin, tile_end), every row; one thread per call */ \
+  void int8_matmul_tiles(const qwenvl_kernels::Int8MatmulArgs& args, int64_t tile_begin, int64_t tile_end); \
+  /* sums[r, b] = sum of a[r, 32 b .. 32 b + 31] (a [rows, K], K a multiple of 32) */                  \
+  void activation_block_sums(const int8_t* a, int64_t rows, int64_t K, int32_t* sums);                 \
   }
 
 QWENVL_DECLARE_KERNELS(qwenvl_avx512)
