@@ -24,9 +24,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .. import kernels
 from ..layers.moe import Experts
 from ..layers.quantized_moe import QuantizedExperts
-from ..layers.int8_vnni import uses_fbgemm_layout
+from ..layers.int8_vnni import forced_layout, uses_fbgemm_layout
 from ..layers.quantized_embedding import Int8Embedding, TiedInt4Embedding
 from ..layers.quantized_linear import Int4Linear, Int8Linear, int4_group_size, quantize_int8
 
@@ -128,16 +129,25 @@ def quantize_model(model: nn.Module, mode: str, group_size: int = 128, include_v
 
 
 def use_cpu_int8_layout(model: nn.Module, after_each=lambda: None) -> None:
-    """Where this CPU runs fbgemm's integer GEMM faster (layers/int8_vnni.py), move the language model's int8
-    layers held on the CPU that are large enough to gain (`uses_fbgemm_layout`) into its layout, one layer at
-    a time (so only one layer's weights are ever held twice), calling `after_each()` after each (the loader
-    returns the plain matrix's memory there).
+    """Move the language model's int8 layers held on the CPU into the layout their decode product is fastest
+    in, one layer at a time (so only one layer's weights are ever held twice), calling `after_each()` after
+    each (the loader returns the plain matrix's memory there):
+      * where qwenvl's kernels run (qwenvl/kernels): every layer into their int8 tiles (bench/int8_layouts.py
+        has the decode product against the other layouts);
+      * else, where this CPU runs fbgemm's integer GEMM faster (layers/int8_vnni.py), the layers large
+        enough to gain (`uses_fbgemm_layout`) into fbgemm's layout.
     A quantised vision tower keeps the plain layout: it only ever runs hundreds of rows at once, where the
     plain layer's bf16 GEMM is faster than fbgemm's two activation passes (a 448x448 image's first token:
     7.7 s in bf16, 11.2 s with the tower in the fbgemm layout), for the same one byte a weight."""
+    tiles = forced_layout() in (None, "tiles") and kernels.available()    # QWENVL_INT8_LAYOUT may pick another
     for name, module in model.named_modules():
-        if isinstance(module, Int8Linear) and not name.startswith(_VISION_PREFIX) \
-                and uses_fbgemm_layout(module.out_features, module.in_features):
+        if not isinstance(module, Int8Linear) or name.startswith(_VISION_PREFIX) or module.qweight is None \
+                or module.qweight.device.type != "cpu":
+            continue
+        if tiles:
+            module.use_tile_layout()
+            after_each()
+        elif uses_fbgemm_layout(module.out_features, module.in_features):
             module.use_fbgemm_layout()
             after_each()
 

@@ -38,14 +38,15 @@ _ZERO_POINT = 64
 _RADIX = 2.0 * _LEVEL           # a pass's rounding residual is in [-0.5, 0.5]: times 126 it fits the next pass
 
 
-LAYOUT_ENV = "QWENVL_INT8_LAYOUT"      # "plain" or "fbgemm": override the choice (benchmarks compare both)
+LAYOUT_ENV = "QWENVL_INT8_LAYOUT"      # "plain", "fbgemm" or "tiles": override the choice (benchmarks compare)
+LAYOUTS = ("plain", "fbgemm", "tiles")  # tiles: qwenvl's kernels (qwenvl/kernels), where they run
 
 
 def forced_layout() -> str | None:
     """The layout QWENVL_INT8_LAYOUT forces for every int8 layer, or None when it is not set."""
     forced = os.environ.get(LAYOUT_ENV, "")
-    if forced and forced not in ("plain", "fbgemm"):
-        raise ValueError(f"{LAYOUT_ENV}={forced!r}: use 'plain' or 'fbgemm'")
+    if forced and forced not in LAYOUTS:
+        raise ValueError(f"{LAYOUT_ENV}={forced!r}: use one of {', '.join(LAYOUTS)}")
     return forced or None
 
 

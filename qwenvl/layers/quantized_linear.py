@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
-from ..kernels import int4_layout
+from ..kernels import int4_layout, int8_layout
 from .int8_vnni import FbgemmInt8Weight, per_channel_quantized
 
 DECODE_MAX_ROWS = 8                 # at most this many rows: PyTorch's packed matrix-vector kernels
@@ -150,8 +150,17 @@ def int4_group_size(in_features: int, preferred: int = 128) -> int | None:
 
 
 # ------------------------------------------------------------------------------------------- int8
+INT8_KERNEL_MAX_ROWS = 16     # at most this many rows: qwenvl's int8 kernel (it reads the weights once for all)
+
+
 class Int8Linear(nn.Module):
-    """y = x @ (q * scale).T + bias, weights stored as int8 with one scale per output channel."""
+    """y = x @ (q * scale).T + bias, weights stored as int8 with one scale per output channel.
+
+    Three CPU layouts of the same integers, one copy at a time: plain `qweight` [out, in] (as loaded and
+    stacked; PyTorch's _weight_int8pack_mm for decode), qwenvl's tiles (`use_tile_layout`, where the kernels
+    run: decode products of up to 16 rows in qwenvl/kernels, activations quantised to int8 per block of 32)
+    and fbgemm's (`use_fbgemm_layout`, VNNI CPUs without AMX when the kernels do not run). Prefill (more
+    rows) casts the integers into a bf16 scratch and runs the GEMM from any of them."""
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
@@ -159,7 +168,10 @@ class Int8Linear(nn.Module):
         self.register_buffer("qweight", qweight.to(torch.int8).contiguous())          # [out, in]
         self.register_buffer("scales", scales.contiguous())                             # [out]
         self.register_buffer("bias", None if bias is None else bias.detach().to(scales.dtype))
+        self.register_buffer("tiles", None)     # set by use_tile_layout(): then qweight is None
         self._fbgemm: FbgemmInt8Weight | None = None     # set by use_fbgemm_layout(): then qweight is None
+        self._kernel_scales: torch.Tensor | None = None  # float32 [N_pad] and [out]: the kernel's operands
+        self._kernel_bias: torch.Tensor | None = None
 
     @classmethod
     def from_float(cls, linear: nn.Linear) -> "Int8Linear":
@@ -172,29 +184,58 @@ class Int8Linear(nn.Module):
             raise ValueError(f"int8: qweight {tuple(qweight.shape)} and scales {tuple(scales.shape)} do not fit")
         return cls(qweight, scales, bias)
 
+    def use_tile_layout(self) -> None:
+        """Move the weights into qwenvl's int8 tiles (qwenvl/kernels/int8_layout.py) for the kernels' decode
+        product (CPU). The plain matrix is dropped, so the layer keeps one copy of its weights."""
+        if self.qweight is not None and self.qweight.device.type == "cpu":
+            tiles = int8_layout.pack(self.qweight)
+            self.qweight = None
+            self.tiles = tiles
+            self._kernel_scales = int8_layout.pack_scales(self.scales)
+            self._kernel_bias = None if self.bias is None else self.bias.float().contiguous()
+
     def use_fbgemm_layout(self) -> None:
         """Move the weights into fbgemm's packed layout (CPU; see int8_vnni.py for when and why). The plain
         int8 matrix is dropped, so the layer keeps one copy of its weights."""
-        if self._fbgemm is None and self.qweight.device.type == "cpu":
+        if self._fbgemm is None and self.qweight is not None and self.qweight.device.type == "cpu":
             quantized = per_channel_quantized(self.qweight, self.scales)
             self.qweight = None                  # before packing: at most two copies of this layer at once
             self._fbgemm = FbgemmInt8Weight(quantized, self.scales.dtype)
+
+    @property
+    def layout(self) -> str:
+        return "tiles" if self.tiles is not None else "fbgemm" if self._fbgemm is not None else "plain"
 
     @property
     def packed_weight_bytes(self) -> int:
         """Bytes of weights held outside the module's buffers (the fbgemm layout), else 0."""
         return 0 if self._fbgemm is None else self._fbgemm.nbytes()
 
+    def _integers(self) -> torch.Tensor:
+        if self.tiles is not None:
+            return int8_layout.unpack(self.tiles, self.out_features, self.in_features)
+        return self.qweight if self._fbgemm is None else self._fbgemm.unpack()[0]
+
     def dequantize(self) -> torch.Tensor:
-        qweight = self.qweight if self._fbgemm is None else self._fbgemm.unpack()[0]
-        return qweight.to(self.scales.dtype) * self.scales[:, None]
+        return self._integers().to(self.scales.dtype) * self.scales[:, None]
+
+    def _integer_rows(self, r0: int, r1: int, out: torch.Tensor) -> torch.Tensor:
+        if self.tiles is not None:
+            return int8_layout.rows_into(self.tiles, r0, r1, self.in_features, out)
+        return out.copy_(self.qweight[r0:r1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tiles is not None and 0 < x.numel() <= INT8_KERNEL_MAX_ROWS * self.in_features \
+                and x.dtype in (torch.bfloat16, torch.float32) and x.device.type == "cpu" and kernels.available():
+            # decode: the kernel quantises each row per block of 32, adds the bias and writes x's dtype
+            y = kernels.int8_matmul(x.reshape(-1, self.in_features), self.tiles, self._kernel_scales,
+                                    self._kernel_bias, self.out_features)
+            return y if x.dim() == 2 else y.view(*x.shape[:-1], self.out_features)
         if self._fbgemm is not None and x.dim() == 2:          # decode's case, in the fewest ops
             y = self._fbgemm.matmul(x)
             return y if self.bias is None else y.add_(self.bias.to(y.dtype))
-        if self._fbgemm is None and x.dim() == 2 and x.shape[0] <= DECODE_MAX_ROWS and x.device.type == "cpu" \
-                and x.dtype == self.scales.dtype and x.is_contiguous():
+        if self.qweight is not None and x.dim() == 2 and x.shape[0] <= DECODE_MAX_ROWS \
+                and x.device.type == "cpu" and x.dtype == self.scales.dtype and x.is_contiguous():
             # decode through a plain layer (q/k/v and o keep it): the product below, in the fewest ops
             y = torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.scales)
             return y if self.bias is None else y.add_(self.bias)
@@ -202,17 +243,17 @@ class Int8Linear(nn.Module):
         x2 = x.reshape(-1, self.in_features)                                          # [R, in]
         if self._fbgemm is not None:
             y = self._fbgemm.matmul(x2)
-        elif x.device.type == "cpu" and x2.shape[0] <= DECODE_MAX_ROWS:
+        elif self.qweight is not None and x.device.type == "cpu" and x2.shape[0] <= DECODE_MAX_ROWS:
             y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.qweight, self.scales.to(x.dtype))
         else:       # integers are exact in bf16: cast, multiply, then scale the output columns
             y = _prefill_product(x2, self.out_features, self.in_features,
-                                 lambda r0, r1, w: w.copy_(self.qweight[r0:r1])).mul_(self.scales.to(x.dtype))
+                                 self._integer_rows).mul_(self.scales.to(x.dtype))
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
         return y.view(*lead, self.out_features)
 
     def extra_repr(self) -> str:
-        layout = "" if self._fbgemm is None else ", fbgemm layout"
+        layout = "" if self.layout == "plain" else f", {self.layout} layout"
         return f"in_features={self.in_features}, out_features={self.out_features}, int8{layout}"
 
 
