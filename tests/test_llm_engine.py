@@ -37,7 +37,8 @@ def fresh(ckpt, **options) -> LLM:
 @pytest.fixture(params=[None, "int8", "int8 fbgemm", "int4"])
 def quantization(request, monkeypatch):
     """The engine's bookkeeping must not care what the linears are: these run again on int8 weights, in the
-    layout this CPU picks for a tiny model (plain: its layers are too small for fbgemm's) and with every
+    layout this CPU picks for a tiny model (qwenvl's int8 tiles where the kernels build, else plain: its
+    layers are too small for fbgemm's) and with every
     layer forced into fbgemm's layout, whose products big models use here; and on int4 weights through
     qwenvl's own kernels where they build (tests/test_kernels_int4.py checks they do here), whose
     activation rounding is per row, so batched rows still equal each row alone."""

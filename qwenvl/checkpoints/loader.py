@@ -23,6 +23,7 @@ from ..models import build_model
 from .prequantized import PrequantizedWeights
 from .quant_formats import UnsupportedQuantFormat
 from .quant_formats.spec import read_spec
+from ..layers.bf16_linear import use_bf16_decode_kernel
 from ..layers.side_by_side import fuse_side_by_side
 from .quantize import LoadQuantizer, use_cpu_int8_layout
 from .safetensors_reader import SafetensorsReader
@@ -216,4 +217,5 @@ def load_model(model_dir: str | Path, dtype: torch.dtype | str = torch.float32,
     if fuse:
         fuse_side_by_side(model, after_each=release_freed_memory)   # first: stacking needs the plain int8
     use_cpu_int8_layout(model, after_each=release_freed_memory)
+    use_bf16_decode_kernel(model)         # after fusing: the fused layers are built as nn.Linear
     return model.eval(), cfg
