@@ -19,8 +19,8 @@ from qwenvl.kernels import build, int8_layout, reference
 from qwenvl.layers.attention import ContiguousKVCache
 from qwenvl.layers.bf16_linear import BF16_KERNEL_MAX_ROWS, Bf16DecodeLinear, use_bf16_decode_kernel
 from qwenvl.layers.quantized_linear import Int8Linear, quantize_int8
-from qwenvl.loader import load_model
-from qwenvl.quantize import LoadQuantizer
+from qwenvl.checkpoints.loader import load_model
+from qwenvl.checkpoints.quantize import LoadQuantizer
 from quant_helpers import activation_rounding_bound
 
 ISAS = ("avx512", "avx2")
