@@ -58,9 +58,10 @@ def use_bf16_decode_kernel(model: nn.Module) -> int:
                 and module.weight.dtype == torch.bfloat16 and module.weight.device.type == "cpu":
             module.__class__ = Bf16DecodeLinear
             swapped += 1
-    tied = model.tied_output_weight() if hasattr(model, "tied_output_weight") else None
-    if tied is not None and "output_head" not in model._modules and tied.dtype == torch.bfloat16 \
-            and tied.device.type == "cpu":
+    # a quantised model's head is its own module already (and its embedding may hold no float table)
+    tied = model.tied_output_weight() if hasattr(model, "tied_output_weight") \
+        and "output_head" not in model._modules else None
+    if tied is not None and tied.dtype == torch.bfloat16 and tied.device.type == "cpu":
         model.use_output_head(tied_head(tied))
         swapped += 1
     return swapped

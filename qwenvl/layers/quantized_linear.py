@@ -25,6 +25,13 @@ after loading (`use_fbgemm_layout`, layers/int8_vnni.py), which serves every row
 plain layout's batch-1 decode there (`bench/int8_layouts.py --engine`). Small layers (q/k/v and o at 2B
 widths) stay plain: around so short a product fbgemm's activation split costs more than its read saves.
 
+Where qwenvl's own kernels run (qwenvl/kernels), both kinds take their tile layouts instead and decode
+products of up to 16 rows run there: each activation row quantised once per product to int8 per block of
+32 (llama.cpp's Q8_0 arithmetic; float32 activations take three such passes), integer dot products read
+every weight once for all rows. For int8 this replaces both kernels above at decode and drops fbgemm's 7-bit
+split (bench/int8_layouts.py); bf16 activations then carry Q8_0's rounding, at most half a step of their
+block's largest value an input (tests/test_kernels_int8_bf16.py bounds it).
+
 Conventions (the AWQ/GPTQ ones, so published checkpoints repack without re-quantising):
   int8: w[o, i] = q[o, i] * scale[o]                               q in -127..127
   int4: w[o, i] = (q[o, i] - zero[o, g]) * scale[o, g], g = i // G  q in 0..15, zero an integer-domain point
