@@ -68,13 +68,14 @@ def _layers(out_f: int, in_f: int):
     return layers
 
 
-def kernels(rows_list: list[int], copy_bw: float) -> None:
+def kernels(rows_list: list[int], copy_bw: float, shapes: list[str]) -> None:
     torch.backends.mkldnn.enabled = False        # what the runner does for one-row steps (oneDNN's gemv is slower)
     print(f"\nkernel time per matrix (ms; cold: >= {COLD_BYTES >> 20} MB of distinct matrices per kind), GB/s "
           "of the kind's own bytes and its fraction of the copy bandwidth")
     kinds = tuple(_layers(16, 256))
     print(f"   {'layer':14s} {'rows':>4s} " + " ".join(f"{k:>24s}" for k in kinds))
-    for name, (out_f, in_f) in SHAPES.items():
+    for name in shapes:
+        out_f, in_f = SHAPES[name]
         count = max(1, COLD_BYTES // (out_f * in_f))
         layers = [_layers(out_f, in_f) for _ in range(count)]
         for rows in rows_list:
@@ -119,6 +120,7 @@ def engine(model_dir: Path, rounds: int, tokens: int) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", default="1,4,256", help="activation rows per product, comma-separated")
+    p.add_argument("--shapes", default=",".join(SHAPES), help="which of: " + ", ".join(SHAPES))
     p.add_argument("--engine", action="store_true", help="also decode through LLM with both layouts")
     p.add_argument("--dir", default="runs/bench_qwen2vl_2b", help="the bench checkpoint (bench/throughput.py)")
     p.add_argument("--rounds", type=int, default=4)
@@ -129,7 +131,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, VNNI {torch.cpu._is_vnni_supported()}, "
           f"AMX {torch.cpu._is_amx_tile_supported()}, qwenvl kernels {qk.isa()}; copy bandwidth "
           f"{copy_bw / 1e9:.1f} GB/s (read + write)")
-    kernels([int(r) for r in a.rows.split(",")], copy_bw)
+    kernels([int(r) for r in a.rows.split(",")], copy_bw, a.shapes.split(","))
     if a.engine:
         engine(Path(a.dir), a.rounds, a.tokens)
 
