@@ -343,8 +343,7 @@ def test_hidden_module_warns_and_the_layers_answer_without_it(monkeypatch, tiny_
     y_kernel = with_kernels(x)
     monkeypatch.setattr(build, "_loaded", (None, "hidden by the test"))
     monkeypatch.setattr(kernels, "_warned", set())
-    kernels._isa_for.cache_clear()
-    kernels._bf16_isa_for.cache_clear()
+    kernels._forget()
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -363,8 +362,7 @@ def test_hidden_module_warns_and_the_layers_answer_without_it(monkeypatch, tiny_
         assert not any(type(m) is Bf16DecodeLinear for m in model.modules())
         assert use_bf16_decode_kernel(nn.Sequential(nn.Linear(4, 4).bfloat16())) == 0
     finally:
-        kernels._isa_for.cache_clear()
-        kernels._bf16_isa_for.cache_clear()
+        kernels._forget()
 
 
 def test_quantize_int8_rows_keep_their_scales_through_the_tiles():

@@ -64,6 +64,7 @@ def _runner() -> tuple[object, str] | None:
 def _forget() -> None:
     """Drop the cached choice (tests that hide the compiled module)."""
     _resolved.clear()
+    _bf16_resolved.clear()
 
 
 def _isa_for(requested: str) -> str | None:
@@ -133,29 +134,31 @@ def int8_matmul(x: torch.Tensor, tiles: torch.Tensor, scales: torch.Tensor, bias
     tile layout (int8_layout.py): tiles int8 [N_pad/16, K_pad/4, 16, 4], scales float32 [N_pad], bias
     float32 [out_features] or None. Each row of x is quantised to int8 per block of 32 on its own
     (ACTIVATION_PASSES), so rows do not affect each other. 1 to 16 rows."""
-    module, chosen = _checked_isa(isa_name)
+    module, chosen = _checked_runner(isa_name)
     return module.int8_matmul(x, tiles, scales, bias, out_features, ACTIVATION_PASSES.get(x.dtype, 1), chosen)
 
 
 def bf16_isa() -> str | None:
     """The build the bf16 product runs with: "avx512" where isa() is and the CPU has AVX512_BF16, else
     "avx2" (an AVX-512 CPU without BF16 runs the AVX2 build), None where the kernels do not run."""
-    return _bf16_isa_for(mode())
+    value = os.environ.get(MODE_ENV, "")
+    try:
+        return _bf16_resolved[value]
+    except KeyError:
+        runner = _runner()
+        chosen = None if runner is None else runner[1]
+        if chosen == "avx512" and not runner[0].cpu_supports("avx512bf16"):
+            chosen = "avx2"
+        _bf16_resolved[value] = chosen
+        return chosen
 
 
-@functools.lru_cache(maxsize=None)
-def _bf16_isa_for(requested: str) -> str | None:
-    chosen = _isa_for(requested)
-    if chosen == "avx512" and not build.load()[0].cpu_supports("avx512bf16"):
-        return "avx2"
-    return chosen
+_bf16_resolved: dict[str, str | None] = {}      # as _resolved, for bf16_isa()
 
 
 def bf16_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 isa_name: str | None = None) -> torch.Tensor:
     """x [R, K] @ weight.T + bias, all bfloat16 (weight [N, K] as nn.Linear holds it), accumulated in
     float32 and rounded to bfloat16 once: F.linear's arithmetic in another order. 1 to 16 rows."""
-    chosen = isa_name or bf16_isa()
-    if chosen is None:
-        raise RuntimeError("qwenvl kernels are not available here (see the warning, or QWENVL_KERNELS)")
-    return build.load()[0].bf16_matmul(x, weight, bias, chosen)
+    module, _ = _checked_runner(None)
+    return module.bf16_matmul(x, weight, bias, isa_name or bf16_isa())
