@@ -84,6 +84,24 @@ def test_int8_pack_round_trip_and_byte_order():
     assert index == 1 * 16 * 64 + (45 // 4) * 64 + 3 * 4 + 1 and flat[index] == 7
 
 
+@pytest.mark.parametrize("n,k", SHAPES)
+@pytest.mark.parametrize("r0,r1", [(0, None), (3, 15), (16, None), (5, 6)])
+def test_int8_rows_to_bf16_equals_the_plain_cast(n, k, r0, r1):
+    """Prefill's scratch from the tiles (C++), any row range, equals the integers cast to bfloat16 (exact)."""
+    q, _, _ = _int8_weights(n, k)
+    r1 = n if r1 is None else min(r1, n)
+    r0 = min(r0, r1)
+    out = torch.full((r1 - r0, k), 99.0, dtype=torch.bfloat16)
+    kernels.int8_rows_to_bf16(int8_layout.pack(q), r0, r1, out)
+    assert torch.equal(out, q[r0:r1].to(torch.bfloat16))
+
+
+def test_int8_rows_to_bf16_refuses_rows_past_the_tiles():
+    tiles = int8_layout.pack(torch.ones(20, 64, dtype=torch.int8))
+    with pytest.raises(RuntimeError, match="do not fit"):
+        kernels.int8_rows_to_bf16(tiles, 0, 40, torch.empty(40, 64, dtype=torch.bfloat16))
+
+
 # ---------------------------------------------------------------------------------------- int8 product
 @pytest.mark.parametrize("n,k", SHAPES)
 @pytest.mark.parametrize("rows", [1, 5, 16])

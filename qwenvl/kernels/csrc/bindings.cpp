@@ -190,6 +190,23 @@ torch::Tensor bf16_matmul(const torch::Tensor& x, const torch::Tensor& weight, c
   return y;
 }
 
+// Rows r0:r1 of the int8 tiles [T, K_pad/4, 16, 4] into out bfloat16 [r1 - r0, K] (prefill's scratch).
+void int8_rows_to_bf16(const torch::Tensor& tiles, int64_t r0, int64_t r1, torch::Tensor out) {
+  TORCH_CHECK(tiles.device().is_cpu() && tiles.dim() == 4 && tiles.is_contiguous() &&
+              tiles.scalar_type() == torch::kInt8 && tiles.size(2) == kTileN && tiles.size(3) == 4,
+              "qwenvl kernels: tiles must be contiguous int8 [T, K/4, 16, 4], got ", tiles.sizes());
+  TORCH_CHECK(out.device().is_cpu() && out.dim() == 2 && out.is_contiguous() &&
+              out.scalar_type() == torch::kBFloat16, "qwenvl kernels: out must be a contiguous bfloat16 matrix");
+  const int64_t K = out.size(1), k4_blocks = tiles.size(1);
+  TORCH_CHECK(0 <= r0 && r0 <= r1 && r1 <= tiles.size(0) * kTileN && out.size(0) == r1 - r0 && K <= 4 * k4_blocks,
+              "qwenvl kernels: rows ", r0, ":", r1, " into out ", out.sizes(), " do not fit tiles ", tiles.sizes());
+  const int8_t* t = tiles.data_ptr<int8_t>();
+  uint16_t* o = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  at::parallel_for(r0 / kTileN, (r1 + kTileN - 1) / kTileN, 1, [&](int64_t begin, int64_t end) {
+    qwenvl_kernels::int8_tiles_to_bf16_rows(t, k4_blocks, begin, end, r0, r1, K, o);
+  });
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -200,6 +217,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_matmul", &int4_matmul, "x, packed, params, group_size, out_features, passes, isa -> y",
         py::call_guard<py::gil_scoped_release>());
   m.def("int8_matmul", &int8_matmul, "x, tiles, scales, bias, out_features, passes, isa -> y",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("int8_rows_to_bf16", &int8_rows_to_bf16, "tiles, r0, r1, out: rows r0:r1 as bfloat16 into out",
         py::call_guard<py::gil_scoped_release>());
   m.def("bf16_matmul", &bf16_matmul, "x, weight, bias, isa -> y", py::call_guard<py::gil_scoped_release>());
 }

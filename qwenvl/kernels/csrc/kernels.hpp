@@ -48,6 +48,11 @@ struct Int8MatmulArgs {
 };
 
 // y[r, n] = sum_k W[n, k] * x[r, k] (+ bias[n]), all bf16, accumulated in float32, y rounded to bf16.
+// Rows row_begin..row_end-1 of an int8 tile layout ([T][k4_blocks][16][4], tiles tile_begin..tile_end-1 hold
+// them) as bfloat16 bits, K values a row (K <= 4 * k4_blocks), row r at out + (r - row_begin) * K.
+void int8_tiles_to_bf16_rows(const int8_t* tiles, int64_t k4_blocks, int64_t tile_begin, int64_t tile_end,
+                             int64_t row_begin, int64_t row_end, int64_t K, uint16_t* out);
+
 struct Bf16MatmulArgs {
   const uint16_t* x;            // [rows, K], row stride ldx
   const uint16_t* w;            // [N, K], row stride ldw
