@@ -389,3 +389,21 @@ def test_quantize_int8_rows_keep_their_scales_through_the_tiles():
     layer = Int8Linear.from_int8(q, s, None)
     layer.use_tile_layout()
     assert torch.equal(layer.dequantize(), q.float() * s[:, None])
+
+
+def test_a_stale_build_lock_left_by_a_killed_build_does_not_hang_the_next_process(tmp_path):
+    """torch's build `lock` file outlives a builder killed mid-build; the next process removes it (no live
+    builder holds build.flock) and loads, instead of waiting on it forever."""
+    import shutil
+    import subprocess
+    import sys
+
+    built = build.cache_dir()
+    copy = tmp_path / built.name
+    shutil.copytree(built, copy)
+    (copy / "lock").write_text("")                     # as a killed build leaves it
+    code = "from qwenvl.kernels import build; m, cause = build.load(); assert m is not None, cause; print('loaded')"
+    env = {**__import__("os").environ, build.CACHE_ENV: str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "loaded" in out.stdout, out.stderr[-2000:]
+    assert not (copy / "lock").exists()

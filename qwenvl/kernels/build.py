@@ -13,6 +13,7 @@ points into csrc/kernels.hpp's QWENVL_DECLARE_KERNELS, its Python bindings into 
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib.util
 import os
@@ -81,6 +82,19 @@ def _load() -> tuple[object | None, str | None]:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         return None, f"the cache folder {directory} cannot be made ({e.strerror}); set {CACHE_ENV}"
+    with open(directory / "build.flock", "w") as guard:
+        # One builder per cache folder across processes. torch's own `lock` file outlives a builder that was
+        # killed (Ctrl-C during the first build), and every later process would wait on it forever; holding
+        # this flock (released by the kernel when its holder dies) proves no builder is alive, so a `lock`
+        # found then is stale and removed.
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        if built.exists() and not (directory / "lock").exists():     # another process built it meanwhile
+            return _import(name, built), None
+        (directory / "lock").unlink(missing_ok=True)
+        return _compile(name, directory)
+
+
+def _compile(name: str, directory: Path) -> tuple[object | None, str | None]:
     print(f"qwenvl: compiling the CPU kernels into {directory} (once per machine) ...", end="",
           file=sys.stderr, flush=True)
     start = time.perf_counter()
