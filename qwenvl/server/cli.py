@@ -46,6 +46,13 @@ def add_serve_subcommand(subparsers) -> argparse.ArgumentParser:
                         "cloud metadata ones)")
     p.add_argument("--fetch-total-timeout", type=float, default=30.0,
                    help="seconds one remote image/video fetch may take in all (default: 30)")
+    p.add_argument("--upload-dir", default=None,
+                   help="where the dashscope SDK's uploads of local files are kept (default: a temporary folder, "
+                        "removed at exit)")
+    p.add_argument("--upload-ttl", type=float, default=3600.0,
+                   help="seconds an upload policy and an uploaded file stay valid (default: 3600)")
+    p.add_argument("--upload-store-mb", type=float, default=1024.0,
+                   help="MB all uploads may take on disk together; the oldest go first (default: 1024)")
     p.add_argument("--max-images", type=int, default=16, help="images per request")
     p.add_argument("--max-body-mb", type=float, default=50.0, help="request body limit in MB")
     p.add_argument("--max-queue", type=int, default=256, help="requests in flight before answering 429")
@@ -107,7 +114,8 @@ def settings_from_args(args) -> ServerSettings:
         fetch_total_timeout_s=args.fetch_total_timeout, cors_origins=_comma_list(args.cors_origins),
         metrics_public=args.metrics_public, max_schema_bytes=args.max_schema_bytes,
         max_schema_properties=args.max_schema_properties, max_schema_depth=args.max_schema_depth,
-        grammar_compile_timeout_s=args.grammar_compile_timeout, health_stall_s=args.health_stall_timeout)
+        grammar_compile_timeout_s=args.grammar_compile_timeout, health_stall_s=args.health_stall_timeout,
+        upload_dir=args.upload_dir, upload_ttl_s=args.upload_ttl, upload_store_mb=args.upload_store_mb)
 
 
 def _drain_grace(args) -> float:
