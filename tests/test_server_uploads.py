@@ -11,6 +11,7 @@ import asyncio
 import base64
 import io
 import json
+import tempfile
 import time
 from pathlib import Path
 
@@ -60,7 +61,7 @@ def servers(tiny_checkpoint):
                                    config=EngineConfig(kv_cache_gb=0.02, max_model_len=256)), max_queue=8)
     keyed = create_app(engine, ServerSettings(api_key=KEY, served_model_name=MODEL))
     open_ = create_app(engine, ServerSettings(served_model_name=MODEL))
-    tight = create_app(engine, ServerSettings(served_model_name=MODEL, upload_ttl_s=1.0,
+    tight = create_app(engine, ServerSettings(served_model_name=MODEL, upload_ttl_s=2.0,
                                               max_image_bytes=100_000, max_video_bytes=200_000))
     with run_server(keyed) as k, run_server(open_) as o, run_server(tight) as t:
         yield {"keyed": k, "open": o, "tight": t, "store": keyed.state.qwenvl.uploads}
@@ -230,7 +231,7 @@ def test_forged_and_traversing_oss_urls_never_reach_a_file(servers, files, tmp_p
 
 
 def test_content_is_sniffed_and_sizes_are_capped(servers, files):
-    base = servers["tight"]                 # images up to 100 KB, other files up to 200 KB, kept 1 s
+    base = servers["tight"]                 # images up to 100 KB, other files up to 200 KB, kept 2 s
     data = policy(base)
     text = form_upload(data, files["notes.txt"].read_bytes(), "notes.png")      # the name does not make it a PNG
     assert text.status_code == 415 and "not an image" in text.json()["message"]
@@ -246,19 +247,21 @@ def test_content_is_sniffed_and_sizes_are_capped(servers, files):
     chunked = httpx.post(data["upload_host"], headers={"Content-Type": form.headers["content-type"]},
                          content=(body[i:i + 65536] for i in range(0, len(body), 65536)))
     assert chunked.status_code == 413, chunked.text      # no Content-Length: counted while it arrives
-    clip = form_upload(data, files["clip.mp4"].read_bytes(), "clip.mp4").json()
+    clip = form_upload(policy(base), files["clip.mp4"].read_bytes(), "clip.mp4").json()
     assert clip["kind"] == "video"
     as_image = oss_call(base, "oss://" + clip["key"])
     assert as_image.status_code == 400 and "is a video, not an image" in as_image.json()["message"]
     assert oss_call(base, "oss://" + clip["key"], kind="video").status_code == 200
-    pdf = form_upload(data, files["doc.pdf"].read_bytes(), "scan").json()      # a PDF without .pdf in its name
+    pdf = form_upload(policy(base), files["doc.pdf"].read_bytes(), "scan").json()      # a PDF without .pdf in its name
     assert pdf["kind"] == "pdf"
     unnamed = oss_call(base, "oss://" + pdf["key"])
     assert unnamed.status_code == 400 and "name ends in .pdf" in unnamed.json()["message"]
-    time.sleep(1.2)
-    expired = oss_call(base, "oss://" + clip["key"], kind="video")
+    data = policy(base)
+    image = form_upload(data, files["red.png"].read_bytes(), "red.png").json()
+    time.sleep(2.3)
+    expired = oss_call(base, "oss://" + image["key"])
     assert expired.status_code == 404 and "expired" in expired.json()["message"]
-    late = form_upload(data, files["clip.mp4"].read_bytes(), "clip.mp4")
+    late = form_upload(data, files["red.png"].read_bytes(), "red.png")
     assert late.status_code == 403 and "expired" in late.json()["message"]
 
 
@@ -283,13 +286,23 @@ def test_the_store_is_bounded_and_evicts_the_oldest(tmp_path):
         put(f"f{i}", 10)
     assert len(list(store.root.iterdir())) == 3            # max_files
     put("f5", 20)                                           # the same key again replaces it
-    assert store.find("oss://" + keys[2].replace("f2", "f5"), owner, "w").size == 20
+    assert store.find(f"oss://{grant.upload_dir}/f5", owner, "w").size == 20
     now[0] += 61
     with pytest.raises(Exception, match="expired"):
-        store.find("oss://" + keys[2].replace("f2", "f5"), owner, "w")
+        store.find(f"oss://{grant.upload_dir}/f5", owner, "w")
     assert store.stored_bytes == 0 and not list(store.root.iterdir())
     put("f6", 10)
+    (store.root / ("a" * 32 + ".upload")).write_bytes(b"an earlier run's")
+    (store.root / "mine.txt").write_bytes(b"the operator's")
     store.close()
-    assert not list(store.root.iterdir())                    # a given folder stays, its uploads go
+    assert [p.name for p in store.root.iterdir()] == ["a" * 32 + ".upload", "mine.txt"]   # a given folder stays
     again = UploadStore(str(tmp_path / "store"))
-    assert again.root.exists()
+    assert [p.name for p in again.root.iterdir()] == ["mine.txt"]     # an earlier run's uploads are gone
+
+    before = set(Path(tempfile.gettempdir()).glob("qwenvl-uploads-*"))
+    temporary = UploadStore()
+    assert set(Path(tempfile.gettempdir()).glob("qwenvl-uploads-*")) == before    # nothing until it is used
+    folder = temporary.root
+    assert folder.is_dir()
+    temporary.close()
+    assert not folder.exists()

@@ -158,7 +158,7 @@ def _add_service_routes(app: FastAPI, state: ServerState) -> None:
     for the key itself (unless metrics_public)."""
     document = openapi_document("qwenvl", "1", {
         "openai_chat": OPENAI_CHAT, "compat_chat": COMPAT_CHAT, "dashscope": DASHSCOPE_GEN,
-        "models": "/v1/models", "compat_models": "/compatible-mode/v1/models"})
+        "models": "/v1/models", "compat_models": "/compatible-mode/v1/models", "uploads": UPLOADS})
 
     @app.api_route("/openapi.json", include_in_schema=False, methods=["GET", "HEAD"])
     async def openapi_json():

@@ -31,6 +31,7 @@ import secrets
 import shutil
 import tempfile
 import time
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,15 +72,13 @@ class _Entry:
 
 
 class UploadStore:
-    """One per app. Files on disk under `root` (a private temporary folder by default, removed at close)."""
+    """One per app. Files on disk under `root`: a private temporary folder by default, made at the first upload
+    and removed at close; a given folder is kept, the files this store wrote in it are not."""
 
     def __init__(self, root: str | None = None, limits: UploadLimits = UploadLimits(), clock=time.time):
-        self._own_root = root is None
-        self.root = Path(tempfile.mkdtemp(prefix="qwenvl-uploads-") if root is None else root)
-        self.root.mkdir(parents=True, exist_ok=True)
-        for stale in self.root.iterdir():        # an earlier run's files: their index is gone with it
-            if _STORED.fullmatch(stale.name) or stale.name.startswith(".partial-"):
-                stale.unlink(missing_ok=True)
+        self._given_root = None if root is None else Path(root)
+        self._root: Path | None = None           # made at the first upload: most servers never see one
+        self._cleanup = None
         self.limits = limits
         self._clock = clock
         self._secret = secrets.token_bytes(32)
@@ -127,6 +126,21 @@ class UploadStore:
         return base64.b64encode(hmac.new(self._secret, policy.encode(), hashlib.sha256).digest()).decode()
 
     # ------------------------------------------------------------------ the files
+    @property
+    def root(self) -> Path:
+        if self._root is None:
+            if self._given_root is None:
+                self._root = Path(tempfile.mkdtemp(prefix="qwenvl-uploads-"))
+                # removed at close(), or when the store is collected or the interpreter exits without it
+                self._cleanup = weakref.finalize(self, shutil.rmtree, self._root, True)
+            else:
+                self._root = self._given_root
+                self._root.mkdir(parents=True, exist_ok=True)
+                for stale in self._root.iterdir():     # an earlier run's files: their index went with it
+                    if _STORED.fullmatch(stale.name) or stale.name.startswith(".partial-"):
+                        stale.unlink(missing_ok=True)
+        return self._root
+
     def partial_path(self) -> Path:
         """Where an upload is written while it arrives (moved in by `put`, or removed by the caller)."""
         return self.root / f".partial-{secrets.token_hex(16)}"
@@ -181,8 +195,8 @@ class UploadStore:
     def close(self) -> None:
         for key in list(self._files):
             self._drop(key)
-        if self._own_root:
-            shutil.rmtree(self.root, ignore_errors=True)
+        if self._cleanup is not None:
+            self._cleanup()
 
     @property
     def stored_bytes(self) -> int:
