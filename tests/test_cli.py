@@ -72,6 +72,7 @@ def test_eval_tasks_scores_the_bundled_model_on_heldout_items(tmp_path):
     assert abs(scores["all"] - (scores["count/en"] + scores["chart/en"]) / 2) < 1e-3
     count_row = next(line for line in out.stdout.splitlines() if line.startswith("| count |"))
     assert f"{record['scores']['count/en']:.1%}" in count_row and "90%" in count_row
+    assert "tasks: 100%" in out.stderr and "6/6" in out.stderr           # the progress bar, over the 6 items
     bad = qwenvl("eval", "tasks", "--n", "0")
     assert bad.returncode == 2 and "--n must be at least 1" in bad.stderr
 
