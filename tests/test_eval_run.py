@@ -153,9 +153,11 @@ def test_one_folder_holds_one_models_predictions_and_a_rerun_says_it_resumes(syn
     assert cli.main(run) == 0
     assert "2 of 2 questions already answered, none left to answer; scoring only" in capsys.readouterr().err
     assert len(asked) == 2
-    other = cli.main(run + ["--model", "other/folder"])           # another model into the same folder: refused
+    folder = tmp_path / "other-model"
+    folder.mkdir()
+    other = cli.main(run + ["--model", str(folder)])              # another model into the same folder: refused
     err = capsys.readouterr().err
-    assert other == 2 and f"{tmp_path} holds the predictions of model bundled" in err and "model other/folder" in err
+    assert other == 2 and f"{tmp_path} holds the predictions of model bundled" in err and f"model {folder}" in err
     assert len(asked) == 2 and len((tmp_path / "textvqa.jsonl").read_text().splitlines()) == 2
     remote = cli.main(run + ["--endpoint", "http://127.0.0.1:9", "--model-name", "m"])
     assert remote == 2 and "endpoint http://127.0.0.1:9" in capsys.readouterr().err
@@ -165,10 +167,12 @@ def test_a_folder_from_before_run_json_is_adopted_with_a_note(synth, tmp_path, m
     data_dir, items = synth["textvqa"]
     monkeypatch.setattr(predictors, "local_predictor", lambda model, **kw: fake_predictor(items, set()))
     (tmp_path / "docvqa.jsonl").write_text("")
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
     assert cli.main(["eval", "run", "--benchmark", "textvqa", "--data", str(data_dir), "--out", str(tmp_path),
-                     "--no-progress", "--model", "ckpt"]) == 0
-    assert "do not say which model made them; they are taken as model ckpt's" in capsys.readouterr().err
-    assert json.loads((tmp_path / "run.json").read_text())["model"] == "ckpt"
+                     "--no-progress", "--model", str(ckpt)]) == 0
+    assert f"do not say which model made them; they are taken as model {ckpt}'s" in capsys.readouterr().err
+    assert json.loads((tmp_path / "run.json").read_text())["model"] == str(ckpt)
 
 
 @pytest.mark.parametrize("command", ["run", "tasks"])
@@ -180,8 +184,7 @@ def test_a_model_that_is_not_there_is_named_not_none(synth, tmp_path, capsys, co
         rc = cli.main(["eval", command, *args, "--model", model, "--device", "cpu"])
         err = capsys.readouterr().err
         assert rc == 2 and says in err and "None" not in err, err
-        if command == "run":
-            (tmp_path / "run.json").unlink()
+        assert not (tmp_path / "run.json").exists()          # found before the folder is claimed for it
 
 
 def test_os_errors_without_a_file_name_print_their_message():

@@ -323,7 +323,7 @@ def _start_run(cfg: TrainConfig, model_cfg: ModelConfig, device: torch.device, s
     resume = torch.load(state_path, map_location="cpu", weights_only=False) if state_path.exists() else None
     if resume is None and not cfg.from_scratch:
         from ..checkpoints.loader import load_model
-        model, _ = load_model(cfg.model_dir, dtype=torch.float32, device=device)
+        model, _ = load_model(cfg.model_dir, dtype=torch.float32, device=device, progress=True)
     else:
         model = build_model(model_cfg).to(device)
         init_weights(model)
