@@ -61,8 +61,9 @@ def servers(tiny_checkpoint):
                                    config=EngineConfig(kv_cache_gb=0.02, max_model_len=256)), max_queue=8)
     keyed = create_app(engine, ServerSettings(api_key=KEY, served_model_name=MODEL))
     open_ = create_app(engine, ServerSettings(served_model_name=MODEL))
-    tight = create_app(engine, ServerSettings(served_model_name=MODEL, upload_ttl_s=2.0,
-                                              max_image_bytes=100_000, max_video_bytes=200_000))
+    tight = create_app(engine, ServerSettings(served_model_name=MODEL, upload_ttl_s=4.0,
+                                              max_image_bytes=100_000, max_video_bytes=200_000,
+                                              upload_concurrency=1))
     with run_server(keyed) as k, run_server(open_) as o, run_server(tight) as t:
         yield {"keyed": k, "open": o, "tight": t, "store": keyed.state.qwenvl.uploads}
     asyncio.run(engine.shutdown(grace_s=1))
@@ -231,7 +232,7 @@ def test_forged_and_traversing_oss_urls_never_reach_a_file(servers, files, tmp_p
 
 
 def test_content_is_sniffed_and_sizes_are_capped(servers, files):
-    base = servers["tight"]                 # images up to 100 KB, other files up to 200 KB, kept 2 s
+    base = servers["tight"]                 # images up to 100 KB, other files up to 200 KB, kept 4 s
     data = policy(base)
     text = form_upload(data, files["notes.txt"].read_bytes(), "notes.png")      # the name does not make it a PNG
     assert text.status_code == 415 and "not an image" in text.json()["message"]
@@ -258,11 +259,40 @@ def test_content_is_sniffed_and_sizes_are_capped(servers, files):
     assert unnamed.status_code == 400 and "name ends in .pdf" in unnamed.json()["message"]
     data = policy(base)
     image = form_upload(data, files["red.png"].read_bytes(), "red.png").json()
-    time.sleep(2.3)
+    time.sleep(4.3)
     expired = oss_call(base, "oss://" + image["key"])
     assert expired.status_code == 404 and "expired" in expired.json()["message"]
     late = form_upload(data, files["red.png"].read_bytes(), "red.png")
     assert late.status_code == 403 and "expired" in late.json()["message"]
+
+
+def test_uploads_arriving_at_once_are_bounded(servers, files):
+    import threading
+
+    base = servers["tight"]                 # one upload at a time
+    data = policy(base)
+    form = httpx.Request("POST", data["upload_host"], data={
+        "policy": data["policy"], "Signature": data["signature"], "key": data["upload_dir"] + "/red.png"},
+        files={"file": ("red.png", files["red.png"].read_bytes())})
+    body, arrived = form.read(), threading.Event()
+
+    def slowly():
+        yield body[:100]
+        arrived.set()
+        time.sleep(1.5)
+        yield body[100:]
+
+    result = {}
+    slow = threading.Thread(target=lambda: result.setdefault("r", httpx.post(
+        data["upload_host"], content=slowly(), headers={"Content-Type": form.headers["content-type"]}, timeout=30)))
+    slow.start()
+    assert arrived.wait(10)
+    time.sleep(0.3)
+    busy = form_upload(data, files["green.png"].read_bytes(), "green.png")
+    assert busy.status_code == 429 and busy.headers["retry-after"] == "1" and busy.json()["code"] == "Throttling"
+    slow.join(30)
+    assert result["r"].status_code == 200, result["r"].text
+    assert form_upload(policy(base), files["green.png"].read_bytes(), "green.png").status_code == 200   # free again
 
 
 def test_the_store_is_bounded_and_evicts_the_oldest(tmp_path):

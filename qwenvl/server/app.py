@@ -93,7 +93,7 @@ def _server_state(async_engine, settings: ServerSettings) -> ServerState:
         api_key=settings.resolved_api_key(), api_prefixes=API_PREFIXES,
         uploads=UploadStore(settings.upload_dir, UploadLimits(
             ttl_s=settings.upload_ttl_s, store_bytes=int(settings.upload_store_mb * 2 ** 20),
-            file_bytes=max(settings.max_image_bytes, settings.max_video_bytes))))
+            file_bytes=max(settings.max_image_bytes, settings.max_video_bytes), concurrent=settings.upload_concurrency)))
     state.metrics = Metrics(async_engine.stats, lambda: state.inflight)    # reads the live count at scrape time
     return state
 

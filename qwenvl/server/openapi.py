@@ -97,6 +97,7 @@ def _uploads() -> dict:
                                              "403": "the policy was not issued by this server, or it expired",
                                              "413": "the file is over the size limit",
                                              "415": "not a form, or the file is no image, video or PDF",
+                                             "429": "too many uploads arriving at once; retry after Retry-After",
                                              "503": "the server is shutting down"})}}}
 
 

@@ -34,6 +34,7 @@ class ServerSettings:
     upload_dir: str | None = None                  # where they are kept; None: a temporary folder, removed at exit
     upload_ttl_s: float = 3600.0                   # how long an upload policy and an uploaded file stay valid
     upload_store_mb: float = 1024.0                # all uploads together; the oldest are evicted past it
+    upload_concurrency: int = 8                    # uploads arriving at once; 429 past it
     # limits
     max_body_mb: float = 50.0
     max_images: int = 16                           # images per request

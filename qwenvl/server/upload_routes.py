@@ -49,6 +49,17 @@ async def upload(request: Request):
     if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
         raise APIError(415, "an upload is a multipart/form-data form (policy, Signature, key, file), as the "
                        "dashscope SDK sends it")
+    if store.arriving >= store.limits.concurrent:
+        raise APIError(429, f"{store.arriving} uploads are arriving, the most this server takes at once; retry "
+                       "in a moment", headers={"Retry-After": "1"})
+    store.arriving += 1
+    try:
+        return await _receive(request, state, store, cap)
+    finally:
+        store.arriving -= 1
+
+
+async def _receive(request: Request, state, store, cap: int):
     try:
         form = await MultiPartParser(request.headers, _capped(request.stream(), cap, store.limits.file_bytes),
                                      max_files=1, max_fields=16, max_part_size=FORM_OVERHEAD).parse()

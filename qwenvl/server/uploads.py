@@ -15,7 +15,8 @@ caller that passed the API key check gets one. The folder holds 128 random bits;
 random name of its own (the client's name lives only in the index), so no key can name a path outside the
 store. A key resolves only for a request that carries the header and the same Bearer token that asked for the
 policy, until it expires; anything else is "not found", never another caller's file. The store is bounded in
-bytes and in files: expired files go first, then the oldest.
+bytes and in files: expired files go first, then the oldest; at most `concurrent` uploads arrive at once, so
+the disk they take while arriving is bounded too.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ class UploadLimits:
     store_bytes: int = 1 << 30            # all files together; the oldest are evicted past it
     max_files: int = 4096
     file_bytes: int = 64 << 20            # one upload (the admission policy's largest media cap)
+    concurrent: int = 8                   # uploads arriving at once (each spools up to file_bytes); 429 past it
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,7 @@ class UploadStore:
         self._secret = secrets.token_bytes(32)
         self._files: OrderedDict[str, _Entry] = OrderedDict()      # key -> file, oldest first
         self._bytes = 0
+        self.arriving = 0                         # uploads being received now (the route counts them)
 
     # ------------------------------------------------------------------ the policy
     def owner_of(self, authorization: str | None) -> str:
