@@ -91,7 +91,8 @@ def _run(args) -> int:
         raise DatasetError("give either --model DIR (local) or --endpoint URL (remote), not both")
     out_dir = Path(args.out)
     samples = load_benchmark(args.benchmark, str(args.data))[:args.limit]     # a wrong data folder is named first
-    if args.model and not args.endpoint:           # then a missing model (a Hub id downloads now, as for chat)
+    if args.model and not args.endpoint and not Path(args.model).is_file():   # then a missing model (a Hub id
+        # downloads now, as for chat; a GGUF file is opened by the engine)
         from ..checkpoints.hub import resolve_model
         resolve_model(args.model, args.revision)
     _claim_folder(out_dir, _run_identity(args))
