@@ -48,13 +48,6 @@ def add_serve_subcommand(subparsers) -> argparse.ArgumentParser:
                         "cloud metadata ones)")
     p.add_argument("--fetch-total-timeout", type=float, default=30.0,
                    help="seconds one remote image/video fetch may take in all (default: 30)")
-    p.add_argument("--upload-dir", default=None,
-                   help="where the dashscope SDK's uploads of local files are kept (default: a temporary folder, "
-                        "removed at exit)")
-    p.add_argument("--upload-ttl", type=float, default=3600.0,
-                   help="seconds an upload policy and an uploaded file stay valid (default: 3600)")
-    p.add_argument("--upload-store-mb", type=float, default=1024.0,
-                   help="MB all uploads may take on disk together; the oldest go first (default: 1024)")
     p.add_argument("--max-images", type=int, default=16, help="images per request")
     p.add_argument("--max-body-mb", type=float, default=50.0, help="request body limit in MB")
     p.add_argument("--max-queue", type=int, default=256, help="requests in flight before answering 429")
@@ -63,6 +56,7 @@ def add_serve_subcommand(subparsers) -> argparse.ArgumentParser:
                    help="seconds in-flight requests get on SIGTERM (default 30; 20 with --replicas, whose Ray "
                         "shutdown takes up to 10 more)")
     _add_structured_output_limits(p)
+    _add_upload_args(p)
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bfloat16, or float32 "
                                                  "on a CPU without fast bfloat16 products)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU) | cpu | cuda | cuda:N")
@@ -86,6 +80,16 @@ def add_serve_subcommand(subparsers) -> argparse.ArgumentParser:
                    help="local cluster: object store size (default: Ray's)")
     p.set_defaults(func=run_serve_command)
     return p
+
+
+def _add_upload_args(p) -> None:
+    u = p.add_argument_group("the dashscope SDK's uploads of local files (GET/POST /api/v1/uploads, oss:// URLs)")
+    u.add_argument("--upload-dir", default=None,
+                   help="where the uploads are kept (default: a temporary folder, removed at exit)")
+    u.add_argument("--upload-ttl", type=float, default=3600.0,
+                   help="seconds an upload policy and an uploaded file stay valid (default: 3600)")
+    u.add_argument("--upload-store-mb", type=float, default=1024.0,
+                   help="MB all uploads may take on disk together; the oldest go first (default: 1024)")
 
 
 def _add_structured_output_limits(p) -> None:
