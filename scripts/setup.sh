@@ -30,12 +30,19 @@ PY=${PYTHON:-python3}
 # compiler this only warns, and the first use falls back to PyTorch's kernels the same way.
 .venv/bin/python -c "import qwenvl.kernels as k; print('qwenvl CPU kernels:', k.isa() or 'not available')" || true
 
+# Shows the command exactly as it runs (an argument with spaces in double quotes), then runs it.
+demo() {
+  local shown='$ qwenvl' arg
+  for arg in "$@"; do
+    case "$arg" in *[[:space:]]*) shown="$shown \"$arg\"" ;; *) shown="$shown $arg" ;; esac
+  done
+  echo "$shown"
+  .venv/bin/qwenvl "$@"
+}
+
 if [ -z "${QWENVL_SKIP_DEMO:-}" ]; then
   echo
-  echo '$ qwenvl chat --image examples/shapes.png "Locate the red triangle." --draw examples/shapes-boxes.png'
-  .venv/bin/qwenvl chat --image examples/shapes.png "Locate the red triangle." --draw examples/shapes-boxes.png --boxes
-  echo '$ qwenvl chat --image examples/shapes.png "What color is the circle?"'
-  .venv/bin/qwenvl chat --image examples/shapes.png "What color is the circle?"
-  echo '$ qwenvl chat --image examples/shapes.png "How many triangles are there?"'
-  .venv/bin/qwenvl chat --image examples/shapes.png "How many triangles are there?"
+  demo chat --image examples/shapes.png "Locate the red triangle." --draw examples/shapes-boxes.png --boxes
+  demo chat --image examples/shapes.png "What color is the circle?"
+  demo chat --image examples/shapes.png "How many triangles are there?"
 fi

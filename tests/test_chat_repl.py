@@ -87,6 +87,12 @@ def test_ctrl_c_stops_the_answer_keeps_the_session_and_twice_at_the_prompt_ends(
     assert "Ctrl-C again" in err and len(llm.conversations) == 3      # "Asked?" was asked: the count reset
 
 
+def test_an_empty_answer_says_so():
+    llm = ScriptedLLM([""], ["  \n"], ["Yes."])
+    rc, out, err = session(llm, "Anything?", "Really?", "Now?")
+    assert rc == 0 and out.splitlines()[-1] == "Yes." and err.count("(empty answer)") == 2
+
+
 def test_grounding_prints_readably_and_never_takes_back_what_it_printed():
     answer = "Here: <|object_ref_start|>the cat<|object_ref_end|><|box_start|>(10,20),(30,40)<|box_end|> done"
     stream, printed = ReadableStream(), ""

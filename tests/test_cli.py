@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -51,6 +52,8 @@ def test_chat_answers_and_bad_image_is_a_clear_error(tmp_path):
     out = qwenvl("chat", "--image", str(EXAMPLE), "How many circles are there?", "--max-tokens", "8")
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() != ""
+    loads = [line for line in out.stderr.splitlines() if line.startswith("loading ")]
+    assert len(loads) == 1 and "assets/bundled (qwen2_vl, cpu, " in loads[0] and "not quantised" in loads[0]
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"this is not an image")
     out = qwenvl("chat", "--image", str(bad), "What is this?")
@@ -72,6 +75,7 @@ def test_eval_tasks_scores_the_bundled_model_on_heldout_items(tmp_path):
     assert abs(scores["all"] - (scores["count/en"] + scores["chart/en"]) / 2) < 1e-3
     count_row = next(line for line in out.stdout.splitlines() if line.startswith("| count |"))
     assert f"{record['scores']['count/en']:.1%}" in count_row and "90%" in count_row
+    assert "tasks: 100%" in out.stderr and "6/6" in out.stderr           # the progress bar, over the 6 items
     bad = qwenvl("eval", "tasks", "--n", "0")
     assert bad.returncode == 2 and "--n must be at least 1" in bad.stderr
 
@@ -79,6 +83,37 @@ def test_eval_tasks_scores_the_bundled_model_on_heldout_items(tmp_path):
 def test_python_dash_m_qwenvl_is_the_command():
     r = subprocess.run([sys.executable, "-m", "qwenvl", "--help"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "chat" in r.stdout and "serve" in r.stdout
+
+
+def test_media_given_with_the_wrong_flag_or_missing_is_named_before_the_model_loads(tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from video_files import write_video
+    clip = write_video(tmp_path / "clip.mp4", seconds=1, fps=4)
+    unnamed = tmp_path / "recording"                         # a clip without a video suffix: read by content
+    unnamed.write_bytes(clip.read_bytes())
+    cases = [(["chat", "--image", str(tmp_path / "nope.png"), "Hi"], f"--image {tmp_path / 'nope.png'}: no such file"),
+             (["chat", "--image", str(clip), "Hi"], f"a video file; give it with --video {clip}"),
+             (["chat", "--image", str(unnamed), "Hi"], f"a video file; give it with --video {unnamed}"),
+             (["chat", "--video", str(EXAMPLE), "Hi"], f"an image file; give it with --image {EXAMPLE}"),
+             (["chat", "--video", str(tmp_path / "gone.mp4"), "Hi"], "--video"),
+             (["ground", str(clip), "the cat"], "a video file"),
+             (["ocr", str(tmp_path), "--task", "text_recognition"], "a folder, not a file")]
+    for argv, says in cases:
+        out = qwenvl(*argv)
+        assert out.returncode == 2 and says in out.stderr, (argv, out.stderr)
+        assert "loading " not in out.stderr and "Traceback" not in out.stderr     # found before any model loads
+
+
+def test_train_finds_its_model_like_chat_and_defaults_to_auto(tmp_path):
+    from qwenvl.cli.main import build_parser
+    args = build_parser().parse_args(["train", "--model", "Org/Name", "--out", str(tmp_path)])
+    assert args.device == "auto" and args.revision is None
+    missing = qwenvl("train", "--model", str(tmp_path / "none"), "--out", str(tmp_path / "run"), "--steps", "1")
+    assert missing.returncode == 2 and "no such folder, and not a Hugging Face Hub id" in missing.stderr
+    env_offline = subprocess.run([sys.executable, "-m", "qwenvl", "train", "--model", "nobody/no-such-model-xyz",
+                                  "--out", str(tmp_path / "run"), "--steps", "1"], capture_output=True, text=True,
+                                 timeout=120, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert env_offline.returncode == 2 and "is not in the local Hugging Face cache" in env_offline.stderr
 
 
 def test_chat_about_a_video_file_and_a_bad_one(tmp_path):

@@ -124,7 +124,7 @@ def test_missing_files_say_what_is_expected(tmp_path):
 def test_cli_run_writes_report(synth, tmp_path, monkeypatch, capsys):
     data_dir, items = synth["textvqa"]
     wrong, _ = EXPECTED["textvqa"]
-    monkeypatch.setattr(predictors, "local_predictor", lambda model, max_tokens, quantization=None: fake_predictor(items, wrong))
+    monkeypatch.setattr(predictors, "local_predictor", lambda model, **kw: fake_predictor(items, wrong))
     rc = cli.main(["eval", "run", "--benchmark", "textvqa", "--data", str(data_dir), "--out", str(tmp_path),
                    "--label", "fake", "--no-progress"])
     assert rc == 0
@@ -137,6 +137,61 @@ def test_cli_run_writes_report(synth, tmp_path, monkeypatch, capsys):
     assert "qwenlm.github.io/blog/qwen-vl" in report["rows"][1]["source"]
     assert "/work/" not in md and "/work/" not in json.dumps(report)     # no developer's path in a report
     assert "80.0%" in capsys.readouterr().out
+
+
+def test_one_folder_holds_one_models_predictions_and_a_rerun_says_it_resumes(synth, tmp_path, monkeypatch, capsys):
+    data_dir, items = synth["textvqa"]
+    asked = []
+    monkeypatch.setattr(predictors, "local_predictor", lambda model, **kw: fake_predictor(items, set(), asked))
+    run = ["eval", "run", "--benchmark", "textvqa", "--data", str(data_dir), "--out", str(tmp_path), "--no-progress"]
+    assert cli.main(run + ["--limit", "1"]) == 0
+    assert "resuming" not in capsys.readouterr().err
+    assert json.loads((tmp_path / "run.json").read_text())["model"] == "bundled"
+    assert cli.main(run) == 0                                   # the same model, all questions now
+    assert "resuming " + str(tmp_path / "textvqa.jsonl") + ": 1 of 2 questions already answered, 1 to go" in \
+        capsys.readouterr().err and len(asked) == 2
+    assert cli.main(run) == 0
+    assert "2 of 2 questions already answered, none left to answer; scoring only" in capsys.readouterr().err
+    assert len(asked) == 2
+    folder = tmp_path / "other-model"
+    folder.mkdir()
+    other = cli.main(run + ["--model", str(folder)])              # another model into the same folder: refused
+    err = capsys.readouterr().err
+    assert other == 2 and f"{tmp_path} holds the predictions of model bundled" in err and f"model {folder}" in err
+    assert len(asked) == 2 and len((tmp_path / "textvqa.jsonl").read_text().splitlines()) == 2
+    remote = cli.main(run + ["--endpoint", "http://127.0.0.1:9", "--model-name", "m"])
+    assert remote == 2 and "endpoint http://127.0.0.1:9" in capsys.readouterr().err
+
+
+def test_a_folder_from_before_run_json_is_adopted_with_a_note(synth, tmp_path, monkeypatch, capsys):
+    data_dir, items = synth["textvqa"]
+    monkeypatch.setattr(predictors, "local_predictor", lambda model, **kw: fake_predictor(items, set()))
+    (tmp_path / "docvqa.jsonl").write_text("")
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    assert cli.main(["eval", "run", "--benchmark", "textvqa", "--data", str(data_dir), "--out", str(tmp_path),
+                     "--no-progress", "--model", str(ckpt)]) == 0
+    assert f"do not say which model made them; they are taken as model {ckpt}'s" in capsys.readouterr().err
+    assert json.loads((tmp_path / "run.json").read_text())["model"] == str(ckpt)
+
+
+@pytest.mark.parametrize("command", ["run", "tasks"])
+def test_a_model_that_is_not_there_is_named_not_none(synth, tmp_path, capsys, command):
+    data_dir, _ = synth["textvqa"]
+    args = {"run": ["--benchmark", "textvqa", "--data", str(data_dir), "--out", str(tmp_path), "--no-progress"],
+            "tasks": ["--n", "1"]}[command]
+    for model, says in ((str(tmp_path / "missing"), "no such folder"), ("nobody/no-such-model-xyz", "nobody/no-such")):
+        rc = cli.main(["eval", command, *args, "--model", model, "--device", "cpu"])
+        err = capsys.readouterr().err
+        assert rc == 2 and says in err and "None" not in err, err
+        assert not (tmp_path / "run.json").exists()          # found before the folder is claimed for it
+
+
+def test_os_errors_without_a_file_name_print_their_message():
+    assert cli.os_error_message(FileNotFoundError(2, "No such file or directory", "x.jsonl")) == \
+        "No such file or directory: x.jsonl"
+    assert cli.os_error_message(FileNotFoundError("model 'm': no such folder")) == "model 'm': no such folder"
+    assert cli.os_error_message(OSError()) == "OSError"
 
 
 def test_cli_run_missing_data_is_clean(tmp_path, capsys):
@@ -199,8 +254,8 @@ def test_local_predictor_is_lazy_and_greedy(monkeypatch, synth):
     made = []
 
     class FakeLLM:
-        def __init__(self, model_dir=None, quantization=None):
-            made.append(model_dir)
+        def __init__(self, model_dir=None, quantization=None, device="auto", revision=None):
+            made.append((model_dir, device, revision))
 
         def chat(self, messages, params):
             assert (params.temperature, params.max_tokens) == (0.0, 16)
@@ -212,7 +267,7 @@ def test_local_predictor_is_lazy_and_greedy(monkeypatch, synth):
 
     monkeypatch.setattr(qwenvl, "LLM", FakeLLM, raising=False)
     monkeypatch.setattr(qwenvl, "SamplingParams", FakeParams, raising=False)
-    predict = predictors.local_predictor("ckpt", max_tokens=16)
+    predict = predictors.local_predictor("org/ckpt", max_tokens=16, device="cpu", revision="v1")
     assert made == []
     assert predict(_image_messages(synth)) == "ok" and predict(_image_messages(synth)) == "ok"
-    assert made == ["ckpt"]
+    assert made == [("org/ckpt", "cpu", "v1")]

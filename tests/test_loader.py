@@ -137,3 +137,27 @@ def test_canonical_key():
     assert canonical_key("model.embed_tokens.weight") == "model.language_model.embed_tokens.weight"
     assert canonical_key("model.language_model.norm.weight") == "model.language_model.norm.weight"
     assert canonical_key("lm_head.weight") == "lm_head.weight"
+
+
+def test_one_load_line_and_a_bar_over_the_shards(tiny_checkpoint, caplog, capsys):
+    import logging
+
+    from qwenvl.checkpoints.quantize import LoadQuantizer
+    from qwenvl.engine.llm_engine import EngineConfig, LLMEngine
+
+    path, single = tiny_checkpoint("qwen2_vl", sharded=True), tiny_checkpoint("qwen2_vl")
+    shards = len(set(json.loads((path / "model.safetensors.index.json").read_text())["weight_map"].values()))
+    assert shards > 1
+    capsys.readouterr()                                              # building them printed its own bars
+    caplog.set_level(logging.INFO, logger="qwenvl.load")
+    LLMEngine(path, dtype="float32", device="cpu", config=EngineConfig(num_kv_blocks=8))
+    assert [r.getMessage() for r in caplog.records] == [f"loading {path} (qwen2_vl, cpu, float32, not quantised)"]
+    err = capsys.readouterr().err
+    assert "shards: 100%" in err and f"{shards}/{shards}" in err
+    caplog.clear()
+    load_model(single, quantizer=LoadQuantizer("int8"), progress=True)
+    assert [r.getMessage() for r in caplog.records] == [f"loading {single} (qwen2_vl, cpu, float32, int8 at load)"]
+    assert "shards" not in capsys.readouterr().err                  # one file: no bar
+    caplog.clear()
+    load_model(path)                                                  # a library call: silent
+    assert not caplog.records and "shards" not in capsys.readouterr().err

@@ -174,6 +174,15 @@ def test_training_format_rows_parse_and_their_images_sit_in_examples():
                 assert path is None or (ROOT / "examples" / path).exists()
 
 
+def _printed(snippet: str) -> str:
+    """The output the README shows for a Python block: the ```text block after it ("It prints ...")."""
+    for block in re.finditer(r"^```python\n(.*?)^```\n", README, flags=re.S | re.M):
+        shown = re.match(r"\nIt prints[^\n]*\n\n```text\n(.*?)^```", README[block.end():], flags=re.S | re.M)
+        if block.group(1) == snippet and shown:
+            return shown.group(1)
+    raise AssertionError(f"the README shows no output for the block starting {snippet[:60]!r}")
+
+
 def test_the_python_api_example_runs_on_the_bundled_model(monkeypatch, capsys):
     monkeypatch.chdir(ROOT)
     scope: dict = {}
@@ -181,8 +190,32 @@ def test_the_python_api_example_runs_on_the_bundled_model(monkeypatch, capsys):
     box = scope["out"].boxes if "box_out" not in scope else scope["box_out"].boxes
     assert [b["label"] for b in box] == ["the white triangle"]
     assert len(scope["outs"]) == 3 and all(o.finish_reason for o in scope["outs"])
-    printed = capsys.readouterr().out
-    assert "'label': 'the red triangle'" in printed
+    assert capsys.readouterr().out == _printed(_snippets()[0])       # what the README says it prints
+
+
+@pytest.mark.slow
+def test_the_sdk_block_prints_what_the_readme_shows_against_the_server(monkeypatch, capsys):
+    """The openai and dashscope SDK block (a data: URL, then a local file the dashscope SDK uploads) against
+    the bundled model behind the server, started as the README's `qwenvl serve` line starts it."""
+    import asyncio
+
+    from test_server_fake_engine import run_server
+
+    from qwenvl.engine.async_engine import AsyncEngine
+    from qwenvl.engine.llm_engine import LLMEngine
+    from qwenvl.server.app import create_app
+    from qwenvl.server.settings import ServerSettings
+
+    monkeypatch.chdir(ROOT)
+    block = next(b for b in _snippets() if "from openai import OpenAI" in b)
+    engine = AsyncEngine(LLMEngine(None, device="cpu"), max_queue=4)
+    try:
+        with run_server(create_app(engine, ServerSettings(api_key="sk-local", served_model_name="qwenvl,qwen-vl"))) \
+                as url:
+            exec(compile(block.replace("http://127.0.0.1:8000", url), "README.md (HTTP APIs)", "exec"), {})
+    finally:
+        asyncio.run(engine.shutdown(grace_s=1))
+    assert capsys.readouterr().out == _printed(block.split("\n" + CONTINUES)[0])
 
 
 def _readme_command(prefix: list[str]) -> list[str]:
@@ -207,11 +240,21 @@ def _run(argv: list[str], tmp_path: Path) -> str:
     return buf.getvalue()
 
 
+def _shown_output(prefix: list[str]) -> str:
+    """What the README's comment says the command starting with `prefix` prints ("# prints: X" / "then X")."""
+    line = next(line for line, words in _commands()
+                if MARK not in line and (_qwenvl_argv(words) or [])[:len(prefix)] == prefix)
+    comment = line.split("  # ", 1)[1]
+    return comment.split("prints: ", 1)[1] if "prints: " in comment else comment.split(", then ", 1)[1]
+
+
 def test_readme_cli_examples_run(monkeypatch, tmp_path):
     monkeypatch.chdir(ROOT)
-    assert _run(_readme_command(["chat", "--image", "examples/shapes.png"]), tmp_path).strip() == "red"
+    chat = ["chat", "--image", "examples/shapes.png"]
+    assert _run(_readme_command(chat), tmp_path).strip() == _shown_output(chat) == "red"
     printed = _run(_readme_command(["ground"]), tmp_path)
     assert [b["label"] for b in json.loads(printed.splitlines()[-1])] == ["the white triangle"]
+    assert json.loads(printed.splitlines()[-1]) == json.loads(_shown_output(["ground"]))     # as the README shows
     assert (tmp_path / "examples" / "shapes-boxes.png").exists()
 
     table = _run(_readme_command(["eval", "score"]), tmp_path)

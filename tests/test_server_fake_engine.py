@@ -217,9 +217,12 @@ def test_sigterm_drains_in_flight_requests_and_exits_0():
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
+        before_ready = []
         for line in proc.stdout:
             if "READY" in line:
                 break
+            before_ready.append(line)
+        assert any(f"on http://127.0.0.1:{port}:" in ln and "Ctrl-C or SIGTERM stops it" in ln for ln in before_ready)
         url = f"http://127.0.0.1:{port}"
         with httpx.Client(timeout=20) as client:
             with client.stream("POST", url + "/v1/chat/completions", json=_chat(stream=True)) as r:
@@ -279,6 +282,24 @@ def test_serve_subcommand_flags(monkeypatch):
     assert s.max_body_bytes == 2 * 1024 * 1024 and s.allowed_local_media_path == "/tmp" and callable(args.func)
     assert s.fetch_total_timeout_s == 7 and s.metrics_public
     assert s.cors_origins == ("https://a.example", "https://b.example")
+    assert s.model is None
+    assert settings_from_args(parser.parse_args(["serve", "some/folder"])).model == "some/folder"    # as vllm serve
+    assert settings_from_args(parser.parse_args(["serve", "--model", "a", "a"])).model == "a"
+    with pytest.raises(SystemExit):
+        settings_from_args(parser.parse_args(["serve", "a", "--model", "b"]))
+
+
+def test_the_start_line_names_the_engine_where_and_how_to_stop():
+    from qwenvl.server.cli import start_line
+
+    state = create_app(FakeAsyncEngine(), ServerSettings(api_key="k", served_model_name="qwenvl,qwen-vl")).state.qwenvl
+    line = start_line(state, ServerSettings(port=8123, max_queue=9, drain_grace_s=30),
+                      {"kv_blocks_total": 512, "kv_block_size": 16}, {"quantization": "int8",
+                                                                      "tensor_parallel_size": 2}, ui=True)
+    assert line == ("serving qwenvl, qwen-vl (qwen2_vl, cpu, float32, int8 weights, 2 tensor-parallel workers, "
+                    "context 1000 tokens, KV cache 512 blocks of 16 tokens, queue 9) on http://127.0.0.1:8123: "
+                    "OpenAI http://127.0.0.1:8123/v1, DashScope http://127.0.0.1:8123/api/v1, web UI "
+                    "http://127.0.0.1:8123/; auth on. Ctrl-C or SIGTERM stops it (in-flight requests get 30 s)")
 
 
 THINKING = ("<think>", "Two red", " squares.\n", "</think>", "\n\nThere are", " two.")

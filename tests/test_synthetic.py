@@ -188,7 +188,7 @@ def test_speed():
     assert rate > 50, f"{rate:.0f} samples/s"   # ~750/s on one free core; loose for shared CI machines
 
 
-def test_scoring():
+def test_scoring(capsys):
     size = (400, 200)
     ans = grounding_answer("the red circle", (100, 50, 200, 150), size)
     assert ans.endswith("<|box_start|>(250,250),(500,750)<|box_end|>") and to_grid((0, 0, 400, 200), size) == (0, 0, 1000, 1000)
@@ -204,6 +204,8 @@ def test_scoring():
     samples = task_eval.heldout_set("count", "en", 4, seed=1)
     acc = task_eval.evaluate(lambda batch: [s.answer for s in batch], samples, batch_size=3)
     assert acc == {"all": 1.0, "count/en": 1.0}
+    assert task_eval.evaluate(lambda batch: [s.answer for s in batch], samples, batch_size=3, progress=True) == acc
+    assert "4/4" in capsys.readouterr().err                        # the progress bar went over every item
 
 
 def test_missing_fonts_message(monkeypatch, tmp_path):

@@ -215,6 +215,13 @@ def test_resume_continues_the_step_count(init_dir, tmp_path):
     assert second["steps"] == 7
     assert [h["step"] for h in second["history"]] == list(range(1, 8))
     assert torch.load(tmp_path / "train_state.pt", weights_only=False)["step"] == 7
+    summary = (tmp_path / "summary.json").read_text()
+    weights = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "final").iterdir()}
+    again = train(_config(init_dir, tmp_path, steps=7, save_every=2, eval_every=0, batch_size=4), log=logs.append)
+    assert re.search(r"has finished: step 7 of 7, its model is in .*final\. Nothing to train", logs[-1])
+    assert again["already_finished"] and again["steps"] == 7 and again["tokens"] == second["tokens"] > 0
+    assert (tmp_path / "summary.json").read_text() == summary             # the finished run's record is kept
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "final").iterdir()} == weights
 
 
 def test_cpu_run_with_data_workers_leaves_them_their_cores(init_dir, tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -29,6 +30,17 @@ from .quantize import LoadQuantizer, use_cpu_int8_layout
 from .safetensors_reader import SafetensorsReader
 
 _EXPERT_SUFFIXES = (".experts.gate_up_proj", ".experts.down_proj")
+
+log = logging.getLogger("qwenvl.load")
+
+
+def load_line(model_dir: Path, family: str, device, dtype, quantization: str | None, workers: int = 1) -> str:
+    """The one line a front end shows while a model loads: what, which family, where, in what form."""
+    dtype_name = str(dtype).replace("torch.", "")
+    parts = [family, str(device), dtype_name, quantization or "not quantised"]
+    if workers > 1:
+        parts.append(f"{workers} tensor-parallel workers")
+    return f"loading {model_dir} ({', '.join(parts)})"
 
 
 def weight_files(model_dir: Path) -> list[Path]:
@@ -52,13 +64,16 @@ def weight_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def checkpoint_tensors(model_dir: Path, expected, skip=lambda key: False):
+def checkpoint_tensors(model_dir: Path, expected, skip=lambda key: False, progress: bool = False):
     """(file, reader, raw key, our key) for every checkpoint tensor, strictly: a tensor the model does not
     have or one seen twice is a LoadError naming it, and after the last file one the model needs but no file
     held. `skip(key)` leaves a tensor out (a tied lm_head copy, another rank's tower). Freed heap pages go
-    back to the OS after each file."""
+    back to the OS after each file. `progress`: a bar over the shards on stderr, for checkpoints of several."""
     seen: set[str] = set()
-    for f in weight_files(model_dir):
+    files = weight_files(model_dir)
+    from tqdm import tqdm
+
+    for f in tqdm(files, desc="shards", unit="file", disable=not progress or len(files) < 2):
         with SafetensorsReader(f) as sf:
             for raw_key in sf.keys():
                 key = canonical_key(raw_key)
@@ -81,15 +96,15 @@ def checkpoint_tensors(model_dir: Path, expected, skip=lambda key: False):
 def read_state_dict(model_dir: Path, expected: dict[str, torch.Tensor], ignore: set[str],
                     dtype: torch.dtype, device: torch.device,
                     quantizer: LoadQuantizer | None = None,
-                    experts_in_out: bool = False, prequantized: PrequantizedWeights | None = None
-                    ) -> dict[str, torch.Tensor]:
+                    experts_in_out: bool = False, prequantized: PrequantizedWeights | None = None,
+                    progress: bool = False) -> dict[str, torch.Tensor]:
     """Read every tensor, check it against the expected names and shapes, cast floats to `dtype`; with a
     quantizer, each tensor is converted as soon as it is read (the float copy is dropped right away).
     `experts_in_out`: fused expert tensors are stored [E, in, out] (the Hub's MoE files); they are
     transposed to the model's [E, out, in] before the shape check. `prequantized` takes the packed layers'
     tensors as stored (no cast: int32 words, fp16 scales, fp8 weights) and hands back the model's tensors."""
     state: dict[str, torch.Tensor] = {}
-    for f, sf, raw_key, key in checkpoint_tensors(model_dir, expected, skip=ignore.__contains__):
+    for f, sf, raw_key, key in checkpoint_tensors(model_dir, expected, skip=ignore.__contains__, progress=progress):
         if quantizer is not None and quantizer.quantizes_experts(key) and \
                 (prequantized is None or not prequantized.claims(key)):
             state.update(_read_experts_quantized(sf, raw_key, key, tuple(expected[key].shape), dtype,
@@ -176,7 +191,7 @@ def _read_experts_quantized(sf: SafetensorsReader, raw_key: str, key: str, want:
 
 def load_model(model_dir: str | Path, dtype: torch.dtype | str = torch.float32,
                device: torch.device | str = "cpu", quantizer: LoadQuantizer | None = None,
-               fuse: bool = False) -> tuple[torch.nn.Module, ModelConfig]:
+               fuse: bool = False, progress: bool = False) -> tuple[torch.nn.Module, ModelConfig]:
     """Build the checkpoint's model on `device` in `dtype` and fill it from its safetensors; -> (model, cfg).
 
     With a `quantizer` (qwenvl/quantize.py) the linears it targets are quantised tensor by tensor while
@@ -184,13 +199,16 @@ def load_model(model_dir: str | Path, dtype: torch.dtype | str = torch.float32,
     A pre-quantised checkpoint (AWQ, GPTQ, FP8: qwenvl/prequantized.py) loads its packed layers into our
     quantised layers; a `quantizer` then applies only to the linears that are float after that.
     `fuse` stacks q/k/v and gate/up into one product each (qwenvl/layers/side_by_side.py): for inference
-    only, since adapters and tensor-parallel shards address the separate layers."""
+    only, since adapters and tensor-parallel shards address the separate layers.
+    `progress`: log the load line (qwenvl.load) and show a bar over the shards."""
     model_dir = Path(model_dir)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     device = torch.device(device)
     cfg = config_from_dir(model_dir)
     prequantized = prequantized_weights(model_dir, dtype)
+    if progress:
+        log.info("%s", load_line(model_dir, cfg.model_type, device, dtype, _quantization_label(quantizer, prequantized)))
     with torch.device("meta"):
         model = build_model(cfg)
     expected = model.state_dict()
@@ -204,7 +222,8 @@ def load_model(model_dir: str | Path, dtype: torch.dtype | str = torch.float32,
     # A tied checkpoint may still carry a copy of the embedding as lm_head; the model does not use it.
     ignore = {"lm_head.weight"} if cfg.text.tie_word_embeddings else set()
     state = read_state_dict(model_dir, expected, ignore, dtype, device, quantizer,
-                            experts_in_out=cfg.text.experts_stored_in_out, prequantized=prequantized)
+                            experts_in_out=cfg.text.experts_stored_in_out, prequantized=prequantized,
+                            progress=progress)
     if prequantized is not None:
         prequantized.install(model)
     model.load_state_dict(state, strict=True, assign=True)
@@ -219,3 +238,12 @@ def load_model(model_dir: str | Path, dtype: torch.dtype | str = torch.float32,
     use_cpu_int8_layout(model, after_each=release_freed_memory)
     use_bf16_decode_kernel(model)         # after fusing: the fused layers are built as nn.Linear
     return model.eval(), cfg
+
+
+def _quantization_label(quantizer: LoadQuantizer | None, prequantized: PrequantizedWeights | None) -> str | None:
+    labels = []
+    if prequantized is not None:
+        labels.append(f"{prequantized.spec.method.upper()} pre-quantised")
+    if quantizer is not None:
+        labels.append(f"{quantizer.mode} at load" + (" (vision too)" if quantizer.include_vision else ""))
+    return " + ".join(labels) or None

@@ -79,5 +79,8 @@ def _answer(llm, conversation: list, params, out, err) -> str | None:
     except ValueError as e:                    # a prompt the engine refuses (too long, a bad image, ...)
         print(f"error: {e}", file=err, flush=True)
         return None
-    print(shown.push(last.text, final=True) if last else "", file=out, flush=True)
+    tail = shown.push(last.text, final=True) if last else ""
+    print(tail, file=out, flush=True)
+    if not (last and last.text.strip()):       # an answer of nothing (or only spaces) would look like a hang
+        print("(empty answer)", file=err, flush=True)
     return last.text if last else ""

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
+
+from .media_args import check_media_args
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -62,6 +65,7 @@ def _expand_pdfs(images: list[str], pages: str | None, max_pixels: int) -> list:
 
 
 def _chat(args) -> int:
+    check_media_args(args.image or (), args.video or ())
     llm = _load(args)
     params = llm.sampling_params(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
                                  seed=args.seed)
@@ -86,6 +90,7 @@ def _chat(args) -> int:
 
 
 def _ground(args) -> int:
+    check_media_args([args.image], image_flag="image")
     llm = _load(args)
     out = llm.ground(args.image, args.description)
     print(out.text)
@@ -106,6 +111,7 @@ def _ocr(args) -> int:
             schema = json.loads(args.result_schema)
         except json.JSONDecodeError as e:
             raise ValueError(f"--result-schema: not JSON ({e})") from None
+    check_media_args([args.image], image_flag="image")
     result = _load(args).ocr(args.image, args.task, schema)
     if result.kv_result is not None:
         print(json.dumps(result.kv_result, ensure_ascii=False, indent=2))
@@ -117,11 +123,16 @@ def _ocr(args) -> int:
 
 
 def _train(args) -> int:
+    from ..checkpoints.hub import resolve_model
+    from ..engine.llm_engine import resolve_device
     from ..training.sft import TrainConfig, train
-    cfg = TrainConfig(model_dir=args.model, out_dir=args.out, data=args.data, steps=args.steps,
+    # the model found as `chat` and `serve` find it: a folder, or a Hub id from the cache or downloaded
+    model_dir = resolve_model(args.model, args.revision)
+    cfg = TrainConfig(model_dir=str(model_dir), out_dir=args.out, data=args.data, steps=args.steps,
                       batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, warmup=args.warmup,
                       lora_rank=args.lora_rank, eval_every=args.eval_every, save_every=args.save_every,
-                      seed=args.seed, device=args.device, workers=args.workers, max_minutes=args.max_minutes,
+                      seed=args.seed, device=str(resolve_device(args.device)), workers=args.workers,
+                      max_minutes=args.max_minutes,
                       from_scratch=args.from_scratch, tasks=args.tasks or [])
     summary = train(cfg)
     print(json.dumps({k: v for k, v in summary.items() if k != "history"}))
@@ -189,7 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_subcommand(sub)
 
     p = sub.add_parser("train", help="supervised fine-tuning (full or LoRA) with the inference model classes")
-    p.add_argument("--model", required=True, metavar="DIR", help="checkpoint folder to start from")
+    p.add_argument("--model", required=True, metavar="DIR|ORG/NAME",
+                   help="the checkpoint to start from: a folder or a Hugging Face Hub id, as for `qwenvl chat`")
+    p.add_argument("--revision", default=None, help="with a Hub id: branch, tag or commit (default: main)")
     p.add_argument("--out", required=True, metavar="DIR",
                    help="run folder (resumes when it holds train_state.pt; Ctrl-C saves it and stops)")
     p.add_argument("--data", default="synthetic", help="'synthetic' or a JSONL file of {\"messages\": [...]}, one per line; image paths are "
@@ -205,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=int, default=200, help="steps between held-out evaluations")
     p.add_argument("--save-every", type=int, default=500, help="steps between checkpoints")
     p.add_argument("--seed", type=int, default=0, help="seed for weights, data order and sampling")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu or cuda[:N]")
     p.add_argument("--workers", type=int, default=0, help="data worker processes")
     p.add_argument("--max-minutes", type=float, default=0, help="stop and save after this long (0 = no limit)")
     p.set_defaults(func=_train)
@@ -247,8 +260,22 @@ def _version() -> str:
         return "(not installed)"
 
 
+def _show_library_lines() -> None:
+    """The library's INFO lines (the model's load line, the compute dtype chosen) on stderr, as plain text.
+    Only when nothing else has set up logging; `serve` sets up its own, with times."""
+    logger = logging.getLogger("qwenvl")
+    if logger.handlers or logging.getLogger().handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command != "serve":
+        _show_library_lines()
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

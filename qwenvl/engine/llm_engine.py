@@ -16,7 +16,9 @@ from ..checkpoints import gguf
 from ..checkpoints.hub import resolve_model
 from ..inputs import PreprocessorConfig, PromptInputs, build_inputs
 from ..layers.paged_attention import PagedKVPool
-from ..checkpoints.loader import load_model
+from ..models.registry import config_from_dir
+from ..checkpoints.loader import load_line, load_model
+from ..checkpoints.loader import log as load_log
 from ..answers.outputs import RequestOutput, answer_boxes
 from ..checkpoints.quantize import LoadQuantizer, check_quantization
 from ..sampling_params import SamplingParams, checkpoint_sampling_defaults
@@ -147,11 +149,13 @@ class LLMEngine:
             if config.quantization else None
         if config.tensor_parallel_size > 1:
             from ..distributed.group import TensorParallelGroup
+            load_log.info("%s", load_line(self.model_dir, config_from_dir(self.model_dir).model_type, self.device,
+                                          self.dtype, config.quantization, config.tensor_parallel_size))
             self.tp = TensorParallelGroup(self.model_dir, self.dtype, self.device, config.tensor_parallel_size)
             self.model, self.cfg = self.tp.model, self.tp.cfg
         else:
             self.model, self.cfg = load_model(self.model_dir, dtype=self.dtype, device=self.device, quantizer=quantizer,
-                                              fuse=True)
+                                              fuse=True, progress=True)
             if huge_pages.requested() and self.device.type == "cpu":
                 huge_pages.collapse_resident_memory()       # the weights, before the KV pool joins them
         self.tokenizer = Tokenizer.from_dir(self.model_dir)
@@ -166,6 +170,7 @@ class LLMEngine:
         self.model_dir = pair.folder                 # generation_config.json / grounding prompt, if placed beside
         self.model_name = pair.name
         c = self.config
+        load_log.info("%s", load_line(Path(model), "GGUF", self.device, self.dtype, c.quantization))
         self.model, self.cfg, vocabulary = gguf.load_gguf_model(
             pair, self.dtype, self.device, c.quantization, c.quant_group_size, c.quantize_vision, fuse=True)
         if huge_pages.requested() and self.device.type == "cpu":

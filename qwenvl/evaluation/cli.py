@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from .datasets import NAMES, DatasetError
+from .datasets import load as load_benchmark
 from .records import RecordError
 
 
@@ -32,19 +33,72 @@ def _predictor(args):
         key = args.api_key or os.environ.get("DASHSCOPE_API_KEY" if args.api == "dashscope" else "OPENAI_API_KEY")
         make = predictors.dashscope_predictor if args.api == "dashscope" else predictors.openai_predictor
         return make(args.endpoint, args.model_name, key, max_tokens=args.max_tokens)
-    return predictors.local_predictor(args.model, max_tokens=args.max_tokens, quantization=args.quantization)
+    return predictors.local_predictor(args.model, max_tokens=args.max_tokens, quantization=args.quantization,
+                                      device=args.device, revision=args.revision)
+
+
+RUN_FILE = "run.json"        # which model a folder's predictions are from: one folder, one model
+
+
+def _run_identity(args) -> dict:
+    if args.endpoint:
+        return {"endpoint": args.endpoint, "api": args.api, "model_name": args.model_name}
+    return {"model": args.model or "bundled", "revision": args.revision, "quantization": args.quantization}
+
+
+def _claim_folder(out_dir: Path, identity: dict) -> None:
+    """Refuse to mix two models' predictions in one folder (its report would merge them into one row)."""
+    path = out_dir / RUN_FILE
+    if path.exists():
+        try:
+            recorded = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise DatasetError(f"{path} is not JSON; move it aside (it names the model of this folder's "
+                               "predictions)") from None
+        if recorded != identity:
+            raise DatasetError(f"{out_dir} holds the predictions of {_describe(recorded)}, and this run is "
+                               f"{_describe(identity)}; give each model its own --out folder (or remove "
+                               f"{out_dir} to start over)")
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    earlier = [n for n in NAMES if (out_dir / f"{n}.jsonl").exists()]
+    if earlier:
+        print(f"note: {out_dir} holds predictions ({', '.join(earlier)}) that do not say which model made them; "
+              f"they are taken as {_describe(identity)}'s", file=sys.stderr)
+    path.write_text(json.dumps(identity, indent=1) + "\n", encoding="utf-8")
+
+
+def _describe(identity: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in identity.items() if v is not None) or "an unknown model"
+
+
+def _say_resume(samples: list, path: Path) -> None:
+    from .runner import count_answered
+
+    answered = count_answered(samples, path)
+    if answered:
+        left = len(samples) - answered
+        print(f"resuming {path}: {answered} of {len(samples)} questions already answered, " +
+              (f"{left} to go" if left else "none left to answer; scoring only"), file=sys.stderr)
 
 
 def _run(args) -> int:
     from .report import to_markdown, write_report
-    from .runner import run_benchmark
+    from .runner import run_samples
     from .score import score_file
 
     if args.endpoint and args.model:
         raise DatasetError("give either --model DIR (local) or --endpoint URL (remote), not both")
     out_dir = Path(args.out)
-    path = run_benchmark(args.benchmark, args.data, _predictor(args), out_dir, concurrency=args.concurrency,
-                         limit=args.limit, progress=not args.no_progress)
+    samples = load_benchmark(args.benchmark, str(args.data))[:args.limit]     # a wrong data folder is named first
+    if args.model and not args.endpoint and not Path(args.model).is_file():   # then a missing model (a Hub id
+        # downloads now, as for chat; a GGUF file is opened by the engine)
+        from ..checkpoints.hub import resolve_model
+        resolve_model(args.model, args.revision)
+    _claim_folder(out_dir, _run_identity(args))
+    path = out_dir / f"{args.benchmark}.jsonl"
+    _say_resume(samples, path)
+    run_samples(samples, _predictor(args), path, concurrency=args.concurrency, progress=not args.no_progress)
     summary = {}
     for name in NAMES:  # the report covers every benchmark run into this folder
         f = out_dir / f"{name}.jsonl"
@@ -80,9 +134,10 @@ def _tasks(args) -> int:
         unknown = [v for v in given or () if v not in known]
         if unknown:
             raise DatasetError(f"{flag} {unknown[0]!r} is not one of {', '.join(known)}")
-    llm = LLM(args.model, quantization=args.quantization, mmproj=getattr(args, "mmproj", None))
+    llm = LLM(args.model, quantization=args.quantization, mmproj=getattr(args, "mmproj", None), device=args.device,
+              revision=args.revision)
     started = time.time()
-    scores = evaluate_model(llm, args.n, args.task or TASKS, args.lang or LANGS)
+    scores = evaluate_model(llm, args.n, args.task or TASKS, args.lang or LANGS, progress=not args.no_progress)
     print(scores_table(scores))
     print(f"{args.n} held-out items per task and language, {time.time() - started:.0f} s")
     if args.out:
@@ -90,6 +145,11 @@ def _tasks(args) -> int:
                   "scores": {k: round(v, 4) for k, v in scores.items()}}
         Path(args.out).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
     return 0
+
+
+def _local_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--revision", default=None, help="with a Hub id: branch, tag or commit (default: main)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu or cuda[:N]")
 
 
 def add_eval_subcommand(subparsers) -> None:
@@ -108,7 +168,9 @@ def add_eval_subcommand(subparsers) -> None:
     rn = sub.add_parser("run", help="run a benchmark from its official files and report")
     rn.add_argument("--benchmark", required=True, choices=NAMES, help="which benchmark")
     rn.add_argument("--data", required=True, metavar="DIR", help="folder with the official release files")
-    rn.add_argument("--model", metavar="DIR", help="local checkpoint folder (default: the bundled model)")
+    rn.add_argument("--model", metavar="DIR|ORG/NAME", help="a checkpoint folder or Hugging Face Hub id, as for "
+                    "`qwenvl chat` (default: the bundled model)")
+    _local_model_args(rn)
     rn.add_argument("--quantization", choices=("int8", "int4"), help="weight-only quantisation of the language model at load (default: none, the checkpoint dtype)")
     rn.add_argument("--endpoint", metavar="URL", help="remote server base URL (dashscope: with or without /api/v1)")
     rn.add_argument("--api", choices=("openai", "dashscope"), default="openai", help="the endpoint's API")
@@ -130,14 +192,17 @@ def add_eval_subcommand(subparsers) -> None:
     # --task/--lang are checked in _tasks: importing the synthetic generator here would slow every command.
     tk = sub.add_parser("tasks", help="accuracy on held-out synthetic items of the bundled model's tasks "
                                       "(words never seen in training)")
-    tk.add_argument("--model", metavar="DIR", help="local checkpoint folder (default: the bundled model)")
+    tk.add_argument("--model", metavar="DIR|ORG/NAME", help="a checkpoint folder or Hugging Face Hub id, as for "
+                    "`qwenvl chat` (default: the bundled model)")
     tk.add_argument("--mmproj", metavar="FILE.gguf", help="with a GGUF --model: its vision projector GGUF")
+    _local_model_args(tk)
     tk.add_argument("--quantization", choices=("int8", "int4"), help="weight-only quantisation of the language model at load (default: none, the checkpoint dtype)")
     tk.add_argument("--n", type=int, default=200, help="items per task and language (default 200)")
     tk.add_argument("--task", action="append", help="only this task: count, color, ground, read, chart or table "
                                                     "(repeatable)")
     tk.add_argument("--lang", action="append", help="only this language: en or zh (repeatable)")
     tk.add_argument("--out", metavar="FILE.json", help="also write the scores here")
+    tk.add_argument("--no-progress", action="store_true", help="no progress bar")
     tk.set_defaults(eval_func=_tasks, func=run_eval)
 
 
@@ -147,10 +212,10 @@ def run_eval(args) -> int:
         return args.eval_func(args)
     except (RecordError, DatasetError) as e:
         print(f"error: {e}", file=sys.stderr)
-    except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
-        print(f"error: {e.strerror}: {e.filename}", file=sys.stderr)
     except UnicodeDecodeError as e:
         print(f"error: the input is not UTF-8 text ({e.reason})", file=sys.stderr)
+    except (OSError, ValueError) as e:      # a model that is not found or does not load says why, as for `chat`
+        print(f"error: {os_error_message(e)}", file=sys.stderr)
     except RuntimeError as e:  # the DashScope predictor's answer errors
         print(f"error: {e}", file=sys.stderr)
     except Exception as e:  # connection / API errors of the openai SDK and httpx: no traceback
@@ -162,6 +227,13 @@ def run_eval(args) -> int:
         print("interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
     return 2
+
+
+def os_error_message(e: Exception) -> str:
+    """`strerror: filename` for an OSError that has both (open() failing), else its own message, never 'None'."""
+    if isinstance(e, OSError) and e.strerror and e.filename:
+        return f"{e.strerror}: {e.filename}"
+    return str(e) or type(e).__name__
 
 
 def main(argv=None) -> int:

@@ -10,8 +10,10 @@ from urllib.parse import unquote, urlparse
 DASHSCOPE_ROUTE = "/api/v1/services/aigc/multimodal-generation/generation"
 
 
-def local_predictor(model_dir: str | None = None, max_tokens: int = 512, quantization: str | None = None):
-    """Runs qwenvl's own engine; the model is loaded on first use. Calls are serialised (one engine)."""
+def local_predictor(model_dir: str | None = None, max_tokens: int = 512, quantization: str | None = None,
+                    device: str = "auto", revision: str | None = None):
+    """Runs qwenvl's own engine (`model_dir`: a folder or a Hub id, as `qwenvl chat --model`); the model is loaded
+    on first use. Calls are serialised (one engine)."""
     state = {}
     lock = threading.Lock()
 
@@ -19,7 +21,7 @@ def local_predictor(model_dir: str | None = None, max_tokens: int = 512, quantiz
         with lock:
             if "llm" not in state:
                 from qwenvl import LLM, SamplingParams
-                state["llm"] = LLM(model_dir, quantization=quantization)
+                state["llm"] = LLM(model_dir, quantization=quantization, device=device, revision=revision)
                 state["params"] = SamplingParams(temperature=0.0, max_tokens=max_tokens)
             return state["llm"].chat(messages, state["params"]).text
 

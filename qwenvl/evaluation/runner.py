@@ -41,6 +41,12 @@ def read_done(path: Path) -> set:
     return done
 
 
+def count_answered(samples: list[Sample], out_path) -> int:
+    """How many of `samples` already have a record in `out_path` (what a rerun resumes from)."""
+    done = read_done(Path(out_path))
+    return sum(1 for s in samples if _key(s.id) in done)
+
+
 def run_samples(samples: list[Sample], predict: Predict, out_path, *, concurrency: int = 1,
                 limit: Optional[int] = None, progress: bool = True) -> dict:
     """Answers every sample not yet in `out_path` (JSONL). Returns {"done", "new", "total"}."""

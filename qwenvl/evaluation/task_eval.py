@@ -108,10 +108,15 @@ def heldout_set(task: str, lang: str, n: int, seed: int = 0) -> list[Sample]:
 
 
 def evaluate(predict: Callable[[list[Sample]], list[str]], samples: Iterable[Sample],
-             batch_size: int = 32) -> dict[str, float]:
-    """Accuracy per "task/lang" and overall ("all"), calling `predict` on batches of samples."""
+             batch_size: int = 32, progress: bool = False) -> dict[str, float]:
+    """Accuracy per "task/lang" and overall ("all"), calling `predict` on batches of samples; `progress`: a
+    progress bar on stderr, advanced as each batch is scored."""
+    from tqdm import tqdm
+
     hits: dict[str, list[float]] = defaultdict(list)
     batch: list[Sample] = []
+    bar = tqdm(total=len(samples) if isinstance(samples, list) else None, disable=not progress, unit="item",
+               desc="tasks")
 
     def flush() -> None:
         preds = predict(batch)
@@ -119,6 +124,7 @@ def evaluate(predict: Callable[[list[Sample]], list[str]], samples: Iterable[Sam
             r = score_sample(s, p)
             hits[f"{s.task}/{s.lang}"].append(r)
             hits["all"].append(r)
+        bar.update(len(batch))
         batch.clear()
 
     for s in samples:
@@ -127,11 +133,12 @@ def evaluate(predict: Callable[[list[Sample]], list[str]], samples: Iterable[Sam
             flush()
     if batch:
         flush()
+    bar.close()
     return {k: sum(v) / len(v) for k, v in sorted(hits.items())}
 
 
 def evaluate_model(llm, n: int, tasks: Iterable[str] = TASKS, langs: Iterable[str] = LANGS,
-                   batch_size: int = 32) -> dict[str, float]:
+                   batch_size: int = 32, progress: bool = False) -> dict[str, float]:
     """Greedy single-turn answers of an `LLM` on `n` held-out items per task and language, scored."""
     from qwenvl.sampling_params import SamplingParams
     from qwenvl.synthetic import messages
@@ -141,7 +148,7 @@ def evaluate_model(llm, n: int, tasks: Iterable[str] = TASKS, langs: Iterable[st
         return [o.text for o in llm.generate([messages(s)[:1] for s in samples], greedy)]
 
     samples = [s for task in tasks for lang in langs for s in heldout_set(task, lang, n)]
-    return evaluate(predict, samples, batch_size=batch_size)
+    return evaluate(predict, samples, batch_size=batch_size, progress=progress)
 
 
 def scores_table(scores: dict[str, float]) -> str:

@@ -23,7 +23,7 @@ from starlette.requests import ClientDisconnect
 
 from ..engine.errors import EngineStopped
 from ..inputs.admission import AdmissionPolicy
-from . import dashscope_routes, openai_routes
+from . import dashscope_routes, openai_routes, upload_routes
 from .auth import check_api_key
 from .errors import APIError, error_response, is_dashscope_path, new_request_id
 from .generation import ServerState
@@ -31,17 +31,19 @@ from .media import MediaFetcher, MediaPolicy
 from .metrics import Metrics
 from .openapi import openapi_document
 from .settings import ServerSettings
+from .uploads import UploadLimits, UploadStore
 
 log = logging.getLogger("qwenvl.server")
 
 OPENAI_CHAT = "/v1/chat/completions"
 COMPAT_CHAT = "/compatible-mode/v1/chat/completions"
 DASHSCOPE_GEN = "/api/v1/services/aigc/multimodal-generation/generation"
+UPLOADS = "/api/v1/uploads"      # the dashscope SDK's getPolicy (GET) and form upload (POST) of a local file
 API_PREFIXES = ("/v1/", "/api/", "/compatible-mode/")
 CLIENT_CLOSED = 499     # nginx's "client closed request": what the metrics count for a hang-up
 # every API route and its methods: the gate answers a wrong path or method itself, in the family's shape,
 # so a UI mounted at "/" never answers for the API prefixes
-ROUTES = {OPENAI_CHAT: ("POST",), COMPAT_CHAT: ("POST",), DASHSCOPE_GEN: ("POST",),
+ROUTES = {OPENAI_CHAT: ("POST",), COMPAT_CHAT: ("POST",), DASHSCOPE_GEN: ("POST",), UPLOADS: ("GET", "POST"),
           "/v1/models": ("GET", "HEAD"), "/compatible-mode/v1/models": ("GET", "HEAD"),
           "/v1/models/{model}": ("GET", "HEAD"), "/compatible-mode/v1/models/{model}": ("GET", "HEAD")}
 MODEL_PREFIXES = ("/v1/models/", "/compatible-mode/v1/models/")     # the openai SDK's models.retrieve(id)
@@ -56,6 +58,7 @@ def create_app(async_engine, settings: ServerSettings | None = None,
     async def lifespan(app):
         yield
         await state.fetcher.aclose()
+        state.uploads.close()
 
     app = FastAPI(title="qwenvl", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.qwenvl = state
@@ -87,7 +90,10 @@ def _server_state(async_engine, settings: ServerSettings) -> ServerState:
                                max_image_bytes=settings.max_image_bytes, max_image_pixels=settings.max_image_pixels,
                                max_video_bytes=settings.max_video_bytes,
                                pixel_factor=info.pixel_factor, default_max_pixels=info.default_max_pixels),
-        api_key=settings.resolved_api_key(), api_prefixes=API_PREFIXES)
+        api_key=settings.resolved_api_key(), api_prefixes=API_PREFIXES,
+        uploads=UploadStore(settings.upload_dir, UploadLimits(
+            ttl_s=settings.upload_ttl_s, store_bytes=int(settings.upload_store_mb * 2 ** 20),
+            file_bytes=max(settings.max_image_bytes, settings.max_video_bytes), concurrent=settings.upload_concurrency)))
     state.metrics = Metrics(async_engine.stats, lambda: state.inflight)    # reads the live count at scrape time
     return state
 
@@ -143,6 +149,8 @@ def _add_api_routes(app: FastAPI) -> None:
     for prefix in MODEL_PREFIXES:                 # a Hub id holds a slash: the rest of the path is the id
         app.add_api_route(prefix + "{model:path}", _guarded(openai_routes.retrieve_model), methods=["GET", "HEAD"])
     app.add_api_route(DASHSCOPE_GEN, _guarded(dashscope_routes.generation), methods=["POST"])
+    app.add_api_route(UPLOADS, _guarded(upload_routes.get_policy), methods=["GET"])
+    app.add_api_route(UPLOADS, _guarded(upload_routes.upload), methods=["POST"])
 
 
 def _add_service_routes(app: FastAPI, state: ServerState) -> None:
@@ -150,7 +158,7 @@ def _add_service_routes(app: FastAPI, state: ServerState) -> None:
     for the key itself (unless metrics_public)."""
     document = openapi_document("qwenvl", "1", {
         "openai_chat": OPENAI_CHAT, "compat_chat": COMPAT_CHAT, "dashscope": DASHSCOPE_GEN,
-        "models": "/v1/models", "compat_models": "/compatible-mode/v1/models"})
+        "models": "/v1/models", "compat_models": "/compatible-mode/v1/models", "uploads": UPLOADS})
 
     @app.api_route("/openapi.json", include_in_schema=False, methods=["GET", "HEAD"])
     async def openapi_json():
@@ -231,7 +239,8 @@ class _Gate:
                              headers={"Retry-After": "5"})
         else:
             try:
-                check_api_key(headers, state.api_key)
+                if not (path == UPLOADS and scope["method"] == "POST"):   # a form upload's credential is
+                    check_api_key(headers, state.api_key)                 # its signed policy (uploads.py)
             except APIError as e:
                 error = e
             else:

@@ -27,6 +27,8 @@ def add_serve_subcommand(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("serve", help="serve the OpenAI- and DashScope-compatible HTTP APIs",
                               description="Serve one model over HTTP: OpenAI /v1/chat/completions, DashScope "
                               "multimodal-generation, /health, /metrics and the web UI at /.")
+    p.add_argument("model_arg", nargs="?", default=None, metavar="MODEL",
+                   help="checkpoint folder or Hugging Face Hub id, as `vllm serve MODEL` (the same as --model)")
     p.add_argument("--model", default=None, help="checkpoint folder or Hugging Face Hub id (default: the bundled "
                    "model); requests that leave out temperature/top_p/top_k/repetition_penalty get its "
                    "generation_config.json values")
@@ -54,6 +56,7 @@ def add_serve_subcommand(subparsers) -> argparse.ArgumentParser:
                    help="seconds in-flight requests get on SIGTERM (default 30; 20 with --replicas, whose Ray "
                         "shutdown takes up to 10 more)")
     _add_structured_output_limits(p)
+    _add_upload_args(p)
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bfloat16, or float32 "
                                                  "on a CPU without fast bfloat16 products)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU) | cpu | cuda | cuda:N")
@@ -79,6 +82,16 @@ def add_serve_subcommand(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def _add_upload_args(p) -> None:
+    u = p.add_argument_group("the dashscope SDK's uploads of local files (GET/POST /api/v1/uploads, oss:// URLs)")
+    u.add_argument("--upload-dir", default=None,
+                   help="where the uploads are kept (default: a temporary folder, removed at exit)")
+    u.add_argument("--upload-ttl", type=float, default=3600.0,
+                   help="seconds an upload policy and an uploaded file stay valid (default: 3600)")
+    u.add_argument("--upload-store-mb", type=float, default=1024.0,
+                   help="MB all uploads may take on disk together; the oldest go first (default: 1024)")
+
+
 def _add_structured_output_limits(p) -> None:
     s = p.add_argument_group("structured output limits (response_format json_schema, forced tool calls, OCR "
                              "key-information schemas; past one a request gets 400, past the deadline 503)")
@@ -98,7 +111,7 @@ def _add_structured_output_limits(p) -> None:
 
 def settings_from_args(args) -> ServerSettings:
     return ServerSettings(
-        model=args.model, revision=args.revision, host=args.host, port=args.port,
+        model=model_from_args(args), revision=args.revision, host=args.host, port=args.port,
         api_key=args.api_key or os.environ.get("QWENVL_API_KEY") or None,
         served_model_name=args.served_model_name, dtype=args.dtype, device=args.device,
         allowed_local_media_path=args.allowed_local_media_path, allow_private_urls=args.allow_private_urls,
@@ -107,7 +120,17 @@ def settings_from_args(args) -> ServerSettings:
         fetch_total_timeout_s=args.fetch_total_timeout, cors_origins=_comma_list(args.cors_origins),
         metrics_public=args.metrics_public, max_schema_bytes=args.max_schema_bytes,
         max_schema_properties=args.max_schema_properties, max_schema_depth=args.max_schema_depth,
-        grammar_compile_timeout_s=args.grammar_compile_timeout, health_stall_s=args.health_stall_timeout)
+        grammar_compile_timeout_s=args.grammar_compile_timeout, health_stall_s=args.health_stall_timeout,
+        upload_dir=args.upload_dir, upload_ttl_s=args.upload_ttl, upload_store_mb=args.upload_store_mb)
+
+
+def model_from_args(args) -> str | None:
+    """MODEL or --model (one of them; both only when they agree)."""
+    positional = getattr(args, "model_arg", None)
+    if positional and args.model and positional != args.model:
+        print(f"error: two models given, {positional!r} and --model {args.model!r}; give one", file=sys.stderr)
+        raise SystemExit(2)
+    return positional or args.model
 
 
 def _drain_grace(args) -> float:
@@ -170,8 +193,7 @@ def serve(settings: ServerSettings, engine_options: dict | None = None, async_en
     config = uvicorn.Config(AccessLog(app), host=settings.host, port=settings.port, log_level="info",
                             timeout_graceful_shutdown=5, access_log=False)
     server = _DrainingServer(config, state, settings.drain_grace_s, ready)
-    log.info("serving %s on http://%s:%d (auth %s)", state.model_name, settings.host, settings.port,
-             "on" if state.api_key else "off")
+    log.info("%s", start_line(state, settings, _stats(async_engine), engine_options or {}, bool(mount_ui)))
     throughput = ThroughputLog(counter, async_engine.stats).start()
     try:
         server.run(sockets=[sock])
@@ -196,6 +218,34 @@ def _exit_if_compiling(async_engine) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
+
+
+def start_line(state, settings: ServerSettings, stats: dict, engine_options: dict, ui: bool) -> str:
+    """What is served, with which engine settings, where, and how to stop it: the line a user reads first."""
+    info = state.info
+    engine = [info.family, info.device, info.dtype] if info is not None else []
+    if engine_options.get("quantization"):
+        engine.append(f"{engine_options['quantization']} weights")
+    if engine_options.get("tensor_parallel_size", 1) > 1:
+        engine.append(f"{engine_options['tensor_parallel_size']} tensor-parallel workers")
+    if state.max_model_len:
+        engine.append(f"context {state.max_model_len} tokens")
+    if stats.get("kv_blocks_total"):
+        engine.append(f"KV cache {stats['kv_blocks_total']} blocks of {stats.get('kv_block_size', '?')} tokens")
+    engine.append(f"queue {settings.max_queue}")
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    url = f"http://{host}:{settings.port}"
+    names = ", ".join(state.model_names)
+    routes = f"OpenAI {url}/v1, DashScope {url}/api/v1" + (f", web UI {url}/" if ui else "")
+    return (f"serving {names} ({', '.join(engine)}) on {url}: {routes}; auth {'on' if state.api_key else 'off'}. "
+            f"Ctrl-C or SIGTERM stops it (in-flight requests get {settings.drain_grace_s:.0f} s)")
+
+
+def _stats(async_engine) -> dict:
+    try:
+        return async_engine.stats()
+    except Exception:  # noqa: BLE001 - a replica that does not answer yet: the line goes without the KV figures
+        return {}
 
 
 def bind_socket(host: str, port: int) -> socket.socket:

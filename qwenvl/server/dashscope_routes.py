@@ -19,6 +19,7 @@ from ..answers.ocr import OcrTaskError, apply_to_messages, ocr_request, postproc
 from .errors import APIError, bad_request, dashscope_body
 from .limits import read_json_body
 from .schemas import parse_dashscope
+from .uploads import reader_for
 
 
 def _usage(outs: list) -> dict:
@@ -114,7 +115,7 @@ async def generation(request: Request):
     if req.ocr_task is not None:
         req = await asyncio.to_thread(_with_ocr_task, req, state.info.family if state.info else "qwen2_vl",
                                       state.settings.schema_limits)
-    prompt, params = await gen.prepare(state, req, where="input.")
+    prompt, params = await gen.prepare(state, req, where="input.", uploads=reader_for(state.uploads, request.headers))
     choices = Choices(state, rid, req.n)
     await choices.start(prompt, params, request)
     tokenizer = state.info.tokenizer if state.info else None

@@ -45,6 +45,7 @@ class ServerState:
     policy: AdmissionPolicy = field(default_factory=AdmissionPolicy)   # media limits, shared with the web demo
     api_key: str | None = None
     api_prefixes: tuple[str, ...] = ()     # the API's path prefixes, for a UI mounted beside it
+    uploads: object | None = None          # the UploadStore of the dashscope SDK's local files (uploads.py)
     draining: bool = False
     inflight: int = 0
     started: float = field(default_factory=time.time)
@@ -74,16 +75,17 @@ def is_queue_full(exc: BaseException) -> bool:
     return isinstance(exc, EngineFull)
 
 
-async def prepare(state: ServerState, req: ChatRequest, where: str = ""):
+async def prepare(state: ServerState, req: ChatRequest, where: str = "", uploads=None):
     """Admit the messages (the policy's limits) and the output's schema (its size limits), fetch the media,
-    build the prompt, size max_tokens; return (prompt, params)."""
+    build the prompt, size max_tokens; return (prompt, params). `uploads` reads the request's `oss://` URLs
+    (server/uploads.py), when it may."""
     check_structured(state, req.params.structured)
     try:
         admitted = admit(req.messages, state.policy, req.high_resolution, where)
     except InputError as e:
         raise bad_request(str(e) if str(e).startswith(where) else f"{where}{e}") from None
     # Coroutines are made only here, together: every check above has passed.
-    results = await asyncio.gather(*(_fetch(state.fetcher, ref) for ref in admitted.media), return_exceptions=True)
+    results = await asyncio.gather(*(_fetch(state.fetcher, ref, uploads) for ref in admitted.media), return_exceptions=True)
     for r in results:
         if isinstance(r, BaseException):
             raise r
@@ -123,14 +125,14 @@ def structured_error(e: BaseException, params) -> APIError | None:
     return None
 
 
-def _fetch(fetcher: MediaFetcher, ref: MediaRef):
+def _fetch(fetcher: MediaFetcher, ref: MediaRef, uploads):
     """A video file's bytes (inputs/video.py samples them), a PDF's bytes, or an image's / a frame's checked
     bytes."""
     if ref.kind == "video_file":
-        return fetcher.load_video(ref.source, ref.where)
+        return fetcher.load_video(ref.source, ref.where, uploads)
     if ref.kind == "document":
-        return fetcher.load_document(ref.source, ref.where)
-    return fetcher.load(ref.source, ref.where)
+        return fetcher.load_document(ref.source, ref.where, uploads)
+    return fetcher.load(ref.source, ref.where, uploads)
 
 
 def _render_documents(conv, policy: AdmissionPolicy):

@@ -66,8 +66,9 @@ class MediaFetcher:
     async def aclose(self) -> None:
         await self._client.aclose()
 
-    async def load(self, source, where: str) -> bytes:
-        """Image source as sent by a client -> checked image bytes; raises APIError(400) naming `where`."""
+    async def load(self, source, where: str, uploads=None) -> bytes:
+        """Image source as sent by a client -> checked image bytes; raises APIError(400) naming `where`.
+        `uploads` (server/uploads.py's UploadReader) reads `oss://` URLs, for requests that opt in to them."""
         if not isinstance(source, str):
             raise bad_request(f"{where}: an image must be a URL string (data:, http(s)://, file://), got "
                               f"{type(source).__name__}", where)
@@ -79,6 +80,8 @@ class MediaFetcher:
             data = await self.fetch(src, where)
         elif scheme == "file":
             data = self.read_local(src, where)
+        elif scheme == "oss":
+            data = await _read_upload(uploads, src, where, "image", self.policy.max_bytes)
         elif scheme:
             raise bad_request(f"{where}: unsupported URL scheme {scheme!r}; use data:, http(s):// or file://", where)
         else:
@@ -87,19 +90,19 @@ class MediaFetcher:
         check_header(data, where, self.policy.max_pixels)
         return data
 
-    async def load_video(self, source, where: str) -> bytes:
-        """Video file source (data:video/..., http(s)://, file://) -> its bytes, under max_video_bytes."""
-        return await self._load_file(source, where, "video", "data:video/... URL")
+    async def load_video(self, source, where: str, uploads=None) -> bytes:
+        """Video file source (data:video/..., http(s)://, file://, oss://) -> its bytes, under max_video_bytes."""
+        return await self._load_file(source, where, "video", "data:video/... URL", uploads)
 
-    async def load_document(self, source, where: str) -> bytes:
-        """PDF source (data:application/pdf, http(s)://, file://) -> its bytes, under max_video_bytes (the cap
-        of every file that is not an image)."""
-        data = await self._load_file(source, where, "application", "data:application/pdf URL")
+    async def load_document(self, source, where: str, uploads=None) -> bytes:
+        """PDF source (data:application/pdf, http(s)://, file://, oss://) -> its bytes, under max_video_bytes
+        (the cap of every file that is not an image)."""
+        data = await self._load_file(source, where, "application", "data:application/pdf URL", uploads)
         if not is_pdf(data):
             raise bad_request(f"{where}: not a PDF (no %PDF- header)", where)
         return data
 
-    async def _load_file(self, source, where: str, data_kind: str, data_example: str) -> bytes:
+    async def _load_file(self, source, where: str, data_kind: str, data_example: str, uploads) -> bytes:
         if not isinstance(source, str):
             raise bad_request(f"{where}: must be a URL string (data:, http(s)://, file://), got "
                               f"{type(source).__name__}", where)
@@ -112,6 +115,8 @@ class MediaFetcher:
             return await self.fetch(src, where, cap)
         if scheme == "file":
             return self.read_local(src, where, cap)
+        if scheme == "oss":
+            return await _read_upload(uploads, src, where, "video" if data_kind == "video" else "pdf", cap)
         if scheme:
             raise bad_request(f"{where}: unsupported URL scheme {scheme!r}; use data:, http(s):// or file://", where)
         raise bad_request(f"{where}: {describe(src)!r} is not a URL; send a {data_example}, an http(s):// URL, "
@@ -220,6 +225,15 @@ class MediaFetcher:
             raise APIError(400, f"{where}: host {host!r} resolves to a {reason} address ({a}); {why}",
                            param=where, code="forbidden_url")
         return addresses[0]
+
+
+async def _read_upload(uploads, url: str, where: str, want: str, cap: int) -> bytes:
+    """An `oss://` URL: a file the dashscope SDK uploaded to this server (server/uploads.py)."""
+    if uploads is None:
+        raise bad_request(f"{where}: oss:// URLs are read only for requests with the header "
+                          "'X-DashScope-OssResourceResolve: enable' (the dashscope SDK sends it with the files it "
+                          "uploaded to this server)", where)
+    return await uploads.read(url, where, want, cap)
 
 
 async def _resolve(host: str, port: int) -> list[str]:

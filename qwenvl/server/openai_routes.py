@@ -18,6 +18,7 @@ from .choices import Choices, usage_totals
 from .errors import APIError, openai_body
 from .limits import read_json_body
 from .schemas import ChatRequest, parse_openai
+from .uploads import reader_for
 
 
 def _usage(outs: list) -> dict:
@@ -83,7 +84,9 @@ async def chat_completions(request: Request):
     req = await asyncio.to_thread(parse_openai, body, state.info.generation_defaults if state.info else None,
                                   state.settings.schema_limits)
     gen.check_model(state, req.model)
-    prompt, params = await gen.prepare(state, req)
+    # DashScope's compatible mode reads the SDK's oss:// uploads too (with the opt-in header); OpenAI's /v1 never
+    uploads = reader_for(state.uploads, request.headers) if request.url.path.startswith("/compatible-mode/") else None
+    prompt, params = await gen.prepare(state, req, uploads=uploads)
     choices = Choices(state, f"chatcmpl-{uuid.uuid4().hex}", req.n)
     await choices.start(prompt, params, request)
     reply = _Reply(req, prompt, choices, req.model or state.model_name,

@@ -70,11 +70,43 @@ def _model() -> dict:
                                   **_AUTH_AND_METHOD}}}
 
 
+def _errors_of(statuses: dict[str, str]) -> dict:
+    return {code: {"description": why, "content": _json(m.DashScopeError)} for code, why in statuses.items()}
+
+
+def _uploads() -> dict:
+    """The dashscope SDK's upload of a local file: getPolicy, then the form (server/uploads.py)."""
+    form = {"type": "object", "required": ["policy", "Signature", "key", "file"], "properties": {
+        "OSSAccessKeyId": {"type": "string"}, "policy": {"type": "string"}, "Signature": {"type": "string"},
+        "key": {"type": "string", "description": "upload_dir + '/' + the file's name"},
+        "success_action_status": {"type": "string"}, "file": {"type": "string", "format": "binary"}}}
+    return {
+        "get": {"summary": "an upload policy for one local file (the dashscope SDK asks before it uploads)",
+                "parameters": [
+                    {"name": "action", "in": "query", "required": True, "schema": {"type": "string",
+                                                                                   "enum": ["getPolicy"]}},
+                    {"name": "model", "in": "query", "required": False, "schema": {"type": "string"}}],
+                "responses": {"200": {"description": "the policy", "content": _json(m.UploadPolicyResponse)},
+                              **_errors_of({"400": "action is not getPolicy", "401": "missing or wrong API key",
+                                            "404": "the model is not served here",
+                                            "503": "the server is shutting down"})}},
+        "post": {"summary": "the form upload of one file, authenticated by its signed policy",
+                 "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": form}}},
+                 "responses": {"200": {"description": "stored", "content": _json(m.UploadResult)},
+                               **_errors_of({"400": "a field is missing or wrong, or the file is empty",
+                                             "403": "the policy was not issued by this server, or it expired",
+                                             "413": "the file is over the size limit",
+                                             "415": "not a form, or the file is no image, video or PDF",
+                                             "429": "too many uploads arriving at once; retry after Retry-After",
+                                             "503": "the server is shutting down"})}}}
+
+
 def openapi_document(title: str, version: str, paths: dict[str, str]) -> dict:
-    """`paths` maps each route kind ("openai_chat", "compat_chat", "dashscope", "models", "compat_models")
-    to its path."""
+    """`paths` maps each route kind ("openai_chat", "compat_chat", "dashscope", "models", "compat_models",
+    "uploads") to its path."""
     requests = [m.ChatCompletionRequest, m.DashScopeRequest]
-    responses = [m.ChatCompletion, m.ModelList, m.ModelCard, m.OpenAIError, m.DashScopeResponse, m.DashScopeError, m.Health]
+    responses = [m.ChatCompletion, m.ModelList, m.ModelCard, m.OpenAIError, m.DashScopeResponse, m.DashScopeError,
+                 m.Health, m.UploadPolicyResponse, m.UploadResult]
     _, defs = models_json_schema([(x, "validation") for x in requests] + [(x, "serialization") for x in responses],
                                  ref_template="#/components/schemas/{model}")
     sse_header = {"name": "X-DashScope-SSE", "in": "header", "required": False,
@@ -95,6 +127,7 @@ def openapi_document(title: str, version: str, paths: dict[str, str]) -> dict:
             paths["compat_models"]: _models(),
             paths["models"] + "/{model}": _model(),
             paths["compat_models"] + "/{model}": _model(),
+            paths["uploads"]: _uploads(),
             "/health": {"get": {"summary": "liveness", "responses": {
                 "200": {"description": "serving", "content": _json(m.Health)},
                 "405": {"description": "a method other than GET or HEAD", "content": _json(m.OpenAIError)},

@@ -333,6 +333,33 @@ class DashScopeError(_Open):
     request_id: str
 
 
+class UploadPolicy(_Open):
+    """What GET /api/v1/uploads?action=getPolicy gives the dashscope SDK for one upload of a local file."""
+    policy: str
+    signature: str
+    upload_dir: str
+    upload_host: str
+    expire_in_seconds: int
+    max_file_size_mb: int
+    capacity_limit_mb: int
+    oss_access_key_id: str
+    x_oss_object_acl: str
+    x_oss_forbid_overwrite: str
+
+
+class UploadPolicyResponse(_Open):
+    request_id: str
+    data: UploadPolicy
+
+
+class UploadResult(_Open):
+    """The stored file: send it as oss://{key} with the header X-DashScope-OssResourceResolve: enable."""
+    request_id: str
+    key: str
+    kind: Literal["image", "video", "pdf"]
+    size: int
+
+
 class Health(_Open):
     status: Literal["ok", "draining", "stalled"]
     model: str | None = None

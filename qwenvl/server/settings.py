@@ -30,6 +30,11 @@ class ServerSettings:
     max_image_bytes: int = 20 * 1024 * 1024        # per fetched image / data URL payload
     max_video_bytes: int = 64 * 1024 * 1024        # per fetched video file / data URL payload
     max_redirects: int = 3
+    # the dashscope SDK's uploads of local files (server/uploads.py)
+    upload_dir: str | None = None                  # where they are kept; None: a temporary folder, removed at exit
+    upload_ttl_s: float = 3600.0                   # how long an upload policy and an uploaded file stay valid
+    upload_store_mb: float = 1024.0                # all uploads together; the oldest are evicted past it
+    upload_concurrency: int = 8                    # uploads arriving at once; 429 past it
     # limits
     max_body_mb: float = 50.0
     max_images: int = 16                           # images per request

@@ -323,7 +323,7 @@ def _start_run(cfg: TrainConfig, model_cfg: ModelConfig, device: torch.device, s
     resume = torch.load(state_path, map_location="cpu", weights_only=False) if state_path.exists() else None
     if resume is None and not cfg.from_scratch:
         from ..checkpoints.loader import load_model
-        model, _ = load_model(cfg.model_dir, dtype=torch.float32, device=device)
+        model, _ = load_model(cfg.model_dir, dtype=torch.float32, device=device, progress=True)
     else:
         model = build_model(model_cfg).to(device)
         init_weights(model)
@@ -457,6 +457,8 @@ def _train(cfg: TrainConfig, log) -> dict:
     unpack_cpu = PixelUnpacker(pre_cfg)
     unpack = unpack_cpu.to(device)
     run = _start_run(cfg, model_cfg, device, out / "train_state.pt", log)
+    if run.step >= cfg.steps and (out / "final").is_dir():
+        return _already_finished(run, cfg, out, log)
 
     train_set, eval_set = make_datasets(cfg, encoder)
     # (with echo a resumed run skips more indices than it drew: never an image twice, some never at all)
@@ -560,6 +562,17 @@ def _loop(run: _Run, cfg: TrainConfig, batches, held: _HeldOut, unpack, autocast
         if out_of_time:
             log(f"stopping at step {run.step} of {cfg.steps}: {limit} minutes reached")
             break
+
+
+def _already_finished(run: _Run, cfg: TrainConfig, out: Path, log) -> dict:
+    """A rerun of a finished run: say so, keep its summary and final/ as they are (nothing is trained)."""
+    log(f"{out} has finished: step {run.step} of {cfg.steps}, its model is in {out / 'final'}. Nothing to train; "
+        "raise --steps to go on from here, or give another --out for a new run")
+    try:
+        summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):                # a run from before summary.json: what the state says
+        summary = {"steps": run.step, "history": run.history, "final_dir": str(out / "final")}
+    return {**summary, "already_finished": True}
 
 
 def _finish(run: _Run, cfg: TrainConfig, out: Path, progress: _Progress) -> dict:
