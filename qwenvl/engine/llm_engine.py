@@ -130,7 +130,8 @@ class LLMEngine:
             max_encoder_tokens_per_step=config.max_encoder_tokens_per_step,
             eos_token_ids=self.tokenizer.eos_token_ids,
             is_encoder_cached=lambda h: h in self.encoder_cache, max_model_len=self.max_model_len)
-        self.sampler = Sampler(never_sample=(self.cfg.image_token_id, self.cfg.video_token_id))
+        self.sampler = Sampler(never_sample=(self.cfg.image_token_id, self.cfg.video_token_id),
+                               eos_token_ids=self.tokenizer.eos_token_ids)
         self.grammar_mask = GrammarMask(self.tokenizer, text.vocab_size)
         self.sampler = MaskedSampler(self.sampler, self.grammar_mask)       # release() frees both
         self.runner = ModelRunner(self.model, pool, self.sampler, self.encoder_cache, attn_impl=config.attn_impl)
@@ -264,7 +265,8 @@ class LLMEngine:
         # A token that stopped generation (eos, stop_token_ids) is in token_ids but never in the text.
         if piece and reason != "stop":
             req.text += piece
-            cut = find_stop_string(req.text, seq.params.stop, len(piece)) if seq.params.stop else None
+            may_stop = seq.params.stop and seq.num_output_tokens > seq.params.min_tokens
+            cut = find_stop_string(req.text, seq.params.stop, len(piece)) if may_stop else None
             if cut is not None:
                 req.text = req.text[:cut]
                 reason = "stop"
