@@ -43,6 +43,11 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048     # tokens per step (prefill chunks + decodes)
     max_encoder_tokens_per_step: int | None = None
+    # Latency under load (issue 37): a step that decodes runs at most this many prefill tokens, and at most
+    # this much vision tower (patch rows x blocks; images are then encoded ahead, a slice per step).
+    # None: off (a prefill chunk takes the whole token budget; an image is encoded whole in one step).
+    max_prefill_tokens_while_decoding: int | None = None
+    vision_rows_per_step: int | None = None
     max_model_len: int | None = None       # default: the model's max_position_embeddings
     encoder_cache_tokens: int = 32768      # vision embeddings kept, in merged tokens
     enable_prefix_caching: bool = True
@@ -129,12 +134,15 @@ class LLMEngine:
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_encoder_tokens_per_step=config.max_encoder_tokens_per_step,
             eos_token_ids=self.tokenizer.eos_token_ids,
-            is_encoder_cached=lambda h: h in self.encoder_cache, max_model_len=self.max_model_len)
+            is_encoder_cached=lambda h: self.runner.has_features(h), max_model_len=self.max_model_len,
+            encode_ahead=config.vision_rows_per_step is not None,
+            max_prefill_tokens_while_decoding=config.max_prefill_tokens_while_decoding)
         self.sampler = Sampler(never_sample=(self.cfg.image_token_id, self.cfg.video_token_id),
                                eos_token_ids=self.tokenizer.eos_token_ids)
         self.grammar_mask = GrammarMask(self.tokenizer, text.vocab_size)
         self.sampler = MaskedSampler(self.sampler, self.grammar_mask)       # release() frees both
-        self.runner = ModelRunner(self.model, pool, self.sampler, self.encoder_cache, attn_impl=config.attn_impl)
+        self.runner = ModelRunner(self.model, pool, self.sampler, self.encoder_cache, attn_impl=config.attn_impl,
+                                  vision_rows_per_step=config.vision_rows_per_step)
         self._requests: dict[str, _Request] = {}
 
     def _load_folder(self, model_dir, revision) -> None:
@@ -232,7 +240,7 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Schedule, run the model once, sample, detokenise; one output per request that advanced."""
         plan = self.scheduler.schedule()
-        sampled, logprobs = self.runner.step(plan.chunks)
+        sampled, logprobs = self.runner.step(plan.chunks, plan.encode)
         finished = {s.request_id for s in self.scheduler.postprocess(plan, sampled, logprobs, decide=self._decide)}
         outputs = []
         for seq in plan.failed:

@@ -13,7 +13,13 @@ Policy (vLLM v1 shaped, one queue of work measured in tokens):
   * then waiting sequences in order while the token budget, max_num_seqs and the pool allow;
   * a chunk that reaches the first pad of an image/video whose features are not cached counts the
     whole span against the per-step encoder budget; a chunk that would exceed it stops just before
-    that span (unless nothing else is encoded this step, so a huge image still makes progress).
+    that span (unless nothing else is encoded this step, so a huge image still makes progress);
+  * with `encode_ahead`, a chunk instead always stops just before an uncached span and the span is listed
+    in the step's `encode`: the runner encodes it over the following steps, a slice of the tower per step,
+    while the running requests keep decoding; the chunk goes on once the features are cached;
+  * with `max_prefill_tokens_while_decoding`, a step that decodes runs at most that many prefill tokens
+    (chunks of prompts and recomputes), so a long prompt arriving costs each running stream one short
+    step at a time instead of one long one; steps without decodes keep the whole token budget.
 """
 
 from __future__ import annotations
@@ -53,6 +59,9 @@ class SchedulerOutput:
     chunks: list[ScheduledChunk] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
     failed: list[Sequence] = field(default_factory=list)      # finished by the scheduler (pool too small)
+    # encode_ahead: uncached spans the chunks stopped before, with a sequence that holds each (its
+    # vision_items have the pixels), in the order they were met; each content hash once
+    encode: list[tuple[VisionSpan, Sequence]] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -74,9 +83,16 @@ class Scheduler:
         eos_token_ids: Iterable[int] = (),
         is_encoder_cached: Callable[[str], bool] | None = None,
         max_model_len: int | None = None,
+        encode_ahead: bool = False,
+        max_prefill_tokens_while_decoding: int | None = None,
     ):
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
+        if max_prefill_tokens_while_decoding is not None and max_prefill_tokens_while_decoding < 1:
+            raise ValueError(f"max_prefill_tokens_while_decoding must be >= 1 (or None), got "
+                             f"{max_prefill_tokens_while_decoding}")
+        if encode_ahead and not enable_chunked_prefill:
+            raise ValueError("encode_ahead needs chunked prefill: a chunk stops before each image until it is encoded")
         self.bm = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -85,6 +101,8 @@ class Scheduler:
         self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
         self.is_encoder_cached = is_encoder_cached or (lambda h: False)
         self.max_model_len = max_model_len
+        self.encode_ahead = encode_ahead
+        self.max_prefill_tokens_while_decoding = max_prefill_tokens_while_decoding
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.requests: dict[str, Sequence] = {}
@@ -156,6 +174,10 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
         enc_used = 0
+        self._encode: dict[str, tuple[VisionSpan, Sequence]] = {}
+        # prefill tokens this step may still take: capped only when the step decodes
+        decoding = any(s.num_uncomputed_tokens == 1 for s in self.running)
+        prefill_left = self.max_prefill_tokens_while_decoding if decoding else None
 
         # 1. running sequences: decodes first (one token each, so a long prefill chunk cannot starve
         #    them), then unfinished prefill chunks, each group in admission order.
@@ -168,6 +190,8 @@ class Scheduler:
             if seq.status is not SequenceStatus.RUNNING:
                 continue            # preempted earlier in this loop
             n = min(seq.num_uncomputed_tokens, budget)
+            if n > 1 and prefill_left is not None:
+                n = min(n, prefill_left)
             n, enc = self._fit_encoder(seq, seq.num_computed_tokens, n, enc_used)
             if n == 0:
                 continue
@@ -190,15 +214,24 @@ class Scheduler:
             scheduled.add(id(seq))
             budget -= n
             enc_used += sum(s.num_tokens for s in enc)
+            if seq.num_uncomputed_tokens > 1 and prefill_left is not None:
+                prefill_left -= n
 
-        # 2. waiting sequences, in order; no preemption on their behalf.
+        # 2. waiting sequences, in order; no preemption on their behalf. With encode_ahead, one that cannot
+        #    start before its image is encoded lets the ones behind it go first.
+        blocked: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             if out.preempted:
                 break               # the pool is short this step; let the running ones finish first
+            if prefill_left is not None and prefill_left <= 0:
+                break
             seq = self.waiting[0]
             start = len(self.bm.match_prefix(seq)) * self.bm.block_size
-            n = min(seq.num_tokens - start, budget)
+            n = min(seq.num_tokens - start, budget, prefill_left if prefill_left is not None else budget)
             n, enc = self._fit_encoder(seq, start, n, enc_used)
+            if n == 0 and self.encode_ahead and self._waits_for_encoder(seq, start):
+                blocked.append(self.waiting.popleft())
+                continue
             if n == 0 or (not self.enable_chunked_prefill and n < seq.num_tokens - start):
                 break
             cached = self.bm.admit(seq, n)
@@ -211,7 +244,15 @@ class Scheduler:
             out.chunks.append(ScheduledChunk(seq, start, start + n, enc))
             budget -= n
             enc_used += sum(s.num_tokens for s in enc)
+            if prefill_left is not None:
+                prefill_left -= n
+        self.waiting.extendleft(reversed(blocked))
+        out.encode = list(self._encode.values())
         return out
+
+    def _waits_for_encoder(self, seq: Sequence, start: int) -> bool:
+        """Whether token `start` of seq is the first pad of a span whose features are not cached yet."""
+        return any(s.token_offset == start and not self.is_encoder_cached(s.content_hash) for s in seq.vision)
 
     def _fit_encoder(self, seq: Sequence, start: int, n: int, enc_used: int) -> tuple[int, list[VisionSpan]]:
         """Shrink the chunk [start, start+n) to respect the encoder budget; return (n, spans to encode)."""
@@ -221,6 +262,9 @@ class Scheduler:
         for s in spans:
             if self.is_encoder_cached(s.content_hash):
                 continue
+            if self.encode_ahead:                      # wait for the runner to encode it, a slice per step
+                self._encode.setdefault(s.content_hash, (s, seq))
+                return s.token_offset - start, enc
             if limit is not None and enc_used > 0 and enc_used + s.num_tokens > limit:
                 return s.token_offset - start, enc     # stop just before this span
             enc.append(s)
