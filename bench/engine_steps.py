@@ -7,9 +7,9 @@ it: the profile behind issue 37's engine changes, measured without HTTP.
 
 `--clients` requests are kept in flight (closed loop: a finished one is replaced by the next of the seeded
 workload of bench/serving_workload.py, images as PIL images, `ignore_eos`). Every engine step is timed, and
-inside it the vision tower call and the language model forward. Per configuration (a `;`-separated list of
-EngineConfig overrides, each run on its own engine over the same loaded weights... each its own LLMEngine,
-alternating rounds with a fresh image pool per round so no cache carries over):
+inside it the vision tower and the language model forward. Per configuration (a `;`-separated list of
+EngineConfig overrides, each its own LLMEngine, run in alternating rounds with a fresh image pool per round so
+no cache carries over):
   * steps by kind: decode only / with a prefill chunk / with a vision encode: count, mean and max ms;
   * inter-token latency (the time between a request's consecutive tokens) p50 / p99 / max, and p99/p50;
   * time to first token p50 / p99, output tokens/s, and the share of wall time in the vision tower,
@@ -33,7 +33,7 @@ import serving_workload as wl  # noqa: E402
 
 
 class StepClock:
-    """Wraps one engine's model.encode_vision / model.forward to time them inside each step."""
+    """Wraps one engine's model.encode_vision (and its stages) and model.forward to time them inside steps."""
 
     def __init__(self, engine):
         self.engine = engine
@@ -54,7 +54,21 @@ class StepClock:
                 return forward(*args)
             finally:
                 self.forward_s += time.perf_counter() - t0
-        engine.runner.model = _Proxy(model, encode_vision=timed_encode, forward=timed_forward)
+        def timed_stages(*args):
+            stages = model.encode_vision_stages(*args)
+            while True:                      # time every slice of a tower run spread over steps
+                t0 = time.perf_counter()
+                try:
+                    rows = next(stages)
+                except StopIteration as done:
+                    self.vision_s += time.perf_counter() - t0
+                    return done.value
+                self.vision_s += time.perf_counter() - t0
+                yield rows
+        methods = dict(encode_vision=timed_encode, forward=timed_forward)
+        if hasattr(model, "encode_vision_stages"):
+            methods["encode_vision_stages"] = timed_stages
+        engine.runner.model = _Proxy(model, **methods)
 
 
 class _Proxy:

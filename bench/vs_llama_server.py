@@ -119,24 +119,48 @@ class Server:
                 self.proc.wait()
 
 
+def image_token_limits(checkpoint: Path) -> tuple[int, int]:
+    """(min, max) merged tokens per image from the checkpoint's preprocessor_config.json: llama-server is
+    told the same (--image-min-tokens / --image-max-tokens), or its own defaults resize images larger."""
+    pre = json.loads((checkpoint / "preprocessor_config.json").read_text())
+    unit = (pre.get("patch_size", 14) * pre.get("merge_size", 2)) ** 2
+    return max(1, pre["min_pixels"] // unit), pre["max_pixels"] // unit
+
+
+def kv_cache_gb(checkpoint: Path, tokens: int) -> float:
+    """qwenvl's KV memory for `tokens` tokens in bfloat16: as many as llama-server's slots x slot context."""
+    cfg = json.loads((checkpoint / "config.json").read_text())
+    text = cfg.get("text_config", cfg)
+    head_dim = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
+    per_token = text["num_hidden_layers"] * text["num_key_value_heads"] * head_dim * 2 * 2     # K and V, 2 bytes
+    return round(per_token * tokens / (1 << 30) + 0.01, 2)
+
+
 def start_qwenvl(model_dir: Path, mode: str, a, log_dir: Path) -> Server:
     port = free_port()
+    kv = a.kv_cache_gb or kv_cache_gb(model_dir, max(a.levels) * a.slot_context)
     cmd = [sys.executable, "-m", "qwenvl", "serve", "--model", str(model_dir), "--host", "127.0.0.1",
            "--port", str(port), "--dtype", "bfloat16", "--metrics-public", "--served-model-name", "bench",
-           "--max-queue", "1024", "--kv-cache-gb", str(a.kv_cache_gb)]
+           "--max-queue", "1024", "--kv-cache-gb", str(kv)]
     if mode != "bf16":
         cmd += ["--quantization", mode]
+    if a.prefill_cap:
+        cmd += ["--max-prefill-tokens-while-decoding", str(a.prefill_cap)]
+    if a.vision_rows:
+        cmd += ["--vision-rows-per-step", str(a.vision_rows)]
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads))
     server = Server("qwenvl", cmd, port, log_dir / f"qwenvl-{model_dir.name}-{mode}.log", env)
     server.wait_ready("/health")
     return server
 
 
-def start_llama(bin_dir: Path, gguf: Path, mmproj: Path, slots: int, a, log_file: Path) -> Server:
+def start_llama(bin_dir: Path, gguf: Path, mmproj: Path, slots: int, a, log_file: Path,
+                image_tokens: tuple[int, int]) -> Server:
     port = free_port()
     cmd = [str(bin_dir / "llama-server"), "-m", str(gguf), "--mmproj", str(mmproj), "--host", "127.0.0.1",
            "--port", str(port), "-t", str(a.threads), "-tb", str(a.threads), "-np", str(slots),
-           "-c", str(slots * a.slot_context), "--no-webui", "--alias", "bench"]
+           "-c", str(slots * a.slot_context), "--no-webui", "--alias", "bench",
+           "--image-min-tokens", str(image_tokens[0]), "--image-max-tokens", str(image_tokens[1])]
     server = Server("llama-server", cmd, port, log_file)
     server.wait_ready("/health")
     return server
@@ -287,11 +311,16 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="threads of each server (default: torch's count)")
     p.add_argument("--text-layers", type=int, default=8, help="2b model: language model layers (28: full)")
     p.add_argument("--vision-depth", type=int, default=8, help="2b model: vision tower blocks (32: full)")
-    p.add_argument("--kv-cache-gb", type=float, default=4.0, help="qwenvl's KV cache")
+    p.add_argument("--kv-cache-gb", type=float, default=None,
+                   help="qwenvl's KV cache (default: room for as many tokens as llama-server's largest -c)")
+    p.add_argument("--prefill-cap", type=int, default=0,
+                   help="qwenvl's --max-prefill-tokens-while-decoding (0: the server's default)")
+    p.add_argument("--vision-rows", type=int, default=0, help="qwenvl's --vision-rows-per-step (0: the server's default)")
     p.add_argument("--slot-context", type=int, default=4096, help="llama-server's context per slot (-c = slots x this)")
     p.add_argument("--llamacpp-home", default=str(lc.HOME), help="sdist, build and GGUF files (vs_llamacpp.py's)")
     p.add_argument("--llamacpp-bin", default=None, help="an existing llama.cpp build's bin folder (skips the build)")
     p.add_argument("--llamacpp-version", default=None)
+    p.add_argument("--gguf-home", default=None, help="where converted GGUF files go (default: --llamacpp-home)")
     p.add_argument("--jobs", type=int, default=os.cpu_count())
     p.add_argument("--out", default=str(ROOT / "runs" / "vs_llama_server"), help="logs and results.json")
     a = p.parse_args()
@@ -301,7 +330,7 @@ def main() -> None:
     modes = [m for m in a.modes.split(",") if m]
     if bad := [m for m in modes if m not in PAIRS]:
         raise SystemExit(f"--modes: {bad} not among {list(PAIRS)}")
-    levels = [int(c) for c in a.concurrency.split(",")]
+    levels = a.levels = [int(c) for c in a.concurrency.split(",")]
     out_dir = Path(a.out)
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -318,7 +347,7 @@ def main() -> None:
     for model in a.models.split(","):
         checkpoint = BUNDLED if model == "bundled" else bench_checkpoint(a)
         if "llama-server" in sides:
-            ggufs, mmproj = llama_files(checkpoint, tree, bin_dir, home, source)
+            ggufs, mmproj = llama_files(checkpoint, tree, bin_dir, Path(a.gguf_home or home), source)
         for mode in modes:
             qwenvl = start_qwenvl(checkpoint, mode, a, out_dir) if "qwenvl" in sides else None
             try:
@@ -332,7 +361,8 @@ def main() -> None:
                             row = measure(qwenvl, side, workload, urls, c)
                         else:
                             server = start_llama(bin_dir, ggufs[PAIRS[mode]], mmproj, c, a,
-                                                 out_dir / f"llama-{model}-{mode}-c{c}.log")
+                                                 out_dir / f"llama-{model}-{mode}-c{c}.log",
+                                                 image_token_limits(checkpoint))
                             try:
                                 row = measure(server, side, workload, urls, c)
                             finally:
@@ -346,7 +376,7 @@ def main() -> None:
                 if qwenvl is not None:
                     qwenvl.stop()
     (out_dir / "results.json").write_text(json.dumps(rows, indent=1))
-    print(f"threads {a.threads}; seed {a.seed}; 2b = {a.text_layers} text / {a.vision_depth} vision layers; "
+    print(f"threads {a.threads}; seed {a.seed}; slot context {a.slot_context}; 2b = {a.text_layers} text / {a.vision_depth} vision layers; "
           f"measured in {time.perf_counter() - started:.0f} s; latencies in ms")
     print(table(rows))
     for line in ratios(rows):

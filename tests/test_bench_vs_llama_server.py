@@ -105,3 +105,13 @@ def test_table_and_ratios():
     assert text.splitlines()[3].endswith("| 8/8 | - |")
     assert vs.ratios([q, l]) == ["bundled bf16 c=4: out tok/s x4.00, req/s x2.00, TTFT p99 300 vs 600 ms, "
                                  "ITL p99/p50 3.0"]
+
+
+def test_image_token_limits_and_kv_size_follow_the_checkpoint(tmp_path):
+    bundled = Path(__file__).resolve().parent.parent / "qwenvl" / "assets" / "bundled"
+    assert vs.image_token_limits(bundled) == (3136 // 784, 160000 // 784)
+    # bundled: 4 layers x 2 KV heads x head_dim 32 x (K, V) x 2 bytes = 1 KiB a token
+    assert vs.kv_cache_gb(bundled, 1 << 20) == 1.01
+    (tmp_path / "config.json").write_text('{"text_config": {"num_hidden_layers": 28, "num_key_value_heads": 2, '
+                                          '"hidden_size": 1536, "num_attention_heads": 12}}')
+    assert vs.kv_cache_gb(tmp_path, 32 * 4096) == round(28 * 2 * 128 * 4 * 32 * 4096 / (1 << 30) + 0.01, 2)

@@ -60,6 +60,10 @@ class EngineConfig:
 
     def __post_init__(self):
         check_quantization(self.quantization)
+        for name in ("max_prefill_tokens_while_decoding", "vision_rows_per_step"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
         if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be a positive integer, got {self.tensor_parallel_size!r}")
         if self.tensor_parallel_size > 1 and self.quantization:
