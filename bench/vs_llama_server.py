@@ -25,7 +25,10 @@ many streaming clients sending images through the official `openai` SDK.
    qwenvl that its KV blocks are back to 0 after the phase (its /metrics). A table and a JSON file.
 
 Threads: --threads (default: the cores torch sees) for both; qwenvl through OMP_NUM_THREADS, llama-server
-through -t and -tb.
+through -t and -tb. Images: llama-server gets the checkpoint's min/max pixels as --image-min-tokens /
+--image-max-tokens, so both sides see the same prompt tokens (the table's "prompt tok" shows it).
+qwenvl runs with --max-prefill-tokens-while-decoding 256 and --vision-rows-per-step 8192 (--prefill-cap 0
+--vision-rows 0: the engine's defaults, to see what they change).
 """
 
 from __future__ import annotations
@@ -313,9 +316,10 @@ def main() -> None:
     p.add_argument("--vision-depth", type=int, default=8, help="2b model: vision tower blocks (32: full)")
     p.add_argument("--kv-cache-gb", type=float, default=None,
                    help="qwenvl's KV cache (default: room for as many tokens as llama-server's largest -c)")
-    p.add_argument("--prefill-cap", type=int, default=0,
-                   help="qwenvl's --max-prefill-tokens-while-decoding (0: the server's default)")
-    p.add_argument("--vision-rows", type=int, default=0, help="qwenvl's --vision-rows-per-step (0: the server's default)")
+    p.add_argument("--prefill-cap", type=int, default=256,
+                   help="qwenvl's --max-prefill-tokens-while-decoding (0: the server's default, no cap)")
+    p.add_argument("--vision-rows", type=int, default=8192,
+                   help="qwenvl's --vision-rows-per-step (0: the server's default, each image whole in one step)")
     p.add_argument("--slot-context", type=int, default=4096, help="llama-server's context per slot (-c = slots x this)")
     p.add_argument("--llamacpp-home", default=str(lc.HOME), help="sdist, build and GGUF files (vs_llamacpp.py's)")
     p.add_argument("--llamacpp-bin", default=None, help="an existing llama.cpp build's bin folder (skips the build)")
