@@ -73,6 +73,7 @@ class ModelRunner:
         for span, seq in encode:
             h = span.content_hash
             if h not in self._jobs and not self.has_features(h):
+                self.encoder_cache.misses += 1        # as a lookup in the step that needs it would count
                 self._jobs[h] = _VisionJob(h, seq.vision_items[h])
 
     def _advance_vision(self, decoding: bool) -> None:

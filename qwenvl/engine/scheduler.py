@@ -72,6 +72,25 @@ class SchedulerOutput:
         return not self.chunks
 
 
+@dataclass
+class _StepBudget:
+    """What is left of one step: tokens, vision tokens to encode, and prefill tokens (None: not capped)."""
+    tokens: int
+    prefill: int | None
+    encoder_tokens: int = 0                 # used so far
+
+    def fit(self, want: int, prefill: bool) -> int:
+        """How many of `want` tokens the step can still take (a decode's one token ignores the prefill cap)."""
+        n = min(want, self.tokens)
+        return min(n, self.prefill) if prefill and self.prefill is not None else n
+
+    def take(self, n: int, encode: list[VisionSpan], prefill: bool) -> None:
+        self.tokens -= n
+        self.encoder_tokens += sum(s.num_tokens for s in encode)
+        if prefill and self.prefill is not None:
+            self.prefill -= n
+
+
 class Scheduler:
     def __init__(
         self,
@@ -172,27 +191,29 @@ class Scheduler:
     # -------------------------------------------------------------- schedule
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
-        budget = self.max_num_batched_tokens
-        enc_used = 0
-        self._encode: dict[str, tuple[VisionSpan, Sequence]] = {}
-        # prefill tokens this step may still take: capped only when the step decodes
+        # prefill tokens this step may take are capped only when the step decodes
         decoding = any(s.num_uncomputed_tokens == 1 for s in self.running)
-        prefill_left = self.max_prefill_tokens_while_decoding if decoding else None
+        left = _StepBudget(self.max_num_batched_tokens, self.max_prefill_tokens_while_decoding if decoding else None)
+        self._encode: dict[str, tuple[VisionSpan, Sequence]] = {}
+        self._schedule_running(out, left)
+        self._schedule_waiting(out, left)
+        out.encode = list(self._encode.values())
+        return out
 
-        # 1. running sequences: decodes first (one token each, so a long prefill chunk cannot starve
-        #    them), then unfinished prefill chunks, each group in admission order.
+    def _schedule_running(self, out: SchedulerOutput, left: "_StepBudget") -> None:
+        """Running sequences: decodes first (one token each, so a long prefill chunk cannot starve them),
+        then unfinished prefill chunks, each group in admission order; preempts when the pool is short."""
         order = [s for s in self.running if s.num_uncomputed_tokens == 1]
         order += [s for s in self.running if s.num_uncomputed_tokens > 1]
         scheduled: set[int] = set()
         for seq in order:
-            if budget <= 0:
+            if left.tokens <= 0:
                 break
             if seq.status is not SequenceStatus.RUNNING:
                 continue            # preempted earlier in this loop
-            n = min(seq.num_uncomputed_tokens, budget)
-            if n > 1 and prefill_left is not None:
-                n = min(n, prefill_left)
-            n, enc = self._fit_encoder(seq, seq.num_computed_tokens, n, enc_used)
+            prefill = seq.num_uncomputed_tokens > 1
+            n = left.fit(seq.num_uncomputed_tokens, prefill)
+            n, enc = self._fit_encoder(seq, seq.num_computed_tokens, n, left.encoder_tokens)
             if n == 0:
                 continue
             ok = True
@@ -212,23 +233,21 @@ class Scheduler:
                 continue
             out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, seq.num_computed_tokens + n, enc))
             scheduled.add(id(seq))
-            budget -= n
-            enc_used += sum(s.num_tokens for s in enc)
-            if seq.num_uncomputed_tokens > 1 and prefill_left is not None:
-                prefill_left -= n
+            left.take(n, enc, prefill)
 
-        # 2. waiting sequences, in order; no preemption on their behalf. With encode_ahead, one that cannot
-        #    start before its image is encoded lets the ones behind it go first.
+    def _schedule_waiting(self, out: SchedulerOutput, left: "_StepBudget") -> None:
+        """Waiting sequences, in order; no preemption on their behalf. With encode_ahead, one that cannot
+        start before its image is encoded lets the ones behind it go first."""
         blocked: list[Sequence] = []
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        while self.waiting and left.tokens > 0 and len(self.running) < self.max_num_seqs:
             if out.preempted:
                 break               # the pool is short this step; let the running ones finish first
-            if prefill_left is not None and prefill_left <= 0:
-                break
             seq = self.waiting[0]
             start = len(self.bm.match_prefix(seq)) * self.bm.block_size
-            n = min(seq.num_tokens - start, budget, prefill_left if prefill_left is not None else budget)
-            n, enc = self._fit_encoder(seq, start, n, enc_used)
+            n = left.fit(seq.num_tokens - start, True)
+            if n <= 0:
+                break
+            n, enc = self._fit_encoder(seq, start, n, left.encoder_tokens)
             if n == 0 and self.encode_ahead and self._waits_for_encoder(seq, start):
                 blocked.append(self.waiting.popleft())
                 continue
@@ -242,13 +261,8 @@ class Scheduler:
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             out.chunks.append(ScheduledChunk(seq, start, start + n, enc))
-            budget -= n
-            enc_used += sum(s.num_tokens for s in enc)
-            if prefill_left is not None:
-                prefill_left -= n
+            left.take(n, enc, True)
         self.waiting.extendleft(reversed(blocked))
-        out.encode = list(self._encode.values())
-        return out
 
     def _waits_for_encoder(self, seq: Sequence, start: int) -> bool:
         """Whether token `start` of seq is the first pad of a span whose features are not cached yet."""
