@@ -8,7 +8,7 @@ both servers get the same list in the same order. Per request:
   * `max_tokens` drawn from {16, 64, 256}, sent with `ignore_eos` so both sides generate exactly that many;
   * 30% are second turns: an earlier request's images and question again, a fixed assistant answer (the same
     on both sides, whatever each server answered), and a new question.
-The client records, per request, when it was sent, when each streamed chunk with content arrived, and the
+The client records, per request, when it was sent, when each streamed chunk carrying tokens arrived, and the
 usage the server reported; `summarize` turns a phase's records into the numbers of the table.
 """
 
@@ -135,7 +135,7 @@ class Record:
     """One request as the client saw it (times from time.perf_counter())."""
     sent: float
     max_tokens: int
-    chunk_times: list[float] = field(default_factory=list)    # arrival of each chunk with content
+    chunk_times: list[float] = field(default_factory=list)    # arrival of each chunk with tokens
     completion_tokens: int | None = None                      # the server's usage, when it sent one
     prompt_tokens: int | None = None
     finish_reason: str | None = None
@@ -166,7 +166,7 @@ def percentile(values, q: float) -> float:
 
 def summarize(records: list[Record], wall_s: float) -> dict:
     """A phase's numbers: requests/s and output tokens/s over the phase's wall time; TTFT (send to first
-    content chunk) and inter-token latency (gaps between consecutive content chunks, vLLM's
+    chunk with tokens) and inter-token latency (gaps between consecutive such chunks, vLLM's
     benchmark_serving measure) as p50/p99 in ms; how many requests were answered in full (the length
     asked for, since every request is sent with ignore_eos)."""
     done = [r for r in records if r.ok]

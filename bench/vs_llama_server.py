@@ -20,7 +20,9 @@ many streaming clients sending images through the official `openai` SDK.
    llama-server is started per concurrency with that many slots (-np) of --slot-context tokens each;
    qwenvl's server once per model and mode.
 4. Per phase and side: requests/s, output tokens/s, TTFT p50/p99, inter-token latency p50/p99 (gaps between
-   streamed chunks with content), peak RSS of the server process during the phase (VmHWM, reset through
+   streamed chunks that carry tokens: requests ask for `logprobs`, so a token with no text of its own, common
+   from random weights whose 151936-row head outruns the bench's 400-token vocabulary, still arrives as a
+   chunk on both sides), peak RSS of the server process during the phase (VmHWM, reset through
    /proc/PID/clear_refs before it), how many requests were answered with exactly max_tokens tokens, and for
    qwenvl that its KV blocks are back to 0 after the phase (its /metrics). A table and a JSON file.
 
@@ -52,7 +54,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 import serving_workload as wl          # noqa: E402  (bench/ on the path first)
 import vs_llamacpp as lc               # noqa: E402
 
-PAIRS = {"bf16": "BF16", "int8": "Q8_0"}        # qwenvl mode -> llama.cpp GGUF type on the same weights
+# qwenvl mode -> llama.cpp GGUF type on the same weights (int4 / Q4_K_M: --modes int4, not in the default run)
+PAIRS = {"bf16": "BF16", "int8": "Q8_0", "int4": "Q4_K_M"}
 BUNDLED = ROOT / "qwenvl" / "assets" / "bundled"
 
 
@@ -192,13 +195,13 @@ async def one_request(client, messages: list[dict], max_tokens: int) -> wl.Recor
     rec = wl.Record(sent=time.perf_counter(), max_tokens=max_tokens)
     try:
         stream = await client.chat.completions.create(
-            model="bench", messages=messages, max_tokens=max_tokens, temperature=0, stream=True,
+            model="bench", messages=messages, max_tokens=max_tokens, temperature=0, stream=True, logprobs=True,
             stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
         async for chunk in stream:
             now = time.perf_counter()
             if chunk.choices:
                 choice = chunk.choices[0]
-                if choice.delta and choice.delta.content:
+                if (choice.delta and choice.delta.content) or (choice.logprobs and choice.logprobs.content):
                     rec.chunk_times.append(now)
                 if choice.finish_reason:
                     rec.finish_reason = choice.finish_reason
