@@ -6,7 +6,7 @@
 1. llama.cpp is built once under runs/llamacpp/ from the `llama-cpp-python` source package on PyPI (its
    sdist vendors llama.cpp under vendor/llama.cpp): `pip download --no-binary :all: --no-deps`, a small
    idempotent patch (see `patch_amx_tile_config`), then cmake: Release, CPU only, -march=native, the
-   plain tools llama-bench and llama-quantize.
+   tools llama-bench and llama-quantize (and llama-server, for bench/vs_llama_server.py).
 2. The language model of bench/throughput.py's random-weight Qwen2-VL-2B-widths checkpoint is converted
    to GGUF with the converter from that same source tree (`convert_hf_to_gguf.py` + the `gguf` package):
    BF16, then `llama-quantize` to Q8_0 and Q4_K_M. Converted once, cached beside the build. The bench's
@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT / "bench"))       # throughput.py's builder and help
 
 HOME = ROOT / "runs" / "llamacpp"
 PACKAGE = "llama-cpp-python"
-TOOLS = ("llama-bench", "llama-quantize")
+TOOLS = ("llama-bench", "llama-quantize", "llama-server")    # llama-server: bench/vs_llama_server.py
 GGUF_TYPES = ("BF16", "Q8_0", "Q4_K_M")
 # which qwenvl mode stands beside which GGUF type (same bits per weight, or as close as the formats get)
 # "gguf": qwenvl running llama.cpp's own Q4_K_M file (with the projector converted beside it), issue 39
@@ -151,7 +151,7 @@ def build_llamacpp(tree: Path, build: Path, jobs: int) -> Path:
     log(f"building llama.cpp ({', '.join(TOOLS)}) in {build} with -j{jobs}; about five minutes on two cores ...")
     configure = ["cmake", "-S", str(tree), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON",
                  "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
-                 "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF"]
+                 "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=ON"]
     build.mkdir(parents=True, exist_ok=True)
     run_logged(configure, build / "configure.log")
     run_logged(["cmake", "--build", str(build), "--config", "Release", "-j", str(jobs), "--target", *TOOLS],
@@ -195,9 +195,25 @@ def converter_child(tree: Path, pre: str, argv: list[str]) -> None:
             except NotImplementedError:
                 return pre
         TextModel.get_vocab_base_pre = get_vocab_base_pre
+    if "--mmproj" in argv:
+        accept_transformers5_vision_keys()
     script = str(tree / "convert_hf_to_gguf.py")
     sys.argv = [script, *argv]
     runpy.run_path(script, run_name="__main__")
+
+
+def accept_transformers5_vision_keys() -> None:
+    """transformers 5 saves Qwen2-VL's tower as `model.visual.*` (4.x: `visual.*`); this converter's
+    Qwen2VLVisionModel keeps only names starting with `visual.` and would write an mmproj file with no
+    tensors. Strip the `model.` first, in the converter's own process (its language-model side already
+    strips `language_model.`)."""
+    from conversion.qwenvl import Qwen2VLVisionModel
+    keep = Qwen2VLVisionModel.filter_tensors.__func__
+
+    def filter_tensors(cls, item):
+        name, gen = item
+        return keep(cls, (name.removeprefix("model.") if name.startswith("model.visual.") else name, gen))
+    Qwen2VLVisionModel.filter_tensors = classmethod(filter_tensors)
 
 
 def convert(checkpoint: Path, tree: Path, bin_dir: Path, out: Path) -> dict[str, Path]:
@@ -253,6 +269,30 @@ def convert_pair(tree: Path, checkpoint: Path, out_dir: Path, outtype: str = "f3
         if proc.returncode != 0 or not out.is_file():
             raise RuntimeError(f"the converter failed for {out.name}:\n{output[-3000:]}")
     return lm, mmproj
+
+
+def convert_mmproj(checkpoint: Path, tree: Path, out: Path) -> Path:
+    """checkpoint's vision tower -> out/mmproj-F16.gguf by the same converter (`--mmproj`): llama-server's
+    `--mmproj` file, with the `clip.*` keys. F16, the type llama.cpp's own mmproj files ship in. The converter
+    maps the merger's `mlp.{i}` only for i below the tower's depth, so a tower needs depth >= 3."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "mmproj-F16.gguf"
+    if path.exists():
+        return path
+    t0 = time.perf_counter()
+    log(f"converting {checkpoint}'s vision tower to GGUF (--mmproj, F16) ...")
+    part = out / "mmproj-F16.part"
+    run_logged([sys.executable, __file__, "--converter-child", str(tree), "", "--",
+                str(checkpoint), "--mmproj", "--outtype", "f16", "--outfile", str(part)], out / "convert-mmproj.log")
+    # the converter may add "mmproj-" to a name it is given; take whichever file it wrote
+    written = part if part.exists() else next(iter(out.glob("*mmproj*.part")), None)
+    if written is None:
+        raise SystemExit(f"the --mmproj conversion wrote no file in {out}; see {out / 'convert-mmproj.log'}")
+    if not gguf_tensors(written):
+        raise SystemExit(f"the --mmproj conversion of {checkpoint} wrote no tensors; see {out / 'convert-mmproj.log'}")
+    written.rename(path)
+    log(f"  converted in {time.perf_counter() - t0:.0f} s")
+    return path
 
 
 def bytes_read_per_token(tensors: list[tuple[str, int]]) -> int:

@@ -20,7 +20,8 @@ class SamplingParams:
     seed: int | None = None           # a seeded request samples the same alone and in any batch
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
-    ignore_eos: bool = False
+    ignore_eos: bool = False          # keep generating past eos (benchmarks: both sides make max_tokens tokens)
+    min_tokens: int = 0               # eos, stop_token_ids and stop strings cannot end generation before this many
     logprobs: int | None = None       # top-k logprobs per generated token (0 = only the chosen one)
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
@@ -49,6 +50,8 @@ class SamplingParams:
             problems.append(f"top_k must be >= 0 (or -1 for none), got {self.top_k}")
         if self.max_tokens < 1:
             problems.append(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            problems.append(f"min_tokens must be in 0..max_tokens ({self.max_tokens}), got {self.min_tokens}")
         if self.repetition_penalty <= 0:
             problems.append(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:

@@ -100,3 +100,27 @@ def test_rounds_give_each_sides_median_and_the_median_of_the_per_round_ratios():
     assert row["llama"]["decode"] == 14.0 and row["qwenvl"]["decode"] == 14.0 and row["llama"]["build"] == "x"
     assert row["decode_ratios"] == [1.2, 14.0 / 16.0, 15.0 / 14.0]          # its median, 15/14, is the ratio shown
     assert row["prefill_ratios"][0] == 0.9 and row["llama_bytes"] == 123
+
+
+def _llamacpp_tree():
+    import os
+    home = Path(os.environ.get("QWENVL_LLAMACPP_HOME", vs.HOME))
+    trees = sorted(home.glob("llama_cpp_python-*/vendor/llama.cpp/convert_hf_to_gguf.py"))
+    return trees[-1].parent if trees else None
+
+
+@pytest.mark.skipif(_llamacpp_tree() is None, reason="no llama.cpp source tree (set QWENVL_LLAMACPP_HOME)")
+def test_mmproj_conversion_of_a_transformers5_checkpoint_keeps_every_vision_tensor(tmp_path):
+    """The bundled checkpoint is saved by transformers 5 (`model.visual.*`); without the converter shim the
+    mmproj file had no tensors. Every tower tensor is there: per block q/k/v split from qkv (bias too), the
+    patch embedding as two Conv2D halves, the merger's two linears (mm.0, mm.2) and its norm."""
+    from safetensors import safe_open
+    bundled = Path(__file__).resolve().parent.parent / "qwenvl" / "assets" / "bundled"
+    path = vs.convert_mmproj(bundled, _llamacpp_tree(), tmp_path)
+    names = {name for name, _ in vs.gguf_tensors(path)}
+    with safe_open(bundled / "model.safetensors", "pt") as f:
+        tower = [k for k in f.keys() if k.startswith("model.visual.")]
+    qkv = sum(1 for k in tower if ".qkv." in k)
+    assert len(names) == len(tower) + 2 * qkv + 1             # qkv -> q, k, v; the Conv3D -> 2 Conv2D
+    assert {"mm.0.weight", "mm.2.weight", "v.post_ln.weight", "v.patch_embd.weight", "v.patch_embd.weight.1",
+            "v.blk.0.attn_q.weight", "v.blk.3.attn_v.bias"} <= names

@@ -141,3 +141,42 @@ def test_never_sample_ids_are_skipped_greedy_and_sampled_and_the_callers_logits_
     assert out.token_ids[0] == 3 and out.token_ids[1] != 7
     assert torch.equal(logits, before)
     assert out.logprobs[0][7] > -1e-3                  # logprobs stay the model's own (pre-transform)
+
+
+def test_min_tokens_masks_eos_and_stop_ids_until_reached_and_the_stop_helpers_wait_as_long():
+    eos, stop_id = 9, 5
+    logits = torch.zeros(4, V)
+    logits[:, eos] = 30.0                               # eos dominates, then the stop id, then token 3
+    logits[:, stop_id] = 20.0
+    logits[:, 3] = 10.0
+    before = logits.clone()
+    rows = [req("short", output=(1,), temperature=0, min_tokens=2, stop_token_ids=[stop_id], logprobs=0),
+            req("done", output=(1, 1), temperature=0, min_tokens=2, stop_token_ids=[stop_id]),
+            req("ignores", output=(), temperature=0, min_tokens=1, ignore_eos=True),
+            req("sampled", output=(), temperature=1.0, seed=3, min_tokens=4, stop_token_ids=[stop_id])]
+    out = Sampler(eos_token_ids=[eos])(logits, rows)
+    assert out.token_ids[:3] == [3, eos, eos]           # masked / min reached / eos is not a stop for it
+    assert out.token_ids[3] not in (eos, stop_id)
+    assert torch.equal(logits, before)
+    assert out.logprobs[0][3] < -9                     # logprobs stay the model's own
+    assert Sampler(eos_token_ids=[eos])(logits[:1], rows[1:2]).token_ids == [eos]
+
+    p = SamplingParams(max_tokens=5, min_tokens=2, stop_token_ids=[stop_id], stop=["##"])
+    assert check_stop_token(eos, 2, p, eos_token_ids=[eos]) is None    # within the first min_tokens
+    assert check_stop_token(stop_id, 2, p) is None
+    assert check_stop_token(eos, 3, p, eos_token_ids=[eos]) == "stop"
+    assert check_stop_token(stop_id, 3, p) == "stop"
+
+    class S:
+        params = p
+        num_output_tokens = 2
+    assert check_stop(S, 1, "hi ## there") == (None, "hi ## there")
+    S.num_output_tokens = 3
+    assert check_stop(S, 1, "hi ## there") == ("stop", "hi ")
+
+
+def test_min_tokens_validation():
+    for bad in [dict(min_tokens=-1), dict(max_tokens=3, min_tokens=4)]:
+        with pytest.raises(ValueError, match="min_tokens"):
+            SamplingParams(**bad)
+    assert SamplingParams(max_tokens=3, min_tokens=3).min_tokens == 3

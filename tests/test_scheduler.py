@@ -242,3 +242,61 @@ def test_decodes_are_not_starved_by_a_long_prefill():
         sched.postprocess(out, runner.run(out))
         steps += 1
     assert steps == 5 and not long.is_finished      # one decode per step while the long one prefills
+
+
+def test_prefill_tokens_are_capped_only_in_steps_that_decode():
+    def run(cap):
+        bm = BlockManager(200, 4)
+        sched = Scheduler(bm, max_num_batched_tokens=64, max_prefill_tokens_while_decoding=cap)
+        a, b, c = make("a", 70, max_tokens=30), make("b", 100, max_tokens=4, base=7), make("c", 40, max_tokens=3, base=9)
+        sched.add(a)
+        seen = []
+
+        def on_step(out):
+            decodes = [ch for ch in out.chunks if ch.num_tokens == 1 and not ch.is_prefill]
+            prefill = sum(ch.num_tokens for ch in out.chunks if ch.is_prefill or ch.seq.num_preemptions)
+            seen.append((len(decodes), prefill))
+            if len(seen) == 2:               # a decodes from step 3 on; b and c arrive then
+                sched.add(b); sched.add(c)
+        finished, _ = drive(sched, on_step=on_step)
+        return outputs(finished), seen
+
+    want, plain = run(None)
+    got, capped = run(10)
+    assert got == want                                    # the same tokens, only spread over more steps
+    assert any(d and p > 10 for d, p in plain)            # uncapped: one step decodes beside a 60-token prefill
+    assert all(p <= 10 for d, p in capped if d)           # capped wherever a decode runs
+    assert capped[:2] == plain[:2] == [(0, 64), (0, 6)]   # a's own prefill, with nothing decoding: not capped
+    with pytest.raises(ValueError, match="max_prefill_tokens_while_decoding"):
+        Scheduler(BlockManager(8, 4), max_prefill_tokens_while_decoding=0)
+
+
+def test_encode_ahead_stops_before_uncached_images_and_lets_others_pass():
+    bm = BlockManager(200, 4)
+    cached: set[str] = set()
+    sched = Scheduler(bm, max_num_batched_tokens=100, encode_ahead=True, is_encoder_cached=cached.__contains__)
+    a = make("a", 30, vision=[VisionSpan("i1", 4, 8), VisionSpan("i2", 14, 8)], max_tokens=2)
+    b = make("b", 20, vision=[VisionSpan("i1", 0, 8)], max_tokens=2, base=3)     # the image comes first
+    c = make("c", 10, max_tokens=2, base=6)
+    for s in (a, b, c):
+        sched.add(s)
+    runner = sched._fake_runner = FakeRunner(bm)        # drive() below goes on with the same KV
+    out = sched.schedule()
+    # a stops before i1; b cannot start at all (waits in the queue, c passes it); i1 is asked for once
+    assert [(ch.seq.request_id, ch.start, ch.end) for ch in out.chunks] == [("a", 0, 4), ("c", 0, 10)]
+    assert [(span.content_hash, seq.request_id) for span, seq in out.encode] == [("i1", "a")]
+    assert [s.request_id for s in sched.waiting] == ["b"] and all(not ch.encode for ch in out.chunks)
+    sched.postprocess(out, runner.run(out))
+    out = sched.schedule()                                # nothing cached yet: c decodes, i1 asked again
+    assert [(ch.seq.request_id, ch.start) for ch in out.chunks] == [("c", 10)] and len(out.encode) == 1
+    sched.postprocess(out, runner.run(out))
+    cached.add("i1")                                      # the runner finished i1
+    out = sched.schedule()
+    assert [(ch.seq.request_id, ch.start, ch.end) for ch in out.chunks] == [("a", 4, 14), ("b", 0, 20)]
+    assert [span.content_hash for span, _ in out.encode] == ["i2"]
+    sched.postprocess(out, runner.run(out))
+    cached.add("i2")
+    finished, _ = drive(sched)
+    assert {s.request_id for s in finished} == {"a", "b"} and bm.num_used_blocks == 0
+    with pytest.raises(ValueError, match="chunked prefill"):
+        Scheduler(BlockManager(8, 4), encode_ahead=True, enable_chunked_prefill=False)

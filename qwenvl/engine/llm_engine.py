@@ -45,6 +45,11 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048     # tokens per step (prefill chunks + decodes)
     max_encoder_tokens_per_step: int | None = None
+    # Latency under load (issue 37): a step that decodes runs at most this many prefill tokens, and at most
+    # this much vision tower (patch rows x blocks; images are then encoded ahead, a slice per step).
+    # None: off (a prefill chunk takes the whole token budget; an image is encoded whole in one step).
+    max_prefill_tokens_while_decoding: int | None = None
+    vision_rows_per_step: int | None = None
     max_model_len: int | None = None       # default: the model's max_position_embeddings
     encoder_cache_tokens: int = 32768      # vision embeddings kept, in merged tokens
     enable_prefix_caching: bool = True
@@ -57,6 +62,10 @@ class EngineConfig:
 
     def __post_init__(self):
         check_quantization(self.quantization)
+        for name in ("max_prefill_tokens_while_decoding", "vision_rows_per_step"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
         if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be a positive integer, got {self.tensor_parallel_size!r}")
         if self.tensor_parallel_size > 1 and self.quantization:
@@ -131,11 +140,15 @@ class LLMEngine:
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_encoder_tokens_per_step=config.max_encoder_tokens_per_step,
             eos_token_ids=self.tokenizer.eos_token_ids,
-            is_encoder_cached=lambda h: h in self.encoder_cache, max_model_len=self.max_model_len)
-        self.sampler = Sampler(never_sample=(self.cfg.image_token_id, self.cfg.video_token_id))
+            is_encoder_cached=lambda h: self.runner.has_features(h), max_model_len=self.max_model_len,
+            encode_ahead=config.vision_rows_per_step is not None,
+            max_prefill_tokens_while_decoding=config.max_prefill_tokens_while_decoding)
+        self.sampler = Sampler(never_sample=(self.cfg.image_token_id, self.cfg.video_token_id),
+                               eos_token_ids=self.tokenizer.eos_token_ids)
         self.grammar_mask = GrammarMask(self.tokenizer, text.vocab_size)
         self.sampler = MaskedSampler(self.sampler, self.grammar_mask)       # release() frees both
-        self.runner = ModelRunner(self.model, pool, self.sampler, self.encoder_cache, attn_impl=config.attn_impl)
+        self.runner = ModelRunner(self.model, pool, self.sampler, self.encoder_cache, attn_impl=config.attn_impl,
+                                  vision_rows_per_step=config.vision_rows_per_step)
         self._requests: dict[str, _Request] = {}
 
     def _load_folder(self, model_dir, revision) -> None:
@@ -236,7 +249,7 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Schedule, run the model once, sample, detokenise; one output per request that advanced."""
         plan = self.scheduler.schedule()
-        sampled, logprobs = self.runner.step(plan.chunks)
+        sampled, logprobs = self.runner.step(plan.chunks, plan.encode)
         finished = {s.request_id for s in self.scheduler.postprocess(plan, sampled, logprobs, decide=self._decide)}
         outputs = []
         for seq in plan.failed:
@@ -269,7 +282,8 @@ class LLMEngine:
         # A token that stopped generation (eos, stop_token_ids) is in token_ids but never in the text.
         if piece and reason != "stop":
             req.text += piece
-            cut = find_stop_string(req.text, seq.params.stop, len(piece)) if seq.params.stop else None
+            may_stop = seq.params.stop and seq.num_output_tokens > seq.params.min_tokens
+            cut = find_stop_string(req.text, seq.params.stop, len(piece)) if may_stop else None
             if cut is not None:
                 req.text = req.text[:cut]
                 reason = "stop"

@@ -7,11 +7,23 @@ Input: the scheduler's chunks. For each chunk the runner
     next_position + i on all rows) and the embedding rows of the pads it holds;
 then runs `model.forward` once for the whole batch with a PagedAttention backend, computes logits
 only at the last token of each chunk that completes its sequence, and samples those rows.
+
+Encoding ahead (the scheduler's `encode_ahead`, on when `vision_rows_per_step` is set): the images the
+scheduler's chunks stopped before are queued, and each step runs a slice of the vision tower before the
+language model: whole blocks, until the slice has run `vision_rows_per_step` patch rows x blocks (at least one
+block; the whole rest when the step decodes nothing, as then nobody waits). So a 1280x720 image no longer
+stalls every running stream for the whole tower; its features are cached when its last block is done and its
+request's chunk goes on the step after. One image per tower call: on a CPU a call over several images is no
+faster (bench/vision_batching.py: 4 images of 448x448 at 2B widths, one call 1.07-1.09x the time of four),
+and an image's float32 features then never depend on which others were encoded with it.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Generator
 
 import torch
 
@@ -21,9 +33,29 @@ from qwenvl.engine.sequence import Sequence
 from qwenvl.layers.paged_attention import PagedAttention, PagedKVPool
 
 
+@dataclass
+class _VisionJob:
+    """One image or video being encoded a slice per step."""
+    content_hash: str
+    item: object                                  # the VisionItem: pixel_values, grid_thw, num_tokens
+    stages: Generator | None = None               # model.encode_vision_stages(...), started on its first slice
+
+
 class ModelRunner:
     def __init__(self, model, pool: PagedKVPool, sampler: Sampler | None = None,
-                 encoder_cache: EncoderCache | None = None, attn_impl: str = "fast"):
+                 encoder_cache: EncoderCache | None = None, attn_impl: str = "fast",
+                 vision_rows_per_step: int | None = None):
+        """`vision_rows_per_step`: the slice of vision tower a step that decodes may run, in patch rows x
+        blocks (None: every image is encoded whole in the step that first needs it)."""
+        if vision_rows_per_step is not None and vision_rows_per_step < 1:
+            raise ValueError(f"vision_rows_per_step must be >= 1 (or None), got {vision_rows_per_step}")
+        self.vision_rows_per_step = vision_rows_per_step
+        self._jobs: OrderedDict[str, _VisionJob] = OrderedDict()    # queued and running, oldest first
+        # Features finished ahead, kept until a chunk takes the image's last pad, so an encoder cache too
+        # small to hold them cannot make the request wait for ever. Dropped unused after _READY_STEPS steps
+        # (an aborted request's image).
+        self._ready: dict[str, tuple[tuple, int]] = {}
+        self._steps = 0
         self.model = model
         self.pool = pool
         self.sampler = sampler or Sampler()
@@ -33,6 +65,44 @@ class ModelRunner:
         self.num_encoded_items = 0          # cumulative images/videos run through the vision tower
 
     # ------------------------------------------------------------------ vision
+    def has_features(self, content_hash: str) -> bool:
+        """Whether a chunk with this image's pads can run now (the scheduler's is_encoder_cached)."""
+        return content_hash in self._ready or content_hash in self.encoder_cache
+
+    def _queue(self, encode) -> None:
+        for span, seq in encode:
+            h = span.content_hash
+            if h not in self._jobs and not self.has_features(h):
+                self.encoder_cache.misses += 1        # as a lookup in the step that needs it would count
+                self._jobs[h] = _VisionJob(h, seq.vision_items[h])
+
+    def _advance_vision(self, decoding: bool) -> None:
+        """Run queued tower work: a slice of `vision_rows_per_step` when the step decodes, else all of it."""
+        budget = self.vision_rows_per_step if decoding else None
+        used = 0
+        while self._jobs and (budget is None or used < budget):
+            job = next(iter(self._jobs.values()))
+            if job.stages is None:
+                it = job.item
+                stages = getattr(self.model, "encode_vision_stages", None)
+                pixels = it.pixel_values.to(self.device)
+                grid = torch.tensor([list(it.grid_thw)], dtype=torch.long, device=self.device)
+                job.stages = stages(pixels, grid) if stages else _whole(self.model.encode_vision(pixels, grid))
+            try:
+                used += next(job.stages)
+            except StopIteration as done:
+                embeds, deepstack = done.value
+                if embeds.shape[0] != int(job.item.num_tokens):
+                    raise RuntimeError(f"encode_vision returned {embeds.shape[0]} rows for "
+                                       f"{job.item.num_tokens} vision tokens")
+                entry = (embeds, list(deepstack))
+                self.encoder_cache.put(job.content_hash, *entry)
+                self._ready[job.content_hash] = (entry, self._steps)
+                self.num_encoded_items += 1
+                del self._jobs[job.content_hash]
+        for h in [h for h, (_, step) in self._ready.items() if self._steps - step > _READY_STEPS]:
+            del self._ready[h]
+
     def _features(self, chunks) -> dict[str, tuple]:
         """content_hash -> (embeds, deepstack) for every span with pads in this step's chunks."""
         feats: dict[str, tuple] = {}
@@ -42,6 +112,11 @@ class ModelRunner:
                 h = span.content_hash
                 if h in feats or h in missing:
                     self.encoder_cache.hits += 1      # another request in this step shows the same image
+                    continue
+                if h in self._ready:                  # encoded ahead; the last chunk with its pads lets go
+                    feats[h] = self._ready[h][0]
+                    if c.end >= span.end:
+                        del self._ready[h]
                     continue
                 hit = self.encoder_cache.get(h)
                 if hit is not None:
@@ -85,9 +160,14 @@ class ModelRunner:
 
     # -------------------------------------------------------------------- step
     @torch.inference_mode()
-    def step(self, chunks) -> tuple[dict[str, int], dict[str, dict[int, float]]]:
+    def step(self, chunks, encode=()) -> tuple[dict[str, int], dict[str, dict[int, float]]]:
         """Run the scheduled chunks; returns ({request_id: sampled token}, {request_id: logprobs})
-        for the chunks that complete their sequence."""
+        for the chunks that complete their sequence. `encode`: the scheduler's (span, sequence) pairs of
+        images to encode ahead (queued here, run a slice per step)."""
+        self._steps += 1
+        self._queue(encode)
+        if self._jobs:
+            self._advance_vision(decoding=any(c.num_tokens == 1 and not c.is_prefill for c in chunks))
         if not chunks:
             return {}, {}
         feats = self._features(chunks)
@@ -125,6 +205,15 @@ class ModelRunner:
         sampled = {r.request_id: t for r, t in zip(reqs, out.token_ids)}
         logprobs = {r.request_id: lp for r, lp in zip(reqs, out.logprobs) if lp is not None}
         return sampled, logprobs
+
+
+_READY_STEPS = 64
+
+
+def _whole(result) -> Generator:
+    """A model without encode_vision_stages (tensor-parallel rank 0, test doubles): the whole tower at once."""
+    yield 0
+    return result
 
 
 @contextmanager

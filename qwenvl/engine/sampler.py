@@ -1,7 +1,7 @@
 """Turn one row of logits per sequence into a token, per-request parameters.
 
 Order: logprobs are taken first (raw log-softmax of the model's float32 logits), then
-repetition / presence / frequency penalties, then greedy argmax (temperature 0) or temperature ->
+repetition / presence / frequency penalties, then the stop tokens a request's min_tokens forbids, then greedy argmax (temperature 0) or temperature ->
 top-k -> top-p -> a draw. Every transform works row by row, so a row's result does not depend on
 which other requests share the batch.
 
@@ -36,12 +36,14 @@ class SampleOutput:
 
 
 class Sampler:
-    def __init__(self, never_sample: Iterable[int] = ()):
+    def __init__(self, never_sample: Iterable[int] = (), eos_token_ids: Iterable[int] = ()):
         """`never_sample`: token ids no request may produce. A model's image and video pad tokens go here:
         fed back as input, a sampled one would be taken for an image placeholder and break the step that
-        batches it with a real image's prefill; no answer needs one."""
+        batches it with a real image's prefill; no answer needs one.
+        `eos_token_ids`: the model's end tokens, which a request's `min_tokens` keeps out of its first tokens."""
         self._generators: dict[str, torch.Generator] = {}
         self.never_sample = torch.tensor(sorted(set(never_sample)), dtype=torch.long)
+        self.eos_token_ids = tuple(sorted(set(int(t) for t in eos_token_ids)))
 
     def release(self, request_id: str) -> None:
         """Forget a finished request's generator."""
@@ -68,6 +70,7 @@ class Sampler:
         raw_lp = torch.log_softmax(logits, dim=-1) if any(want_lp) else None
 
         logits = apply_penalties(logits, reqs)
+        logits = apply_min_tokens(logits, reqs, self.eos_token_ids)
         banned = self.never_sample[self.never_sample < V]
         if banned.numel():
             logits = logits.index_fill(1, banned.to(logits.device), float("-inf"))   # a copy: never the caller's
@@ -138,6 +141,22 @@ def apply_penalties(logits: torch.Tensor, reqs: list) -> torch.Tensor:
             counts = torch.bincount(torch.tensor(out, dtype=torch.long, device=dev), minlength=V)[:V].float()
             logits[i] -= freq * counts + p.presence_penalty * (counts > 0).float()
     return logits
+
+
+def apply_min_tokens(logits: torch.Tensor, reqs: list, eos_token_ids: tuple[int, ...]) -> torch.Tensor:
+    """Rows still short of their `min_tokens` cannot draw a token that would stop them: the stop_token_ids,
+    and the eos tokens unless the request ignores eos (vLLM's rule). Returns a new tensor when any row is masked."""
+    V = logits.shape[1]
+    masked = None
+    for i, r in enumerate(reqs):
+        p = r.params
+        if len(r.token_ids) - r.num_prompt_tokens >= p.min_tokens:
+            continue
+        banned = [t for t in (*p.stop_token_ids, *(() if p.ignore_eos else eos_token_ids)) if 0 <= t < V]
+        if banned:
+            masked = logits.clone() if masked is None else masked
+            masked[i, banned] = float("-inf")
+    return logits if masked is None else masked
 
 
 def apply_top_k_top_p(logits: torch.Tensor, ks: list[int], ps: list[float]) -> torch.Tensor:

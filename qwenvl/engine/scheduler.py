@@ -13,7 +13,13 @@ Policy (vLLM v1 shaped, one queue of work measured in tokens):
   * then waiting sequences in order while the token budget, max_num_seqs and the pool allow;
   * a chunk that reaches the first pad of an image/video whose features are not cached counts the
     whole span against the per-step encoder budget; a chunk that would exceed it stops just before
-    that span (unless nothing else is encoded this step, so a huge image still makes progress).
+    that span (unless nothing else is encoded this step, so a huge image still makes progress);
+  * with `encode_ahead`, a chunk instead always stops just before an uncached span and the span is listed
+    in the step's `encode`: the runner encodes it over the following steps, a slice of the tower per step,
+    while the running requests keep decoding; the chunk goes on once the features are cached;
+  * with `max_prefill_tokens_while_decoding`, a step that decodes runs at most that many prefill tokens
+    (chunks of prompts and recomputes), so a long prompt arriving costs each running stream one short
+    step at a time instead of one long one; steps without decodes keep the whole token budget.
 """
 
 from __future__ import annotations
@@ -53,6 +59,9 @@ class SchedulerOutput:
     chunks: list[ScheduledChunk] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
     failed: list[Sequence] = field(default_factory=list)      # finished by the scheduler (pool too small)
+    # encode_ahead: uncached spans the chunks stopped before, with a sequence that holds each (its
+    # vision_items have the pixels), in the order they were met; each content hash once
+    encode: list[tuple[VisionSpan, Sequence]] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -61,6 +70,25 @@ class SchedulerOutput:
     @property
     def is_empty(self) -> bool:
         return not self.chunks
+
+
+@dataclass
+class _StepBudget:
+    """What is left of one step: tokens, vision tokens to encode, and prefill tokens (None: not capped)."""
+    tokens: int
+    prefill: int | None
+    encoder_tokens: int = 0                 # used so far
+
+    def fit(self, want: int, prefill: bool) -> int:
+        """How many of `want` tokens the step can still take (a decode's one token ignores the prefill cap)."""
+        n = min(want, self.tokens)
+        return min(n, self.prefill) if prefill and self.prefill is not None else n
+
+    def take(self, n: int, encode: list[VisionSpan], prefill: bool) -> None:
+        self.tokens -= n
+        self.encoder_tokens += sum(s.num_tokens for s in encode)
+        if prefill and self.prefill is not None:
+            self.prefill -= n
 
 
 class Scheduler:
@@ -74,9 +102,16 @@ class Scheduler:
         eos_token_ids: Iterable[int] = (),
         is_encoder_cached: Callable[[str], bool] | None = None,
         max_model_len: int | None = None,
+        encode_ahead: bool = False,
+        max_prefill_tokens_while_decoding: int | None = None,
     ):
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
+        if max_prefill_tokens_while_decoding is not None and max_prefill_tokens_while_decoding < 1:
+            raise ValueError(f"max_prefill_tokens_while_decoding must be >= 1 (or None), got "
+                             f"{max_prefill_tokens_while_decoding}")
+        if encode_ahead and not enable_chunked_prefill:
+            raise ValueError("encode_ahead needs chunked prefill: a chunk stops before each image until it is encoded")
         self.bm = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -85,6 +120,8 @@ class Scheduler:
         self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
         self.is_encoder_cached = is_encoder_cached or (lambda h: False)
         self.max_model_len = max_model_len
+        self.encode_ahead = encode_ahead
+        self.max_prefill_tokens_while_decoding = max_prefill_tokens_while_decoding
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.requests: dict[str, Sequence] = {}
@@ -154,21 +191,29 @@ class Scheduler:
     # -------------------------------------------------------------- schedule
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
-        budget = self.max_num_batched_tokens
-        enc_used = 0
+        # prefill tokens this step may take are capped only when the step decodes
+        decoding = any(s.num_uncomputed_tokens == 1 for s in self.running)
+        left = _StepBudget(self.max_num_batched_tokens, self.max_prefill_tokens_while_decoding if decoding else None)
+        self._encode: dict[str, tuple[VisionSpan, Sequence]] = {}
+        self._schedule_running(out, left)
+        self._schedule_waiting(out, left)
+        out.encode = list(self._encode.values())
+        return out
 
-        # 1. running sequences: decodes first (one token each, so a long prefill chunk cannot starve
-        #    them), then unfinished prefill chunks, each group in admission order.
+    def _schedule_running(self, out: SchedulerOutput, left: "_StepBudget") -> None:
+        """Running sequences: decodes first (one token each, so a long prefill chunk cannot starve them),
+        then unfinished prefill chunks, each group in admission order; preempts when the pool is short."""
         order = [s for s in self.running if s.num_uncomputed_tokens == 1]
         order += [s for s in self.running if s.num_uncomputed_tokens > 1]
         scheduled: set[int] = set()
         for seq in order:
-            if budget <= 0:
+            if left.tokens <= 0:
                 break
             if seq.status is not SequenceStatus.RUNNING:
                 continue            # preempted earlier in this loop
-            n = min(seq.num_uncomputed_tokens, budget)
-            n, enc = self._fit_encoder(seq, seq.num_computed_tokens, n, enc_used)
+            prefill = seq.num_uncomputed_tokens > 1
+            n = left.fit(seq.num_uncomputed_tokens, prefill)
+            n, enc = self._fit_encoder(seq, seq.num_computed_tokens, n, left.encoder_tokens)
             if n == 0:
                 continue
             ok = True
@@ -188,17 +233,24 @@ class Scheduler:
                 continue
             out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, seq.num_computed_tokens + n, enc))
             scheduled.add(id(seq))
-            budget -= n
-            enc_used += sum(s.num_tokens for s in enc)
+            left.take(n, enc, prefill)
 
-        # 2. waiting sequences, in order; no preemption on their behalf.
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+    def _schedule_waiting(self, out: SchedulerOutput, left: "_StepBudget") -> None:
+        """Waiting sequences, in order; no preemption on their behalf. With encode_ahead, one that cannot
+        start before its image is encoded lets the ones behind it go first."""
+        blocked: list[Sequence] = []
+        while self.waiting and left.tokens > 0 and len(self.running) < self.max_num_seqs:
             if out.preempted:
                 break               # the pool is short this step; let the running ones finish first
             seq = self.waiting[0]
             start = len(self.bm.match_prefix(seq)) * self.bm.block_size
-            n = min(seq.num_tokens - start, budget)
-            n, enc = self._fit_encoder(seq, start, n, enc_used)
+            n = left.fit(seq.num_tokens - start, True)
+            if n <= 0:
+                break
+            n, enc = self._fit_encoder(seq, start, n, left.encoder_tokens)
+            if n == 0 and self.encode_ahead and self._waits_for_encoder(seq, start):
+                blocked.append(self.waiting.popleft())
+                continue
             if n == 0 or (not self.enable_chunked_prefill and n < seq.num_tokens - start):
                 break
             cached = self.bm.admit(seq, n)
@@ -209,9 +261,12 @@ class Scheduler:
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             out.chunks.append(ScheduledChunk(seq, start, start + n, enc))
-            budget -= n
-            enc_used += sum(s.num_tokens for s in enc)
-        return out
+            left.take(n, enc, True)
+        self.waiting.extendleft(reversed(blocked))
+
+    def _waits_for_encoder(self, seq: Sequence, start: int) -> bool:
+        """Whether token `start` of seq is the first pad of a span whose features are not cached yet."""
+        return any(s.token_offset == start and not self.is_encoder_cached(s.content_hash) for s in seq.vision)
 
     def _fit_encoder(self, seq: Sequence, start: int, n: int, enc_used: int) -> tuple[int, list[VisionSpan]]:
         """Shrink the chunk [start, start+n) to respect the encoder budget; return (n, spans to encode)."""
@@ -221,6 +276,9 @@ class Scheduler:
         for s in spans:
             if self.is_encoder_cached(s.content_hash):
                 continue
+            if self.encode_ahead:                      # wait for the runner to encode it, a slice per step
+                self._encode.setdefault(s.content_hash, (s, seq))
+                return s.token_offset - start, enc
             if limit is not None and enc_used > 0 and enc_used + s.num_tokens > limit:
                 return s.token_offset - start, enc     # stop just before this span
             enc.append(s)

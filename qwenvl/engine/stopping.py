@@ -3,6 +3,8 @@
 Token-level stops (checked by the scheduler after each sampled token):
   * a token in `params.stop_token_ids`, or an eos token unless `params.ignore_eos` -> "stop"
   * `params.max_tokens` output tokens -> "length"
+  * neither stop above ends generation within the first `params.min_tokens` output tokens (the sampler
+    does not draw them there either, see Sampler); stop strings wait as long (the engine's _decide)
 The stop token stays in `token_ids`; the text never shows it (the detokeniser drops special tokens).
 
 Text-level stops (checked by the engine on the detokenised output): the first occurrence of any
@@ -16,10 +18,11 @@ from typing import Iterable
 
 def check_stop_token(token_id: int, num_output_tokens: int, params, eos_token_ids: Iterable[int] = ()) -> str | None:
     """Finish reason after appending `token_id` as output token number `num_output_tokens`, or None."""
-    if token_id in params.stop_token_ids:
-        return "stop"
-    if not params.ignore_eos and token_id in eos_token_ids:
-        return "stop"
+    if num_output_tokens > params.min_tokens:
+        if token_id in params.stop_token_ids:
+            return "stop"
+        if not params.ignore_eos and token_id in eos_token_ids:
+            return "stop"
     if num_output_tokens >= params.max_tokens:
         return "length"
     return None
@@ -45,7 +48,8 @@ def check_stop(seq, new_token: int, text: str, stop_strings: Iterable[str] = (),
     """Everything in one call: (finish reason or None, text to show). `seq` has already had
     `new_token` appended; `text` is the detokenised output so far (special tokens dropped)."""
     stop_strings = tuple(stop_strings) or tuple(seq.params.stop)
-    i = find_stop_string(text, stop_strings, num_new_chars)
+    may_stop = seq.num_output_tokens > seq.params.min_tokens
+    i = find_stop_string(text, stop_strings, num_new_chars) if may_stop else None
     if i is not None:
         return "stop", text[:i]
     return check_stop_token(new_token, seq.num_output_tokens, seq.params, eos_token_ids), text

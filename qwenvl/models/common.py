@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+from typing import Generator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def run_stages(stages: Generator):
+    """Drive a vision tower's `stages` generator (it pauses after each block) to its end: its return value."""
+    while True:
+        try:
+            next(stages)
+        except StopIteration as done:
+            return done.value
 
 
 class LMHead:

@@ -145,8 +145,10 @@ def _render_documents(conv, policy: AdmissionPolicy):
 def _size_max_tokens(state: ServerState, req: ChatRequest, n: int, image_tokens: int):
     limit = state.max_model_len
     params = req.params
+    # Without max_tokens: the server's default, raised to the request's min_tokens, clamped to the context.
+    default = max(state.settings.default_max_tokens, params.min_tokens)
     if limit is None:
-        want = params.max_tokens if req.max_tokens_given else state.settings.default_max_tokens
+        want = params.max_tokens if req.max_tokens_given else default
         return dataclasses.replace(params, max_tokens=want)
     detail = f"{n} tokens ({image_tokens} of them image tokens)"
     if n >= limit:
@@ -160,7 +162,11 @@ def _size_max_tokens(state: ServerState, req: ChatRequest, n: int, image_tokens:
                            f"{n + params.max_tokens}, over the model's context of {limit} tokens; ask for at "
                            f"most {room} tokens", param="max_tokens", code="context_length_exceeded")
         return params
-    return dataclasses.replace(params, max_tokens=min(room, state.settings.default_max_tokens))
+    if params.min_tokens > room:
+        raise APIError(400, f"the prompt is {detail} and min_tokens is {params.min_tokens}: together "
+                       f"{n + params.min_tokens}, over the model's context of {limit} tokens; ask for at "
+                       f"most {room} tokens", param="min_tokens", code="context_length_exceeded")
+    return dataclasses.replace(params, max_tokens=min(room, default))
 
 
 async def start(state: ServerState, prompt, params, request_id: str, request: Request | None = None):

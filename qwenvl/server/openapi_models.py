@@ -92,6 +92,10 @@ class SamplingFields(_Open):
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     repetition_penalty: float | None = Field(None, gt=0)
+    ignore_eos: bool | None = Field(None, description="vLLM's extra parameter: keep generating past the end "
+                                    "token, up to max_tokens (benchmarks use it so every server makes the same lengths)")
+    min_tokens: int | None = Field(None, ge=0, description="vLLM's extra parameter: the end token, stop_token_ids "
+                                   "and stop strings cannot end the answer before this many tokens (<= max_tokens)")
     n: int | None = Field(None, ge=1, le=MAX_CHOICES)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)

@@ -108,7 +108,11 @@ def _messages(body: dict, where: str) -> list:
     return messages
 
 
-def sampling_params(p: dict, where: str, max_tokens, logprobs: int | None, defaults: dict | None = None) -> SamplingParams:
+def sampling_params(p: dict, where: str, max_tokens: int | None, logprobs: int | None,
+                    defaults: dict | None = None) -> SamplingParams:
+    """The request's sampling fields; `max_tokens` None means the request gave none (1 stands in for it)."""
+    max_tokens_given = max_tokens is not None
+    max_tokens = max_tokens or 1
     args = dict(
         temperature=number(p, "temperature", where, 0, 2),
         top_p=number(p, "top_p", where, 0, 1),
@@ -117,9 +121,16 @@ def sampling_params(p: dict, where: str, max_tokens, logprobs: int | None, defau
         stop=stops(p, "stop", where),
         repetition_penalty=number(p, "repetition_penalty", where, 0),
         presence_penalty=number(p, "presence_penalty", where, -2, 2),
+        ignore_eos=boolean(p, "ignore_eos", where),
+        min_tokens=integer(p, "min_tokens", where, 0),
         max_tokens=max_tokens,
         logprobs=logprobs,
     )
+    if args["min_tokens"] is not None and max_tokens_given and args["min_tokens"] > max_tokens:
+        raise bad_request(f"{where}min_tokens: {args['min_tokens']} is more than max_tokens ({max_tokens})",
+                          f"{where}min_tokens")
+    if not max_tokens_given:     # a placeholder until the server sizes max_tokens to the context
+        args["max_tokens"] = max(max_tokens, args["min_tokens"] or 0)
     freq = number(p, "frequency_penalty", where, -2, 2)
     if freq:
         if "frequency_penalty" not in _SP_FIELDS:
@@ -217,7 +228,7 @@ def parse_openai(body: dict, defaults: dict | None = None, limits: SchemaLimits 
     options = obj_field(body, "stream_options") or {}
     include_usage = bool(boolean(options, "include_usage", "stream_options."))
     top = _top_logprobs(body, "")
-    params, tools = _constrained(body, "", sampling_params(body, "", max_tokens or 1, top, defaults), limits)
+    params, tools = _constrained(body, "", sampling_params(body, "", max_tokens, top, defaults), limits)
     return ChatRequest(model=string(body, "model"), messages=messages, params=params,
                        max_tokens_given=max_tokens is not None, stream=stream, include_usage=include_usage,
                        logprobs=top is not None, high_resolution=bool(boolean(body, "vl_high_resolution_images")),
@@ -239,7 +250,7 @@ def parse_dashscope(body: dict, sse_header: bool, defaults: dict | None = None,
     if fmt not in ("message", "text"):
         raise bad_request(f"{w}result_format: must be 'message' or 'text', got {fmt!r}", f"{w}result_format")
     top = _top_logprobs(p, w)
-    params, tools = _constrained(p, w, sampling_params(p, w, max_tokens or 1, top, defaults), limits)
+    params, tools = _constrained(p, w, sampling_params(p, w, max_tokens, top, defaults), limits)
     ocr = obj_field(p, "ocr_options", w) or {}
     task = string(ocr, "task", f"{w}ocr_options.")
     task_config = obj_field(ocr, "task_config", f"{w}ocr_options.") or {}

@@ -8,10 +8,13 @@ before the blocks, and the merged tokens are put back in the original order afte
 
 from __future__ import annotations
 
+from typing import Generator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..common import run_stages
 from ..config import VisionConfig
 from ...layers.norms import RMSNorm
 from ...layers.rotary import vision_cos_sin, vision_patch_coords
@@ -75,6 +78,10 @@ class VisionTransformer(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         """pixel_values[P, C*T*ps*ps] (merge-block order), grid_thw[n, 3] -> merged tokens [M, D]."""
+        return run_stages(self.stages(pixel_values, grid_thw))
+
+    def stages(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> Generator[int, None, torch.Tensor]:
+        """forward, paused after each block (yields the P rows it ran); bit for bit the same result."""
         c = self.cfg
         unit = c.spatial_merge_size ** 2
         grid_thw = grid_thw.to(pixel_values.device)
@@ -91,5 +98,6 @@ class VisionTransformer(nn.Module):
         cos, sin = (to_windows(t) for t in vision_cos_sin(coords, c.width // c.num_heads))
         for i, blk in enumerate(self.blocks):
             x = blk(x, cu_full if i in c.fullatt_block_indexes else cu_window, cos, sin)
+            yield x.shape[0]
         merged = self.merger(x)                                                # [M, D] in window order
         return merged[torch.argsort(order)]                                    # back to raster order

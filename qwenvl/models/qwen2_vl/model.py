@@ -30,6 +30,12 @@ class Qwen2VLModel(LMHead, nn.Module):
         """pixel_values[P, C*T*ps*ps], grid_thw[n, 3] -> (embeds[M, D], deepstack=[]); images in order."""
         return self.model.visual(pixel_values, grid_thw), []
 
+    def encode_vision_stages(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor):
+        """encode_vision as a generator that pauses after each tower block (yielding the patch rows it ran)
+        and returns what encode_vision returns, bit for bit: the engine runs a tower a slice per step."""
+        embeds = yield from self.model.visual.stages(pixel_values, grid_thw)
+        return embeds, []
+
     def _vision_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
         return (input_ids == self.cfg.image_token_id) | (input_ids == self.cfg.video_token_id)
 

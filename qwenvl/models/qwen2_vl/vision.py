@@ -6,10 +6,13 @@ here are reused by Qwen2.5-VL's tower, which swaps the norms and the MLP and add
 
 from __future__ import annotations
 
+from typing import Generator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..common import run_stages
 from ..config import VisionConfig
 from ...layers.attention import segment_attention
 from ...layers.norms import layer_norm
@@ -106,6 +109,11 @@ class VisionTransformer(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         """pixel_values[P, C*T*ps*ps] (merge-block order), grid_thw[n, 3] -> merged tokens [M, D]."""
+        return run_stages(self.stages(pixel_values, grid_thw))
+
+    def stages(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> Generator[int, None, torch.Tensor]:
+        """forward, paused after each block (yields the P rows it ran): the engine spreads a tower run over
+        several steps. The same operations in the same order, so the result is forward's, bit for bit."""
         grid_thw = grid_thw.to(pixel_values.device)
         x = self.patch_embed(pixel_values)
         coords = vision_patch_coords(grid_thw, self.cfg.spatial_merge_size)
@@ -113,4 +121,6 @@ class VisionTransformer(nn.Module):
         cu = frame_cu_seqlens(grid_thw)
         for blk in self.blocks:
             x = blk(x, cu, cos, sin)
+            yield x.shape[0]
         return self.merger(x)
+

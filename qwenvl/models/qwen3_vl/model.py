@@ -47,6 +47,10 @@ class Qwen3VLModel(LMHead, nn.Module):
         (embeds[M, D], deepstack: one [M, D] per deepstack_visual_indexes entry)."""
         return self.model.visual(pixel_values, grid_thw)
 
+    def encode_vision_stages(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor):
+        """encode_vision as a generator paused after each tower block (see Qwen2VLModel's)."""
+        return (yield from self.model.visual.stages(pixel_values, grid_thw))
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn,
                 vision_embeds: torch.Tensor | None = None,
                 deepstack: list[torch.Tensor] | None = None) -> torch.Tensor:

@@ -10,11 +10,13 @@ the merger can then fuse every 4 consecutive rows into one LLM token.
 from __future__ import annotations
 
 import math
+from typing import Generator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qwenvl.models.common import run_stages
 from qwenvl.models.config import VisionConfig
 from qwenvl.layers.attention import segment_attention
 from qwenvl.layers.rotary import apply_rotary, vision_cos_sin, vision_patch_coords
@@ -165,6 +167,11 @@ class Qwen3VLVisionModel(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor
                 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        return run_stages(self.stages(pixel_values, grid_thw))
+
+    def stages(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor
+               ) -> Generator[int, None, tuple[torch.Tensor, list[torch.Tensor]]]:
+        """forward, paused after each block (yields the P rows it ran); bit for bit the same result."""
         grid = [[int(v) for v in row] for row in grid_thw.tolist()]
         total = sum(t * h * w for t, h, w in grid)
         if pixel_values.shape[0] != total:
@@ -182,4 +189,5 @@ class Qwen3VLVisionModel(nn.Module):
             if i in self.deepstack_visual_indexes:
                 merger = self.deepstack_merger_list[self.deepstack_visual_indexes.index(i)]
                 deepstack.append(merger(x))                                   # [M, D]
+            yield x.shape[0]
         return self.merger(x), deepstack
