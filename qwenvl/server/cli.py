@@ -74,6 +74,12 @@ def add_serve_subcommand(subparsers) -> argparse.ArgumentParser:
                         "(default: each image whole, in the step that first needs it)")
     p.add_argument("--tensor-parallel-size", type=int, default=1,
                    help="split the language model over N processes, one GPU each (gloo on CPU; see README)")
+    _add_replica_args(p)
+    p.set_defaults(func=run_serve_command)
+    return p
+
+
+def _add_replica_args(p) -> None:
     g = p.add_argument_group("replicas (Ray Serve; pip install 'qwenvl[cluster]')")
     g.add_argument("--replicas", type=int, default=None,
                    help="run N engine replicas on Ray Serve behind this server (default: one engine in-process)")
@@ -84,8 +90,6 @@ def add_serve_subcommand(subparsers) -> argparse.ArgumentParser:
                    help="Ray CPUs per replica (default: 1 with a GPU, else the cores shared out)")
     g.add_argument("--ray-object-store-mb", type=int, default=None,
                    help="local cluster: object store size (default: Ray's)")
-    p.set_defaults(func=run_serve_command)
-    return p
 
 
 def _add_upload_args(p) -> None:
