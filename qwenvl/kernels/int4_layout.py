@@ -29,9 +29,9 @@ of memory with the fewest instructions per byte, for 1 row and for a batch of up
     where that is exact, float32 where bfloat16 would round the checkpoint's own.
 Measured (Xeon with AVX-512 VNNI, shared 2-core VM, one thread, a 1024 x 1536 matrix hot in L2, so the
 kernel's arithmetic rather than memory; same process, medians of 5 alternating rounds, GB/s of weights):
-    rows          1      2      4      8     16
-    AVX-512    52.1   39.2   26.5   14.9    7.7
-    AVX2       29.0   17.9    8.9    4.5    1.1
+    rows          1      4      8     16
+    AVX-512    50.6   25.7   14.9    7.5
+    AVX2       33.3    9.9    5.0    2.4
 Two cores' arithmetic for one row (~100 GB/s) is ~3x the 28-35 GB/s copy bandwidth bench/README.md records
 for this machine when quiet, so one row is bound by memory; eight rows (~30 GB/s on two cores) are about
 at memory's pace, which is what lets a decode step of 8 sequences cost little more than a step of one.

@@ -439,20 +439,8 @@ class Int4Linear(nn.Module):
     def from_scale_min(cls, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: int,
                        bias: torch.Tensor | None) -> "Int4Linear":
         """w = q * scale + min per group (llama.cpp's Q4_0 / Q4_1 / Q4_K form; q 0..15, any float min), in the
-        scales' dtype. The kernel's offset is min + 8 * scale, rounded once in float32."""
-        out_f, in_f = qweight.shape
-        groups = in_f // group_size
-        if group_size not in INT4_GROUP_SIZES or in_f % group_size or scales.shape != (out_f, groups) \
-                or mins.shape != (out_f, groups):
-            raise ValueError(f"int4: qweight {tuple(qweight.shape)}, scales {tuple(scales.shape)} and mins "
-                             f"{tuple(mins.shape)} do not fit groups of {group_size}")
-        dtype, device = scales.dtype, qweight.device
-        n_pad = -(-out_f // _INT4_BLOCK_N) * _INT4_BLOCK_N
-        sz = torch.zeros(groups, n_pad, 2, dtype=dtype)                 # padded rows: scale 0 -> weight 0
-        sz[:, :out_f, 0] = scales.cpu().T
-        sz[:, :out_f, 1] = (mins.float().cpu() + 8.0 * scales.float().cpu()).T.to(dtype)
-        b = None if bias is None else bias.detach().to(device, dtype)
-        return cls(_pack_cpu_int4(qweight.cpu(), n_pad).to(device), sz.to(device), out_f, in_f, group_size, b, None)
+        scales' dtype: `from_scales_and_mins` under the name the GGUF loader uses."""
+        return cls.from_scales_and_mins(qweight, scales, mins, group_size, bias)
 
     def _dequantize_permuted(self, dtype: torch.dtype, out: torch.Tensor | None = None,
                              rows: tuple[int, int] | None = None) -> torch.Tensor:

@@ -44,6 +44,16 @@ inline IVec dot4_accumulate(IVec acc, IVec w_u8, int32_t a4) {
 }
 
 inline FVec fmax_(FVec a, FVec b) { return {_mm256_max_ps(a.v, b.v)}; }
+// Without VNNI a product's int16 pair sums are widened to int32 by a second instruction (vpmaddwd); the
+// int4 kernel sums a block's pairs in int16 first and widens once (kPairSums16; exact, see there).
+constexpr bool kPairSums16 = true;
+inline IVec dot4_pairs16(IVec acc16, IVec w_u8, int32_t a4) {
+  return {_mm256_add_epi16(acc16.v, _mm256_maddubs_epi16(w_u8.v, _mm256_set1_epi32(a4)))};
+}
+inline IVec widen_pairs16(IVec acc, IVec pairs16) {
+  return {_mm256_add_epi32(acc.v, _mm256_madd_epi16(pairs16.v, _mm256_set1_epi16(1)))};
+}
+
 inline float hmax(FVec a) {
   __m128 m = _mm_max_ps(_mm256_castps256_ps128(a.v), _mm256_extractf128_ps(a.v, 1));
   m = _mm_max_ps(m, _mm_movehl_ps(m, m));

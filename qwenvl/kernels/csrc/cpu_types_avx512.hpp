@@ -46,6 +46,15 @@ inline IVec dot4_accumulate(IVec acc, IVec w_u8, int32_t a4) {
 }
 
 inline FVec fmax_(FVec a, FVec b) { return {_mm512_max_ps(a.v, b.v)}; }
+// vpdpbusd accumulates in int32 directly: no int16 pair sums (the AVX2 header says why it has them).
+constexpr bool kPairSums16 = false;
+inline IVec dot4_pairs16(IVec acc16, IVec w_u8, int32_t a4) {
+  return {_mm512_add_epi16(acc16.v, _mm512_maddubs_epi16(w_u8.v, _mm512_set1_epi32(a4)))};
+}
+inline IVec widen_pairs16(IVec acc, IVec pairs16) {
+  return {_mm512_add_epi32(acc.v, _mm512_madd_epi16(pairs16.v, _mm512_set1_epi16(1)))};
+}
+
 inline float hmax(FVec a) { return _mm512_reduce_max_ps(a.v); }
 inline FVec fabs_(FVec a) { return {_mm512_abs_ps(a.v)}; }
 

@@ -59,15 +59,32 @@ inline void tile_product(const Int4MatmulArgs& p, const uint8_t* w, const ParamT
         for (int j = 0; j < kChains; ++j) isum[r][j] = izero();
       for (int64_t b = 0; b < blocks_per_group; ++b, wb += kBlockBytes) {
         const int64_t k0 = g * G + b * kBlockK;
-        for (int c = 0; c < 4; ++c) {
-          IVec lo, hi;
-          load_nibbles(wb + c * 64, lo, hi);
-          for (int r = 0; r < RB; ++r) {
-            const int8_t* ar = a + r * K + k0 + c * 8;
-            IVec& s_lo = isum[r][(2 * c) % kChains];
-            s_lo = dot4_accumulate(s_lo, lo, load_i32(ar));
-            IVec& s_hi = isum[r][(2 * c + 1) % kChains];
-            s_hi = dot4_accumulate(s_hi, hi, load_i32(ar + 4));
+        if constexpr (kPairSums16) {
+          // a block's 8 pair sums per int16 lane reach at most 8 * 2 * 15 * 127 = 30480 < 2^15: exact,
+          // widened to int32 once per block instead of once per product
+          IVec s16[RB];
+          for (int r = 0; r < RB; ++r) s16[r] = izero();
+          for (int c = 0; c < 4; ++c) {
+            IVec lo, hi;
+            load_nibbles(wb + c * 64, lo, hi);
+            for (int r = 0; r < RB; ++r) {
+              const int8_t* ar = a + r * K + k0 + c * 8;
+              s16[r] = dot4_pairs16(s16[r], lo, load_i32(ar));
+              s16[r] = dot4_pairs16(s16[r], hi, load_i32(ar + 4));
+            }
+          }
+          for (int r = 0; r < RB; ++r) isum[r][0] = widen_pairs16(isum[r][0], s16[r]);
+        } else {
+          for (int c = 0; c < 4; ++c) {
+            IVec lo, hi;
+            load_nibbles(wb + c * 64, lo, hi);
+            for (int r = 0; r < RB; ++r) {
+              const int8_t* ar = a + r * K + k0 + c * 8;
+              IVec& s_lo = isum[r][(2 * c) % kChains];
+              s_lo = dot4_accumulate(s_lo, lo, load_i32(ar));
+              IVec& s_hi = isum[r][(2 * c + 1) % kChains];
+              s_hi = dot4_accumulate(s_hi, hi, load_i32(ar + 4));
+            }
           }
         }
       }
