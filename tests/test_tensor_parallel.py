@@ -182,7 +182,7 @@ def test_serve_flag_reaches_the_engine_config(monkeypatch):
     from qwenvl.server import cli as server_cli
 
     seen = {}
-    monkeypatch.setattr(server_cli, "serve", lambda settings, engine_options: seen.update(engine_options) or 0)
+    monkeypatch.setattr(server_cli, "serve", lambda settings, engine_options, **_: seen.update(engine_options) or 0)
     args = build_parser().parse_args(["serve", "--tensor-parallel-size", "2"])
     assert server_cli.run_serve_command(args) == 0
     assert seen["tensor_parallel_size"] == 2
