@@ -23,7 +23,7 @@ from .files import GGUFError, GGUFPair
 from .metadata import hf_config, tensor_shapes
 from .tensor_names import LM, VIS, expert_part, lm_name, vision_name
 from .tokenizer import GGUFVocabulary, gguf_vocabulary, token_ids
-from .weights import FLOAT_TYPES, float_tensor, linear_from, linears_from, type_name
+from .weights import FLOAT_TYPES, float_tensor, linear_from, linears_from, requantised_mode, type_name
 
 EMBEDDING = LM + "embed_tokens"
 
@@ -104,6 +104,7 @@ def _plan_language_model(pair: GGUFPair, expected: dict) -> tuple[list, dict]:
 def _read_language_model(pair: GGUFPair, model: nn.Module, expected: dict, dtype: torch.dtype,
                          state: dict) -> None:
     plain, experts = _plan_language_model(pair, expected)
+    other = requantised_mode(pair.lm.tensors)
     quantised = []
     for key, t, shape in plain:
         if type_name(t) in FLOAT_TYPES or len(shape) == 1:
@@ -113,18 +114,18 @@ def _read_language_model(pair: GGUFPair, model: nn.Module, expected: dict, dtype
     for key, t, shape in quantised:       # after the floats: a linear's bias is in `state` by now
         module = key.removesuffix(".weight")
         bias = state.pop(module + ".bias", None)
-        layer = linear_from(t, shape, dtype, bias)
+        layer = linear_from(t, shape, dtype, bias, other)
         if module == EMBEDDING:
             _install_embedding(model, layer)
         else:
             _replace(model, module, layer)
         release_freed_memory()
     for layer, parts in experts.items():
-        _read_experts(pair.model_path, model, expected, dtype, state, layer, parts)
+        _read_experts(pair.model_path, model, expected, dtype, state, layer, parts, other)
 
 
 def _read_experts(path, model: nn.Module, expected: dict, dtype: torch.dtype, state: dict, layer: int,
-                  parts: dict) -> None:
+                  parts: dict, other: str) -> None:
     """One layer's expert stacks: gate, up [E, I, H] and down [E, H, I] in the file; ours are gate_up
     [E, 2I, H] (gate rows first) and down, as fused floats or one quantised layer per expert."""
     prefix = f"{LM}layers.{layer}.mlp.experts"
@@ -141,8 +142,8 @@ def _read_experts(path, model: nn.Module, expected: dict, dtype: torch.dtype, st
                                                     dim=1).to(dtype)
         state[f"{prefix}.down_proj"] = float_tensor(parts["down"], want["down"]).to(dtype)
         return
-    gate_up = linears_from([parts["gate"], parts["up"]], want["gate"], dtype)
-    down = linears_from([parts["down"]], want["down"], dtype)
+    gate_up = linears_from([parts["gate"], parts["up"]], want["gate"], dtype, other=other)
+    down = linears_from([parts["down"]], want["down"], dtype, other=other)
     _replace(model, prefix, QuantizedExperts(gate_up, down, two_i // 2))
     release_freed_memory()
 

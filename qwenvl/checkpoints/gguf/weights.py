@@ -5,8 +5,9 @@
                      a min, w = q * scale + min (q 0..15), which is the int4 layer's form
   Q8_0               Int8Linear: one scale per 32 weights in the file, one per output row in our layer, so
                      the row is requantised from the exact float values (error below half a row step)
-  any other type     dequantised by the `gguf` package (the reference), then a linear is requantised to
-                     Int8Linear and an embedding to Int8Embedding; a 1-D tensor stays float
+  any other type     dequantised by the `gguf` package (the reference), then requantised: in a file mostly
+                     of 4 bits or fewer (Q4_K_M: its Q6_K head and some ffn_down / attn_v) to Int4Linear in
+                     groups of 32, else to Int8Linear per row (requantised_mode); a 1-D tensor stays float
   expert stacks      (Qwen3-VL-MoE, [E, out, in]) one quantised layer per expert by the same rules, gate
                      and up side by side in one layer (QuantizedExperts); float stacks stay fused tensors
 
@@ -31,6 +32,9 @@ from ...layers.quantized_linear import Int4Linear, Int8Linear, quantize_int8
 FLOAT_TYPES = ("F32", "F16", "BF16")
 INT4_TYPES = ("Q4_0", "Q4_1", "Q4_K")
 INT8_TYPES = ("Q8_0",)
+# 4 bits a weight or fewer: a file mostly of these is an int4 model (requantised_mode)
+LOW_BIT_TYPES = INT4_TYPES + ("Q2_K", "Q3_K", "IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS",
+                                "IQ3_S", "IQ4_NL", "IQ4_XS", "TQ1_0", "TQ2_0")
 QK = 32               # weights per block (Q4_0, Q4_1, Q8_0) and per Q4_K sub-block
 QK_K = 256            # weights per K-quant super-block
 
@@ -105,16 +109,35 @@ def q8_0_values(t, rows: int, cols: int) -> torch.Tensor:
     return (q * d[..., None]).reshape(rows, cols)
 
 
-def linear_from(t, shape: tuple[int, int], dtype: torch.dtype, bias: torch.Tensor | None):
-    """The layer for a quantised linear weight tensor of `shape` [out, in] (see the table above)."""
-    return linears_from([t], shape, dtype, bias)[0]
+def requantised_mode(tensors) -> str:
+    """"int4" when most quantised weights of the file are 4 bits or fewer (a Q4_K_M, Q4_0, Q3_K... file),
+    else "int8": what its other quantised tensors (Q6_K, Q5_0, ...) are requantised to.
+
+    Why: llama-quantize keeps the output head (the tied token table) in Q6_K in a Q4_K_M file, and an int8
+    head of 151936 x 1536 costs 131 ms a token here against 45 ms in int4 (bench/gguf_load.py's decode: 0.67x
+    of our int4 speed with it int8); qwenvl's own int4 mode quantises the head to int4 as well. Group 32
+    keeps the requantised head finer than int4's default group of 128. A file of 5 bits and up (Q5_K_M, Q6_K,
+    Q8_0) keeps 8 bits."""
+    counts = {"int4": 0, "int8": 0}
+    for t in tensors:
+        kind = type_name(t)
+        if kind not in FLOAT_TYPES and len(t.shape) >= 2:
+            counts["int4" if kind in LOW_BIT_TYPES else "int8"] += int(t.n_elements)
+    return "int4" if counts["int4"] > counts["int8"] else "int8"
+
+
+def linear_from(t, shape: tuple[int, int], dtype: torch.dtype, bias: torch.Tensor | None, other: str = "int8"):
+    """The layer for a quantised linear weight tensor of `shape` [out, in] (see the table above); `other`
+    (requantised_mode) is what a type without int4 codes becomes."""
+    return linears_from([t], shape, dtype, bias, other)[0]
 
 
 def linears_from(stacked: list, shape: tuple[int, ...], dtype: torch.dtype, bias: torch.Tensor | None = None,
-                 ) -> list[nn.Module]:
+                 other: str = "int8") -> list[nn.Module]:
     """The layers of quantised tensors of one `shape` ([out, in], or [E, out, in] for an expert stack: one
     layer per expert), joined side by side along the output rows (an expert's gate and up in one layer).
-    All int4 types keep their codes; any other mix goes through the float values and int8."""
+    All int4 types keep their codes; any other mix goes through the float values and `other` (int8 per row,
+    or int4 in groups of 32)."""
     experts, (rows, cols) = (shape[0] if len(shape) == 3 else 1), shape[-2:]
     kinds = {type_name(t) for t in stacked}
     if kinds <= set(INT4_TYPES):
@@ -123,6 +146,8 @@ def linears_from(stacked: list, shape: tuple[int, ...], dtype: torch.dtype, bias
         return [int4_linear(q[e], scale[e].to(dtype), mins[e].to(dtype), bias) for e in range(experts)]
     w = torch.cat([(q8_0_values(t, experts * rows, cols) if type_name(t) in INT8_TYPES
                     else float_tensor(t, (experts * rows, cols))).view(experts, rows, cols) for t in stacked], dim=1)
+    if other == "int4":
+        return [Int4Linear.from_weight(w[e].to(dtype), QK, bias) for e in range(experts)]
     return [Int8Linear.from_int8(*quantize_int8(w[e], scale_dtype=dtype), bias) for e in range(experts)]
 
 
