@@ -227,10 +227,11 @@ def test_quantised_layers_follow_each_tensor_type(wide, tmp_path):
     ids = torch.tensor([0, 5, 401])
     assert torch.allclose(emb(ids), ref("token_embd.weight")[ids], rtol=0,
                           atol=4e-7 * ref("token_embd.weight").abs().max().item())
-    # a mostly-4-bit file: its Q8_0 / Q5_0 tensors (llama.cpp's Q6_K ones) become int4 in groups of 32
+    # a mostly-4-bit file: its Q8_0 / Q5_0 tensors (llama.cpp's Q6_K ones) become int4 in int4's own groups
     for name, module in (("blk.0.attn_v.weight", layers[0].self_attn.v_proj), ("output.weight", model.lm_head),
                          ("blk.0.ffn_down.weight", layers[0].mlp.down_proj)):
-        assert isinstance(module, Int4Linear) and _within_half_int4_group_step(module.dequantize(), ref(name)), name
+        assert isinstance(module, Int4Linear), name
+        assert _within_half_int4_group_step(module.dequantize(), ref(name), module.group_size), name
     # an 8-bit file: int8 per row
     q8 = rewrite(lm, tmp_path / "q8_0.gguf", lambda n, s: "Q8_0" if len(s) == 2 else None)
     pair = open_pair(q8, mmproj)
@@ -245,7 +246,7 @@ def test_quantised_layers_follow_each_tensor_type(wide, tmp_path):
 def test_quantised_expert_stacks(converted, tmp_path):
     """Qwen3-VL-MoE: each expert becomes its own int4 layer (gate and up side by side) from Q4_0 stacks, with
     gguf's dequantisation of its blocks; the Q8_0 down stacks of this mostly-4-bit file are requantised to
-    int4 in groups of 32."""
+    int4."""
     from gguf.quants import dequantize
     from qwenvl.layers.quantized_moe import QuantizedExperts
     folder, lm, mmproj = converted["qwen3_vl_moe"]
@@ -261,7 +262,7 @@ def test_quantised_expert_stacks(converted, tmp_path):
     down = ref("blk.0.ffn_down_exps.weight")
     for e in range(experts.num_experts):
         assert torch.allclose(experts.gate_up[e].dequantize(), gate_up[e], rtol=0, atol=4e-7 * gate_up.abs().max())
-        assert _within_half_int4_group_step(experts.down[e].dequantize(), down[e])
+        assert _within_half_int4_group_step(experts.down[e].dequantize(), down[e], experts.down[e].group_size)
     out = LLM(q, mmproj=mmproj, dtype="float32", **KV).chat(_conversations("qwen3_vl_moe")["image"],
                                                              SamplingParams(temperature=0.0, max_tokens=4))
     assert len(out.token_ids) == 4
@@ -279,8 +280,8 @@ def test_quantised_logits(wide, tmp_path):
     Q8_0 has each block's own (for Gaussian rows about 1.3x larger on average), so the error this adds is of
     the order of the file's own quantisation error: bounded by twice the distance between the dequantised
     reference and the original float model (measured here: 0.040 against the file's own 0.044). In the
-    Q4_K_M-like file its few 5- and 8-bit tensors are requantised to int4 in groups of 32, finer than the
-    file's own Q4_K (8 levels of scale and min per 32): the same bound holds."""
+    Q4_K_M-like file its few 5- and 8-bit tensors are requantised to int4 (qwenvl's own int4 groups), adding
+    an error of the order of the file's own 4-bit one: the same bound holds."""
     folder, lm, mmproj = wide
     messages = _conversations("qwen2_5_vl")["image"]
     original = _first_step_logprobs(LLM(lm, mmproj=mmproj, dtype="float32", **KV), messages)

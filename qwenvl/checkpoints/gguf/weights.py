@@ -7,7 +7,8 @@
                      the row is requantised from the exact float values (error below half a row step)
   any other type     dequantised by the `gguf` package (the reference), then requantised: in a file mostly
                      of 4 bits or fewer (Q4_K_M: its Q6_K head and some ffn_down / attn_v) to Int4Linear in
-                     groups of 32, else to Int8Linear per row (requantised_mode); a 1-D tensor stays float
+                     the groups `quantization="int4"` uses (128 where the width allows), else to Int8Linear
+                     per row (requantised_mode); a 1-D tensor stays float
   expert stacks      (Qwen3-VL-MoE, [E, out, in]) one quantised layer per expert by the same rules, gate
                      and up side by side in one layer (QuantizedExperts); float stacks stay fused tensors
 
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ...layers.quantized_linear import Int4Linear, Int8Linear, quantize_int8
+from ...layers.quantized_linear import Int4Linear, Int8Linear, int4_group_size, quantize_int8
 
 FLOAT_TYPES = ("F32", "F16", "BF16")
 INT4_TYPES = ("Q4_0", "Q4_1", "Q4_K")
@@ -115,9 +116,8 @@ def requantised_mode(tensors) -> str:
 
     Why: llama-quantize keeps the output head (the tied token table) in Q6_K in a Q4_K_M file, and an int8
     head of 151936 x 1536 costs 131 ms a token here against 45 ms in int4 (bench/gguf_load.py's decode: 0.67x
-    of our int4 speed with it int8); qwenvl's own int4 mode quantises the head to int4 as well. Group 32
-    keeps the requantised head finer than int4's default group of 128. A file of 5 bits and up (Q5_K_M, Q6_K,
-    Q8_0) keeps 8 bits."""
+    of our int4 speed with it int8); qwenvl's own int4 mode quantises the head to int4 as well, in the same
+    groups. A file of 5 bits and up (Q5_K_M, Q6_K, Q8_0) keeps 8 bits."""
     counts = {"int4": 0, "int8": 0}
     for t in tensors:
         kind = type_name(t)
@@ -146,8 +146,9 @@ def linears_from(stacked: list, shape: tuple[int, ...], dtype: torch.dtype, bias
         return [int4_linear(q[e], scale[e].to(dtype), mins[e].to(dtype), bias) for e in range(experts)]
     w = torch.cat([(q8_0_values(t, experts * rows, cols) if type_name(t) in INT8_TYPES
                     else float_tensor(t, (experts * rows, cols))).view(experts, rows, cols) for t in stacked], dim=1)
-    if other == "int4":
-        return [Int4Linear.from_weight(w[e].to(dtype), QK, bias) for e in range(experts)]
+    if other == "int4":       # the groups qwenvl's own int4 uses: a group of 32 cost the head 1.34x (68 / 51 ms)
+        group = int4_group_size(cols) or QK
+        return [Int4Linear.from_weight(w[e].to(dtype), group, bias) for e in range(experts)]
     return [Int8Linear.from_int8(*quantize_int8(w[e], scale_dtype=dtype), bias) for e in range(experts)]
 
 
