@@ -18,8 +18,9 @@ Exactness, per block of 32 (all from the block layouts in ggml-common.h):
   Q4_K  w = d*sc * q - dmin*m: d, dmin fp16 and sc, m 6-bit integers, so scale = d*sc and min = -dmin*m are
                                products of an 11-bit and a 6-bit mantissa: exact in float32 (24 bits), not
                                in bfloat16 (8 bits)
-Int4Linear keeps (scale, offset = min + 8 * scale) for PyTorch's kernel (w = (q - 8) * scale + offset), one
-more float32 rounding of the offset than the file's form; kern4's layout stores the min itself.
+Int4Linear's tile layout (qwenvl's own kernel) stores the scales and mins as given, so in float32 each weight
+is q * scale + min exactly as gguf computes it; PyTorch's int4pack layout (the fallback where our kernels do
+not run) keeps offset = min + 8 * scale instead, one more float32 rounding.
 """
 
 from __future__ import annotations
@@ -153,5 +154,5 @@ def linears_from(stacked: list, shape: tuple[int, ...], dtype: torch.dtype, bias
 
 
 def int4_linear(q: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor, bias: torch.Tensor | None) -> Int4Linear:
-    """Int4Linear of w = q * scale + min per group of 32."""
+    """Int4Linear of w = q * scale + min per group of 32 (the layer's own form)."""
     return Int4Linear.from_scale_min(q, scale, mins, QK, bias)
