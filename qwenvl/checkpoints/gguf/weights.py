@@ -4,7 +4,8 @@
   Q4_0, Q4_1, Q4_K   Int4Linear, group 32, from the blocks' own codes: every 32 weights share a scale and
                      a min, w = q * scale + min (q 0..15), which is the int4 layer's form
   Q8_0               Int8Linear: one scale per 32 weights in the file, one per output row in our layer, so
-                     the row is requantised from the exact float values (error below half a row step)
+                     the row is requantised from the exact float values (error below half a row step);
+                     in a file mostly of 4 bits, int4 as the next row says
   any other type     dequantised by the `gguf` package (the reference), then requantised: in a file mostly
                      of 4 bits or fewer (Q4_K_M: its Q6_K head and some ffn_down / attn_v) to Int4Linear in
                      the groups `quantization="int4"` uses (128 where the width allows), else to Int8Linear
