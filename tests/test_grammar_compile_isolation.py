@@ -30,6 +30,7 @@ from qwenvl.server.settings import ServerSettings
 from test_server_fake_engine import DS_PATH, free_port, run_server
 
 MODEL = "qwenvl-test"
+DEADLINE_S = 6.0               # the compile deadline here: the hook's delays below stay well clear of it
 ASK = [{"role": "user", "content": "Answer in JSON."}]
 PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 6}},
           "required": ["name"], "additionalProperties": False}
@@ -55,8 +56,8 @@ def server(tiny_checkpoint):
                        config=EngineConfig(kv_cache_gb=0.05, max_model_len=1024))
     started: list[float] = []
     engine.compile_grammar = _delaying(engine.compile_grammar, started)    # the test hook
-    async_engine = AsyncEngine(engine, max_queue=32, grammar_timeout_s=3.0)
-    settings = ServerSettings(served_model_name=MODEL, grammar_compile_timeout_s=3.0, health_stall_s=0.5)
+    async_engine = AsyncEngine(engine, max_queue=32, grammar_timeout_s=DEADLINE_S)
+    settings = ServerSettings(served_model_name=MODEL, grammar_compile_timeout_s=DEADLINE_S, health_stall_s=0.5)
     with run_server(create_app(async_engine, settings)) as base:
         yield base, async_engine, started
     asyncio.run(async_engine.shutdown(grace_s=1))
@@ -73,6 +74,13 @@ def schema_format(schema):
 
 def _error(exc) -> dict:
     return exc.response.json()["error"]
+
+
+def _wait_compiles_done(async_engine, within_s: float = 20.0) -> None:
+    deadline = time.monotonic() + within_s
+    while async_engine.grammars.running and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not async_engine.grammars.running, "a compile never ended"
 
 
 def _png() -> str:
@@ -127,21 +135,22 @@ def test_limits_cover_forced_tool_calls_and_dashscope_ocr_schemas(server, client
 def test_a_compile_past_the_deadline_is_a_503_naming_it(server, client):
     with pytest.raises(openai.InternalServerError) as e:
         client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=5,
-                                       response_format=schema_format(slow(4.5)))
+                                       response_format=schema_format(slow(DEADLINE_S + 1.5)))
     assert e.value.status_code == 503
     err = _error(e.value)
     assert err["code"] == "grammar_compile_timeout" and "--grammar-compile-timeout" in err["message"], err
-    time.sleep(2)                                          # the late compile ends and is dropped
+    _wait_compiles_done(server[1])                         # the late compile ends and is dropped
     assert server[1].stats()["kv_blocks_used"] == 0 and server[1].num_active == 0
 
 
 # ------------------------------------------------------------------------------------ no stall
 def test_plain_requests_are_served_while_a_schema_compiles(server, client):
     base, async_engine, started = server
+    _wait_compiles_done(async_engine)                  # nothing left over from another test
     with ThreadPoolExecutor(9) as pool:
         n = len(started)
         structured = pool.submit(client.chat.completions.create, model=MODEL, messages=ASK, max_tokens=20,
-                                 seed=1, response_format=schema_format(slow(2.5)))
+                                 seed=1, response_format=schema_format(slow(3)))
         deadline = time.monotonic() + 10
         while len(started) == n and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -164,18 +173,20 @@ def test_plain_requests_are_served_while_a_schema_compiles(server, client):
 
 def test_a_client_that_leaves_mid_compile_leaves_nothing_held(server):
     base, async_engine, started = server
+    _wait_compiles_done(async_engine)
     warm = httpx.post(base + "/v1/chat/completions", json={"model": MODEL, "messages": ASK, "max_tokens": 3,
                                                            "response_format": schema_format(PERSON)}, timeout=30)
     assert warm.status_code == 200                     # the compile threads exist now
     threads = threading.active_count()
     n = len(started)
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(base + "/v1/chat/completions", timeout=0.8,
-                   json={"model": MODEL, "messages": ASK, "max_tokens": 50, "response_format": schema_format(slow(1.5))})
+        httpx.post(base + "/v1/chat/completions", timeout=1.5,
+                   json={"model": MODEL, "messages": ASK, "max_tokens": 50, "response_format": schema_format(slow(3))})
     assert len(started) == n + 1                       # it was compiling when the client left
     time.sleep(0.3)
     assert async_engine.num_active == 0                # the request is gone while its compile still runs
-    time.sleep(1.5)                                    # the compile ends; its grammar is dropped
+    assert async_engine.grammars.running == 1
+    _wait_compiles_done(async_engine)                  # the compile ends; its grammar is dropped
     stats = async_engine.stats()
     assert stats["kv_blocks_used"] == 0 and stats["num_waiting"] == 0 and stats["num_running"] == 0
     assert async_engine.grammars.running == 0 and threading.active_count() == threads
@@ -212,6 +223,13 @@ def _big_schema(n: int) -> dict:
     return {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(n)}}
 
 
+def _compiles(url: str) -> int:
+    """Compiles running or queued, from /metrics (the engine's stats as gauges)."""
+    text = httpx.get(url + "/metrics", timeout=5).text
+    return sum(int(float(line.split()[-1])) for line in text.splitlines()
+               if line.startswith(("qwenvl_engine_grammar_compiles_running ", "qwenvl_engine_grammar_compiles_queued ")))
+
+
 def test_sigterm_during_a_compile_exits_within_the_drain_with_json_503s():
     port = free_port()
     grace = 2.0
@@ -232,13 +250,15 @@ def test_sigterm_during_a_compile_exits_within_the_drain_with_json_503s():
                 time.sleep(0.2)
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
         ds_body = {"model": MODEL, "input": {"messages": [{"role": "user", "content": [{"text": "hi"}]}]},
-                   "parameters": {"response_format": schema_format(_big_schema(3001))}}
+                   "parameters": {"response_format": schema_format(_big_schema(2501))}}
         with ThreadPoolExecutor(2) as pool:
             openai_call = pool.submit(client.chat.completions.create, model=MODEL, messages=ASK, max_tokens=5,
-                                      response_format=schema_format(_big_schema(3000)))
+                                      response_format=schema_format(_big_schema(2500)))
             ds_call = pool.submit(httpx.post, url + DS_PATH, json=ds_body, timeout=60)
-            time.sleep(1.5)                                  # both are compiling now (minutes of work each)
-            assert not openai_call.done() and not ds_call.done()
+            deadline = time.monotonic() + 60                 # both parsed and at the compiler (minutes of work)
+            while _compiles(url) < 2:
+                assert time.monotonic() < deadline and not openai_call.done() and not ds_call.done()
+                time.sleep(0.1)
             t0 = time.monotonic()
             proc.send_signal(signal.SIGTERM)
             code = proc.wait(timeout=30)

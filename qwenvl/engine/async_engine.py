@@ -140,7 +140,8 @@ class AsyncEngine:
 
     def stats(self) -> dict:
         """The engine's counters as of the last step (read without stopping the engine)."""
-        return dict(self._stats, num_active=len(self._streams))
+        return dict(self._stats, num_active=len(self._streams), grammar_compiles_running=self.grammars.running,
+                    grammar_compiles_queued=self.grammars.queued)
 
     async def shutdown(self, grace_s: float = 30.0) -> None:
         """Refuse new requests, let running ones finish for up to `grace_s`, then abort the rest."""

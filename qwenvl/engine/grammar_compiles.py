@@ -35,6 +35,11 @@ class GrammarCompiles:
         self._lock = threading.Lock()
         self.running = 0                      # compiles on a thread right now (tests and /metrics read it)
 
+    @property
+    def queued(self) -> int:
+        """Compiles waiting for a thread (cancelled ones count until a thread skips them)."""
+        return self._jobs.qsize()
+
     def submit(self, spec) -> concurrent.futures.Future:
         self._start_threads()
         future: concurrent.futures.Future = concurrent.futures.Future()
