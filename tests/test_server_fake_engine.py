@@ -101,6 +101,18 @@ class FakeAsyncEngine:
         finally:
             self.closed.append(request_id)
 
+    def stalled_for(self):          # AsyncEngine's contract: a fake never stalls, compiles or holds workers
+        return 0.0
+
+    def fail_all(self, reason="the server is shutting down"):
+        return 0
+
+    def compiles_running(self):
+        return 0
+
+    def stop_workers(self):
+        pass
+
     def abort(self, request_id):
         self.aborted.append(request_id)
 

@@ -74,6 +74,10 @@ class AsyncEngine:
             return 0.0
         return max(0.0, time.monotonic() - self._heartbeat)
 
+    def compiles_running(self) -> int:
+        """Grammar compiles running now (xgrammar's cannot be interrupted: a process leaving must not wait)."""
+        return self.grammars.running
+
     def _compiling_only(self) -> bool:
         return len(self._compiling) == len(self._streams)
 

@@ -168,8 +168,7 @@ def _add_service_routes(app: FastAPI, state: ServerState) -> None:
     async def health():
         if state.draining:
             return JSONResponse({"status": "draining"}, status_code=503)
-        stalled = getattr(state.engine, "stalled_for", None)
-        stalled_s = stalled() if stalled is not None else 0.0
+        stalled_s = state.engine.stalled_for()
         if stalled_s > state.settings.health_stall_s:   # a stuck step: let the load balancer route around it
             return JSONResponse({"status": "stalled", "model": state.model_name,
                                  "reason": f"the engine has not stepped for {stalled_s:.0f} s while requests wait "

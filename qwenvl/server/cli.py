@@ -223,9 +223,9 @@ def _exit_if_compiling(async_engine) -> None:
     """A grammar compile cannot be interrupted, and the compiler's C++ teardown at interpreter exit waits for
     it or aborts the process (measured: 'terminate called', SIGABRT). Nothing of ours is left to clean up
     (the engine is shut down), so a process that still compiles leaves at once with status 0."""
-    grammars = getattr(async_engine, "grammars", None)
-    if grammars is not None and grammars.running:
-        log.info("exiting while %d grammar compile(s) still run; their results are not needed", grammars.running)
+    running = async_engine.compiles_running()
+    if running:
+        log.info("exiting while %d grammar compile(s) still run; their results are not needed", running)
         async_engine.stop_workers()            # tensor-parallel workers, which garbage collection would stop
         logging.shutdown()
         sys.stdout.flush()
@@ -310,10 +310,9 @@ class _DrainingServer:
                 _wait_idle(state, grace_s)
                 # Past the grace: end what is left (queued, compiling, generating) ourselves, so each gets a
                 # JSON 503 (or an in-band error on a started stream), not uvicorn's plain-text 500 at exit.
-                fail_all = getattr(state.engine, "fail_all", None)
-                if state.inflight > 0 and fail_all is not None:
+                if state.inflight > 0:
                     log.info("drain: %d request(s) still in flight after %.0f s; ending them with 503",
-                             fail_all("the server is shutting down"), grace_s)
+                             state.engine.fail_all("the server is shutting down"), grace_s)
                     _wait_idle(state, 3.0)
                 self.should_exit = True
 

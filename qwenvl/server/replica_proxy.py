@@ -161,6 +161,20 @@ class ReplicaEngine:
         if name is not None:
             self._handles[name].abort.remote(request_id)
 
+    # The rest of AsyncEngine's contract: each replica's engine runs in its own Ray actor, whose own process
+    # compiles grammars and fails its requests on shutdown; the front holds nothing of that to report or end.
+    def stalled_for(self) -> float:
+        return 0.0
+
+    def fail_all(self, reason: str = "the server is shutting down") -> int:
+        return 0
+
+    def compiles_running(self) -> int:
+        return 0
+
+    def stop_workers(self) -> None:
+        pass
+
     def stats(self) -> dict:
         """Totals over the replicas, plus `replicas`: {name: that replica's engine stats and front counters}."""
         per, total = {}, {}
