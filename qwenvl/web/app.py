@@ -172,6 +172,22 @@ def _wire(ui: _UI, on: _Handlers) -> None:
     ui.chatbot.clear(lambda: [], None, [ui.turns], queue=False)          # the chatbot's own trash icon
 
 
+# Gradio's event queue polls the event loop every 1 ms when it has nothing to do (10 ms for progress
+# updates): an idle `qwenvl serve` used 6% of a core for it, and under API load every poll takes the GIL
+# from the loop that streams tokens. 50 ms / 100 ms (Gradio's own values on Windows) delay a web chat's
+# start by at most 50 ms, which nobody sees.
+QUEUE_POLL_S, PROGRESS_POLL_S = 0.05, 0.1
+
+
+def calm_queue_polling(demo) -> None:
+    """Slow the demo's queue polling to QUEUE_POLL_S / PROGRESS_POLL_S (Gradio has no public setting for it;
+    tests/test_web_queue_polling.py fails if a Gradio release renames these attributes)."""
+    queue = getattr(demo, "_queue", None)
+    for name, value in (("sleep_when_free", QUEUE_POLL_S), ("progress_update_sleep_when_free", PROGRESS_POLL_S)):
+        if queue is not None and hasattr(queue, name):
+            setattr(queue, name, max(getattr(queue, name), value))
+
+
 def mount(app) -> None:
     """The server's `mount_ui` hook: build the demo over `app.state.qwenvl` and mount it at `/`."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -189,6 +205,7 @@ def mount(app) -> None:
     demo = build_blocks(ChatSession(engine, limits), state.model_name, device, dtype, cap,
                         bundled_model=info.model_name == BUNDLED_NAME)
     demo.queue(default_concurrency_limit=None, max_size=s.max_queue)
+    calm_queue_polling(demo)
     allowed = [str(EXAMPLES_DIR)] if EXAMPLES_DIR.is_dir() else []
     theme = gr.themes.Soft(font=["ui-sans-serif", "system-ui", "sans-serif"],
                            font_mono=["ui-monospace", "monospace"])   # no web fonts: works offline
