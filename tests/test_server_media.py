@@ -229,3 +229,46 @@ def test_allow_private_urls_still_refuses_link_local_and_metadata_on_every_hop(t
     ("127.0.0.1", None), ("10.0.0.5", None), ("100.100.100.201", None), ("93.184.216.34", None)])
 def test_always_forbidden_addresses(address, reason):
     assert always_forbidden_reason(address) == reason
+
+
+def _noisy_png(side: int) -> bytes:
+    """A PNG that does not compress: its data URL is well past OFF_LOOP_DATA_URL_CHARS."""
+    import numpy as np
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_a_large_data_url_decodes_off_the_event_loop_to_the_same_bytes_and_errors(monkeypatch):
+    import base64
+
+    from qwenvl.server import media
+    png = _noisy_png(200)
+    url = "data:image/png;base64," + base64.b64encode(png).decode()
+    assert len(url) > media.OFF_LOOP_DATA_URL_CHARS
+    loop_thread = []
+
+    async def go(source):
+        loop_thread.append(threading.get_ident())
+        fetcher = MediaFetcher(MediaPolicy(), resolver=_resolver, transport=httpx.MockTransport(lambda r: None))
+        try:
+            return await fetcher.load(source, "messages[0].content[0]")
+        finally:
+            await fetcher.aclose()
+
+    decoded_on = []
+    real = media.decode_data_url
+
+    def spy(*args):
+        decoded_on.append(threading.get_ident())
+        return real(*args)
+
+    monkeypatch.setattr(media, "decode_data_url", spy)
+    assert asyncio.run(go(url)) == png
+    assert decoded_on[-1] != loop_thread[-1]                       # a worker thread did the decoding
+    small = "data:image/png;base64," + base64.b64encode(_png()).decode()
+    assert asyncio.run(go(small)) == _png()
+    assert decoded_on[-1] == loop_thread[-1]                       # a short one inline
+    with pytest.raises(APIError) as e:
+        asyncio.run(go(url[:-5] + "!!!!!"))
+    assert e.value.status == 400 and "does not decode" in str(e.value)

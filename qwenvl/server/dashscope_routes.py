@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import time
 from dataclasses import dataclass
 
@@ -12,7 +11,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from ..engine.errors import EngineStopped
-from . import generation as gen
+from . import generation as gen, json_text
 from .answer import AnswerStream, final_answer
 from .choices import Choices, usage_totals
 from ..answers.ocr import OcrTaskError, apply_to_messages, ocr_request, postprocess
@@ -83,7 +82,7 @@ def _with_ocr_task(req, family: str, limits):
 
 
 def _event(n: int, kind: str, status: int, payload: dict) -> str:
-    return f"id:{n}\nevent:{kind}\n:HTTP_STATUS/{status}\ndata:{json.dumps(payload, ensure_ascii=False)}\n\n"
+    return f"id:{n}\nevent:{kind}\n:HTTP_STATUS/{status}\ndata:{json_text.dumps(payload)}\n\n"
 
 
 @dataclass

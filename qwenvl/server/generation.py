@@ -289,9 +289,14 @@ def logprob_entries(tokenizer, out, start: int, k: int) -> list[dict]:
     return entries
 
 
+# OpenAI's API reports a token it rules out (here: one a grammar masks, whose logprob is -inf) as -9999.0,
+# and so does vLLM: JSON has no infinity, and the SDKs expect a number
+LOGPROB_FLOOR = -9999.0
+
+
 def _token_entry(tokenizer, token_id: int, logprob: float) -> dict:
     text = _token_text(tokenizer, token_id)
-    return {"token": text, "logprob": float(logprob), "bytes": list(text.encode("utf-8"))}
+    return {"token": text, "logprob": max(float(logprob), LOGPROB_FLOOR), "bytes": list(text.encode("utf-8"))}
 
 
 def _token_text(tokenizer, token_id: int) -> str:

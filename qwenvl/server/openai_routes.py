@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -12,7 +11,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from ..engine.errors import EngineStopped
-from . import generation as gen
+from . import generation as gen, json_text
 from .answer import AnswerStream, final_answer, openai_delta_calls
 from .choices import Choices, usage_totals
 from .errors import APIError, openai_body
@@ -31,7 +30,7 @@ def _usage(outs: list) -> dict:
 
 
 def _sse(obj) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+    return f"data: {json_text.dumps(obj)}\n\n"
 
 
 @dataclass
