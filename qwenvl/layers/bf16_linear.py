@@ -59,8 +59,7 @@ def use_bf16_decode_kernel(model: nn.Module) -> int:
             module.__class__ = Bf16DecodeLinear
             swapped += 1
     # a quantised model's head is its own module already (and its embedding may hold no float table)
-    tied = model.tied_output_weight() if hasattr(model, "tied_output_weight") \
-        and "output_head" not in model._modules else None
+    tied = model.tied_output_weight() if hasattr(model, "tied_output_weight") and not model.has_output_head() else None
     if tied is not None and tied.dtype == torch.bfloat16 and tied.device.type == "cpu":
         model.use_output_head(tied_head(tied))
         swapped += 1

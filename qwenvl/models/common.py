@@ -31,9 +31,13 @@ class LMHead:
     def use_output_head(self, head: nn.Module) -> None:
         self.output_head = head
 
+    def has_output_head(self) -> bool:
+        """Whether use_output_head() gave the model a head of its own (quantised, or the bf16 kernel's)."""
+        return "output_head" in self._modules
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden[N, D] -> logits[N, V] float32."""
-        if "output_head" in self._modules:
+        if self.has_output_head():
             return self.output_head(hidden).float()
         tied = self.tied_output_weight()
         if tied is not None:
