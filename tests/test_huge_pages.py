@@ -74,7 +74,10 @@ def test_a_resident_tensor_is_collapsed_and_a_sparse_one_keeps_its_size():
     report = collapse_resident_memory()
     if report.collapsed_bytes == 0 and report.refused_bytes > 0:      # the kernel said no, not our search
         pytest.skip(f"this kernel collapses nothing ({report.reason})")
-    assert _mapping_of(dense.data_ptr()).get("AnonHugePages", 0) >= 8 * HUGE_PAGE
+    huge = _mapping_of(dense.data_ptr()).get("AnonHugePages", 0)
+    if huge == 0 and report.refused_bytes >= 8 * HUGE_PAGE:     # seen with ~10 GB in use by other processes
+        pytest.skip(f"the kernel refused {report.refused_bytes >> 20} MiB (fragmented memory), ours among it")
+    assert huge >= 8 * HUGE_PAGE
     after = {"Rss": _resident_bytes(sparse)}
     assert after["Rss"] <= before["Rss"] + 4096 * 16           # the sparse half gained no pages
     assert torch.equal(dense, torch.ones(n, dtype=torch.uint8))   # the contents are the same
