@@ -6,6 +6,8 @@
     quantize_activations(x, block)                             its activation quantisation, for tests
     int8_matmul(x, tiles, scales, bias, out_features)          the int8 decode product (int8_layout.py)
     bf16_isa(), bf16_matmul(x, weight, bias)                   the bf16 decode product over nn.Linear's weight
+    decode_ops_isa(), add_rms_norm, rotary_, silu_mul, paged_decode_attention
+                                                               the element-wise rest of a decode step
 
 QWENVL_KERNELS picks: "auto" (default: the best ISA this CPU has), "avx512", "avx2" (the AVX2 build even on
 an AVX-512 CPU, so both are tested on one machine) or "off" (PyTorch's kernels, as without a compiler).
@@ -170,3 +172,54 @@ def bf16_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     float32 and rounded to bfloat16 once: F.linear's arithmetic in another order. 1 to 16 rows."""
     module, _ = _checked_runner(None)
     return module.bf16_matmul(x, weight, bias, isa_name or bf16_isa())
+
+
+# ---- the element-wise parts of a decode step (csrc/decode_ops_kernel.hpp; reference.py's decode ops).
+# Each runs under isa()'s build; callers check decode_ops_isa() first and keep PyTorch's path where it is
+# None. QWENVL_DECODE_OPS=off turns these off alone (the products keep the kernels): the A/B switch of
+# bench/decode_overhead.py.
+
+DECODE_OPS_ENV = "QWENVL_DECODE_OPS"
+
+
+def decode_ops_isa() -> str | None:
+    """isa(), or None where QWENVL_DECODE_OPS=off."""
+    if os.environ.get(DECODE_OPS_ENV, "") == "off":
+        return None
+    return isa()
+
+
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                 isa_name: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, weight * rmsnorm(s)) for s = x + delta (x itself when delta is None), x/delta [R, D], weight [D],
+    all one dtype (float32 or bfloat16): the residual add and RMSNorm of a decoder layer in one call."""
+    module, chosen = _checked_runner(isa_name)
+    s, y = module.add_rms_norm(x, delta, weight, eps, chosen)
+    return s, y
+
+
+def rotary_(x: torch.Tensor, heads: int, head_dim: int, cos: torch.Tensor, sin: torch.Tensor,
+            isa_name: str | None = None) -> torch.Tensor:
+    """Rotary in place over the first `heads` heads of each row of x [R, >= heads * head_dim] (rows may be
+    strided, e.g. the fused q/k/v output), cos/sin float32 [R, >= head_dim / 2] (the first halves); returns x."""
+    module, chosen = _checked_runner(isa_name)
+    module.rotary_(x, heads, head_dim, cos, sin, chosen)
+    return x
+
+
+def silu_mul(gate_up: torch.Tensor, isa_name: str | None = None) -> torch.Tensor:
+    """gate_up [R, 2I] (gate then up, rows may be strided) -> silu(gate) * up [R, I]."""
+    module, chosen = _checked_runner(isa_name)
+    return module.silu_mul(gate_up, chosen)
+
+
+def paged_decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_pool: torch.Tensor,
+                           v_pool: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
+                           block_size: int, scale: float, isa_name: str | None = None) -> torch.Tensor:
+    """One decode query per sequence over the paged pool: writes k_new/v_new [B, Hkv, Dh] into the slot of
+    token context_lens[b] - 1, then returns softmax(scale q k^T) v [B, Hq, Dh] over each sequence's
+    context_lens[b] keys, float32 inside. Pools [slots, Hkv, Dh] in q's dtype; block_tables int32
+    [B, blocks], context_lens int32 [B]; head_dim a multiple of 16."""
+    module, chosen = _checked_runner(isa_name)
+    return module.paged_decode_attention(q, k_new, v_new, k_pool, v_pool, block_tables, context_lens,
+                                         block_size, scale, chosen)

@@ -103,3 +103,96 @@ def bf16_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     y = x.double() @ weight.double().T + b
     terms = x.double().abs() @ weight.double().abs().T + b.abs()
     return y, (x.shape[1] / 8 + 6) * 2.0 ** -24 * terms
+
+
+# ---- the element-wise decode ops (csrc/decode_ops_kernel.hpp). U = 2^-24, the float32 unit roundoff; a
+# bfloat16 result is the float32 one rounded to nearest even, so it may land on the other bfloat16 neighbour
+# of the exact value when that lies within the float32 error of a rounding boundary: one bf16 step, at most
+# 2^-7 of the value (2^-8 for the final rounding itself).
+
+U = 2.0 ** -24
+
+
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(s, y float64, bound) for s = x + delta (PyTorch's add, rounded to the dtype: the kernel's is equal
+    bit for bit) and y = weight * round_dtype(s / sqrt(mean(s^2) + eps)).
+
+    The kernel sums the squares in float32 lanes (at most D / 8 + 1 additions a lane, 4 levels across lanes,
+    every term positive), divides, adds eps, takes sqrt and 1 / sqrt: its 1 / rms is within
+    e = (D / 8 + 10) U of the exact one, relatively. float32: y within (e + 3 U) |y|. bfloat16: the normed
+    value may round to the other neighbour (2^-7) and y = weight * normed rounds once more (2^-8)."""
+    s = x if delta is None else x + delta
+    sd = s.double()
+    normed = sd * torch.rsqrt(sd.pow(2).mean(-1, keepdim=True) + eps)
+    if s.dtype == torch.bfloat16:
+        y = weight.double() * normed.to(torch.bfloat16).double()
+        bound = (2.0 ** -7 + 2.0 ** -8) * y.abs()
+    else:
+        y = weight.double() * normed
+        bound = ((s.shape[-1] / 8 + 13) * U) * y.abs()
+    return s, y, bound
+
+
+def rotary(x: torch.Tensor, heads: int, head_dim: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [R, W] with the first `heads` heads rotated (cos/sin [R, >= head_dim / 2], the first halves):
+    (x1 c - x2 s, x2 c + x1 s) in float32, each product and sum rounded once, then to x's dtype. The kernel
+    runs exactly these operations: equal bit for bit."""
+    half = head_dim // 2
+    out = x.clone()
+    h = x[:, : heads * head_dim].float().view(x.shape[0], heads, head_dim)
+    c, s = cos[:, None, :half], sin[:, None, :half]
+    x1, x2 = h[..., :half], h[..., half:]
+    rotated = torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+    out[:, : heads * head_dim] = rotated.reshape(x.shape[0], -1).to(x.dtype)
+    return out
+
+
+def silu_mul(gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y float64, bound) for y = round_dtype(silu(gate)) * up, gate_up [R, 2I]. The kernel's exp is within
+    3 U (Cody-Waite reduction, a degree-6 polynomial), then 1 + e, the division and the product round once
+    each: float32 within 6 U |y|; bfloat16 one step more (silu's rounding to bf16, 2^-7) and the final
+    rounding (2^-8). Below g ~ -88.4 the kernel's exp(-g) saturates at ~2^127.5 where the true one grows on,
+    so its silu is g 2^-127.5 instead of ~0: an absolute |g u| 2^-126 at most."""
+    half = gate_up.shape[-1] // 2
+    g, u = gate_up[:, :half].double(), gate_up[:, half:].double()
+    silu = g * torch.sigmoid(g)
+    if gate_up.dtype == torch.bfloat16:
+        y = silu.to(torch.bfloat16).double() * u
+        return y, (2.0 ** -7 + 2.0 ** -8) * y.abs() + (g * u).abs() * 2.0 ** -126
+    y = silu * u
+    return y, 6 * U * y.abs() + (g * u).abs() * 2.0 ** -126
+
+
+def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_tables: list[list[int]],
+                           context_lens: list[int], block_size: int, scale: float
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out float64 [B, Hq, Dh], bound) for one query per sequence over its keys in the pool (after the
+    step's k/v are written), query head h on kv head h // (Hq / Hkv).
+
+    The kernel's score q . k is a float32 fused multiply-add chain per lane (Dh / 8 a lane) plus 4 levels
+    across lanes, times the scale: within e_t = (Dh / 8 + 6) U scale sum|q k| of the exact one. A softmax
+    weight is exp(s_t - max) / sum: within 2 max_t e_t (its score and the max's) plus (L / 8 + 10) U
+    relatively (exp within 3 U, the sum's additions, the division). The weighted sum over L keys adds
+    (L + 1) U sum p |v|. So |out - exact| <= (2 max e_t + (2 L + 20) U) sum_t p_t |v_t|, and a bfloat16
+    result one rounding more (2^-8 |out|)."""
+    B, Hq, Dh = q.shape
+    Hkv = k_pool.shape[1]
+    group = Hq // Hkv
+    out = torch.empty(B, Hq, Dh, dtype=torch.float64)
+    bound = torch.empty(B, Hq, Dh, dtype=torch.float64)
+    for b in range(B):
+        L = context_lens[b]
+        t = torch.arange(L)
+        slots = torch.tensor(block_tables[b], dtype=torch.long)[t // block_size] * block_size + t % block_size
+        k = k_pool[slots].double().repeat_interleave(group, dim=1).transpose(0, 1)      # [Hq, L, Dh]
+        v = v_pool[slots].double().repeat_interleave(group, dim=1).transpose(0, 1)
+        qb = q[b].double()[:, None, :]                                                    # [Hq, 1, Dh]
+        p = torch.softmax((qb * k).sum(-1) * scale, dim=-1)                              # [Hq, L]
+        out[b] = (p[..., None] * v).sum(1)
+        e_t = (Dh / 8 + 6) * U * scale * (qb.abs() * k.abs()).sum(-1)                   # [Hq, L]
+        weighted = (p[..., None] * v.abs()).sum(1)                                       # [Hq, Dh]
+        bound[b] = (2 * e_t.amax(-1, keepdim=True) + (2 * L + 20) * U) * weighted
+    if q.dtype == torch.bfloat16:
+        bound += 2.0 ** -8 * out.abs()
+    return out, bound

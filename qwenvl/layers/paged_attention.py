@@ -6,7 +6,8 @@ sequences, each contributing the chunk of new tokens [ctx - q_len, ctx) (a prefi
 decode token); their q/k/v rows are concatenated in sequence order. `attend()` writes the new k/v
 into their slots, then lets every query attend causally to all of its sequence's keys.
 
-Two implementations, chosen at construction:
+Two implementations, chosen at construction (and, for a decode-only step on a CPU, qwenvl's decode-attention
+kernel in place of either's decode path where it runs: `_kernel_applies`):
   * "reference": per sequence, gather its keys, repeat kv heads for GQA, SDPA with an explicit
     boolean causal-with-offset mask. Plain and slow; the oracle in tests.
   * "fast": every single-token decode in the batch in one padded gather + one batched attention (two
@@ -18,6 +19,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from .. import kernels
 
 
 class PagedKVPool:
@@ -77,17 +80,35 @@ class PagedAttention:
         self.scale = scale
         self.context_lens = list(context_lens)
         self.query_lens = list(query_lens)
-        dev = pool.device
         self.num_tokens = sum(query_lens)
-        # Where each new token's k/v goes.
-        key_slots = [_slots(bt, 0, c, bs) for bt, c in zip(block_tables, context_lens)]
-        self.slot_mapping = torch.cat([ks[c - q:] for ks, c, q in zip(key_slots, context_lens, query_lens)]).to(dev)
-        # Where each sequence's keys are read from (all of its context).
-        self.key_slots = [ks.to(dev) for ks in key_slots]
         self.q_starts = [0]
         for q in query_lens:
             self.q_starts.append(self.q_starts[-1] + q)
-        if impl == "fast":
+        # The PyTorch paths' index tensors (_plan) and the kernel's tables (_kernel_tables) are built on
+        # the first attend that needs them, once per step: a decode step on the kernel never builds the
+        # per-token slot lists (a few ops per sequence per step).
+        self._planned = False
+        self._tables: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._decode_only = impl == "fast" and all(q == 1 for q in query_lens)
+
+    @property
+    def slot_mapping(self) -> torch.Tensor:
+        """LongTensor[N]: the slot each new token's k/v goes to."""
+        self._plan()
+        return self._slot_mapping
+
+    def _plan(self) -> None:
+        if self._planned:
+            return
+        self._planned = True
+        bs, dev = self.pool.block_size, self.pool.device
+        # Where each new token's k/v goes.
+        key_slots = [_slots(bt, 0, c, bs) for bt, c in zip(self.block_tables, self.context_lens)]
+        self._slot_mapping = torch.cat([ks[c - q:] for ks, c, q in
+                                        zip(key_slots, self.context_lens, self.query_lens)]).to(dev)
+        # Where each sequence's keys are read from (all of its context).
+        self.key_slots = [ks.to(dev) for ks in key_slots]
+        if self.impl == "fast":
             self._plan_fast(key_slots, dev)
 
     # --------------------------------------------------------------- planning
@@ -118,11 +139,23 @@ class PagedAttention:
         assert q.shape[0] == self.num_tokens, (q.shape, self.num_tokens)
         kc = self.pool.k[layer_idx].view(-1, self.pool.num_kv_heads, self.pool.head_dim)   # [slots, Hkv, Dh]
         vc = self.pool.v[layer_idx].view(-1, self.pool.num_kv_heads, self.pool.head_dim)
-        kc.index_copy_(0, self.slot_mapping, k if k.dtype == kc.dtype else k.to(kc.dtype))
-        vc.index_copy_(0, self.slot_mapping, v if v.dtype == vc.dtype else v.to(vc.dtype))
+        if self._decode_only and _kernel_applies(q, k, v, kc):
+            scale = q.shape[-1] ** -0.5 if self.scale is None else self.scale
+            return kernels.paged_decode_attention(q, k, v, kc, vc, *self._kernel_tables(), self.pool.block_size, scale)
+        self._plan()
+        kc.index_copy_(0, self._slot_mapping, k if k.dtype == kc.dtype else k.to(kc.dtype))
+        vc.index_copy_(0, self._slot_mapping, v if v.dtype == vc.dtype else v.to(vc.dtype))
         if self.impl == "reference":
             return self._attend_reference(q, kc, vc)
         return self._attend_fast(q, kc, vc)
+
+    def _kernel_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(block tables int32 [B, longest], context lengths int32 [B]) for the decode kernel."""
+        if self._tables is None:
+            width = max(len(bt) for bt in self.block_tables)
+            tables = [bt + [0] * (width - len(bt)) for bt in self.block_tables]
+            self._tables = (torch.tensor(tables, dtype=torch.int32), torch.tensor(self.context_lens, dtype=torch.int32))
+        return self._tables
 
     def _attend_reference(self, q, kc, vc):
         Hq, Hkv = q.shape[1], kc.shape[1]
@@ -194,6 +227,20 @@ def decode_attention_matmul(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
         s.view(B, Hkv, -1, L).masked_fill_(~mask[:, None, None, :], float("-inf"))
     o = torch.bmm(torch.softmax(s, dim=-1), vf)                                # [B*Hkv, G, Dh]
     return o.view(B, Hq, Dh).to(q.dtype)
+
+
+def _kernel_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pool: torch.Tensor) -> bool:
+    """Whether qwenvl's decode-attention kernel (csrc/decode_ops_kernel.hpp) runs this step's attention: one
+    query per sequence on a CPU, q/k/v in the pool's dtype (float32 or bfloat16) with contiguous heads,
+    head_dim a multiple of 16, no gradient. It replaces the two index_copy_ writes, the padded index_select
+    gathers, the float32 casts, two bmm and the softmax (~12 ops per layer) with one call that reads each
+    key and value once from its slot."""
+    dh = q.shape[-1]
+    return q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == pool.dtype \
+        and q.dtype in (torch.float32, torch.bfloat16) and dh % 16 == 0 \
+        and all(t.stride(-1) == 1 and t.stride(-2) == dh for t in (q, k, v)) \
+        and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)) \
+        and kernels.decode_ops_isa() is not None
 
 
 def _causal_mask(q_len: int, ctx_len: int, device) -> torch.Tensor:

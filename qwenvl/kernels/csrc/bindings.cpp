@@ -209,6 +209,8 @@ void int8_rows_to_bf16(const torch::Tensor& tiles, int64_t r0, int64_t r1, torch
 
 }  // namespace
 
+void register_decode_ops(pybind11::module& m);     // decode_ops_bindings.cpp
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "qwenvl's CPU kernels for quantised decode (qwenvl/kernels)";
   m.def("cpu_supports", &cpu_supports, "whether this CPU has a feature set: avx2, avx512, avx512bf16");
@@ -221,4 +223,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_rows_to_bf16", &int8_rows_to_bf16, "tiles, r0, r1, out: rows r0:r1 as bfloat16 into out",
         py::call_guard<py::gil_scoped_release>());
   m.def("bf16_matmul", &bf16_matmul, "x, weight, bias, isa -> y", py::call_guard<py::gil_scoped_release>());
+  register_decode_ops(m);
 }

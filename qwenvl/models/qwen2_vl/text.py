@@ -14,7 +14,8 @@ from ..config import TextConfig
 from ...layers.attention import AttentionBackend
 from ...layers.norms import RMSNorm
 from ...layers import side_by_side
-from ...layers.rotary import mrope_cos_sin, rotary_halves, rotate
+from ...layers.activations import silu_mul
+from ...layers.rotary import mrope_cos_sin, rotary_halves, rotate, rotate_heads
 
 QKV, GATE_UP = ("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")
 
@@ -41,8 +42,8 @@ class SelfAttention(nn.Module):
         """x[N, D]; cos/sin: the step's rotary half tables (`rotary_halves`)."""
         n, hq, hkv, dh = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         qkv = None if self.qk_norm else side_by_side.joined_outputs(self, x, "qkv_proj")
-        if qkv is not None:     # q and k side by side: rotated as one tensor (half the ops at decode)
-            qk = rotate(qkv[:, : (hq + hkv) * dh].view(n, hq + hkv, dh), cos, sin)
+        if qkv is not None:     # q and k side by side: rotated as one tensor (in place with the kernels)
+            qk = rotate_heads(qkv, hq + hkv, dh, cos, sin)
             q, k, v = qk[:, :hq], qk[:, hq:], qkv[:, (hq + hkv) * dh:].view(n, hkv, dh)
         else:
             q, k, v = side_by_side.outputs(self, x, QKV, "qkv_proj")
@@ -67,6 +68,9 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled():                                            # training: autograd needs them
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate_up = side_by_side.joined_outputs(self, x, "gate_up_proj")
+        if gate_up is not None:                                                # [N, 2I]: one call at decode
+            return self.down_proj(silu_mul(gate_up))
         gate, up = side_by_side.outputs(self, x, GATE_UP, "gate_up_proj")     # [N, I] each: in place below,
         return self.down_proj(F.silu(gate, inplace=True).mul_(up))            # so a long prefill holds two, not four
 
@@ -80,8 +84,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        # the residual add and the second norm in one call where the kernels run (RMSNorm.add_forward)
+        x, h = self.post_attention_layernorm.add_forward(x, self.self_attn(self.input_layernorm(x), cos, sin, attn))
+        return x + self.mlp(h)
 
 
 class TextModel(nn.Module):
