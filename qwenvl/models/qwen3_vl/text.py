@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwenvl.models.config import TextConfig
+from qwenvl.layers.activations import silu_mul
 from qwenvl.layers.moe import SparseMoeBlock
 from qwenvl.layers.norms import RMSNorm
 from qwenvl.layers import side_by_side
@@ -62,6 +63,9 @@ class MLP(nn.Module):
         return side_by_side.fuse(self, GATE_UP, "gate_up_proj")
 
     def forward(self, x):
+        gate_up = None if torch.is_grad_enabled() else side_by_side.joined_outputs(self, x, "gate_up_proj")
+        if gate_up is not None:                                   # inference, fused: one call at decode
+            return self.down_proj(silu_mul(gate_up))
         gate, up = side_by_side.outputs(self, x, GATE_UP, "gate_up_proj")
         return self.down_proj(F.silu(gate) * up)
 
@@ -77,8 +81,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, x, cos, sin, attn):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        # the residual add and the second norm in one call where the kernels run (RMSNorm.add_forward)
+        x, h = self.post_attention_layernorm.add_forward(x, self.self_attn(self.input_layernorm(x), cos, sin, attn))
+        return x + self.mlp(h)
 
 
 class Qwen3VLTextModel(nn.Module):
