@@ -224,3 +224,45 @@ def test_model_decodes_like_the_pytorch_path(tiny_checkpoint, monkeypatch, dtype
     top2 = want.topk(2, dim=1).values
     clear = (top2[:, 0] - top2[:, 1]) > 2 * (got - want).abs().amax(dim=1)
     assert clear.any() and torch.equal(got.argmax(1)[clear], want.argmax(1)[clear])
+
+
+def test_the_layers_keep_pytorchs_path_off_the_kernels(monkeypatch):
+    """Kernels off (QWENVL_KERNELS=off or QWENVL_DECODE_OPS=off) or autograd on: the layers compute with
+    PyTorch's ops, gradients flow; with the kernels, the layers' answers are the kernels'."""
+    from qwenvl.layers.activations import silu_mul
+    from qwenvl.layers.norms import RMSNorm
+    from qwenvl.layers.rotary import rotate, rotate_heads
+    calls = []
+    for name in ("add_rms_norm", "rotary_", "silu_mul"):
+        real = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    norm = RMSNorm(48).bfloat16()
+    with torch.no_grad():
+        norm.weight.copy_(_randn(48, seed=11))
+    x, delta = _randn(2, 48, dtype=torch.bfloat16, seed=12), _randn(2, 48, dtype=torch.bfloat16, seed=13)
+    qkv = _randn(2, 3 * 32, dtype=torch.bfloat16, seed=14)
+    angles = _randn(2, 32, seed=15)
+    c, s = angles.cos()[:, None, :16], angles.sin()[:, None, :16]
+    gate_up = _randn(2, 40, dtype=torch.bfloat16, seed=16)
+
+    def run():
+        with torch.no_grad():
+            return (*norm.add_forward(x, delta), rotate_heads(qkv.clone(), 2, 32, c, s), silu_mul(gate_up.clone()))
+    with_kernels = run()
+    assert calls == ["add_rms_norm", "rotary_", "silu_mul"]
+    for env in (kernels.MODE_ENV, kernels.DECODE_OPS_ENV):
+        calls.clear()
+        monkeypatch.setenv(env, "off")
+        plain = run()
+        monkeypatch.delenv(env)
+        assert not calls
+        assert torch.equal(plain[0], x + delta)
+        assert torch.equal(plain[1], norm.weight * F.rms_norm(x + delta, (48,), None, norm.eps))
+        assert torch.equal(plain[2], rotate(qkv[:, :64].view(2, 2, 32), c, s))
+        assert torch.equal(plain[3], F.silu(gate_up[:, :20]) * gate_up[:, 20:])
+        assert torch.equal(with_kernels[2], plain[2])                  # rotary: the same bytes either way
+    xg = x.float().requires_grad_()
+    norm32 = RMSNorm(48)
+    s_, y = norm32.add_forward(xg, delta.float())
+    y.sum().backward()
+    assert xg.grad is not None and not calls

@@ -105,3 +105,17 @@ def test_cuda(impl, dtype, tol):
 def test_fast_half_precision_on_cpu(dtype, tol, hq, hkv):
     """The CPU decode path (float32 matmuls over half-precision k/v) against the oracle, padded batch included."""
     run_steps("fast", hq=hq, hkv=hkv, plan=PLAN, dtype=dtype, tol=tol)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_decode_only_steps_through_the_kernel_match_naive(dtype, tol, monkeypatch):
+    """head_dim 32 (a multiple of 16): decode-only steps go through qwenvl's decode-attention kernel (which
+    writes the step's k/v itself); the mixed steps keep the PyTorch path. Both against the oracle."""
+    from qwenvl import kernels
+    if kernels.decode_ops_isa() is None:
+        pytest.skip("qwenvl's kernels do not run here")
+    calls = []
+    real = kernels.paged_decode_attention
+    monkeypatch.setattr(kernels, "paged_decode_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    run_steps("fast", hq=6, hkv=2, d=32, plan=PLAN, dtype=dtype, tol=tol)
+    assert len(calls) == 2                       # PLAN's one decode-only step, once per layer
