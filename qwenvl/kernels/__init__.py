@@ -183,17 +183,29 @@ DECODE_OPS_ENV = "QWENVL_DECODE_OPS"
 
 
 def decode_ops_isa() -> str | None:
-    """isa(), or None where QWENVL_DECODE_OPS=off."""
+    """isa(), or None where QWENVL_DECODE_OPS=off. The layers ask once per op and hand the answer to the op
+    (isa_name): a decode step makes ~140 of these calls, and each environment read costs ~0.5-2 us."""
     if os.environ.get(DECODE_OPS_ENV, "") == "off":
         return None
     return isa()
+
+
+def _decode_runner(isa_name: str | None) -> tuple[object, str]:
+    """The compiled module and the ISA to run: isa_name as given (the caller asked decode_ops_isa() or
+    names a build, as tests do) without reading the environment again, else isa()'s."""
+    if isa_name is None:
+        return _checked_runner(None)
+    module = build.load()[0]
+    if module is None:
+        raise RuntimeError("qwenvl kernels are not available here (see the warning, or QWENVL_KERNELS)")
+    return module, isa_name
 
 
 def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,
                  isa_name: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(s, weight * rmsnorm(s)) for s = x + delta (x itself when delta is None), x/delta [R, D], weight [D],
     all one dtype (float32 or bfloat16): the residual add and RMSNorm of a decoder layer in one call."""
-    module, chosen = _checked_runner(isa_name)
+    module, chosen = _decode_runner(isa_name)
     s, y = module.add_rms_norm(x, delta, weight, eps, chosen)
     return s, y
 
@@ -202,14 +214,14 @@ def rotary_(x: torch.Tensor, heads: int, head_dim: int, cos: torch.Tensor, sin: 
             isa_name: str | None = None) -> torch.Tensor:
     """Rotary in place over the first `heads` heads of each row of x [R, >= heads * head_dim] (rows may be
     strided, e.g. the fused q/k/v output), cos/sin float32 [R, >= head_dim / 2] (the first halves); returns x."""
-    module, chosen = _checked_runner(isa_name)
+    module, chosen = _decode_runner(isa_name)
     module.rotary_(x, heads, head_dim, cos, sin, chosen)
     return x
 
 
 def silu_mul(gate_up: torch.Tensor, isa_name: str | None = None) -> torch.Tensor:
     """gate_up [R, 2I] (gate then up, rows may be strided) -> silu(gate) * up [R, I]."""
-    module, chosen = _checked_runner(isa_name)
+    module, chosen = _decode_runner(isa_name)
     return module.silu_mul(gate_up, chosen)
 
 
@@ -220,6 +232,6 @@ def paged_decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Te
     token context_lens[b] - 1, then returns softmax(scale q k^T) v [B, Hq, Dh] over each sequence's
     context_lens[b] keys, float32 inside. Pools [slots, Hkv, Dh] in q's dtype; block_tables int32
     [B, blocks], context_lens int32 [B]; head_dim a multiple of 16."""
-    module, chosen = _checked_runner(isa_name)
+    module, chosen = _decode_runner(isa_name)
     return module.paged_decode_attention(q, k_new, v_new, k_pool, v_pool, block_tables, context_lens,
                                          block_size, scale, chosen)

@@ -23,7 +23,9 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     place on gate_up's gate half."""
     if gate_up.dim() == 2 and gate_up.shape[0] <= SILU_MUL_KERNEL_MAX_ROWS and gate_up.device.type == "cpu" \
             and gate_up.stride(-1) == 1 and gate_up.dtype in (torch.float32, torch.bfloat16) \
-            and not (torch.is_grad_enabled() and gate_up.requires_grad) and kernels.decode_ops_isa() is not None:
-        return kernels.silu_mul(gate_up)
+            and not (torch.is_grad_enabled() and gate_up.requires_grad):
+        isa = kernels.decode_ops_isa()
+        if isa is not None:
+            return kernels.silu_mul(gate_up, isa)
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate, inplace=True).mul_(up)

@@ -18,8 +18,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _kernel_applies(x, self.weight):
-            return kernels.add_rms_norm(x.reshape(-1, x.shape[-1]), None, self.weight, self.eps)[1].view(x.shape)
+        isa = _kernel_isa(x, self.weight)
+        if isa is not None:
+            return kernels.add_rms_norm(x.reshape(-1, x.shape[-1]), None, self.weight, self.eps, isa)[1].view(x.shape)
         # PyTorch's fused kernel takes the statistic in float32 and returns x's dtype: the same numbers as
         # float(x) * rsqrt(mean(float(x)^2) + eps) cast back (bit for bit in bf16), in one op instead of
         # seven, which counts at decode (two norms per layer per token). The weight multiplies after the
@@ -33,19 +34,25 @@ class RMSNorm(nn.Module):
         once; PyTorch's path costs an add, F.rms_norm and the weight's multiply, ~50-60 us together at
         decode whatever the width (2 per layer). The numbers are the PyTorch path's up to the order of the
         statistic's float32 sum (reference.add_rms_norm states the bound)."""
-        if x.dim() == 2 and delta.shape == x.shape and _kernel_applies(x, self.weight) \
-                and delta.dtype == x.dtype and delta.stride(-1) == 1:
-            return kernels.add_rms_norm(x, delta, self.weight, self.eps)
+        if x.dim() == 2 and delta.shape == x.shape and delta.dtype == x.dtype and delta.stride(-1) == 1:
+            isa = _kernel_isa(x, self.weight)
+            if isa is not None:
+                return kernels.add_rms_norm(x, delta, self.weight, self.eps, isa)
         x = x + delta
         return x, self(x)
 
 
-def _kernel_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether the kernel computes this norm: CPU, float32 / bfloat16 in the weight's dtype, no gradient."""
-    return x.device.type == "cpu" and x.dtype == weight.dtype and x.dtype in (torch.float32, torch.bfloat16) \
-        and x.stride(-1) == 1 and x.numel() > 0 and weight.dim() == 1 \
-        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)) \
-        and kernels.decode_ops_isa() is not None
+def _kernel_isa(x: torch.Tensor, weight: torch.Tensor) -> str | None:
+    """The kernels' ISA where they compute this norm (CPU, float32 / bfloat16 in the weight's dtype, no
+    gradient), else None."""
+    if x.dtype == weight.dtype and x.dtype in _DTYPES and x.device.type == "cpu" and x.stride(-1) == 1 \
+            and x.numel() > 0 and weight.dim() == 1 \
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+        return kernels.decode_ops_isa()
+    return None
+
+
+_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def layer_norm(dim: int) -> nn.LayerNorm:

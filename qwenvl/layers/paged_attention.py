@@ -7,7 +7,7 @@ decode token); their q/k/v rows are concatenated in sequence order. `attend()` w
 into their slots, then lets every query attend causally to all of its sequence's keys.
 
 Two implementations, chosen at construction (and, for a decode-only step on a CPU, qwenvl's decode-attention
-kernel in place of either's decode path where it runs: `_kernel_applies`):
+kernel in place of either's decode path where it runs: `_kernel_isa`):
   * "reference": per sequence, gather its keys, repeat kv heads for GQA, SDPA with an explicit
     boolean causal-with-offset mask. Plain and slow; the oracle in tests.
   * "fast": every single-token decode in the batch in one padded gather + one batched attention (two
@@ -139,9 +139,11 @@ class PagedAttention:
         assert q.shape[0] == self.num_tokens, (q.shape, self.num_tokens)
         kc = self.pool.k[layer_idx].view(-1, self.pool.num_kv_heads, self.pool.head_dim)   # [slots, Hkv, Dh]
         vc = self.pool.v[layer_idx].view(-1, self.pool.num_kv_heads, self.pool.head_dim)
-        if self._decode_only and _kernel_applies(q, k, v, kc):
+        isa = _kernel_isa(q, k, v, kc) if self._decode_only else None
+        if isa is not None:
             scale = q.shape[-1] ** -0.5 if self.scale is None else self.scale
-            return kernels.paged_decode_attention(q, k, v, kc, vc, *self._kernel_tables(), self.pool.block_size, scale)
+            return kernels.paged_decode_attention(q, k, v, kc, vc, *self._kernel_tables(), self.pool.block_size,
+                                                  scale, isa)
         self._plan()
         kc.index_copy_(0, self._slot_mapping, k if k.dtype == kc.dtype else k.to(kc.dtype))
         vc.index_copy_(0, self._slot_mapping, v if v.dtype == vc.dtype else v.to(vc.dtype))
@@ -229,18 +231,19 @@ def decode_attention_matmul(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
     return o.view(B, Hq, Dh).to(q.dtype)
 
 
-def _kernel_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pool: torch.Tensor) -> bool:
-    """Whether qwenvl's decode-attention kernel (csrc/decode_ops_kernel.hpp) runs this step's attention: one
-    query per sequence on a CPU, q/k/v in the pool's dtype (float32 or bfloat16) with contiguous heads,
-    head_dim a multiple of 16, no gradient. It replaces the two index_copy_ writes, the padded index_select
+def _kernel_isa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pool: torch.Tensor) -> str | None:
+    """The kernels' ISA where qwenvl's decode-attention kernel (csrc/decode_ops_kernel.hpp) runs this step's
+    attention, else None. It runs one query per sequence on a CPU, q/k/v in the pool's dtype (float32 or
+    bfloat16) with contiguous heads, head_dim a multiple of 16, no gradient. It replaces the two index_copy_ writes, the padded index_select
     gathers, the float32 casts, two bmm and the softmax (~12 ops per layer) with one call that reads each
     key and value once from its slot."""
     dh = q.shape[-1]
-    return q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == pool.dtype \
-        and q.dtype in (torch.float32, torch.bfloat16) and dh % 16 == 0 \
-        and all(t.stride(-1) == 1 and t.stride(-2) == dh for t in (q, k, v)) \
-        and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)) \
-        and kernels.decode_ops_isa() is not None
+    if q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == pool.dtype \
+            and q.dtype in (torch.float32, torch.bfloat16) and dh % 16 == 0 \
+            and all(t.stride(-1) == 1 and t.stride(-2) == dh for t in (q, k, v)) \
+            and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+        return kernels.decode_ops_isa()
+    return None
 
 
 def _causal_mask(q_len: int, ctx_len: int, device) -> torch.Tensor:

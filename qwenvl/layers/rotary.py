@@ -55,10 +55,13 @@ def rotate_heads(x: torch.Tensor, heads: int, head_dim: int, c: torch.Tensor, s:
     On a CPU with qwenvl's kernels this rotates x in place in one call (the result is a view of x), where
     `rotate` costs ~9 ops (the float32 copy, four products, two sums, the cat, the cast back) per layer."""
     n = x.shape[0]
+    isa = None
     if x.dim() == 2 and x.device.type == "cpu" and x.stride(-1) == 1 and x.dtype in (torch.float32, torch.bfloat16) \
             and c.dtype == torch.float32 and c.dim() == 3 and c.stride(-1) == 1 and s.stride() == c.stride() \
-            and not (torch.is_grad_enabled() and x.requires_grad) and kernels.decode_ops_isa() is not None:
-        kernels.rotary_(x, heads, head_dim, c.flatten(1), s.flatten(1))
+            and not (torch.is_grad_enabled() and x.requires_grad):
+        isa = kernels.decode_ops_isa()
+    if isa is not None:
+        kernels.rotary_(x, heads, head_dim, c.flatten(1), s.flatten(1), isa)
         return x[:, : heads * head_dim].view(n, heads, head_dim)
     return rotate(x[:, : heads * head_dim].view(n, heads, head_dim), c, s)
 
