@@ -43,6 +43,8 @@ from __future__ import annotations
 
 import torch
 
+from qwenvl.kernels import weight_memory
+
 TILE_N = 16         # output rows per tile: a 512-bit vector of int32 sums
 BLOCK_K = 32        # inputs per 256-byte block of a tile
 _CHUNK_ROWS = 4096  # pack this many rows at a time (a 151936-row head's int64 temporaries stay small)
@@ -67,7 +69,7 @@ def pack(q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: 
         raise ValueError(f"int4 tile layout: scales {tuple(scales.shape)} / mins {tuple(mins.shape)} do not fit "
                          f"q {tuple(q.shape)} in groups of {group_size}")
     n_pad = padded_rows(n)
-    packed = torch.empty(n_pad, k // 2, dtype=torch.uint8)
+    packed = weight_memory.empty((n_pad, k // 2), torch.uint8)        # on 2 MiB pages where it can be
     for r0 in range(0, n_pad, _CHUNK_ROWS):
         r1 = min(r0 + _CHUNK_ROWS, n_pad)
         rows = torch.zeros(r1 - r0, k, dtype=torch.uint8)
@@ -77,8 +79,8 @@ def pack(q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: 
     params[:n, 0] = scales.to(param_dtype)
     params[:n, 1] = mins.to(param_dtype)
     # [N_pad, 2, G] -> [tiles, 16, 2, G] -> [tiles, G, 2, 16]
-    params = params.view(n_pad // TILE_N, TILE_N, 2, -1).permute(0, 3, 2, 1).contiguous()
-    return packed, params
+    params = params.view(n_pad // TILE_N, TILE_N, 2, -1).permute(0, 3, 2, 1)
+    return packed, weight_memory.empty(params.shape, param_dtype).copy_(params)
 
 
 def _pack_tiles(q: torch.Tensor) -> torch.Tensor:

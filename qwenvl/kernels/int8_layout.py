@@ -7,11 +7,14 @@ A weight W [N, K] is w[n, k] = q[n, k] * scale[n], q int8 in -127..127 (Int8Line
           are 4 consecutive inputs of each of the tile's 16 rows: vpdpbusd's operand (16 lanes x 4 bytes).
           Padded rows and inputs hold 0. The bytes are the weights themselves: N_pad x K_pad, one copy.
   scales  float32 [N_pad] (padded rows 0), the kernel's copy of the layer's scales.
+The tiles are allocated on 2 MiB pages where the platform allows (weight_memory.py says why).
 """
 
 from __future__ import annotations
 
 import torch
+
+from qwenvl.kernels import weight_memory
 
 TILE_N = 16         # output rows per tile: a 512-bit vector of int32 sums
 BLOCK_K = 32        # inputs per activation block (the row length is padded to a multiple)
@@ -30,7 +33,7 @@ def pack(q: torch.Tensor) -> torch.Tensor:
     """q int8 [N, K] -> tiles int8 [N_pad/16, K_pad/4, 16, 4]."""
     n, k = q.shape
     n_pad, k_pad = padded_rows(n), padded_inputs(k)
-    tiles = torch.empty(n_pad // TILE_N, k_pad // 4, TILE_N, 4, dtype=torch.int8)
+    tiles = weight_memory.empty((n_pad // TILE_N, k_pad // 4, TILE_N, 4), torch.int8)    # 2 MiB pages where it can
     for r0 in range(0, n_pad, _CHUNK_ROWS):
         r1 = min(r0 + _CHUNK_ROWS, n_pad)
         rows = torch.zeros(r1 - r0, k_pad, dtype=torch.int8)

@@ -26,6 +26,12 @@ constexpr int kBlockK = 32;                         // inputs per activation blo
 constexpr int kBlockBytes = kTileN * kBlockK;       // 512 bytes of a tile per block
 // Rows of x per pass over a tile: each holds an int32 and a float accumulator in registers (32 zmm / 16 ymm).
 constexpr int kMaxRowBlock = kLanes == 16 ? 8 : 4;
+// How far ahead of its reads the first pass over a tile asks for the weights (software prefetch into L1;
+// 0: none). A macro so that bench/int8_prefetch.py can build the kernel at other distances beside this one.
+#ifndef QWENVL_INT8_PREFETCH_BYTES
+#define QWENVL_INT8_PREFETCH_BYTES 2048
+#endif
+constexpr int64_t kPrefetchBytes = QWENVL_INT8_PREFETCH_BYTES;
 
 inline int32_t load_i32(const int8_t* p) {
   int32_t v;
@@ -47,7 +53,7 @@ inline uint16_t float_to_bf16(float f) {            // round to nearest even, as
 // bound by that latency rather than by the reads (as in int4_kernel.hpp; for int8 no change was measured
 // on this 2-core host: 71 against 73 GB/s hot, one row, within its noise).
 template <int RB>
-inline void tile_product(const Int8MatmulArgs& p, const int8_t* w, int64_t r0, float* out) {
+inline void tile_product(const Int8MatmulArgs& p, const int8_t* w, int64_t r0, float* out, bool prefetch) {
   constexpr int kChains = kLanes == 16 ? (RB >= 8 ? 1 : 8 / RB) : (RB >= 4 ? 1 : 4 / RB);
   const int64_t K = p.K, blocks = K / kBlockK;
   const int8_t* a = p.x.a + r0 * K;
@@ -57,7 +63,12 @@ inline void tile_product(const Int8MatmulArgs& p, const int8_t* w, int64_t r0, f
     FVec acc[RB];
     for (int r = 0; r < RB; ++r) acc[r] = fzero();
     const int8_t* wb = w + h * kLanes * 4;
+    // only the first pass over a tile streams it from memory: later row blocks and AVX2's second half hit L2
+    const bool ahead = kPrefetchBytes > 0 && prefetch && h == 0;
     for (int64_t b = 0; b < blocks; ++b, wb += kBlockBytes) {
+      if (ahead)        // past the thread's last tile it touches the next one's bytes: harmless, never a fault
+        for (int c = 0; c < kBlockBytes; c += 64)
+          _mm_prefetch(reinterpret_cast<const char*>(wb) + kPrefetchBytes + c, _MM_HINT_T0);
       IVec isum[RB][kChains];
       for (int r = 0; r < RB; ++r) {
         isum[r][0] = ibroadcast(s8_dot_start(asum[r * blocks + b]));
@@ -82,7 +93,7 @@ inline void tile_product(const Int8MatmulArgs& p, const int8_t* w, int64_t r0, f
 template <int RB = 1>
 inline void tile_rows(int rb, const Int8MatmulArgs& p, const int8_t* w, int64_t r0, float* out) {
   if constexpr (RB <= kMaxRowBlock) {
-    if (rb == RB) return tile_product<RB>(p, w, r0, out);
+    if (rb == RB) return tile_product<RB>(p, w, r0, out, r0 == 0);
     tile_rows<RB + 1>(rb, p, w, r0, out);
   }
 }
