@@ -28,7 +28,7 @@ from .. import kernels
 from ..layers.moe import Experts
 from ..layers.quantized_moe import QuantizedExperts
 from ..layers.int8_vnni import forced_layout, uses_fbgemm_layout
-from ..layers.quantized_embedding import Int8Embedding, TiedInt4Embedding
+from ..layers.quantized_embedding import Int8Embedding, TiedInt4Embedding, TiedInt8Embedding
 from ..layers.quantized_linear import Int4Linear, Int8Linear, int4_group_size, quantize_int8
 
 QUANTIZATION_MODES = ("int8", "int4")
@@ -140,6 +140,7 @@ def use_cpu_int8_layout(model: nn.Module, after_each=lambda: None) -> None:
     plain layer's bf16 GEMM is faster than fbgemm's two activation passes (a 448x448 image's first token:
     7.7 s in bf16, 11.2 s with the tower in the fbgemm layout), for the same one byte a weight."""
     tiles = forced_layout() in (None, "tiles") and kernels.available()    # QWENVL_INT8_LAYOUT may pick another
+    shared_head = _head_sharing_the_table(model)
     for name, module in model.named_modules():
         if not isinstance(module, Int8Linear) or name.startswith(_VISION_PREFIX) or module.qweight is None \
                 or module.qweight.device.type != "cpu":
@@ -150,6 +151,20 @@ def use_cpu_int8_layout(model: nn.Module, after_each=lambda: None) -> None:
         elif uses_fbgemm_layout(module.out_features, module.in_features):
             module.use_fbgemm_layout()
             after_each()
+    if shared_head is not None and shared_head.tiles is not None:
+        # the head's tiles hold the table's rows: the plain matrix would be a second copy (233 MB at 2B widths)
+        _replace(model, _EMBEDDING, TiedInt8Embedding(shared_head))
+        after_each()
+
+
+def _head_sharing_the_table(model: nn.Module) -> Int8Linear | None:
+    """The tied int8 output head where it holds the same plain int8 matrix as the int8 token table."""
+    table, head = model.get_submodule(_EMBEDDING), getattr(model, _TIED_HEAD, None)
+    if isinstance(table, Int8Embedding) and isinstance(head, Int8Linear) and head.qweight is not None \
+            and table.qweight.device.type == "cpu" and table.qweight.data_ptr() == head.qweight.data_ptr() \
+            and table.qweight.shape == head.qweight.shape:
+        return head
+    return None
 
 
 class LoadQuantizer:

@@ -56,6 +56,13 @@ def unpack(tiles: torch.Tensor, out_features: int, in_features: int) -> torch.Te
                      torch.empty(out_features, in_features, dtype=torch.int8))
 
 
+def gather_rows(tiles: torch.Tensor, ids: torch.Tensor, in_features: int) -> torch.Tensor:
+    """Rows `ids` (1-D, any order, repeats allowed) of q as int8 [len(ids), in_features], read from the tiles
+    (an embedding lookup into a tied head)."""
+    rows = tiles[ids // TILE_N, :, ids % TILE_N, :]               # [R, K_pad/4, 4]: the index dims go first
+    return rows.reshape(ids.numel(), -1)[:, :in_features]
+
+
 def rows_into(tiles: torch.Tensor, r0: int, r1: int, in_features: int, out: torch.Tensor) -> torch.Tensor:
     """Rows r0:r1 of q written into out [r1 - r0, in_features] (any dtype: int8 values are exact in bf16),
     read tile by tile; returns out."""

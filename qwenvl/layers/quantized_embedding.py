@@ -9,6 +9,10 @@ float row. A tied int8 head multiplies by these same rows (qwenvl/quantize.py).
 A tied model quantised to int4 has no table of its own (`TiedInt4Embedding`): its rows are the int4 head's
 rows, dequantised from the head's packed layout at lookup (the issue's "dequantises rows"), which saves the
 int8 table's 233 MB at 2B widths, a tenth of an int4+vision model.
+
+A tied int8 model starts with one int8 matrix shared by the table and the head; once the head moves into
+the kernels' tiles (checkpoints/quantize.py: use_cpu_int8_layout) the table would be a second copy, so it
+becomes a `TiedInt8Embedding` reading its rows from the head's tiles: the same values, 233 MB less.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .quantized_linear import Int4Linear, quantize_int8
+from .quantized_linear import Int4Linear, Int8Linear, quantize_int8
 
 
 class Int8Embedding(nn.Module):
@@ -65,3 +69,22 @@ class TiedInt4Embedding(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, the tied int4 head's rows"
+
+
+class TiedInt8Embedding(nn.Module):
+    """The embedding of a tied model whose output head is an Int8Linear in another layout than the shared
+    plain matrix (its tiles): table[ids] = the head's rows ids, as Int8Embedding computes them."""
+
+    def __init__(self, head: Int8Linear):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = head.out_features, head.in_features
+        self._head = [head]         # not a submodule: the weights are the head's, listed (and loaded) once
+
+    def dequantize(self) -> torch.Tensor:
+        return self._head[0].dequantize()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self._head[0].dequantized_rows(ids)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, the tied int8 head's rows"

@@ -226,6 +226,17 @@ class Int8Linear(nn.Module):
     def dequantize(self) -> torch.Tensor:
         return self._integers().to(self.scales.dtype) * self.scales[:, None]
 
+    def dequantized_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` of the weight [*ids.shape, in] in the scales' dtype, read from whichever layout holds
+        the integers (a tied embedding's lookup: layers/quantized_embedding.py). Equal to dequantize()[ids]."""
+        flat = ids.reshape(-1)
+        if self.tiles is not None:
+            q = int8_layout.gather_rows(self.tiles, flat, self.in_features)
+        else:
+            q = self._integers()[flat]          # the fbgemm layout unpacks whole: only a plain table's fallback
+        rows = q.to(self.scales.dtype).mul_(self.scales[flat].unsqueeze(-1))
+        return rows.view(*ids.shape, self.in_features)
+
     def _integer_rows(self, r0: int, r1: int, out: torch.Tensor) -> torch.Tensor:
         if self.tiles is not None and out.dtype == torch.bfloat16 and out.is_contiguous() and kernels.available():
             return kernels.int8_rows_to_bf16(self.tiles, r0, r1, out)     # ~3x the strided copy below
