@@ -12,6 +12,27 @@
 // y = acc * scale (+ bias). Both ISAs compute the same integers and the same float operations, so they give
 // the same bytes; each output is computed by one thread in one order, so the thread count and the other
 // rows of the batch do not change a row's result.
+//
+// Cold reads. A decode step reads every tile once (~1.5 GB at 2B widths), far more than the cache holds,
+// so one row's product runs at the rate memory feeds a loop reading in this order, not at its arithmetic
+// (hot in L2 one row reads 80-90 GB/s per core). bench/int8_read_ceiling.py measures that rate with a
+// read-only SIMD pass over the same tiles, split over the same threads (at::parallel_for hands each thread
+// one contiguous range of tiles, so each streams one run of memory), and prints the kernel against it;
+// bench/int8_prefetch.py builds this file at several prefetch distances and times them side by side.
+// What paid, one thread, 374 MB of a decode step's matrices, medians of 9 alternating rounds on the shared
+// 2-core Xeon VM (busy: absolute GB/s well under its quiet ones; the ratios are the point):
+//   - the hardware prefetchers alone left the kernel at 93% of the read pass (1 row) and 63% (8 rows);
+//     asking for each line kPrefetchBytes ahead on a tile's first pass: 97% and 77%. Distances 1-4 KiB were
+//     within a few % of each other, 8 KiB lost; 2 KiB is kept. The 8-row pass over 1-row pass time went
+//     from 1.47x to 1.27x (target <= 1.4x).
+//   - 2 MiB pages (the tiles are allocated on them: qwenvl/kernels/weight_memory.py): the read pass and the
+//     1-row product through Int8Linear both ran 1.1x faster than on 4 KiB pages in the same process
+//     (int8_read_ceiling.py, 7 rounds), and prefetching mattered more on 4 KiB pages (74% -> 87% of their
+//     read pass), where the hardware prefetchers stop at each page's end.
+// Not kept: a second chain per row for 8 rows (spills: 2.3x slower hot); prefetch with the NTA hint (half
+// the rate). Eight rows are bound by the arithmetic (one vpdpbusd a cycle: 18-22 GB/s per core hot) rather
+// than by memory; an AMX (tdpbssd) prototype of the 8- and 16-row passes ran ~1.3x faster hot but slower
+// for 2 rows, and is not in this file.
 #pragma once
 #include <cstring>
 #include "kernels.hpp"
