@@ -159,7 +159,9 @@ def use_cpu_int8_layout(model: nn.Module, after_each=lambda: None) -> None:
 
 def _head_sharing_the_table(model: nn.Module) -> Int8Linear | None:
     """The tied int8 output head where it holds the same plain int8 matrix as the int8 token table."""
-    table, head = model.get_submodule(_EMBEDDING), getattr(model, _TIED_HEAD, None)
+    if not (hasattr(model, "has_output_head") and model.has_output_head()):
+        return None
+    table, head = model.get_submodule(_EMBEDDING), model.output_head
     if isinstance(table, Int8Embedding) and isinstance(head, Int8Linear) and head.qweight is not None \
             and table.qweight.device.type == "cpu" and table.qweight.data_ptr() == head.qweight.data_ptr() \
             and table.qweight.shape == head.qweight.shape:
