@@ -62,7 +62,8 @@ __attribute__((target("avx2"))) static int64_t sum_avx2(const int8_t* p, const i
     s3 = _mm256_add_epi32(s3, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 96)));
   }
   alignas(32) int32_t lanes[8];
-  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), _mm256_add_epi32(_mm256_add_epi32(s0, s1), _mm256_add_epi32(s2, s3)));
+  const __m256i sum = _mm256_add_epi32(_mm256_add_epi32(s0, s1), _mm256_add_epi32(s2, s3));
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), sum);
   int64_t s = 0;
   for (int i = 0; i < 8; ++i) s += lanes[i];
   return s;
