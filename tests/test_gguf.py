@@ -27,6 +27,8 @@ from qwenvl import LLM, SamplingParams
 from qwenvl.checkpoints.checkpoint_keys import legacy_key
 from qwenvl.checkpoints.gguf import GGUFError, open_pair
 from qwenvl.checkpoints.gguf.loader import load_gguf_model
+from qwenvl import kernels
+from qwenvl.kernels import int4_layout
 from qwenvl.layers.quantized_linear import LAYOUT_TILES, Int4Linear, Int8Linear
 from qwenvl.tokenizer import Tokenizer
 from tiny import make_checkpoint
@@ -222,7 +224,8 @@ def test_quantised_layers_follow_each_tensor_type(wide, tmp_path):
     for name, module in (("blk.0.attn_q.weight", layers[0].self_attn.q_proj), ("blk.1.ffn_up.weight",
                          layers[1].mlp.up_proj)):
         assert isinstance(module, Int4Linear) and module.group_size == 32
-        if module.layout == LAYOUT_TILES:       # scales and mins kept as they are: bit for bit gguf's values
+        if module.layout == LAYOUT_TILES:       # Q4_K's super-blocks kept as they are: bit for bit gguf's values
+            assert module.super_blocks, name
             assert torch.equal(module.dequantize(), ref(name)), name
         else:                                   # PyTorch's int4pack: offset = min + 8 * scale, one more rounding
             assert torch.allclose(module.dequantize(), ref(name), rtol=0, atol=4e-7 * ref(name).abs().max()), name
@@ -243,6 +246,48 @@ def test_quantised_layers_follow_each_tensor_type(wide, tmp_path):
     for name, module in (("blk.0.attn_v.weight", model.model.language_model.layers[0].self_attn.v_proj),
                          ("output.weight", model.lm_head)):
         assert isinstance(module, Int8Linear) and _within_half_int8_row_step(module.dequantize(), ref(name)), name
+
+
+def _float32_form(layer: Int4Linear) -> Int4Linear:
+    """The same Q4_K layer with its scales and mins as float32 per group of 32 (the form before super-blocks)."""
+    n, k = layer.out_features, layer.in_features
+    scales, mins = int4_layout.unpack_params(layer.group_params)
+    q = int4_layout.unpack(layer.packed, k)[:n]
+    return Int4Linear.from_scales_and_mins(q, scales[:n], mins[:n], 32, layer.bias, layout=LAYOUT_TILES,
+                                           dtype=layer.weight_dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_q4_k_keeps_its_super_blocks_in_any_model_dtype(wide, tmp_path, dtype):
+    """Q4_K tensors load as super-blocks (d, dmin, sc, m as in the file) whatever the model's dtype: the
+    weights are gguf's dequantisation to the bit (a bfloat16 model no longer rounds its scales), and the
+    model's logits are the float32 group form's exactly (the kernel forms the same float32 values)."""
+    from quant_helpers import tiny_logits
+    if not kernels.available():
+        pytest.skip("the tile layout needs qwenvl's kernels")
+    folder, lm, mmproj = wide
+    q = rewrite(lm, tmp_path / "q4_k.gguf", lambda n, s: "Q4_K" if len(s) == 2 else None)
+    pair = open_pair(q, mmproj)
+    model = load_gguf_model(pair, dtype, torch.device("cpu"))[0]
+    tensors = {t.name: t for t in pair.lm.tensors}
+    layers = model.model.language_model.layers
+    checked = 0
+    for i, layer in enumerate(layers):
+        for name, module in ((f"blk.{i}.ffn_down.weight", layer.mlp.down_proj),
+                             (f"blk.{i}.attn_output.weight", layer.self_attn.o_proj)):
+            assert isinstance(module, Int4Linear) and module.super_blocks, name
+            w = int4_layout.dequantize(module.packed, module.group_params, module.in_features, 32, torch.float32)
+            assert torch.equal(w[:module.out_features], torch.from_numpy(_int4_reference_rows(tensors[name]))), name
+            checked += 1
+    assert checked == 2 * len(layers)
+    ids = torch.tensor([3, 17, 60, 101])
+    want = tiny_logits(model, ids)
+    for parent in layers.modules():
+        for child_name, child in list(parent.named_children()):
+            if isinstance(child, Int4Linear) and child.super_blocks:
+                setattr(parent, child_name, _float32_form(child))
+    assert not any(isinstance(m, Int4Linear) and m.super_blocks for m in layers.modules())
+    assert torch.equal(tiny_logits(model, ids), want)
 
 
 @pytest.mark.slow

@@ -291,3 +291,120 @@ def test_every_int4_layer_of_a_moe_model_runs_the_kernel(tiny_checkpoint, monkey
     assert torch.isfinite(logits).all()
     assert dense <= set(called)                                     # attention, dense layers, the head
     assert set(called) - dense                                      # and the experts the router chose
+
+
+# ------------------------------------------------------------------- Q4_K's super-block parameters
+def _q4_k_tensors(n, k, seed=0):
+    """Q4_K's fields: q, d and -dmin in float16 (some of them subnormal), sc and m 6-bit integers."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=g)
+    d = (torch.rand(n, k // 256, generator=g) * 2e-3).half()
+    neg_dmin = (-torch.rand(n, k // 256, generator=g) * 4e-3).half()
+    sc = torch.randint(0, 64, (n, k // 32), dtype=torch.uint8, generator=g)
+    m = torch.randint(0, 64, (n, k // 32), dtype=torch.uint8, generator=g)
+    return q, d, neg_dmin, sc, m
+
+
+def _q4_k_both_forms(n, k, seed=0):
+    """(packed, super-block params, the float32 form's params) of one Q4_K matrix."""
+    q, d, neg_dmin, sc, m = _q4_k_tensors(n, k, seed)
+    scales = (d.float()[..., None] * sc.float().view(n, -1, 8)).view(n, -1)       # exact in float32
+    mins = (neg_dmin.float()[..., None] * m.float().view(n, -1, 8)).view(n, -1)
+    packed, fp32 = int4_layout.pack(q, scales, mins, 32, torch.float32)
+    return packed, int4_layout.pack_super_blocks(d, neg_dmin, sc, m), fp32
+
+
+def test_super_blocks_hold_the_float32_forms_values():
+    q, d, neg_dmin, sc, m = _q4_k_tensors(37, 512)
+    packed, sb, fp32 = _q4_k_both_forms(37, 512)
+    assert sb.shape == (3, 2, 320) and sb.dtype == torch.uint8          # 4.625 bits a weight with the codes
+    for a, b in zip(int4_layout.unpack_params(sb), int4_layout.unpack_params(fp32)):
+        assert a.dtype == torch.float32 and torch.equal(a, b)
+    # the documented bytes: tile 1, super-block 1, row 3 (row 19): d at 2 * 3, -dmin at 32 + 2 * 3, the sc
+    # of its group 5 (group 13 of the row) at 64 + 16 * 5 + 3, its m at 192 + 16 * 5 + 3
+    block = sb[1, 1]
+    assert block[6:8].view(torch.float16) == d[19, 1] and block[38:40].view(torch.float16) == neg_dmin[19, 1]
+    assert block[64 + 83] == sc[19, 13] and block[192 + 83] == m[19, 13]
+    w = int4_layout.dequantize(packed, sb, 512, 32, torch.float32)
+    assert torch.equal(w, int4_layout.dequantize(packed, fp32, 512, 32, torch.float32))
+    ids = torch.tensor([0, 15, 16, 36, 19])
+    assert torch.equal(int4_layout.dequantize_rows(packed, sb, 512, 32, ids, torch.float32), w[ids])
+
+
+@pytest.mark.parametrize("n,k", [(1, 256), (17, 512), (45, 768)])
+def test_super_block_product_is_the_float32_forms_to_the_bit(isa, n, k):
+    """The kernel forms d * sc and -dmin * m exactly, so its result is the float32 form's, byte for byte,
+    for every row count (row blocks of 8 / 4 and their remainders), and within the reference's bound."""
+    packed, sb, fp32 = _q4_k_both_forms(n, k)
+    for dtype in (torch.bfloat16, torch.float32):
+        for rows in range(1, 17):
+            x = _x(rows, k, dtype, seed=rows)
+            y = kernels.int4_matmul(x, packed, sb, 32, n, isa_name=isa)
+            assert torch.equal(y, kernels.int4_matmul(x, packed, fp32, 32, n, isa_name=isa)), (dtype, rows)
+            if rows in (1, 9, 16):
+                want, bound = reference.int4_matmul(x, packed, sb, 32, n, kernels.ACTIVATION_PASSES[dtype])
+                slack = want.abs() * 2.0 ** -8 if dtype == torch.bfloat16 else 0
+                assert ((y.double() - want).abs() <= bound + slack).all()
+
+
+def test_super_block_integer_sums_are_exact(isa):
+    """d = 1, sc = 1, m = 0 and integer activations with 127 in every group: the integer dot product."""
+    n, k = 24, 512
+    q = _q4_k_tensors(n, k)[0]
+    sb = int4_layout.pack_super_blocks(torch.ones(n, 2, dtype=torch.float16), torch.zeros(n, 2, dtype=torch.float16),
+                                       torch.ones(n, 16, dtype=torch.uint8), torch.zeros(n, 16, dtype=torch.uint8))
+    x = torch.randint(-127, 128, (3, k), generator=torch.Generator().manual_seed(3)).float()
+    x.view(3, -1, 32)[..., 0] = 127
+    y = kernels.int4_matmul(x, int4_layout.pack_codes(q), sb, 32, n, isa_name=isa)
+    assert torch.equal(y.double(), x.double() @ q.double().T)
+
+
+def test_super_blocks_give_the_same_bytes_on_both_builds_and_thread_counts(compiled):
+    packed, sb, _ = _q4_k_both_forms(1000, 2048)                       # 63 tiles: split over threads
+    x = _x(8, 2048, torch.bfloat16)
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            for isa_name in ISAS:
+                if compiled.cpu_supports(isa_name):
+                    results.append(kernels.int4_matmul(x, packed, sb, 32, 1000, isa_name=isa_name))
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(results[0], r) for r in results[1:])
+
+
+def test_super_block_arguments_are_checked():
+    packed, sb, _ = _q4_k_both_forms(16, 512)
+    x = torch.randn(2, 512)
+    with pytest.raises(RuntimeError, match="super-block params need group size 32"):
+        kernels.int4_matmul(x, packed, sb, 64, 16)
+    with pytest.raises(RuntimeError, match="super-block params need"):
+        kernels.int4_matmul(x, packed, sb[:, :1].contiguous(), 32, 16)
+    with pytest.raises(ValueError, match="do not fit together"):
+        q, d, neg_dmin, sc, m = _q4_k_tensors(16, 512)
+        int4_layout.pack_super_blocks(d, neg_dmin, sc[:, :8], m)
+
+
+def test_int4_linear_from_q4_k_in_both_layouts():
+    """The tile layout holds the super-blocks (and answers as the float32 form); PyTorch's int4pack layout
+    gets the products (its offsets rounded once, as before)."""
+    q, d, neg_dmin, sc, m = _q4_k_tensors(48, 512)
+    layer = Int4Linear.from_q4_k(q, d, neg_dmin, sc, m, None, torch.float32, layout=LAYOUT_TILES)
+    scales = (d.float()[..., None] * sc.float().view(48, -1, 8)).view(48, -1)
+    mins = (neg_dmin.float()[..., None] * m.float().view(48, -1, 8)).view(48, -1)
+    fp32 = Int4Linear.from_scales_and_mins(q, scales, mins, 32, None, layout=LAYOUT_TILES)
+    assert layer.super_blocks and not fp32.super_blocks and layer.group_params.dtype == torch.uint8
+    assert torch.equal(layer.dequantize(), fp32.dequantize())
+    assert torch.equal(layer.dequantized_rows(torch.tensor([[3, 47]])), fp32.dequantize()[[3, 47]][None])
+    for dtype in (torch.float32, torch.bfloat16):
+        x = _x(3, 512, dtype)
+        assert torch.equal(layer(x), fp32(x))
+        assert torch.equal(layer(_x(20, 512, dtype)), fp32(_x(20, 512, dtype)))    # prefill: dequantised GEMM
+    assert Int4Linear.stacked([layer, fp32], None) is None                          # forms are not mixed
+    both = Int4Linear.stacked([layer, layer], None)
+    assert both.super_blocks and torch.equal(both(_x(2, 512, torch.float32))[:, 48:], layer(_x(2, 512, torch.float32)))
+    fallback = Int4Linear.from_q4_k(q, d, neg_dmin, sc, m, None, torch.float32, layout=LAYOUT_INT4PACK)
+    assert fallback.layout == LAYOUT_INT4PACK
+    torch.testing.assert_close(fallback.dequantize(), fp32.dequantize(), rtol=0, atol=1e-6)

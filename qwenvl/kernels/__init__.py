@@ -116,7 +116,7 @@ def int4_matmul(x: torch.Tensor, packed: torch.Tensor, params: torch.Tensor, gro
                 out_features: int, isa_name: str | None = None) -> torch.Tensor:
     """x [R, K] (float32 or bfloat16, contiguous) @ W.T -> [R, out_features] in x's dtype, W in the int4 tile
     layout (int4_layout.py): packed uint8 [N_pad, K/2], params [N_pad/16, K/G, 2, 16] (scale, min) float32 or
-    bfloat16. Each row of x is quantised to int8 per group on its own (ACTIVATION_PASSES), so rows do not
+    bfloat16, or Q4_K's super-blocks uint8 [N_pad/16, K/256, 320] (group_size 32). Each row of x is quantised to int8 per group on its own (ACTIVATION_PASSES), so rows do not
     affect each other. 1 to 16 rows. `isa_name` forces "avx512" or "avx2" (tests); by default isa()'s."""
     module, chosen = _checked_runner(isa_name)
     return module.int4_matmul(x, packed, params, group_size, out_features, ACTIVATION_PASSES.get(x.dtype, 1), chosen)

@@ -12,6 +12,11 @@ sub-blocks of 32 (scale = d * sc, min = -dmin * m); Q4_0 is scale = d, min = -8 
   params  float32 or bfloat16 [N_pad/16, K/G, 2, 16]: per tile and group, the 16 rows' scales, then their
           mins. bfloat16 where every value is exactly a bfloat16 (qwenvl's own quantiser, 4.25 bits a weight at
           G = 128), else float32 (AWQ/GPTQ's fp16 scales and their mins, Q4_K's products: no second rounding).
+          Or, for llama.cpp's Q4_K (G = 32, K a multiple of 256), its own super-blocks, uint8
+          [N_pad/16, K/256, 320]: per tile and 256 inputs the 16 rows' d (fp16, 32 bytes), their -dmin (fp16,
+          32 bytes), then sc [8 groups][16 rows] and m [8][16] (uint8, 6-bit values); the kernel forms
+          scale = d * sc and min = -dmin * m in float32, where both products are exact (11 x 6 significant
+          bits), so this holds the float32 form's values in 4.625 bits a weight instead of 6.
   Padded rows have q = 0, scale = min = 0.
 
 Why this layout. A decode product is a read of the whole matrix per step, so the kernel has to stay ahead
@@ -69,18 +74,64 @@ def pack(q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: 
         raise ValueError(f"int4 tile layout: scales {tuple(scales.shape)} / mins {tuple(mins.shape)} do not fit "
                          f"q {tuple(q.shape)} in groups of {group_size}")
     n_pad = padded_rows(n)
-    packed = weight_memory.empty((n_pad, k // 2), torch.uint8)        # on 2 MiB pages where it can be
-    for r0 in range(0, n_pad, _CHUNK_ROWS):
-        r1 = min(r0 + _CHUNK_ROWS, n_pad)
-        rows = torch.zeros(r1 - r0, k, dtype=torch.uint8)
-        rows[: max(0, min(r1, n) - r0)] = q[r0:min(r1, n)]
-        packed[r0:r1] = _pack_tiles(rows)
+    packed = pack_codes(q)
     params = torch.zeros(n_pad, 2, k // group_size, dtype=param_dtype)
     params[:n, 0] = scales.to(param_dtype)
     params[:n, 1] = mins.to(param_dtype)
     # [N_pad, 2, G] -> [tiles, 16, 2, G] -> [tiles, G, 2, 16]
     params = params.view(n_pad // TILE_N, TILE_N, 2, -1).permute(0, 3, 2, 1)
     return packed, weight_memory.empty(params.shape, param_dtype).copy_(params)
+
+
+SUPER_K = 256          # inputs per Q4_K super-block
+SUPER_GROUPS = SUPER_K // BLOCK_K
+SUPER_BYTES = 320      # per tile and super-block: d, -dmin (16 fp16 each), sc, m (8 x 16 uint8 each)
+
+
+def pack_super_blocks(d: torch.Tensor, neg_dmin: torch.Tensor, sc: torch.Tensor, m: torch.Tensor
+                      ) -> torch.Tensor:
+    """Q4_K's parameters -> super-block params uint8 [N_pad/16, K/256, 320]: d, neg_dmin float16 [N, K/256]
+    (exactly: they come from the file's fp16), sc, m uint8 [N, K/32] 0..63. Padded rows get zeros."""
+    n, supers = d.shape
+    if neg_dmin.shape != d.shape or sc.shape != (n, supers * SUPER_GROUPS) or m.shape != sc.shape:
+        raise ValueError(f"int4 super-blocks: d {tuple(d.shape)}, -dmin {tuple(neg_dmin.shape)}, sc "
+                         f"{tuple(sc.shape)}, m {tuple(m.shape)} do not fit together")
+    tiles = padded_rows(n) // TILE_N
+
+    def per_tile(v: torch.Tensor, dtype: torch.dtype, width: int) -> torch.Tensor:
+        rows = torch.zeros(tiles * TILE_N, v.shape[1], dtype=dtype)
+        rows[:n] = v
+        # [tiles, 16, S, width] -> [tiles, S, width, 16] as bytes
+        t = rows.view(tiles, TILE_N, supers, width).permute(0, 2, 3, 1).contiguous()
+        return t.view(torch.uint8).view(tiles, supers, -1)
+
+    return torch.cat([per_tile(d, torch.float16, 1), per_tile(neg_dmin, torch.float16, 1),
+                      per_tile(sc, torch.uint8, SUPER_GROUPS), per_tile(m, torch.uint8, SUPER_GROUPS)],
+                     dim=2).contiguous()
+
+
+def _super_block_values(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """super-block bytes [..., S, 320] with the 16 rows last -> (scales, mins) float32 [..., S, 8, 16]:
+    d * sc and -dmin * m, exact in float32 as in the kernel."""
+    lead = p.shape[:-1]
+    d = p[..., 0:32].contiguous().view(torch.float16).float().view(*lead, 1, TILE_N)
+    nd = p[..., 32:64].contiguous().view(torch.float16).float().view(*lead, 1, TILE_N)
+    sc = p[..., 64:192].float().view(*lead, SUPER_GROUPS, TILE_N)
+    m = p[..., 192:320].float().view(*lead, SUPER_GROUPS, TILE_N)
+    return d * sc, nd * m
+
+
+def pack_codes(q: torch.Tensor) -> torch.Tensor:
+    """q uint8 0..15 [N, K] -> packed [N_pad, K/2] in tile order (padded rows 0)."""
+    n, k = q.shape
+    n_pad = padded_rows(n)
+    packed = weight_memory.empty((n_pad, k // 2), torch.uint8)        # on 2 MiB pages where it can be
+    for r0 in range(0, n_pad, _CHUNK_ROWS):
+        r1 = min(r0 + _CHUNK_ROWS, n_pad)
+        rows = torch.zeros(r1 - r0, k, dtype=torch.uint8)
+        rows[: max(0, min(r1, n) - r0)] = q[r0:min(r1, n)]
+        packed[r0:r1] = _pack_tiles(rows)
+    return packed
 
 
 def _pack_tiles(q: torch.Tensor) -> torch.Tensor:
@@ -100,7 +151,11 @@ def unpack(packed: torch.Tensor, in_features: int) -> torch.Tensor:
 
 
 def unpack_params(params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """params [T, K/G, 2, 16] -> (scales, mins), each [16 T, K/G] in params' dtype."""
+    """params [T, K/G, 2, 16] -> (scales, mins), each [16 T, K/G] in params' dtype (float32 for super-blocks)."""
+    if params.dtype == torch.uint8:
+        t = params.shape[0]
+        scales, mins = _super_block_values(params)                    # [T, S, 8, 16]
+        return tuple(v.permute(0, 3, 1, 2).reshape(t * TILE_N, -1) for v in (scales, mins))
     t, g = params.shape[:2]
     rows = params.permute(0, 3, 2, 1).reshape(t * TILE_N, 2, g)
     return rows[:, 0], rows[:, 1]
@@ -114,6 +169,10 @@ def gather_rows(packed: torch.Tensor, params: torch.Tensor, in_features: int, id
     tile, lane = ids // TILE_N, ids % TILE_N
     b = tiles[tile, :, :, lane]                                       # [R, block, chunk, byte]
     q = torch.stack([b & 0x0F, b >> 4], dim=-2).reshape(ids.shape[0], k)   # [R, block, chunk, nibble, byte]
+    if params.dtype == torch.uint8:
+        scales, mins = _super_block_values(params[tile])                # [R, S, 8, 16]
+        r = torch.arange(ids.shape[0])
+        return q, scales[r, :, :, lane].reshape(len(r), -1), mins[r, :, :, lane].reshape(len(r), -1)
     p = params[tile, :, :, lane]                                      # [R, K/G, 2]
     return q, p[..., 0], p[..., 1]
 

@@ -8,6 +8,8 @@ int4 decode product, per row r of x [R, K] and output n, groups g of G inputs:
   2. integer dot products per group and pass: I[r, p, n, g] = sum_{k in g} q[n, k] * a_p[r, k], exact in
      int32 (|I| <= 15 * 127 * G);
   3. y[r, n] = sum_p sum_g s[n, g] * d_p[r, g] * I[r, p, n, g] + m[n, g] * xs_p[r, g]   (float32 in the kernel).
+The scales and mins are the layout's (int4_layout.unpack_params): Q4_K's super-block form gives s = d * sc and
+m = -dmin * m, exact in float32 in the kernel as here, so it is the float32 form's arithmetic to the bit.
 Steps 1 and 2 are bit-exact in the kernel. Step 3 there runs per pass and group as
 acc = fma(m, xs, fma(s * d, I, acc)), three roundings of float32 per group, then the passes are added from
 the finest, so against this float64 sum |y_kernel - y| <= (3 * groups + P) * 2^-24 * sum (|s d I| + |m xs|)

@@ -325,19 +325,22 @@ class Int4Linear(nn.Module):
 
     Two layouts, chosen at construction (`default_int4_layout()`), both dequantising to the same matrix:
       tiles     qwenvl's kernel (qwenvl/kernels): packed uint8 [N_pad16, in/2] and group_params
-                [N_pad16/16, in/G, 2, 16] (scales, mins); decode products of up to 16 rows run there.
+                [N_pad16/16, in/G, 2, 16] (scales, mins) in bfloat16 or float32, or, for a GGUF's Q4_K
+                (`from_q4_k`), its super-blocks uint8 [N_pad16/16, in/256, 320]; decode products of up to
+                16 rows run there.
       int4pack  PyTorch's CPU kernel: packed uint8 [N_pad64, in/2] and scales_and_offsets [in/G, N_pad64, 2]
                 in its form w = (q - 8) * scale + offset, offset = 8 * scale + min; up to 8 rows.
     More rows (prefill) dequantise blocks into a bf16 scratch and run the GEMM, in both layouts.
     AWQ/GPTQ's integer zero points are min = -zero * scale (`from_int4`); llama.cpp's Q4_K sub-blocks are
-    scale = d * sc, min = -dmin * m (`from_scales_and_mins`)."""
+    scale = d * sc, min = -dmin * m (`from_q4_k`, which keeps Q4_K's own super-blocks in the tile layout)."""
 
     def __init__(self, packed: torch.Tensor, params: torch.Tensor, out_features: int, in_features: int,
                  group_size: int, bias: torch.Tensor | None, in_perm: torch.Tensor | None,
                  dtype: torch.dtype | None = None):
         super().__init__()
         self.out_features, self.in_features, self.group_size = out_features, in_features, group_size
-        self.layout = LAYOUT_TILES if params.dim() == 4 else LAYOUT_INT4PACK
+        # the tile layout's params are 4-D floats or Q4_K's uint8 super-blocks; int4pack's are 3-D floats
+        self.layout = LAYOUT_TILES if params.dim() == 4 or params.dtype == torch.uint8 else LAYOUT_INT4PACK
         # the model's dtype: dequantised rows and matrices come out in it (float32 group parameters do not say)
         self.weight_dtype = dtype or params.dtype
         self.register_buffer("packed", packed)                                        # uint8 [N_pad, in/2]
@@ -348,6 +351,11 @@ class Int4Linear(nn.Module):
     @property
     def params(self) -> torch.Tensor:
         return self.group_params if self.layout == LAYOUT_TILES else self.scales_and_offsets
+
+    @property
+    def super_blocks(self) -> bool:
+        """Whether the group parameters are Q4_K's super-blocks (uint8, int4_layout.py), the third form."""
+        return self.params.dtype == torch.uint8
 
     @property
     def row_block(self) -> int:
@@ -438,13 +446,34 @@ class Int4Linear(nn.Module):
         cannot be concatenated: different layouts or group sizes, input permutations, padded rows."""
         first = layers[0]
         if any(layer.in_perm is not None or layer.out_features % layer.row_block or layer.layout != first.layout
-               or layer.group_size != first.group_size for layer in layers):
+               or layer.group_size != first.group_size or layer.super_blocks != first.super_blocks
+               for layer in layers):
             return None
         params_dim = 0 if first.layout == LAYOUT_TILES else 1
         return cls(torch.cat([layer.packed for layer in layers]),
                    torch.cat([layer.params for layer in layers], dim=params_dim),
                    sum(layer.out_features for layer in layers), first.in_features, first.group_size, bias, None,
                    first.weight_dtype)
+
+    @classmethod
+    def from_q4_k(cls, qweight: torch.Tensor, d: torch.Tensor, neg_dmin: torch.Tensor, sc: torch.Tensor,
+                  m: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
+                  layout: str | None = None) -> "Int4Linear":
+        """llama.cpp's Q4_K: w = d * sc * q + neg_dmin * m per group of 32, q uint8 0..15 [out, in], d / neg_dmin
+        float16 [out, in/256] (the file's, neg_dmin = -dmin), sc / m uint8 [out, in/32] (6-bit); `dtype` the
+        model's. The tile layout holds them in Q4_K's own super-block form (int4_layout.py: 4.625 bits a weight,
+        the kernel forms the exact float32 scales and mins); PyTorch's int4pack layout (where our kernels do
+        not run) gets the products, rounded to `dtype` as its offsets are."""
+        layout = layout or default_int4_layout()
+        if layout != LAYOUT_TILES or qweight.shape[1] % int4_layout.SUPER_K:
+            scales = d.float()[..., None] * sc.float().view(*d.shape, -1)
+            mins = neg_dmin.float()[..., None] * m.float().view(*d.shape, -1)
+            return cls.from_scales_and_mins(qweight, scales.flatten(1), mins.flatten(1), int4_layout.BLOCK_K,
+                                            bias, layout=layout, dtype=dtype)
+        packed = int4_layout.pack_codes(qweight.cpu())
+        params = int4_layout.pack_super_blocks(d.cpu(), neg_dmin.cpu(), sc.cpu(), m.cpu())
+        b = None if bias is None else bias.detach().to(dtype)
+        return cls(packed, params, qweight.shape[0], qweight.shape[1], int4_layout.BLOCK_K, b, None, dtype)
 
     @classmethod
     def from_scale_min(cls, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: int,
@@ -532,4 +561,4 @@ class Int4Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, int4 group {self.group_size}, "
-                f"{self.layout} layout")
+                f"{self.layout} layout" + (", Q4_K super-blocks" if self.super_blocks else ""))

@@ -2,7 +2,9 @@
 
   F32 / F16 / BF16   float, cast to the model dtype
   Q4_0, Q4_1, Q4_K   Int4Linear, group 32, from the blocks' own codes: every 32 weights share a scale and
-                     a min, w = q * scale + min (q 0..15), which is the int4 layer's form
+                     a min, w = q * scale + min (q 0..15), which is the int4 layer's form; Q4_K keeps its
+                     super-blocks (d, dmin per 256, 6-bit sc, m per 32) in the tile layout, the kernel
+                     forming scale and min (Int4Linear.from_q4_k: 4.625 bits a weight, not 6 in float32)
   Q8_0               Int8Linear: one scale per 32 weights in the file, one per output row in our layer, so
                      the row is requantised from the exact float values (error below half a row step);
                      in a file mostly of 4 bits, int4 as the next row says
@@ -19,8 +21,9 @@ Exactness, per block of 32 (all from the block layouts in ggml-common.h):
   Q4_K  w = d*sc * q - dmin*m: d, dmin fp16 and sc, m 6-bit integers, so scale = d*sc and min = -dmin*m are
                                products of an 11-bit and a 6-bit mantissa: exact in float32 (24 bits), not
                                in bfloat16 (8 bits)
-Int4Linear's tile layout (qwenvl's own kernel) stores the scales and mins as given, so in float32 each weight
-is q * scale + min exactly as gguf computes it; PyTorch's int4pack layout (the fallback where our kernels do
+Int4Linear's tile layout (qwenvl's own kernel) stores Q4_K's d, dmin, sc and m as they are and Q4_0 / Q4_1's
+scales and mins as given (float32 for a float32 model), so each weight is q * scale + min exactly as gguf
+computes it; PyTorch's int4pack layout (the fallback where our kernels do
 not run) keeps offset = min + 8 * scale instead, one more float32 rounding.
 """
 
@@ -90,18 +93,27 @@ def int4_codes(t, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor, tor
 
 
 def _q4_k(blk: torch.Tensor, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q4_K super-blocks [rows, n, 144] -> (q, scale = d * sc, min = -dmin * m), float32 (exact products)."""
+    q, d, neg_dmin, sc, mn = q4_k_fields(blk, rows, cols)
+    scale = (d.float()[..., None] * sc.float().view(rows, -1, 8)).reshape(rows, -1)
+    mins = (neg_dmin.float()[..., None] * mn.float().view(rows, -1, 8)).reshape(rows, -1)
+    return q, scale, mins
+
+
+def q4_k_fields(blk: torch.Tensor, rows: int, cols: int) -> tuple[torch.Tensor, ...]:
     """Q4_K super-blocks [rows, n, 144]: d, dmin fp16; 12 bytes of 6-bit (scale, min) for 8 sub-blocks;
-    128 bytes of nibbles, each 32 bytes holding sub-block 2i in the low nibbles and 2i+1 in the high ones."""
-    d, dmin = _f16(blk[..., 0:2]), _f16(blk[..., 2:4])
-    s = blk[..., 4:16].to(torch.int32)                                       # [rows, n, 12]
+    128 bytes of nibbles, each 32 bytes holding sub-block 2i in the low nibbles and 2i+1 in the high ones.
+    -> (q uint8 [rows, cols], d float16 [rows, n], -dmin float16 [rows, n], sc uint8 [rows, 8 n],
+    m uint8 [rows, 8 n]), with w = d * sc * q + (-dmin) * m per sub-block of 32."""
+    d = blk[..., 0:2].contiguous().view(torch.float16)[..., 0]
+    neg_dmin = -blk[..., 2:4].contiguous().view(torch.float16)[..., 0]      # exact: a sign flip
+    s = blk[..., 4:16]                                                       # [rows, n, 12] uint8
     lo, hi = s[..., 0:4], s[..., 8:12]
-    sc = torch.cat([lo[..., 0:4] & 63, (hi & 0x0F) | ((lo >> 6) << 4)], dim=-1)              # [rows, n, 8]
+    sc = torch.cat([lo & 63, (hi & 0x0F) | ((lo >> 6) << 4)], dim=-1)                        # [rows, n, 8]
     mn = torch.cat([s[..., 4:8] & 63, (hi >> 4) | ((s[..., 4:8] >> 6) << 4)], dim=-1)
     qs = blk[..., 16:].reshape(rows, -1, 4, 32)                              # [rows, n, 4 pairs, 32]
     q = torch.stack([qs & 0x0F, qs >> 4], dim=3).reshape(rows, cols)       # pair i: sub-block 2i, then 2i+1
-    scale = (d[..., None] * sc.float()).reshape(rows, -1)
-    mins = (-dmin[..., None] * mn.float()).reshape(rows, -1)
-    return q, scale, mins
+    return q, d, neg_dmin, sc.reshape(rows, -1), mn.reshape(rows, -1)
 
 
 def q8_0_values(t, rows: int, cols: int) -> torch.Tensor:
@@ -142,6 +154,11 @@ def linears_from(stacked: list, shape: tuple[int, ...], dtype: torch.dtype, bias
     or int4 in groups of 32)."""
     experts, (rows, cols) = (shape[0] if len(shape) == 3 else 1), shape[-2:]
     kinds = {type_name(t) for t in stacked}
+    if kinds == {"Q4_K"}:          # Q4_K's own super-blocks (Int4Linear.from_q4_k): exact at 4.625 bits a weight
+        fields = [[f.view(experts, rows, -1) for f in q4_k_fields(raw_blocks(t).view(experts * rows, cols // QK_K, 144),
+                                                                  experts * rows, cols)] for t in stacked]
+        q, d, neg_dmin, sc, mn = (torch.cat(parts, dim=1) for parts in zip(*fields))
+        return [Int4Linear.from_q4_k(q[e], d[e], neg_dmin[e], sc[e], mn[e], bias, dtype) for e in range(experts)]
     if kinds <= set(INT4_TYPES):
         codes = [[c.view(experts, rows, -1) for c in int4_codes(t, experts * rows, cols)] for t in stacked]
         q, scale, mins = (torch.cat(parts, dim=1) for parts in zip(*codes))        # [E, sum of rows, ...]

@@ -90,17 +90,30 @@ torch::Tensor int4_matmul(const torch::Tensor& x, const torch::Tensor& packed, c
                   packed.size(0) == tiles * kTileN && packed.size(1) == K / 2,
               "qwenvl int4_matmul: packed must be contiguous uint8 [", tiles * kTileN, ", ", K / 2, "], got ",
               packed.scalar_type(), " ", packed.sizes());
-  TORCH_CHECK((params.scalar_type() == torch::kFloat32 || params.scalar_type() == torch::kBFloat16) &&
-                  params.is_contiguous() && params.dim() == 4 && params.size(0) == tiles &&
-                  params.size(1) == groups && params.size(2) == 2 && params.size(3) == kTileN,
-              "qwenvl int4_matmul: params must be contiguous float32/bfloat16 [", tiles, ", ", groups,
-              ", 2, 16], got ", params.scalar_type(), " ", params.sizes());
+  using qwenvl_kernels::Int4Params;
+  using qwenvl_kernels::kSuperBytes;
+  using qwenvl_kernels::kSuperK;
+  Int4Params form = params.scalar_type() == torch::kBFloat16 ? Int4Params::kBfloat16 : Int4Params::kFloat32;
+  if (params.scalar_type() == torch::kUInt8) {          // Q4_K's super-block form (kernels.hpp)
+    form = Int4Params::kSuperBlocks;
+    TORCH_CHECK(group_size == kBlockK && K % kSuperK == 0 && params.is_contiguous() && params.dim() == 3 &&
+                    params.size(0) == tiles && params.size(1) == K / kSuperK && params.size(2) == kSuperBytes,
+                "qwenvl int4_matmul: super-block params need group size 32, K a multiple of 256 and contiguous "
+                "uint8 [", tiles, ", ", K / kSuperK, ", ", kSuperBytes, "], got group ", group_size, " ",
+                params.sizes());
+  } else {
+    TORCH_CHECK((params.scalar_type() == torch::kFloat32 || params.scalar_type() == torch::kBFloat16) &&
+                    params.is_contiguous() && params.dim() == 4 && params.size(0) == tiles &&
+                    params.size(1) == groups && params.size(2) == 2 && params.size(3) == kTileN,
+                "qwenvl int4_matmul: params must be contiguous float32/bfloat16 [", tiles, ", ", groups,
+                ", 2, 16] or uint8 super-blocks, got ", params.scalar_type(), " ", params.sizes());
+  }
   thread_local Scratch scratch;
   auto y = torch::empty({rows, out_features}, x.options());
   Int4MatmulArgs args{quantize(isa, x, group_size, passes, scratch),
                       packed.data_ptr<uint8_t>(),
                       params.data_ptr(),
-                      params.scalar_type() == torch::kBFloat16,
+                      form,
                       y.data_ptr(),
                       x.scalar_type() == torch::kBFloat16,
                       rows, K, group_size, out_features};

@@ -54,6 +54,13 @@ inline IVec widen_pairs16(IVec acc, IVec pairs16) {
   return {_mm256_add_epi32(acc.v, _mm256_madd_epi16(pairs16.v, _mm256_set1_epi16(1)))};
 }
 
+inline FVec fload_f16(const uint16_t* p) {         // exact, as the AVX-512 build's
+  return {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))};
+}
+inline FVec fload_u8(const uint8_t* p) {
+  return {_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))))};
+}
+
 inline float hmax(FVec a) {
   __m128 m = _mm_max_ps(_mm256_castps256_ps128(a.v), _mm256_extractf128_ps(a.v, 1));
   m = _mm_max_ps(m, _mm_movehl_ps(m, m));

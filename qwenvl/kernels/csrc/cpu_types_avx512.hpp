@@ -55,6 +55,14 @@ inline IVec widen_pairs16(IVec acc, IVec pairs16) {
   return {_mm512_add_epi32(acc.v, _mm512_madd_epi16(pairs16.v, _mm512_set1_epi16(1)))};
 }
 
+// fp16 -> float32 and u8 -> float32, both exact (the int4 kernel's super-block parameters, Q4_K's d and sc).
+inline FVec fload_f16(const uint16_t* p) {
+  return {_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))};
+}
+inline FVec fload_u8(const uint8_t* p) {
+  return {_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))))};
+}
+
 inline float hmax(FVec a) { return _mm512_reduce_max_ps(a.v); }
 inline FVec fabs_(FVec a) { return {_mm512_abs_ps(a.v)}; }
 

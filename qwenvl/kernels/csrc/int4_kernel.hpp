@@ -41,8 +41,33 @@ inline uint16_t float_to_bf16(float f) {            // round to nearest even, as
 // sums run in kChains independent chains where the ISA's dot product accumulates in place (vpdpbusd waits
 // ~5 cycles for its accumulator: one row with one chain would be bound by that latency, not by the
 // reads); AVX2's product feeds a 1-cycle add, so it keeps one chain and its 16 registers for rows.
-template <int RB, typename ParamT>
-inline void tile_product(const Int4MatmulArgs& p, const uint8_t* w, const ParamT* prm, int64_t r0,
+// A tile's group parameters: scale and min of group g for the 16 rows' half h (kLanes rows), in float32.
+template <typename T>                  // float32 or bfloat16 (uint16_t bits): [K / G][2][16]
+struct GroupParams {
+  const T* p;
+  static int64_t tile_size(int64_t K, int64_t G) { return K / G * 2 * kTileN; }
+  void load(int64_t g, int h, FVec& s, FVec& m) const {
+    s = fload(p + g * 2 * kTileN + h * kLanes);
+    m = fload(p + (g * 2 + 1) * kTileN + h * kLanes);
+  }
+};
+
+struct SuperBlockParams {              // Q4_K's form, G == 32: [K / 256][320] bytes (kernels.hpp)
+  const uint8_t* p;
+  static int64_t tile_size(int64_t K, int64_t) { return K / qwenvl_kernels::kSuperK * qwenvl_kernels::kSuperBytes; }
+  void load(int64_t g, int h, FVec& s, FVec& m) const {
+    const uint8_t* sb = p + (g >> 3) * qwenvl_kernels::kSuperBytes;
+    const int64_t j = g & 7;
+    // d * sc: an 11-bit by a 6-bit significand, exact in float32, as is -dmin * m: the same values as the
+    // float32 form holds, so the same result to the bit
+    s = fmul(fload_f16(reinterpret_cast<const uint16_t*>(sb) + h * kLanes), fload_u8(sb + 64 + j * kTileN + h * kLanes));
+    m = fmul(fload_f16(reinterpret_cast<const uint16_t*>(sb + 32) + h * kLanes),
+             fload_u8(sb + 192 + j * kTileN + h * kLanes));
+  }
+};
+
+template <int RB, typename Params>
+inline void tile_product(const Int4MatmulArgs& p, const uint8_t* w, const Params prm, int64_t r0,
                          float* out) {
   constexpr int kChains = kDotChains / RB > 1 ? kDotChains / RB : 1;
   const int64_t K = p.K, G = p.G, groups = K / G, blocks_per_group = G / kBlockK;
@@ -90,8 +115,8 @@ inline void tile_product(const Int4MatmulArgs& p, const uint8_t* w, const ParamT
       }
       for (int r = 0; r < RB; ++r)          // integer sums: exact in any order
         for (int j = 1; j < kChains; ++j) isum[r][0] = iadd(isum[r][0], isum[r][j]);
-      const FVec s = fload(prm + g * 2 * kTileN + h * kLanes);
-      const FVec m = fload(prm + (g * 2 + 1) * kTileN + h * kLanes);
+      FVec s, m;
+      prm.load(g, h, s, m);
       for (int r = 0; r < RB; ++r) {
         acc[r] = fmadd(fmul(s, fbroadcast(d[r * groups + g])), to_float(isum[r][0]), acc[r]);
         acc[r] = fmadd(m, fbroadcast(xs[r * groups + g]), acc[r]);
@@ -101,27 +126,27 @@ inline void tile_product(const Int4MatmulArgs& p, const uint8_t* w, const ParamT
   }
 }
 
-template <typename ParamT, int RB = 1>
-inline void tile_rows(int rb, const Int4MatmulArgs& p, const uint8_t* w, const ParamT* prm, int64_t r0,
+template <typename Params, int RB = 1>
+inline void tile_rows(int rb, const Int4MatmulArgs& p, const uint8_t* w, const Params prm, int64_t r0,
                       float* out) {
   if constexpr (RB <= kMaxRowBlock) {
-    if (rb == RB) return tile_product<RB, ParamT>(p, w, prm, r0, out);
-    tile_rows<ParamT, RB + 1>(rb, p, w, prm, r0, out);
+    if (rb == RB) return tile_product<RB, Params>(p, w, prm, r0, out);
+    tile_rows<Params, RB + 1>(rb, p, w, prm, r0, out);
   }
 }
 
-template <typename ParamT>
+template <typename Params, typename T>
 void matmul_tiles(const Int4MatmulArgs& p, int64_t tile_begin, int64_t tile_end) {
-  const int64_t groups = p.K / p.G, tile_bytes = p.K * kTileN / 2, passes = p.x.passes;
-  const int64_t vrows = p.rows * passes;
+  const int64_t tile_bytes = p.K * kTileN / 2, passes = p.x.passes;
+  const int64_t vrows = p.rows * passes, tile_params = Params::tile_size(p.K, p.G);
   alignas(64) float out[16 * qwenvl_kernels::kMaxPasses * kTileN];       // [virtual row][16]
   for (int64_t t = tile_begin; t < tile_end; ++t) {
     const uint8_t* w = p.w + t * tile_bytes;
-    const ParamT* prm = static_cast<const ParamT*>(p.params) + t * groups * 2 * kTileN;
+    const Params prm{static_cast<const T*>(p.params) + t * tile_params};
     const int64_t n0 = t * kTileN, n_here = p.N - n0 < kTileN ? p.N - n0 : kTileN;
     for (int64_t r0 = 0; r0 < vrows; r0 += kMaxRowBlock) {
       const int rb = static_cast<int>(vrows - r0 < kMaxRowBlock ? vrows - r0 : kMaxRowBlock);
-      tile_rows<ParamT>(rb, p, w, prm, r0, out + r0 * kTileN);
+      tile_rows<Params>(rb, p, w, prm, r0, out + r0 * kTileN);
     }
     for (int64_t r = 0; r < p.rows; ++r) {
       const float* v = out + r * passes * kTileN;
@@ -140,10 +165,13 @@ void matmul_tiles(const Int4MatmulArgs& p, int64_t tile_begin, int64_t tile_end)
 }
 
 void int4_matmul_tiles(const Int4MatmulArgs& p, int64_t tile_begin, int64_t tile_end) {
-  if (p.params_bf16)
-    matmul_tiles<uint16_t>(p, tile_begin, tile_end);
+  using qwenvl_kernels::Int4Params;
+  if (p.params_form == Int4Params::kBfloat16)
+    matmul_tiles<GroupParams<uint16_t>, uint16_t>(p, tile_begin, tile_end);
+  else if (p.params_form == Int4Params::kSuperBlocks)
+    matmul_tiles<SuperBlockParams, uint8_t>(p, tile_begin, tile_end);
   else
-    matmul_tiles<float>(p, tile_begin, tile_end);
+    matmul_tiles<GroupParams<float>, float>(p, tile_begin, tile_end);
 }
 
 template <typename T>

@@ -24,11 +24,18 @@ struct ActivationBlocks {
 
 // y[r, n] = sum_p sum_g s[n, g] * d[rp, g] * sum_{k in g} q[n, k] * a[rp, k] + m[n, g] * xs[rp, g], rp = r's pass p
 // for the int4 tile layout (qwenvl/kernels/int4_layout.py): w = q * s + m, q in 0..15, groups of G inputs.
+// The group parameters come in one of three forms (int4_layout.py):
+//   kFloat32, kBfloat16  [N_pad / 16][K / G][2][16]: scales then mins
+//   kSuperBlocks         G == 32, [N_pad / 16][K / 256][320] bytes, Q4_K's own: per tile and 256 inputs the 16
+//                        rows' d (fp16), then their -dmin (fp16), then sc [8][16] and m [8][16] (uint8);
+//                        s = d * sc and m = -dmin * m, formed in float32, where both products are exact
+enum class Int4Params { kFloat32, kBfloat16, kSuperBlocks };
+constexpr int64_t kSuperK = 256, kSuperBytes = 320;
 struct Int4MatmulArgs {
   ActivationBlocks x;           // quantised with block == G
   const uint8_t* w;             // [N_pad / 16][K / 32][4][64] bytes
-  const void* params;           // [N_pad / 16][K / G][2][16]: scales then mins, float32 or bfloat16
-  bool params_bf16;
+  const void* params;           // in `params_form`
+  Int4Params params_form;
   void* y;                      // [rows, N], float32 or bfloat16 (rounded to nearest even)
   bool y_bf16;
   int64_t rows, K, G, N;        // rows of x (each `x.passes` virtual rows)
