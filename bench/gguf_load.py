@@ -103,6 +103,8 @@ def main() -> None:
     p.add_argument("--vision-width", type=int, default=1280)
     p.add_argument("--dir", default=None, help="checkpoint folder (default: throughput.py's, built if missing)")
     p.add_argument("--llamacpp-home", default=None, help="a llama.cpp build with llama-quantize (else gguf_rewrite)")
+    p.add_argument("--gguf", default=None, help="an existing Q4_K_M language-model GGUF of --dir (skips converting)")
+    p.add_argument("--mmproj", default=None, help="its projector GGUF (with --gguf)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--decode-tokens", type=int, default=32, help="batch-1 decode tokens timed per run (0: skip)")
     a = p.parse_args()
@@ -111,15 +113,18 @@ def main() -> None:
     if not (folder / "BENCH_COMPLETE").exists():
         print(f"building {folder} ...", file=sys.stderr)
         build_checkpoint(folder, a)
-    vs = _module("vs_llamacpp")
-    out = ROOT / "runs" / "gguf_load" / folder.name
-    out.mkdir(parents=True, exist_ok=True)
-    lm_bf16, mmproj = out / f"{folder.name}-bf16.gguf", out / f"mmproj-{folder.name}-bf16.gguf"
-    if not (lm_bf16.exists() and mmproj.exists()):
-        print("converting to BF16 GGUF ...", file=sys.stderr)
-        tree = vs.source_tree(Path.home() / ".cache" / "qwenvl" / "llama-cpp-python", None)
-        vs.convert_pair(tree, folder, out, "bf16")
-    lm = q4_k_m_file(lm_bf16, out / f"{folder.name}-Q4_K_M.gguf", a.text_layers, a.llamacpp_home)
+    if a.gguf:
+        lm, mmproj = Path(a.gguf), Path(a.mmproj)
+    else:
+        vs = _module("vs_llamacpp")
+        out = ROOT / "runs" / "gguf_load" / folder.name
+        out.mkdir(parents=True, exist_ok=True)
+        lm_bf16, mmproj = out / f"{folder.name}-bf16.gguf", out / f"mmproj-{folder.name}-bf16.gguf"
+        if not (lm_bf16.exists() and mmproj.exists()):
+            print("converting to BF16 GGUF ...", file=sys.stderr)
+            tree = vs.source_tree(Path.home() / ".cache" / "qwenvl" / "llama-cpp-python", None)
+            vs.convert_pair(tree, folder, out, "bf16")
+        lm = q4_k_m_file(lm_bf16, out / f"{folder.name}-Q4_K_M.gguf", a.text_layers, a.llamacpp_home)
     print(f"threads {torch.get_num_threads()}; {lm.name}: {lm.stat().st_size / 2**20:.0f} MiB", file=sys.stderr)
     ours, gguf = [], []
     for r in range(a.rounds):

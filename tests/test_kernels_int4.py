@@ -408,3 +408,20 @@ def test_int4_linear_from_q4_k_in_both_layouts():
     fallback = Int4Linear.from_q4_k(q, d, neg_dmin, sc, m, None, torch.float32, layout=LAYOUT_INT4PACK)
     assert fallback.layout == LAYOUT_INT4PACK
     torch.testing.assert_close(fallback.dequantize(), fp32.dequantize(), rtol=0, atol=1e-6)
+
+
+def test_q4_k_blocks_repack_in_one_pass_as_the_python_pack():
+    """kernels.q4_k_to_tiles (C++, straight from a GGUF tensor's bytes) gives the bytes that
+    int4_layout.pack_codes + pack_super_blocks give for the fields the GGUF loader's Python path decodes."""
+    from qwenvl.checkpoints.gguf.weights import q4_k_fields
+    rows, k = 37, 768
+    g = torch.Generator().manual_seed(5)
+    blocks = torch.randint(0, 256, (rows, k // 256 * 144), dtype=torch.uint8, generator=g)
+    packed, params = kernels.q4_k_to_tiles(blocks, k)
+    q, d, neg_dmin, sc, m = q4_k_fields(blocks.view(rows, k // 256, 144), rows, k)
+    assert torch.equal(packed, int4_layout.pack_codes(q))
+    assert torch.equal(params, int4_layout.pack_super_blocks(d, neg_dmin, sc, m))
+    with pytest.raises(RuntimeError, match="not a multiple of 256"):
+        kernels.q4_k_to_tiles(blocks, 700)
+    with pytest.raises(RuntimeError, match="blocks must be contiguous uint8"):
+        kernels.q4_k_to_tiles(blocks[:, :144].contiguous(), k)

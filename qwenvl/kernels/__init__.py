@@ -8,6 +8,7 @@
     bf16_isa(), bf16_matmul(x, weight, bias)                   the bf16 decode product over nn.Linear's weight
     decode_ops_isa(), add_rms_norm, rotary_, silu_mul, paged_decode_attention
                                                                the element-wise rest of a decode step
+    q4_k_to_tiles(blocks, in_features)                         a GGUF Q4_K tensor into the int4 tile layout
 
 QWENVL_KERNELS picks: "auto" (default: the best ISA this CPU has), "avx512", "avx2" (the AVX2 build even on
 an AVX-512 CPU, so both are tested on one machine) or "off" (PyTorch's kernels, as without a compiler).
@@ -146,6 +147,15 @@ def int8_rows_to_bf16(tiles: torch.Tensor, r0: int, r1: int, out: torch.Tensor) 
     module, _ = _checked_runner(None)
     module.int8_rows_to_bf16(tiles, r0, r1, out)
     return out
+
+
+def q4_k_to_tiles(blocks: torch.Tensor, in_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A GGUF Q4_K tensor's bytes, uint8 [rows, in/256 * 144] (contiguous), -> the int4 tile layout with Q4_K's
+    super-block parameters: (packed uint8 [N_pad, in/2], params uint8 [N_pad/16, in/256, 320]), the bytes
+    int4_layout.pack_codes and pack_super_blocks give for the same fields, in one pass."""
+    module, _ = _checked_runner(None)
+    packed, params = module.q4_k_to_tiles(blocks, in_features)
+    return packed, params
 
 
 def bf16_isa() -> str | None:

@@ -108,7 +108,7 @@ def _read_language_model(pair: GGUFPair, model: nn.Module, expected: dict, dtype
     quantised = []
     for key, t, shape in plain:
         if type_name(t) in FLOAT_TYPES or len(shape) == 1:
-            state[key] = float_tensor(t, shape).to(dtype)
+            state[key] = float_tensor(t, shape, dtype)
         else:
             quantised.append((key, t, shape))
     for key, t, shape in quantised:       # after the floats: a linear's bias is in `state` by now
@@ -140,7 +140,7 @@ def _read_experts(path, model: nn.Module, expected: dict, dtype: torch.dtype, st
     if all(type_name(t) in FLOAT_TYPES for t in parts.values()):
         state[f"{prefix}.gate_up_proj"] = torch.cat([float_tensor(parts[k], want[k]) for k in ("gate", "up")],
                                                     dim=1).to(dtype)
-        state[f"{prefix}.down_proj"] = float_tensor(parts["down"], want["down"]).to(dtype)
+        state[f"{prefix}.down_proj"] = float_tensor(parts["down"], want["down"], dtype)
         return
     gate_up = linears_from([parts["gate"], parts["up"]], want["gate"], dtype, other=other)
     down = linears_from([parts["down"]], want["down"], dtype, other=other)
@@ -189,9 +189,9 @@ def _read_projector(pair: GGUFPair, cfg: ModelConfig, expected: dict, dtype: tor
         raise GGUFError(f"{path}: missing tensor(s) for {', '.join(missing[:5])}"
                         + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
     for key, t, shape in whole:
-        state[key] = float_tensor(t, shape).to(dtype)
+        state[key] = float_tensor(t, shape, dtype)
     for key, pieces in split.items():
-        values = [float_tensor(pieces[i], tuple(int(d) for d in reversed(pieces[i].shape.tolist()))).to(dtype)
+        values = [float_tensor(pieces[i], tuple(int(d) for d in reversed(pieces[i].shape.tolist())), dtype)
                   for i in sorted(pieces)]
         if key.endswith("patch_embed.proj.weight"):
             joined = torch.stack(values, dim=2)             # [out, C, T, ps, ps]: the two temporal halves

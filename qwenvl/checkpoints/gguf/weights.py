@@ -29,11 +29,15 @@ not run) keeps offset = min + 8 * scale instead, one more float32 rounding.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 from torch import nn
 
-from ...layers.quantized_linear import Int4Linear, Int8Linear, int4_group_size, quantize_int8
+from ... import kernels
+from ...layers.quantized_linear import (LAYOUT_TILES, Int4Linear, Int8Linear, default_int4_layout, int4_group_size,
+                                        quantize_int8)
 
 FLOAT_TYPES = ("F32", "F16", "BF16")
 INT4_TYPES = ("Q4_0", "Q4_1", "Q4_K")
@@ -56,19 +60,30 @@ def raw_blocks(t) -> torch.Tensor:
     return torch.from_numpy(np.array(data.reshape(-1, data.shape[-1]), copy=True))
 
 
-def float_tensor(t, shape: tuple[int, ...]) -> torch.Tensor:
-    """The tensor as float32 (floats as stored; quantised types through gguf's own dequantisation)."""
+def mapped_blocks(t) -> torch.Tensor:
+    """The tensor's bytes as uint8 [rows, bytes per row] without a copy: a read-only view of the mapped file,
+    for code that only reads it (the Q4_K repack)."""
+    data = np.asarray(t.data)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(data.reshape(-1, data.shape[-1]))
+
+
+def float_tensor(t, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The tensor in `dtype` (floats as stored, converted once: a BF16 tensor read into a bfloat16 model is a
+    copy of its bytes; quantised types through gguf's own dequantisation to float32 first)."""
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
     kind = type_name(t)
-    if kind == "F32":
-        out = torch.from_numpy(np.array(t.data, dtype=np.float32))
-    elif kind == "F16":
-        out = torch.from_numpy(np.array(t.data, dtype=np.float16)).float()
-    elif kind == "BF16":
-        out = torch.from_numpy(np.array(t.data).view(np.int16).copy()).view(torch.bfloat16).float()
+    if kind in FLOAT_TYPES:
+        stored = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[kind]
+        with warnings.catch_warnings():        # read-only file mapping: converted (or copied) right away
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            raw = torch.from_numpy(np.asarray(t.data).reshape(-1).view(np.uint8))
+        out = raw.view(stored).to(dtype, copy=True)
     else:
         out = torch.from_numpy(dequantize(np.asarray(t.data), GGMLQuantizationType[kind]).astype(np.float32))
+        out = out.to(dtype)
     return out.reshape(shape)
 
 
@@ -154,7 +169,18 @@ def linears_from(stacked: list, shape: tuple[int, ...], dtype: torch.dtype, bias
     or int4 in groups of 32)."""
     experts, (rows, cols) = (shape[0] if len(shape) == 3 else 1), shape[-2:]
     kinds = {type_name(t) for t in stacked}
-    if kinds == {"Q4_K"}:          # Q4_K's own super-blocks (Int4Linear.from_q4_k): exact at 4.625 bits a weight
+    if kinds == {"Q4_K"} and default_int4_layout() == LAYOUT_TILES:
+        # Q4_K's own super-blocks, exact at 4.625 bits a weight, by the kernels' one-pass repack of the bytes
+        blocks = [mapped_blocks(t) for t in stacked]                          # [E * rows, bytes] each
+        b = None if bias is None else bias.detach().to(dtype)
+        layers = []
+        for e in range(experts):
+            part = [x[e * rows:(e + 1) * rows] for x in blocks]
+            joined = part[0] if len(part) == 1 else torch.cat(part)
+            packed, params = kernels.q4_k_to_tiles(joined.contiguous(), cols)
+            layers.append(Int4Linear(packed, params, joined.shape[0], cols, QK, b, None, dtype))
+        return layers
+    if kinds == {"Q4_K"}:          # PyTorch's int4pack layout (no kernels here): Int4Linear.from_q4_k
         fields = [[f.view(experts, rows, -1) for f in q4_k_fields(raw_blocks(t).view(experts * rows, cols // QK_K, 144),
                                                                   experts * rows, cols)] for t in stacked]
         q, d, neg_dmin, sc, mn = (torch.cat(parts, dim=1) for parts in zip(*fields))

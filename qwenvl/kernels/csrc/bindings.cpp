@@ -220,6 +220,29 @@ void int8_rows_to_bf16(const torch::Tensor& tiles, int64_t r0, int64_t r1, torch
   });
 }
 
+// A Q4_K tensor's blocks uint8 [rows, K / 256 * 144] -> (packed uint8 [N_pad, K / 2], params uint8
+// [N_pad / 16, K / 256, 320]): the int4 tile layout with super-block parameters (int4_layout.py).
+std::vector<torch::Tensor> q4_k_to_tiles(const torch::Tensor& blocks, int64_t in_features) {
+  using qwenvl_kernels::kSuperBytes;
+  using qwenvl_kernels::kSuperK;
+  const int64_t K = in_features;
+  TORCH_CHECK(K > 0 && K % kSuperK == 0, "qwenvl q4_k_to_tiles: in_features ", K, " is not a multiple of 256");
+  TORCH_CHECK(blocks.device().is_cpu() && blocks.scalar_type() == torch::kUInt8 && blocks.dim() == 2 &&
+                  blocks.is_contiguous() && blocks.size(1) == K / kSuperK * 144,
+              "qwenvl q4_k_to_tiles: blocks must be contiguous uint8 [rows, ", K / kSuperK * 144, "], got ",
+              blocks.scalar_type(), " ", blocks.sizes());
+  const int64_t rows = blocks.size(0), tiles = (rows + kTileN - 1) / kTileN;
+  auto packed = torch::empty({tiles * kTileN, K / 2}, torch::kUInt8);
+  auto params = torch::empty({tiles, K / kSuperK, kSuperBytes}, torch::kUInt8);
+  const uint8_t* b = blocks.data_ptr<uint8_t>();
+  uint8_t* pk = packed.data_ptr<uint8_t>();
+  uint8_t* pr = params.data_ptr<uint8_t>();
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    qwenvl_kernels::q4_k_to_tiles(b, rows, K, begin, end, pk, pr);
+  });
+  return {packed, params};
+}
+
 }  // namespace
 
 void register_decode_ops(pybind11::module& m);     // decode_ops_bindings.cpp
@@ -234,6 +257,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_matmul", &int8_matmul, "x, tiles, scales, bias, out_features, passes, isa -> y",
         py::call_guard<py::gil_scoped_release>());
   m.def("int8_rows_to_bf16", &int8_rows_to_bf16, "tiles, r0, r1, out: rows r0:r1 as bfloat16 into out",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("q4_k_to_tiles", &q4_k_to_tiles, "blocks, in_features -> (packed, super-block params)",
         py::call_guard<py::gil_scoped_release>());
   m.def("bf16_matmul", &bf16_matmul, "x, weight, bias, isa -> y", py::call_guard<py::gil_scoped_release>());
   register_decode_ops(m);

@@ -60,6 +60,12 @@ struct Int8MatmulArgs {
 void int8_tiles_to_bf16_rows(const int8_t* tiles, int64_t k4_blocks, int64_t tile_begin, int64_t tile_end,
                              int64_t row_begin, int64_t row_end, int64_t K, uint16_t* out);
 
+// A Q4_K tensor's bytes, blocks [rows][K / 256][144] as ggml stores them, into tiles tile_begin..tile_end-1 of
+// the int4 tile layout: packed [N_pad / 16][K / 32][4][64] and super-block params [N_pad / 16][K / 256][320]
+// (Int4Params::kSuperBlocks); rows from `rows` on (the last tile's padding) are zeros.
+void q4_k_to_tiles(const uint8_t* blocks, int64_t rows, int64_t K, int64_t tile_begin, int64_t tile_end,
+                   uint8_t* packed, uint8_t* params);
+
 struct Bf16MatmulArgs {
   const uint16_t* x;            // [rows, K], row stride ldx
   const uint16_t* w;            // [N, K], row stride ldw
