@@ -109,6 +109,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--decode-tokens", type=int, default=32, help="batch-1 decode tokens timed per run (0: skip)")
     p.add_argument("--skip-load", action="store_true", help="only the decode comparison")
+    p.add_argument("--bf16-groups", action="store_true",
+                   help="decode also with the GGUF's Q4_K layers as bfloat16 groups of 32 (the form before Q4_K's "
+                        "super-blocks), swapped into the same model between runs")
     a = p.parse_args()
     from throughput import build_checkpoint, checkpoint_dir
     folder = checkpoint_dir(a)
@@ -137,9 +140,13 @@ def main() -> None:
     if ours:
         print(f"| load | {min(ours):.2f} s | {min(gguf):.2f} s | {min(gguf) / min(ours):.2f}x |")
     if a.decode_tokens:
-        ours, gguf = decode_rates(folder, lm, mmproj, a)
+        ours, gguf, *older = decode_rates(folder, lm, mmproj, a)
         print(f"| batch-1 decode | {max(ours):.2f} tok/s | {max(gguf):.2f} tok/s | {max(gguf) / max(ours):.2f}x |")
         print("decode rounds (int4, GGUF tok/s): " + ", ".join(f"{o:.2f} / {g:.2f}" for o, g in zip(ours, gguf)))
+        if older:
+            print(f"| batch-1 decode, Q4_K as bfloat16 groups of 32 | {max(ours):.2f} tok/s | {max(older[0]):.2f} "
+                  f"tok/s | {max(older[0]) / max(ours):.2f}x |")
+            print("rounds (bf16-group GGUF tok/s): " + ", ".join(f"{g:.2f}" for g in older[0]))
 
 
 def decode_rates(folder: Path, lm: Path, mmproj: Path, a) -> tuple[list[float], list[float]]:
@@ -151,13 +158,37 @@ def decode_rates(folder: Path, lm: Path, mmproj: Path, a) -> tuple[list[float], 
     llms = [LLM(str(folder), dtype="bfloat16", quantization="int4", kv_cache_gb=0.1),
             LLM(str(lm), mmproj=str(mmproj), dtype="bfloat16", kv_cache_gb=0.1)]
     short = [{"role": "user", "content": "Describe the picture."}]
-    rates: tuple[list[float], list[float]] = ([], [])
+    swaps = bf16_group_swaps(llms[1].engine.model) if a.bf16_groups else []
+    sides = [(llms[0], False), (llms[1], False)] + ([(llms[1], True)] if swaps else [])
+    rates: tuple[list[float], ...] = tuple([] for _ in sides)
     for r in range(a.rounds + 1):
-        for side, llm in enumerate(llms):
+        for side, (llm, swapped) in enumerate(sides):
+            for parent, name, current, other in swaps:
+                setattr(parent, name, other if swapped else current)
             _, times, _ = stream_request(llm, short, a.decode_tokens + 1)
             if r:
                 rates[side].append(a.decode_tokens / (times[-1] - times[0]))
+    for parent, name, current, _ in swaps:
+        setattr(parent, name, current)
     return rates
+
+
+def bf16_group_swaps(model) -> list[tuple]:
+    """(parent, name, the Q4_K super-block layer, the same codes with its scales and mins rounded to bfloat16 per
+    group of 32): the form the loader gave Q4_K in a bfloat16 model before the super-blocks (5 bits a weight)."""
+    from qwenvl.kernels import int4_layout
+    from qwenvl.layers.quantized_linear import LAYOUT_TILES, Int4Linear
+    swaps = []
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if isinstance(child, Int4Linear) and child.super_blocks:
+                n, k = child.out_features, child.in_features
+                scales, mins = int4_layout.unpack_params(child.group_params)
+                q = int4_layout.unpack(child.packed, k)[:n]
+                other = Int4Linear.from_scales_and_mins(q, scales[:n].to(torch.bfloat16), mins[:n].to(torch.bfloat16),
+                                                        32, child.bias, layout=LAYOUT_TILES, dtype=torch.bfloat16)
+                swaps.append((parent, name, child, other))
+    return swaps
 
 
 if __name__ == "__main__":

@@ -60,7 +60,8 @@ struct SuperBlockParams {              // Q4_K's form, G == 32: [K / 256][320] b
     const int64_t j = g & 7;
     // d * sc: an 11-bit by a 6-bit significand, exact in float32, as is -dmin * m: the same values as the
     // float32 form holds, so the same result to the bit
-    s = fmul(fload_f16(reinterpret_cast<const uint16_t*>(sb) + h * kLanes), fload_u8(sb + 64 + j * kTileN + h * kLanes));
+    s = fmul(fload_f16(reinterpret_cast<const uint16_t*>(sb) + h * kLanes),
+             fload_u8(sb + 64 + j * kTileN + h * kLanes));
     m = fmul(fload_f16(reinterpret_cast<const uint16_t*>(sb + 32) + h * kLanes),
              fload_u8(sb + 192 + j * kTileN + h * kLanes));
   }
