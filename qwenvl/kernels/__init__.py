@@ -153,8 +153,12 @@ def q4_k_to_tiles(blocks: torch.Tensor, in_features: int) -> tuple[torch.Tensor,
     """A GGUF Q4_K tensor's bytes, uint8 [rows, in/256 * 144] (contiguous), -> the int4 tile layout with Q4_K's
     super-block parameters: (packed uint8 [N_pad, in/2], params uint8 [N_pad/16, in/256, 320]), the bytes
     int4_layout.pack_codes and pack_super_blocks give for the same fields, in one pass."""
+    from . import int4_layout, weight_memory
     module, _ = _checked_runner(None)
-    packed, params = module.q4_k_to_tiles(blocks, in_features)
+    tiles = int4_layout.padded_rows(blocks.shape[0]) // int4_layout.TILE_N
+    packed = weight_memory.empty((tiles * int4_layout.TILE_N, in_features // 2), torch.uint8)   # 2 MiB pages
+    params = weight_memory.empty((tiles, in_features // int4_layout.SUPER_K, int4_layout.SUPER_BYTES), torch.uint8)
+    module.q4_k_to_tiles(blocks, in_features, packed, params)
     return packed, params
 
 

@@ -105,9 +105,9 @@ def pack_super_blocks(d: torch.Tensor, neg_dmin: torch.Tensor, sc: torch.Tensor,
         t = rows.view(tiles, TILE_N, supers, width).permute(0, 2, 3, 1).contiguous()
         return t.view(torch.uint8).view(tiles, supers, -1)
 
-    return torch.cat([per_tile(d, torch.float16, 1), per_tile(neg_dmin, torch.float16, 1),
-                      per_tile(sc, torch.uint8, SUPER_GROUPS), per_tile(m, torch.uint8, SUPER_GROUPS)],
-                     dim=2).contiguous()
+    params = torch.cat([per_tile(d, torch.float16, 1), per_tile(neg_dmin, torch.float16, 1),
+                        per_tile(sc, torch.uint8, SUPER_GROUPS), per_tile(m, torch.uint8, SUPER_GROUPS)], dim=2)
+    return weight_memory.empty(params.shape, torch.uint8).copy_(params)
 
 
 def _super_block_values(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

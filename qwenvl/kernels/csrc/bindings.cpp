@@ -220,9 +220,10 @@ void int8_rows_to_bf16(const torch::Tensor& tiles, int64_t r0, int64_t r1, torch
   });
 }
 
-// A Q4_K tensor's blocks uint8 [rows, K / 256 * 144] -> (packed uint8 [N_pad, K / 2], params uint8
-// [N_pad / 16, K / 256, 320]): the int4 tile layout with super-block parameters (int4_layout.py).
-std::vector<torch::Tensor> q4_k_to_tiles(const torch::Tensor& blocks, int64_t in_features) {
+// A Q4_K tensor's blocks uint8 [rows, K / 256 * 144] into packed uint8 [N_pad, K / 2] and params uint8
+// [N_pad / 16, K / 256, 320] (allocated by the caller, on 2 MiB pages): the int4 tile layout with super-block
+// parameters (int4_layout.py).
+void q4_k_to_tiles(const torch::Tensor& blocks, int64_t in_features, torch::Tensor packed, torch::Tensor params) {
   using qwenvl_kernels::kSuperBytes;
   using qwenvl_kernels::kSuperK;
   const int64_t K = in_features;
@@ -232,15 +233,18 @@ std::vector<torch::Tensor> q4_k_to_tiles(const torch::Tensor& blocks, int64_t in
               "qwenvl q4_k_to_tiles: blocks must be contiguous uint8 [rows, ", K / kSuperK * 144, "], got ",
               blocks.scalar_type(), " ", blocks.sizes());
   const int64_t rows = blocks.size(0), tiles = (rows + kTileN - 1) / kTileN;
-  auto packed = torch::empty({tiles * kTileN, K / 2}, torch::kUInt8);
-  auto params = torch::empty({tiles, K / kSuperK, kSuperBytes}, torch::kUInt8);
+  TORCH_CHECK(packed.scalar_type() == torch::kUInt8 && packed.is_contiguous() && packed.dim() == 2 &&
+                  packed.size(0) == tiles * kTileN && packed.size(1) == K / 2 &&
+                  params.scalar_type() == torch::kUInt8 && params.is_contiguous() && params.dim() == 3 &&
+                  params.size(0) == tiles && params.size(1) == K / kSuperK && params.size(2) == kSuperBytes,
+              "qwenvl q4_k_to_tiles: outputs must be contiguous uint8 [", tiles * kTileN, ", ", K / 2, "] and [",
+              tiles, ", ", K / kSuperK, ", ", kSuperBytes, "], got ", packed.sizes(), " and ", params.sizes());
   const uint8_t* b = blocks.data_ptr<uint8_t>();
   uint8_t* pk = packed.data_ptr<uint8_t>();
   uint8_t* pr = params.data_ptr<uint8_t>();
   at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
     qwenvl_kernels::q4_k_to_tiles(b, rows, K, begin, end, pk, pr);
   });
-  return {packed, params};
 }
 
 }  // namespace
@@ -258,7 +262,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("int8_rows_to_bf16", &int8_rows_to_bf16, "tiles, r0, r1, out: rows r0:r1 as bfloat16 into out",
         py::call_guard<py::gil_scoped_release>());
-  m.def("q4_k_to_tiles", &q4_k_to_tiles, "blocks, in_features -> (packed, super-block params)",
+  m.def("q4_k_to_tiles", &q4_k_to_tiles, "blocks, in_features, packed, params: the tile layout into them",
         py::call_guard<py::gil_scoped_release>());
   m.def("bf16_matmul", &bf16_matmul, "x, weight, bias, isa -> y", py::call_guard<py::gil_scoped_release>());
   register_decode_ops(m);
