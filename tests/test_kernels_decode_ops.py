@@ -11,26 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from qwenvl import kernels
-from qwenvl.kernels import build, reference
+from qwenvl.kernels import reference
+from kernel_fixtures import compiled, isa  # noqa: F401  (fixtures: every test runs the compiled kernels)
 
-ISAS = ("avx512", "avx2")
 DTYPES = (torch.float32, torch.bfloat16)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compiled():
-    if kernels.mode() == "off":
-        pytest.skip("QWENVL_KERNELS=off")
-    module, cause = build.load()
-    assert module is not None, f"the kernels did not build: {cause}"
-    return module
-
-
-@pytest.fixture(params=ISAS)
-def isa(request, compiled):
-    if not compiled.cpu_supports(request.param):
-        pytest.skip(f"this CPU lacks {request.param}")
-    return request.param
 
 
 def _randn(*shape, dtype=torch.float32, seed=0, scale=1.0):

@@ -20,27 +20,9 @@ import torch
 from qwenvl import kernels
 from qwenvl.kernels import build, int4_layout, reference
 from qwenvl.layers.quantized_linear import LAYOUT_INT4PACK, LAYOUT_TILES, Int4Linear
+from kernel_fixtures import ISAS, compiled, isa  # noqa: F401  (fixtures: every test runs the compiled kernels)
 
 GROUPS = (32, 64, 128, 256)
-ISAS = ("avx512", "avx2")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compiled():
-    if kernels.mode() == "off":
-        pytest.skip("QWENVL_KERNELS=off")
-    module, cause = build.load()
-    assert module is not None, f"the kernels did not build: {cause}"
-    assert kernels.isa() in ISAS
-    return module
-
-
-@pytest.fixture(params=ISAS)
-def isa(request, compiled):
-    """Both builds where this CPU runs them (an AVX2-only machine skips the AVX-512 cases)."""
-    if not compiled.cpu_supports(request.param):
-        pytest.skip(f"this CPU lacks {request.param}")
-    return request.param
 
 
 def _layer_tensors(n, k, group, param_dtype=torch.float32, seed=0):

@@ -22,25 +22,9 @@ from qwenvl.layers.quantized_linear import Int8Linear, quantize_int8
 from qwenvl.checkpoints.loader import load_model
 from qwenvl.checkpoints.quantize import LoadQuantizer
 from quant_helpers import activation_rounding_bound
+from kernel_fixtures import ISAS, compiled, isa  # noqa: F401  (fixtures: every test runs the compiled kernels)
 
-ISAS = ("avx512", "avx2")
 SHAPES = [(1, 32), (15, 33), (17, 100), (100, 256), (48, 544)]      # N not a multiple of 16, K not of 32
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compiled():
-    if kernels.mode() == "off":
-        pytest.skip("QWENVL_KERNELS=off")
-    module, cause = build.load()
-    assert module is not None, f"the kernels did not build: {cause}"
-    return module
-
-
-@pytest.fixture(params=ISAS)
-def isa(request, compiled):
-    if not compiled.cpu_supports(request.param):
-        pytest.skip(f"this CPU lacks {request.param}")
-    return request.param
 
 
 @pytest.fixture(params=ISAS)
