@@ -28,3 +28,21 @@ def tiny_checkpoint(tmp_path_factory):
         return built[key]
 
     return get
+
+
+@pytest.fixture()
+def tied_checkpoint(tiny_checkpoint, tmp_path):
+    """The tiny Qwen2-VL with tie_word_embeddings on and no lm_head.weight: the token table is the head."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    path = tmp_path / "tied"
+    shutil.copytree(tiny_checkpoint("qwen2_vl"), path)
+    raw = json.loads((path / "config.json").read_text())
+    raw["tie_word_embeddings"] = True
+    (path / "config.json").write_text(json.dumps(raw))
+    state = load_file(path / "model.safetensors")
+    state.pop("lm_head.weight", None)
+    save_file(state, path / "model.safetensors")
+    return path

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from qwenvl import kernels
 from qwenvl.kernels import reference
-from kernel_fixtures import compiled, isa  # noqa: F401  (fixtures: every test runs the compiled kernels)
+from kernel_fixtures import at_thread_counts, compiled, isa  # noqa: F401  (fixtures: every test runs the compiled kernels)
 
 DTYPES = (torch.float32, torch.bfloat16)
 
@@ -26,18 +26,6 @@ def _within(got: torch.Tensor, want: torch.Tensor, bound: torch.Tensor) -> None:
     err = (got.double() - want).abs()
     worst = (err - bound).max().item()
     assert worst <= 0, f"error exceeds the derived bound by {worst:.3g} (max error {err.max().item():.3g})"
-
-
-def _threads(fn, counts=(1, 2)):
-    before = torch.get_num_threads()
-    try:
-        results = []
-        for n in counts:
-            torch.set_num_threads(n)
-            results.append(fn())
-        return results
-    finally:
-        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -62,7 +50,7 @@ def test_add_rms_norm_reads_strided_rows_and_threads_agree(isa):
     wide = _randn(64, 3000, dtype=torch.bfloat16, seed=4)
     x, delta = wide[:, :1500], wide[:, 1500:]                    # row stride 3000: views of one tensor
     weight = _randn(1500, dtype=torch.bfloat16, seed=5)
-    one, two = _threads(lambda: kernels.add_rms_norm(x, delta, weight, 1e-5, isa_name=isa))
+    one, two = at_thread_counts(lambda: kernels.add_rms_norm(x, delta, weight, 1e-5, isa_name=isa))
     assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
     assert torch.equal(one[0], x + delta)
 
@@ -136,7 +124,7 @@ def test_paged_decode_attention_threads_agree_and_rows_are_independent(isa):
 
     def run():
         return kernels.paged_decode_attention(q, k, v, kp.clone(), vp.clone(), bt, cl, bs, 0.125, isa_name=isa)
-    one, two = _threads(run)
+    one, two = at_thread_counts(run)
     assert torch.equal(one, two)
     alone = kernels.paged_decode_attention(q[1:2], k[1:2], v[1:2], kp.clone(), vp.clone(), bt[1:2], cl[1:2], bs,
                                            0.125, isa_name=isa)

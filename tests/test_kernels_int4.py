@@ -20,7 +20,7 @@ import torch
 from qwenvl import kernels
 from qwenvl.kernels import build, int4_layout, reference
 from qwenvl.layers.quantized_linear import LAYOUT_INT4PACK, LAYOUT_TILES, Int4Linear
-from kernel_fixtures import ISAS, compiled, isa  # noqa: F401  (fixtures: every test runs the compiled kernels)
+from kernel_fixtures import ISAS, at_thread_counts, compiled, isa  # noqa: F401  (fixtures: every test runs the compiled kernels)
 
 GROUPS = (32, 64, 128, 256)
 
@@ -149,14 +149,7 @@ def test_one_and_two_threads_give_the_same_bytes(isa):
     q, s, m = _layer_tensors(1000, 2048, 128, torch.bfloat16)       # 63 tiles of 16 KB: split over threads
     packed, params = int4_layout.pack(q, s, m, 128, torch.bfloat16)
     x = _x(8, 2048, torch.bfloat16)
-    before = torch.get_num_threads()
-    try:
-        results = []
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            results.append(kernels.int4_matmul(x, packed, params, 128, 1000, isa_name=isa))
-    finally:
-        torch.set_num_threads(before)
+    results = at_thread_counts(lambda: kernels.int4_matmul(x, packed, params, 128, 1000, isa_name=isa))
     assert torch.equal(results[0], results[1])
 
 
@@ -344,16 +337,9 @@ def test_super_block_integer_sums_are_exact(isa):
 def test_super_blocks_give_the_same_bytes_on_both_builds_and_thread_counts(compiled):
     packed, sb, _ = _q4_k_both_forms(1000, 2048)                       # 63 tiles: split over threads
     x = _x(8, 2048, torch.bfloat16)
-    before = torch.get_num_threads()
-    try:
-        results = []
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            for isa_name in ISAS:
-                if compiled.cpu_supports(isa_name):
-                    results.append(kernels.int4_matmul(x, packed, sb, 32, 1000, isa_name=isa_name))
-    finally:
-        torch.set_num_threads(before)
+    isas = [isa_name for isa_name in ISAS if compiled.cpu_supports(isa_name)]
+    per_count = at_thread_counts(lambda: [kernels.int4_matmul(x, packed, sb, 32, 1000, isa_name=i) for i in isas])
+    results = [y for ys in per_count for y in ys]
     assert all(torch.equal(results[0], r) for r in results[1:])
 
 

@@ -22,7 +22,7 @@ from qwenvl.layers.quantized_linear import Int8Linear, quantize_int8
 from qwenvl.checkpoints.loader import load_model
 from qwenvl.checkpoints.quantize import LoadQuantizer
 from quant_helpers import activation_rounding_bound
-from kernel_fixtures import ISAS, compiled, isa  # noqa: F401  (fixtures: every test runs the compiled kernels)
+from kernel_fixtures import ISAS, at_thread_counts, compiled, isa  # noqa: F401  (fixtures: every test runs the compiled kernels)
 
 SHAPES = [(1, 32), (15, 33), (17, 100), (100, 256), (48, 544)]      # N not a multiple of 16, K not of 32
 
@@ -148,14 +148,7 @@ def test_int8_one_and_two_threads_give_the_same_bytes(isa):
     q, s, b = _int8_weights(1000, 1024)                 # 63 tiles of 16 KB: split over the threads
     tiles, sp = int8_layout.pack(q), int8_layout.pack_scales(s)
     x = _x(8, 1024, torch.bfloat16)
-    before = torch.get_num_threads()
-    try:
-        results = []
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            results.append(kernels.int8_matmul(x, tiles, sp, b, 1000, isa_name=isa))
-    finally:
-        torch.set_num_threads(before)
+    results = at_thread_counts(lambda: kernels.int8_matmul(x, tiles, sp, b, 1000, isa_name=isa))
     assert torch.equal(results[0], results[1])
 
 
@@ -196,14 +189,7 @@ def test_bf16_reads_a_strided_weight_and_two_threads_agree(bf16_isa):
     big = torch.randn(600, 1100, generator=g).bfloat16()
     w = big[:, 50:1074]                                    # rows 1100 apart: nn.Linear's weight may be a view
     x = _x(4, 1024, torch.bfloat16)
-    before = torch.get_num_threads()
-    try:
-        results = []
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            results.append(kernels.bf16_matmul(x, w, None, isa_name=bf16_isa))
-    finally:
-        torch.set_num_threads(before)
+    results = at_thread_counts(lambda: kernels.bf16_matmul(x, w, None, isa_name=bf16_isa))
     assert torch.equal(results[0], results[1])
     want, bound = reference.bf16_matmul(x, w, None)
     assert ((results[0].double() - want).abs() <= bound + want.abs() * 2.0 ** -8).all()

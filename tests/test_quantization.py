@@ -233,22 +233,12 @@ def test_int4_rows_read_from_the_packed_layout_equal_the_dequantised_matrix(layo
         assert torch.equal(layer.dequantized_rows(ids), layer.dequantize()[ids])
 
 
-def test_a_tied_int4_model_embeds_with_its_heads_rows(tiny_checkpoint, tmp_path):
+def test_a_tied_int4_model_embeds_with_its_heads_rows(tied_checkpoint):
     """Tied and int4: the embedding has no table of its own, it dequantises the int4 head's rows; the
     loader's path and the module swap agree, and the engine answers."""
-    import json
-    import shutil
-    from safetensors.torch import load_file, save_file
     from qwenvl.layers.quantized_embedding import TiedInt4Embedding
     from qwenvl.checkpoints.quantize import LoadQuantizer
-    path = tmp_path / "tied"
-    shutil.copytree(tiny_checkpoint("qwen2_vl"), path)
-    raw = json.loads((path / "config.json").read_text())
-    raw["tie_word_embeddings"] = True
-    (path / "config.json").write_text(json.dumps(raw))
-    state = load_file(path / "model.safetensors")
-    state.pop("lm_head.weight", None)
-    save_file(state, path / "model.safetensors")
+    path = tied_checkpoint
 
     float_model, _ = load_model(path, dtype="float32")
     table = float_model.model.language_model.embed_tokens.weight.detach()

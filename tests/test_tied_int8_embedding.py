@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import shutil
-
 import pytest
 import torch
 
@@ -26,20 +23,6 @@ def test_int8_rows_read_from_either_layout_equal_the_dequantised_matrix(layout):
     rows = layer.dequantized_rows(ids)
     assert rows.shape == (2, 4, 200) and rows.dtype == layer.scales.dtype
     assert torch.equal(rows, layer.dequantize()[ids])
-
-
-@pytest.fixture()
-def tied_checkpoint(tiny_checkpoint, tmp_path):
-    from safetensors.torch import load_file, save_file
-    path = tmp_path / "tied"
-    shutil.copytree(tiny_checkpoint("qwen2_vl"), path)
-    raw = json.loads((path / "config.json").read_text())
-    raw["tie_word_embeddings"] = True
-    (path / "config.json").write_text(json.dumps(raw))
-    state = load_file(path / "model.safetensors")
-    state.pop("lm_head.weight", None)
-    save_file(state, path / "model.safetensors")
-    return path
 
 
 def test_a_tied_int8_model_embeds_from_its_heads_tiles_with_the_tables_values(tied_checkpoint):
