@@ -256,12 +256,17 @@ def test_every_int4_layer_of_a_moe_model_runs_the_kernel(tiny_checkpoint, monkey
     assert experts and all(isinstance(lin, Int4Linear) for lin in experts)
     dense = {m.packed.data_ptr() for m in layers} - {lin.packed.data_ptr() for lin in experts}
     called = []
-    real = kernels.int4_matmul
+    real, real_pairs = kernels.int4_matmul, kernels.int4_matmul_pairs
 
     def counted(x, packed, *args, **kw):
         called.append(packed.data_ptr())
         return real(x, packed, *args, **kw)
+
+    def counted_pairs(x, rows, packed, *args, **kw):                # the experts at decode: one call, many weights
+        called.extend(p.data_ptr() for p in packed)
+        return real_pairs(x, rows, packed, *args, **kw)
     monkeypatch.setattr(kernels, "int4_matmul", counted)
+    monkeypatch.setattr(kernels, "int4_matmul_pairs", counted_pairs)
     logits = tiny_logits(model, torch.tensor([3, 17, 60]))          # 3 rows: every product in the kernel
     assert torch.isfinite(logits).all()
     assert dense <= set(called)                                     # attention, dense layers, the head

@@ -123,6 +123,16 @@ def int4_matmul(x: torch.Tensor, packed: torch.Tensor, params: torch.Tensor, gro
     return module.int4_matmul(x, packed, params, group_size, out_features, ACTIVATION_PASSES.get(x.dtype, 1), chosen)
 
 
+def int4_matmul_pairs(x: torch.Tensor, rows: list[int], packed: list[torch.Tensor], params: list[torch.Tensor],
+                      group_size: int, out_features: int, isa_name: str | None = None) -> torch.Tensor:
+    """y[p] = x[rows[p]] @ W_p.T for P int4 weights of one shape (int4_matmul's operands, one pair each), in one
+    call and one parallel pass: y [P, out_features] in x's dtype, each row int4_matmul(x[rows[p]], W_p)'s bit for
+    bit. x [R, K] contiguous, R any; a MoE layer's chosen experts at decode."""
+    module, chosen = _checked_runner(isa_name)
+    return module.int4_matmul_pairs(x, rows, packed, params, group_size, out_features,
+                                    ACTIVATION_PASSES.get(x.dtype, 1), chosen)
+
+
 def quantize_activations(x: torch.Tensor, block: int, passes: int = 1, isa_name: str | None = None
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The kernels' activation quantisation of x [R, K]: (a int8 [R P, K], d [R P, K/block], xs [R P, K/block]),

@@ -559,6 +559,26 @@ class Int4Linear(nn.Module):
             y = y + self.bias.to(x.dtype)
         return y.reshape(*lead, self.out_features)
 
+    @staticmethod
+    def pairs_run_in_kernel(layers: list["Int4Linear"]) -> bool:
+        """Whether `products_by_pair` takes these layers: all in the tile layout, of one shape and group size,
+        with no input permutation or bias (a MoE layer's experts)."""
+        first = layers[0]
+        return all(isinstance(layer, Int4Linear) and layer.layout == LAYOUT_TILES and layer.in_perm is None
+                   and layer.bias is None and layer.in_features == first.in_features
+                   and layer.out_features == first.out_features and layer.group_size == first.group_size
+                   for layer in layers)
+
+    @staticmethod
+    def products_by_pair(layers: list["Int4Linear"], x: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        """y[p] = layers[p](x[rows[p]]) for every pair p, in one kernel call: [P, out_features] in x's dtype,
+        each row what the layer's own forward gives, bit for bit. x [R, in] contiguous bfloat16 or float32 on
+        a CPU with qwenvl's kernels; the layers as `pairs_run_in_kernel` accepts."""
+        first = layers[0]
+        return kernels.int4_matmul_pairs(x, rows, [layer.packed for layer in layers],
+                                         [layer.group_params for layer in layers], first.group_size,
+                                         first.out_features)
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, int4 group {self.group_size}, "
                 f"{self.layout} layout" + (", Q4_K super-blocks" if self.super_blocks else ""))

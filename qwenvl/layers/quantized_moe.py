@@ -1,8 +1,11 @@
 """Quantised experts: each expert's two matrices become quantised linears (int8, or int4 in groups), run
 by the same kernels as every other quantised layer. Routing is unchanged (the router stays float).
 
-Tokens are grouped by expert as in the float block; at decode (one token, k experts) that is k
-matrix-vector products over the chosen experts' packed weights only.
+Tokens are grouped by expert as in the float block. At decode with int4 experts on qwenvl's kernels, the
+(token, expert) pairs instead run as two multi-weight kernel calls (all chosen gate/up products in one
+parallel pass, then all down products), one silu * up between them and the weighted sum in float32: a call
+per expert cost two thread wake-ups and ~8 PyTorch ops per chosen expert, more than the products' own reads
+(bench/moe_vs_dense.py --quantization int4).
 """
 
 from __future__ import annotations
@@ -11,7 +14,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import kernels
+from .activations import silu_mul
 from .moe import grouped_by_expert
+from .quantized_linear import Int4Linear
+
+# (token, expert) pairs up to which decode runs pair by pair in the int4 kernel (a decode batch of 8 tokens,
+# k = 8). A pair reads its expert's weights for its token alone, so a larger batch, where tokens share
+# experts, reads less grouped by expert.
+PAIR_KERNEL_MAX_PAIRS = 64
 
 
 class QuantizedExperts(nn.Module):
@@ -24,8 +35,39 @@ class QuantizedExperts(nn.Module):
         self.num_experts, self.intermediate = len(gate_up), intermediate
         self.gate_up = nn.ModuleList(gate_up)      # expert e: [2I, H] as a quantised linear
         self.down = nn.ModuleList(down)            # expert e: [H, I]
+        # plain lists of the experts, when all are int4 layers the pair kernel takes (decided at first use:
+        # the loaders fill these modules' tensors after construction, they do not replace the modules)
+        self._pair_experts: tuple[list[nn.Module], list[nn.Module]] | None = None
+        self._pairs_checked = False
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        if ids.numel() <= PAIR_KERNEL_MAX_PAIRS and x.dim() == 2 and x.dtype in (torch.bfloat16, torch.float32) \
+                and x.device.type == "cpu" and x.is_contiguous() and self._kernel_pairs() is not None \
+                and kernels.available():
+            return self._by_pair(x, weights, ids)
+        return self._grouped(x, weights, ids)
+
+    def _kernel_pairs(self) -> tuple[list[nn.Module], list[nn.Module]] | None:
+        if not self._pairs_checked:
+            gate_up, down = list(self.gate_up), list(self.down)
+            if Int4Linear.pairs_run_in_kernel(gate_up) and Int4Linear.pairs_run_in_kernel(down):
+                self._pair_experts = (gate_up, down)
+            self._pairs_checked = True
+        return self._pair_experts
+
+    def _by_pair(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Every (token, expert) pair in two int4 kernel calls; the k terms of a token summed in float32 in
+        the router's order (as the float block's decode path sums them)."""
+        gate_up_layers, down_layers = self._pair_experts
+        tokens, k = ids.shape
+        chosen = ids.reshape(-1).tolist()
+        gate_up = Int4Linear.products_by_pair([gate_up_layers[e] for e in chosen], x,
+                                              [t for t in range(tokens) for _ in range(k)])      # [P, 2I]
+        h = silu_mul(gate_up)                                                                 # [P, I]
+        y = Int4Linear.products_by_pair([down_layers[e] for e in chosen], h, list(range(len(chosen))))
+        return (y.float().view(tokens, k, -1) * weights.float().unsqueeze(-1)).sum(dim=1).to(x.dtype)
+
+    def _grouped(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         def expert(e: int, rows: torch.Tensor) -> torch.Tensor:
             gate, up = self.gate_up[e](rows).split(self.intermediate, dim=-1)
             return self.down[e](F.silu(gate) * up)

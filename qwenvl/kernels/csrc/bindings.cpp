@@ -78,36 +78,46 @@ std::vector<torch::Tensor> quantize_activations(const torch::Tensor& x, int64_t 
   return {a, d, xs};
 }
 
-// y [rows, N] = x [rows, K] @ W.T in x's dtype, W [N, K] in the int4 tile layout (see kernels.hpp).
-torch::Tensor int4_matmul(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& params,
-                          int64_t group_size, int64_t out_features, int64_t passes, const std::string& isa_name) {
-  const Isa isa = checked_isa(isa_name);
-  check_activations(x, group_size);
-  const int64_t rows = x.size(0), K = x.size(1), groups = K / group_size;
-  const int64_t tiles = (out_features + kTileN - 1) / kTileN;
-  TORCH_CHECK(rows >= 1 && rows <= 16, "qwenvl int4_matmul: x has ", rows, " rows; the kernel takes 1 to 16");
+// The form of an int4 weight's group parameters (kernels.hpp), checked against its packed bytes: packed uint8
+// [N_pad, K / 2], params float32/bfloat16 [N_pad / 16, K / G, 2, 16] or Q4_K's uint8 super-blocks.
+qwenvl_kernels::Int4Params checked_int4_weight(const torch::Tensor& packed, const torch::Tensor& params,
+                                               int64_t group_size, int64_t K, int64_t out_features) {
+  using qwenvl_kernels::Int4Params;
+  using qwenvl_kernels::kSuperBytes;
+  using qwenvl_kernels::kSuperK;
+  const int64_t tiles = (out_features + kTileN - 1) / kTileN, groups = K / group_size;
   TORCH_CHECK(packed.scalar_type() == torch::kUInt8 && packed.is_contiguous() && packed.dim() == 2 &&
                   packed.size(0) == tiles * kTileN && packed.size(1) == K / 2,
               "qwenvl int4_matmul: packed must be contiguous uint8 [", tiles * kTileN, ", ", K / 2, "], got ",
               packed.scalar_type(), " ", packed.sizes());
-  using qwenvl_kernels::Int4Params;
-  using qwenvl_kernels::kSuperBytes;
-  using qwenvl_kernels::kSuperK;
-  Int4Params form = params.scalar_type() == torch::kBFloat16 ? Int4Params::kBfloat16 : Int4Params::kFloat32;
   if (params.scalar_type() == torch::kUInt8) {          // Q4_K's super-block form (kernels.hpp)
-    form = Int4Params::kSuperBlocks;
     TORCH_CHECK(group_size == kBlockK && K % kSuperK == 0 && params.is_contiguous() && params.dim() == 3 &&
                     params.size(0) == tiles && params.size(1) == K / kSuperK && params.size(2) == kSuperBytes,
                 "qwenvl int4_matmul: super-block params need group size 32, K a multiple of 256 and contiguous "
                 "uint8 [", tiles, ", ", K / kSuperK, ", ", kSuperBytes, "], got group ", group_size, " ",
                 params.sizes());
-  } else {
-    TORCH_CHECK((params.scalar_type() == torch::kFloat32 || params.scalar_type() == torch::kBFloat16) &&
-                    params.is_contiguous() && params.dim() == 4 && params.size(0) == tiles &&
-                    params.size(1) == groups && params.size(2) == 2 && params.size(3) == kTileN,
-                "qwenvl int4_matmul: params must be contiguous float32/bfloat16 [", tiles, ", ", groups,
-                ", 2, 16] or uint8 super-blocks, got ", params.scalar_type(), " ", params.sizes());
+    return Int4Params::kSuperBlocks;
   }
+  TORCH_CHECK((params.scalar_type() == torch::kFloat32 || params.scalar_type() == torch::kBFloat16) &&
+                  params.is_contiguous() && params.dim() == 4 && params.size(0) == tiles &&
+                  params.size(1) == groups && params.size(2) == 2 && params.size(3) == kTileN,
+              "qwenvl int4_matmul: params must be contiguous float32/bfloat16 [", tiles, ", ", groups,
+              ", 2, 16] or uint8 super-blocks, got ", params.scalar_type(), " ", params.sizes());
+  return params.scalar_type() == torch::kBFloat16 ? Int4Params::kBfloat16 : Int4Params::kFloat32;
+}
+
+// Output tiles per parallel task: ~64 KB of weights at least, so small products stay on the calling thread.
+int64_t int4_tile_grain(int64_t K) { return std::max<int64_t>(1, (64 << 10) / (K * kTileN / 2)); }
+
+// y [rows, N] = x [rows, K] @ W.T in x's dtype, W [N, K] in the int4 tile layout (see kernels.hpp).
+torch::Tensor int4_matmul(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& params,
+                          int64_t group_size, int64_t out_features, int64_t passes, const std::string& isa_name) {
+  const Isa isa = checked_isa(isa_name);
+  check_activations(x, group_size);
+  const int64_t rows = x.size(0), K = x.size(1);
+  const int64_t tiles = (out_features + kTileN - 1) / kTileN;
+  TORCH_CHECK(rows >= 1 && rows <= 16, "qwenvl int4_matmul: x has ", rows, " rows; the kernel takes 1 to 16");
+  const qwenvl_kernels::Int4Params form = checked_int4_weight(packed, params, group_size, K, out_features);
   thread_local Scratch scratch;
   auto y = torch::empty({rows, out_features}, x.options());
   Int4MatmulArgs args{quantize(isa, x, group_size, passes, scratch),
@@ -119,9 +129,51 @@ torch::Tensor int4_matmul(const torch::Tensor& x, const torch::Tensor& packed, c
                       rows, K, group_size, out_features};
   auto fn = isa == Isa::kAvx512 ? qwenvl_avx512::int4_matmul_tiles : qwenvl_avx2::int4_matmul_tiles;
   // Each tile is computed whole by one thread, in a fixed order: the result does not depend on the number
-  // of threads. A grain of ~64 KB of weights keeps small products on the calling thread.
-  const int64_t grain = std::max<int64_t>(1, (64 << 10) / (K * kTileN / 2));
-  at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) { fn(args, begin, end); });
+  // of threads.
+  at::parallel_for(0, tiles, int4_tile_grain(K), [&](int64_t begin, int64_t end) { fn(args, begin, end); });
+  return y;
+}
+
+// Several int4 weights of one shape, each against one row of x: y[p] = x[rows[p]] @ W_p.T, y [P, N] in x's
+// dtype. A MoE layer's chosen experts at decode: x's rows are quantised once, and every (pair, tile) is a
+// task of one parallel pass, where a call per expert made 2k passes a layer, each a thread wake-up for a
+// product of a few hundred kilobytes. Each y[p] is int4_matmul(x[rows[p]], W_p)'s, bit for bit (rows are
+// quantised on their own; a tile is computed whole by one thread).
+torch::Tensor int4_matmul_pairs(const torch::Tensor& x, const std::vector<int64_t>& rows,
+                                const std::vector<torch::Tensor>& packed, const std::vector<torch::Tensor>& params,
+                                int64_t group_size, int64_t out_features, int64_t passes,
+                                const std::string& isa_name) {
+  const Isa isa = checked_isa(isa_name);
+  check_activations(x, group_size);
+  const int64_t pairs = static_cast<int64_t>(rows.size()), K = x.size(1), groups = K / group_size;
+  const int64_t tiles = (out_features + kTileN - 1) / kTileN;
+  TORCH_CHECK(pairs >= 1 && packed.size() == rows.size() && params.size() == rows.size(),
+              "qwenvl int4_matmul_pairs: ", rows.size(), " rows, ", packed.size(), " packed and ", params.size(),
+              " params: one of each per pair, at least one pair");
+  thread_local Scratch scratch;
+  const ActivationBlocks a = quantize(isa, x, group_size, passes, scratch);
+  auto y = torch::empty({pairs, out_features}, x.options());
+  const bool y_bf16 = x.scalar_type() == torch::kBFloat16;
+  char* y_bytes = static_cast<char*>(y.data_ptr());
+  std::vector<Int4MatmulArgs> args;
+  args.reserve(pairs);
+  for (int64_t p = 0; p < pairs; ++p) {
+    const int64_t r = rows[p];
+    TORCH_CHECK(r >= 0 && r < x.size(0), "qwenvl int4_matmul_pairs: pair ", p, " names row ", r, " of x's ",
+                x.size(0));
+    const qwenvl_kernels::Int4Params form = checked_int4_weight(packed[p], params[p], group_size, K, out_features);
+    const ActivationBlocks row{a.a + r * passes * K, a.d + r * passes * groups, a.xs + r * passes * groups, passes};
+    args.push_back({row, packed[p].data_ptr<uint8_t>(), params[p].data_ptr(), form,
+                    y_bytes + p * out_features * y.element_size(), y_bf16, 1, K, group_size, out_features});
+  }
+  auto fn = isa == Isa::kAvx512 ? qwenvl_avx512::int4_matmul_tiles : qwenvl_avx2::int4_matmul_tiles;
+  at::parallel_for(0, pairs * tiles, int4_tile_grain(K), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end;) {              // a task may span the end of one pair and the next
+      const int64_t p = i / tiles, t0 = i % tiles, t1 = std::min(tiles, t0 + (end - i));
+      fn(args[p], t0, t1);
+      i += t1 - t0;
+    }
+  });
   return y;
 }
 
@@ -257,6 +309,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quantize_activations", &quantize_activations, "x, block, passes, isa -> (a int8, d, xs)",
         py::call_guard<py::gil_scoped_release>());
   m.def("int4_matmul", &int4_matmul, "x, packed, params, group_size, out_features, passes, isa -> y",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("int4_matmul_pairs", &int4_matmul_pairs,
+        "x, rows, packed list, params list, group_size, out_features, passes, isa -> y[p] = x[rows[p]] @ W_p.T",
         py::call_guard<py::gil_scoped_release>());
   m.def("int8_matmul", &int8_matmul, "x, tiles, scales, bias, out_features, passes, isa -> y",
         py::call_guard<py::gil_scoped_release>());
