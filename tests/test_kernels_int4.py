@@ -134,6 +134,28 @@ def test_integer_sums_are_exact(isa, group):
     assert torch.equal(y.double(), x.double() @ q.double().T)
 
 
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5])
+def test_integer_sums_are_exact_at_the_extremes(isa, rows):
+    """The largest sums a group can reach (every code 15 or 0 against +-127, G = 256) stay exact where a pass
+    of 1 to 4 (virtual) rows keeps the high nibbles in place (16 x their value, shifted back per group) and
+    where a pass of more rows shifts them out first."""
+    n, k, group = 32, 512, 256
+    q = torch.full((n, k), 15, dtype=torch.uint8)
+    q[1::2, 1::3] = 0                                                # rows of all 15 and rows mixing 15 / 0
+    q[4] = torch.arange(k) % 16                                      # every code in both nibble positions
+    x = torch.full((rows, k), -127.0)
+    x[1::2] = 127.0
+    x[:, 7::5] *= -1
+    packed, params = int4_layout.pack(q, torch.ones(n, k // group), torch.zeros(n, k // group), group,
+                                      torch.float32)
+    exact = x.double() @ q.double().T                                # |values| < 2^24: exact in float32 too
+    # bfloat16 x: one pass, `rows` rows a pass (y rounded once, as torch rounds); float32 x: three passes
+    y = kernels.int4_matmul(x.bfloat16(), packed, params, group, n, isa_name=isa)
+    assert torch.equal(y, exact.float().bfloat16())
+    y = kernels.int4_matmul(x, packed, params, group, n, isa_name=isa)
+    assert torch.equal(y.double(), exact)
+
+
 def test_both_builds_give_the_same_bytes(compiled):
     if not compiled.cpu_supports("avx512"):
         pytest.skip("this CPU lacks avx512")

@@ -38,6 +38,16 @@ inline void load_nibbles(const uint8_t* p, IVec& lo, IVec& hi) {
   hi.v = _mm256_and_si256(_mm256_srli_epi16(b, 4), mask);
 }
 
+// (low nibbles, 16 x high nibbles), as the AVX-512 header's; unused here (kHighX16): maddubs' int16 pair
+// sums would saturate on bytes up to 240 (2 * 240 * 127 > 2^15).
+constexpr bool kHighX16 = false;
+inline void load_nibbles_x16(const uint8_t* p, IVec& lo, IVec& hi16) {
+  __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  lo.v = _mm256_and_si256(b, _mm256_set1_epi8(0x0F));
+  hi16.v = _mm256_and_si256(b, _mm256_set1_epi8(static_cast<char>(0xF0)));
+}
+inline IVec idiv16_exact(IVec a) { return {_mm256_srai_epi32(a.v, 4)}; }
+
 inline IVec dot4_accumulate(IVec acc, IVec w_u8, int32_t a4) {
   __m256i pairs = _mm256_maddubs_epi16(w_u8.v, _mm256_set1_epi32(a4));
   return {_mm256_add_epi32(acc.v, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))};

@@ -21,6 +21,17 @@ constexpr int kBlockBytes = kTileN * kBlockK / 2;
 // Rows of x computed per pass over a tile: each needs an int32 and a float accumulator in registers
 // (32 zmm / 16 ymm). More rows take further passes over the same tile, then in the L1/L2 cache.
 constexpr int kMaxRowBlock = kLanes == 16 ? 8 : 4;
+// How far ahead of its reads the first pass over a tile asks for the weights (software prefetch into L1;
+// 0: none), and up to how many rows a pass keeps the high nibbles in place (kHighX16; 0: never). Macros so
+// that bench/int4_variants.py can build the kernel with other values beside these.
+#ifndef QWENVL_INT4_PREFETCH_BYTES
+#define QWENVL_INT4_PREFETCH_BYTES 2048
+#endif
+#ifndef QWENVL_INT4_X16_ROWS
+#define QWENVL_INT4_X16_ROWS 4
+#endif
+constexpr int64_t kPrefetchBytes = QWENVL_INT4_PREFETCH_BYTES;
+constexpr int kHighX16Rows = QWENVL_INT4_X16_ROWS;
 
 
 inline int32_t load_i32(const int8_t* p) {
@@ -68,9 +79,12 @@ struct SuperBlockParams {              // Q4_K's form, G == 32: [K / 256][320] b
 };
 
 template <int RB, typename Params>
-inline void tile_product(const Int4MatmulArgs& p, const uint8_t* w, const Params prm, int64_t r0,
-                         float* out) {
+inline void tile_product(const Int4MatmulArgs& p, const uint8_t* w, const Params prm, int64_t r0, float* out,
+                         bool prefetch) {
   constexpr int kChains = kDotChains / RB > 1 ? kDotChains / RB : 1;
+  // High nibbles left in place (16 x their value) where the unpack is not shared by many rows: even chains
+  // take the low nibbles' products, odd ones the high ones', shifted back once per group (exact).
+  constexpr bool kX16 = kHighX16 && RB <= kHighX16Rows && kChains % 2 == 0;
   const int64_t K = p.K, G = p.G, groups = K / G, blocks_per_group = G / kBlockK;
   const int8_t* a = p.x.a + r0 * K;
   const float* d = p.x.d + r0 * groups;
@@ -79,11 +93,16 @@ inline void tile_product(const Int4MatmulArgs& p, const uint8_t* w, const Params
     FVec acc[RB];
     for (int r = 0; r < RB; ++r) acc[r] = fzero();
     const uint8_t* wb = w + h * kLanes * 4;
+    // only the first pass over a tile streams it from memory: later row blocks and AVX2's second half hit L2
+    const bool ahead = kPrefetchBytes > 0 && prefetch && h == 0;
     for (int64_t g = 0; g < groups; ++g) {
       IVec isum[RB][kChains];
       for (int r = 0; r < RB; ++r)
         for (int j = 0; j < kChains; ++j) isum[r][j] = izero();
       for (int64_t b = 0; b < blocks_per_group; ++b, wb += kBlockBytes) {
+        if (ahead)      // past the thread's last tile it touches the next one's bytes: harmless, never a fault
+          for (int c = 0; c < kBlockBytes; c += 64)
+            _mm_prefetch(reinterpret_cast<const char*>(wb) + kPrefetchBytes + c, _MM_HINT_T0);
         const int64_t k0 = g * G + b * kBlockK;
         if constexpr (kPairSums16) {
           // a block's 8 pair sums per int16 lane reach at most 8 * 2 * 15 * 127 = 30480 < 2^15: exact,
@@ -103,7 +122,8 @@ inline void tile_product(const Int4MatmulArgs& p, const uint8_t* w, const Params
         } else {
           for (int c = 0; c < 4; ++c) {
             IVec lo, hi;
-            load_nibbles(wb + c * 64, lo, hi);
+            if constexpr (kX16) load_nibbles_x16(wb + c * 64, lo, hi);
+            else load_nibbles(wb + c * 64, lo, hi);
             for (int r = 0; r < RB; ++r) {
               const int8_t* ar = a + r * K + k0 + c * 8;
               IVec& s_lo = isum[r][(2 * c) % kChains];
@@ -114,8 +134,17 @@ inline void tile_product(const Int4MatmulArgs& p, const uint8_t* w, const Params
           }
         }
       }
-      for (int r = 0; r < RB; ++r)          // integer sums: exact in any order
-        for (int j = 1; j < kChains; ++j) isum[r][0] = iadd(isum[r][0], isum[r][j]);
+      for (int r = 0; r < RB; ++r) {        // integer sums: exact in any order
+        if constexpr (kX16) {
+          for (int j = 2; j < kChains; j += 2) {
+            isum[r][0] = iadd(isum[r][0], isum[r][j]);
+            isum[r][1] = iadd(isum[r][1], isum[r][j + 1]);
+          }
+          isum[r][0] = iadd(isum[r][0], idiv16_exact(isum[r][1]));
+        } else {
+          for (int j = 1; j < kChains; ++j) isum[r][0] = iadd(isum[r][0], isum[r][j]);
+        }
+      }
       FVec s, m;
       prm.load(g, h, s, m);
       for (int r = 0; r < RB; ++r) {
@@ -131,7 +160,7 @@ template <typename Params, int RB = 1>
 inline void tile_rows(int rb, const Int4MatmulArgs& p, const uint8_t* w, const Params prm, int64_t r0,
                       float* out) {
   if constexpr (RB <= kMaxRowBlock) {
-    if (rb == RB) return tile_product<RB, Params>(p, w, prm, r0, out);
+    if (rb == RB) return tile_product<RB, Params>(p, w, prm, r0, out, r0 == 0);
     tile_rows<Params, RB + 1>(rb, p, w, prm, r0, out);
   }
 }
