@@ -31,8 +31,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = Path("qwenvl") / "kernels" / "csrc"
 DRIVER = Path(__file__).resolve().parent / "csrc" / "int4_variants_ab.cpp"
-TARGETS = {"avx512": ("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c", "cpu_types_avx512.hpp"),
-           "avx2": ("avx2,fma,f16c", "cpu_types_avx2.hpp")}       # as int4_avx512.cpp / int4_avx2.cpp
+TARGETS = {"avx512": ("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c,amx-tile,amx-int8",
+                      "cpu_types_avx512.hpp", "#define QWENVL_WITH_AMX 1\n"),
+           "avx2": ("avx2,fma,f16c", "cpu_types_avx2.hpp", "")}       # as int4_avx512.cpp / int4_avx2.cpp
+HEADERS = "".join(f"#include <{h}>\n" for h in ("cpuid.h", "sys/syscall.h", "unistd.h", "cstdint", "cstdlib", "cstring"))
 
 
 def sources(rev: str, folder: Path) -> Path:
@@ -49,7 +51,7 @@ def sources(rev: str, folder: Path) -> Path:
 
 
 def build(variants: list[str], isa: str, folder: Path) -> Path:
-    target, types = TARGETS[isa]
+    target, types, amx = TARGETS[isa]
     objects, decls, table = [], ['#pragma once\n#include "kernels.hpp"\n'], []
     for i, spec in enumerate(variants):
         name, _, rest = spec.partition("=")
@@ -57,8 +59,8 @@ def build(variants: list[str], isa: str, folder: Path) -> Path:
         ns = f"variant_{i}"
         src = folder / f"{ns}.cpp"
         defines = "".join(f"#define {m.replace('=', ' ', 1)}\n" for m in macros)
-        src.write_text(f'#include <cstdint>\n#include <cstring>\n{defines}#pragma GCC target("{target}")\n'
-                       f'#define QWENVL_ISA_NS {ns}\n#include "{types}"\n#include "int4_kernel.hpp"\n')
+        src.write_text(f'{HEADERS}{defines}#pragma GCC target("{target}")\n'
+                       f'#define QWENVL_ISA_NS {ns}\n{amx}#include "{types}"\n#include "int4_kernel.hpp"\n')
         obj = folder / f"{ns}.o"
         subprocess.run(["g++", "-O3", "-std=c++17", "-ffp-contract=off", "-fopenmp", f"-I{sources(rev, folder)}",
                         "-c", str(src), "-o", str(obj)], check=True)
@@ -81,8 +83,8 @@ def build(variants: list[str], isa: str, folder: Path) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variants", nargs="+", default=["before=main", "after=worktree"],
-                        help="name=REV[,MACRO=VALUE...]; REV a git revision or `worktree`")
+    parser.add_argument("--variants", nargs="+", default=["before=514e0ed", "after=worktree"],
+                        help="name=REV[,MACRO=VALUE...]; REV a git revision or `worktree` (514e0ed: main before issue 36's int4 kernel work)")
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 8], help="activation rows (1..16)")
     parser.add_argument("--layers", type=int, default=28, help="distinct copies of a layer's four matrices")
     parser.add_argument("--head", action="store_true", help="the 151936 x 1536 head after the layers")

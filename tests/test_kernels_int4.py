@@ -167,6 +167,47 @@ def test_both_builds_give_the_same_bytes(compiled):
                            kernels.int4_matmul(x, packed, params, 128, 70, isa_name="avx2"))
 
 
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+def test_amx_and_vpdpbusd_passes_give_the_same_bytes(compiled, tmp_path):
+    """Products of 8 or more (virtual) rows run on AMX where the CPU has it (csrc/int4_amx.hpp); with
+    QWENVL_INT4_AMX=0 (another process: the choice is made once) they run on vpdpbusd. Same integer sums,
+    same float steps: the same bytes, for each group size's step (64 inputs, or 32 where G is an odd
+    multiple of 32), float32 and bfloat16 parameters, Q4_K's super-blocks, and 8 to 48 virtual rows."""
+    if not compiled.cpu_supports("avx512") or not {"amx_tile", "amx_int8"} <= _cpu_flags():
+        pytest.skip("this CPU lacks AVX-512 or AMX-INT8")
+    script = (
+        "import sys, torch\n"
+        "from qwenvl import kernels\n"
+        "from qwenvl.kernels import int4_layout\n"
+        "cases = torch.load(sys.argv[1])\n"
+        "torch.save([kernels.int4_matmul(x, p, prm, g, n, isa_name='avx512') for x, p, prm, g, n in cases], "
+        "sys.argv[2])\n")
+    cases = []
+    for group, param_dtype in [(128, torch.bfloat16), (96, torch.float32), (32, torch.float32), (256, torch.float32)]:
+        q, s, m = _layer_tensors(40, 768, group, param_dtype, seed=group)
+        packed, params = int4_layout.pack(q, s, m, group, param_dtype)
+        for rows, dtype in [(8, torch.bfloat16), (9, torch.bfloat16), (16, torch.bfloat16), (3, torch.float32),
+                            (16, torch.float32)]:
+            cases.append((_x(rows, 768, dtype, seed=rows), packed, params, group, 40))
+    packed, sb, _ = _q4_k_both_forms(40, 768)
+    cases.append((_x(12, 768, torch.bfloat16), packed, sb, 32, 40))
+    torch.save(cases, tmp_path / "cases.pt")
+    env = dict(os.environ, QWENVL_INT4_AMX="0")
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "cases.pt"), str(tmp_path / "y.pt")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    for (x, packed, params, group, n), y in zip(cases, torch.load(tmp_path / "y.pt")):
+        assert torch.equal(kernels.int4_matmul(x, packed, params, group, n, isa_name="avx512"), y), \
+            (group, params.dtype, tuple(x.shape), x.dtype)
+
+
 def test_one_and_two_threads_give_the_same_bytes(isa):
     q, s, m = _layer_tensors(1000, 2048, 128, torch.bfloat16)       # 63 tiles of 16 KB: split over threads
     packed, params = int4_layout.pack(q, s, m, 128, torch.bfloat16)

@@ -156,6 +156,12 @@ inline void tile_product(const Int4MatmulArgs& p, const uint8_t* w, const Params
   }
 }
 
+}  // namespace QWENVL_ISA_NS
+#ifdef QWENVL_WITH_AMX
+#include "int4_amx.hpp"
+#endif
+namespace QWENVL_ISA_NS {
+
 template <typename Params, int RB = 1>
 inline void tile_rows(int rb, const Int4MatmulArgs& p, const uint8_t* w, const Params prm, int64_t r0,
                       float* out) {
@@ -170,13 +176,29 @@ void matmul_tiles(const Int4MatmulArgs& p, int64_t tile_begin, int64_t tile_end)
   const int64_t tile_bytes = p.K * kTileN / 2, passes = p.x.passes;
   const int64_t vrows = p.rows * passes, tile_params = Params::tile_size(p.K, p.G);
   alignas(64) float out[16 * qwenvl_kernels::kMaxPasses * kTileN];       // [virtual row][16]
+#ifdef QWENVL_WITH_AMX
+  const bool use_amx = vrows >= amx::kMinRows && amx::usable();
+  int configured = 0;                           // the rows the AMX tiles are configured for (0: none)
+#else
+  constexpr bool use_amx = false;
+#endif
   for (int64_t t = tile_begin; t < tile_end; ++t) {
     const uint8_t* w = p.w + t * tile_bytes;
     const Params prm{static_cast<const T*>(p.params) + t * tile_params};
     const int64_t n0 = t * kTileN, n_here = p.N - n0 < kTileN ? p.N - n0 : kTileN;
-    for (int64_t r0 = 0; r0 < vrows; r0 += kMaxRowBlock) {
-      const int rb = static_cast<int>(vrows - r0 < kMaxRowBlock ? vrows - r0 : kMaxRowBlock);
-      tile_rows<Params>(rb, p, w, prm, r0, out + r0 * kTileN);
+    if (use_amx) {
+#ifdef QWENVL_WITH_AMX
+      for (int64_t r0 = 0; r0 < vrows; r0 += amx::kMaxRows) {
+        const int rb = static_cast<int>(vrows - r0 < amx::kMaxRows ? vrows - r0 : amx::kMaxRows);
+        if (rb != configured) amx::configure(configured = rb, amx::kstep_for(p.G));
+        amx::tile_product<Params>(p, w, prm, r0, rb, out + r0 * kTileN, r0 == 0);
+      }
+#endif
+    } else {
+      for (int64_t r0 = 0; r0 < vrows; r0 += kMaxRowBlock) {
+        const int rb = static_cast<int>(vrows - r0 < kMaxRowBlock ? vrows - r0 : kMaxRowBlock);
+        tile_rows<Params>(rb, p, w, prm, r0, out + r0 * kTileN);
+      }
     }
     for (int64_t r = 0; r < p.rows; ++r) {
       const float* v = out + r * passes * kTileN;
@@ -192,6 +214,9 @@ void matmul_tiles(const Int4MatmulArgs& p, int64_t tile_begin, int64_t tile_end)
       }
     }
   }
+#ifdef QWENVL_WITH_AMX
+  if (configured) _tile_release();              // the thread's AMX state is not kept between products
+#endif
 }
 
 void int4_matmul_tiles(const Int4MatmulArgs& p, int64_t tile_begin, int64_t tile_end) {
