@@ -13,8 +13,8 @@ revision, `worktree` for the files as they are) with optional `,MACRO=VALUE` com
 that times them in alternating rounds (the machine may be shared: medians of rounds) over a decode step's
 int4 matrices at Qwen2-VL-2B widths (q/k/v fused 2048 x 1536, o 1536 x 1536, gate/up fused 17920 x 1536,
 down 1536 x 8960; `--layers` distinct copies, 28: a whole step's 655 MB, bf16 group parameters at G = 128;
-`--head`: the 151936 x 1536 head too), split over OpenMP threads as int4_matmul splits them, beside a
-read-only SIMD pass over the same tiles and parameters (the ceiling). No torch in the timed program: the
+`--head`: the 151936 x 1536 head too; `--shape 1536x8960`: 600 MB of one shape instead), split over
+OpenMP threads as int4_matmul splits them, beside a read-only SIMD pass over the same tiles and parameters (the ceiling). No torch in the timed program: the
 kernel alone, with the activations' quantisation per product as int4_matmul does it. `--hot`: one 768 KB
 matrix over and over instead (the kernel's arithmetic, not memory).
 """
@@ -88,6 +88,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 8], help="activation rows (1..16)")
     parser.add_argument("--layers", type=int, default=28, help="distinct copies of a layer's four matrices")
     parser.add_argument("--head", action="store_true", help="the 151936 x 1536 head after the layers")
+    parser.add_argument("--shape", help="NxK: 600 MB of distinct N x K matrices instead of a step's layers")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--isa", choices=sorted(TARGETS), default="avx512")
     parser.add_argument("--hot", action="store_true", help="one L2-sized matrix over and over")
@@ -96,7 +97,7 @@ def main() -> None:
         exe = build(args.variants, args.isa, Path(tmp))
         names = [v.partition("=")[0] for v in args.variants]
         kinds = ["read"] + [f"{n}:{r}" for r in args.rows for n in names]
-        layers = -400 if args.hot else args.layers
+        layers = -400 if args.hot else args.shape or args.layers
         out = subprocess.run([str(exe), str(layers), "1" if args.head else "0", str(args.rounds), *kinds],
                              env=os.environ, capture_output=True, text=True)
         print(f"{args.isa} build", end="; ")

@@ -55,8 +55,8 @@ double thread_cpu_seconds() {
 }  // namespace
 
 // args: layers head rounds kind... ; a kind is "read" or "<variant name>:<rows>"; layers < 0: one 1024 x 1536
-// matrix (768 KB, hot in L2) -layers times over, the kernel's arithmetic alone; head 1: a 151936 x 1536 head
-// after the layers.
+// matrix (768 KB, hot in L2) -layers times over, the kernel's arithmetic alone; layers "NxK": distinct N x K
+// matrices, 600 MB of them, instead of a step's; head 1: a 151936 x 1536 head after the layers.
 int main(int argc, char** argv) {
   if (argc < 5) { fprintf(stderr, "usage: %s layers head rounds kind...\n", argv[0]); return 2; }
   const int layers = atoi(argv[1]), head = atoi(argv[2]), rounds = atoi(argv[3]);
@@ -70,7 +70,10 @@ int main(int argc, char** argv) {
     uint16_t* p = mats.back().params;
     for (int64_t i = 0; i < tiles * (K / kGroup) * 2 * kTileN; ++i) p[i] = (i / kTileN) % 2 ? 0xbda3 : 0x3c23;
   };
-  if (layers > 0) {
+  if (std::string(argv[1]).find('x') != std::string::npos) {   // "NxK": one shape, copies of >= 600 MB
+    const int64_t N = atoll(argv[1]), K = atoll(std::string(argv[1]).substr(std::string(argv[1]).find('x') + 1).c_str());
+    for (int64_t bytes = 0; bytes < (600 << 20); bytes += N * K / 2) add(N, K);
+  } else if (layers > 0) {
     for (int l = 0; l < layers; ++l)
       for (auto& s : shapes) add(s[0], s[1]);
   } else {
@@ -141,12 +144,13 @@ int main(int argc, char** argv) {
   printf("%.0f MB of int4 tiles + bf16 group params (G %d), %d threads, %d alternating rounds; "
          "ms per pass over all, GB/s of those bytes\n", total / 1e6, int(kGroup), omp_get_max_threads(), rounds);
   double read_median = 0;
-  std::vector<double> one_row(kNumVariants, 0);
+  std::vector<double> one_row(kNumVariants, 0), one_row_cpu(kNumVariants, 0);
   for (auto& kind : kinds) {
-    auto t = kind.seconds;
+    auto t = kind.seconds, c = kind.cpu;
     std::sort(t.begin(), t.end());
+    std::sort(c.begin(), c.end());
     if (kind.variant < 0) read_median = t[t.size() / 2];
-    else if (kind.rows == 1) one_row[kind.variant] = t[t.size() / 2];
+    else if (kind.rows == 1) one_row[kind.variant] = t[t.size() / 2], one_row_cpu[kind.variant] = c[c.size() / 2];
   }
   for (auto& kind : kinds) {
     auto t = kind.seconds;
@@ -161,7 +165,8 @@ int main(int argc, char** argv) {
     std::sort(c.begin(), c.end());         // of the cores by other processes changes least
     printf("   cpu %8.2f ms = %5.1f GB/s a core", c[c.size() / 2] * 1e3, total / c[c.size() / 2] / 1e9);
     if (kind.variant >= 0 && kind.rows > 1 && one_row[kind.variant] > 0)
-      printf("   %d-row / 1-row %.2fx", kind.rows, med / one_row[kind.variant]);
+      printf("   %d-row / 1-row %.2fx (cpu %.2fx)", kind.rows, med / one_row[kind.variant],
+             c[c.size() / 2] / one_row_cpu[kind.variant]);
     printf("\n");
   }
 }

@@ -42,6 +42,8 @@ for this machine when quiet, so one row is bound by memory; eight rows (~30 GB/s
 at memory's pace, which is what lets a decode step of 8 sequences cost little more than a step of one.
 bench/int4_kernels.py times cold matrices, with the copy bandwidth and PyTorch's kernels beside them.
 Not measured: other interleavings (e.g. 8-row tiles, or ggml's row-major blocks) on this machine.
+(Those are the kernel before issue 36's pass; csrc/int4_kernel.hpp's header has what bounds it now, and the
+same 16 x 4-byte rows are AMX's B operand, which csrc/int4_amx.hpp uses for 8 to 16 rows.)
 """
 
 from __future__ import annotations

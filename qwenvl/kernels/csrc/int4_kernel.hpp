@@ -7,6 +7,18 @@
 // bytes of 4 consecutive inputs for each of 16 rows, exactly vpdpbusd's operand (16 lanes x 4 u8), against
 // 4 activation bytes broadcast: 16 outputs advance by 4 inputs per instruction, with no horizontal sums.
 // A tile's blocks are contiguous along K, tiles one after the other: each thread streams its tiles.
+//
+// What bounds it (issue 36; bench/int4_variants.py times this file against a git revision's and a read-only
+// pass over the same bytes; CPU time per core, the shared 2-core Xeon VM having no hardware counters):
+//   - 1 row is bound by memory: hot in L2 one core computes ~55 GB/s of tile, cold it reads at 96% of the
+//     read-only pass (1 and 2 threads). Per 256 bytes the loop is 8 vpdpbusd, 8 broadcast loads, 8 ANDs
+//     (the high nibbles left in place, 16 x their value, shifted back once per group: before, a shift and an
+//     AND more per 64 bytes, 20 vector ALU operations instead of 16), 4 prefetches, and the register
+//     copies GCC adds between the chains (16, which move elimination should absorb).
+//   - 8 rows are bound by vpdpbusd's one a cycle (2 per row per 64 bytes: ~14 GB/s a core hot, whatever is
+//     cut around it); the software prefetch (as the int8 kernel's, 2 KiB ahead on a tile's first pass)
+//     took them from 7.3 to 9.5-10 GB/s a core cold. Passes of 8 to 16 rows run on AMX where there is
+//     one (int4_amx.hpp): 16 rows 1.35x faster cold, 8 rows ~1.3x hot but not faster cold.
 #pragma once
 #include <cstring>
 #include "kernels.hpp"
