@@ -179,7 +179,8 @@ def test_amx_and_vpdpbusd_passes_give_the_same_bytes(compiled, tmp_path):
     """Products of 8 or more (virtual) rows run on AMX where the CPU has it (csrc/int4_amx.hpp); with
     QWENVL_INT4_AMX=0 (another process: the choice is made once) they run on vpdpbusd. Same integer sums,
     same float steps: the same bytes, for each group size's step (64 inputs, or 32 where G is an odd
-    multiple of 32), float32 and bfloat16 parameters, Q4_K's super-blocks, and 8 to 48 virtual rows."""
+    multiple of 32), float32 and bfloat16 parameters, Q4_K's super-blocks, and 8 to 48 virtual rows; groups
+    over 256 inputs (GPTQ's one group a row) stay on vpdpbusd."""
     if not compiled.cpu_supports("avx512") or not {"amx_tile", "amx_int8"} <= _cpu_flags():
         pytest.skip("this CPU lacks AVX-512 or AMX-INT8")
     script = (
@@ -190,7 +191,8 @@ def test_amx_and_vpdpbusd_passes_give_the_same_bytes(compiled, tmp_path):
         "torch.save([kernels.int4_matmul(x, p, prm, g, n, isa_name='avx512') for x, p, prm, g, n in cases], "
         "sys.argv[2])\n")
     cases = []
-    for group, param_dtype in [(128, torch.bfloat16), (96, torch.float32), (32, torch.float32), (256, torch.float32)]:
+    for group, param_dtype in [(128, torch.bfloat16), (96, torch.float32), (32, torch.float32), (256, torch.float32),
+                               (768, torch.float32)]:                # one group a row: vpdpbusd both times
         q, s, m = _layer_tensors(40, 768, group, param_dtype, seed=group)
         packed, params = int4_layout.pack(q, s, m, group, param_dtype)
         for rows, dtype in [(8, torch.bfloat16), (9, torch.bfloat16), (16, torch.bfloat16), (3, torch.float32),

@@ -68,7 +68,7 @@ inline void configure(int rows, int kstep) {
 // Inputs per tdpbssd: 64, or 32 where the group size is an odd multiple of 32.
 inline int kstep_for(int64_t G) { return G % 64 == 0 ? 64 : 32; }
 
-constexpr int kMaxGroup = 256;                  // the largest group size Int4Linear offers
+constexpr int kMaxGroup = 256;    // Int4Linear's largest; larger groups (GPTQ's one per row) keep vpdpbusd
 
 // A group's 64-input steps unpacked into B operands ([steps][16][64] bytes), streaming the tile from wb.
 inline void unpack_group(const uint8_t*& wb, int64_t G, bool prefetch, int8_t* b) {

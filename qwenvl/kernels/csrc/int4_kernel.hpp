@@ -189,7 +189,7 @@ void matmul_tiles(const Int4MatmulArgs& p, int64_t tile_begin, int64_t tile_end)
   const int64_t vrows = p.rows * passes, tile_params = Params::tile_size(p.K, p.G);
   alignas(64) float out[16 * qwenvl_kernels::kMaxPasses * kTileN];       // [virtual row][16]
 #ifdef QWENVL_WITH_AMX
-  const bool use_amx = vrows >= amx::kMinRows && amx::usable();
+  const bool use_amx = vrows >= amx::kMinRows && p.G <= amx::kMaxGroup && amx::usable();
   int configured = 0;                           // the rows the AMX tiles are configured for (0: none)
 #else
   constexpr bool use_amx = false;
