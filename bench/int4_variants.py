@@ -1,7 +1,7 @@
 """Builds of the int4 decode kernel side by side (a git revision's against the working tree's), against a
 read-only pass over the same bytes.
 
-    .venv/bin/python bench/int4_variants.py [--variants before=main after=worktree] [--rows 1 8]
+    .venv/bin/python bench/int4_variants.py [--variants before=514e0ed after=worktree] [--rows 1 8]
                                             [--layers 28] [--head] [--rounds 7] [--hot]     # ~1-2 min
     OMP_NUM_THREADS=1 .venv/bin/python bench/int4_variants.py ...                          # one thread
 
