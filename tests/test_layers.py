@@ -65,6 +65,26 @@ def test_mrope_matches_transformers_in_both_layouts():
         torch.testing.assert_close(sin, sin_ref[0], atol=1e-6, rtol=1e-6)
 
 
+def test_mrope_tables_are_kept_per_layout_and_equal_a_fresh_computation():
+    """mrope_cos_sin keeps its constant tables between calls (a decode step asks every time): a second call,
+    and calls for another layout or theta in between, give the bytes of the plain formula."""
+    from qwenvl.layers.rotary import inverse_frequencies
+    positions = torch.stack([torch.arange(5) + 7, torch.arange(5) * 2, torch.arange(5) * 3 + 1])
+
+    def plain(section, interleaved, theta):
+        freqs = positions[..., None].float() * inverse_frequencies(2 * sum(section), theta)
+        axis = mrope_frequency_axis(section, interleaved)
+        freqs = freqs.gather(0, axis.view(1, 1, -1).expand(1, freqs.shape[1], -1))[0]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos(), emb.sin()
+
+    for _ in range(2):
+        for section, interleaved, theta in (((2, 3, 3), False, 1e4), ((4, 2, 2), True, 1e4), ((2, 3, 3), False, 1e6)):
+            cos, sin = mrope_cos_sin(positions, 2 * sum(section), theta, list(section), interleaved)
+            cos_want, sin_want = plain(section, interleaved, theta)
+            assert torch.equal(cos, cos_want) and torch.equal(sin, sin_want)
+
+
 def test_interleaved_axis_layout():
     assert mrope_frequency_axis((4, 2, 2), True).tolist() == [0, 1, 2, 0, 1, 2, 0, 0]
     assert mrope_frequency_axis((2, 3, 3), False).tolist() == [0, 0, 1, 1, 1, 2, 2, 2]
