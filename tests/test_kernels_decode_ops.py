@@ -238,3 +238,20 @@ def test_the_layers_keep_pytorchs_path_off_the_kernels(monkeypatch):
     s_, y = norm32.add_forward(xg, delta.float())
     y.sum().backward()
     assert xg.grad is not None and not calls
+
+
+def test_a_step_reads_the_kernel_settings_once(monkeypatch):
+    """Inside settings_read_once (the runner wraps each step in it) the kernels' choice is the one made on entry,
+    nested or not; a change to the variables takes effect after it (the next step)."""
+    monkeypatch.delenv(kernels.DECODE_OPS_ENV, raising=False)
+    on = kernels.decode_ops_isa()
+    assert on is not None
+    with kernels.settings_read_once():
+        monkeypatch.setenv(kernels.DECODE_OPS_ENV, "off")
+        assert kernels.decode_ops_isa() == on
+        with kernels.settings_read_once():
+            assert kernels.decode_ops_isa() == on and kernels.isa() == on
+    assert kernels.decode_ops_isa() is None
+    monkeypatch.setenv(kernels.MODE_ENV, "off")
+    with kernels.settings_read_once():
+        assert kernels.isa() is None and not kernels.available()

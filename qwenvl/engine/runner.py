@@ -27,6 +27,7 @@ from typing import Generator
 
 import torch
 
+from qwenvl import kernels
 from qwenvl.engine.encoder_cache import EncoderCache
 from qwenvl.engine.sampler import Sampler
 from qwenvl.engine.sequence import Sequence
@@ -164,6 +165,10 @@ class ModelRunner:
         """Run the scheduled chunks; returns ({request_id: sampled token}, {request_id: logprobs})
         for the chunks that complete their sequence. `encode`: the scheduler's (span, sequence) pairs of
         images to encode ahead (queued here, run a slice per step)."""
+        with kernels.settings_read_once():          # the kernels' environment, read once per step
+            return self._step(chunks, encode)
+
+    def _step(self, chunks, encode) -> tuple[dict[str, int], dict[str, dict[int, float]]]:
         self._steps += 1
         self._queue(encode)
         if self._jobs:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from contextlib import contextmanager
 
 import torch
 
@@ -33,7 +34,7 @@ MODES = ("auto", "avx512", "avx2", "off")
 
 def mode() -> str:
     """QWENVL_KERNELS, checked: one of MODES ("auto" when unset)."""
-    value = os.environ.get(MODE_ENV, "") or "auto"
+    value = _env(MODE_ENV) or "auto"
     if value not in MODES:
         raise ValueError(f"{MODE_ENV}={value!r}: use one of {', '.join(MODES)}")
     return value
@@ -55,13 +56,38 @@ _resolved: dict[str, tuple[object, str] | None] = {}
 
 
 def _runner() -> tuple[object, str] | None:
-    value = os.environ.get(MODE_ENV, "")
+    value = _env(MODE_ENV)
     try:
         return _resolved[value]
     except KeyError:
         chosen = _isa_for(mode())
         runner = _resolved[value] = None if chosen is None else (build.load()[0], chosen)
         return runner
+
+
+# The environment as read once for a model step (settings_read_once), else None: read it on every call.
+_snapshot: dict[str, str] | None = None
+
+
+def _env(name: str) -> str:
+    return _snapshot[name] if _snapshot is not None else os.environ.get(name, "")
+
+
+@contextmanager
+def settings_read_once():
+    """Within: QWENVL_KERNELS and QWENVL_DECODE_OPS as they were on entry. A decode step asks for the kernels'
+    choice ~80 times (every product, norm, rotary and attention call) and each environment read costs ~1 us,
+    ~3% of a bundled-model token (issue 37); the engine's runner wraps each step in this, so a change to the
+    variables (tests make them) still takes effect from the next step. Nests; the outermost read wins."""
+    global _snapshot
+    if _snapshot is not None:
+        yield
+        return
+    _snapshot = {MODE_ENV: os.environ.get(MODE_ENV, ""), DECODE_OPS_ENV: os.environ.get(DECODE_OPS_ENV, "")}
+    try:
+        yield
+    finally:
+        _snapshot = None
 
 
 def _forget() -> None:
@@ -175,7 +201,7 @@ def q4_k_to_tiles(blocks: torch.Tensor, in_features: int) -> tuple[torch.Tensor,
 def bf16_isa() -> str | None:
     """The build the bf16 product runs with: "avx512" where isa() is and the CPU has AVX512_BF16, else
     "avx2" (an AVX-512 CPU without BF16 runs the AVX2 build), None where the kernels do not run."""
-    value = os.environ.get(MODE_ENV, "")
+    value = _env(MODE_ENV)
     try:
         return _bf16_resolved[value]
     except KeyError:
@@ -209,7 +235,7 @@ DECODE_OPS_ENV = "QWENVL_DECODE_OPS"
 def decode_ops_isa() -> str | None:
     """isa(), or None where QWENVL_DECODE_OPS=off. The layers ask once per op and hand the answer to the op
     (isa_name): a decode step makes ~140 of these calls, and each environment read costs ~0.5-2 us."""
-    if os.environ.get(DECODE_OPS_ENV, "") == "off":
+    if _env(DECODE_OPS_ENV) == "off":
         return None
     return isa()
 
