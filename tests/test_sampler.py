@@ -180,3 +180,33 @@ def test_min_tokens_validation():
         with pytest.raises(ValueError, match="min_tokens"):
             SamplingParams(**bad)
     assert SamplingParams(max_tokens=3, min_tokens=3).min_tokens == 3
+
+
+def test_greedy_picks_the_first_of_equal_maxima_and_nan_as_argmax_does():
+    """The sampler takes max(dim).indices (faster than argmax on a CPU): the same token as argmax on ties
+    (many equal logits, a bfloat16 model's common case), -inf rows and NaN."""
+    g = torch.Generator().manual_seed(5)
+    for trial in range(50):
+        logits = torch.randint(-2, 3, (6, V), generator=g).float()      # many ties
+        logits[0] = float("-inf")
+        if trial % 2:
+            logits[1, 9] = logits[1, 4] = float("nan")
+        logits[2, 11] = logits[2, 40] = 99.0
+        out = Sampler()(logits, [req(temperature=0)] * 6)
+        assert out.token_ids == logits.argmax(-1).tolist()
+        assert out.token_ids[2] == 11
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_banned_ids_leave_the_callers_logits_alone_in_either_dtype(dtype):
+    """The never-sample fill happens in place only on the sampler's own copy: a float32 caller's tensor (which
+    .float() does not copy) stays as it was, with or without a penalty copying it first."""
+    logits = torch.zeros(2, V, dtype=dtype)
+    logits[:, 7] = 30.0
+    logits[:, 3] = 5.0
+    before = logits.clone()
+    s = Sampler(never_sample=[7])
+    for kw in ({}, {"repetition_penalty": 1.5}):
+        out = s(logits, [req("a", temperature=0, **kw), req("b", temperature=0, **kw)])
+        assert out.token_ids == [3, 3]
+        assert torch.equal(logits, before)

@@ -61,6 +61,7 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, reqs: list) -> SampleOutput:
         """logits[B, V] (any float dtype), reqs: B SampleRequest-like objects in row order."""
         assert logits.dim() == 2 and logits.shape[0] == len(reqs), (tuple(logits.shape), len(reqs))
+        given = logits
         logits = logits.float()
         B, V = logits.shape
         params = [r.params for r in reqs]
@@ -73,12 +74,17 @@ class Sampler:
         logits = apply_min_tokens(logits, reqs, self.eos_token_ids)
         banned = self.never_sample[self.never_sample < V]
         if banned.numel():
-            logits = logits.index_fill(1, banned.to(logits.device), float("-inf"))   # a copy: never the caller's
+            # in place on a copy made above (a bfloat16 model's logits, a penalty); never on the caller's tensor
+            fill = logits.index_fill if logits is given else logits.index_fill_
+            logits = fill(1, banned.to(logits.device), float("-inf"))
 
-        temps = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=logits.device)
-        greedy = temps == 0
-        tokens = logits.argmax(dim=-1)
-        if not bool(greedy.all()):
+        # max(dim).indices is argmax's answer (the first of equal maxima, NaN counting as the largest) at a
+        # fraction of its time on a CPU: 0.4 ms against 1.05 ms at 32 rows of 5014, 6 against 59 us at one
+        # row (issue 37's per-token path)
+        tokens = logits.max(dim=-1).indices
+        if any(p.temperature != 0 for p in params):
+            temps = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=logits.device)
+            greedy = temps == 0
             scaled = logits / torch.where(greedy, torch.ones_like(temps), temps).unsqueeze(1)
             ks = [p.top_k if p.top_k > 0 else V for p in params]
             ps = [p.top_p for p in params]
@@ -93,7 +99,7 @@ class Sampler:
             for i, (r, p) in enumerate(zip(reqs, params)):
                 if p.seed is not None and not bool(greedy[i]):
                     noise[i].exponential_(generator=self._generator(r, probs.device))
-            drawn = (probs / noise).argmax(dim=-1)
+            drawn = (probs / noise).max(dim=-1).indices
             tokens = torch.where(greedy, tokens, drawn)
 
         token_list = tokens.tolist()
