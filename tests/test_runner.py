@@ -215,3 +215,35 @@ def test_engine_on_cuda():
         seqs = make_seqs(params)
         engine(model, seqs, blocks, budget=budget, impl=impl, enc_budget=8, device="cuda")
         assert {s.request_id: s.output_token_ids for s in seqs} == want
+
+
+def test_a_step_hands_the_model_every_chunks_own_positions():
+    """Decode chunks' positions are gathered into one tensor per run of them (issue 37): a step that mixes
+    decodes and prefill chunks (one through an image) still hands the model, column by column, each chunk's
+    positions_for, and the image's rows in order."""
+    model = FakeVLM()
+    seen = []
+    forward = model.forward
+
+    def capture(input_ids, positions, attn, vision_embeds=None, deepstack=()):
+        seen.append((positions.clone(), attn.query_lens, None if vision_embeds is None else vision_embeds.shape[0]))
+        return forward(input_ids, positions, attn, vision_embeds, deepstack)
+
+    model.forward = capture
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    seqs = make_seqs(params)
+    bm, enc = BlockManager(64, 4), EncoderCache(1000)
+    sched = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=9, is_encoder_cached=enc.__contains__)
+    runner = ModelRunner(model, PagedKVPool(LAYERS, 64, 4, HKV, DH, torch.float64), Sampler(never_sample=[PAD]),
+                         encoder_cache=enc)
+    for s in seqs:
+        sched.add(s)
+    mixed = 0
+    while sched.has_unfinished():
+        out = sched.schedule()
+        want = torch.cat([torch.tensor(c.seq.positions_for(c.start, c.end)).view(3, -1) for c in out.chunks], dim=1)
+        sched.postprocess(out, *runner.step(out.chunks))
+        positions, query_lens, _ = seen[-1]
+        assert torch.equal(positions, want)
+        mixed += 1 in query_lens and any(q > 1 for q in query_lens)
+    assert mixed > 0 and bm.num_used_blocks == 0

@@ -109,6 +109,8 @@ class ModelRunner:
         feats: dict[str, tuple] = {}
         missing: dict[str, object] = {}
         for c in chunks:
+            if c.start >= c.seq.num_prompt_tokens:   # output tokens only (every decode): no vision pads
+                continue
             for span in c.seq.vision_spans_in(c.start, c.end):
                 h = span.content_hash
                 if h in feats or h in missing:
@@ -180,14 +182,26 @@ class ModelRunner:
         pos: list[torch.Tensor] = []
         rows: list[torch.Tensor] = []
         ds_rows: list[list[torch.Tensor]] = []
+        # Output tokens sit at next_position + i on all three rows and are never vision pads (spans lie in the
+        # prompt): a run of such chunks (every decode) takes one tensor for its positions, not one per sequence.
+        outputs: list[int] = []
         for c in chunks:
             seq = c.seq
             ids.extend(seq.token_ids[c.start:c.end])
+            p = seq.num_prompt_tokens
+            if c.start >= p:
+                outputs.extend(range(seq.next_position + c.start - p, seq.next_position + c.end - p))
+                continue
+            if outputs:
+                pos.append(torch.tensor(outputs, dtype=torch.long).expand(3, -1))
+                outputs = []
             pos.append(self._positions(seq, c.start, c.end))
             for span, r0, r1 in seq.vision_rows_in(c.start, c.end):
                 emb, ds = feats[span.content_hash]
                 rows.append(emb[r0:r1])
                 ds_rows.append([d[r0:r1] for d in ds])
+        if outputs:
+            pos.append(torch.tensor(outputs, dtype=torch.long).expand(3, -1))
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)             # [N]
         positions = torch.cat(pos, dim=1).to(self.device)                                # [3, N]
         vision_embeds = torch.cat(rows) if rows else None                                # [K, D]
