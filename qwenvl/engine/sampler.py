@@ -43,7 +43,16 @@ class Sampler:
         `eos_token_ids`: the model's end tokens, which a request's `min_tokens` keeps out of its first tokens."""
         self._generators: dict[str, torch.Generator] = {}
         self.never_sample = torch.tensor(sorted(set(never_sample)), dtype=torch.long)
+        self._banned_cache: dict[tuple[int, str], torch.Tensor] = {}
         self.eos_token_ids = tuple(sorted(set(int(t) for t in eos_token_ids)))
+
+    def _banned(self, vocab: int, device) -> torch.Tensor:
+        """never_sample's ids below `vocab`, on `device`: made once per (vocab, device), not every step."""
+        key = (vocab, str(device))
+        banned = self._banned_cache.get(key)
+        if banned is None:
+            banned = self._banned_cache[key] = self.never_sample[self.never_sample < vocab].to(device)
+        return banned
 
     def release(self, request_id: str) -> None:
         """Forget a finished request's generator."""
@@ -72,11 +81,11 @@ class Sampler:
 
         logits = apply_penalties(logits, reqs)
         logits = apply_min_tokens(logits, reqs, self.eos_token_ids)
-        banned = self.never_sample[self.never_sample < V]
+        banned = self._banned(V, logits.device)
         if banned.numel():
             # in place on a copy made above (a bfloat16 model's logits, a penalty); never on the caller's tensor
             fill = logits.index_fill if logits is given else logits.index_fill_
-            logits = fill(1, banned.to(logits.device), float("-inf"))
+            logits = fill(1, banned, float("-inf"))
 
         # max(dim).indices is argmax's answer (the first of equal maxima, NaN counting as the largest) at a
         # fraction of its time on a CPU: 0.4 ms against 1.05 ms at 32 rows of 5014, 6 against 59 us at one
