@@ -232,3 +232,31 @@ def test_chat_interactive_prompt_readable_grounding_and_ctrl_c_twice_at_the_prom
         proc.kill()
     assert proc.returncode == 0, err
     assert err.count(">>> ") == 3 and "Ctrl-C again" in err and "Traceback" not in err
+
+
+def _serve_sees(env: dict) -> str:
+    """What `qwenvl serve` has when it starts serving: GOMP_SPINCOUNT and whether torch (libgomp) is loaded yet;
+    a real process with the server itself replaced by a print."""
+    code = ("import os, sys; import qwenvl.server.cli as s; "
+            "s.run_serve_command = lambda a: print(os.environ.get('GOMP_SPINCOUNT'), 'torch' in sys.modules) or 0; "
+            "from qwenvl.cli.main import main; sys.exit(main(['serve']))")
+    clean = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                       env={**clean, **env})
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip()
+
+
+def test_serve_quiets_openmp_spinning_before_torch_loads_unless_the_user_chose():
+    assert _serve_sees({}) == "10000 False"                           # set, and libgomp not loaded yet
+    assert _serve_sees({"GOMP_SPINCOUNT": "300000"}) == "300000 False"   # the user's value stays
+    assert _serve_sees({"OMP_WAIT_POLICY": "active"}) == "None False"    # the user chose the spinning another way
+
+
+def test_quiet_spinning_sets_the_count_once_and_never_over_a_users_choice():
+    from qwenvl.cli import openmp
+    env = {}
+    assert openmp.quiet_spinning(env) and env == {"GOMP_SPINCOUNT": "10000"}
+    assert not openmp.quiet_spinning(env) and env == {"GOMP_SPINCOUNT": "10000"}
+    env = {"OMP_WAIT_POLICY": "passive"}
+    assert not openmp.quiet_spinning(env) and env == {"OMP_WAIT_POLICY": "passive"}

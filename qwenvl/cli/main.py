@@ -8,6 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
+from . import openmp
 from .media_args import check_media_args
 
 
@@ -274,7 +275,9 @@ def _show_library_lines() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command != "serve":
+    if args.command == "serve":
+        openmp.quiet_spinning()           # before anything imports torch (libgomp reads it once, at load)
+    else:
         _show_library_lines()
     try:
         return int(args.func(args) or 0)
