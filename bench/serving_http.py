@@ -11,8 +11,8 @@ to read).
 (`NAME=` with nothing after it: unset). Every config gets its own `qwenvl serve` on 127.0.0.1 (bundled
 model, --quantization int8 unless --quantization none); all are started first, then each round runs every
 config's phase at every client count, the order of the configs swapped every round. A phase: `requests`
-requests (default max(8, 2 x clients)) of a short text question each, `max_tokens` --max-tokens with
-`ignore_eos`, temperature 0, `logprobs` on (as bench/vs_llama_server.py's clients ask: every token arrives as
+requests (default max(8, 2 x clients)) of a short text question each, `max_tokens` drawn from --max-tokens
+(16, 64 or 256, seeded by round and client count: the same for every config) with `ignore_eos`, temperature 0, `logprobs` on (as bench/vs_llama_server.py's clients ask: every token arrives as
 a chunk). Per config and client count, medians over rounds: requests/s, output tokens/s, TTFT p50/p99, ITL
 p50/p99 (ms), and that every request came back with exactly max_tokens tokens.
 
@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -83,7 +84,7 @@ async def one_request(client, question: str, max_tokens: int) -> wl.Record:
     return rec
 
 
-async def phase(url: str, clients: int, requests: int, max_tokens: int, tag: str) -> tuple[list, float]:
+async def phase(url: str, clients: int, requests: int, max_tokens: list[int], tag: str) -> tuple[list, float]:
     import httpx
     import openai
     http = httpx.AsyncClient(limits=httpx.Limits(max_connections=clients + 4), timeout=600)
@@ -93,9 +94,10 @@ async def phase(url: str, clients: int, requests: int, max_tokens: int, tag: str
 
     async def worker():
         for i in todo:
-            records[i] = await one_request(client, f"{tag} {i}: {QUESTION}", max_tokens)
+            records[i] = await one_request(client, f"{tag} {i}: {QUESTION}", lengths[i])
 
     await one_request(client, f"warm-up {tag}", 4)
+    lengths = random.Random(tag).choices(max_tokens, k=requests)       # the same draw for every config
     t0 = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(clients)))
     wall = time.perf_counter() - t0
@@ -119,7 +121,7 @@ def main() -> None:
     p.add_argument("--configs", default="", help="';'-separated server environments, e.g. 'A=1;A='")
     p.add_argument("--clients", default="1,32")
     p.add_argument("--requests", type=int, default=None)
-    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--max-tokens", default="16,64,256", help="comma list; each request draws one (seeded)")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--threads", type=int, default=None, help="the server's OMP_NUM_THREADS (default: all cores)")
     p.add_argument("--quantization", default="int8", help="int8, int4 or none")
@@ -128,6 +130,7 @@ def main() -> None:
     p.add_argument("--out", default=str(ROOT / "runs" / "serving_http"))
     a = p.parse_args()
     a.threads = a.threads or os.cpu_count()
+    lengths = [int(x) for x in a.max_tokens.split(",")]
     configs = parse_configs(a.configs)
     levels = [int(c) for c in a.clients.split(",")]
     log_dir = Path(a.out)
@@ -150,7 +153,7 @@ def main() -> None:
                                                 str(server.proc.pid)], stdout=subprocess.DEVNULL,
                                                stderr=subprocess.DEVNULL)
                         time.sleep(1.0)
-                    records, wall = asyncio.run(phase(server.url, c, n, a.max_tokens, f"r{r}c{c}"))
+                    records, wall = asyncio.run(phase(server.url, c, n, lengths, f"r{r}c{c}"))
                     if spy is not None:
                         spy.send_signal(2)
                         spy.wait(timeout=60)
