@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -295,8 +296,18 @@ LOGPROB_FLOOR = -9999.0
 
 
 def _token_entry(tokenizer, token_id: int, logprob: float) -> dict:
-    text = _token_text(tokenizer, token_id)
+    try:
+        text = _remembered_token_text(tokenizer, token_id)
+    except TypeError:                   # a tokenizer that cannot be a dictionary key (a test double)
+        text = _token_text(tokenizer, token_id)
     return {"token": text, "logprob": max(float(logprob), LOGPROB_FLOOR), "bytes": list(text.encode("utf-8"))}
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _remembered_token_text(tokenizer, token_id: int) -> str:
+    """_token_text, remembered: a streamed request with logprobs asks for the text of every token it generates
+    (and of its alternatives), a tokenizer call each, ~5% of the event loop at 32 clients (issue 37)."""
+    return _token_text(tokenizer, token_id)
 
 
 def _token_text(tokenizer, token_id: int) -> str:
