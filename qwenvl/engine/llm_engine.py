@@ -80,6 +80,8 @@ class _Request:
     detok: IncrementalDetokenizer
     text: str = ""
     sent: int = 0                          # characters of `text` already handed out as deltas
+    image_tokens: int = 0                  # the prompt's, counted once (every output of every step carries them)
+    video_tokens: int = 0
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -227,7 +229,10 @@ class LLMEngine:
         except ValueError:
             self.grammar_mask.release(request_id)
             raise
-        self._requests[request_id] = _Request(seq, prompt, IncrementalDetokenizer(self.tokenizer))
+        self._requests[request_id] = _Request(
+            seq, prompt, IncrementalDetokenizer(self.tokenizer),
+            image_tokens=sum(v.num_tokens for v in prompt.vision if v.kind == "image"),
+            video_tokens=sum(v.num_tokens for v in prompt.vision if v.kind == "video"))
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Stop a request now; its KV blocks are free when this returns."""
@@ -299,12 +304,11 @@ class LLMEngine:
         want_logprobs = seq.params.logprobs is not None
         out = RequestOutput(
             request_id=seq.request_id, text=req.text if final else req.text[:req.sent],
-            delta_text=delta, token_ids=list(seq.output_token_ids),
+            delta_text=delta, token_ids=seq.output_token_ids,            # a new list (a slice)
             finish_reason=seq.finish_reason if final else None,
             logprobs=list(seq.output_logprobs) if want_logprobs else None,
             prompt_tokens=seq.num_prompt_tokens,
-            image_tokens=sum(v.num_tokens for v in req.prompt.vision if v.kind == "image"),
-            video_tokens=sum(v.num_tokens for v in req.prompt.vision if v.kind == "video"),
+            image_tokens=req.image_tokens, video_tokens=req.video_tokens,
             cached_tokens=seq.num_cached_tokens)
         if final:
             out.boxes = answer_boxes(req.text, self.cfg.model_type, req.prompt.vision, req.prompt.reasoning_opened)
