@@ -255,3 +255,18 @@ def test_a_step_reads_the_kernel_settings_once(monkeypatch):
     monkeypatch.setenv(kernels.MODE_ENV, "off")
     with kernels.settings_read_once():
         assert kernels.isa() is None and not kernels.available()
+
+
+def test_a_steps_kernel_settings_stay_on_its_thread(monkeypatch):
+    """Another thread (an executor, a test) reads the environment as it is, while a step holds its snapshot."""
+    import threading
+    monkeypatch.delenv(kernels.DECODE_OPS_ENV, raising=False)
+    on = kernels.decode_ops_isa()
+    seen = []
+    with kernels.settings_read_once():
+        monkeypatch.setenv(kernels.DECODE_OPS_ENV, "off")
+        t = threading.Thread(target=lambda: seen.append(kernels.decode_ops_isa()))
+        t.start()
+        t.join()
+        assert kernels.decode_ops_isa() == on
+    assert seen == [None]

@@ -21,6 +21,7 @@ This package imports only torch and the standard library (a lower layer, beside 
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from contextlib import contextmanager
 
@@ -65,29 +66,30 @@ def _runner() -> tuple[object, str] | None:
         return runner
 
 
-# The environment as read once for a model step (settings_read_once), else None: read it on every call.
-_snapshot: dict[str, str] | None = None
+# Per thread: the environment as read once for a model step (settings_read_once), else None (read each call).
+_step = threading.local()
 
 
 def _env(name: str) -> str:
-    return _snapshot[name] if _snapshot is not None else os.environ.get(name, "")
+    snapshot = getattr(_step, "snapshot", None)
+    return snapshot[name] if snapshot is not None else os.environ.get(name, "")
 
 
 @contextmanager
 def settings_read_once():
-    """Within: QWENVL_KERNELS and QWENVL_DECODE_OPS as they were on entry. A decode step asks for the kernels'
-    choice ~80 times (every product, norm, rotary and attention call) and each environment read costs ~1 us,
-    ~3% of a bundled-model token (issue 37); the engine's runner wraps each step in this, so a change to the
-    variables (tests make them) still takes effect from the next step. Nests; the outermost read wins."""
-    global _snapshot
-    if _snapshot is not None:
+    """Within, on this thread: QWENVL_KERNELS and QWENVL_DECODE_OPS as they were on entry. A decode step asks for
+    the kernels' choice ~80 times (every product, norm, rotary and attention call) and each environment read
+    costs ~1 us, ~3% of a bundled-model token (issue 37); the engine's runner wraps each step in this, so a
+    change to the variables (tests make them) still takes effect from the next step. Nests; the outermost read
+    wins."""
+    if getattr(_step, "snapshot", None) is not None:
         yield
         return
-    _snapshot = {MODE_ENV: os.environ.get(MODE_ENV, ""), DECODE_OPS_ENV: os.environ.get(DECODE_OPS_ENV, "")}
+    _step.snapshot = {MODE_ENV: os.environ.get(MODE_ENV, ""), DECODE_OPS_ENV: os.environ.get(DECODE_OPS_ENV, "")}
     try:
         yield
     finally:
-        _snapshot = None
+        _step.snapshot = None
 
 
 def _forget() -> None:
