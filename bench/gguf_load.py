@@ -4,6 +4,8 @@
     .venv/bin/python bench/gguf_load.py --text-layers 6 --vision-depth 4 --rounds 3   # a quicker, smaller one
     .venv/bin/python bench/gguf_load.py --llamacpp-home /work/llamacpp   # Q4_K_M by llama-quantize from there
     .venv/bin/python bench/gguf_load.py --dir CHECKPOINT --gguf Q4_K_M.gguf --mmproj mmproj.gguf [--skip-load]
+    ... --q6k-python      each round also loads the GGUF with Q6_K through gguf's numpy dequantisation and
+                          the Python int4 quantiser (the path before csrc/q6_k.cpp, and where the kernels do not run)
 
 Targets (issue 39): the GGUF loads in at most 1.2x the time of `LLM(folder, quantization="int4")`'s model load
 and decodes at its speed (batch-1 decode through the engine, after the load timing).
@@ -82,6 +84,17 @@ def load_gguf(lm: Path, mmproj: Path):
     return load_gguf_model(open_pair(lm, mmproj), torch.bfloat16, torch.device("cpu"), fuse=True)[0]
 
 
+def load_gguf_q6k_python(lm: Path, mmproj: Path):
+    """load_gguf with the Q6_K tensors through gguf's numpy values and Int4Linear.from_weight (the reference)."""
+    from qwenvl.checkpoints.gguf import weights
+    saved = weights._q6_k_values_in_cpp, weights._q6_k_direct
+    weights._q6_k_values_in_cpp, weights._q6_k_direct = (lambda: False), (lambda dtype: False)
+    try:
+        return load_gguf(lm, mmproj)
+    finally:
+        weights._q6_k_values_in_cpp, weights._q6_k_direct = saved
+
+
 def timed(fn, *args) -> float:
     gc.collect()
     t0 = time.perf_counter()
@@ -109,6 +122,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--decode-tokens", type=int, default=32, help="batch-1 decode tokens timed per run (0: skip)")
     p.add_argument("--skip-load", action="store_true", help="only the decode comparison")
+    p.add_argument("--q6k-python", action="store_true",
+                   help="each round also a GGUF load with Q6_K through gguf's numpy values and the Python quantiser")
     p.add_argument("--bf16-groups", action="store_true",
                    help="decode also with the GGUF's Q4_K layers as bfloat16 groups of 32 (the form before Q4_K's "
                         "super-blocks), swapped into the same model between runs")
@@ -131,14 +146,23 @@ def main() -> None:
             vs.convert_pair(tree, folder, out, "bf16")
         lm = q4_k_m_file(lm_bf16, out / f"{folder.name}-Q4_K_M.gguf", a.text_layers, a.llamacpp_home)
     print(f"threads {torch.get_num_threads()}; {lm.name}: {lm.stat().st_size / 2**20:.0f} MiB", file=sys.stderr)
-    ours, gguf = [], []
+    ours, gguf, python_q6k = [], [], []
     for r in range(0 if a.skip_load else a.rounds):
         ours.append(timed(load_int4, folder))
         gguf.append(timed(load_gguf, lm, mmproj))
-        print(f"round {r + 1}: int4 load {ours[-1]:.2f} s, Q4_K_M GGUF load {gguf[-1]:.2f} s", file=sys.stderr)
+        line = f"round {r + 1}: int4 load {ours[-1]:.2f} s, Q4_K_M GGUF load {gguf[-1]:.2f} s"
+        if a.q6k_python:
+            python_q6k.append(timed(load_gguf_q6k_python, lm, mmproj))
+            line += f", GGUF load with Python Q6_K {python_q6k[-1]:.2f} s"
+        print(line, file=sys.stderr)
     print(f"| {folder.name}, best of {a.rounds} | qwenvl int4 from bf16 safetensors | Q4_K_M GGUF + mmproj | ratio |")
     if ours:
         print(f"| load | {min(ours):.2f} s | {min(gguf):.2f} s | {min(gguf) / min(ours):.2f}x |")
+    if python_q6k:
+        print(f"| load, Q6_K through numpy + Python int4 | {min(ours):.2f} s | {min(python_q6k):.2f} s | "
+              f"{min(python_q6k) / min(ours):.2f}x |")
+        print("per round (GGUF / int4, Python-Q6_K GGUF / int4): " + ", ".join(
+            f"{g / o:.2f} / {p / o:.2f}" for o, g, p in zip(ours, gguf, python_q6k)))
     if a.decode_tokens:
         ours, gguf, *older = decode_rates(folder, lm, mmproj, a)
         print(f"| batch-1 decode | {max(ours):.2f} tok/s | {max(gguf):.2f} tok/s | {max(gguf) / max(ours):.2f}x |")

@@ -1,9 +1,9 @@
 """GGUF files rewritten with the `gguf` package: every tensor re-encoded in the type a rule picks, for
 quantised test files and the load bench where llama-quantize is not built (building it takes minutes).
 
-`gguf` implements the quantisation of Q8_0, Q4_0, Q4_1, Q5_0, ... but only the dequantisation of Q4_K, so
-Q4_K blocks come from the small quantiser here. Any valid Q4_K blocks serve: tests compare qwenvl's weights
-with gguf's own dequantisation of the same bytes. Used by tests/gguf_files.py and bench/gguf_load.py.
+`gguf` implements the quantisation of Q8_0, Q4_0, Q4_1, Q5_0, ... but only the dequantisation of Q4_K and
+Q6_K, so their blocks come from the small quantisers here. Any valid blocks serve: tests compare qwenvl's
+weights with gguf's own dequantisation of the same bytes. Used by tests/gguf_files.py and bench/gguf_load.py.
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ def rewrite(src: Path, dst: Path, type_for) -> Path:
             writer.add_tensor(t.name, values)
             continue
         qtype = GGMLQuantizationType[kind]
-        data = quantize_q4_k(values) if kind == "Q4_K" else quantize(values, qtype)
+        own = {"Q4_K": quantize_q4_k, "Q6_K": quantize_q6_k}.get(kind)
+        data = own(values) if own else quantize(values, qtype)
         writer.add_tensor(t.name, data, raw_dtype=qtype)      # shape: from the bytes per row and the type
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -76,4 +77,31 @@ def quantize_q4_k(x: np.ndarray) -> np.ndarray:
     nibbles = (q[:, :, 0::2] | (q[:, :, 1::2] << 4)).reshape(rows, cols // 256, 128)
     blocks = np.concatenate([d.view(np.uint8).reshape(rows, -1, 2), dmin.view(np.uint8).reshape(rows, -1, 2),
                              packed, nibbles], axis=2)
+    return blocks.reshape(rows, -1)
+
+
+def quantize_q6_k(x: np.ndarray) -> np.ndarray:
+    """float32 [rows, cols] (cols a multiple of 256) -> Q6_K blocks uint8 [rows, cols / 256 * 210].
+
+    Per group of 16: w ~ d * sc * (q - 32), q 0..63, sc an int8 multiple of the super-block's fp16 d, signed as
+    llama.cpp's are (the group's extreme maps to -32). ggml's layout per 256 weights: ql[128] (low 4 bits),
+    qh[64] (high 2 bits), scales[16], d; weight 128 h + 32 k + l has its low bits in ql[64 h + 32 (k % 2) + l]
+    (the high nibble for k >= 2) and its high bits at bit 2k of qh[32 h + l]."""
+    rows, cols = x.shape
+    n = cols // 256
+    g = x.reshape(rows, n, 16, 16).astype(np.float32)
+    pick = np.abs(g).argmax(axis=3)[..., None]
+    scale = np.take_along_axis(g, pick, axis=3)[..., 0] / -32.0                 # [rows, n, 16], signed
+    top = np.abs(scale).max(axis=2)                                              # [rows, n]
+    d = (top / 127.0).astype(np.float16)
+    d = np.where(d.astype(np.float32) * 127 < top, np.nextafter(d, np.float16(np.inf)), d)   # |sc| <= 127
+    safe = lambda v: np.where(v == 0, 1.0, v.astype(np.float32))
+    sc = np.clip(np.rint(scale / safe(d)[..., None]), -128, 127).astype(np.int8)
+    step = d.astype(np.float32)[..., None] * sc
+    q = (np.clip(np.rint(g / safe(step)[..., None]), -32, 31) + 32).astype(np.uint8)   # [rows, n, 16, 16]
+    q = q.reshape(rows, n, 2, 4, 32)                                               # h, k, l
+    ql = (q[:, :, :, 0:2] & 0x0F) | ((q[:, :, :, 2:4] & 0x0F) << 4)                # [rows, n, 2, 2, 32]
+    qh = sum(((q[:, :, :, k] >> 4) << (2 * k)) for k in range(4)).astype(np.uint8)  # [rows, n, 2, 32]
+    blocks = np.concatenate([ql.reshape(rows, n, 128), qh.reshape(rows, n, 64), sc.view(np.uint8),
+                             d.view(np.uint8).reshape(rows, n, 2)], axis=2)
     return blocks.reshape(rows, -1)

@@ -183,12 +183,15 @@ def wide(tmp_path_factory) -> tuple[Path, Path, Path]:
 
 def _q4_k_m_like(name: str, shape: tuple) -> str | None:
     """Per-tensor types as a Q4_K_M file mixes them: Q4_K mostly, the attention values of layer 0 in Q8_0,
-    its MLP down projection and the output head in an other type (Q5_0 here; llama.cpp uses Q6_K)."""
+    its MLP down projection and the output head in Q6_K (llama.cpp's choice), layer 1's down in Q5_0 (any
+    other type)."""
     if len(shape) != 2:
         return None
     if name == "blk.0.attn_v.weight":
         return "Q8_0"
     if name in ("blk.0.ffn_down.weight", "output.weight"):
+        return "Q6_K"
+    if name == "blk.1.ffn_down.weight":
         return "Q5_0"
     return "Q4_K"
 
@@ -233,9 +236,10 @@ def test_quantised_layers_follow_each_tensor_type(wide, tmp_path):
     ids = torch.tensor([0, 5, 401])
     assert torch.allclose(emb(ids), ref("token_embd.weight")[ids], rtol=0,
                           atol=4e-7 * ref("token_embd.weight").abs().max().item())
-    # a mostly-4-bit file: its Q8_0 / Q5_0 tensors (llama.cpp's Q6_K ones) become int4 in int4's own groups
+    # a mostly-4-bit file: its Q8_0 / Q6_K / Q5_0 tensors become int4 in int4's own groups
     for name, module in (("blk.0.attn_v.weight", layers[0].self_attn.v_proj), ("output.weight", model.lm_head),
-                         ("blk.0.ffn_down.weight", layers[0].mlp.down_proj)):
+                         ("blk.0.ffn_down.weight", layers[0].mlp.down_proj),
+                         ("blk.1.ffn_down.weight", layers[1].mlp.down_proj)):
         assert isinstance(module, Int4Linear), name
         assert _within_half_int4_group_step(module.dequantize(), ref(name), module.group_size), name
     # an 8-bit file: int8 per row
@@ -246,6 +250,51 @@ def test_quantised_layers_follow_each_tensor_type(wide, tmp_path):
     for name, module in (("blk.0.attn_v.weight", model.model.language_model.layers[0].self_attn.v_proj),
                          ("output.weight", model.lm_head)):
         assert isinstance(module, Int8Linear) and _within_half_int8_row_step(module.dequantize(), ref(name)), name
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_q6_k_requantised_in_cpp_as_the_python_path(wide, tmp_path, monkeypatch, dtype):
+    """A Q4_K_M-like file's Q6_K tensors (head, one down projection) go straight from their blocks into int4
+    tiles (csrc/q6_k.cpp): the layers hold the bytes the Python path gives (gguf's values in the model's dtype
+    through Int4Linear.from_weight), so the logits are identical; with QWENVL_KERNELS=off the same file loads
+    through gguf's numpy values into PyTorch's int4pack layout, the same weights up to its offset rounding."""
+    from quant_helpers import tiny_logits
+    if not kernels.available():
+        pytest.skip("the tile layout needs qwenvl's kernels")
+    folder, lm, mmproj = wide
+    q = rewrite(lm, tmp_path / "q4_k_m.gguf", _q4_k_m_like)
+    pair = open_pair(q, mmproj)
+    model = load_gguf_model(pair, dtype, torch.device("cpu"))[0]
+    tensors = {t.name: t for t in pair.lm.tensors}
+    layers = model.model.language_model.layers
+    q6k = (("output.weight", model.lm_head), ("blk.0.ffn_down.weight", layers[0].mlp.down_proj))
+    for name, module in q6k:
+        assert tensors[name].tensor_type.name == "Q6_K"
+        values = torch.from_numpy(_int4_reference_rows(tensors[name])).to(dtype)
+        ref = Int4Linear.from_weight(values, module.group_size, None, layout=LAYOUT_TILES)
+        assert module.layout == LAYOUT_TILES and not module.super_blocks, name
+        assert torch.equal(module.packed, ref.packed), name
+        assert torch.equal(module.group_params.view(torch.uint8), ref.group_params.view(torch.uint8)), name
+    ids = torch.tensor([3, 17, 60, 101])
+    want = tiny_logits(model, ids)
+    for name, module in q6k:         # the Python path's layers in their place: the same logits, bit for bit
+        values = torch.from_numpy(_int4_reference_rows(tensors[name])).to(dtype)
+        module.load_state_dict(Int4Linear.from_weight(values, module.group_size, None,
+                                                      layout=LAYOUT_TILES).state_dict(), strict=False)
+    assert torch.equal(tiny_logits(model, ids), want)
+    monkeypatch.setenv(kernels.MODE_ENV, "off")
+    plain = load_gguf_model(open_pair(q, mmproj), dtype, torch.device("cpu"))[0]
+    for name, module in (("output.weight", plain.lm_head),
+                         ("blk.0.ffn_down.weight", plain.model.language_model.layers[0].mlp.down_proj)):
+        mine = dict(q6k)[name]
+        assert module.layout != LAYOUT_TILES and module.group_size == mine.group_size, name
+        # the same codes and scales; int4pack keeps offset = 8 * scale + min in the model's dtype and dequantises
+        # in it: at most (8 + 8 + 15) s eps there ((q - 8) s, the offset, the sum) and (15 + 15) s eps in the
+        # tiles (the min, the result), |w| <= 15 s, eps the dtype's unit roundoff: under 64 s eps
+        eps = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -24
+        scales = int4_layout.unpack_params(mine.group_params)[0][:mine.out_features].float()
+        bound = (64 * eps * scales).repeat_interleave(mine.group_size, dim=1)
+        assert ((module.dequantize().float() - mine.dequantize().float()).abs() <= bound + 1e-30).all(), name
 
 
 def _float32_form(layer: Int4Linear) -> Int4Linear:

@@ -9,6 +9,8 @@
     decode_ops_isa(), add_rms_norm, rotary_, silu_mul, paged_decode_attention
                                                                the element-wise rest of a decode step
     q4_k_to_tiles(blocks, in_features)                         a GGUF Q4_K tensor into the int4 tile layout
+    q6_k_dequantize(blocks, in_features)                       a GGUF Q6_K tensor's float32 values
+    q6_k_to_int4_tiles(blocks, in_features, group_size, dtype) a GGUF Q6_K tensor requantised to int4 tiles
 
 QWENVL_KERNELS picks: "auto" (default: the best ISA this CPU has), "avx512", "avx2" (the AVX2 build even on
 an AVX-512 CPU, so both are tested on one machine) or "off" (PyTorch's kernels, as without a compiler).
@@ -197,6 +199,30 @@ def q4_k_to_tiles(blocks: torch.Tensor, in_features: int) -> tuple[torch.Tensor,
     packed = weight_memory.empty((tiles * int4_layout.TILE_N, in_features // 2), torch.uint8)   # 2 MiB pages
     params = weight_memory.empty((tiles, in_features // int4_layout.SUPER_K, int4_layout.SUPER_BYTES), torch.uint8)
     module.q4_k_to_tiles(blocks, in_features, packed, params)
+    return packed, params
+
+
+def q6_k_dequantize(blocks: torch.Tensor, in_features: int) -> torch.Tensor:
+    """A GGUF Q6_K tensor's bytes, uint8 [rows, in/256 * 210] (contiguous), -> its values float32 [rows, in]:
+    gguf.quants.dequantize's to the bit, on torch's threads."""
+    module, _ = _checked_runner(None)
+    return module.q6_k_dequantize(blocks, in_features)
+
+
+def q6_k_to_int4_tiles(blocks: torch.Tensor, in_features: int, group_size: int, dtype: torch.dtype
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A GGUF Q6_K tensor's bytes, uint8 [rows, in/256 * 210] (contiguous), -> the int4 tile layout of its
+    values in groups of `group_size` for a `dtype` model (bfloat16 or float32): (packed uint8 [N_pad, in/2],
+    params [N_pad/16, in/G, 2, 16] in `dtype`), the bytes `Int4Linear.from_weight(values.to(dtype), G)` gives
+    (qwenvl's own int4 quantiser), in one pass without a float copy of the tensor."""
+    from . import int4_layout, weight_memory
+    if dtype not in (torch.bfloat16, torch.float32):
+        raise ValueError(f"q6_k_to_int4_tiles: a {dtype} model is not supported (bfloat16 or float32)")
+    module, _ = _checked_runner(None)
+    tiles = int4_layout.padded_rows(blocks.shape[0]) // int4_layout.TILE_N
+    packed = weight_memory.empty((tiles * int4_layout.TILE_N, in_features // 2), torch.uint8)   # 2 MiB pages
+    params = weight_memory.empty((tiles, in_features // group_size, 2, int4_layout.TILE_N), dtype)
+    module.q6_k_to_int4_tiles(blocks, in_features, group_size, packed, params)
     return packed, params
 
 

@@ -11,7 +11,9 @@
   any other type     dequantised by the `gguf` package (the reference), then requantised: in a file mostly
                      of 4 bits or fewer (Q4_K_M: its Q6_K head and some ffn_down / attn_v) to Int4Linear in
                      the groups `quantization="int4"` uses (128 where the width allows), else to Int8Linear
-                     per row (requantised_mode); a 1-D tensor stays float
+                     per row (requantised_mode); a 1-D tensor stays float. Q6_K where the kernels run: its
+                     values by csrc/q6_k.cpp (gguf's to the bit, multi-threaded), and in the int4 case straight
+                     from the blocks into the tiles in one pass (the bytes the path through floats gives)
   expert stacks      (Qwen3-VL-MoE, [E, out, in]) one quantised layer per expert by the same rules, gate
                      and up side by side in one layer (QuantizedExperts); float stacks stay fused tensors
 
@@ -81,6 +83,8 @@ def float_tensor(t, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) 
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
             raw = torch.from_numpy(np.asarray(t.data).reshape(-1).view(np.uint8))
         out = raw.view(stored).to(dtype, copy=True)
+    elif kind == "Q6_K" and _q6_k_values_in_cpp():      # the same values, multi-threaded C++ (csrc/q6_k.cpp)
+        out = kernels.q6_k_dequantize(mapped_blocks(t), int(t.shape[0])).to(dtype)
     else:
         out = torch.from_numpy(dequantize(np.asarray(t.data), GGMLQuantizationType[kind]).astype(np.float32))
         out = out.to(dtype)
@@ -189,12 +193,37 @@ def linears_from(stacked: list, shape: tuple[int, ...], dtype: torch.dtype, bias
         codes = [[c.view(experts, rows, -1) for c in int4_codes(t, experts * rows, cols)] for t in stacked]
         q, scale, mins = (torch.cat(parts, dim=1) for parts in zip(*codes))        # [E, sum of rows, ...]
         return [int4_linear(q[e], scale[e].to(dtype), mins[e].to(dtype), bias) for e in range(experts)]
+    if kinds == {"Q6_K"} and other == "int4" and _q6_k_direct(dtype):
+        # what the float path below gives, quantised straight from the blocks in one C++ pass (csrc/q6_k.cpp)
+        group = int4_group_size(cols) or QK
+        blocks = [mapped_blocks(t) for t in stacked]
+        b = None if bias is None else bias.detach().to(dtype)
+        layers = []
+        for e in range(experts):
+            part = [x[e * rows:(e + 1) * rows] for x in blocks]
+            joined = part[0] if len(part) == 1 else torch.cat(part)
+            packed, params = kernels.q6_k_to_int4_tiles(joined.contiguous(), cols, group, dtype)
+            layers.append(Int4Linear(packed, params, joined.shape[0], cols, group, b, None, dtype))
+        return layers
     w = torch.cat([(q8_0_values(t, experts * rows, cols) if type_name(t) in INT8_TYPES
                     else float_tensor(t, (experts * rows, cols))).view(experts, rows, cols) for t in stacked], dim=1)
     if other == "int4":       # the groups qwenvl's own int4 uses: a group of 32 cost the head 1.34x (68 / 51 ms)
         group = int4_group_size(cols) or QK
         return [Int4Linear.from_weight(w[e].to(dtype), group, bias) for e in range(experts)]
     return [Int8Linear.from_int8(*quantize_int8(w[e], scale_dtype=dtype), bias) for e in range(experts)]
+
+
+def _q6_k_values_in_cpp() -> bool:
+    """Whether Q6_K's float values come from csrc/q6_k.cpp (where the kernels run) rather than gguf's numpy
+    dequantisation (one thread; the reference, and the path where they do not): the same values to the bit."""
+    return kernels.available()
+
+
+def _q6_k_direct(dtype: torch.dtype) -> bool:
+    """Whether Q6_K tensors go straight into int4 tiles (the kernels run, the tile layout, a bfloat16 or float32
+    model); elsewhere gguf's dequantisation and Int4Linear.from_weight, the reference, give the same layer."""
+    return _q6_k_values_in_cpp() and default_int4_layout() == LAYOUT_TILES and dtype in (torch.bfloat16,
+                                                                                          torch.float32)
 
 
 def int4_linear(q: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor, bias: torch.Tensor | None) -> Int4Linear:

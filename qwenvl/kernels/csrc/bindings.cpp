@@ -299,6 +299,57 @@ void q4_k_to_tiles(const torch::Tensor& blocks, int64_t in_features, torch::Tens
   });
 }
 
+void check_q6_k_blocks(const torch::Tensor& blocks, int64_t K, const char* op) {
+  using qwenvl_kernels::kQ6KBytes;
+  using qwenvl_kernels::kSuperK;
+  TORCH_CHECK(K > 0 && K % kSuperK == 0, "qwenvl ", op, ": in_features ", K, " is not a multiple of 256");
+  TORCH_CHECK(blocks.device().is_cpu() && blocks.scalar_type() == torch::kUInt8 && blocks.dim() == 2 &&
+                  blocks.is_contiguous() && blocks.size(1) == K / kSuperK * kQ6KBytes,
+              "qwenvl ", op, ": blocks must be contiguous uint8 [rows, ", K / kSuperK * kQ6KBytes, "], got ",
+              blocks.scalar_type(), " ", blocks.sizes());
+}
+
+// A Q6_K tensor's blocks uint8 [rows, K / 256 * 210] -> its values float32 [rows, K] (gguf's to the bit).
+torch::Tensor q6_k_dequantize(const torch::Tensor& blocks, int64_t in_features) {
+  const int64_t K = in_features;
+  check_q6_k_blocks(blocks, K, "q6_k_dequantize");
+  const int64_t rows = blocks.size(0);
+  auto out = torch::empty({rows, K}, torch::kFloat32);
+  const uint8_t* b = blocks.data_ptr<uint8_t>();
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    qwenvl_kernels::q6_k_rows(b, K, begin, end, o + begin * K);
+  });
+  return out;
+}
+
+// A Q6_K tensor's blocks into packed uint8 [N_pad, K / 2] and params [N_pad / 16, K / G, 2, 16] bfloat16 or
+// float32 (allocated by the caller): the int4 tile layout of its values quantised in groups of G, bfloat16
+// params meaning a bfloat16 model (the values rounded to bfloat16 first).
+void q6_k_to_int4_tiles(const torch::Tensor& blocks, int64_t in_features, int64_t group_size, torch::Tensor packed,
+                        torch::Tensor params) {
+  const int64_t K = in_features, G = group_size;
+  check_q6_k_blocks(blocks, K, "q6_k_to_int4_tiles");
+  TORCH_CHECK(G > 0 && G % kBlockK == 0 && K % G == 0, "qwenvl q6_k_to_int4_tiles: group size ", G,
+              " must be a multiple of 32 dividing ", K);
+  const int64_t rows = blocks.size(0), tiles = (rows + kTileN - 1) / kTileN;
+  const bool bf16 = params.scalar_type() == torch::kBFloat16;
+  TORCH_CHECK(packed.scalar_type() == torch::kUInt8 && packed.is_contiguous() && packed.dim() == 2 &&
+                  packed.size(0) == tiles * kTileN && packed.size(1) == K / 2 &&
+                  (bf16 || params.scalar_type() == torch::kFloat32) && params.is_contiguous() &&
+                  params.dim() == 4 && params.size(0) == tiles && params.size(1) == K / G && params.size(2) == 2 &&
+                  params.size(3) == kTileN,
+              "qwenvl q6_k_to_int4_tiles: outputs must be contiguous uint8 [", tiles * kTileN, ", ", K / 2,
+              "] and bfloat16 or float32 [", tiles, ", ", K / G, ", 2, 16], got ", packed.sizes(), " and ",
+              params.scalar_type(), " ", params.sizes());
+  const uint8_t* b = blocks.data_ptr<uint8_t>();
+  uint8_t* pk = packed.data_ptr<uint8_t>();
+  void* pr = params.data_ptr();
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    qwenvl_kernels::q6_k_to_int4_tiles(b, rows, K, G, bf16, begin, end, pk, pr);
+  });
+}
+
 }  // namespace
 
 void register_decode_ops(pybind11::module& m);     // decode_ops_bindings.cpp
@@ -318,6 +369,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_rows_to_bf16", &int8_rows_to_bf16, "tiles, r0, r1, out: rows r0:r1 as bfloat16 into out",
         py::call_guard<py::gil_scoped_release>());
   m.def("q4_k_to_tiles", &q4_k_to_tiles, "blocks, in_features, packed, params: the tile layout into them",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("q6_k_dequantize", &q6_k_dequantize, "blocks, in_features -> float32 values",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("q6_k_to_int4_tiles", &q6_k_to_int4_tiles, "blocks, in_features, group_size, packed, params: int4 tiles",
         py::call_guard<py::gil_scoped_release>());
   m.def("bf16_matmul", &bf16_matmul, "x, weight, bias, isa -> y", py::call_guard<py::gil_scoped_release>());
   register_decode_ops(m);

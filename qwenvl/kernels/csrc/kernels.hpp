@@ -66,6 +66,18 @@ void int8_tiles_to_bf16_rows(const int8_t* tiles, int64_t k4_blocks, int64_t til
 void q4_k_to_tiles(const uint8_t* blocks, int64_t rows, int64_t K, int64_t tile_begin, int64_t tile_end,
                    uint8_t* packed, uint8_t* params);
 
+// A Q6_K tensor's bytes, blocks [rows][K / 256][210] as ggml stores them (ql[128], qh[64], int8 scales[16],
+// fp16 d), K a multiple of 256:
+//   q6_k_rows           rows row_begin..row_end-1 as float32 values into out [row_end - row_begin][K], gguf's
+//                       and ggml's dequantisation to the bit
+//   q6_k_to_int4_tiles  tiles tile_begin..tile_end-1 of the int4 tile layout, packed [N_pad / 16][K / 32][4][64]
+//                       and params [N_pad / 16][K / G][2][16] (bfloat16 bits when `bf16`, else float32), the
+//                       values quantised as qwenvl's int4 quantiser does (q6_k.cpp); padded rows are zeros
+constexpr int64_t kQ6KBytes = 210;
+void q6_k_rows(const uint8_t* blocks, int64_t K, int64_t row_begin, int64_t row_end, float* out);
+void q6_k_to_int4_tiles(const uint8_t* blocks, int64_t rows, int64_t K, int64_t G, bool bf16, int64_t tile_begin,
+                        int64_t tile_end, uint8_t* packed, void* params);
+
 struct Bf16MatmulArgs {
   const uint16_t* x;            // [rows, K], row stride ldx
   const uint16_t* w;            // [N, K], row stride ldw
