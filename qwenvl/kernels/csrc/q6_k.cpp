@@ -16,6 +16,10 @@
 //                    parameter dtype, zero = round(-lo / scale), q = round(w / scale + zero), both clamped
 //                    to 0..15, min = -(zero * scale) rounded to the parameter dtype; round half to even.
 //                    A bfloat16 model rounds the values to bfloat16 first (the loader's `w.to(dtype)`).
+// Lets GCC turn the clamps below into vector selects (with trapping math on it keeps them as branches, and the
+// loops stay scalar); it changes no result: no reassociation, every operation still rounded as IEEE says.
+#pragma GCC optimize("no-trapping-math")
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -96,10 +100,12 @@ void q6_k_rows(const uint8_t* blocks, int64_t K, int64_t row_begin, int64_t row_
           const uint8_t* hi = qh + 32 * h;
           const int shift = 4 * (k >> 1);
           float* yk = y + 128 * h + 32 * k;
-          const float* dk = ds + 8 * h + 2 * k;
-          for (int l = 0; l < 32; ++l) {
-            const int q = (((lo[l] >> shift) & 0x0F) | (((hi[l] >> (2 * k)) & 3) << 4)) - 32;
-            yk[l] = dk[l >> 4] * static_cast<float>(q);
+          for (int half = 0; half < 2; ++half) {             // 16 weights a scale (written so it vectorises)
+            const float dsc = ds[8 * h + 2 * k + half];
+            for (int l = 16 * half; l < 16 * half + 16; ++l) {
+              const int q = (((lo[l] >> shift) & 0x0F) | (((hi[l] >> (2 * k)) & 3) << 4)) - 32;
+              yk[l] = dsc * static_cast<float>(q);
+            }
           }
         }
     }
@@ -127,18 +133,26 @@ void q6_k_to_int4_tiles(const uint8_t* blocks, int64_t rows, int64_t K, int64_t 
         for (int64_t k = 0; k < K; ++k) w[k] = round_to_bf16(w[k]);
       for (int64_t g = 0; g < groups; ++g) {
         const float* x = w.data() + g * G;
-        float lo = 0.0f, hi = 0.0f;                            // the range always holds 0
-        for (int64_t i = 0; i < G; ++i) {
-          lo = std::min(lo, x[i]);
-          hi = std::max(hi, x[i]);
+        // the range always holds 0; 8 lanes so the loop vectorises (a zero's sign does not matter below)
+        float lo8[8] = {0.0f}, hi8[8] = {0.0f};
+        for (int64_t i = 0; i < G; i += 8)
+          for (int j = 0; j < 8; ++j) {
+            lo8[j] = std::min(lo8[j], x[i + j]);
+            hi8[j] = std::max(hi8[j], x[i + j]);
+          }
+        float lo = 0.0f, hi = 0.0f;
+        for (int j = 0; j < 8; ++j) {
+          lo = std::min(lo, lo8[j]);
+          hi = std::max(hi, hi8[j]);
         }
         float scale = std::max((hi - lo) / 15.0f, 1e-12f);
         float mn;
         if (bf16) scale = round_to_bf16(scale);
         const float zero = std::min(std::max(round_even(std::min(-lo / scale, 16.0f)), 0.0f), 15.0f);
+        uint8_t* qg = q.data() + g * G;
         for (int64_t i = 0; i < G; ++i) {
           const float v = std::min(std::max(x[i] / scale + zero, -1.0f), 16.0f);
-          q[g * G + i] = static_cast<uint8_t>(std::min(std::max(round_even(v), 0.0f), 15.0f));
+          qg[i] = static_cast<uint8_t>(static_cast<int32_t>(std::min(std::max(round_even(v), 0.0f), 15.0f)));
         }
         mn = -(zero * scale);
         const int64_t at = g * 2 * kRows + n;
