@@ -6,8 +6,8 @@ bench/vs_llamacpp.py's `source_tree` and run by its `converter_child`. A machine
 package registry skips these tests; nothing else does.
 
 llama-quantize is not built here (6 minutes), so quantised files are written by rewriting the converter's
-F32 file with the `gguf` package (bench/gguf_rewrite.py: gguf's own quantiser for Q8_0 / Q4_0 / Q5_0, and a
-small one for Q4_K, which gguf dequantises but does not quantise).
+F32 file with the `gguf` package (bench/gguf_rewrite.py: gguf's own quantiser for Q8_0 / Q4_0 / Q5_0, and
+small ones for Q4_K and Q6_K, which gguf dequantises but does not quantise).
 """
 
 from __future__ import annotations

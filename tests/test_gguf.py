@@ -377,7 +377,7 @@ def test_quantised_logits(wide, tmp_path):
     Q8_0 has each block's own (for Gaussian rows about 1.3x larger on average), so the error this adds is of
     the order of the file's own quantisation error: bounded by twice the distance between the dequantised
     reference and the original float model (measured here: 0.040 against the file's own 0.044). In the
-    Q4_K_M-like file its few 5- and 8-bit tensors are requantised to int4 (qwenvl's own int4 groups), adding
+    Q4_K_M-like file its few 5-, 6- and 8-bit tensors are requantised to int4 (qwenvl's own int4 groups), adding
     an error of the order of the file's own 4-bit one: the same bound holds."""
     folder, lm, mmproj = wide
     messages = _conversations("qwen2_5_vl")["image"]
