@@ -1,5 +1,5 @@
 """Batch-1 decode step time under different GOMP_SPINCOUNT values (issue 37): how long libgomp's idle worker
-threads spin before they sleep. The server and CLI set 10000 when the user has not (qwenvl/cli/threads.py);
+threads spin before they sleep. `qwenvl serve` sets 10000 when the user has not (qwenvl/cli/openmp.py);
 this measures what that costs or saves on a model whose step is all weight products.
 
     .venv/bin/python bench/gomp_spin.py --model /work/main/runs/bench_qwen2vl_2b --quant int8

@@ -26,8 +26,9 @@ many streaming clients sending images through the official `openai` SDK.
    /proc/PID/clear_refs before it), how many requests were answered with exactly max_tokens tokens, and for
    qwenvl that its KV blocks are back to 0 after the phase (its /metrics). A table and a JSON file.
 
-Threads: --threads (default: the cores torch sees) for both; qwenvl through OMP_NUM_THREADS, llama-server
-through -t and -tb. Images: llama-server gets the checkpoint's min/max pixels as --image-min-tokens /
+Threads: --threads (default: the cores torch sees) for both: qwenvl as a ceiling, llama-server through -t and
+-tb. Without --threads qwenvl's own choice stands (`qwenvl serve` serves a model under 64 MiB of weights, the
+bundled one, on one thread: cli/openmp.py); with it, OMP_NUM_THREADS=N for qwenvl. Images: llama-server gets the checkpoint's min/max pixels as --image-min-tokens /
 --image-max-tokens, so both sides see the same prompt tokens (the table's "prompt tok" shows it).
 qwenvl runs with --max-prefill-tokens-while-decoding 256 and --vision-rows-per-step 8192 (--prefill-cap 0
 --vision-rows 0: the engine's defaults, to see what they change).
@@ -154,7 +155,8 @@ def start_qwenvl(model_dir: Path, mode: str, a, log_dir: Path) -> Server:
         cmd += ["--max-prefill-tokens-while-decoding", str(a.prefill_cap)]
     if a.vision_rows:
         cmd += ["--vision-rows-per-step", str(a.vision_rows)]
-    env = dict(os.environ, OMP_NUM_THREADS=str(a.threads))
+    # a ceiling only: without --threads the server picks its count up to the cores (cli/openmp.py)
+    env = dict(os.environ, OMP_NUM_THREADS=str(a.threads)) if a.threads_given else dict(os.environ)
     server = Server("qwenvl", cmd, port, log_dir / f"qwenvl-{model_dir.name}-{mode}.log", env)
     server.wait_ready("/health")
     return server
@@ -332,6 +334,7 @@ def main() -> None:
     p.add_argument("--out", default=str(ROOT / "runs" / "vs_llama_server"), help="logs and results.json")
     a = p.parse_args()
     import torch
+    a.threads_given = a.threads is not None
     a.threads = a.threads or torch.get_num_threads()
     sides = a.sides.split(",")
     modes = [m for m in a.modes.split(",") if m]

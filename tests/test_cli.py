@@ -238,9 +238,10 @@ def _serve_sees(env: dict) -> str:
     """What `qwenvl serve` has when it starts serving: GOMP_SPINCOUNT and whether torch (libgomp) is loaded yet;
     a real process with the server itself replaced by a print."""
     code = ("import os, sys; import qwenvl.server.cli as s; "
-            "s.run_serve_command = lambda a: print(os.environ.get('GOMP_SPINCOUNT'), 'torch' in sys.modules) or 0; "
+            "s.run_serve_command = lambda a: print(os.environ.get('GOMP_SPINCOUNT'), 'torch' in sys.modules, "
+            "os.environ.get('OMP_NUM_THREADS')) or 0; "
             "from qwenvl.cli.main import main; sys.exit(main(['serve']))")
-    clean = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    clean = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT,
                        env={**clean, **env})
     assert r.returncode == 0, r.stderr
@@ -248,9 +249,31 @@ def _serve_sees(env: dict) -> str:
 
 
 def test_serve_quiets_openmp_spinning_before_torch_loads_unless_the_user_chose():
-    assert _serve_sees({}) == "10000 False"                           # set, and libgomp not loaded yet
-    assert _serve_sees({"GOMP_SPINCOUNT": "300000"}) == "300000 False"   # the user's value stays
-    assert _serve_sees({"OMP_WAIT_POLICY": "active"}) == "None False"    # the user chose the spinning another way
+    assert _serve_sees({}) == "10000 False 1"               # set, libgomp not loaded yet; the bundled model: 1 thread
+    assert _serve_sees({"GOMP_SPINCOUNT": "300000"}) == "300000 False 1"   # the user's value stays
+    assert _serve_sees({"OMP_WAIT_POLICY": "active"}) == "None False 1"    # the user chose the spinning another way
+    assert _serve_sees({"OMP_NUM_THREADS": "2"}) == "10000 False 2"        # and the thread count
+
+
+def test_serve_runs_a_small_model_on_one_thread_unless_the_user_chose(tmp_path):
+    from qwenvl.cli import openmp
+    from qwenvl.engine.llm_engine import BUNDLED_MODEL_DIR
+    assert openmp.BUNDLED_MODEL_DIR == BUNDLED_MODEL_DIR
+    env = {}
+    assert openmp.one_thread_for_a_small_model(None, env) and env == {"OMP_NUM_THREADS": "1"}     # the bundled model
+    env = {"OMP_NUM_THREADS": "2"}
+    assert not openmp.one_thread_for_a_small_model(None, env) and env == {"OMP_NUM_THREADS": "2"}
+    big = tmp_path / "big"
+    big.mkdir()
+    with open(big / "model.safetensors", "wb") as f:           # sparse: 64 MiB on disk without writing it
+        f.truncate(openmp.SMALL_MODEL_BYTES)
+    (tmp_path / "tiny.gguf").write_bytes(b"x" * 1000)
+    (tmp_path / "empty").mkdir()
+    for model, expected in ((str(big), False), (str(tmp_path / "tiny.gguf"), True), ("Qwen/Qwen2-VL-2B-Instruct", False),
+                            (str(tmp_path / "empty"), False)):      # a folder without weight files: not measured
+        env = {}
+        assert openmp.one_thread_for_a_small_model(model, env) is expected, model
+        assert env == ({"OMP_NUM_THREADS": "1"} if expected else {})
 
 
 def test_quiet_spinning_sets_the_count_once_and_never_over_a_users_choice():

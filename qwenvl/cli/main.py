@@ -276,7 +276,8 @@ def _show_library_lines() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
-        openmp.quiet_spinning()           # before anything imports torch (libgomp reads it once, at load)
+        openmp.quiet_spinning()           # before anything imports torch (libgomp reads these once, at load)
+        openmp.one_thread_for_a_small_model(getattr(args, "model_arg", None) or getattr(args, "model", None))
     else:
         _show_library_lines()
     try:
