@@ -23,6 +23,9 @@ def test_int8_rows_read_from_either_layout_equal_the_dequantised_matrix(layout):
     rows = layer.dequantized_rows(ids)
     assert rows.shape == (2, 4, 200) and rows.dtype == layer.scales.dtype
     assert torch.equal(rows, layer.dequantize()[ids])
+    # a decode step's one id, none, and more than gather_rows picks one by one (its tensor-indexed path)
+    for ids in (torch.tensor([37]), torch.tensor([], dtype=torch.long), torch.randint(0, 150, (40,))):
+        assert torch.equal(layer.dequantized_rows(ids), layer.dequantize()[ids])
 
 
 def test_a_tied_int8_model_embeds_from_its_heads_tiles_with_the_tables_values(tied_checkpoint):
