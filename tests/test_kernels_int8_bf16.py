@@ -133,6 +133,26 @@ def test_int8_every_row_count_and_each_row_equals_itself_alone(isa, rows):
             assert torch.equal(kernels.int8_matmul(x[r:r + 1], tiles, sp, b, 40, isa_name=isa), y[r:r + 1])
 
 
+@pytest.mark.parametrize("rows", [17, 32, 33])
+def test_an_int8_layer_runs_a_decode_batch_over_16_rows_in_kernel_calls_each_row_as_alone(monkeypatch, rows):
+    """Up to INT8_KERNEL_CHUNKED_ROWS rows run in 16-row kernel calls (each row the bytes it gets alone); more
+    rows take the prefill GEMM."""
+    from qwenvl.layers import quantized_linear
+    layer = Int8Linear.from_float(nn.Linear(256, 40, bias=True).to(torch.bfloat16))
+    layer.use_tile_layout()
+    x = _x(rows, 256, torch.bfloat16, seed=rows)
+    calls = []
+    real = kernels.int8_matmul
+    monkeypatch.setattr(kernels, "int8_matmul", lambda x2, *a, **kw: calls.append(x2.shape[0]) or real(x2, *a, **kw))
+    y = layer(x)
+    if rows <= quantized_linear.INT8_KERNEL_CHUNKED_ROWS:
+        assert calls == [16] * (rows // 16) + ([rows % 16] if rows % 16 else [])
+        assert all(torch.equal(layer(x[r:r + 1]), y[r:r + 1]) for r in range(rows))
+    else:
+        assert calls == []
+        torch.testing.assert_close(y, F.linear(x, layer.dequantize(), layer.bias.to(x.dtype)), rtol=2e-2, atol=2e-2)
+
+
 def test_int8_both_builds_give_the_same_bytes(compiled):
     if not compiled.cpu_supports("avx512"):
         pytest.skip("this CPU lacks avx512")
