@@ -5,8 +5,9 @@ they sleep. A server has more busy threads than that: the engine thread, the eve
 image-decoding threads, and the clients on the same machine. Spinning workers take cores from them: on the
 bundled model a batch-1 decode step took 43 ms (median) with the default spin and 6.8 ms with 10,000 turns on
 a loaded 2-core VM (bench/gomp_spin.py), and a quiet run of bench/vs_llama_server.py had 1-client output
-tokens/s 299 -> 358, inter-token latency p50 2.7 -> 1.9 ms. A long batch-1 decode of a 2B model alone on
-a quiet machine may lose a little (85.7 vs 90.4 ms a step once), which is why only the server sets it.
+tokens/s 299 -> 358, inter-token latency p50 2.7 -> 1.9 ms. A 2B model's batch-1 decode alone on a quiet
+machine neither gains nor loses (int8: 79.57 against 79.69 ms a step, bench/gomp_spin.py --rounds 2); only
+the server sets it, where other threads compete for the cores.
 
 libgomp reads GOMP_SPINCOUNT once, when it is loaded, so the server entry sets it before torch is imported;
 a user's own GOMP_SPINCOUNT, or OMP_WAIT_POLICY (which sets the spinning another way), is left as it is.
