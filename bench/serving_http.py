@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
 import serving_workload as wl                     # noqa: E402
-from vs_llama_server import Server, free_port      # noqa: E402
+from vs_llama_server import Server, free_port, one_request as stream_request  # noqa: E402
 
 QUESTION = ("Describe a red square on a white page with a small table, a bar chart and three lines of text; "
             "say what the title could be.")
@@ -62,26 +62,8 @@ def start(name: str, env_changes: dict, a, log_dir: Path) -> Server:
 
 
 async def one_request(client, question: str, max_tokens: int) -> wl.Record:
-    rec = wl.Record(sent=time.perf_counter(), max_tokens=max_tokens)
-    try:
-        stream = await client.chat.completions.create(
-            model="bench", messages=[{"role": "user", "content": question}], max_tokens=max_tokens,
-            temperature=0, stream=True, logprobs=True, stream_options={"include_usage": True},
-            extra_body={"ignore_eos": True})
-        async for chunk in stream:
-            now = time.perf_counter()
-            if chunk.choices:
-                choice = chunk.choices[0]
-                if (choice.delta and choice.delta.content) or (choice.logprobs and choice.logprobs.content):
-                    rec.chunk_times.append(now)
-                if choice.finish_reason:
-                    rec.finish_reason = choice.finish_reason
-            if chunk.usage:
-                rec.completion_tokens = chunk.usage.completion_tokens
-                rec.prompt_tokens = chunk.usage.prompt_tokens
-    except Exception as e:  # noqa: BLE001 - a failed request is a result
-        rec.error = f"{type(e).__name__}: {str(e)[:200]}"
-    return rec
+    """One streamed text question, timed chunk by chunk (vs_llama_server.py's request with a text message)."""
+    return await stream_request(client, [{"role": "user", "content": question}], max_tokens)
 
 
 async def phase(url: str, clients: int, requests: int, max_tokens: list[int], tag: str) -> tuple[list, float]:
