@@ -16,32 +16,12 @@
 #include <string>
 #include <vector>
 
+#include "read_pass.hpp"   // bench::filled_pages, bench::read_bytes
 #include "variants.h"   // kVariants[]: {name, matmul, quantize}
 
 namespace {
 
 constexpr int64_t kTileN = 16, kGroup = 128;
-
-uint8_t* bytes(size_t n) {   // on 2 MiB pages (as qwenvl/kernels/weight_memory.py gives the layers), filled
-  const size_t align = 2 << 20, len = (n + align - 1) / align * align;
-  void* p = mmap(nullptr, len + align, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  if (p == MAP_FAILED) { perror("mmap"); exit(1); }
-  uint8_t* q = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(p) + align - 1) / align * align);
-  madvise(q, len, MADV_HUGEPAGE);
-  for (size_t i = 0; i < n; ++i) q[i] = static_cast<uint8_t>((i * 2654435761u) >> 13);
-  return q;
-}
-
-__attribute__((target("avx512f"), noinline)) int64_t read_bytes(const uint8_t* p, const uint8_t* e) {
-  __m512i s0 = _mm512_setzero_si512(), s1 = s0, s2 = s0, s3 = s0;
-  for (; p + 256 <= e; p += 256) {
-    s0 = _mm512_add_epi32(s0, _mm512_loadu_si512(p));
-    s1 = _mm512_add_epi32(s1, _mm512_loadu_si512(p + 64));
-    s2 = _mm512_add_epi32(s2, _mm512_loadu_si512(p + 128));
-    s3 = _mm512_add_epi32(s3, _mm512_loadu_si512(p + 192));
-  }
-  return _mm512_reduce_add_epi32(_mm512_add_epi32(_mm512_add_epi32(s0, s1), _mm512_add_epi32(s2, s3)));
-}
 
 struct Matrix { int64_t N, K; uint8_t* w; uint16_t* params; };       // bf16 params, as qwenvl's quantiser's
 struct Kind { int variant; int rows; std::vector<double> seconds, cpu; };   // variant -1: the read pass
@@ -64,8 +44,8 @@ int main(int argc, char** argv) {
   std::vector<Matrix> mats;
   auto add = [&](int64_t N, int64_t K) {
     const int64_t tiles = (N + kTileN - 1) / kTileN;
-    mats.push_back({N, K, bytes(tiles * kTileN * K / 2),
-                    reinterpret_cast<uint16_t*>(bytes(tiles * (K / kGroup) * 2 * kTileN * 2))});
+    mats.push_back({N, K, bench::filled_pages(tiles * kTileN * K / 2),
+                    reinterpret_cast<uint16_t*>(bench::filled_pages(tiles * (K / kGroup) * 2 * kTileN * 2))});
     // params: bf16 values near 0.01 (scales) / -0.08 (mins), never NaN
     uint16_t* p = mats.back().params;
     for (int64_t i = 0; i < tiles * (K / kGroup) * 2 * kTileN; ++i) p[i] = (i / kTileN) % 2 ? 0xbda3 : 0x3c23;
@@ -125,9 +105,9 @@ int main(int argc, char** argv) {
           if (b < e) {
             const double c0 = thread_cpu_seconds();
             if (kind.variant < 0) {
-              sink += read_bytes(m.w + b * tile_bytes, m.w + e * tile_bytes);
+              sink += bench::read_bytes(m.w + b * tile_bytes, m.w + e * tile_bytes);
               const uint8_t* pp = reinterpret_cast<const uint8_t*>(m.params);
-              sink += read_bytes(pp + b * param_bytes, pp + e * param_bytes);
+              sink += bench::read_bytes(pp + b * param_bytes, pp + e * param_bytes);
             } else {
               kVariants[kind.variant].matmul(args, b, e);
             }

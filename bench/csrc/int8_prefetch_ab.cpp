@@ -15,30 +15,10 @@
 #include <string>
 #include <vector>
 
+#include "read_pass.hpp"   // bench::filled_pages, bench::read_bytes
 #include "variants.h"   // kVariants[]: {name, distance, matmul, block_sums}
 
 namespace {
-
-int8_t* weights(size_t n, bool huge) {   // 2 MiB-aligned, filled before timing
-  const size_t align = 2 << 20, len = (n + align - 1) / align * align;
-  void* p = mmap(nullptr, len + align, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  if (p == MAP_FAILED) { perror("mmap"); exit(1); }
-  int8_t* q = reinterpret_cast<int8_t*>((reinterpret_cast<uintptr_t>(p) + align - 1) / align * align);
-  madvise(q, len, huge ? MADV_HUGEPAGE : MADV_NOHUGEPAGE);
-  for (size_t i = 0; i < n; ++i) q[i] = static_cast<int8_t>((i * 2654435761u) >> 13);
-  return q;
-}
-
-__attribute__((target("avx512f"), noinline)) int64_t read_bytes(const int8_t* p, const int8_t* e) {
-  __m512i s0 = _mm512_setzero_si512(), s1 = s0, s2 = s0, s3 = s0;
-  for (; p + 256 <= e; p += 256) {
-    s0 = _mm512_add_epi32(s0, _mm512_loadu_si512(p));
-    s1 = _mm512_add_epi32(s1, _mm512_loadu_si512(p + 64));
-    s2 = _mm512_add_epi32(s2, _mm512_loadu_si512(p + 128));
-    s3 = _mm512_add_epi32(s3, _mm512_loadu_si512(p + 192));
-  }
-  return _mm512_reduce_add_epi32(_mm512_add_epi32(_mm512_add_epi32(s0, s1), _mm512_add_epi32(s2, s3)));
-}
 
 struct Matrix { int64_t N, K; int8_t* w; std::vector<float> scales; };
 struct Kind { int variant; int rows; std::vector<double> seconds; };   // variant -1: the read pass
@@ -55,9 +35,11 @@ int main(int argc, char** argv) {
   std::vector<Matrix> mats;
   if (layers > 0) {
     for (int l = 0; l < layers; ++l)
-      for (auto& s : shapes) mats.push_back({s[0], s[1], weights(s[0] * s[1], huge), std::vector<float>(s[0], 1.f)});
+      for (auto& s : shapes)
+        mats.push_back({s[0], s[1], reinterpret_cast<int8_t*>(bench::filled_pages(s[0] * s[1], huge)),
+                        std::vector<float>(s[0], 1.f)});
   } else {
-    int8_t* w = weights(1024 * 1536, huge);
+    int8_t* w = reinterpret_cast<int8_t*>(bench::filled_pages(1024 * 1536, huge));
     for (int i = 0; i < -layers; ++i) mats.push_back({1024, 1536, w, std::vector<float>(1024, 1.f)});
   }
   double total = 0;
@@ -94,7 +76,7 @@ int main(int argc, char** argv) {
           const int64_t chunk = (tiles + threads - 1) / threads, b = omp_get_thread_num() * chunk;
           const int64_t e = std::min(tiles, b + chunk);
           if (b < e) {
-            if (kind.variant < 0) sink += read_bytes(m.w + b * tile_bytes, m.w + e * tile_bytes);
+            if (kind.variant < 0) sink += bench::read_bytes(m.w + b * tile_bytes, m.w + e * tile_bytes);
             else kVariants[kind.variant].matmul(args, b, e);
           }
         }
