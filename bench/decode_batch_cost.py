@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decode_overhead import PRODUCTS, _wrap  # noqa: E402
+from decode_overhead import PRODUCTS, time_calls  # noqa: E402
 
 
 def _start(engine, batch: int, steps: int, tag: str) -> list[str]:
@@ -43,7 +43,7 @@ def _start(engine, batch: int, steps: int, tag: str) -> list[str]:
 def measure(model: str, quant: str, batch: int, steps: int, rounds: int) -> None:
     from qwenvl import LLM
     spent: dict = {}
-    _wrap(spent, PRODUCTS, "products")
+    time_calls(spent, PRODUCTS, "products")
     kw = {} if quant == "bf16" else {"quantization": quant}
     llm = LLM(model, dtype=torch.bfloat16, kv_cache_gb=0.5, **kw)
     engine = llm.engine

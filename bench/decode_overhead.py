@@ -32,7 +32,7 @@ PRODUCTS = ("int4_matmul", "int8_matmul", "bf16_matmul")
 DECODE_OPS = ("add_rms_norm", "rotary_", "silu_mul", "paged_decode_attention")
 
 
-def _wrap(spent: dict, names: tuple[str, ...], key: str) -> None:
+def time_calls(spent: dict, names: tuple[str, ...], key: str) -> None:
     """Time every call of qwenvl.kernels' `names` into spent[key] (seconds)."""
     import qwenvl.kernels as K
     for name in names:
@@ -52,8 +52,8 @@ def measure(model: str | None, quant: str, steps: int, rounds: int) -> None:
     from qwenvl import LLM, SamplingParams
     spent: dict = {}
     if model is not None:
-        _wrap(spent, PRODUCTS, "products")
-    _wrap(spent, DECODE_OPS, "ops")
+        time_calls(spent, PRODUCTS, "products")
+    time_calls(spent, DECODE_OPS, "ops")
     kw = {} if quant == "bf16" else {"quantization": quant}
     llm = LLM(model, dtype=torch.bfloat16, kv_cache_gb=0.2, **kw) if model else LLM()
     eng = llm.engine
