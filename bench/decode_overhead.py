@@ -1,17 +1,20 @@
-"""The part of a batch-1 decode step that is not the weight product, with qwenvl's element-wise decode
-kernels (residual add + RMSNorm, rotary, silu * up, paged decode attention: csrc/decode_ops_kernel.hpp) on
-and off, in one process, alternating rounds.
+"""The part of a batch-1 decode step that is not the weight product, three ways in one process, alternating
+rounds: the layers' PyTorch ops ("layers": QWENVL_DECODE_STACK=off QWENVL_DECODE_OPS=off), qwenvl's element-wise
+decode kernels called from the layers ("ops": residual add + RMSNorm, rotary, silu * up, paged decode attention:
+csrc/decode_ops_kernel.hpp; QWENVL_DECODE_STACK=off), and the whole step's layers in one compiled call ("stack":
+csrc/decode_stack.cpp, the default).
 
     .venv/bin/python bench/decode_overhead.py [--model runs/bench_qwen2vl_2b] [--quant bf16 int8 int4]
                                               [--steps 30] [--rounds 3] [--bundled]
 
 Per quantisation (each in its own process, so one model is in memory at a time): one request decodes
-greedily; each round times `steps` engine steps with QWENVL_DECODE_OPS unset (the kernels) and then =off
-(PyTorch's ops), swapping the order every round. The weight products are timed by wrapping qwenvl.kernels'
-matmul functions (as the lead's decode_step_split.py does), so "rest" = step - products (the decode kernels' own calls are timed the same way). Prints the medians
-over rounds. `--bundled` does the same on the bundled model (LLM() with no argument; no products are
-wrapped there: bf16 products at its widths are tiny). The machine is shared while this is measured here:
-the numbers are noisy; the A/B in one process with alternating rounds is what to read.
+greedily; each round times `steps` engine steps in each mode, the order rotating every round. The weight
+products are timed by wrapping qwenvl.kernels' matmul functions (as the lead's decode_step_split.py does), so
+"rest" = step - products (the decode kernels' own calls are timed the same way). The stack makes the same
+product calls from C++, where no wrapper sees them: its "rest" is its step less the "ops" mode's products.
+Prints the medians over rounds. `--bundled` does the same on the bundled model (LLM() with no argument; no
+products are wrapped there: bf16 products at its widths are tiny). Read the modes against each other (one
+process, alternating rounds), not against numbers taken on another day.
 """
 
 from __future__ import annotations
@@ -63,10 +66,14 @@ def measure(model: str | None, quant: str, steps: int, rounds: int) -> None:
                     SamplingParams(temperature=0.0, max_tokens=total_steps, ignore_eos=True))
     for _ in range(6):                                  # the prefill and a few warm decode steps
         eng.step()
-    results = {"on": [], "off": []}
+    modes = {"layers": {"QWENVL_DECODE_STACK": "off", "QWENVL_DECODE_OPS": "off"},
+             "ops": {"QWENVL_DECODE_STACK": "off", "QWENVL_DECODE_OPS": ""},
+             "stack": {"QWENVL_DECODE_STACK": "", "QWENVL_DECODE_OPS": ""}}
+    order = list(modes)
+    results = {mode: [] for mode in modes}
     for r in range(rounds):
-        for mode in (("on", "off") if r % 2 == 0 else ("off", "on")):
-            os.environ["QWENVL_DECODE_OPS"] = "off" if mode == "off" else ""
+        for mode in order[r % 3:] + order[:r % 3]:
+            os.environ.update(modes[mode])
             eng.step()                                  # one untimed step after the switch
             spent.clear()
             t = time.perf_counter()
@@ -76,13 +83,14 @@ def measure(model: str | None, quant: str, steps: int, rounds: int) -> None:
             products_ms = 1e3 * spent.get("products", 0.0) / steps
             results[mode].append((step_ms, products_ms, 1e3 * spent.get("ops", 0.0) / steps))
     name = "bundled" if model is None else quant
-    for mode in ("off", "on"):
+    ops_products = statistics.median(p for _, p, _ in results["ops"])
+    for mode in modes:
         step = statistics.median(s for s, _, _ in results[mode])
-        prod = statistics.median(p for _, p, _ in results[mode])
-        rest = statistics.median(s - p for s, p, _ in results[mode])
+        prod = ops_products if mode == "stack" else statistics.median(p for _, p, _ in results[mode])
+        rest = step - prod if mode == "stack" else statistics.median(s - p for s, p, _ in results[mode])
         ops = statistics.median(o for _, _, o in results[mode])
-        print(f"{name:8s} decode ops {mode:3s}: {step:7.2f} ms/step  products {prod:6.2f}  rest {rest:6.2f}"
-              f" (of which the decode kernels {ops:5.2f})"
+        print(f"{name:8s} {mode:6s}: {step:7.2f} ms/step  products {prod:6.2f}  rest {rest:6.2f}"
+              f" (of which decode kernels called from Python {ops:5.2f})"
               f"  rounds: {', '.join(f'{s:.1f}' for s, _, _ in results[mode])}", flush=True)
     llm.shutdown()
 

@@ -87,7 +87,7 @@ def settings_read_once():
     if getattr(_step, "snapshot", None) is not None:
         yield
         return
-    _step.snapshot = {MODE_ENV: os.environ.get(MODE_ENV, ""), DECODE_OPS_ENV: os.environ.get(DECODE_OPS_ENV, "")}
+    _step.snapshot = {name: os.environ.get(name, "") for name in (MODE_ENV, DECODE_OPS_ENV, DECODE_STACK_ENV)}
     try:
         yield
     finally:
@@ -98,6 +98,7 @@ def _forget() -> None:
     """Drop the cached choice (tests that hide the compiled module)."""
     _resolved.clear()
     _bf16_resolved.clear()
+    _step_settings.clear()
 
 
 def _isa_for(requested: str) -> str | None:
@@ -313,3 +314,35 @@ def paged_decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Te
     module, chosen = _decode_runner(isa_name)
     return module.paged_decode_attention(q, k_new, v_new, k_pool, v_pool, block_tables, context_lens,
                                          block_size, scale, chosen)
+
+
+# ---- a dense decoder's whole decode step in one call (csrc/decode_stack.cpp): the ops above, composed in C++.
+
+def decode_stack(layers: list[tuple], heads: int, kv_heads: int, head_dim: int) -> object:
+    """A compiled DecodeStack over the layers' weights (held, not copied): each layer (input_norm weight,
+    post_attention_norm weight, eps, qkv, o, gate_up, down), each product a decode_product() tuple (kind,
+    weight, params, bias, out_features, group_size). Its `max_rows` is the most sequences a step may have."""
+    module, _ = _checked_runner(None)
+    return module.DecodeStack(layers, heads, kv_heads, head_dim)
+
+
+DECODE_STACK_ENV = "QWENVL_DECODE_STACK"     # "off": every step through the layers' own calls (A/B, bench)
+
+
+def decode_step_settings(bf16_kernel_rows: int, dtype: torch.dtype) -> object | None:
+    """The ISAs a DecodeStack step runs with, as the layers' own calls would choose them this step, or None
+    where the products' or the decode ops' kernels do not run (the layers' PyTorch paths then) or
+    QWENVL_DECODE_STACK=off."""
+    if _env(DECODE_STACK_ENV) == "off":
+        return None
+    chosen, ops = isa(), decode_ops_isa()
+    if chosen is None or ops is None:
+        return None
+    key = (chosen, bf16_isa() or "", ops, ACTIVATION_PASSES.get(dtype, 1), bf16_kernel_rows)
+    settings = _step_settings.get(key)
+    if settings is None:
+        settings = _step_settings[key] = build.load()[0].DecodeStepSettings(*key)
+    return settings
+
+
+_step_settings: dict[tuple, object] = {}     # decode_step_settings' objects, one per distinct choice

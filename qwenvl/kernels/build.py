@@ -30,7 +30,7 @@ CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = ("bindings.cpp", "int4_avx512.cpp", "int4_avx2.cpp", "int8_avx512.cpp", "int8_avx2.cpp", "bf16_avx512.cpp",
            "bf16_avx2.cpp", "int8_rows.cpp",
            "decode_ops_bindings.cpp", "decode_ops_avx512.cpp", "decode_ops_avx2.cpp",
-           "q4_k_tiles.cpp", "q6_k.cpp")    # compiled; every csrc/*.hpp is hashed too
+           "q4_k_tiles.cpp", "q6_k.cpp", "decode_stack.cpp")    # compiled; every csrc/*.hpp is hashed too
 # No ISA flags here: each ISA's file sets its own target with a pragma, bindings.cpp stays baseline x86-64.
 # -ffp-contract=off: no multiply-add is fused unless the source says so, so the arithmetic is what the
 # reference (reference.py) describes.

@@ -38,6 +38,14 @@ class Bf16DecodeLinear(nn.Linear):
             return y if x.dim() == 2 else y.view(*x.shape[:-1], self.out_features)
         return F.linear(x, w, b)
 
+    def decode_product(self) -> tuple:
+        """This layer's decode product for a compiled decode stack (layers/decode_stack.py): the kernel up to
+        BF16_KERNEL_MAX_ROWS bfloat16 rows where forward runs it, F.linear's op otherwise."""
+        w, b = self.weight, self.bias
+        kind = "bf16" if w.dtype == torch.bfloat16 and w.stride(1) == 1 and (b is None or b.dtype == torch.bfloat16) \
+            else "linear"
+        return (kind, w, None, b, self.out_features, 0)
+
 
 def tied_head(weight: torch.Tensor) -> Bf16DecodeLinear:
     """An output head over the embedding matrix itself (shared, not copied), for a tied model."""

@@ -151,6 +151,18 @@ class PagedAttention:
             return self._attend_reference(q, kc, vc)
         return self._attend_fast(q, kc, vc)
 
+    def decode_kernel_operands(self, dtype: torch.dtype) -> tuple | None:
+        """For a compiled decode stack (layers/decode_stack.py): (k pools, v pools, block tables, context lengths,
+        block size, scale) where this step's attention runs the decode-attention kernel for q/k/v of `dtype`
+        at every layer, else None. The pools are the per-layer [num_blocks, block_size, Hkv, Dh] tensors."""
+        pool = self.pool
+        if not self._decode_only or pool.device.type != "cpu" or pool.dtype != dtype \
+                or dtype not in (torch.float32, torch.bfloat16) or pool.head_dim % 16 \
+                or kernels.decode_ops_isa() is None:
+            return None
+        scale = pool.head_dim ** -0.5 if self.scale is None else self.scale
+        return (pool.k, pool.v, *self._kernel_tables(), pool.block_size, scale)
+
     def _kernel_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(block tables int32 [B, longest], context lengths int32 [B]) for the decode kernel."""
         if self._tables is None:

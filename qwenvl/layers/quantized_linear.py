@@ -250,6 +250,14 @@ class Int8Linear(nn.Module):
             return int8_layout.rows_into(self.tiles, r0, r1, self.in_features, out)
         return out.copy_(self.qweight[r0:r1])
 
+    def decode_product(self) -> tuple | None:
+        """This layer's decode product for a compiled decode stack (layers/decode_stack.py): the kernel's
+        operands, as forward hands them over for up to INT8_KERNEL_CHUNKED_ROWS rows; None where forward
+        does not run the kernel (no tile layout)."""
+        if self.tiles is None:
+            return None
+        return ("int8", self.tiles, self._kernel_scales, self._kernel_bias, self.out_features, 0)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tiles is not None and 0 < x.numel() <= INT8_KERNEL_CHUNKED_ROWS * self.in_features \
                 and x.dtype in (torch.bfloat16, torch.float32) and x.device.type == "cpu" and kernels.available():
@@ -540,6 +548,14 @@ class Int4Linear(nn.Module):
         restored = torch.empty_like(w)
         restored[:, self.in_perm] = w
         return restored
+
+    def decode_product(self) -> tuple | None:
+        """This layer's decode product for a compiled decode stack (layers/decode_stack.py): the kernel's
+        operands and the bias forward adds after it, up to INT4_KERNEL_MAX_ROWS rows; None where forward
+        does not run the kernel (another layout, an input permutation)."""
+        if self.layout != LAYOUT_TILES or self.in_perm is not None:
+            return None
+        return ("int4", self.packed, self.group_params, self.bias, self.out_features, self.group_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.layout == LAYOUT_TILES and x.dim() == 2 and x.shape[0] <= INT4_KERNEL_MAX_ROWS \

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import decode_stack
 from .quantized_linear import Int4Linear, Int8Linear
 
 class SideBySide(nn.Module):
@@ -30,6 +31,10 @@ class SideBySide(nn.Module):
     def joined(self, x: torch.Tensor) -> torch.Tensor:
         """The outputs side by side, unsplit: [..., sum(sizes)]."""
         return self.layer(x)
+
+    def decode_product(self) -> tuple | None:
+        """The stacked layer's decode product (decode_stack.product_of): what `joined` computes."""
+        return decode_stack.product_of(self.layer)
 
 
 def _stacked_bias(layers: list[nn.Module], sizes: list[int]) -> torch.Tensor | None:

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "kernels.hpp"
+#include "torch_ops.hpp"
 
 namespace {
 
@@ -352,7 +353,25 @@ void q6_k_to_int4_tiles(const torch::Tensor& blocks, int64_t in_features, int64_
 
 }  // namespace
 
+// The ops other translation units compose (torch_ops.hpp): the functions above.
+namespace qwenvl_ops {
+torch::Tensor int8_matmul(const torch::Tensor& x, const torch::Tensor& tiles, const torch::Tensor& scales,
+                          const c10::optional<torch::Tensor>& bias, int64_t out_features, int64_t passes,
+                          const std::string& isa) {
+  return ::int8_matmul(x, tiles, scales, bias, out_features, passes, isa);
+}
+torch::Tensor int4_matmul(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& params,
+                          int64_t group_size, int64_t out_features, int64_t passes, const std::string& isa) {
+  return ::int4_matmul(x, packed, params, group_size, out_features, passes, isa);
+}
+torch::Tensor bf16_matmul(const torch::Tensor& x, const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias,
+                          const std::string& isa) {
+  return ::bf16_matmul(x, weight, bias, isa);
+}
+}  // namespace qwenvl_ops
+
 void register_decode_ops(pybind11::module& m);     // decode_ops_bindings.cpp
+void register_decode_stack(pybind11::module& m);   // decode_stack.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "qwenvl's CPU kernels for quantised decode (qwenvl/kernels)";
@@ -376,4 +395,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("bf16_matmul", &bf16_matmul, "x, weight, bias, isa -> y", py::call_guard<py::gil_scoped_release>());
   register_decode_ops(m);
+  register_decode_stack(m);
 }

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "decode_ops.hpp"
+#include "torch_ops.hpp"
 
 namespace {
 
@@ -165,6 +166,25 @@ torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor
 }
 
 }  // namespace
+
+// The ops other translation units compose (torch_ops.hpp): the functions above.
+namespace qwenvl_ops {
+std::vector<torch::Tensor> add_rms_norm(const torch::Tensor& x, const c10::optional<torch::Tensor>& delta,
+                                        const torch::Tensor& weight, double eps, const std::string& isa) {
+  return ::add_rms_norm(x, delta, weight, eps, isa);
+}
+void rotary_(torch::Tensor x, int64_t heads, int64_t head_dim, const torch::Tensor& cos, const torch::Tensor& sin,
+             const std::string& isa) {
+  ::rotary_(x, heads, head_dim, cos, sin, isa);
+}
+torch::Tensor silu_mul(const torch::Tensor& gate_up, const std::string& isa) { return ::silu_mul(gate_up, isa); }
+torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor& k_new, const torch::Tensor& v_new,
+                                     torch::Tensor k_pool, torch::Tensor v_pool, const torch::Tensor& block_tables,
+                                     const torch::Tensor& context_lens, int64_t block_size, double scale,
+                                     const std::string& isa) {
+  return ::paged_decode_attention(q, k_new, v_new, k_pool, v_pool, block_tables, context_lens, block_size, scale, isa);
+}
+}  // namespace qwenvl_ops
 
 void register_decode_ops(pybind11::module& m) {
   m.def("add_rms_norm", &add_rms_norm, "x, delta or None, weight, eps, isa -> (x + delta, weight * rmsnorm(x + delta))",

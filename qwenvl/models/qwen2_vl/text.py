@@ -13,7 +13,7 @@ from torch import nn
 from ..config import TextConfig
 from ...layers.attention import AttentionBackend
 from ...layers.norms import RMSNorm
-from ...layers import side_by_side
+from ...layers import decode_stack, side_by_side
 from ...layers.activations import silu_mul
 from ...layers.rotary import mrope_cos_sin, rotary_halves, rotate, rotate_heads
 
@@ -83,6 +83,28 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
+    def decode_modules(self) -> tuple:
+        """The modules a compiled decode stack is made from (decode_spec): while they are the same objects, the
+        stack made from them stands."""
+        a, m = self.self_attn, self.mlp
+        return (self.input_layernorm, self.post_attention_layernorm, getattr(a, "qkv_proj", None), a.o_proj,
+                getattr(m, "gate_up_proj", None), m.down_proj)
+
+    def decode_spec(self) -> tuple | None:
+        """This layer for a compiled decode stack (layers/decode_stack.py), whose C++ makes forward's calls for a
+        decode step: (input norm weight, post-attention norm weight, eps, q/k/v, o, gate/up, down products), or
+        None where forward does something the stack does not (q/k norms, unfused projections, norms of two
+        eps, a product without a decode form)."""
+        a, m = self.self_attn, self.mlp
+        norms = (self.input_layernorm, self.post_attention_layernorm)
+        if a.qk_norm or not isinstance(m, MLP) or norms[0].eps != norms[1].eps:
+            return None
+        products = [decode_stack.product_of(getattr(a, "qkv_proj", None)), decode_stack.product_of(a.o_proj),
+                    decode_stack.product_of(getattr(m, "gate_up_proj", None)), decode_stack.product_of(m.down_proj)]
+        if any(p is None for p in products):
+            return None
+        return (norms[0].weight, norms[1].weight, norms[0].eps, *products)
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
         # the residual add and the second norm in one call where the kernels run (RMSNorm.add_forward)
         x, h = self.post_attention_layernorm.add_forward(x, self.self_attn(self.input_layernorm(x), cos, sin, attn))
@@ -100,6 +122,7 @@ class TextModel(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.compiled_decode = decode_stack.CompiledDecode()
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend,
                 visual_mask: torch.Tensor | None = None, deepstack: list[torch.Tensor] = ()) -> torch.Tensor:
@@ -110,6 +133,11 @@ class TextModel(nn.Module):
         c = self.cfg
         cos, sin = rotary_halves(*mrope_cos_sin(positions, c.head_dim, c.rope_theta, c.mrope_section,
                                                 c.mrope_interleaved))
+        if not deepstack:   # a decode step in one compiled call where it can (layers/decode_stack.py)
+            out = self.compiled_decode.run(self.layers, x, cos, sin, attn, c.num_attention_heads,
+                                           c.num_key_value_heads, c.head_dim)
+            if out is not None:
+                return self.norm(out)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, attn)
             if i < len(deepstack):
