@@ -61,7 +61,7 @@ def measure(model: str | None, quant: str, steps: int, rounds: int) -> None:
     llm = LLM(model, dtype=torch.bfloat16, kv_cache_gb=0.2, **kw) if model else LLM()
     eng = llm.engine
     messages = throughput.conversation(*throughput.workload(1, seed0=7)[0])
-    total_steps = 2 * rounds * steps + 16
+    total_steps = len(("layers", "ops", "stack")) * rounds * (steps + 1) + 16
     eng.add_request("bench", eng.prepare(messages),
                     SamplingParams(temperature=0.0, max_tokens=total_steps, ignore_eos=True))
     for _ in range(6):                                  # the prefill and a few warm decode steps

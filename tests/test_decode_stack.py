@@ -12,6 +12,7 @@ from torch import nn
 from qwenvl import kernels
 from qwenvl.layers.paged_attention import PagedAttention, PagedKVPool
 from qwenvl.models.qwen2_vl.text import DecoderLayer
+from qwenvl.models.qwen3_vl.text import DecoderLayer as Qwen3DecoderLayer
 from kernel_fixtures import compiled  # noqa: F401  (fixture: the compiled kernels, or a failed build fails here)
 
 
@@ -50,10 +51,10 @@ def _decode(model, sequences: int, steps: int = 6, prefill: int = 2, seed: int =
 
 
 def _layer_calls(monkeypatch) -> list:
-    """Counts DecoderLayer.forward calls (the layers' own path)."""
+    """Counts the decoder layers' forward calls (the layers' own path), both families' layer classes."""
     calls = []
-    real = DecoderLayer.forward
-    monkeypatch.setattr(DecoderLayer, "forward", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    for cls in (DecoderLayer, Qwen3DecoderLayer):
+        monkeypatch.setattr(cls, "forward", lambda self, *a, _real=cls.forward, **k: calls.append(1) or _real(self, *a, **k))
     return calls
 
 
@@ -83,10 +84,29 @@ def test_a_decode_step_in_one_call_gives_the_layers_bytes(tiny_checkpoint, monke
     assert torch.equal(got, want)
 
 
-def test_qwen2_5_vl_takes_it_too(tiny_checkpoint, monkeypatch):
-    model = _load(tiny_checkpoint, family="qwen2_5_vl", quantization="int8")
-    got, want, stacked_calls, _ = _stack_vs_layers(model, monkeypatch, 2)
-    assert stacked_calls == model.cfg.text.num_hidden_layers and torch.equal(got, want)
+@pytest.mark.parametrize("family,quantization", [("qwen2_5_vl", "int8"), ("qwen3_vl", None), ("qwen3_vl", "int8"),
+                                                  ("qwen3_vl", "int4"), ("qwen3_vl_moe", None),
+                                                  ("qwen3_vl_moe", "int4")])
+def test_the_other_families_take_it_too(tiny_checkpoint, monkeypatch, family, quantization):
+    """Qwen2.5-VL (Qwen2-VL's decoder); Qwen3-VL, whose q and k are normed per head and rotated by
+    rotary.rotate; Qwen3-VL-MoE, its router and experts as the block's decode path runs them (float experts:
+    each pair on the fused weights; int4 experts: the pair kernel): bit for bit the layers' path."""
+    model = _load(tiny_checkpoint, family=family, quantization=quantization)
+    got, want, stacked_calls, layer_calls = _stack_vs_layers(model, monkeypatch, 3)
+    layers = model.cfg.text.num_hidden_layers
+    assert stacked_calls == layers and layer_calls == 7 * layers
+    assert torch.equal(got, want)
+
+
+def test_moe_steps_beyond_the_experts_decode_path_keep_the_layers(tiny_checkpoint, monkeypatch):
+    """Float experts run pair by pair up to 16 (token, expert) pairs (moe.GATHER_MAX_PAIRS), grouped by expert
+    beyond: with top-2, a step of 9 sequences keeps the layers' path (and their answers)."""
+    model = _load(tiny_checkpoint, family="qwen3_vl_moe")
+    layers = model.cfg.text.num_hidden_layers
+    got, want, stacked_calls, layer_calls = _stack_vs_layers(model, monkeypatch, 9, steps=2)
+    assert stacked_calls == layer_calls == 3 * layers and torch.equal(got, want)
+    got, want, stacked_calls, layer_calls = _stack_vs_layers(model, monkeypatch, 8, steps=2)
+    assert stacked_calls == layers and torch.equal(got, want)
 
 
 @pytest.mark.parametrize("quantization,stacked", [("int8", True), (None, True), ("int4", False)])
@@ -157,7 +177,16 @@ def test_a_copied_model_makes_its_own_stack(tiny_checkpoint):
 def test_bad_stacks_are_clear_errors():
     w = torch.zeros(16, 16)
     product = ("linear", w, None, None, 16, 0)
+    stack = kernels.decode_stack(1, 1, 16)
     with pytest.raises(RuntimeError, match="unknown product kind"):
-        kernels.decode_stack([(w[0], w[0], 1e-6, ("int3", w, None, None, 16, 0), product, product, product)], 1, 1, 16)
+        stack.add_layer(w[0], w[0], 1e-6, ("int3", w, None, None, 16, 0), product, None, None, 0.0)
     with pytest.raises(RuntimeError, match="q/k/v or o product does not match"):
-        kernels.decode_stack([(w[0], w[0], 1e-6, product, product, product, product)], 2, 1, 16)
+        kernels.decode_stack(2, 1, 16).add_layer(w[0], w[0], 1e-6, product, product, None, None, 0.0)
+    wide = ("linear", torch.zeros(48, 16), None, None, 48, 0)
+    stack.add_layer(w[0], w[0], 1e-6, wide, product, None, None, 0.0)
+    with pytest.raises(RuntimeError, match="has no MLP"):
+        stack.max_rows
+    with pytest.raises(RuntimeError, match="no layer 3"):
+        stack.set_dense_mlp(3, product, product)
+    with pytest.raises(RuntimeError, match=r"\[E, 2I, H\]"):
+        stack.set_moe_float(0, product, 2, torch.zeros(4, 8, 16), torch.zeros(4, 16, 8))

@@ -318,12 +318,12 @@ def paged_decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Te
 
 # ---- a dense decoder's whole decode step in one call (csrc/decode_stack.cpp): the ops above, composed in C++.
 
-def decode_stack(layers: list[tuple], heads: int, kv_heads: int, head_dim: int) -> object:
-    """A compiled DecodeStack over the layers' weights (held, not copied): each layer (input_norm weight,
-    post_attention_norm weight, eps, qkv, o, gate_up, down), each product a decode_product() tuple (kind,
-    weight, params, bias, out_features, group_size). Its `max_rows` is the most sequences a step may have."""
+def decode_stack(heads: int, kv_heads: int, head_dim: int) -> object:
+    """An empty compiled DecodeStack (layers/decode_stack.py fills it: add_layer, then set_dense_mlp /
+    set_moe_pairs / set_moe_float per layer, over the layers' own tensors, held, not copied). Its `max_rows` is
+    the most sequences a step may have."""
     module, _ = _checked_runner(None)
-    return module.DecodeStack(layers, heads, kv_heads, head_dim)
+    return module.DecodeStack(heads, kv_heads, head_dim)
 
 
 DECODE_STACK_ENV = "QWENVL_DECODE_STACK"     # "off": every step through the layers' own calls (A/B, bench)

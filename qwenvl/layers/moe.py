@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import decode_stack
+
 # At or below this many (token, expert) pairs the gather plan reads less memory than the grouped plan.
 GATHER_MAX_PAIRS = 16
 
@@ -39,6 +41,10 @@ class Experts(nn.Module):
         self.num_experts, self.intermediate = num_experts, intermediate
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate, hidden))   # [E, 2I, H]
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, intermediate))          # [E, H, I]
+
+    def decode_experts(self) -> tuple:
+        """For a compiled decode stack: its gathered path (GATHER_MAX_PAIRS pairs) on the fused weights."""
+        return ("moe_float", self.gate_up_proj, self.down_proj)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """x[N, H], weights[N, k], ids[N, k] -> sum over k of weight * expert(x), [N, H]."""
@@ -104,6 +110,16 @@ class SparseMoeBlock(nn.Module):
         self.top_k = top_k
         self.gate = nn.Linear(hidden, num_experts, bias=False)
         self.experts = Experts(num_experts, hidden, intermediate)
+
+    def decode_mlp(self) -> tuple | None:
+        """This block for a compiled decode stack (layers/decode_stack.py): the router's product, top_k and the
+        experts' decode form (their decode_experts()), or None."""
+        offer = getattr(self.experts, "decode_experts", None)
+        experts, router = (None if offer is None else offer()), decode_stack.product_of(self.gate)
+        if experts is None or router is None:
+            return None
+        kind, *parts = experts
+        return (kind, router, self.top_k, *parts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = route(self.gate(x), self.top_k)

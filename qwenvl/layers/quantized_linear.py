@@ -600,10 +600,15 @@ class Int4Linear(nn.Module):
         """y[p] = layers[p](x[rows[p]]) for every pair p, in one kernel call: [P, out_features] in x's dtype,
         each row what the layer's own forward gives, bit for bit. x [R, in] contiguous bfloat16 or float32 on
         a CPU with qwenvl's kernels; the layers as `pairs_run_in_kernel` accepts."""
+        return kernels.int4_matmul_pairs(x, rows, *Int4Linear.pair_operands(layers))
+
+    @staticmethod
+    def pair_operands(layers: list["Int4Linear"]) -> tuple[list[torch.Tensor], list[torch.Tensor], int, int]:
+        """(packed, params of every layer, group size, out features): what `products_by_pair` hands the pair
+        kernel, for layers `pairs_run_in_kernel` accepts (a compiled decode stack's MoE experts)."""
         first = layers[0]
-        return kernels.int4_matmul_pairs(x, rows, [layer.packed for layer in layers],
-                                         [layer.group_params for layer in layers], first.group_size,
-                                         first.out_features)
+        return ([layer.packed for layer in layers], [layer.group_params for layer in layers], first.group_size,
+                first.out_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, int4 group {self.group_size}, "

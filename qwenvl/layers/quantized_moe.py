@@ -47,6 +47,15 @@ class QuantizedExperts(nn.Module):
             return self._by_pair(x, weights, ids)
         return self._grouped(x, weights, ids)
 
+    def decode_experts(self) -> tuple | None:
+        """For a compiled decode stack: the pair kernel's operands of every expert (its _by_pair path, up to
+        PAIR_KERNEL_MAX_PAIRS pairs), or None where the experts are not all int4 layers the pair kernel takes."""
+        pairs = self._kernel_pairs()
+        if pairs is None:
+            return None
+        gate_up, down = pairs
+        return ("moe_pairs", *Int4Linear.pair_operands(gate_up), *Int4Linear.pair_operands(down))
+
     def _kernel_pairs(self) -> tuple[list[nn.Module], list[nn.Module]] | None:
         if not self._pairs_checked:
             gate_up, down = list(self.gate_up), list(self.down)

@@ -364,6 +364,11 @@ torch::Tensor int4_matmul(const torch::Tensor& x, const torch::Tensor& packed, c
                           int64_t group_size, int64_t out_features, int64_t passes, const std::string& isa) {
   return ::int4_matmul(x, packed, params, group_size, out_features, passes, isa);
 }
+torch::Tensor int4_matmul_pairs(const torch::Tensor& x, const std::vector<int64_t>& rows,
+                               const std::vector<torch::Tensor>& packed, const std::vector<torch::Tensor>& params,
+                               int64_t group_size, int64_t out_features, int64_t passes, const std::string& isa) {
+  return ::int4_matmul_pairs(x, rows, packed, params, group_size, out_features, passes, isa);
+}
 torch::Tensor bf16_matmul(const torch::Tensor& x, const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias,
                           const std::string& isa) {
   return ::bf16_matmul(x, weight, bias, isa);

@@ -14,6 +14,9 @@ torch::Tensor int8_matmul(const torch::Tensor& x, const torch::Tensor& tiles, co
                           const std::string& isa);
 torch::Tensor int4_matmul(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& params,
                           int64_t group_size, int64_t out_features, int64_t passes, const std::string& isa);
+torch::Tensor int4_matmul_pairs(const torch::Tensor& x, const std::vector<int64_t>& rows,
+                               const std::vector<torch::Tensor>& packed, const std::vector<torch::Tensor>& params,
+                               int64_t group_size, int64_t out_features, int64_t passes, const std::string& isa);
 torch::Tensor bf16_matmul(const torch::Tensor& x, const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias,
                           const std::string& isa);
 std::vector<torch::Tensor> add_rms_norm(const torch::Tensor& x, const c10::optional<torch::Tensor>& delta,

@@ -65,6 +65,10 @@ class MLP(nn.Module):
     def fuse_side_by_side(self) -> int:
         return side_by_side.fuse(self, GATE_UP, "gate_up_proj")
 
+    def decode_mlp(self) -> tuple | None:
+        """This MLP for a compiled decode stack (layers/decode_stack.py): its fused products, or None."""
+        return decode_stack.dense_mlp(getattr(self, "gate_up_proj", None), self.down_proj)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled():                                            # training: autograd needs them
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -83,27 +87,17 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def decode_modules(self) -> tuple:
+    def decode_modules(self) -> list[nn.Module]:
         """The modules a compiled decode stack is made from (decode_spec): while they are the same objects, the
         stack made from them stands."""
-        a, m = self.self_attn, self.mlp
-        return (self.input_layernorm, self.post_attention_layernorm, getattr(a, "qkv_proj", None), a.o_proj,
-                getattr(m, "gate_up_proj", None), m.down_proj)
+        return decode_stack.modules_of(self.input_layernorm, self.post_attention_layernorm, self.self_attn, self.mlp)
 
-    def decode_spec(self) -> tuple | None:
-        """This layer for a compiled decode stack (layers/decode_stack.py), whose C++ makes forward's calls for a
-        decode step: (input norm weight, post-attention norm weight, eps, q/k/v, o, gate/up, down products), or
-        None where forward does something the stack does not (q/k norms, unfused projections, norms of two
-        eps, a product without a decode form)."""
-        a, m = self.self_attn, self.mlp
-        norms = (self.input_layernorm, self.post_attention_layernorm)
-        if a.qk_norm or not isinstance(m, MLP) or norms[0].eps != norms[1].eps:
-            return None
-        products = [decode_stack.product_of(getattr(a, "qkv_proj", None)), decode_stack.product_of(a.o_proj),
-                    decode_stack.product_of(getattr(m, "gate_up_proj", None)), decode_stack.product_of(m.down_proj)]
-        if any(p is None for p in products):
-            return None
-        return (norms[0].weight, norms[1].weight, norms[0].eps, *products)
+    def decode_spec(self) -> decode_stack.DecodeLayerSpec | None:
+        """This layer for a compiled decode stack (layers/decode_stack.py), whose C++ makes forward's calls of a
+        decode step, or None where a module has no decode form there."""
+        a = self.self_attn
+        return decode_stack.layer_spec(self.input_layernorm, self.post_attention_layernorm, getattr(a, "qkv_proj", None),
+                                       a.o_proj, self.mlp, getattr(a, "q_norm", None), getattr(a, "k_norm", None))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
         # the residual add and the second norm in one call where the kernels run (RMSNorm.add_forward)

@@ -16,7 +16,7 @@ from qwenvl.models.config import TextConfig
 from qwenvl.layers.activations import silu_mul
 from qwenvl.layers.moe import SparseMoeBlock
 from qwenvl.layers.norms import RMSNorm
-from qwenvl.layers import side_by_side
+from qwenvl.layers import decode_stack, side_by_side
 from qwenvl.layers.rotary import mrope_cos_sin, rotary_halves, rotate
 
 QKV, GATE_UP = ("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")
@@ -62,6 +62,10 @@ class MLP(nn.Module):
     def fuse_side_by_side(self) -> int:
         return side_by_side.fuse(self, GATE_UP, "gate_up_proj")
 
+    def decode_mlp(self) -> tuple | None:
+        """This MLP for a compiled decode stack (layers/decode_stack.py): its fused products, or None."""
+        return decode_stack.dense_mlp(getattr(self, "gate_up_proj", None), self.down_proj)
+
     def forward(self, x):
         gate_up = None if torch.is_grad_enabled() else side_by_side.joined_outputs(self, x, "gate_up_proj")
         if gate_up is not None:                                   # inference, fused: one call at decode
@@ -80,6 +84,17 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
+    def decode_modules(self) -> list[nn.Module]:
+        """The modules a compiled decode stack is made from (decode_spec)."""
+        return decode_stack.modules_of(self.input_layernorm, self.post_attention_layernorm, self.self_attn, self.mlp)
+
+    def decode_spec(self) -> decode_stack.DecodeLayerSpec | None:
+        """This layer for a compiled decode stack (layers/decode_stack.py), or None where a module has no decode
+        form there."""
+        a = self.self_attn
+        return decode_stack.layer_spec(self.input_layernorm, self.post_attention_layernorm,
+                                       getattr(a, "qkv_proj", None), a.o_proj, self.mlp, a.q_norm, a.k_norm)
+
     def forward(self, x, cos, sin, attn):
         # the residual add and the second norm in one call where the kernels run (RMSNorm.add_forward)
         x, h = self.post_attention_layernorm.add_forward(x, self.self_attn(self.input_layernorm(x), cos, sin, attn))
@@ -97,6 +112,7 @@ class Qwen3VLTextModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.cfg = cfg
+        self.compiled_decode = decode_stack.CompiledDecode()
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, attn,
                 visual_mask: torch.Tensor | None, deepstack: list[torch.Tensor]) -> torch.Tensor:
@@ -106,6 +122,11 @@ class Qwen3VLTextModel(nn.Module):
         # Interleaved for Qwen3-VL: every axis gets both high and low frequencies.
         cos, sin = rotary_halves(*mrope_cos_sin(positions, c.head_dim, c.rope_theta, c.mrope_section,
                                                 c.mrope_interleaved))          # [N, 1, hd/2] float32
+        if not deepstack:   # a decode step in one compiled call where it can (layers/decode_stack.py)
+            out = self.compiled_decode.run(self.layers, x, cos, sin, attn, c.num_attention_heads,
+                                           c.num_key_value_heads, c.head_dim)
+            if out is not None:
+                return self.norm(out)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, attn)
             if i < len(deepstack):
