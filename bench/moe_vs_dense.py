@@ -10,16 +10,19 @@ sparsity costs routing, not reading every expert.
 Both load in bf16 (or quantised at load) and decode the same number of greedy steps after a 16-token prompt;
 the MoE model reads 8 of 128 experts per token, so both read about the same bytes per token.
 
-`--rounds N` loads both models once and times them in N alternating rounds (medians); with int4 the MoE is
-timed twice a round: its experts through the pair kernel (two calls a layer: layers/quantized_moe.py) and
-through the grouped path (a call per chosen expert), so the pair kernel's gain is measured in one process.
-`--keep` leaves the checkpoints in --dir and reuses them next time.
+`--rounds N` loads both models once, fused as the engine loads them, and times them in N alternating rounds
+(medians) of decode steps through a paged KV pool, as the engine decodes: both through the compiled decode
+stack (layers/decode_stack.py). The MoE is also timed through its layers' own forwards (QWENVL_DECODE_STACK=off:
+"moe, layers") and, with int4, through the grouped path (a call per chosen expert, no stack), so the stack's
+and the pair kernel's gains are measured in one process. `--keep` leaves the checkpoints in --dir and reuses
+them next time.
 """
 
 from __future__ import annotations
 
 import argparse
 import shutil
+import os
 import subprocess
 import sys
 import time
@@ -32,19 +35,35 @@ from moe_load import run  # noqa: E402
 
 
 def _decode_ms(model, cfg, steps: int) -> tuple[float, list[int]]:
-    """ms per greedy decode step after a 16-token prompt, and the tokens (both paths must agree)."""
-    from qwenvl.layers.attention import ContiguousKVCache
-    cache = ContiguousKVCache(cfg.text.num_hidden_layers)
+    """ms per greedy decode step after a 16-token prompt, and the tokens (both paths must agree), through a paged
+    KV pool as the engine decodes (so the compiled decode stack and the decode-attention kernel run where they
+    would there)."""
+    from qwenvl.layers.paged_attention import PagedAttention, PagedKVPool
+    text = cfg.text
+    block = 16
+    table = list(range((16 + steps) // block + 1))
+    pool = PagedKVPool(text.num_hidden_layers, len(table), block, text.num_key_value_heads, text.head_dim,
+                       dtype=next(model.parameters()).dtype)
     ids = torch.arange(16)
     with torch.inference_mode():
-        hidden = model(ids, ids.expand(3, 16), cache, None, [])
+        hidden = model(ids, ids.expand(3, 16), PagedAttention(pool, [table], [16], [16]), None, [])
         tok, toks = int(model.compute_logits(hidden[-1:]).argmax()), []
         t = time.perf_counter()
         for i in range(steps):
-            hidden = model(torch.tensor([tok]), torch.full((3, 1), 16 + i), cache, None, [])
+            attn = PagedAttention(pool, [table], [17 + i], [1])
+            hidden = model(torch.tensor([tok]), torch.full((3, 1), 16 + i), attn, None, [])
             tok = int(model.compute_logits(hidden).argmax())
             toks.append(tok)
     return 1e3 * (time.perf_counter() - t) / steps, toks
+
+
+def _without_stack(fn):
+    """fn() with QWENVL_DECODE_STACK=off: every layer's own forward."""
+    os.environ["QWENVL_DECODE_STACK"] = "off"
+    try:
+        return fn()
+    finally:
+        del os.environ["QWENVL_DECODE_STACK"]
 
 
 def alternate(moe_dir: Path, dense_dir: Path, steps: int, rounds: int, quantization: str) -> None:
@@ -54,16 +73,17 @@ def alternate(moe_dir: Path, dense_dir: Path, steps: int, rounds: int, quantizat
     from qwenvl.checkpoints.loader import load_model
     from qwenvl.checkpoints.quantize import LoadQuantizer
     quantizer = (lambda: LoadQuantizer(quantization)) if quantization else (lambda: None)
-    moe, moe_cfg = load_model(moe_dir, dtype="bfloat16", quantizer=quantizer())
-    dense, dense_cfg = load_model(dense_dir, dtype="bfloat16", quantizer=quantizer())
+    moe, moe_cfg = load_model(moe_dir, dtype="bfloat16", quantizer=quantizer(), fuse=True)
+    dense, dense_cfg = load_model(dense_dir, dtype="bfloat16", quantizer=quantizer(), fuse=True)
     pair_limit = quantized_moe.PAIR_KERNEL_MAX_PAIRS
     sides = {"dense twin": lambda: _decode_ms(dense, dense_cfg, steps)}
     sides["moe"] = lambda: _decode_ms(moe, moe_cfg, steps)
+    sides["moe, layers"] = lambda: _without_stack(lambda: _decode_ms(moe, moe_cfg, steps))
     if quantization == "int4":
         def grouped():
             quantized_moe.PAIR_KERNEL_MAX_PAIRS = 0            # every expert through its own layer call
             try:
-                return _decode_ms(moe, moe_cfg, steps)
+                return _without_stack(lambda: _decode_ms(moe, moe_cfg, steps))
             finally:
                 quantized_moe.PAIR_KERNEL_MAX_PAIRS = pair_limit
         sides["moe, grouped path"] = grouped

@@ -30,8 +30,8 @@ Threads: --threads (default: the cores torch sees) for both: qwenvl as a ceiling
 -tb. Without --threads qwenvl's own choice stands (`qwenvl serve` serves a model under 64 MiB of weights, the
 bundled one, on one thread: cli/openmp.py); with it, OMP_NUM_THREADS=N for qwenvl. Images: llama-server gets the checkpoint's min/max pixels as --image-min-tokens /
 --image-max-tokens, so both sides see the same prompt tokens (the table's "prompt tok" shows it).
-qwenvl runs with --max-prefill-tokens-while-decoding 256 and --vision-rows-per-step 8192 (--prefill-cap 0
---vision-rows 0: the engine's defaults, to see what they change).
+qwenvl runs with `qwenvl serve`'s own latency caps (cli/serving_defaults.py: 64 prompt tokens and 1024 vision rows
+a decoding step, 256 / 8192 for the bundled model); --prefill-cap N / --vision-rows N set them, 0 turns them off.
 """
 
 from __future__ import annotations
@@ -151,9 +151,9 @@ def start_qwenvl(model_dir: Path, mode: str, a, log_dir: Path) -> Server:
            "--max-queue", "1024", "--kv-cache-gb", str(kv)]
     if mode != "bf16":
         cmd += ["--quantization", mode]
-    if a.prefill_cap:
+    if a.prefill_cap is not None:
         cmd += ["--max-prefill-tokens-while-decoding", str(a.prefill_cap)]
-    if a.vision_rows:
+    if a.vision_rows is not None:
         cmd += ["--vision-rows-per-step", str(a.vision_rows)]
     # a ceiling only: without --threads the server picks its count up to the cores (cli/openmp.py)
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads)) if a.threads_given else dict(os.environ)
@@ -321,10 +321,12 @@ def main() -> None:
     p.add_argument("--vision-depth", type=int, default=8, help="2b model: vision tower blocks (32: full)")
     p.add_argument("--kv-cache-gb", type=float, default=None,
                    help="qwenvl's KV cache (default: room for as many tokens as llama-server's largest -c)")
-    p.add_argument("--prefill-cap", type=int, default=256,
-                   help="qwenvl's --max-prefill-tokens-while-decoding (0: the server's default, no cap)")
-    p.add_argument("--vision-rows", type=int, default=8192,
-                   help="qwenvl's --vision-rows-per-step (0: the server's default, each image whole in one step)")
+    p.add_argument("--prefill-cap", type=int, default=None,
+                   help="qwenvl's --max-prefill-tokens-while-decoding (default: the server's own, by model size; "
+                        "0: no cap)")
+    p.add_argument("--vision-rows", type=int, default=None,
+                   help="qwenvl's --vision-rows-per-step (default: the server's own, by model size; 0: each image "
+                        "whole in one step)")
     p.add_argument("--slot-context", type=int, default=4096, help="llama-server's context per slot (-c = slots x this)")
     p.add_argument("--llamacpp-home", default=str(lc.HOME), help="sdist, build and GGUF files (vs_llamacpp.py's)")
     p.add_argument("--llamacpp-bin", default=None, help="an existing llama.cpp build's bin folder (skips the build)")

@@ -283,3 +283,28 @@ def test_quiet_spinning_sets_the_count_once_and_never_over_a_users_choice():
     assert not openmp.quiet_spinning(env) and env == {"GOMP_SPINCOUNT": "10000"}
     env = {"OMP_WAIT_POLICY": "passive"}
     assert not openmp.quiet_spinning(env) and env == {"OMP_WAIT_POLICY": "passive"}
+
+
+def test_serve_caps_a_decoding_steps_prefill_and_vision_by_model_size(tmp_path, monkeypatch):
+    """qwenvl serve's latency caps where the command line leaves them out: 256 / 8192 for a model under 64 MiB
+    (the bundled one), 64 / 1024 otherwise (and where the size is not known here); what the user gives stands, and
+    0 reaches the engine as no cap."""
+    import argparse
+    from qwenvl.cli import openmp, serving_defaults
+    from qwenvl.server import cli as server_cli
+    big = tmp_path / "big"
+    big.mkdir()
+    with open(big / "model.safetensors", "wb") as f:           # sparse: 64 MiB on disk without writing it
+        f.truncate(openmp.SMALL_MODEL_BYTES)
+    for model, caps in ((None, (256, 8192)), (str(big), (64, 1024)), ("Qwen/Qwen2-VL-2B-Instruct", (64, 1024))):
+        args = argparse.Namespace(max_prefill_tokens_while_decoding=None, vision_rows_per_step=None)
+        serving_defaults.fill_latency_options(args, model)
+        assert (args.max_prefill_tokens_while_decoding, args.vision_rows_per_step) == caps, model
+    args = argparse.Namespace(max_prefill_tokens_while_decoding=0, vision_rows_per_step=512)
+    serving_defaults.fill_latency_options(args, None)
+    assert (args.max_prefill_tokens_while_decoding, args.vision_rows_per_step) == (0, 512)
+    seen = {}
+    monkeypatch.setattr(server_cli, "serve", lambda settings, engine_options, hard_exit: seen.update(engine_options))
+    monkeypatch.setattr(server_cli, "settings_from_args", lambda a: None)
+    server_cli.run_serve_command(args)
+    assert seen["max_prefill_tokens_while_decoding"] is None and seen["vision_rows_per_step"] == 512

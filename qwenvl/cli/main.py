@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from . import openmp
+from . import openmp, serving_defaults
 from .media_args import check_media_args
 
 
@@ -277,7 +277,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         openmp.quiet_spinning()           # before anything imports torch (libgomp reads these once, at load)
-        openmp.one_thread_for_a_small_model(getattr(args, "model_arg", None) or getattr(args, "model", None))
+        model = getattr(args, "model_arg", None) or getattr(args, "model", None)
+        openmp.one_thread_for_a_small_model(model)
+        serving_defaults.fill_latency_options(args, model)
     else:
         _show_library_lines()
     try:

@@ -1,4 +1,4 @@
-"""A dense decoder's decode step as one compiled call (qwenvl/kernels/csrc/decode_stack.cpp).
+"""A decoder's decode step as one compiled call (qwenvl/kernels/csrc/decode_stack.cpp).
 
 Why: at decode every layer is ~10 kernel calls, each wrapped in its module's Python (the dispatch checks, the
 call, the views), ~15 us apiece here: ~6 ms of a 2B-width token and most of a small model's (issues 36, 37).
@@ -88,8 +88,9 @@ def modules_of(*parents: nn.Module) -> list[nn.Module]:
 
 class CompiledDecode:
     """A model's compiled decode stack, made on the first step that can take it and kept while the layers'
-    product modules are the same objects (a module swapped in later, e.g. a LoRA wrapper, makes a new one;
-    the stack holds the modules' tensors, so weights updated in place need nothing)."""
+    modules (their decode_modules()) are the same objects: a module swapped in later, e.g. a LoRA wrapper, makes a
+    new one (or none); the stack holds the modules' tensors, so weights updated in place need nothing, but a
+    module's tensors re-bound after the first decode step (a new layout) go unseen."""
 
     def __init__(self) -> None:
         self._stack = None

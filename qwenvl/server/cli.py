@@ -68,10 +68,12 @@ def add_serve_subcommand(subparsers) -> argparse.ArgumentParser:
                    help="with --quantization, the vision tower too (less memory, no speed-up)")
     p.add_argument("--max-prefill-tokens-while-decoding", type=int, default=None,
                    help="a step that decodes runs at most this many prompt tokens, so running streams keep a "
-                        "steady pace while long prompts arrive (default: no cap)")
+                        "steady pace while long prompts arrive (default: 64, 256 for a model under 64 MiB; "
+                        "0: no cap)")
     p.add_argument("--vision-rows-per-step", type=int, default=None,
                    help="encode images ahead, at most this many patch rows x tower blocks per decoding step "
-                        "(default: each image whole, in the step that first needs it)")
+                        "(default: 1024, 8192 for a model under 64 MiB; 0: each image whole, in the step that "
+                        "first needs it)")
     p.add_argument("--tensor-parallel-size", type=int, default=1,
                    help="split the language model over N processes, one GPU each (gloo on CPU; see README)")
     _add_replica_args(p)
@@ -163,8 +165,8 @@ def run_serve_command(args) -> int:
     if getattr(args, "mmproj", None) is not None:
         engine_options["mmproj"] = args.mmproj
     for name in ("max_prefill_tokens_while_decoding", "vision_rows_per_step"):
-        if getattr(args, name, None) is not None:
-            engine_options[name] = getattr(args, name)
+        if getattr(args, name, None) is not None:       # 0: no cap (the engine's None)
+            engine_options[name] = getattr(args, name) or None
     if getattr(args, "quantization", None) is not None:
         engine_options["quantization"] = args.quantization
         engine_options["quantize_vision"] = bool(getattr(args, "quantize_vision", False))

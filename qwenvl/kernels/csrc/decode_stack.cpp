@@ -1,6 +1,6 @@
-// A dense decoder's decode step in one call from Python: every layer of Qwen2 / Qwen2.5-VL's language model
-// (RMSNorm, fused q/k/v, rotary, paged attention, o, residual + RMSNorm, fused gate/up, silu * up, down,
-// residual) for a step whose sequences each add one token.
+// A decoder's decode step in one call from Python: every layer of a Qwen2 / 2.5 / 3-VL language model (RMSNorm,
+// fused q/k/v, Qwen3's q/k norms, rotary, paged attention, o, residual + RMSNorm, the MLP: fused gate/up, silu *
+// up, down, or Qwen3-VL-MoE's router and chosen experts, residual) for a step whose sequences each add one token.
 //
 // Why: at decode a layer is ~10 kernel calls, and from Python each costs its call, its checks and the module
 // code around it, ~15 us on these machines: ~6 ms of a 2B-width token (28 layers) and most of a small model's
