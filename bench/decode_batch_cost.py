@@ -9,6 +9,9 @@ the same text prompt are prefilled, then `steps` engine steps that decode all B 
 request; the order swaps every round and every request is aborted after its phase (its KV blocks freed). The
 products are timed by wrapping qwenvl.kernels' matmul functions, so the split says whether the rows cost in the
 weight products or in the rest of the step (attention over B contexts, per-sequence Python). Prints medians.
+With the compiled decode stack (layers/decode_stack.py, the default) the layers' products are made from C++,
+where no wrapper sees them: "products" is then the output head's alone; QWENVL_DECODE_STACK=off gives the
+per-product split of the layers' own path.
 """
 
 from __future__ import annotations

@@ -88,3 +88,24 @@ def test_the_layouts_pack_onto_huge_pages_with_the_same_bytes():
     if weight_memory.huge_page_bytes(tiles) == 0:
         pytest.skip("the kernel gave no huge page (fragmented memory): the bytes were checked")
     assert weight_memory.huge_page_bytes(tiles) >= HUGE_PAGE
+
+
+@huge_pages_here
+def test_load_time_int4_layers_and_their_fused_stack_stay_on_huge_pages():
+    """Int4Linear.from_weight packs a matrix in parts and joins them, and fusing stacks layers: both join into a
+    weight_memory buffer (2 MiB aligned, huge pages where the kernel gives them), with the bytes of a plain cat."""
+    from qwenvl.layers.quantized_linear import Int4Linear
+    from qwenvl.layers.side_by_side import stack_linears
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(5000, 1024, generator=g, dtype=torch.bfloat16)        # two parts of _CHUNK_ROWS, 2.5 MB packed
+    layer = Int4Linear.from_weight(w, 128, None)
+    parts = [Int4Linear.from_weight(rows, 128, None) for rows in w.split(4096)]
+    assert layer.packed.data_ptr() % HUGE_PAGE == 0 and layer.group_params.data_ptr() % 64 == 0
+    assert torch.equal(layer.packed, torch.cat([p.packed for p in parts]))
+    assert torch.equal(layer.group_params, torch.cat([p.group_params for p in parts]))
+    fused = stack_linears([Int4Linear.from_weight(w[:2048], 128, None), Int4Linear.from_weight(w[2048:4096], 128, None)])
+    assert fused.packed.data_ptr() % HUGE_PAGE == 0
+    assert torch.equal(fused.packed, layer.packed[:4096])
+    if weight_memory.huge_page_bytes(layer.packed) == 0:
+        pytest.skip("the kernel gave no huge page (fragmented memory): the bytes were checked")
+    assert weight_memory.huge_page_bytes(layer.packed) >= HUGE_PAGE

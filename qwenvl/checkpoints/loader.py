@@ -26,7 +26,7 @@ from .quant_formats import UnsupportedQuantFormat
 from .quant_formats.spec import read_spec
 from ..layers.bf16_linear import use_bf16_decode_kernel
 from ..layers.side_by_side import fuse_side_by_side
-from .quantize import LoadQuantizer, use_cpu_int8_layout
+from .quantize import LoadQuantizer, gather_expert_weights, use_cpu_int8_layout
 from .safetensors_reader import SafetensorsReader
 
 _EXPERT_SUFFIXES = (".experts.gate_up_proj", ".experts.down_proj")
@@ -236,6 +236,7 @@ def load_model(model_dir: str | Path, dtype: torch.dtype | str = torch.float32,
     if fuse:
         fuse_side_by_side(model, after_each=release_freed_memory)   # first: stacking needs the plain int8
     use_cpu_int8_layout(model, after_each=release_freed_memory)
+    gather_expert_weights(model, after_each=release_freed_memory)   # a MoE layer's int4 experts on 2 MiB pages
     use_bf16_decode_kernel(model)         # after fusing: the fused layers are built as nn.Linear
     return model.eval(), cfg
 

@@ -128,6 +128,17 @@ def quantize_model(model: nn.Module, mode: str, group_size: int = 128, include_v
     return model
 
 
+def gather_expert_weights(model: nn.Module, after_each=lambda: None) -> int:
+    """Every MoE layer's int4 experts side by side on 2 MiB pages (QuantizedExperts.gather_weights), a layer at a
+    time, calling `after_each()` after each (the loader returns the originals' memory there); how many moved."""
+    moved = 0
+    for module in model.modules():
+        if isinstance(module, QuantizedExperts) and module.gather_weights():
+            moved += 1
+            after_each()
+    return moved
+
+
 def use_cpu_int8_layout(model: nn.Module, after_each=lambda: None) -> None:
     """Move the language model's int8 layers held on the CPU into the layout their decode product is fastest
     in, one layer at a time (so only one layer's weights are ever held twice), calling `after_each()` after

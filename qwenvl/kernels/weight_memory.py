@@ -69,6 +69,25 @@ def empty(shape, dtype: torch.dtype) -> torch.Tensor:
     return whole[offset:offset + nbytes].view(dtype).view(shape)
 
 
+def side_by_side(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Copies of `tensors` (contiguous, CPU) in one buffer from `empty`, each at a 64-byte aligned offset, in order.
+
+    For many tensors under a huge page each that are read in turn: a MoE layer's experts (1.6 MB each at
+    Qwen3-VL-30B-A3B widths) alone stay on 4 KiB pages, and a decode step reads 8 different ones a layer, each a
+    run of TLB misses; side by side they share 2 MiB pages (bench: the chosen experts' products 14% faster)."""
+    sizes = [t.numel() * t.element_size() for t in tensors]
+    offsets, total = [], 0
+    for n in sizes:
+        offsets.append(total)
+        total += (n + 63) // 64 * 64
+    buffer = empty((total,), torch.uint8)
+    copies = []
+    for t, n, at in zip(tensors, sizes, offsets):
+        copy = buffer[at:at + n].view(t.dtype).view(t.shape)
+        copies.append(copy.copy_(t))
+    return copies
+
+
 def huge_page_bytes(t: torch.Tensor) -> int:
     """Bytes of t's memory that sit on huge pages, from /proc/self/smaps (0 where that cannot be read).
     Counts the whole mapping(s) t's data lies in, so it is meant for tensors made by `empty`."""

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
-from ..kernels import int4_layout, int8_layout
+from ..kernels import int4_layout, int8_layout, weight_memory
 from .int8_vnni import FbgemmInt8Weight, per_channel_quantized
 
 DECODE_MAX_ROWS = 8                 # at most this many rows: PyTorch's packed matrix-vector kernels
@@ -338,6 +338,16 @@ def _tile_param_dtype(scale_dtype: torch.dtype) -> torch.dtype:
     return torch.bfloat16 if scale_dtype == torch.bfloat16 else torch.float32
 
 
+def _joined(parts: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
+    """torch.cat of a layer's packed parts into a tensor on 2 MiB pages where they are on the CPU (as the layouts
+    allocate theirs: kernels/weight_memory.py), so a load-time quantised layer keeps the pages its parts had."""
+    if parts[0].device.type != "cpu":
+        return torch.cat(parts, dim=dim)
+    shape = list(parts[0].shape)
+    shape[dim] = sum(p.shape[dim] for p in parts)
+    return torch.cat(parts, dim=dim, out=weight_memory.empty(shape, parts[0].dtype))
+
+
 class Int4Linear(nn.Module):
     """y = x[..., in_perm] @ W.T + bias, w = q * scale + min per group of `group_size` inputs, q in 0..15.
 
@@ -413,7 +423,7 @@ class Int4Linear(nn.Module):
                  for rows in w.split(_CHUNK_ROWS)]
         b = None if bias is None else bias.detach().to(parts[0].packed.device, w.dtype)
         params_dim = 0 if layout == LAYOUT_TILES else 1
-        return cls(torch.cat([p.packed for p in parts]), torch.cat([p.params for p in parts], dim=params_dim),
+        return cls(_joined([p.packed for p in parts]), _joined([p.params for p in parts], dim=params_dim),
                    w.shape[0], w.shape[1], group_size, b, None, w.dtype)
 
     @classmethod
@@ -468,8 +478,8 @@ class Int4Linear(nn.Module):
                for layer in layers):
             return None
         params_dim = 0 if first.layout == LAYOUT_TILES else 1
-        return cls(torch.cat([layer.packed for layer in layers]),
-                   torch.cat([layer.params for layer in layers], dim=params_dim),
+        return cls(_joined([layer.packed for layer in layers]),
+                   _joined([layer.params for layer in layers], dim=params_dim),
                    sum(layer.out_features for layer in layers), first.in_features, first.group_size, bias, None,
                    first.weight_dtype)
 
@@ -601,6 +611,15 @@ class Int4Linear(nn.Module):
         each row what the layer's own forward gives, bit for bit. x [R, in] contiguous bfloat16 or float32 on
         a CPU with qwenvl's kernels; the layers as `pairs_run_in_kernel` accepts."""
         return kernels.int4_matmul_pairs(x, rows, *Int4Linear.pair_operands(layers))
+
+    @staticmethod
+    def share_one_buffer(layers: list["Int4Linear"]) -> None:
+        """Move the layers' packed weights, then their group parameters, side by side into one buffer each on 2 MiB
+        pages (weight_memory.side_by_side): the same bytes, fewer TLB misses when a step reads a few of many small
+        layers (a MoE layer's chosen experts). CPU layers in the tile layout, as `pairs_run_in_kernel` accepts."""
+        for name in ("packed", "group_params"):
+            for layer, copy in zip(layers, weight_memory.side_by_side([getattr(layer, name) for layer in layers])):
+                setattr(layer, name, copy)
 
     @staticmethod
     def pair_operands(layers: list["Int4Linear"]) -> tuple[list[torch.Tensor], list[torch.Tensor], int, int]:

@@ -47,6 +47,16 @@ class QuantizedExperts(nn.Module):
             return self._by_pair(x, weights, ids)
         return self._grouped(x, weights, ids)
 
+    def gather_weights(self) -> bool:
+        """Where the pair kernel runs these experts: their weights side by side on 2 MiB pages
+        (Int4Linear.share_one_buffer), the loader's last step; whether they moved."""
+        pairs = self._kernel_pairs()
+        if pairs is None or pairs[0][0].packed.device.type != "cpu":
+            return False
+        for layers in pairs:
+            Int4Linear.share_one_buffer(layers)
+        return True
+
     def decode_experts(self) -> tuple | None:
         """For a compiled decode stack: the pair kernel's operands of every expert (its _by_pair path, up to
         PAIR_KERNEL_MAX_PAIRS pairs), or None where the experts are not all int4 layers the pair kernel takes."""

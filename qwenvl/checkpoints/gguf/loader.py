@@ -18,7 +18,7 @@ from ...models import build_model
 from ...models.config import ModelConfig
 from ...models.registry import config_from_hf
 from ..loader import release_freed_memory
-from ..quantize import quantize_model, use_cpu_int8_layout
+from ..quantize import gather_expert_weights, quantize_model, use_cpu_int8_layout
 from .files import GGUFError, GGUFPair
 from .metadata import hf_config, tensor_shapes
 from .tensor_names import LM, VIS, expert_part, lm_name, vision_name
@@ -65,6 +65,7 @@ def load_gguf_model(pair: GGUFPair, dtype: torch.dtype, device: torch.device, qu
     if fuse:
         fuse_side_by_side(model, after_each=release_freed_memory)
     use_cpu_int8_layout(model, after_each=release_freed_memory)
+    gather_expert_weights(model, after_each=release_freed_memory)   # a MoE layer's int4 experts on 2 MiB pages
     return model.eval(), cfg, vocabulary
 
 
