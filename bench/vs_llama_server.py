@@ -1,7 +1,8 @@
 """qwenvl's server against llama.cpp's `llama-server` on the same weights, measured the way users see it:
 many streaming clients sending images through the official `openai` SDK.
 
-    .venv/bin/python bench/vs_llama_server.py                        # both models, bf16 + int8, 1/4/16/32 clients
+    .venv/bin/python bench/vs_llama_server.py                        # the defaults below (~12 min here)
+    .venv/bin/python bench/vs_llama_server.py --modes bf16,int8 --concurrency 1,4,16,32   # everything (~1 h)
     .venv/bin/python bench/vs_llama_server.py --models bundled --modes bf16 --concurrency 1,4 --requests 8
     .venv/bin/python bench/vs_llama_server.py --sides qwenvl ...     # one side only (profiling the engine)
 
@@ -10,8 +11,11 @@ many streaming clients sending images through the official `openai` SDK.
    converted by that tree's convert_hf_to_gguf.py (BF16, then llama-quantize to Q8_0) and its vision tower
    with `--mmproj` (F16, llama.cpp's usual type for it), once, cached under --llamacpp-home.
 2. Models: the bundled one (tiny: the numbers show the server and scheduler cost) and bench/throughput.py's
-   random Qwen2-VL with 2B widths, 8 text and 8 vision layers by default so the whole run stays under 15
-   minutes (--text-layers 28 --vision-depth 32 for the real depth).
+   random Qwen2-VL with 2B widths, 8 text and 8 vision layers (--text-layers 28 --vision-depth 32 for the real
+   depth). By default the bundled model runs bf16 and int8 at 1, 4, 16 and 32 clients, the 2B one int8 at 1
+   and 16 clients (issue 37's rows), so the whole run stays under 15 minutes on a 2-core machine: llama-server
+   alone needs ~6 min for 16 clients on the 2B model and ~12 for 32. --modes / --concurrency apply to every
+   model when given.
 3. Per model, mode (qwenvl bf16 / llama.cpp BF16, qwenvl int8 / Q8_0) and concurrency: both servers on
    127.0.0.1 with the same thread count, one after the other (qwenvl first), each fed the same seeded workload
    (bench/serving_workload.py: 1-2 images of 12, 10-60 word questions, max_tokens from {16, 64, 256} with
@@ -306,11 +310,27 @@ def ratios(rows: list[dict]) -> list[str]:
 
 
 # --------------------------------------------------------------------------- main
+# Per model, the modes and client counts run when --modes / --concurrency are not given.
+DEFAULTS = {"bundled": ("bf16,int8", "1,4,16,32"), "2b": ("int8", "1,16")}
+
+
+def model_plan(model: str, a) -> tuple[list[str], list[int]]:
+    """(modes, client counts) to run for `model`: --modes / --concurrency where given, else DEFAULTS."""
+    if model not in DEFAULTS:
+        raise SystemExit(f"--models: {model!r} is not one of {list(DEFAULTS)}")
+    modes = [m for m in (a.modes or DEFAULTS[model][0]).split(",") if m]
+    if bad := [m for m in modes if m not in PAIRS]:
+        raise SystemExit(f"--modes: {bad} not among {list(PAIRS)}")
+    return modes, [int(c) for c in (a.concurrency or DEFAULTS[model][1]).split(",")]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="bundled,2b", help="comma list of bundled, 2b")
-    p.add_argument("--modes", default="bf16,int8", help="comma list of " + ", ".join(PAIRS))
-    p.add_argument("--concurrency", default="1,4,16,32", help="comma list of client counts")
+    p.add_argument("--modes", default=None, help="comma list of " + ", ".join(PAIRS) + " (default: per model, "
+                   + "; ".join(f"{m} {d[0]}" for m, d in DEFAULTS.items()) + ")")
+    p.add_argument("--concurrency", default=None, help="comma list of client counts (default: per model, "
+                   + "; ".join(f"{m} {d[1]}" for m, d in DEFAULTS.items()) + ")")
     p.add_argument("--requests", type=int, default=None,
                    help="requests per phase (default: max(8, 2 x clients) for the bundled model, "
                         "max(6, clients + clients // 2) for 2b)")
@@ -339,10 +359,7 @@ def main() -> None:
     a.threads_given = a.threads is not None
     a.threads = a.threads or torch.get_num_threads()
     sides = a.sides.split(",")
-    modes = [m for m in a.modes.split(",") if m]
-    if bad := [m for m in modes if m not in PAIRS]:
-        raise SystemExit(f"--modes: {bad} not among {list(PAIRS)}")
-    levels = a.levels = [int(c) for c in a.concurrency.split(",")]
+    plans = {model: model_plan(model, a) for model in a.models.split(",")}
     out_dir = Path(a.out)
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -356,7 +373,8 @@ def main() -> None:
 
     rows: list[dict] = []
     started = time.perf_counter()
-    for model in a.models.split(","):
+    for model, (modes, levels) in plans.items():
+        a.levels = levels
         checkpoint = BUNDLED if model == "bundled" else bench_checkpoint(a)
         if "llama-server" in sides:
             ggufs, mmproj = llama_files(checkpoint, tree, bin_dir, Path(a.gguf_home or home), source)

@@ -115,3 +115,17 @@ def test_image_token_limits_and_kv_size_follow_the_checkpoint(tmp_path):
     (tmp_path / "config.json").write_text('{"text_config": {"num_hidden_layers": 28, "num_key_value_heads": 2, '
                                           '"hidden_size": 1536, "num_attention_heads": 12}}')
     assert vs.kv_cache_gb(tmp_path, 32 * 4096) == round(28 * 2 * 128 * 4 * 32 * 4096 / (1 << 30) + 0.01, 2)
+
+
+def test_the_default_run_is_each_models_plan_and_flags_apply_to_every_model():
+    """Without --modes / --concurrency: the bundled model's full matrix, the 2B model's target rows (a default run
+    under 15 minutes); given, they apply to every model; a bad model or mode is a clear exit."""
+    from types import SimpleNamespace
+    plan = lambda model, modes=None, concurrency=None: vs.model_plan(model, SimpleNamespace(modes=modes, concurrency=concurrency))
+    assert plan("bundled") == (["bf16", "int8"], [1, 4, 16, 32])
+    assert plan("2b") == (["int8"], [1, 16])
+    assert plan("2b", "bf16,int8", "1,4,16,32") == (["bf16", "int8"], [1, 4, 16, 32])
+    with pytest.raises(SystemExit, match="--models"):
+        plan("7b")
+    with pytest.raises(SystemExit, match="--modes"):
+        plan("bundled", "fp8")
