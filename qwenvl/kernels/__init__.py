@@ -316,7 +316,7 @@ def paged_decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Te
                                          block_size, scale, chosen)
 
 
-# ---- a dense decoder's whole decode step in one call (csrc/decode_stack.cpp): the ops above, composed in C++.
+# ---- a decoder's whole decode step in one call (csrc/decode_stack.cpp): the ops above, composed in C++.
 
 def decode_stack(heads: int, kv_heads: int, head_dim: int) -> object:
     """An empty compiled DecodeStack (layers/decode_stack.py fills it: add_layer, then set_dense_mlp /
