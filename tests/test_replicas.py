@@ -62,7 +62,8 @@ def test_cli_hands_every_engine_flag_to_the_replicas(monkeypatch):
     assert rc == 0
     s, o, c = seen["s"], seen["o"], seen["c"]
     assert (s.model, s.dtype, s.device, s.max_queue) == ("/ckpt", "bfloat16", "cuda", 7)
-    assert o == {"kv_cache_gb": 2.5, "max_model_len": 4096, "quantization": "int8", "quantize_vision": True}
+    assert o == {"kv_cache_gb": 2.5, "max_model_len": 4096, "quantization": "int8", "quantize_vision": True,
+                 "max_prefill_tokens_while_decoding": 64, "vision_rows_per_step": 1024}   # serve's caps (cli/serving_defaults.py)
     assert (c.replicas, c.address, c.dashboard) == (3, "10.0.0.5:6379", False)
     assert s.drain_grace_s == 20.0             # SIGTERM drain + Ray shutdown stay within 30 s
 
