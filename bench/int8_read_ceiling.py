@@ -40,19 +40,10 @@ _READ_SOURCE = r"""
 #include <algorithm>
 #include <atomic>
 
-// Sums the bytes [begin, end) of a tile array as int32 lanes: four independent 64-byte loads per step,
-// no arithmetic worth the name, so the loop runs at the rate memory delivers.
-__attribute__((target("avx512f"))) static int64_t sum_avx512(const int8_t* p, const int8_t* e) {
-  __m512i s0 = _mm512_setzero_si512(), s1 = s0, s2 = s0, s3 = s0;
-  for (; p + 256 <= e; p += 256) {
-    s0 = _mm512_add_epi32(s0, _mm512_loadu_si512(p));
-    s1 = _mm512_add_epi32(s1, _mm512_loadu_si512(p + 64));
-    s2 = _mm512_add_epi32(s2, _mm512_loadu_si512(p + 128));
-    s3 = _mm512_add_epi32(s3, _mm512_loadu_si512(p + 192));
-  }
-  return _mm512_reduce_add_epi32(_mm512_add_epi32(_mm512_add_epi32(s0, s1), _mm512_add_epi32(s2, s3)));
-}
+#include "read_pass.hpp"
 
+// The AVX-512 read pass is bench/csrc/read_pass.hpp's (the C++ drivers' ceiling too); an AVX2 one beside it:
+// four independent 32-byte loads per step, no arithmetic worth the name.
 __attribute__((target("avx2"))) static int64_t sum_avx2(const int8_t* p, const int8_t* e) {
   __m256i s0 = _mm256_setzero_si256(), s1 = s0, s2 = s0, s3 = s0;
   for (; p + 128 <= e; p += 128) {
@@ -79,7 +70,7 @@ int64_t read_tiles(const torch::Tensor& tiles) {
   at::parallel_for(0, T, grain, [&](int64_t begin, int64_t end) {
     const int8_t* p = w + begin * tile_bytes;
     const int8_t* e = w + end * tile_bytes;
-    total += avx512 ? sum_avx512(p, e) : sum_avx2(p, e);
+    total += avx512 ? bench::read_bytes(p, e) : sum_avx2(p, e);
   });
   return total.load();
 }
@@ -95,7 +86,8 @@ def read_kernel():
     from torch.utils import cpp_extension
     t0 = time.perf_counter()
     module = cpp_extension.load_inline("qwenvl_bench_read_ceiling", cpp_sources=[_READ_SOURCE],
-                                       extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"])
+                                       extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                                       extra_include_paths=[str(Path(__file__).resolve().parent / "csrc")])
     print(f"read kernel built/loaded in {time.perf_counter() - t0:.1f} s")
     return module
 

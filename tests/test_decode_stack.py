@@ -176,17 +176,17 @@ def test_a_copied_model_makes_its_own_stack(tiny_checkpoint):
 
 def test_bad_stacks_are_clear_errors():
     w = torch.zeros(16, 16)
-    product = ("linear", w, None, None, 16, 0)
+    product = ("linear", w, None, None, 16, 0, 0)
     stack = kernels.decode_stack(1, 1, 16)
     with pytest.raises(RuntimeError, match="unknown product kind"):
-        stack.add_layer(w[0], w[0], 1e-6, ("int3", w, None, None, 16, 0), product, None, None, 0.0)
+        stack.add_layer(w[0], w[0], 1e-6, ("int3", w, None, None, 16, 0, 0), product, None, None, 0.0)
     with pytest.raises(RuntimeError, match="q/k/v or o product does not match"):
         kernels.decode_stack(2, 1, 16).add_layer(w[0], w[0], 1e-6, product, product, None, None, 0.0)
-    wide = ("linear", torch.zeros(48, 16), None, None, 48, 0)
+    wide = ("linear", torch.zeros(48, 16), None, None, 48, 0, 0)
     stack.add_layer(w[0], w[0], 1e-6, wide, product, None, None, 0.0)
     with pytest.raises(RuntimeError, match="has no MLP"):
         stack.max_rows
     with pytest.raises(RuntimeError, match="no layer 3"):
         stack.set_dense_mlp(3, product, product)
     with pytest.raises(RuntimeError, match=r"\[E, 2I, H\]"):
-        stack.set_moe_float(0, product, 2, torch.zeros(4, 8, 16), torch.zeros(4, 16, 8))
+        stack.set_moe_float(0, product, 2, torch.zeros(4, 8, 16), torch.zeros(4, 16, 8), 16)

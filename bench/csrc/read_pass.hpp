@@ -1,7 +1,8 @@
-// Shared by the bench drivers (int4_variants_ab.cpp, int8_prefetch_ab.cpp): test bytes laid out as
-// qwenvl/kernels/weight_memory.py lays out a layer's (2 MiB-aligned, on huge pages unless asked not to), and
-// the read-only AVX-512 pass over them that the kernels are measured against (the ceiling: four independent
-// 64-byte loads a step and no arithmetic worth the name, so it runs at the rate memory delivers).
+// Shared by the bench drivers (int4_variants_ab.cpp, int8_prefetch_ab.cpp) and int8_read_ceiling.py's read
+// pass: test bytes laid out as qwenvl/kernels/weight_memory.py lays out a layer's (2 MiB-aligned, on huge pages
+// unless asked not to), and the read-only AVX-512 pass over them that the kernels are measured against (the
+// ceiling: four independent 64-byte loads a step and no arithmetic worth the name, so it runs at the rate memory
+// delivers).
 #pragma once
 #include <immintrin.h>
 #include <sys/mman.h>

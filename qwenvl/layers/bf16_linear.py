@@ -44,7 +44,7 @@ class Bf16DecodeLinear(nn.Linear):
         w, b = self.weight, self.bias
         kind = "bf16" if w.dtype == torch.bfloat16 and w.stride(1) == 1 and (b is None or b.dtype == torch.bfloat16) \
             else "linear"
-        return (kind, w, None, b, self.out_features, 0)
+        return (kind, w, None, b, self.out_features, 0, 0)
 
 
 def tied_head(weight: torch.Tensor) -> Bf16DecodeLinear:

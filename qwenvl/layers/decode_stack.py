@@ -30,14 +30,15 @@ _NORM_DTYPES = (torch.float32, torch.bfloat16)
 
 def product_of(module: nn.Module | None) -> tuple | None:
     """A linear's decode product for the stack: the module's own `decode_product()` (the kernel layouts and
-    Bf16DecodeLinear offer one), a plain nn.Linear's weight and bias, else None."""
+    Bf16DecodeLinear offer one), a plain nn.Linear's weight and bias, else None. A product is (kind, weight,
+    params, bias, out_features, group_size, the most rows its forward runs this way or 0 for any)."""
     if module is None:
         return None
     offer = getattr(module, "decode_product", None)
     if offer is not None:
         return offer()
     if type(module) is nn.Linear:       # exactly: subclasses (tensor-parallel linears) do more in forward
-        return ("linear", module.weight, None, module.bias, module.out_features, 0)
+        return ("linear", module.weight, None, module.bias, module.out_features, 0, 0)
     return None
 
 

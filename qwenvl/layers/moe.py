@@ -43,8 +43,8 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, intermediate))          # [E, H, I]
 
     def decode_experts(self) -> tuple:
-        """For a compiled decode stack: its gathered path (GATHER_MAX_PAIRS pairs) on the fused weights."""
-        return ("moe_float", self.gate_up_proj, self.down_proj)
+        """For a compiled decode stack: its gathered path on the fused weights, up to GATHER_MAX_PAIRS pairs."""
+        return ("moe_float", self.gate_up_proj, self.down_proj, GATHER_MAX_PAIRS)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """x[N, H], weights[N, k], ids[N, k] -> sum over k of weight * expert(x), [N, H]."""

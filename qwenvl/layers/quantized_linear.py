@@ -256,7 +256,8 @@ class Int8Linear(nn.Module):
         does not run the kernel (no tile layout)."""
         if self.tiles is None:
             return None
-        return ("int8", self.tiles, self._kernel_scales, self._kernel_bias, self.out_features, 0)
+        return ("int8", self.tiles, self._kernel_scales, self._kernel_bias, self.out_features, 0,
+                INT8_KERNEL_CHUNKED_ROWS)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tiles is not None and 0 < x.numel() <= INT8_KERNEL_CHUNKED_ROWS * self.in_features \
@@ -565,7 +566,8 @@ class Int4Linear(nn.Module):
         does not run the kernel (another layout, an input permutation)."""
         if self.layout != LAYOUT_TILES or self.in_perm is not None:
             return None
-        return ("int4", self.packed, self.group_params, self.bias, self.out_features, self.group_size)
+        return ("int4", self.packed, self.group_params, self.bias, self.out_features, self.group_size,
+                INT4_KERNEL_MAX_ROWS)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.layout == LAYOUT_TILES and x.dim() == 2 and x.shape[0] <= INT4_KERNEL_MAX_ROWS \

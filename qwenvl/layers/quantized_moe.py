@@ -64,7 +64,8 @@ class QuantizedExperts(nn.Module):
         if pairs is None:
             return None
         gate_up, down = pairs
-        return ("moe_pairs", *Int4Linear.pair_operands(gate_up), *Int4Linear.pair_operands(down))
+        return ("moe_pairs", *Int4Linear.pair_operands(gate_up), *Int4Linear.pair_operands(down),
+                PAIR_KERNEL_MAX_PAIRS)
 
     def _kernel_pairs(self) -> tuple[list[nn.Module], list[nn.Module]] | None:
         if not self._pairs_checked:

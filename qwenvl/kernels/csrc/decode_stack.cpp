@@ -31,8 +31,9 @@ struct StepSettings {
 //   "int4":   weight = packed, params = group params, bias added in x's dtype after    Int4Linear
 //   "bf16":   weight [N, K] bfloat16, bias bfloat16; the bf16 kernel or at::linear     Bf16DecodeLinear
 //   "linear": weight, bias; at::linear                                                  nn.Linear
+// and the most rows the layer's forward runs this way (0: any), a limit the Python layer owns.
 using ProductSpec = std::tuple<std::string, torch::Tensor, c10::optional<torch::Tensor>, c10::optional<torch::Tensor>,
-                               int64_t, int64_t>;     // kind, weight, params, bias, out_features, group_size
+                               int64_t, int64_t, int64_t>;  // kind, weight, params, bias, out_features, group, max rows
 
 constexpr int64_t kKernelRows = 16;     // the int4 / int8 kernels take 1 to 16 rows a call
 
@@ -40,11 +41,12 @@ struct Product {
   enum class Kind { kInt8, kInt4, kBf16, kLinear } kind;
   torch::Tensor weight;
   c10::optional<torch::Tensor> params, bias;
-  int64_t out_features, group_size;
+  int64_t out_features, group_size, rows_limit;
 
   explicit Product(const ProductSpec& spec)
       : weight(std::get<1>(spec)), params(std::get<2>(spec)), bias(std::get<3>(spec)),
-        out_features(std::get<4>(spec)), group_size(std::get<5>(spec)) {
+        out_features(std::get<4>(spec)), group_size(std::get<5>(spec)),
+        rows_limit(std::get<6>(spec) > 0 ? std::get<6>(spec) : INT64_MAX) {
     const std::string& name = std::get<0>(spec);
     if (name == "int8") kind = Kind::kInt8;
     else if (name == "int4") kind = Kind::kInt4;
@@ -53,13 +55,13 @@ struct Product {
     else TORCH_CHECK(false, "qwenvl DecodeStack: unknown product kind '", name, "' (int8, int4, bf16, linear)");
     TORCH_CHECK((kind != Kind::kInt8 && kind != Kind::kInt4) || params,
                 "qwenvl DecodeStack: an ", name, " product needs its params");
+    TORCH_CHECK(kind != Kind::kInt4 || rows_limit <= kKernelRows, "qwenvl DecodeStack: the int4 kernel takes ",
+                kKernelRows, " rows a call, not ", rows_limit);
   }
 
-  // The rows a call takes on this path: Int8Linear runs up to 32 rows as 16-row calls, Int4Linear's kernel
-  // takes 16 (beyond, both layers leave the kernels).
-  int64_t max_rows() const {
-    return kind == Kind::kInt8 ? 2 * kKernelRows : kind == Kind::kInt4 ? kKernelRows : INT64_MAX;
-  }
+  // The rows a call takes on this path (Int8Linear runs more than 16 as 16-row calls; beyond its limit a layer
+  // leaves the kernels, and the step the stack).
+  int64_t max_rows() const { return rows_limit; }
 
   torch::Tensor run(const torch::Tensor& x, const StepSettings& s) const {
     const int64_t rows = x.size(0);
@@ -113,14 +115,11 @@ struct Mlp {
   int64_t gate_up_group = 0, down_group = 0, gate_up_out = 0, down_out = 0;
   // kMoeFloat: Experts' fused [E, 2I, H] and [E, H, I] weights (its gathered path)
   torch::Tensor gate_up_proj, down_proj;
+  int64_t max_pairs = 0;                    // MoE: the (token, expert) pairs the experts' decode path takes
 
   int64_t max_rows() const {
-    switch (kind) {
-      case Kind::kDense: return std::min(products[0].max_rows(), products[1].max_rows());
-      case Kind::kMoePairs: return std::min(products[0].max_rows(), kMoePairRows / top_k);
-      case Kind::kMoeFloat: return std::min(products[0].max_rows(), kMoeGatherRows / top_k);
-    }
-    return 0;
+    if (kind == Kind::kDense) return std::min(products[0].max_rows(), products[1].max_rows());
+    return std::min(products[0].max_rows(), max_pairs / top_k);
   }
 
   torch::Tensor run(const torch::Tensor& h, const StepSettings& s) const {
@@ -184,9 +183,6 @@ struct Mlp {
     }
     return out.to(x.scalar_type());
   }
-
-  static constexpr int64_t kMoePairRows = 64;     // quantized_moe.PAIR_KERNEL_MAX_PAIRS
-  static constexpr int64_t kMoeGatherRows = 16;   // moe.GATHER_MAX_PAIRS
 };
 
 struct Layer {
@@ -228,7 +224,7 @@ class DecodeStack {
   void set_moe_pairs(int64_t i, const ProductSpec& router, int64_t top_k, std::vector<torch::Tensor> gate_up_packed,
                      std::vector<torch::Tensor> gate_up_params, int64_t gate_up_group, int64_t gate_up_out,
                      std::vector<torch::Tensor> down_packed, std::vector<torch::Tensor> down_params,
-                     int64_t down_group, int64_t down_out) {
+                     int64_t down_group, int64_t down_out, int64_t max_pairs) {
     TORCH_CHECK(top_k >= 1 && !gate_up_packed.empty() && gate_up_params.size() == gate_up_packed.size() &&
                     down_packed.size() == gate_up_packed.size() && down_params.size() == gate_up_packed.size(),
                 "qwenvl DecodeStack: a MoE layer needs top_k >= 1 and the packed and params of every expert");
@@ -244,10 +240,11 @@ class DecodeStack {
     mlp.gate_up_out = gate_up_out;
     mlp.down_group = down_group;
     mlp.down_out = down_out;
+    mlp.max_pairs = max_pairs;
   }
 
   void set_moe_float(int64_t i, const ProductSpec& router, int64_t top_k, const torch::Tensor& gate_up_proj,
-                     const torch::Tensor& down_proj) {
+                     const torch::Tensor& down_proj, int64_t max_pairs) {
     TORCH_CHECK(top_k >= 1 && gate_up_proj.dim() == 3 && down_proj.dim() == 3 &&
                     gate_up_proj.size(1) == 2 * down_proj.size(2),
                 "qwenvl DecodeStack: a MoE layer's experts must be [E, 2I, H] and [E, H, I]");
@@ -257,6 +254,7 @@ class DecodeStack {
     mlp.top_k = top_k;
     mlp.gate_up_proj = gate_up_proj;
     mlp.down_proj = down_proj;
+    mlp.max_pairs = max_pairs;
   }
 
   // The most sequences a step may have: what every product and MoE path takes (beyond, the layers' own
@@ -335,8 +333,10 @@ void register_decode_stack(pybind11::module& m) {
            "input_norm, post_attention_norm, eps, qkv, o, q_norm or None, k_norm or None, qk_eps -> layer index")
       .def("set_dense_mlp", &DecodeStack::set_dense_mlp, "layer, gate_up, down")
       .def("set_moe_pairs", &DecodeStack::set_moe_pairs,
-           "layer, router, top_k, gate_up packed list, params list, group, out, down packed list, params list, group, out")
-      .def("set_moe_float", &DecodeStack::set_moe_float, "layer, router, top_k, gate_up_proj [E, 2I, H], down_proj [E, H, I]")
+           "layer, router, top_k, gate_up packed list, params list, group, out, down packed list, params list, group, out, "
+           "max pairs")
+      .def("set_moe_float", &DecodeStack::set_moe_float,
+           "layer, router, top_k, gate_up_proj [E, 2I, H], down_proj [E, H, I], max pairs")
       .def_property_readonly("max_rows", &DecodeStack::max_rows)
       .def_property_readonly("num_layers", &DecodeStack::num_layers)
       .def("forward", &DecodeStack::forward,
